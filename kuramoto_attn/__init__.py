@@ -1,0 +1,39 @@
+"""kuramoto-attn: oscillator (Kuramoto) attention components for PyTorch.
+
+Conventions (sign, normalisation, wrapping) are stated in :mod:`kuramoto_attn.dynamics`.
+"""
+
+from .couplings import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
+from .dynamics import KuramotoField, wrap_phase
+from .integrators import RK4, SOLVERS, Euler, FixedStepSolver, Heun, integrate
+from .metrics import OrderParameter
+from .order_params import daido_order_parameter, order_parameter
+from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # dynamics and integration
+    "KuramotoField",
+    "integrate",
+    "wrap_phase",
+    "SOLVERS",
+    "FixedStepSolver",
+    "Euler",
+    "Heun",
+    "RK4",
+    # couplings
+    "Coupling",
+    "MeanFieldCoupling",
+    "GraphCoupling",
+    "AttentionCoupling",
+    "weighted_sine_coupling",
+    # order parameters
+    "order_parameter",
+    "daido_order_parameter",
+    "OrderParameter",
+    # anti-synchronisation controls
+    "PhaseNoise",
+    "FrequencyJitter",
+    "CoherenceRegularizer",
+]

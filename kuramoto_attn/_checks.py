@@ -1,0 +1,70 @@
+"""Argument checks shared by the modules: each raises ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
+    if not torch.is_tensor(value):
+        raise ValueError(f"{name}: expected a tensor but got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor but got dtype {value.dtype}")
+    return value
+
+
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> float:
+    """A finite Python number within ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a real number but got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number but got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name}: expected a value {bound} but got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: expected a value <= {high} but got {value}")
+    return value
+
+
+def check_int(name: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer but got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an integer >= {low} but got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {sorted(choices)} but got {value!r}")
+    return value
+
+
+def as_finite_tensor(name: str, value: Any) -> Tensor:
+    """A scalar or tensor argument (e.g. a coupling strength) as a finite floating tensor."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected a number or tensor but got {value!r}")
+    try:
+        tensor = torch.as_tensor(value).detach().clone()
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"{name}: expected a number or tensor but got {value!r}") from None
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.get_default_dtype())
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}: expected finite values but got {value!r}")
+    return tensor

@@ -1,0 +1,295 @@
+r"""Coupling schemes: the interaction term of the Kuramoto vector field.
+
+Every coupling is an ``nn.Module`` whose ``forward(theta, ...)`` returns a tensor of θ's shape,
+
+.. math::
+
+    c(\theta)_i = K \cdot \mathrm{interaction}(\theta)_i,
+
+with the strength ``K`` a scalar, a tensor that broadcasts to θ (e.g. per head), or a learnable
+parameter. Sign and normalisation follow :mod:`kuramoto_attn.dynamics`: ``sin(θ_j − θ_i − α)``,
+attractive for ``K > 0``, mean-field normalised by the number of elements counted.
+
+To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.interaction`
+(the docs have a worked example). Einstein legend: ``*`` leading dims, ``n`` coupled elements
+(oscillators, or tokens for couplings along the sequence), ``c`` trailing channels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import as_finite_tensor, broadcasts_to, check_int, check_tensor
+
+__all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling"]
+
+
+class Coupling(nn.Module):
+    r"""Base class of coupling schemes: ``forward(θ, **kw) = strength · interaction(θ, **kw)``.
+
+    Subclasses implement one method, :meth:`interaction`, which returns the un-scaled coupling
+    term of θ's shape and may use ``self.phase_lag`` (a 0-d tensor, radians).
+
+    Args:
+        strength: coupling strength ``K``: a finite number, or a tensor that broadcasts to the
+            phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
+        phase_lag: the Sakaguchi lag ``α`` in radians (finite).
+        learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer).
+
+    Example:
+        >>> import torch
+        >>> class RingCoupling(Coupling):
+        ...     '''Nearest neighbours on a ring: sin(θ_{i-1} − θ_i − α) + sin(θ_{i+1} − θ_i − α).'''
+        ...     def interaction(self, theta):
+        ...         left, right = theta.roll(1, -1), theta.roll(-1, -1)
+        ...         return (torch.sin(left - theta - self.phase_lag)
+        ...                 + torch.sin(right - theta - self.phase_lag))
+        >>> RingCoupling(strength=0.5)(torch.zeros(4)).tolist()
+        [0.0, 0.0, 0.0, 0.0]
+    """
+
+    def __init__(self, strength: float | Tensor = 1.0, phase_lag: float = 0.0,
+                 learnable: bool = False) -> None:
+        super().__init__()
+        strength_tensor = as_finite_tensor("strength", strength)
+        if learnable:
+            self.strength = nn.Parameter(strength_tensor)
+        else:
+            self.register_buffer("strength", strength_tensor)
+        phase_lag_tensor = as_finite_tensor("phase_lag", phase_lag)
+        if phase_lag_tensor.dim() != 0:
+            raise ValueError(f"phase_lag: expected a scalar but got shape {tuple(phase_lag_tensor.shape)}")
+        self.register_buffer("phase_lag", phase_lag_tensor)
+
+    def interaction(self, theta: Tensor, **kwargs) -> Tensor:
+        """The un-scaled coupling term, shape of ``theta``. Subclasses implement this."""
+        raise NotImplementedError(f"{type(self).__name__} must implement interaction(theta, ...)")
+
+    def forward(self, theta: Tensor, **kwargs) -> Tensor:
+        check_tensor("theta", theta)
+        if not broadcasts_to(self.strength.shape, theta.shape):
+            raise ValueError(
+                f"strength: expected a shape that broadcasts to theta's {tuple(theta.shape)} "
+                f"but got {tuple(self.strength.shape)}"
+            )
+        return self.strength.to(theta.dtype) * self.interaction(theta, **kwargs)
+
+    def extra_repr(self) -> str:
+        strength = self.strength.item() if self.strength.numel() == 1 else tuple(self.strength.shape)
+        return f"strength={strength}, phase_lag={self.phase_lag.item():.4g}"
+
+
+def _check_dim(dim: int, theta: Tensor) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -theta.dim() <= dim < theta.dim():
+        raise ValueError(f"dim: expected an axis of theta (ndim {theta.dim()}) but got {dim!r}")
+    return dim % theta.dim()
+
+
+class MeanFieldCoupling(Coupling):
+    r"""All-to-all coupling along ``dim`` through the (Daido) order parameter, in O(n).
+
+    .. math::
+
+        c_i = \frac{K}{N_i} \sum_{m \in \text{harmonics}} \sum_{j \in S_i} \sin(m(\theta_j - \theta_i) - \alpha)
+            = K \sum_m R_{m,i} \sin(\psi_{m,i} - m\theta_i - \alpha),
+
+    where :math:`R_{m,i} e^{i\psi_{m,i}} = \frac{1}{N_i}\sum_{j\in S_i} e^{im\theta_j}`. ``S_i`` is
+    every (valid) element along ``dim``, or with ``causal=True`` the (valid) elements at indices
+    ``<= i`` (a cumulative mean field); ``N_i = |S_i|``. Padded elements (``mask`` False) are not
+    counted and receive zero coupling. No pairwise tensor is built.
+
+    Args:
+        strength: ``K`` (see :class:`Coupling`).
+        phase_lag: ``α`` in radians.
+        harmonics: positive integer harmonics ``m``, each with unit weight (``(1,)``: Kuramoto).
+        dim: the axis of coupled elements (``-1`` for oscillators, ``-2`` for tokens in
+            ``(b, h, t, n)``).
+        causal: couple element ``i`` only to elements ``j <= i`` along ``dim``.
+        learnable: learnable strength.
+
+    Shapes:
+        * ``theta``: ``(*)``, any shape with the coupled axis at ``dim``
+        * ``mask`` (optional, bool, True = valid): broadcasts to ``theta``'s shape
+        * output: same as ``theta``
+
+    Example:
+        >>> import torch
+        >>> coupling = MeanFieldCoupling(strength=1.0, causal=True)
+        >>> coupling(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)).round(decimals=4).tolist()
+        [0.0, -0.4207, -0.2805]
+    """
+
+    def __init__(self, strength: float | Tensor = 1.0, phase_lag: float = 0.0,
+                 harmonics: Sequence[int] = (1,), dim: int = -1, causal: bool = False,
+                 learnable: bool = False) -> None:
+        super().__init__(strength, phase_lag, learnable)
+        if isinstance(harmonics, int) or len(harmonics) == 0:
+            raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
+        self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"dim: expected an integer but got {dim!r}")
+        self.dim = dim
+        self.causal = bool(causal)
+
+    def interaction(self, theta: Tensor, mask: Tensor | None = None) -> Tensor:
+        dim = _check_dim(self.dim, theta)
+        weight = None
+        if mask is not None:
+            if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+                raise ValueError("mask: expected a boolean tensor (True = valid)")
+            if not broadcasts_to(mask.shape, theta.shape):
+                raise ValueError(f"mask: expected a shape that broadcasts to theta's "
+                                 f"{tuple(theta.shape)} but got {tuple(mask.shape)}")
+            weight = mask.to(theta.dtype)
+        count = _count(theta, weight, dim, self.causal)
+        sin_lag, cos_lag = torch.sin(self.phase_lag), torch.cos(self.phase_lag)
+        out = None
+        for m in self.harmonics:
+            mtheta = theta if m == 1 else m * theta
+            cos_t, sin_t = torch.cos(mtheta), torch.sin(mtheta)
+            mean_cos = _sum(cos_t if weight is None else cos_t * weight, dim, self.causal) / count
+            mean_sin = _sum(sin_t if weight is None else sin_t * weight, dim, self.causal) / count
+            # Im(Z e^{-i(mθ+α)}) = S cos(mθ+α) − C sin(mθ+α)
+            cos_shift = cos_t * cos_lag - sin_t * sin_lag
+            sin_shift = sin_t * cos_lag + cos_t * sin_lag
+            term = mean_sin * cos_shift - mean_cos * sin_shift
+            out = term if out is None else out + term
+        return out if weight is None else out * weight
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, harmonics={self.harmonics}, dim={self.dim}, "
+                f"causal={self.causal}")
+
+
+def _sum(x: Tensor, dim: int, causal: bool) -> Tensor:
+    return x.cumsum(dim) if causal else x.sum(dim, keepdim=True)
+
+
+def _count(theta: Tensor, weight: Tensor | None, dim: int, causal: bool) -> Tensor | float:
+    """How many (valid) elements each mean counts; at least 1 so empty prefixes give zero."""
+    if weight is None:
+        if not causal:
+            return float(theta.shape[dim])
+        shape = [1] * theta.dim()
+        shape[dim] = theta.shape[dim]
+        return torch.arange(1, theta.shape[dim] + 1, device=theta.device, dtype=theta.dtype).view(shape)
+    return _sum(weight.expand_as(theta), dim, causal).clamp_min(1.0)
+
+
+def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: Tensor | float = 0.0,
+                           dim: int = -1) -> Tensor:
+    r"""``Σ_j A_ij sin(θ_j − θ_i − α)`` along ``dim`` as ``Im(e^{−i(θ_i+α)} (A e^{iθ})_i)``.
+
+    Two matrix products with ``[cos θ, sin θ]``; no pairwise tensor is built.
+
+    Args:
+        theta: phases ``(*, n, *c)`` with the coupled axis (length ``n``) at ``dim``.
+        weights: ``A``, shape ``(n, n)`` or batched ``(*, n, n)`` broadcasting against the
+            dimensions of ``theta`` before ``dim``; ``A[..., i, j]`` weights ``j``'s pull on ``i``.
+        phase_lag: ``α`` in radians.
+        dim: the coupled axis; all axes after it are channels coupled independently.
+
+    Returns:
+        Tensor of ``theta``'s shape.
+    """
+    dim = _check_dim(dim, theta)
+    n = theta.shape[dim]
+    if weights.dim() < 2 or weights.shape[-2:] != (n, n):
+        raise ValueError(f"weights: expected shape (..., {n}, {n}) for {n} coupled elements "
+                         f"but got {tuple(weights.shape)}")
+    lead = theta.shape[:dim]
+    if not broadcasts_to(weights.shape[:-2], lead):
+        raise ValueError(f"weights: expected batch dimensions that broadcast to {tuple(lead)} "
+                         f"but got {tuple(weights.shape[:-2])}")
+    # (*, n, *c) -> (*, n, c): trailing channels become matmul columns
+    flat = theta.reshape(*lead, n, math.prod(theta.shape[dim + 1:]))
+    cos_t, sin_t = torch.cos(flat), torch.sin(flat)
+    weights = weights.to(theta.dtype)
+    pull_cos, pull_sin = weights @ cos_t, weights @ sin_t  # Re and Im of (A e^{iθ})
+    phase_lag = torch.as_tensor(phase_lag, dtype=theta.dtype, device=theta.device)
+    cos_shift = cos_t * torch.cos(phase_lag) - sin_t * torch.sin(phase_lag)
+    sin_shift = sin_t * torch.cos(phase_lag) + cos_t * torch.sin(phase_lag)
+    return (pull_sin * cos_shift - pull_cos * sin_shift).reshape(theta.shape)
+
+
+class GraphCoupling(Coupling):
+    r"""Coupling over a fixed weighted graph along ``dim``:
+
+    .. math::
+
+        c_i = K \sum_j A_{ij} \sin(\theta_j - \theta_i - \alpha)
+            = K\, \mathrm{Im}\!\left(e^{-i(\theta_i + \alpha)} (A e^{i\theta})_i\right).
+
+    No normalisation is applied: ``A = ones(n, n) / n`` reproduces :class:`MeanFieldCoupling`.
+
+    Args:
+        weights: adjacency ``A``, shape ``(n, n)`` (or batched, see :func:`weighted_sine_coupling`);
+            stored as a buffer.
+        strength: ``K`` (see :class:`Coupling`).
+        phase_lag: ``α`` in radians.
+        dim: the coupled axis (default: the last).
+        learnable: learnable strength.
+
+    Shapes:
+        * ``theta``: ``(*, n, *c)`` with ``n`` at ``dim``; output: same.
+
+    Example:
+        >>> import torch
+        >>> ring = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+        >>> GraphCoupling(ring)(torch.tensor([0.0, 0.0, 0.0])).tolist()
+        [0.0, 0.0, 0.0]
+    """
+
+    def __init__(self, weights: Tensor, strength: float | Tensor = 1.0, phase_lag: float = 0.0,
+                 dim: int = -1, learnable: bool = False) -> None:
+        super().__init__(strength, phase_lag, learnable)
+        weights = as_finite_tensor("weights", weights)
+        if weights.dim() < 2 or weights.shape[-1] != weights.shape[-2]:
+            raise ValueError(f"weights: expected a square matrix (..., n, n) but got {tuple(weights.shape)}")
+        self.register_buffer("weights", weights)
+        self.dim = dim
+
+    def interaction(self, theta: Tensor) -> Tensor:
+        return weighted_sine_coupling(theta, self.weights, self.phase_lag, self.dim)
+
+
+class AttentionCoupling(Coupling):
+    r"""Coupling with weights given at call time (e.g. softmax attention weights) along ``dim``:
+
+    .. math::
+
+        c_i = K \sum_j A_{ij} \sin(\theta_j - \theta_i - \alpha).
+
+    A causal (lower-triangular) ``A`` gives a causal coupling.
+
+    Args:
+        strength: ``K`` (see :class:`Coupling`).
+        phase_lag: ``α`` in radians.
+        dim: the coupled axis (default ``-2``: tokens in ``(b, h, t, n)``).
+        learnable: learnable strength.
+
+    Shapes:
+        * ``theta``: ``(*, t, *c)`` with ``t`` at ``dim``, e.g. ``(b, h, t, n)``
+        * ``weights``: ``(*, t, t)`` broadcasting against θ's dims before ``dim``, e.g. ``(b, h, t, t)``
+        * output: same as ``theta``
+
+    Example:
+        >>> import torch
+        >>> theta = torch.tensor([[0.0], [1.0]], dtype=torch.float64)   # (t=2, n=1)
+        >>> weights = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+        >>> AttentionCoupling()(theta, weights).round(decimals=4).tolist()
+        [[0.0], [-0.4207]]
+    """
+
+    def __init__(self, strength: float | Tensor = 1.0, phase_lag: float = 0.0, dim: int = -2,
+                 learnable: bool = False) -> None:
+        super().__init__(strength, phase_lag, learnable)
+        self.dim = dim
+
+    def interaction(self, theta: Tensor, weights: Tensor) -> Tensor:
+        check_tensor("weights", weights)
+        return weighted_sine_coupling(theta, weights, self.phase_lag, self.dim)

@@ -1,0 +1,102 @@
+r"""The Kuramoto vector field and this library's phase conventions.
+
+Convention (used by every module in the library):
+
+.. math::
+
+    \frac{d\theta_i}{dt} = \omega_i + \sum_j K_{ij} \sin(\theta_j - \theta_i - \alpha)
+
+* **Sign.** ``sin(θ_j − θ_i)``: with ``K > 0`` oscillator *i* is pulled towards *j*
+  (attractive, synchronising). A negative strength gives the repulsive coupling.
+* **Normalisation.** All-to-all (mean-field) coupling uses ``K_ij = K / N``, where ``N`` counts the
+  oscillators taking part (for causal or masked coupling: the elements actually counted).
+  Two oscillators then phase-lock iff ``|Δω| ≤ K``, at ``sin φ* = Δω / K`` (Adler).
+* **Phase lag** ``α`` (Sakaguchi) is subtracted inside the sine.
+* **Wrapping policy.** Phases are *unwrapped* real numbers everywhere inside the library: integrators,
+  couplings and order parameters never wrap (every formula is 2π-periodic, and wrapping inside an
+  integrator would make trajectories discontinuous and break autograd). Call :func:`wrap_phase`
+  only when presenting or storing angles; feed phases to layers as ``[cos θ, sin θ]`` features.
+
+Einstein legend for shapes: ``*`` any leading batch dimensions, ``n`` oscillators.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import broadcasts_to, check_tensor
+
+__all__ = ["KuramotoField", "wrap_phase"]
+
+
+def wrap_phase(theta: Tensor) -> Tensor:
+    r"""Wrap angles to the half-open interval ``(−π, π]``.
+
+    Args:
+        theta: phases of any shape.
+
+    Returns:
+        Tensor of the same shape with ``θ − 2πk`` in ``(−π, π]``.
+
+    Example:
+        >>> import math, torch
+        >>> wrap_phase(torch.tensor([math.pi, -math.pi, 3 * math.pi / 2], dtype=torch.float64)).tolist()
+        [3.141592653589793, 3.141592653589793, -1.5707963267948966]
+    """
+    check_tensor("theta", theta)
+    # -(−θ+π mod 2π) + π maps to (−π, π]; plain remainder would give [−π, π).
+    return math.pi - torch.remainder(math.pi - theta, 2 * math.pi)
+
+
+class KuramotoField(nn.Module):
+    r"""The Kuramoto vector field ``f(θ) = ω + coupling(θ)``, separate from any solver.
+
+    .. math::
+
+        f(\theta)_i = \omega_i + \mathrm{coupling}(\theta)_i
+
+    Args:
+        omega: natural frequencies; must broadcast to the phases' shape without enlarging it
+            (e.g. shape ``(n,)`` for phases ``(*, n)``). An ``nn.Parameter`` is registered as
+            a parameter (learnable frequencies), anything else as a buffer.
+        coupling: a callable ``θ -> coupling term`` of θ's shape, typically a
+            :class:`~kuramoto_attn.Coupling`; ``None`` for free rotation.
+
+    Shapes:
+        * input ``theta``: ``(*, n)`` (or any shape ω broadcasts to)
+        * output: same as ``theta``
+
+    Example:
+        >>> import torch
+        >>> from kuramoto_attn import KuramotoField, MeanFieldCoupling, integrate
+        >>> field = KuramotoField(torch.zeros(3), MeanFieldCoupling(strength=2.0))
+        >>> theta = integrate(field, torch.tensor([0.0, 0.5, 1.0]), dt=0.1, steps=100)
+        >>> float(theta.max() - theta.min()) < 1e-3
+        True
+    """
+
+    def __init__(self, omega: Tensor, coupling: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        if isinstance(omega, nn.Parameter):  # learnable frequencies stay trainable
+            self.omega = omega
+        else:
+            # not detached: gradients still reach a tensor that requires them
+            self.register_buffer("omega", torch.as_tensor(omega))
+        if not self.omega.is_floating_point() or not torch.isfinite(self.omega).all():
+            raise ValueError("omega: expected finite floating-point natural frequencies")
+        self.coupling = coupling
+
+    def forward(self, theta: Tensor) -> Tensor:
+        if not broadcasts_to(self.omega.shape, theta.shape):
+            raise ValueError(
+                f"omega: expected a shape that broadcasts to theta's {tuple(theta.shape)} "
+                f"but got {tuple(self.omega.shape)}"
+            )
+        out = self.omega.to(theta.dtype).expand_as(theta)
+        if self.coupling is not None:
+            out = out + self.coupling(theta)
+        return out

@@ -1,0 +1,142 @@
+r"""``OrderParameter``: a torchmetrics ``Metric`` accumulating the order parameter R over batches.
+
+Each update takes phases, computes R over the oscillator axis for every other index (every batch
+element, head, token ...) with :func:`~kuramoto_attn.order_parameter` — never averaging angles
+first — and adds the values to sufficient statistics per group (e.g. per head):
+
+.. math::
+
+    \bar R_g = \frac{1}{n_g}\sum R, \quad
+    \sigma_g = \sqrt{\frac{1}{n_g}\sum R^2 - \bar R_g^2}, \quad \min_g R, \quad \max_g R.
+
+Sums, counts, minima and maxima reduce exactly across processes (``dist_reduce_fx`` sum/min/max),
+so distributed sync comes for free.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ._checks import broadcasts_to, check_int, check_tensor
+from .order_params import order_parameter
+
+__all__ = ["OrderParameter"]
+
+
+def _order_parameter_update(theta: Tensor, dim: int, group_dim: int | None, num_groups: int,
+                            mask: Tensor | None = None) -> tuple[Tensor, ...]:
+    """R over ``dim``, then per-group (sum, sum of squares, count, min, max) in float64."""
+    R, _ = order_parameter(theta, dim=dim, keepdim=True)  # theta's shape, dim -> 1
+    R = R.detach().to(torch.float64)
+    valid = torch.ones_like(R, dtype=torch.bool)
+    if mask is not None:
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or not broadcasts_to(mask.shape, R.shape):
+            raise ValueError(f"mask: expected a boolean tensor broadcasting to {tuple(R.shape)} "
+                             f"(theta's shape with the oscillator axis of length 1)")
+        valid = mask.expand_as(R)
+    if group_dim is None:
+        R, valid = R.reshape(1, -1), valid.reshape(1, -1)
+    else:
+        if R.shape[group_dim] != num_groups:
+            raise ValueError(f"theta: expected {num_groups} groups along group_dim={group_dim} "
+                             f"but got {R.shape[group_dim]}")
+        # (..., g, ...) -> (g, rest)
+        R = R.movedim(group_dim, 0).reshape(num_groups, -1)
+        valid = valid.movedim(group_dim, 0).reshape(num_groups, -1)
+    zeros = torch.zeros_like(R)
+    inf = torch.full_like(R, float("inf"))
+    return (
+        torch.where(valid, R, zeros).sum(1),
+        torch.where(valid, R * R, zeros).sum(1),
+        valid.sum(1).to(torch.float64),
+        torch.where(valid, R, inf).amin(1),
+        torch.where(valid, R, -inf).amax(1),
+    )
+
+
+def _order_parameter_compute(total: Tensor, total_sq: Tensor, count: Tensor, low: Tensor,
+                             high: Tensor) -> dict[str, Tensor]:
+    """Mean, population std, min and max per group; NaN for a group with no values."""
+    empty = count == 0
+    count = count.clamp_min(1.0)
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+    nan = torch.full_like(mean, float("nan"))
+    return {key: torch.where(empty, nan, value)
+            for key, value in {"mean": mean, "std": std, "min": low, "max": high}.items()}
+
+
+class OrderParameter(Metric):
+    r"""Statistics of the order parameter R accumulated over batches, per group.
+
+    Args:
+        dim: the oscillator axis of the phases, over which each R is taken.
+        group_dim: an axis of the phases whose entries are kept apart (e.g. ``1``, heads, for
+            phases ``(b, h, t, n)``); ``None`` pools everything into one group.
+        num_groups: the length of ``group_dim`` (required with it, since states have fixed size).
+        kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ...).
+
+    Shapes:
+        * ``update(theta, mask=None)``: ``theta`` ``(*)`` with oscillators at ``dim``;
+          ``mask`` (bool, True = counted) broadcasting to ``theta``'s shape with ``dim`` of length 1.
+        * ``compute()``: a dict with ``"mean"``, ``"std"`` (population), ``"min"``, ``"max"``,
+          each of shape ``(num_groups,)``, or ``()`` without ``group_dim``.
+
+    Example:
+        >>> import torch
+        >>> metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+        >>> theta = torch.zeros(4, 2, 8, 16)          # (b, h, t, n): all phases equal
+        >>> metric.update(theta)
+        >>> metric.compute()["mean"].tolist()
+        [1.0, 1.0]
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, dim: int = -1, group_dim: int | None = None, num_groups: int | None = None,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"dim: expected an integer but got {dim!r}")
+        if group_dim is None:
+            if num_groups is not None:
+                raise ValueError("num_groups: only meaningful together with group_dim")
+            num_groups = 1
+        else:
+            if isinstance(group_dim, bool) or not isinstance(group_dim, int):
+                raise ValueError(f"group_dim: expected an integer or None but got {group_dim!r}")
+            if num_groups is None:
+                raise ValueError("num_groups: required when group_dim is given")
+            check_int("num_groups", num_groups, low=1)
+        self.dim, self.group_dim, self.num_groups = dim, group_dim, num_groups
+        zeros = torch.zeros(num_groups, dtype=torch.float64)
+        self.add_state("total", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("total_sq", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("count", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("low", torch.full_like(zeros, float("inf")), dist_reduce_fx="min")
+        self.add_state("high", torch.full_like(zeros, float("-inf")), dist_reduce_fx="max")
+
+    def update(self, theta: Tensor, mask: Tensor | None = None) -> None:
+        check_tensor("theta", theta)
+        for name, axis in (("dim", self.dim), ("group_dim", self.group_dim)):
+            if axis is not None and not -theta.dim() <= axis < theta.dim():
+                raise ValueError(f"{name}: {axis} is not an axis of theta (ndim {theta.dim()})")
+        if self.group_dim is not None and self.group_dim % theta.dim() == self.dim % theta.dim():
+            raise ValueError("group_dim: must differ from dim (R is taken over dim)")
+        total, total_sq, count, low, high = _order_parameter_update(
+            theta, self.dim, self.group_dim, self.num_groups, mask)
+        self.total += total
+        self.total_sq += total_sq
+        self.count += count
+        self.low = torch.minimum(self.low, low)
+        self.high = torch.maximum(self.high, high)
+
+    def compute(self) -> dict[str, Tensor]:
+        stats = _order_parameter_compute(self.total, self.total_sq, self.count, self.low, self.high)
+        if self.group_dim is None:
+            stats = {key: value.squeeze(0) for key, value in stats.items()}
+        return stats
