@@ -11,10 +11,10 @@ from torch import Tensor
 
 def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
+    # plain Python: torch.broadcast_shapes costs about as much as the coupling itself
+    if len(shape) > len(target):
         return False
+    return all(size in (1, full) for size, full in zip(reversed(shape), reversed(target)))
 
 
 def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
@@ -60,7 +60,10 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
     if isinstance(value, bool):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}")
     try:
-        tensor = torch.as_tensor(value).detach().clone()
+        if isinstance(value, (int, float)):  # keep a Python number's full precision
+            tensor = torch.tensor(float(value), dtype=torch.float64)
+        else:
+            tensor = torch.as_tensor(value).detach().clone()
     except (TypeError, RuntimeError, ValueError):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}") from None
     if not tensor.is_floating_point():

@@ -23,16 +23,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_int, check_tensor
+from ._checks import as_finite_tensor, broadcasts_to, check_int, check_real, check_tensor
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling"]
 
 
 class Coupling(nn.Module):
-    r"""Base class of coupling schemes: ``forward(θ, **kw) = strength · interaction(θ, **kw)``.
+    r"""Base class of coupling schemes: ``forward(θ, ...) = strength · interaction(θ, ...)``.
 
     Subclasses implement one method, :meth:`interaction`, which returns the un-scaled coupling
-    term of θ's shape and may use ``self.phase_lag`` (a 0-d tensor, radians).
+    term of θ's shape and may use ``self.phase_lag`` (a float, radians).
 
     Args:
         strength: coupling strength ``K``: a finite number, or a tensor that broadcasts to the
@@ -57,30 +57,28 @@ class Coupling(nn.Module):
         super().__init__()
         strength_tensor = as_finite_tensor("strength", strength)
         if learnable:
-            self.strength = nn.Parameter(strength_tensor)
+            self.strength = nn.Parameter(strength_tensor.to(torch.get_default_dtype()))
         else:
+            # a Python number stays float64; forward casts to the phases' dtype
             self.register_buffer("strength", strength_tensor)
-        phase_lag_tensor = as_finite_tensor("phase_lag", phase_lag)
-        if phase_lag_tensor.dim() != 0:
-            raise ValueError(f"phase_lag: expected a scalar but got shape {tuple(phase_lag_tensor.shape)}")
-        self.register_buffer("phase_lag", phase_lag_tensor)
+        self.phase_lag = check_real("phase_lag", phase_lag)
 
-    def interaction(self, theta: Tensor, **kwargs) -> Tensor:
+    def interaction(self, theta: Tensor, *args, **kwargs) -> Tensor:
         """The un-scaled coupling term, shape of ``theta``. Subclasses implement this."""
         raise NotImplementedError(f"{type(self).__name__} must implement interaction(theta, ...)")
 
-    def forward(self, theta: Tensor, **kwargs) -> Tensor:
+    def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:
         check_tensor("theta", theta)
         if not broadcasts_to(self.strength.shape, theta.shape):
             raise ValueError(
                 f"strength: expected a shape that broadcasts to theta's {tuple(theta.shape)} "
                 f"but got {tuple(self.strength.shape)}"
             )
-        return self.strength.to(theta.dtype) * self.interaction(theta, **kwargs)
+        return self.strength.to(theta.dtype) * self.interaction(theta, *args, **kwargs)
 
     def extra_repr(self) -> str:
         strength = self.strength.item() if self.strength.numel() == 1 else tuple(self.strength.shape)
-        return f"strength={strength}, phase_lag={self.phase_lag.item():.4g}"
+        return f"strength={strength}, phase_lag={self.phase_lag:.4g}"
 
 
 def _check_dim(dim: int, theta: Tensor) -> int:
@@ -146,23 +144,29 @@ class MeanFieldCoupling(Coupling):
                                  f"{tuple(theta.shape)} but got {tuple(mask.shape)}")
             weight = mask.to(theta.dtype)
         count = _count(theta, weight, dim, self.causal)
-        sin_lag, cos_lag = torch.sin(self.phase_lag), torch.cos(self.phase_lag)
         out = None
         for m in self.harmonics:
             mtheta = theta if m == 1 else m * theta
             cos_t, sin_t = torch.cos(mtheta), torch.sin(mtheta)
             mean_cos = _sum(cos_t if weight is None else cos_t * weight, dim, self.causal) / count
             mean_sin = _sum(sin_t if weight is None else sin_t * weight, dim, self.causal) / count
-            # Im(Z e^{-i(mθ+α)}) = S cos(mθ+α) − C sin(mθ+α)
-            cos_shift = cos_t * cos_lag - sin_t * sin_lag
-            sin_shift = sin_t * cos_lag + cos_t * sin_lag
-            term = mean_sin * cos_shift - mean_cos * sin_shift
+            term = _pull(mean_cos, mean_sin, cos_t, sin_t, self.phase_lag)
             out = term if out is None else out + term
         return out if weight is None else out * weight
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, harmonics={self.harmonics}, dim={self.dim}, "
                 f"causal={self.causal}")
+
+
+def _pull(z_cos: Tensor, z_sin: Tensor, cos_t: Tensor, sin_t: Tensor, phase_lag: float) -> Tensor:
+    """``Im(Z e^{−i(θ+α)}) = Im Z · cos(θ+α) − Re Z · sin(θ+α)``, from cos θ and sin θ."""
+    if phase_lag == 0.0:
+        return z_sin * cos_t - z_cos * sin_t
+    cos_lag, sin_lag = math.cos(phase_lag), math.sin(phase_lag)
+    cos_shift = cos_t * cos_lag - sin_t * sin_lag
+    sin_shift = sin_t * cos_lag + cos_t * sin_lag
+    return z_sin * cos_shift - z_cos * sin_shift
 
 
 def _sum(x: Tensor, dim: int, causal: bool) -> Tensor:
@@ -180,7 +184,7 @@ def _count(theta: Tensor, weight: Tensor | None, dim: int, causal: bool) -> Tens
     return _sum(weight.expand_as(theta), dim, causal).clamp_min(1.0)
 
 
-def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: Tensor | float = 0.0,
+def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.0,
                            dim: int = -1) -> Tensor:
     r"""``Σ_j A_ij sin(θ_j − θ_i − α)`` along ``dim`` as ``Im(e^{−i(θ_i+α)} (A e^{iθ})_i)``.
 
@@ -210,10 +214,7 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: Tensor | f
     cos_t, sin_t = torch.cos(flat), torch.sin(flat)
     weights = weights.to(theta.dtype)
     pull_cos, pull_sin = weights @ cos_t, weights @ sin_t  # Re and Im of (A e^{iθ})
-    phase_lag = torch.as_tensor(phase_lag, dtype=theta.dtype, device=theta.device)
-    cos_shift = cos_t * torch.cos(phase_lag) - sin_t * torch.sin(phase_lag)
-    sin_shift = sin_t * torch.cos(phase_lag) + cos_t * torch.sin(phase_lag)
-    return (pull_sin * cos_shift - pull_cos * sin_shift).reshape(theta.shape)
+    return _pull(pull_cos, pull_sin, cos_t, sin_t, phase_lag).reshape(theta.shape)
 
 
 class GraphCoupling(Coupling):

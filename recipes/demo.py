@@ -1,0 +1,49 @@
+"""Integrate a population of Kuramoto oscillators and print the order parameter R over time.
+
+    python -m recipes.demo                      # K = 2.0 above the threshold 2γ = 1.0
+    python -m recipes.demo --strength 0.5       # below it: R stays near 0
+
+Natural frequencies are Lorentzian with half-width γ; for K > 2γ the steady state has
+R ≈ √(1 − 2γ/K) (Kuramoto 1975), printed beside the measured value.
+"""
+
+import argparse
+import math
+
+import torch
+
+from kuramoto_attn import KuramotoField, MeanFieldCoupling, integrate, order_parameter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--oscillators", type=int, default=2000)
+    parser.add_argument("--strength", type=float, default=2.0, help="coupling strength K")
+    parser.add_argument("--gamma", type=float, default=0.5, help="Lorentzian half-width of ω")
+    parser.add_argument("--dt", type=float, default=0.05)
+    parser.add_argument("--time", type=float, default=40.0)
+    parser.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    n = args.oscillators
+    omega = args.gamma * torch.tan(math.pi * (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5))
+    theta0 = 2 * math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
+    field = KuramotoField(omega, MeanFieldCoupling(args.strength))
+    steps = round(args.time / args.dt)
+    trajectory = integrate(field, theta0, dt=args.dt, steps=steps, method=args.method, return_trajectory=True)
+    R = order_parameter(trajectory)[0]  # (steps + 1,)
+
+    print(f"{n} oscillators, K = {args.strength}, Lorentzian γ = {args.gamma}, {args.method}, dt = {args.dt}")
+    print(f"{'t':>6}  {'R':>6}")
+    for step in range(0, steps + 1, max(1, steps // 20)):
+        bar = "#" * round(40 * R[step].item())
+        print(f"{step * args.dt:6.1f}  {R[step].item():6.3f}  {bar}")
+    tail = R[-(steps // 4):].mean().item()
+    theory = math.sqrt(1 - 2 * args.gamma / args.strength) if args.strength > 2 * args.gamma else 0.0
+    print(f"steady state: R = {tail:.3f} (mean over the last quarter); theory for N → ∞: {theory:.3f}")
+
+
+if __name__ == "__main__":
+    main()

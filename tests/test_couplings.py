@@ -1,0 +1,252 @@
+"""Couplings against naive pairwise float64 references, gradients, and argument checks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kuramoto_attn import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling
+
+# ---------- naive references: explicit pairwise sums, float64 ----------
+
+
+def naive_mean_field(theta, strength, phase_lag, harmonics, causal, mask=None):
+    """c_i = K/N_i Σ_{j∈S_i} Σ_m sin(m(θ_j − θ_i) − α) along the last axis; padded i get 0."""
+    n = theta.shape[-1]
+    valid = torch.ones_like(theta, dtype=torch.bool) if mask is None else mask.expand_as(theta)
+    out = torch.zeros_like(theta)
+    for i in range(n):
+        for j in range(n):
+            if causal and j > i:
+                continue
+            term = sum(torch.sin(m * (theta[..., j] - theta[..., i]) - phase_lag) for m in harmonics)
+            out[..., i] += torch.where(valid[..., j], term, torch.zeros_like(term))
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    count = (valid[..., None, :] & allowed).sum(-1).clamp_min(1)  # (..., i)
+    return strength * torch.where(valid, out / count, torch.zeros_like(out))
+
+
+def naive_weighted(theta, weights, phase_lag):
+    """Σ_j A_ij sin(θ_j − θ_i − α) along the last axis, pairwise."""
+    diff = theta[..., None, :] - theta[..., :, None]  # (..., i, j)
+    return (weights * torch.sin(diff - phase_lag)).sum(-1)
+
+
+phases = st.integers(min_value=0, max_value=2**31 - 1).map(
+    lambda seed: torch.Generator().manual_seed(seed))
+
+
+def random_phases(generator, *shape):
+    return (torch.rand(*shape, generator=generator, dtype=torch.float64) - 0.5) * 4 * math.pi
+
+
+# ---------- mean-field identity ----------
+
+
+@settings(max_examples=40, deadline=None)
+@given(gen=phases, n=st.integers(1, 9), phase_lag=st.floats(-math.pi, math.pi),
+       harmonics=st.sampled_from([(1,), (2,), (1, 2), (1, 3, 4)]), causal=st.booleans(),
+       strength=st.floats(-3, 3), masked=st.booleans())
+def test_mean_field_equals_pairwise_sum(gen, n, phase_lag, harmonics, causal, strength, masked):
+    theta = random_phases(gen, 3, n)
+    mask = torch.rand(3, n, generator=gen) > 0.3 if masked else None
+    coupling = MeanFieldCoupling(strength, phase_lag=phase_lag, harmonics=harmonics, causal=causal)
+    got = coupling(theta, mask=mask)
+    expected = naive_mean_field(theta, strength, phase_lag, harmonics, causal, mask)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mean_field_along_tokens_with_broadcast_mask(causal):
+    """(b, h, t, n) coupled along t (dim=-2), a (b, 1, t, 1) padding mask, per-head strengths."""
+    gen = torch.Generator().manual_seed(0)
+    theta = random_phases(gen, 2, 3, 7, 4)
+    mask = torch.rand(2, 1, 7, 1, generator=gen) > 0.4
+    strength = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64).view(3, 1, 1)
+    coupling = MeanFieldCoupling(strength, phase_lag=0.2, dim=-2, causal=causal)
+    got = coupling(theta, mask=mask)
+    expected = naive_mean_field(theta.transpose(-1, -2), strength.view(3, 1, 1), 0.2, (1,), causal,
+                                mask.transpose(-1, -2)).transpose(-1, -2)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def test_causal_mean_field_ignores_the_future():
+    gen = torch.Generator().manual_seed(1)
+    theta = random_phases(gen, 2, 10)
+    changed = theta.clone()
+    changed[:, 6:] = random_phases(gen, 2, 4)
+    coupling = MeanFieldCoupling(causal=True, harmonics=(1, 2), phase_lag=0.4)
+    before, after = coupling(theta), coupling(changed)
+    torch.testing.assert_close(before[:, :6], after[:, :6], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+def test_padded_elements_neither_pull_nor_are_pulled():
+    gen = torch.Generator().manual_seed(2)
+    theta = random_phases(gen, 8)
+    mask = torch.tensor([True, False, True, True, False, True, True, True])
+    changed = theta.clone()
+    changed[~mask] += 1.234  # padded values must not matter
+    for causal in (False, True):
+        coupling = MeanFieldCoupling(causal=causal)
+        out, out_changed = coupling(theta, mask=mask), coupling(changed, mask=mask)
+        torch.testing.assert_close(out[mask], out_changed[mask], atol=1e-12, rtol=0)
+        assert (out[~mask] == 0).all()
+
+
+def test_graph_coupling_equals_pairwise_sum_and_mean_field():
+    gen = torch.Generator().manual_seed(3)
+    theta = random_phases(gen, 4, 6)
+    weights = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    got = GraphCoupling(weights, strength=1.5, phase_lag=-0.7)(theta)
+    torch.testing.assert_close(got, 1.5 * naive_weighted(theta, weights, -0.7), atol=1e-10, rtol=0)
+    all_to_all = GraphCoupling(torch.ones(6, 6, dtype=torch.float64) / 6, phase_lag=0.3)(theta)
+    torch.testing.assert_close(all_to_all, MeanFieldCoupling(phase_lag=0.3)(theta), atol=1e-12, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(gen=phases, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
+def test_attention_coupling_equals_pairwise_sum_per_channel(gen, t, n, phase_lag):
+    """(b, h, t, n) phases coupled along t with per-(b, h) weights (b, h, t, t)."""
+    theta = random_phases(gen, 2, 3, t, n)
+    weights = torch.softmax(torch.randn(2, 3, t, t, generator=gen, dtype=torch.float64), -1)
+    got = AttentionCoupling(strength=0.8, phase_lag=phase_lag)(theta, weights)
+    # channel k of token i: Σ_j A_ij sin(θ_jk − θ_ik − α)
+    expected = naive_weighted(theta.transpose(-1, -2), weights[:, :, None], phase_lag).transpose(-1, -2)
+    torch.testing.assert_close(got, 0.8 * expected, atol=1e-10, rtol=0)
+
+
+def test_causal_attention_weights_give_causal_coupling():
+    gen = torch.Generator().manual_seed(4)
+    theta = random_phases(gen, 1, 2, 6, 3)
+    scores = torch.randn(1, 2, 6, 6, generator=gen, dtype=torch.float64)
+    weights = torch.softmax(scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf), -1)
+    changed = theta.clone()
+    changed[:, :, 4:] += 1.0
+    coupling = AttentionCoupling()
+    torch.testing.assert_close(coupling(theta, weights)[:, :, :4], coupling(changed, weights)[:, :, :4],
+                               atol=1e-12, rtol=0)
+
+
+# ---------- properties of the coupling term ----------
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=phases, shift=st.floats(-10, 10), k=st.integers(-3, 3), causal=st.booleans())
+def test_gauge_and_periodicity(gen, shift, k, causal):
+    """Coupling depends on differences only (θ + c), and is 2π-periodic in every phase."""
+    theta = random_phases(gen, 2, 7)
+    coupling = MeanFieldCoupling(phase_lag=0.5, harmonics=(1, 2), causal=causal)
+    base = coupling(theta)
+    torch.testing.assert_close(coupling(theta + shift), base, atol=1e-9, rtol=0)
+    wrapped = theta.clone()
+    wrapped[:, 3] += 2 * math.pi * k
+    torch.testing.assert_close(coupling(wrapped), base, atol=1e-9, rtol=0)
+
+
+def test_permutation_equivariance():
+    gen = torch.Generator().manual_seed(5)
+    theta = random_phases(gen, 3, 9)
+    perm = torch.randperm(9, generator=gen)
+    weights = torch.rand(9, 9, generator=gen, dtype=torch.float64)
+    mean_field = MeanFieldCoupling(phase_lag=0.2, harmonics=(1, 3))
+    torch.testing.assert_close(mean_field(theta[:, perm]), mean_field(theta)[:, perm], atol=1e-12, rtol=0)
+    permuted_graph = GraphCoupling(weights[perm][:, perm])
+    torch.testing.assert_close(permuted_graph(theta[:, perm]), GraphCoupling(weights)(theta)[:, perm],
+                               atol=1e-12, rtol=0)
+
+
+def test_attractive_sign_pulls_towards_the_others():
+    """K > 0 moves a lagging oscillator forward (towards the mean), K < 0 pushes it away."""
+    theta = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    assert MeanFieldCoupling(1.0)(theta)[0] > 0
+    assert MeanFieldCoupling(-1.0)(theta)[0] < 0
+
+
+# ---------- strength, learnability, gradients ----------
+
+
+def test_learnable_strength_is_a_parameter_and_gets_gradients():
+    coupling = MeanFieldCoupling(strength=torch.ones(2, 1), learnable=True)
+    assert [name for name, _ in coupling.named_parameters()] == ["strength"]
+    theta = random_phases(torch.Generator().manual_seed(6), 2, 5)
+    coupling(theta.float()).square().sum().backward()
+    assert coupling.strength.grad is not None and torch.isfinite(coupling.strength.grad).all()
+    assert coupling.strength.grad.abs().sum() > 0
+    assert list(MeanFieldCoupling(2.0).parameters()) == []  # fixed strength is a buffer
+    assert "strength" in MeanFieldCoupling(2.0).state_dict()
+
+
+@pytest.mark.parametrize("name", ["mean_field", "causal_mean_field", "graph", "attention"])
+def test_gradcheck(name):
+    gen = torch.Generator().manual_seed(7)
+    theta = random_phases(gen, 2, 5).requires_grad_()
+    weights = torch.rand(5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    strength = torch.tensor(1.3, dtype=torch.float64)
+    if name == "mean_field":
+        coupling = MeanFieldCoupling(strength, phase_lag=0.3, harmonics=(1, 2), learnable=True)
+        call = lambda th, k: torch.func.functional_call(coupling, {"strength": k}, (th,))  # noqa: E731
+        assert torch.autograd.gradcheck(call, (theta, strength.clone().requires_grad_()))
+    elif name == "causal_mean_field":
+        coupling = MeanFieldCoupling(strength, phase_lag=0.3, causal=True, learnable=True)
+        mask = torch.tensor([True, True, False, True, True])
+        assert torch.autograd.gradcheck(lambda th: coupling(th, mask=mask), (theta,))
+    elif name == "graph":
+        graph = GraphCoupling(weights.detach(), phase_lag=0.3)  # a fixed graph: gradients reach θ
+        assert torch.autograd.gradcheck(graph, (theta,))
+    else:
+        assert torch.autograd.gradcheck(lambda th, w: AttentionCoupling(phase_lag=0.3, dim=-1)(th, w),
+                                        (theta, weights))
+
+
+# ---------- extension point ----------
+
+
+def test_a_user_coupling_needs_one_method():
+    class NearestNeighbour(Coupling):
+        def interaction(self, theta):
+            return torch.sin(theta.roll(1, -1) - theta - self.phase_lag)
+
+    theta = random_phases(torch.Generator().manual_seed(8), 6)
+    got = NearestNeighbour(strength=2.0, phase_lag=0.1)(theta)
+    torch.testing.assert_close(got, 2.0 * torch.sin(theta.roll(1, -1) - theta - 0.1))
+    with pytest.raises(NotImplementedError, match="interaction"):
+        Coupling()(theta)
+
+
+# ---------- bad input ----------
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MeanFieldCoupling(strength=float("nan")), "strength"),
+    (lambda: MeanFieldCoupling(strength=float("inf")), "strength"),
+    (lambda: MeanFieldCoupling(strength="strong"), "strength"),
+    (lambda: MeanFieldCoupling(phase_lag=float("nan")), "phase_lag"),
+    (lambda: MeanFieldCoupling(harmonics=()), "harmonics"),
+    (lambda: MeanFieldCoupling(harmonics=(1, 0)), "harmonics"),
+    (lambda: MeanFieldCoupling(dim=1.5), "dim"),
+    (lambda: GraphCoupling(torch.ones(3, 4)), "weights"),
+    (lambda: GraphCoupling(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "weights"),
+])
+def test_bad_construction_names_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda th: MeanFieldCoupling(strength=torch.ones(3))(th), "strength"),
+    (lambda th: MeanFieldCoupling(dim=2)(th), "dim"),
+    (lambda th: MeanFieldCoupling()(th, mask=torch.ones(2, 4)), "mask"),
+    (lambda th: MeanFieldCoupling()(th, mask=torch.ones(3, 5, dtype=torch.bool)), "mask"),
+    (lambda th: GraphCoupling(torch.ones(3, 3))(th), "weights"),
+    (lambda th: AttentionCoupling(dim=-1)(th, torch.ones(5, 5)), "weights"),
+    (lambda th: AttentionCoupling(dim=-1)(th, torch.ones(3, 4, 4)), "weights"),
+    (lambda th: MeanFieldCoupling()(th.long()), "theta"),
+])
+def test_bad_call_names_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.zeros(2, 4))

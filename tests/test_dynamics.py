@@ -1,0 +1,192 @@
+"""The Kuramoto model's known behaviour: symmetries, invariants, Lyapunov function, Adler locking,
+the Lorentzian steady state, and phase wrapping."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kuramoto_attn import (
+    SOLVERS,
+    GraphCoupling,
+    KuramotoField,
+    MeanFieldCoupling,
+    integrate,
+    order_parameter,
+    wrap_phase,
+)
+
+METHODS = sorted(SOLVERS)
+f64 = torch.float64
+
+
+def random_state(seed, n, batch=2):
+    gen = torch.Generator().manual_seed(seed)
+    theta0 = (torch.rand(batch, n, generator=gen, dtype=f64) - 0.5) * 2 * math.pi
+    omega = torch.randn(n, generator=gen, dtype=f64)
+    sym = torch.rand(n, n, generator=gen, dtype=f64)
+    return theta0, omega, (sym + sym.T) / n
+
+
+# ---------- symmetries ----------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gauge_shift_shifts_the_trajectory(method):
+    theta0, omega, _ = random_state(0, 6)
+    field = KuramotoField(omega, MeanFieldCoupling(2.0, phase_lag=0.4, harmonics=(1, 2)))
+    base = integrate(field, theta0, dt=0.05, steps=40, method=method, return_trajectory=True)
+    shifted = integrate(field, theta0 + 1.7, dt=0.05, steps=40, method=method, return_trajectory=True)
+    # compare on the circle: e^{iθ}
+    torch.testing.assert_close(torch.polar(torch.ones_like(shifted), shifted),
+                               torch.polar(torch.ones_like(base), base + 1.7), atol=1e-10, rtol=0)
+    R0, psi0 = order_parameter(base)
+    R1, psi1 = order_parameter(shifted)
+    torch.testing.assert_close(R1, R0, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cos(psi1), torch.cos(psi0 + 1.7), atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.sin(psi1), torch.sin(psi0 + 1.7), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frequency_shift_is_a_rotating_frame(method):
+    """ω + Ω gives θ(t) + Ω t: the coupling only sees phase differences."""
+    theta0, omega, weights = random_state(1, 5)
+    for coupling in (MeanFieldCoupling(1.5, phase_lag=0.3), GraphCoupling(weights, 2.0)):
+        base = integrate(KuramotoField(omega, coupling), theta0, dt=0.05, steps=40, method=method)
+        moved = integrate(KuramotoField(omega + 0.9, coupling), theta0, dt=0.05, steps=40, method=method)
+        torch.testing.assert_close(moved, base + 0.9 * 2.0, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_permutation_equivariance(method):
+    theta0, omega, weights = random_state(2, 7)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    for coupling, permuted in ((MeanFieldCoupling(1.0), MeanFieldCoupling(1.0)),
+                               (GraphCoupling(weights), GraphCoupling(weights[perm][:, perm]))):
+        base = integrate(KuramotoField(omega, coupling), theta0, dt=0.05, steps=20, method=method)
+        got = integrate(KuramotoField(omega[perm], permuted), theta0[:, perm], dt=0.05, steps=20, method=method)
+        torch.testing.assert_close(got, base[:, perm], atol=1e-12, rtol=0)
+
+
+# ---------- invariants and Lyapunov function ----------
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 8), method=st.sampled_from(METHODS),
+       dt=st.floats(0.01, 0.2))
+def test_symmetric_coupling_conserves_the_phase_sum(seed, n, method, dt):
+    """Σ_ij K_ij sin(θ_j − θ_i) = 0 for symmetric K and α = 0, so Σθ(t) = Σθ(0) + tΣω."""
+    theta0, omega, weights = random_state(seed, n)
+    steps = 25
+    for coupling in (GraphCoupling(weights, strength=3.0), MeanFieldCoupling(2.0, harmonics=(1, 2))):
+        theta = integrate(KuramotoField(omega, coupling), theta0, dt=dt, steps=steps, method=method)
+        expected = theta0.sum(-1) + dt * steps * omega.sum()
+        torch.testing.assert_close(theta.sum(-1), expected, atol=1e-9, rtol=0)
+
+
+def potential(theta, weights):
+    """V = −½ Σ_ij K_ij cos(θ_j − θ_i): dθ/dt = ω − ∇V for symmetric K."""
+    return -0.5 * (weights * torch.cos(theta[..., None, :] - theta[..., :, None])).sum((-1, -2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_potential_does_not_increase_for_identical_frequencies(method):
+    theta0, _, weights = random_state(3, 8, batch=4)
+    omega = torch.full((8,), 0.7, dtype=f64)  # identical: a common rotation, V unchanged
+    field = KuramotoField(omega, GraphCoupling(weights, strength=2.0))
+    trajectory = integrate(field, theta0, dt=0.01, steps=300, method=method, return_trajectory=True)
+    V = potential(trajectory, 2.0 * weights)
+    assert (V[1:] - V[:-1] <= 1e-12).all()
+    assert (V[-1] < V[0] - 1e-3).all()  # and it really decreases
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_order_parameter_grows_under_attractive_all_to_all_coupling(method):
+    theta0, _, _ = random_state(4, 16, batch=3)
+    field = KuramotoField(torch.zeros(16, dtype=f64), MeanFieldCoupling(3.0))
+    trajectory = integrate(field, theta0, dt=0.02, steps=400, method=method, return_trajectory=True)
+    R2 = order_parameter(trajectory)[0] ** 2
+    assert (R2[1:] - R2[:-1] >= -1e-12).all()
+    assert (R2[-1] > 0.999).all()
+
+
+def test_repulsive_coupling_desynchronises():
+    theta0 = torch.linspace(-0.3, 0.3, 10, dtype=f64)
+    field = KuramotoField(torch.zeros(10, dtype=f64), MeanFieldCoupling(-1.0))
+    R = order_parameter(integrate(field, theta0, dt=0.05, steps=400))[0]
+    assert R < 0.05
+
+
+# ---------- Adler locking of two oscillators ----------
+
+
+ADLER_CASES = [  # (Δω, K, locks)
+    (0.5, 1.0, True), (0.95, 1.0, True), (-0.8, 1.0, True), (1.05, 1.0, False), (2.0, 1.0, False),
+    (1.5, 2.0, True), (2.5, 2.0, False), (-2.1, 2.0, False),
+]
+
+
+def test_adler_two_oscillators_lock_iff_detuning_below_strength():
+    """With K/N normalisation (N = 2), φ = θ₂ − θ₁ obeys dφ/dt = Δω − K sin φ: it locks iff
+    |Δω| <= K, at φ* = arcsin(Δω/K). All cases run as one batch, with per-row strengths."""
+    delta_omega, strength, locks = (torch.tensor(column, dtype=f64) for column in zip(*ADLER_CASES))
+    omega = torch.stack([torch.zeros_like(delta_omega), delta_omega], -1)  # (cases, 2)
+    field = KuramotoField(omega, MeanFieldCoupling(strength[:, None]))
+    trajectory = integrate(field, torch.zeros_like(omega), dt=0.02, steps=5000, method="rk4",
+                           return_trajectory=True)
+    tail = (trajectory[:, :, 1] - trajectory[:, :, 0])[-1000:]  # φ over the last 20 time units
+    locks = locks.bool()
+    drift = tail.max(0).values - tail.min(0).values
+    assert (drift[locks] < 1e-6).all()
+    torch.testing.assert_close(tail[-1, locks], torch.asin(delta_omega / strength)[locks], atol=1e-6, rtol=0)
+    assert ((tail[-1] - tail[0]).abs()[~locks] > 1.0).all()  # the phase difference keeps slipping
+
+
+# ---------- the Kuramoto transition with Lorentzian frequencies ----------
+
+
+@pytest.mark.parametrize("strength", [2.0, 3.0])
+def test_lorentzian_steady_state_order_parameter(strength):
+    """For g(ω) Lorentzian with half-width γ, R∞ = √(1 − 2γ/K) when K > 2γ (Kuramoto 1975)."""
+    gamma, n = 0.5, 4000
+    # deterministic quantiles of the Lorentzian: less finite-N noise than random draws
+    quantiles = (torch.arange(n, dtype=f64) + 0.5) / n
+    omega = gamma * torch.tan(math.pi * (quantiles - 0.5))
+    theta0 = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=f64) * 2 * math.pi
+    field = KuramotoField(omega, MeanFieldCoupling(strength))
+    theta = integrate(field, theta0, dt=0.05, steps=1000, method="rk4")
+    trajectory = integrate(field, theta, dt=0.05, steps=200, method="rk4", return_trajectory=True)
+    R = order_parameter(trajectory)[0].mean().item()  # time average over the steady state
+    assert R == pytest.approx(math.sqrt(1 - 2 * gamma / strength), abs=0.03)
+
+
+def test_below_threshold_stays_incoherent():
+    gamma, n, strength = 0.5, 4000, 0.5  # K < 2γ
+    quantiles = (torch.arange(n, dtype=f64) + 0.5) / n
+    omega = gamma * torch.tan(math.pi * (quantiles - 0.5))
+    theta0 = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=f64) * 2 * math.pi
+    theta = integrate(KuramotoField(omega, MeanFieldCoupling(strength)), theta0, dt=0.05, steps=800)
+    assert order_parameter(theta)[0].item() < 0.1
+
+
+# ---------- wrapping ----------
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=20))
+def test_wrap_phase_range_and_equivalence(values):
+    theta = torch.tensor(values, dtype=f64)
+    wrapped = wrap_phase(theta)
+    assert ((wrapped > -math.pi) & (wrapped <= math.pi)).all()
+    torch.testing.assert_close(torch.cos(wrapped), torch.cos(theta), atol=1e-9, rtol=0)
+    torch.testing.assert_close(torch.sin(wrapped), torch.sin(theta), atol=1e-9, rtol=0)
+    torch.testing.assert_close(wrap_phase(wrapped), wrapped, atol=0, rtol=0)
+
+
+def test_wrap_phase_boundaries():
+    theta = torch.tensor([math.pi, -math.pi, 3 * math.pi, 0.0], dtype=f64)
+    assert wrap_phase(theta).tolist() == pytest.approx([math.pi, math.pi, math.pi, 0.0])
+    with pytest.raises(ValueError, match="theta"):
+        wrap_phase([1.0])

@@ -1,0 +1,134 @@
+"""Integrators: order of convergence, exact cases, autograd, argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from kuramoto_attn import SOLVERS, FixedStepSolver, KuramotoField, MeanFieldCoupling, integrate
+
+METHODS = sorted(SOLVERS)
+
+
+def two_oscillator_field():
+    """An Adler pair that does not lock quickly: a smooth, non-trivial field."""
+    omega = torch.tensor([0.0, 1.3], dtype=torch.float64)
+    return KuramotoField(omega, MeanFieldCoupling(strength=1.0, phase_lag=0.2))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_halving_dt_divides_the_error_by_two_to_the_order(method):
+    field = two_oscillator_field()
+    theta0 = torch.tensor([0.3, -1.1], dtype=torch.float64)
+    horizon = 2.0
+    # reference: RK4 with a step 256 times smaller (error ~1e-15)
+    exact = integrate(field, theta0, dt=horizon / 5120, steps=5120, method="rk4")
+    errors = []
+    for steps in (20, 40, 80):
+        got = integrate(field, theta0, dt=horizon / steps, steps=steps, method=method)
+        errors.append((got - exact).abs().max().item())
+    order = SOLVERS[method].order
+    for coarse, fine in zip(errors, errors[1:]):
+        ratio = coarse / fine
+        assert 2 ** order * 0.8 < ratio < 2 ** order * 1.25, (method, errors)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_coupling_is_free_rotation(method, dtype):
+    omega = torch.tensor([[0.5, -1.0, 2.0]], dtype=dtype)
+    theta0 = torch.tensor([[0.1, 0.2, -3.0]], dtype=dtype)
+    field = KuramotoField(omega, MeanFieldCoupling(strength=0.0))
+    got = integrate(field, theta0, dt=0.1, steps=30, method=method)
+    torch.testing.assert_close(got, theta0 + omega * 3.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trajectory_has_theta0_first_and_ends_at_the_result(method):
+    field = two_oscillator_field()
+    theta0 = torch.tensor([[0.3, -1.1], [2.0, 0.0]], dtype=torch.float64)
+    trajectory = integrate(field, theta0, dt=0.05, steps=7, method=method, return_trajectory=True)
+    assert trajectory.shape == (8, 2, 2)
+    assert torch.equal(trajectory[0], theta0)
+    torch.testing.assert_close(trajectory[-1], integrate(field, theta0, dt=0.05, steps=7, method=method),
+                               atol=0, rtol=0)
+
+
+def test_phases_are_never_wrapped():
+    field = KuramotoField(torch.tensor([10.0], dtype=torch.float64))
+    got = integrate(field, torch.zeros(1, dtype=torch.float64), dt=0.1, steps=10)
+    assert got.item() == pytest.approx(10.0)  # far outside (−π, π]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradcheck_through_integration(method):
+    gen = torch.Generator().manual_seed(0)
+    theta0 = torch.rand(2, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    omega = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
+    strength = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def run(theta0, omega, strength):
+        coupling = MeanFieldCoupling(phase_lag=0.3, harmonics=(1, 2), learnable=True)
+        field = KuramotoField(omega, lambda th: torch.func.functional_call(coupling, {"strength": strength}, (th,)))
+        return integrate(field, theta0, dt=0.1, steps=5, method=method)
+
+    assert torch.autograd.gradcheck(run, (theta0, omega, strength))
+
+
+def test_learnable_omega_parameter_gets_gradients():
+    omega = torch.nn.Parameter(torch.randn(5))
+    field = KuramotoField(omega, MeanFieldCoupling(1.0))
+    assert [name for name, _ in field.named_parameters()] == ["omega"]
+    integrate(field, torch.zeros(5), dt=0.1, steps=3).sum().backward()
+    torch.testing.assert_close(omega.grad, torch.full((5,), 0.3))  # Σ_i coupling_i = 0
+
+
+def test_a_new_solver_registers_by_name():
+    class Midpoint(FixedStepSolver):
+        order = 2
+
+        def step(self, field, theta, dt):
+            return theta + dt * field(theta + 0.5 * dt * field(theta))
+
+    SOLVERS["midpoint"] = Midpoint
+    try:
+        field = KuramotoField(torch.tensor([1.0], dtype=torch.float64))
+        assert integrate(field, torch.zeros(1, dtype=torch.float64), dt=0.5, steps=4, method="midpoint").item() == 2.0
+    finally:
+        del SOLVERS["midpoint"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dt": 0.0}, "dt"),
+    ({"dt": -0.1}, "dt"),
+    ({"dt": math.nan}, "dt"),
+    ({"dt": "0.1"}, "dt"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"method": "dopri5"}, "method"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = {"dt": 0.1, "steps": 3, "method": "rk4"} | kwargs
+    field = KuramotoField(torch.zeros(3))
+    with pytest.raises(ValueError, match=match):
+        integrate(field, torch.zeros(3), **args)
+
+
+def test_bad_theta0_and_field_output_are_named():
+    field = KuramotoField(torch.zeros(3))
+    with pytest.raises(ValueError, match="theta0"):
+        integrate(field, [0.0, 0.0, 0.0], dt=0.1, steps=1)
+    with pytest.raises(ValueError, match="theta0"):
+        integrate(field, torch.zeros(3, dtype=torch.long), dt=0.1, steps=1)
+    with pytest.raises(ValueError, match="field"):
+        integrate(lambda th: th.sum(), torch.zeros(3), dt=0.1, steps=1)
+
+
+def test_mismatched_omega_shape_is_named():
+    field = KuramotoField(torch.zeros(4), MeanFieldCoupling())
+    with pytest.raises(ValueError, match="omega"):
+        integrate(field, torch.zeros(2, 3), dt=0.1, steps=1)
+    with pytest.raises(ValueError, match="omega"):
+        integrate(KuramotoField(torch.zeros(2, 1, 3)), torch.zeros(2, 3), dt=0.1, steps=1)  # would enlarge θ
+    with pytest.raises(ValueError, match="omega"):
+        KuramotoField(torch.tensor([0.0, math.inf]))
