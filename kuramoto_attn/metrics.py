@@ -82,7 +82,8 @@ class OrderParameter(Metric):
         * ``update(theta, mask=None)``: ``theta`` ``(*)`` with oscillators at ``dim``;
           ``mask`` (bool, True = counted) broadcasting to ``theta``'s shape with ``dim`` of length 1.
         * ``compute()``: a dict with ``"mean"``, ``"std"`` (population), ``"min"``, ``"max"``,
-          each of shape ``(num_groups,)``, or ``()`` without ``group_dim``.
+          each of shape ``(num_groups,)``, or ``()`` without ``group_dim``. As for every
+          torchmetrics metric, a one-element result is squeezed: ``num_groups=1`` gives ``()``.
 
     Example:
         >>> import torch

@@ -1,0 +1,479 @@
+"""``OrderParameter`` (torchmetrics): accumulation against the functional and a naive float64
+reference, masking, bounds, the no-angle-averaging rule, reset, distributed reduction, checks."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kuramoto_attn
+from kuramoto_attn import OrderParameter, order_parameter
+
+# ---------- naive references (float64, complex arithmetic) ----------
+
+
+def naive_R(theta, dim=-1):
+    """R = |mean_j exp(i theta_j)| over ``dim``, in complex128."""
+    return torch.exp(1j * theta.to(torch.float64)).mean(dim).abs()
+
+
+def naive_stats(values):
+    """mean, population std, min, max of a 1-D float64 tensor (NaN for an empty one)."""
+    values = values.to(torch.float64)
+    if values.numel() == 0:
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return {"mean": nan, "std": nan, "min": nan, "max": nan}
+    mean = values.sum() / values.numel()
+    std = (((values - mean) ** 2).sum() / values.numel()).sqrt()
+    return {"mean": mean, "std": std, "min": values.min(), "max": values.max()}
+
+
+def per_group_stats(R, group_dim):
+    """Stack naive_stats over the entries of ``group_dim`` of an R tensor."""
+    groups = [naive_stats(R.select(group_dim, g).reshape(-1)) for g in range(R.shape[group_dim])]
+    return {key: torch.stack([s[key] for s in groups]) for key in ("mean", "std", "min", "max")}
+
+
+def assert_stats_close(got, expected, atol=1e-9):
+    """Values only: the (num_groups,) vs () shape for one group is checked separately (see
+    test_one_group_gives_scalars_as_torchmetrics_does)."""
+    assert set(got) == {"mean", "std", "min", "max"}
+    got = {key: value.reshape(expected[key].shape) for key, value in got.items()}
+    for key in ("mean", "min", "max"):
+        torch.testing.assert_close(got[key], expected[key].to(got[key].dtype), atol=atol, rtol=0,
+                                   equal_nan=True, msg=key)
+    # population std from sums of squares loses ~sqrt(eps) when all values are (nearly) equal
+    torch.testing.assert_close(got["std"], expected["std"].to(got["std"].dtype), atol=max(atol, 1e-6),
+                               rtol=0, equal_nan=True, msg="std")
+
+
+generators = st.integers(min_value=0, max_value=2**31 - 1).map(
+    lambda seed: torch.Generator().manual_seed(seed))
+# spread of the phases: 0 (all equal, R = 1), concentrated (R near 1), broad (R small)
+spreads = st.sampled_from([0.0, 0.05, 0.5, 2.0, 10.0])
+
+
+def random_phases(gen, shape, spread, dtype=torch.float64):
+    centre = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 2 * math.pi
+    theta = centre + spread * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return theta.to(dtype)
+
+
+# ---------- accumulation over batches equals the functional ----------
+
+
+@settings(max_examples=40, deadline=None)
+@given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+       h=st.integers(1, 4), t=st.integers(1, 4), n=st.integers(1, 8), spread=spreads,
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_batched_accumulation_equals_functional(gen, batch_sizes, h, t, n, spread, dtype):
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
+    batches = [random_phases(gen, (b, h, t, n), spread, dtype) for b in batch_sizes]
+    for theta in batches:
+        metric.update(theta)
+    got = metric.compute()
+    if h > 1:
+        assert all(value.shape == (h,) for value in got.values())
+
+    everything = torch.cat(batches)                           # (sum b, h, t, n)
+    R, _ = order_parameter(everything, dim=-1)                # (sum b, h, t)
+    assert_stats_close(got, per_group_stats(R.to(torch.float64), group_dim=1), atol=1e-9)
+    # and the functional itself agrees with the naive complex reference
+    tol = 1e-5 if dtype == torch.float32 else 1e-9
+    assert_stats_close(got, per_group_stats(naive_R(everything), group_dim=1), atol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       h=st.integers(1, 3), n=st.integers(1, 6), spread=spreads)
+def test_oscillators_and_groups_on_other_axes(gen, batch_sizes, h, n, spread):
+    """Phases (b, n, h): oscillators at dim=1, groups at group_dim=-1."""
+    metric = OrderParameter(dim=1, group_dim=-1, num_groups=h)
+    batches = [random_phases(gen, (b, h, n), spread).transpose(1, 2) for b in batch_sizes]
+    for theta in batches:
+        metric.update(theta)
+    R = naive_R(torch.cat(batches), dim=1)                    # (sum b, h)
+    assert_stats_close(metric.compute(), per_group_stats(R, group_dim=1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       h=st.integers(1, 3), t=st.integers(1, 3), n=st.integers(1, 6), spread=spreads)
+def test_no_grouping_gives_matching_scalars(gen, batch_sizes, h, t, n, spread):
+    metric = OrderParameter(dim=-1)
+    batches = [random_phases(gen, (b, h, t, n), spread) for b in batch_sizes]
+    for theta in batches:
+        metric.update(theta)
+    got = metric.compute()
+    assert all(value.shape == () for value in got.values())
+    assert_stats_close(got, naive_stats(naive_R(torch.cat(batches)).reshape(-1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       h=st.integers(1, 3), t=st.integers(1, 4), n=st.integers(1, 6), spread=spreads,
+       mask_kind=st.sampled_from(["full", "per_batch_token", "per_token", "per_head"]),
+       grouped=st.booleans())
+def test_mask_excludes_masked_values(gen, batch_sizes, h, t, n, spread, mask_kind, grouped):
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=h) if grouped else OrderParameter(dim=-1)
+    Rs, keeps = [], []
+    for b in batch_sizes:
+        theta = random_phases(gen, (b, h, t, n), spread)
+        mask_shape = {"full": (b, h, t, 1), "per_batch_token": (b, 1, t, 1),
+                      "per_token": (t, 1), "per_head": (h, 1, 1)}[mask_kind]
+        mask = torch.rand(mask_shape, generator=gen) < 0.6
+        metric.update(theta, mask=mask)
+        Rs.append(naive_R(theta))                             # (b, h, t)
+        keeps.append(mask.expand(b, h, t, 1).squeeze(-1))
+    R, keep = torch.cat(Rs), torch.cat(keeps)
+    got = metric.compute()
+    if grouped:
+        expected = [naive_stats(R[:, g][keep[:, g]]) for g in range(h)]
+        expected = {key: torch.stack([e[key] for e in expected]) for key in got}
+    else:
+        expected = naive_stats(R[keep])                       # manual selection
+    assert_stats_close(got, expected)
+
+
+def test_mask_changes_the_result():
+    """A masked-out outlier must not move the statistics (guards against an ignored mask)."""
+    theta = torch.zeros(1, 1, 2, 8)
+    theta[0, 0, 1] = torch.arange(8) * 2 * math.pi / 8       # token 1: splay, R = 0
+    masked = OrderParameter(dim=-1)
+    masked.update(theta, mask=torch.tensor([True, False]).reshape(2, 1))
+    stats = masked.compute()
+    assert stats["mean"].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["min"].item() == pytest.approx(1.0, abs=1e-6)
+    unmasked = OrderParameter(dim=-1)
+    unmasked.update(theta)
+    assert unmasked.compute()["mean"].item() == pytest.approx(0.5, abs=1e-6)
+
+
+# ---------- bounds, identical phases, invariances ----------
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, h=st.integers(1, 3), n=st.integers(1, 8), spread=spreads,
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_values_within_unit_interval(gen, h, n, spread, dtype):
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
+    metric.update(random_phases(gen, (3, h, 4, n), spread, dtype))
+    stats = metric.compute()
+    for key in ("mean", "min", "max"):
+        assert ((stats[key] >= 0) & (stats[key] <= 1)).all(), key
+    assert (stats["std"] >= 0).all() and (stats["std"] <= 0.5).all()
+    assert (stats["min"] <= stats["mean"] + 1e-12).all() and (stats["mean"] <= stats["max"] + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identical_phases_give_mean_one_std_zero(dtype):
+    gen = torch.Generator().manual_seed(0)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    for _ in range(3):
+        # every oscillator of a population shares one (arbitrary, per-population) phase
+        common = (torch.rand(2, 3, 5, 1, generator=gen, dtype=dtype) - 0.5) * 20
+        metric.update(common.expand(2, 3, 5, 7))
+    stats = metric.compute()
+    torch.testing.assert_close(stats["mean"], torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["std"], torch.zeros(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats["min"], torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(gen=generators, n=st.integers(2, 8), spread=spreads, shift=st.floats(-20, 20),
+       turns=st.integers(-3, 3))
+def test_invariant_to_global_rotation_and_full_turns(gen, n, spread, shift, turns):
+    theta = random_phases(gen, (2, 2, 3, n), spread)
+    base, moved = (OrderParameter(dim=-1, group_dim=1, num_groups=2) for _ in range(2))
+    base.update(theta)
+    # shift every phase by the same angle; add whole turns to some oscillators
+    whole = 2 * math.pi * turns * (torch.rand(theta.shape, generator=gen) < 0.5).to(torch.float64)
+    moved.update(theta + shift + whole)
+    assert_stats_close(moved.compute(), base.compute(), atol=1e-9)
+
+
+# ---------- never average angles across heads ----------
+
+
+def test_never_averages_angles_across_heads():
+    """Independent uniform phases: per-population R is small (E R ≈ sqrt(pi / (4 n))).
+
+    The artifact this guards against: averaging the *angles* over heads first (each oscillator's
+    angle becomes an arithmetic mean of many independent uniform angles, which concentrates around
+    pi) and then taking R gives R ≈ 0.88 or more — the populations look synchronised when they are
+    not.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    b, h, t, n = 4, 64, 8, 32
+    theta = torch.rand(b, h, t, n, generator=gen, dtype=torch.float64) * 2 * math.pi
+
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
+    metric.update(theta)
+    per_head = metric.compute()["mean"]
+    assert (per_head < 0.5).all()
+    assert per_head.mean().item() == pytest.approx(math.sqrt(math.pi / (4 * n)), abs=0.02)
+
+    pooled = OrderParameter(dim=-1)
+    pooled.update(theta)
+    assert pooled.compute()["mean"].item() < 0.5
+
+    # the wrong way, for documentation: average angles over heads, then take R
+    artifact = naive_R(theta.mean(dim=1)).mean().item()       # (b, t, n) -> R over n
+    assert artifact > 0.8
+    assert abs(artifact - per_head.mean().item()) > 0.5
+
+
+# ---------- reset, empty groups, forward ----------
+
+
+def test_reset_restores_initial_state():
+    gen = torch.Generator().manual_seed(3)
+    fresh = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    first = random_phases(gen, (3, 2, 4, 5), 0.5)
+    metric.update(first)
+    assert metric.count.sum().item() > 0
+    metric.reset()
+    for name in ("total", "total_sq", "count", "low", "high"):
+        torch.testing.assert_close(getattr(metric, name), getattr(fresh, name), rtol=0, atol=0,
+                                   msg=name)
+    assert torch.isinf(metric.low).all() and (metric.low > 0).all()
+    assert torch.isinf(metric.high).all() and (metric.high < 0).all()
+    # after reset, only new data counts
+    second = random_phases(gen, (2, 2, 4, 5), 2.0)
+    metric.update(second)
+    assert_stats_close(metric.compute(), per_group_stats(naive_R(second), group_dim=1))
+
+
+def test_empty_group_is_nan():
+    theta = torch.zeros(2, 3, 4, 5)
+    mask = torch.ones(1, 3, 1, 1, dtype=torch.bool)
+    mask[0, 1] = False                                        # head 1 never counted
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    metric.update(theta, mask=mask)
+    stats = metric.compute()
+    for key, value in stats.items():
+        assert torch.isnan(value[1]), key
+        assert not torch.isnan(value[[0, 2]]).any(), key
+    assert metric.count.tolist() == [8.0, 0.0, 8.0]
+
+
+def test_compute_before_any_update_is_nan():
+    for metric in (OrderParameter(dim=-1), OrderParameter(dim=-1, group_dim=0, num_groups=2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                   # torchmetrics warns: compute before update
+            stats = metric.compute()
+        for key, value in stats.items():
+            assert torch.isnan(value).all(), key
+
+
+def test_forward_returns_batch_stats_and_accumulates():
+    gen = torch.Generator().manual_seed(5)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    batches = [random_phases(gen, (2, 2, 3, 6), spread) for spread in (0.1, 1.0, 5.0)]
+    for theta in batches:
+        batch_stats = metric(theta)
+        assert_stats_close(batch_stats, per_group_stats(naive_R(theta), group_dim=1))
+    assert_stats_close(metric.compute(), per_group_stats(naive_R(torch.cat(batches)), group_dim=1))
+
+
+@pytest.mark.parametrize("num_groups", [2, 3])
+def test_grouped_results_have_group_axis(num_groups):
+    metric = OrderParameter(dim=-1, group_dim=0, num_groups=num_groups)
+    metric.update(torch.zeros(num_groups, 3, 4))
+    assert all(value.shape == (num_groups,) for value in metric.compute().values())
+    assert all(value.shape == (num_groups,) for value in metric(torch.zeros(num_groups, 3, 4)).values())
+
+
+def test_one_group_gives_scalars_as_torchmetrics_does():
+    """torchmetrics squeezes one-element results in compute/forward (documented in the class)."""
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=1)
+    metric.update(torch.zeros(2, 1, 3, 4))
+    assert all(value.shape == () for value in metric.compute().values())
+    assert metric.compute()["mean"].item() == 1.0
+
+
+def test_does_not_track_gradients():
+    theta = torch.rand(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    metric.update(theta)
+    assert all(not value.requires_grad for value in metric.compute().values())
+
+
+# ---------- distributed reduction ----------
+
+
+def _split_data(seed, h=3):
+    gen = torch.Generator().manual_seed(seed)
+    # rank 0 sees concentrated phases, rank 1 broad ones, so min/max come from different ranks
+    rank0 = [random_phases(gen, (2, h, 3, 6), 0.2) for _ in range(2)]
+    rank1 = [random_phases(gen, (3, h, 3, 6), 3.0) for _ in range(3)]
+    return rank0, rank1
+
+
+def _metric_on(batches, h=3):
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
+    for theta in batches:
+        metric.update(theta)
+    return metric
+
+
+def test_merge_state_equals_one_metric_on_all_data():
+    rank0, rank1 = _split_data(7)
+    merged = _metric_on(rank0)
+    merged.merge_state(_metric_on(rank1))
+    single = _metric_on(rank0 + rank1)
+    assert_stats_close(merged.compute(), single.compute(), atol=1e-12)
+    assert_stats_close(merged.compute(), per_group_stats(naive_R(torch.cat(rank0 + rank1)), 1))
+
+
+def test_state_reductions_equal_one_metric_on_all_data():
+    """Reduce gathered states with each state's own ``dist_reduce_fx``, as a real sync does."""
+    rank0, rank1 = _split_data(8)
+    metric, other = _metric_on(rank0), _metric_on(rank1)
+    assert set(metric._reductions) == {"total", "total_sq", "count", "low", "high"}
+    # the path torchmetrics takes on sync: all_gather each state, stack, reduce
+    states = {name: getattr(other, name) for name in metric._reductions}
+
+    def fake_gather(tensor, group=None):
+        (name,) = [key for key in metric._reductions if getattr(metric, key) is tensor]
+        return [tensor, states[name]]
+
+    metric._sync_dist(fake_gather)
+    single = _metric_on(rank0 + rank1)
+    for name in metric._reductions:
+        torch.testing.assert_close(getattr(metric, name), getattr(single, name), rtol=1e-12, atol=1e-12,
+                                   msg=name)
+    assert_stats_close(metric.compute(), single.compute(), atol=1e-12)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# a lean worker (imports only torch and the library, so each process starts in a few seconds)
+_GLOO_WORKER = """
+import sys, torch, torch.distributed as dist
+from kuramoto_attn import OrderParameter
+rank, port, data, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+try:
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    for theta in torch.load(data):
+        metric.update(theta)
+    torch.save(metric.compute(), out)                 # compute() syncs across both processes
+finally:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_process_gloo_sync_equals_one_metric_on_all_data(tmp_path):
+    rank_data = _split_data(9)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(kuramoto_attn.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    procs = []
+    for rank, batches in enumerate(rank_data):
+        torch.save(batches, tmp_path / f"data{rank}.pt")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _GLOO_WORKER, str(rank), str(port), str(tmp_path / f"data{rank}.pt"),
+             str(tmp_path / f"out{rank}.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail("gloo workers timed out")
+        assert proc.returncode == 0, output.decode(errors="replace")
+    expected = _metric_on(rank_data[0] + rank_data[1]).compute()
+    local = _metric_on(rank_data[0]).compute()
+    for rank in range(2):
+        stats = torch.load(tmp_path / f"out{rank}.pt")
+        assert_stats_close(stats, expected, atol=1e-12)
+    # the synced result really differs from what rank 0 alone would report
+    assert not torch.allclose(local["mean"], expected["mean"])
+
+
+# ---------- argument checks ----------
+
+
+def test_group_dim_requires_num_groups():
+    with pytest.raises(ValueError, match="num_groups"):
+        OrderParameter(dim=-1, group_dim=1)
+
+
+@pytest.mark.parametrize("num_groups", [0, -2, 2.0, True])
+def test_bad_num_groups(num_groups):
+    with pytest.raises(ValueError, match="num_groups"):
+        OrderParameter(dim=-1, group_dim=1, num_groups=num_groups)
+
+
+def test_num_groups_without_group_dim():
+    with pytest.raises(ValueError, match="num_groups"):
+        OrderParameter(dim=-1, num_groups=2)
+
+
+@pytest.mark.parametrize("dim", [1.0, None, True])
+def test_bad_dim_type(dim):
+    with pytest.raises(ValueError, match="dim"):
+        OrderParameter(dim=dim)
+
+
+def test_bad_group_dim_type():
+    with pytest.raises(ValueError, match="group_dim"):
+        OrderParameter(dim=-1, group_dim=1.0, num_groups=2)
+
+
+@pytest.mark.parametrize("dim,group_dim", [(-1, 3), (3, -1), (-1, -1), (1, 1)])
+def test_group_dim_equal_to_dim(dim, group_dim):
+    metric = OrderParameter(dim=dim, group_dim=group_dim, num_groups=4)
+    with pytest.raises(ValueError, match="group_dim"):
+        metric.update(torch.zeros(4, 4, 4, 4))
+
+
+@pytest.mark.parametrize("dim,group_dim,name", [(4, 1, "dim"), (-5, 1, "dim"), (-1, 4, "group_dim"),
+                                                (-1, -5, "group_dim")])
+def test_axis_out_of_range(dim, group_dim, name):
+    metric = OrderParameter(dim=dim, group_dim=group_dim, num_groups=2)
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        metric.update(torch.zeros(2, 2, 3, 5))
+
+
+def test_wrong_number_of_groups_at_update():
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    with pytest.raises(ValueError, match=r"theta: expected 3 groups"):
+        metric.update(torch.zeros(2, 4, 3, 5))
+    assert metric.count.sum().item() == 0                   # nothing was accumulated
+
+
+@pytest.mark.parametrize("mask", [
+    torch.ones(2, 3, 4, 1),                                  # not boolean
+    torch.ones(2, 3, 4, 1, dtype=torch.int64),               # not boolean
+    torch.ones(2, 3, 4, dtype=torch.bool),                   # oscillator axis dropped
+    torch.ones(2, 3, 4, 5, dtype=torch.bool),                # full theta shape (dim not length 1)
+    torch.ones(3, 3, 4, 1, dtype=torch.bool),                # wrong batch size
+    torch.ones(1, 2, 3, 4, 1, dtype=torch.bool),             # more dims than theta
+    [[True]],                                                # not a tensor
+])
+def test_bad_mask(mask):
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    with pytest.raises(ValueError, match="^mask:"):
+        metric.update(torch.zeros(2, 3, 4, 5), mask=mask)
+
+
+@pytest.mark.parametrize("theta", [[0.0, 1.0], torch.zeros(2, 3, dtype=torch.int64)])
+def test_bad_theta(theta):
+    with pytest.raises(ValueError, match="^theta:"):
+        OrderParameter(dim=-1).update(theta)
