@@ -38,7 +38,8 @@ class Coupling(nn.Module):
         strength: coupling strength ``K``: a finite number, or a tensor that broadcasts to the
             phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
         phase_lag: the Sakaguchi lag ``α`` in radians (finite).
-        learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer).
+        learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer). An
+            ``nn.Parameter`` passed as ``strength`` is used as it is (e.g. shared between layers).
 
     Example:
         >>> import torch
@@ -56,7 +57,9 @@ class Coupling(nn.Module):
                  learnable: bool = False) -> None:
         super().__init__()
         strength_tensor = as_finite_tensor("strength", strength)
-        if learnable:
+        if isinstance(strength, nn.Parameter):  # the caller's parameter, shared or trained as given
+            self.strength = strength
+        elif learnable:
             self.strength = nn.Parameter(strength_tensor.to(torch.get_default_dtype()))
         else:
             # a Python number stays float64; forward casts to the phases' dtype
@@ -160,13 +163,13 @@ class MeanFieldCoupling(Coupling):
 
 
 def _pull(z_cos: Tensor, z_sin: Tensor, cos_t: Tensor, sin_t: Tensor, phase_lag: float) -> Tensor:
-    """``Im(Z e^{−i(θ+α)}) = Im Z · cos(θ+α) − Re Z · sin(θ+α)``, from cos θ and sin θ."""
-    if phase_lag == 0.0:
-        return z_sin * cos_t - z_cos * sin_t
-    cos_lag, sin_lag = math.cos(phase_lag), math.sin(phase_lag)
-    cos_shift = cos_t * cos_lag - sin_t * sin_lag
-    sin_shift = sin_t * cos_lag + cos_t * sin_lag
-    return z_sin * cos_shift - z_cos * sin_shift
+    """``Im(Z e^{−iα} e^{−iθ}) = Im Z' cos θ − Re Z' sin θ`` with ``Z' = Z e^{−iα}``.
+
+    The lag rotates ``Z`` (often reduced, hence small) rather than every phase."""
+    if phase_lag != 0.0:
+        cos_lag, sin_lag = math.cos(phase_lag), math.sin(phase_lag)
+        z_cos, z_sin = z_cos * cos_lag + z_sin * sin_lag, z_sin * cos_lag - z_cos * sin_lag
+    return z_sin * cos_t - z_cos * sin_t
 
 
 def _sum(x: Tensor, dim: int, causal: bool) -> Tensor:

@@ -178,6 +178,8 @@ def test_learnable_strength_is_a_parameter_and_gets_gradients():
     assert coupling.strength.grad is not None and torch.isfinite(coupling.strength.grad).all()
     assert coupling.strength.grad.abs().sum() > 0
     assert list(MeanFieldCoupling(2.0).parameters()) == []  # fixed strength is a buffer
+    shared = torch.nn.Parameter(torch.tensor(0.5))
+    assert MeanFieldCoupling(shared).strength is shared and GraphCoupling(torch.eye(2), shared).strength is shared
     assert "strength" in MeanFieldCoupling(2.0).state_dict()
 
 
