@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import generators
 from kuramoto_attn import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling
 
 # ---------- naive references: explicit pairwise sums, float64 ----------
@@ -36,10 +37,6 @@ def naive_weighted(theta, weights, phase_lag):
     return (weights * torch.sin(diff - phase_lag)).sum(-1)
 
 
-phases = st.integers(min_value=0, max_value=2**31 - 1).map(
-    lambda seed: torch.Generator().manual_seed(seed))
-
-
 def random_phases(generator, *shape):
     return (torch.rand(*shape, generator=generator, dtype=torch.float64) - 0.5) * 4 * math.pi
 
@@ -48,7 +45,7 @@ def random_phases(generator, *shape):
 
 
 @settings(max_examples=40, deadline=None)
-@given(gen=phases, n=st.integers(1, 9), phase_lag=st.floats(-math.pi, math.pi),
+@given(gen=generators, n=st.integers(1, 9), phase_lag=st.floats(-math.pi, math.pi),
        harmonics=st.sampled_from([(1,), (2,), (1, 2), (1, 3, 4)]), causal=st.booleans(),
        strength=st.floats(-3, 3), masked=st.booleans())
 def test_mean_field_equals_pairwise_sum(gen, n, phase_lag, harmonics, causal, strength, masked):
@@ -109,7 +106,7 @@ def test_graph_coupling_equals_pairwise_sum_and_mean_field():
 
 
 @settings(max_examples=25, deadline=None)
-@given(gen=phases, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
+@given(gen=generators, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
 def test_attention_coupling_equals_pairwise_sum_per_channel(gen, t, n, phase_lag):
     """(b, h, t, n) phases coupled along t with per-(b, h) weights (b, h, t, t)."""
     theta = random_phases(gen, 2, 3, t, n)
@@ -136,7 +133,7 @@ def test_causal_attention_weights_give_causal_coupling():
 
 
 @settings(max_examples=30, deadline=None)
-@given(gen=phases, shift=st.floats(-10, 10), k=st.integers(-3, 3), causal=st.booleans())
+@given(gen=generators, shift=st.floats(-10, 10), k=st.integers(-3, 3), causal=st.booleans())
 def test_gauge_and_periodicity(gen, shift, k, causal):
     """Coupling depends on differences only (θ + c), and is 2π-periodic in every phase."""
     theta = random_phases(gen, 2, 7)

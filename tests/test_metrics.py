@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kuramoto_attn
+from helpers import clustered_phases, generators
 from kuramoto_attn import OrderParameter, order_parameter
 
 # ---------- naive references (float64, complex arithmetic) ----------
@@ -55,16 +56,9 @@ def assert_stats_close(got, expected, atol=1e-9):
                                rtol=0, equal_nan=True, msg="std")
 
 
-generators = st.integers(min_value=0, max_value=2**31 - 1).map(
-    lambda seed: torch.Generator().manual_seed(seed))
 # spread of the phases: 0 (all equal, R = 1), concentrated (R near 1), broad (R small)
 spreads = st.sampled_from([0.0, 0.05, 0.5, 2.0, 10.0])
 
-
-def random_phases(gen, shape, spread, dtype=torch.float64):
-    centre = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 2 * math.pi
-    theta = centre + spread * torch.randn(shape, generator=gen, dtype=torch.float64)
-    return theta.to(dtype)
 
 
 # ---------- accumulation over batches equals the functional ----------
@@ -76,7 +70,7 @@ def random_phases(gen, shape, spread, dtype=torch.float64):
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_batched_accumulation_equals_functional(gen, batch_sizes, h, t, n, spread, dtype):
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
-    batches = [random_phases(gen, (b, h, t, n), spread, dtype) for b in batch_sizes]
+    batches = [clustered_phases(gen, (b, h, t, n), spread, dtype) for b in batch_sizes]
     for theta in batches:
         metric.update(theta)
     got = metric.compute()
@@ -97,7 +91,7 @@ def test_batched_accumulation_equals_functional(gen, batch_sizes, h, t, n, sprea
 def test_oscillators_and_groups_on_other_axes(gen, batch_sizes, h, n, spread):
     """Phases (b, n, h): oscillators at dim=1, groups at group_dim=-1."""
     metric = OrderParameter(dim=1, group_dim=-1, num_groups=h)
-    batches = [random_phases(gen, (b, h, n), spread).transpose(1, 2) for b in batch_sizes]
+    batches = [clustered_phases(gen, (b, h, n), spread).transpose(1, 2) for b in batch_sizes]
     for theta in batches:
         metric.update(theta)
     R = naive_R(torch.cat(batches), dim=1)                    # (sum b, h)
@@ -109,7 +103,7 @@ def test_oscillators_and_groups_on_other_axes(gen, batch_sizes, h, n, spread):
        h=st.integers(1, 3), t=st.integers(1, 3), n=st.integers(1, 6), spread=spreads)
 def test_no_grouping_gives_matching_scalars(gen, batch_sizes, h, t, n, spread):
     metric = OrderParameter(dim=-1)
-    batches = [random_phases(gen, (b, h, t, n), spread) for b in batch_sizes]
+    batches = [clustered_phases(gen, (b, h, t, n), spread) for b in batch_sizes]
     for theta in batches:
         metric.update(theta)
     got = metric.compute()
@@ -126,7 +120,7 @@ def test_mask_excludes_masked_values(gen, batch_sizes, h, t, n, spread, mask_kin
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=h) if grouped else OrderParameter(dim=-1)
     Rs, keeps = [], []
     for b in batch_sizes:
-        theta = random_phases(gen, (b, h, t, n), spread)
+        theta = clustered_phases(gen, (b, h, t, n), spread)
         mask_shape = {"full": (b, h, t, 1), "per_batch_token": (b, 1, t, 1),
                       "per_token": (t, 1), "per_head": (h, 1, 1)}[mask_kind]
         mask = torch.rand(mask_shape, generator=gen) < 0.6
@@ -165,7 +159,7 @@ def test_mask_changes_the_result():
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_values_within_unit_interval(gen, h, n, spread, dtype):
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=h)
-    metric.update(random_phases(gen, (3, h, 4, n), spread, dtype))
+    metric.update(clustered_phases(gen, (3, h, 4, n), spread, dtype))
     stats = metric.compute()
     for key in ("mean", "min", "max"):
         assert ((stats[key] >= 0) & (stats[key] <= 1)).all(), key
@@ -191,7 +185,7 @@ def test_identical_phases_give_mean_one_std_zero(dtype):
 @given(gen=generators, n=st.integers(2, 8), spread=spreads, shift=st.floats(-20, 20),
        turns=st.integers(-3, 3))
 def test_invariant_to_global_rotation_and_full_turns(gen, n, spread, shift, turns):
-    theta = random_phases(gen, (2, 2, 3, n), spread)
+    theta = clustered_phases(gen, (2, 2, 3, n), spread)
     base, moved = (OrderParameter(dim=-1, group_dim=1, num_groups=2) for _ in range(2))
     base.update(theta)
     # shift every phase by the same angle; add whole turns to some oscillators
@@ -238,7 +232,7 @@ def test_reset_restores_initial_state():
     gen = torch.Generator().manual_seed(3)
     fresh = OrderParameter(dim=-1, group_dim=1, num_groups=2)
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
-    first = random_phases(gen, (3, 2, 4, 5), 0.5)
+    first = clustered_phases(gen, (3, 2, 4, 5), 0.5)
     metric.update(first)
     assert metric.count.sum().item() > 0
     metric.reset()
@@ -248,7 +242,7 @@ def test_reset_restores_initial_state():
     assert torch.isinf(metric.low).all() and (metric.low > 0).all()
     assert torch.isinf(metric.high).all() and (metric.high < 0).all()
     # after reset, only new data counts
-    second = random_phases(gen, (2, 2, 4, 5), 2.0)
+    second = clustered_phases(gen, (2, 2, 4, 5), 2.0)
     metric.update(second)
     assert_stats_close(metric.compute(), per_group_stats(naive_R(second), group_dim=1))
 
@@ -278,7 +272,7 @@ def test_compute_before_any_update_is_nan():
 def test_forward_returns_batch_stats_and_accumulates():
     gen = torch.Generator().manual_seed(5)
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
-    batches = [random_phases(gen, (2, 2, 3, 6), spread) for spread in (0.1, 1.0, 5.0)]
+    batches = [clustered_phases(gen, (2, 2, 3, 6), spread) for spread in (0.1, 1.0, 5.0)]
     for theta in batches:
         batch_stats = metric(theta)
         assert_stats_close(batch_stats, per_group_stats(naive_R(theta), group_dim=1))
@@ -314,8 +308,8 @@ def test_does_not_track_gradients():
 def _split_data(seed, h=3):
     gen = torch.Generator().manual_seed(seed)
     # rank 0 sees concentrated phases, rank 1 broad ones, so min/max come from different ranks
-    rank0 = [random_phases(gen, (2, h, 3, 6), 0.2) for _ in range(2)]
-    rank1 = [random_phases(gen, (3, h, 3, 6), 3.0) for _ in range(3)]
+    rank0 = [clustered_phases(gen, (2, h, 3, 6), 0.2) for _ in range(2)]
+    rank1 = [clustered_phases(gen, (3, h, 3, 6), 3.0) for _ in range(3)]
     return rank0, rank1
 
 

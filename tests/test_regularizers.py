@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import clustered_phases, generators
 from kuramoto_attn import CoherenceRegularizer, FrequencyJitter, PhaseNoise, order_parameter
 
 # ---------- naive references (float64) ----------
@@ -32,16 +33,8 @@ def naive_penalty(theta, mode, target, weight, band, dim=-1):
     return weight * sum(per_row) / len(per_row)
 
 
-generators = st.integers(min_value=0, max_value=2**31 - 1).map(
-    lambda seed: torch.Generator().manual_seed(seed))
 spreads = st.sampled_from([0.0, 0.1, 0.5, 1.0, 3.0])
 
-
-def random_phases(gen, shape, spread, dtype=torch.float64):
-    """Rows with a random centre and Gaussian spread: R from ~1 (spread 0) down to ~1/sqrt(n)."""
-    centre = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 2 * math.pi
-    theta = centre + spread * torch.randn(shape, generator=gen, dtype=torch.float64)
-    return theta.to(dtype)
 
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -153,7 +146,7 @@ def test_frequency_jitter_zero_frequency_stays_zero_and_gradient():
        weight=st.floats(0.0, 10.0, allow_nan=False), band=st.tuples(unit, unit).map(sorted),
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_coherence_penalty_equals_formula(gen, rows, n, spread, mode, target, weight, band, dtype):
-    theta = random_phases(gen, (rows, n), spread, dtype)
+    theta = clustered_phases(gen, (rows, n), spread, dtype)
     reg = CoherenceRegularizer(target=target, weight=weight, mode=mode, band=tuple(band))
     got = reg(theta)
     assert got.shape == ()
@@ -166,7 +159,7 @@ def test_coherence_penalty_equals_formula(gen, rows, n, spread, mode, target, we
 @given(gen=generators, n=st.integers(2, 8), spread=spreads,
        mode=st.sampled_from(CoherenceRegularizer.MODES), target=unit)
 def test_coherence_penalty_on_other_axis_and_batch_dims(gen, n, spread, mode, target):
-    theta = random_phases(gen, (2, 3, n), spread)                    # oscillators last
+    theta = clustered_phases(gen, (2, 3, n), spread)                    # oscillators last
     last = CoherenceRegularizer(target=target, weight=0.7, mode=mode, band=(0.2, 0.6))
     middle = CoherenceRegularizer(target=target, weight=0.7, mode=mode, band=(0.2, 0.6), dim=1)
     moved = theta.transpose(1, 2)                                    # oscillators at dim 1
@@ -192,7 +185,7 @@ def test_coherence_penalty_doc_values():
 @given(gen=generators, rows=st.integers(1, 6), n=st.integers(1, 10), spread=spreads,
        slack=st.floats(0.0, 0.2), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_ceiling_is_zero_when_all_R_below_target(gen, rows, n, spread, slack, dtype):
-    theta = random_phases(gen, (rows, n), spread, dtype).requires_grad_(True)
+    theta = clustered_phases(gen, (rows, n), spread, dtype).requires_grad_(True)
     R, _ = order_parameter(theta.detach())
     target = min(1.0, float(R.max()) + slack)                        # every R <= target
     loss = CoherenceRegularizer(target=target, weight=3.0, mode="ceiling")(theta)
@@ -205,7 +198,7 @@ def test_ceiling_is_zero_when_all_R_below_target(gen, rows, n, spread, slack, dt
 @given(gen=generators, rows=st.integers(1, 6), n=st.integers(1, 10), spread=spreads,
        below=st.floats(0.0, 0.2), above=st.floats(0.0, 0.2))
 def test_band_is_zero_inside_the_band(gen, rows, n, spread, below, above):
-    theta = random_phases(gen, (rows, n), spread).requires_grad_(True)
+    theta = clustered_phases(gen, (rows, n), spread).requires_grad_(True)
     R, _ = order_parameter(theta.detach())
     lo, hi = max(0.0, float(R.min()) - below), min(1.0, float(R.max()) + above)
     loss = CoherenceRegularizer(weight=5.0, mode="band", band=(lo, hi))(theta)
@@ -217,7 +210,7 @@ def test_band_is_zero_inside_the_band(gen, rows, n, spread, below, above):
 @settings(max_examples=25, deadline=None)
 @given(gen=generators, rows=st.integers(1, 4), n=st.integers(2, 8), spread=spreads, target=unit)
 def test_center_scales_with_weight_and_is_bounded_below(gen, rows, n, spread, target):
-    theta = random_phases(gen, (rows, n), spread)
+    theta = clustered_phases(gen, (rows, n), spread)
     one = CoherenceRegularizer(target=target, weight=1.0, mode="center")(theta).item()
     three = CoherenceRegularizer(target=target, weight=3.0, mode="center")(theta).item()
     zero = CoherenceRegularizer(target=target, weight=0.0, mode="center")(theta).item()
@@ -261,7 +254,7 @@ def test_gradient_finite_at_exactly_zero_R(mode):
 @given(gen=generators, rows=st.integers(1, 4), n=st.integers(2, 12),
        spread=st.sampled_from([0.05, 0.2, 0.5]), target=st.floats(0.0, 0.4))
 def test_gradient_step_reduces_R_above_ceiling(gen, rows, n, spread, target):
-    theta = random_phases(gen, (rows, n), spread).requires_grad_(True)
+    theta = clustered_phases(gen, (rows, n), spread).requires_grad_(True)
     R_before = naive_R(theta.detach())
     assert (R_before > target + 0.05).all()                          # concentrated: above ceiling
     loss = CoherenceRegularizer(target=target, weight=1.0, mode="ceiling")(theta)
