@@ -49,6 +49,19 @@ def check_int(name: str, value: Any, *, low: int) -> int:
     return value
 
 
+def check_axis(name: str, value: Any, *, ndim: int | None = None, optional: bool = False) -> int | None:
+    """An integer axis; with ``ndim``, one of a tensor of that rank, returned non-negative."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer axis but got {value!r}")
+    if ndim is None:
+        return value
+    if not -ndim <= value < ndim:
+        raise ValueError(f"{name}: expected an axis of theta (ndim {ndim}) but got {value}")
+    return value % ndim
+
+
 def check_choice(name: str, value: Any, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)} but got {value!r}")

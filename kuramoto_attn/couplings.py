@@ -11,7 +11,7 @@ parameter. Sign and normalisation follow :mod:`kuramoto_attn.dynamics`: ``sin(θ
 attractive for ``K > 0``, mean-field normalised by the number of elements counted.
 
 To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.interaction`
-(the docs have a worked example). Einstein legend: ``*`` leading dims, ``n`` coupled elements
+(see the example in its docstring). Einstein legend: ``*`` leading dims, ``n`` coupled elements
 (oscillators, or tokens for couplings along the sequence), ``c`` trailing channels.
 """
 
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_int, check_real, check_tensor
+from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_int, check_real, check_tensor
 
-__all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling"]
+__all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
 
 class Coupling(nn.Module):
@@ -84,12 +84,6 @@ class Coupling(nn.Module):
         return f"strength={strength}, phase_lag={self.phase_lag:.4g}"
 
 
-def _check_dim(dim: int, theta: Tensor) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -theta.dim() <= dim < theta.dim():
-        raise ValueError(f"dim: expected an axis of theta (ndim {theta.dim()}) but got {dim!r}")
-    return dim % theta.dim()
-
-
 class MeanFieldCoupling(Coupling):
     r"""All-to-all coupling along ``dim`` through the (Daido) order parameter, in O(n).
 
@@ -131,13 +125,11 @@ class MeanFieldCoupling(Coupling):
         if isinstance(harmonics, int) or len(harmonics) == 0:
             raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
         self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"dim: expected an integer but got {dim!r}")
-        self.dim = dim
+        self.dim = check_axis("dim", dim)
         self.causal = bool(causal)
 
     def interaction(self, theta: Tensor, mask: Tensor | None = None) -> Tensor:
-        dim = _check_dim(self.dim, theta)
+        dim = check_axis("dim", self.dim, ndim=theta.dim())
         weight = None
         if mask is not None:
             if not torch.is_tensor(mask) or mask.dtype != torch.bool:
@@ -203,7 +195,7 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
     Returns:
         Tensor of ``theta``'s shape.
     """
-    dim = _check_dim(dim, theta)
+    dim = check_axis("dim", dim, ndim=theta.dim())
     n = theta.shape[dim]
     if weights.dim() < 2 or weights.shape[-2:] != (n, n):
         raise ValueError(f"weights: expected shape (..., {n}, {n}) for {n} coupled elements "
@@ -255,7 +247,7 @@ class GraphCoupling(Coupling):
         if weights.dim() < 2 or weights.shape[-1] != weights.shape[-2]:
             raise ValueError(f"weights: expected a square matrix (..., n, n) but got {tuple(weights.shape)}")
         self.register_buffer("weights", weights)
-        self.dim = dim
+        self.dim = check_axis("dim", dim)
 
     def interaction(self, theta: Tensor) -> Tensor:
         return weighted_sine_coupling(theta, self.weights, self.phase_lag, self.dim)
@@ -292,7 +284,7 @@ class AttentionCoupling(Coupling):
     def __init__(self, strength: float | Tensor = 1.0, phase_lag: float = 0.0, dim: int = -2,
                  learnable: bool = False) -> None:
         super().__init__(strength, phase_lag, learnable)
-        self.dim = dim
+        self.dim = check_axis("dim", dim)
 
     def interaction(self, theta: Tensor, weights: Tensor) -> Tensor:
         check_tensor("weights", weights)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import broadcasts_to, check_int, check_tensor
+from ._checks import broadcasts_to, check_axis, check_int, check_tensor
 from .order_params import order_parameter
 
 __all__ = ["OrderParameter"]
@@ -101,15 +101,12 @@ class OrderParameter(Metric):
     def __init__(self, dim: int = -1, group_dim: int | None = None, num_groups: int | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"dim: expected an integer but got {dim!r}")
-        if group_dim is None:
+        check_axis("dim", dim)
+        if check_axis("group_dim", group_dim, optional=True) is None:
             if num_groups is not None:
                 raise ValueError("num_groups: only meaningful together with group_dim")
             num_groups = 1
         else:
-            if isinstance(group_dim, bool) or not isinstance(group_dim, int):
-                raise ValueError(f"group_dim: expected an integer or None but got {group_dim!r}")
             if num_groups is None:
                 raise ValueError("num_groups: required when group_dim is given")
             check_int("num_groups", num_groups, low=1)
@@ -123,10 +120,9 @@ class OrderParameter(Metric):
 
     def update(self, theta: Tensor, mask: Tensor | None = None) -> None:
         check_tensor("theta", theta)
-        for name, axis in (("dim", self.dim), ("group_dim", self.group_dim)):
-            if axis is not None and not -theta.dim() <= axis < theta.dim():
-                raise ValueError(f"{name}: {axis} is not an axis of theta (ndim {theta.dim()})")
-        if self.group_dim is not None and self.group_dim % theta.dim() == self.dim % theta.dim():
+        dim = check_axis("dim", self.dim, ndim=theta.dim())
+        group_dim = check_axis("group_dim", self.group_dim, ndim=theta.dim(), optional=True)
+        if group_dim == dim:
             raise ValueError("group_dim: must differ from dim (R is taken over dim)")
         total, total_sq, count, low, high = _order_parameter_update(
             theta, self.dim, self.group_dim, self.num_groups, mask)

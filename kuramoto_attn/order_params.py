@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import broadcasts_to, check_int, check_tensor
+from ._checks import broadcasts_to, check_axis, check_int, check_tensor
 
 __all__ = ["daido_order_parameter", "order_parameter"]
 
@@ -46,8 +46,7 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         True
     """
     check_tensor("theta", theta)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -theta.dim() <= dim < theta.dim():
-        raise ValueError(f"dim: expected an axis of theta (ndim {theta.dim()}) but got {dim!r}")
+    check_axis("dim", dim, ndim=theta.dim())
     cos_t, sin_t = torch.cos(theta), torch.sin(theta)
     if weights is None:
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_real, check_tensor
+from ._checks import check_axis, check_choice, check_real, check_tensor
 from .order_params import order_parameter
 
 __all__ = ["CoherenceRegularizer", "FrequencyJitter", "PhaseNoise"]
@@ -127,7 +127,7 @@ class CoherenceRegularizer(nn.Module):
         if lo > hi:
             raise ValueError(f"band: expected lo <= hi but got {band!r}")
         self.band = (lo, hi)
-        self.dim = dim
+        self.dim = check_axis("dim", dim)
 
     def penalty(self, R: Tensor) -> Tensor:
         """The loss for given order-parameter values ``R`` (any shape), averaged to a scalar."""
