@@ -48,7 +48,7 @@ def wrap_phase(theta: Tensor) -> Tensor:
         [3.141592653589793, 3.141592653589793, -1.5707963267948966]
     """
     check_tensor("theta", theta)
-    # -(−θ+π mod 2π) + π maps to (−π, π]; plain remainder would give [−π, π).
+    # π − ((π − θ) mod 2π) lies in (−π, π]; wrapping θ + π directly would give [−π, π)
     return math.pi - torch.remainder(math.pi - theta, 2 * math.pi)
 
 
