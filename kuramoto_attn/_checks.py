@@ -25,6 +25,15 @@ def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     return value
 
 
+def check_mask(name: str, mask: Any, shape: torch.Size) -> Tensor:
+    """A boolean mask (True = valid) that broadcasts to ``shape``."""
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or not broadcasts_to(mask.shape, shape):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"{name}: expected a boolean tensor (True = valid) broadcasting to "
+                         f"{tuple(shape)} but got {got}")
+    return mask
+
+
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                low_open: bool = False) -> float:
     """A finite Python number within ``[low, high]`` (``(low, high]`` with ``low_open``)."""

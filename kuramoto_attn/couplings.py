@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_int, check_real, check_tensor
+from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_int, check_mask, check_real, check_tensor
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -132,12 +132,7 @@ class MeanFieldCoupling(Coupling):
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         weight = None
         if mask is not None:
-            if not torch.is_tensor(mask) or mask.dtype != torch.bool:
-                raise ValueError("mask: expected a boolean tensor (True = valid)")
-            if not broadcasts_to(mask.shape, theta.shape):
-                raise ValueError(f"mask: expected a shape that broadcasts to theta's "
-                                 f"{tuple(theta.shape)} but got {tuple(mask.shape)}")
-            weight = mask.to(theta.dtype)
+            weight = check_mask("mask", mask, theta.shape).to(theta.dtype)
         count = _count(theta, weight, dim, self.causal)
         out = None
         for m in self.harmonics:

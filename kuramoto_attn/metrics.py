@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import broadcasts_to, check_axis, check_int, check_tensor
+from ._checks import check_axis, check_int, check_mask, check_tensor
 from .order_params import order_parameter
 
 __all__ = ["OrderParameter"]
@@ -32,10 +32,7 @@ def _order_parameter_update(theta: Tensor, dim: int, group_dim: int | None, num_
     R = R.detach().to(torch.float64)
     valid = torch.ones_like(R, dtype=torch.bool)
     if mask is not None:
-        if not torch.is_tensor(mask) or mask.dtype != torch.bool or not broadcasts_to(mask.shape, R.shape):
-            raise ValueError(f"mask: expected a boolean tensor broadcasting to {tuple(R.shape)} "
-                             f"(theta's shape with the oscillator axis of length 1)")
-        valid = mask.expand_as(R)
+        valid = check_mask("mask", mask, R.shape).expand_as(R)  # R: theta's shape, dim -> 1
     if group_dim is None:
         R, valid = R.reshape(1, -1), valid.reshape(1, -1)
     else:
