@@ -17,6 +17,13 @@ def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     return all(size in (1, full) for size, full in zip(reversed(shape), reversed(target)))
 
 
+def check_broadcasts(name: str, shape: torch.Size, theta_shape: torch.Size) -> None:
+    """``name``'s shape must broadcast to the phases' shape without enlarging it."""
+    if not broadcasts_to(shape, theta_shape):
+        raise ValueError(f"{name}: expected a shape that broadcasts to theta's {tuple(theta_shape)} "
+                         f"but got {tuple(shape)}")
+
+
 def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     if not torch.is_tensor(value):
         raise ValueError(f"{name}: expected a tensor but got {type(value).__name__}")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_int, check_mask, check_real, check_tensor
+from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_broadcasts, check_int, check_mask, check_real, check_tensor
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -72,11 +72,7 @@ class Coupling(nn.Module):
 
     def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:
         check_tensor("theta", theta)
-        if not broadcasts_to(self.strength.shape, theta.shape):
-            raise ValueError(
-                f"strength: expected a shape that broadcasts to theta's {tuple(theta.shape)} "
-                f"but got {tuple(self.strength.shape)}"
-            )
+        check_broadcasts("strength", self.strength.shape, theta.shape)
         return self.strength.to(theta.dtype) * self.interaction(theta, *args, **kwargs)
 
     def extra_repr(self) -> str:

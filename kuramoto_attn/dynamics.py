@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import broadcasts_to, check_tensor
+from ._checks import check_broadcasts, check_tensor
 
 __all__ = ["KuramotoField", "wrap_phase"]
 
@@ -91,11 +91,7 @@ class KuramotoField(nn.Module):
         self.coupling = coupling
 
     def forward(self, theta: Tensor) -> Tensor:
-        if not broadcasts_to(self.omega.shape, theta.shape):
-            raise ValueError(
-                f"omega: expected a shape that broadcasts to theta's {tuple(theta.shape)} "
-                f"but got {tuple(self.omega.shape)}"
-            )
+        check_broadcasts("omega", self.omega.shape, theta.shape)
         out = self.omega.to(theta.dtype).expand_as(theta)
         if self.coupling is not None:
             out = out + self.coupling(theta)

@@ -122,7 +122,7 @@ class OrderParameter(Metric):
         if group_dim == dim:
             raise ValueError("group_dim: must differ from dim (R is taken over dim)")
         total, total_sq, count, low, high = _order_parameter_update(
-            theta, self.dim, self.group_dim, self.num_groups, mask)
+            theta, dim, group_dim, self.num_groups, mask)
         self.total += total
         self.total_sq += total_sq
         self.count += count

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import broadcasts_to, check_axis, check_int, check_tensor
+from ._checks import check_axis, check_broadcasts, check_int, check_tensor
 
 __all__ = ["daido_order_parameter", "order_parameter"]
 
@@ -52,9 +52,7 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)
     else:
         check_tensor("weights", weights, floating=False)
-        if not broadcasts_to(weights.shape, theta.shape):
-            raise ValueError(f"weights: expected a shape that broadcasts to theta's "
-                             f"{tuple(theta.shape)} but got {tuple(weights.shape)}")
+        check_broadcasts("weights", weights.shape, theta.shape)
         weights = weights.to(theta.dtype)
         if (weights < 0).any():
             raise ValueError("weights: expected non-negative values")
