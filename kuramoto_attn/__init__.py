@@ -3,6 +3,7 @@
 Conventions (sign, normalisation, wrapping) are stated in :mod:`kuramoto_attn.dynamics`.
 """
 
+from .attention import KuramotoAttention, KuramotoCache, KuramotoInfo, PhaseGPTAttention
 from .couplings import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
 from .dynamics import KuramotoField, wrap_phase
 from .integrators import RK4, SOLVERS, Euler, FixedStepSolver, Heun, integrate
@@ -36,4 +37,9 @@ __all__ = [
     "PhaseNoise",
     "FrequencyJitter",
     "CoherenceRegularizer",
+    # attention
+    "KuramotoAttention",
+    "PhaseGPTAttention",
+    "KuramotoCache",
+    "KuramotoInfo",
 ]

@@ -1,0 +1,488 @@
+r"""KuramotoAttention: causal multi-head attention whose logits are modulated by Kuramoto phases.
+
+Einstein legend: ``b`` batch, ``t`` query tokens, ``s`` key tokens, ``h`` heads, ``d`` head width
+(``d_model / h``), ``n`` oscillators per head and token, ``e = d + 2n``.
+
+For every head, each token ``i`` carries ``n`` oscillators:
+
+1. **Initial phases** from a bounded map of the input, as in the reference PhaseGPT layer,
+   :math:`\theta^0_i = \pi \tanh(W_\theta x_i) \in (-\pi, \pi)`: a smooth function of ``x``, never
+   a wrapped angle.
+2. **Integration** for ``steps`` steps of size ``dt`` with the chosen solver of
+
+   .. math::
+
+       \frac{d\theta_{ik}}{dt} = \omega_{hk} + K_h\, c_{ik}(\theta), \qquad
+       c_{ik} = \begin{cases}
+         \frac{1}{|S_i|}\sum_{j \in S_i} \sin(\theta_{jk} - \theta_{ik} - \alpha) & \text{mean\_field} \\
+         \sum_j A_{ij}(\theta)\, \sin(\theta_{jk} - \theta_{ik} - \alpha) & \text{attention}
+       \end{cases}
+
+   with ``S_i`` the valid tokens ``j <= i`` (all valid tokens when ``causal=False``). The mean field
+   is a cumulative sum of :math:`e^{i\theta}` over tokens (O(t·n)); the attention coupling uses the
+   layer's own attention weights at the current phases, as the ``[cos θ, sin θ]`` value columns of
+   one SDPA call per evaluation (O(t·n) memory). Sign and normalisation follow
+   :mod:`kuramoto_attn.dynamics`: attractive for ``K > 0``.
+3. **Phase-modulated attention**, one ``scaled_dot_product_attention`` call:
+
+   .. math::
+
+       \ell_{ij} = \frac{q_i \cdot k_j}{\sqrt d} + \frac{\beta_h}{n}\sum_k \cos(\theta_{ik} - \theta_{jk})
+       = \frac{[q_i,\, c\cos\theta_i,\, c\sin\theta_i] \cdot [k_j,\, \cos\theta_j,\, \sin\theta_j]}{\sqrt d},
+       \quad c = \frac{\beta_h \sqrt d}{n},
+
+   so the rank-2n phase term rides in the query/key features and no ``t × t × n`` tensor exists.
+   Values are ``[v_j, cos θ_j, sin θ_j]``, so queries, keys and values share the width ``e`` (SDPA's
+   fused CPU/GPU kernels need that) and phase information reaches the output as features.
+4. **Output**: :math:`y_i = W_o\, \mathrm{concat}_h [\sum_j A_{ij} v_j, \sum_j A_{ij}\cos\theta_j,
+   \sum_j A_{ij}\sin\theta_j]`.
+
+Backward memory does not grow with ``steps`` beyond one phase tensor ``(b, h, t, n)`` per step:
+each step runs under activation checkpointing, so only its input phases are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ._checks import check_choice, check_int, check_real
+from .couplings import _pull
+from .integrators import SOLVERS
+from .order_params import order_parameter
+from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
+
+__all__ = ["KuramotoAttention", "KuramotoCache", "KuramotoInfo", "PhaseGPTAttention"]
+
+COUPLINGS = ("mean_field", "attention")
+
+
+@dataclass
+class KuramotoInfo:
+    """Diagnostics returned by ``KuramotoAttention(..., return_info=True)``.
+
+    Attributes:
+        phases: final phases ``(b, h, t, n)``, unwrapped (see :func:`~kuramoto_attn.wrap_phase`).
+        R: order parameter per head ``(b, h)``: R over each token's ``n`` oscillators, computed per
+            head, averaged over the valid tokens.
+        R_steps: the same after every integration step ``(steps + 1, b, h)``, first entry at
+            ``θ⁰`` (detached).
+        coherence_loss: the coherence regularizer's scalar loss on the final phases (padded tokens
+            excluded), or ``None`` when the layer has no ``coherence_target``. It is returned, never
+            added to anything: add it to your loss.
+    """
+
+    phases: Tensor
+    R: Tensor
+    R_steps: Tensor
+    coherence_loss: Tensor | None = None
+
+
+@dataclass
+class KuramotoCache:
+    """State of the tokens seen so far, for incremental decoding; ``forward`` updates it in place.
+
+    Start with an empty ``KuramotoCache()`` and pass the same object on every call.
+
+    Attributes:
+        keys: ``[k, cos θ, sin θ]`` of past tokens ``(b, h, s, e)`` (final phases).
+        values: ``[v, cos θ, sin θ]`` of past tokens ``(b, h, s, e)``.
+        valid: which past tokens are valid ``(b, s)``.
+        field_state: per solver evaluation ``(step, stage)``: for the mean field the running sums
+            ``(Σ cos θ, Σ sin θ)`` of shape ``(b, h, 1, n)`` and the valid count ``(b, 1, 1, 1)``; for
+            the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
+            ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head).
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    valid: Tensor | None = None
+    field_state: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Number of tokens cached."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+
+@dataclass
+class _Pass:
+    """What one forward call's coupling evaluations share (not a public type)."""
+
+    q: Tensor  # (b, h, t, d)
+    k: Tensor  # (b, h, s, d), past and new
+    v: Tensor  # (b, h, s, d)
+    valid: Tensor | None  # (b, s) or None when every token is valid
+    mask: Tensor | None  # (b, 1, t, s) boolean SDPA mask, or None
+    is_causal: bool
+    cache: KuramotoCache | None  # holding past tokens, else None
+    record: bool  # keep each evaluation's phase state for the cache
+    new_state: dict = field(default_factory=dict)
+
+
+class KuramotoAttention(nn.Module):
+    r"""Multi-head self-attention coupled to Kuramoto oscillators, causal and O(t·n) in memory.
+
+    See the module docstring for the formulas. Learnable: the projections, natural frequencies
+    ``ω`` ``(h, n)`` (initialised ``N(0, 0.1²)``), the phase-logit weight ``β`` per head
+    (initialised 1) and, with ``learnable_coupling``, the strength ``K`` per head.
+
+    Args:
+        d_model: model width, divisible by ``num_heads``.
+        num_heads: number of heads ``h``.
+        num_oscillators: oscillators per head and token ``n >= 1``.
+        coupling_strength: initial ``K`` (negative: the reference's repulsive sign).
+        steps: integration steps ``>= 1``.
+        dt: step size ``> 0``.
+        integrator: ``"euler"``, ``"heun"`` or ``"rk4"``.
+        coupling: ``"mean_field"`` (cumulative mean field over tokens) or ``"attention"`` (the
+            layer's softmax attention weights).
+        phase_lag: Sakaguchi lag ``α`` in radians.
+        learnable_coupling: learn ``K`` per head (otherwise a fixed buffer).
+        phase_noise: std of :class:`~kuramoto_attn.PhaseNoise` added after each step (training).
+        freq_jitter: relative :class:`~kuramoto_attn.FrequencyJitter` of ``ω`` (training).
+        dropout: attention-weight dropout of the output attention (training; the coupling's
+            weights are not dropped).
+        causal: token ``i`` sees tokens ``j <= i`` in attention and coupling. ``False`` is the
+            reference's (leaky) behaviour, for comparison only.
+        bias: biases in the projections.
+        coherence_target: if given, a :class:`~kuramoto_attn.CoherenceRegularizer` with this
+            target is applied to the final phases and its loss returned in the info.
+        coherence_weight: the regularizer's weight ``λ``.
+        coherence_mode: ``"ceiling"``, ``"center"`` or ``"band"``.
+
+    Shapes:
+        * ``x``: ``(b, t, d_model)``
+        * ``key_padding_mask`` (optional, bool, True = valid): ``(b, t)``; padded tokens are neither
+          attended to nor counted in the mean field; their own outputs are unspecified (finite).
+        * output: ``(b, t, d_model)``, or ``(output, KuramotoInfo)`` with ``return_info=True``.
+
+    Example:
+        >>> import torch
+        >>> layer = KuramotoAttention(d_model=32, num_heads=4, num_oscillators=8)
+        >>> x = torch.randn(2, 10, 32)
+        >>> y, info = layer(x, return_info=True)
+        >>> y.shape, info.phases.shape, info.R.shape
+        (torch.Size([2, 10, 32]), torch.Size([2, 4, 10, 8]), torch.Size([2, 4]))
+        >>> cache = KuramotoCache()                         # incremental decoding
+        >>> steps = [layer(x[:, i:i + 1], cache=cache) for i in range(10)]
+        >>> torch.allclose(torch.cat(steps, dim=1), y, atol=1e-5)
+        True
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_oscillators: int = 32,
+                 coupling_strength: float = 1.0, steps: int = 10, dt: float = 0.1,
+                 integrator: str = "euler", coupling: str = "mean_field", phase_lag: float = 0.0,
+                 learnable_coupling: bool = True, phase_noise: float = 0.0, freq_jitter: float = 0.0,
+                 dropout: float = 0.0, causal: bool = True, bias: bool = True,
+                 coherence_target: float | None = None, coherence_weight: float = 0.1,
+                 coherence_mode: str = "ceiling") -> None:
+        super().__init__()
+        self.d_model = check_int("d_model", d_model, low=1)
+        self.num_heads = check_int("num_heads", num_heads, low=1)
+        if d_model % num_heads:
+            raise ValueError(f"d_model: expected a multiple of num_heads={num_heads} but got {d_model}")
+        self.head_dim = d_model // num_heads
+        self.num_oscillators = check_int("num_oscillators", num_oscillators, low=1)
+        self.steps = check_int("steps", steps, low=1)
+        self.dt = check_real("dt", dt, low=0.0, low_open=True)
+        self.integrator = check_choice("integrator", integrator, SOLVERS)
+        self.coupling = check_choice("coupling", coupling, COUPLINGS)
+        self.phase_lag = check_real("phase_lag", phase_lag)
+        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
+        self.causal = bool(causal)
+        h, n = num_heads, num_oscillators
+
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.phase_proj = nn.Linear(d_model, h * n, bias=bias)
+        self.out = nn.Linear(h * (self.head_dim + 2 * n), d_model, bias=bias)
+        self.omega = nn.Parameter(0.1 * torch.randn(h, n))
+        self.beta = nn.Parameter(torch.ones(h))
+        strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength))
+        if learnable_coupling:
+            self.strength = nn.Parameter(strength)
+        else:
+            self.register_buffer("strength", strength)
+        self.phase_noise = PhaseNoise(phase_noise)
+        self.freq_jitter = FrequencyJitter(freq_jitter)
+        self.coherence = None
+        if coherence_target is not None:
+            self.coherence = CoherenceRegularizer(coherence_target, coherence_weight, coherence_mode)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, *,
+                cache: KuramotoCache | None = None,
+                return_info: bool = False) -> Tensor | tuple[Tensor, KuramotoInfo]:
+        """Attend over ``x`` (and the cached tokens, if a ``cache`` is given; it is updated in place).
+
+        Args:
+            x: ``(b, t, d_model)``.
+            key_padding_mask: optional bool ``(b, t)``, True = valid.
+            cache: a :class:`KuramotoCache` (empty to start) for incremental decoding; ``x`` then
+                holds the new tokens only. Needs ``causal=True``.
+            return_info: also return a :class:`KuramotoInfo` (for the tokens of ``x``).
+
+        Returns:
+            ``(b, t, d_model)``, or ``(output, KuramotoInfo)`` with ``return_info=True``.
+        """
+        b, t = self._check_input(x)
+        valid = self._check_mask(key_padding_mask, b, t)
+        past = self._check_cache(cache, b)
+        h, n, d = self.num_heads, self.num_oscillators, self.head_dim
+        # (b, t, 3 * h * d) -> 3 × (b, h, t, d)
+        q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        phase_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # phases never in half
+        # (b, t, h * n) -> (b, h, t, n)
+        theta0 = (math.pi * torch.tanh(self.phase_proj(x).to(phase_dtype))).view(b, t, h, n).transpose(1, 2)
+
+        if past:
+            k, v = torch.cat([cache.keys[..., :d], k], dim=2), torch.cat([cache.values[..., :d], v], dim=2)
+        if valid is not None or (past and cache.valid is not None):
+            new_valid = valid if valid is not None else x.new_ones(b, t, dtype=torch.bool)
+            valid = new_valid if not past else torch.cat([self._cached_valid(cache, b), new_valid], dim=1)
+        mask, is_causal = self._attention_mask(t, past, valid, x.device)
+        run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None)
+
+        theta, R_steps = self._integrate(theta0, self.freq_jitter(self.omega).view(h, 1, n), run, return_info)
+        out, keys, values = self._attend(run, theta, dropout=self.dropout if self.training else 0.0)
+        y = self.out(out.transpose(1, 2).reshape(b, t, h * (d + 2 * n)))  # (b, h, t, e) -> (b, t, h * e)
+
+        if cache is not None:
+            self._update_cache(cache, keys, values, valid, run.new_state)
+        if not return_info:
+            return y
+        return y, self._info(theta, valid, R_steps)
+
+    # ------------------------------------------------------------ integration
+    def _integrate(self, theta: Tensor, omega: Tensor, run: _Pass, record_R: bool) -> tuple[Tensor, list]:
+        solver = SOLVERS[self.integrator]()
+        R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
+        # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
+        save_memory = torch.is_grad_enabled() and not run.record
+        for step in range(self.steps):
+            if save_memory:
+                theta = checkpoint(self._step, solver, theta, omega, run, step, use_reentrant=False)
+            else:
+                theta = self._step(solver, theta, omega, run, step)
+            theta = self.phase_noise(theta)
+            if record_R:
+                R_steps.append(_order(theta.detach(), run.valid)[0])
+        return theta, R_steps
+
+    def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int) -> Tensor:
+        stage = count()
+
+        def field(phases: Tensor) -> Tensor:
+            key = (step, next(stage))
+            if self.coupling == "mean_field":
+                pull = self._mean_field(phases, run, key)
+            else:
+                pull = self._attention_field(phases, run, key)
+            return omega + self.strength.to(phases.dtype) * pull
+
+        return solver.step(field, theta, self.dt)
+
+    def _mean_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
+        """``(1/|S_i|) Σ_{j∈S_i} sin(θ_j − θ_i − α)`` through running sums of ``e^{iθ}``."""
+        t = theta.shape[-2]
+        cos_t, sin_t = torch.cos(theta), torch.sin(theta)
+        weight = None if run.valid is None else run.valid[:, None, -t:, None].to(theta.dtype)  # (b, 1, t, 1)
+        if weight is not None:
+            cos_w, sin_w = cos_t * weight, sin_t * weight
+            ones = weight
+        else:
+            cos_w, sin_w, ones = cos_t, sin_t, None
+        if self.causal:
+            sum_cos, sum_sin = cos_w.cumsum(-2), sin_w.cumsum(-2)
+            if ones is None:
+                counts = torch.arange(1, t + 1, device=theta.device, dtype=theta.dtype).view(t, 1)
+            else:
+                counts = ones.cumsum(-2)
+            if run.cache is not None:  # add the past tokens' sums at this evaluation
+                past_cos, past_sin, past_count = run.cache.field_state[key]
+                sum_cos, sum_sin, counts = sum_cos + past_cos, sum_sin + past_sin, counts + past_count
+            if run.record:
+                run.new_state[key] = (sum_cos[..., -1:, :], sum_sin[..., -1:, :],
+                                      counts.expand(theta.shape[0], 1, t, 1)[..., -1:, :])
+        else:
+            sum_cos, sum_sin = cos_w.sum(-2, keepdim=True), sin_w.sum(-2, keepdim=True)
+            counts = float(t) if ones is None else ones.sum(-2, keepdim=True)
+        if torch.is_tensor(counts):
+            counts = counts.clamp_min(1.0)
+        pull = _pull(sum_cos / counts, sum_sin / counts, cos_t, sin_t, self.phase_lag)
+        return pull if weight is None else pull * weight
+
+    def _attention_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
+        """``Σ_j A_ij(θ) sin(θ_j − θ_i − α)``: the ``[cos θ, sin θ]`` columns of one SDPA call."""
+        n = self.num_oscillators
+        feats = torch.cat([torch.cos(theta), torch.sin(theta)], dim=-1)  # (b, h, t, 2n)
+        if run.cache is not None:
+            past = run.cache.field_state[key]
+            run.new_state[key] = torch.cat([past, feats], dim=-2)
+        elif run.record:
+            run.new_state[key] = feats
+        out, _, _ = self._attend(run, theta, feats=feats, key=key, dropout=0.0)
+        z_cos, z_sin = out[..., -2 * n:-n].to(theta.dtype), out[..., -n:].to(theta.dtype)
+        pull = _pull(z_cos, z_sin, feats[..., :n], feats[..., n:], self.phase_lag)
+        if run.valid is not None:  # padded tokens get zero coupling, as in the mean field
+            pull = pull * run.valid[:, None, -theta.shape[-2]:, None].to(theta.dtype)
+        return pull
+
+    # -------------------------------------------------------------- attention
+    def _attend(self, run: _Pass, theta: Tensor, *, feats: Tensor | None = None, key: tuple | None = None,
+                dropout: float) -> tuple[Tensor, Tensor, Tensor]:
+        """SDPA over ``[q, c cos θ, c sin θ] · [k, cos θ, sin θ]`` with values ``[v, cos θ, sin θ]``.
+
+        Returns the attention output ``(b, h, t, e)`` and the full keys and values ``(b, h, s, e)``.
+        """
+        if feats is None:
+            feats = torch.cat([torch.cos(theta), torch.sin(theta)], dim=-1)  # (b, h, t, 2n)
+        dtype = run.q.dtype
+        feats_new = feats.to(dtype)
+        if run.cache is None:
+            feats_all = feats_new
+        elif key is None:  # final phases: the past tokens' features are the cached keys' tail
+            feats_all = torch.cat([run.cache.keys[..., self.head_dim:], feats_new], dim=-2)
+        else:
+            feats_all = run.new_state[key].to(dtype)
+        phase_weight = self.beta.to(dtype).view(-1, 1, 1) * (math.sqrt(self.head_dim) / self.num_oscillators)
+        query = torch.cat([run.q, feats_new * phase_weight], dim=-1)
+        keys = torch.cat([run.k, feats_all], dim=-1)
+        values = torch.cat([run.v, feats_all], dim=-1)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
+                                             is_causal=run.is_causal, scale=1.0 / math.sqrt(self.head_dim))
+        return out, keys, values
+
+    def _attention_mask(self, t: int, past: int, valid: Tensor | None,
+                        device: torch.device) -> tuple[Tensor | None, bool]:
+        """``(mask, is_causal)`` for SDPA; a dense mask only where ``is_causal`` cannot express it."""
+        if valid is None:
+            if not self.causal or t == 1:
+                return None, False
+            if past == 0:
+                return None, True  # the fused kernels' fast path
+        s = past + t
+        rows = torch.arange(past, s, device=device).view(t, 1)  # query positions
+        cols = torch.arange(s, device=device).view(1, s)
+        allowed = (cols <= rows) if self.causal else torch.ones(t, s, dtype=torch.bool, device=device)
+        if valid is not None:
+            allowed = allowed & valid[:, None, None, :]  # (b, 1, t, s)
+        # every query may see itself, so a padded query's row is never empty (no NaN)
+        return allowed | (cols == rows), False
+
+    # ------------------------------------------------------------ diagnostics
+    def _info(self, theta: Tensor, valid: Tensor | None, R_steps: list) -> KuramotoInfo:
+        R, R_tok = _order(theta, valid)
+        kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-2]:])
+        loss = None if self.coherence is None else self.coherence.penalty(kept)
+        return KuramotoInfo(phases=theta, R=R, R_steps=torch.stack(R_steps), coherence_loss=loss)
+
+    # ----------------------------------------------------------------- checks
+    def _check_input(self, x: Tensor) -> tuple[int, int]:
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            got = x.dtype if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x: expected a floating-point tensor but got {got}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
+            raise ValueError(f"x: expected shape (batch, tokens >= 1, {self.d_model}) but got {tuple(x.shape)}")
+        return x.shape[0], x.shape[1]
+
+    @staticmethod
+    def _check_mask(mask: Tensor | None, b: int, t: int) -> Tensor | None:
+        if mask is None:
+            return None
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != (b, t):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"key_padding_mask: expected a boolean tensor of shape ({b}, {t}) "
+                             f"(True = valid) but got {got}")
+        return mask
+
+    def _check_cache(self, cache: KuramotoCache | None, b: int) -> int:
+        if cache is None:
+            return 0
+        if not isinstance(cache, KuramotoCache):
+            raise ValueError(f"cache: expected a KuramotoCache but got {type(cache).__name__}")
+        if not self.causal:
+            raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
+        if cache.keys is None:
+            return 0
+        e = self.head_dim + 2 * self.num_oscillators
+        if cache.keys.shape[0] != b or cache.keys.shape[1] != self.num_heads or cache.keys.shape[-1] != e:
+            raise ValueError(f"cache: holds keys of shape {tuple(cache.keys.shape)}, which does not fit "
+                             f"batch {b}, {self.num_heads} heads and width {e} (a cache of another layer?)")
+        state = cache.field_state.get((self.steps - 1, 0))
+        if state is None or isinstance(state, tuple) != (self.coupling == "mean_field"):
+            raise ValueError(f"cache: holds no phase state for this layer's {self.coupling!r} coupling "
+                             f"over {self.steps} steps (a cache of another layer?)")
+        return cache.length
+
+    @staticmethod
+    def _cached_valid(cache: KuramotoCache, b: int) -> Tensor:
+        if cache.valid is not None:
+            return cache.valid
+        return torch.ones(b, cache.length, dtype=torch.bool, device=cache.keys.device)
+
+    @staticmethod
+    def _update_cache(cache: KuramotoCache, keys: Tensor, values: Tensor, valid: Tensor | None,
+                      state: dict) -> None:
+        cache.keys, cache.values = keys.detach(), values.detach()
+        cache.valid = None if valid is None else valid.detach()
+        cache.field_state = {key: _detach(value) for key, value in state.items()}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
+                f"num_oscillators={self.num_oscillators}, steps={self.steps}, dt={self.dt}, "
+                f"integrator={self.integrator!r}, coupling={self.coupling!r}, "
+                f"phase_lag={self.phase_lag}, causal={self.causal}")
+
+
+def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """R per head ``(b, h)`` (mean over valid tokens) and per token ``(b, h, t)``, over oscillators."""
+    R_tok, _ = order_parameter(theta, dim=-1)  # per head and token: never averaged across heads
+    if valid is None:
+        return R_tok.mean(-1), R_tok
+    weight = valid[:, None, -theta.shape[-2]:].to(R_tok.dtype)  # (b, 1, t)
+    return (R_tok * weight).sum(-1) / weight.sum(-1).clamp_min(1.0), R_tok
+
+
+def _detach(value):
+    return tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()
+
+
+class PhaseGPTAttention(KuramotoAttention):
+    r"""The reference PhaseGPT layer's settings, made causal and O(t·n): a preset of
+    :class:`KuramotoAttention` for comparison studies.
+
+    Fixed as in the reference: phases ``π·tanh(W x)``, forward Euler with ``dt = 0.1`` for 10 steps,
+    mean-field coupling with no phase lag and a fixed (not learned) strength ``K = 1``, 32
+    oscillators, output from phase features. What differs from the reference, and why:
+
+    * causal by default: the reference's mean over tokens included future tokens (leakage);
+      ``causal=False`` reproduces that, for comparison only;
+    * attractive sign: the reference's coupling was repulsive while it claimed synchronisation; pass
+      a negative ``coupling_strength`` to reproduce it;
+    * the masked mean divides by the number of valid tokens (the reference divided by ``t``);
+    * phases reach the output as ``[cos θ, sin θ]`` features, not raw wrapped angles;
+    * O(t·n) memory: no ``(b, h, t, t, n)`` tensor of phase differences.
+
+    Args:
+        d_model, num_heads: as for :class:`KuramotoAttention`.
+        **overrides: any other :class:`KuramotoAttention` argument (e.g. ``causal=False``,
+            ``coupling_strength=-1.0``, ``num_oscillators=16``).
+
+    Example:
+        >>> layer = PhaseGPTAttention(d_model=64, num_heads=4)
+        >>> layer.integrator, layer.steps, layer.dt, layer.coupling, layer.causal
+        ('euler', 10, 0.1, 'mean_field', True)
+    """
+
+    PRESET = dict(num_oscillators=32, coupling_strength=1.0, steps=10, dt=0.1, integrator="euler",
+                  coupling="mean_field", phase_lag=0.0, learnable_coupling=False)
+
+    def __init__(self, d_model: int, num_heads: int, **overrides) -> None:
+        super().__init__(d_model, num_heads, **{**self.PRESET, **overrides})
