@@ -1,0 +1,397 @@
+"""KuramotoAttention against a naive O(t²·n) float64 reference, causality, cache and properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kuramoto_attn import KuramotoAttention, KuramotoCache, PhaseGPTAttention
+
+from helpers import generators
+
+INTEGRATORS = ("euler", "heun", "rk4")
+COUPLINGS = ("mean_field", "attention")
+
+
+def make_layer(seed=0, dtype=torch.float64, **kwargs):
+    torch.manual_seed(seed)
+    options = dict(d_model=16, num_heads=2, num_oscillators=3, steps=3, dt=0.2, phase_lag=0.3)
+    options.update(kwargs)
+    layer = KuramotoAttention(**options).to(dtype).eval()
+    with torch.no_grad():  # non-trivial β and K per head, so a wrong broadcast shows
+        layer.beta.copy_(torch.tensor([0.7, -1.3])[: layer.num_heads])
+        if isinstance(layer.strength, torch.nn.Parameter):
+            layer.strength.copy_(torch.tensor([1.5, 0.8])[: layer.num_heads].view(-1, 1, 1))
+    return layer
+
+
+def left_padding(b, t, gen):
+    """Valid tokens at the end of each row; at least one valid token per row."""
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    return torch.arange(t)[None, :] >= (t - lengths)[:, None]
+
+
+# ------------------------------------------------------------------ naive reference (float64)
+def naive_step(method, field, theta, dt):
+    if method == "euler":
+        return theta + dt * field(theta)
+    if method == "heun":
+        k1 = field(theta)
+        return theta + dt / 2 * (k1 + field(theta + dt * k1))
+    k1 = field(theta)
+    k2 = field(theta + dt / 2 * k1)
+    k3 = field(theta + dt / 2 * k2)
+    k4 = field(theta + dt * k3)
+    return theta + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def naive_forward(layer, x, valid=None):
+    """Every quantity from its definition, with (b, h, t, t, n) pairwise tensors and an explicit softmax."""
+    b, t, _ = x.shape
+    h, n, d = layer.num_heads, layer.num_oscillators, layer.head_dim
+    valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
+    q, k, v = (z.view(b, t, h, d).transpose(1, 2) for z in layer.qkv(x).split(layer.d_model, dim=-1))
+    theta = (math.pi * torch.tanh(layer.phase_proj(x))).view(b, t, h, n).transpose(1, 2)
+    omega, K, beta, alpha = layer.omega.view(h, 1, n), layer.strength, layer.beta.view(h, 1, 1), layer.phase_lag
+    i, j = torch.arange(t).view(t, 1), torch.arange(t).view(1, t)
+    allowed = (j <= i) if layer.causal else torch.ones(t, t, dtype=torch.bool)
+    allowed = allowed & valid[:, None, None, :]  # (b, 1, t, t)
+
+    def attention_weights(th):
+        diff = th[:, :, None, :, :] - th[:, :, :, None, :]  # [b, h, i, j, k] = θ_jk − θ_ik
+        logits = q @ k.transpose(-1, -2) / math.sqrt(d) + beta * torch.cos(diff).mean(-1)
+        logits = logits.masked_fill(~(allowed | (i == j)), -math.inf)
+        return torch.softmax(logits, dim=-1)
+
+    def field(th):
+        sines = torch.sin(th[:, :, None, :, :] - th[:, :, :, None, :] - alpha)  # [b, h, i, j, k]
+        if layer.coupling == "mean_field":
+            weights = allowed.double() / allowed.sum(-1, keepdim=True).clamp_min(1)
+        else:
+            weights = attention_weights(th)
+        pull = (weights[..., None] * sines).sum(-2) * valid[:, None, :, None]
+        return omega + K * pull
+
+    for _ in range(layer.steps):
+        theta = naive_step(layer.integrator, field, theta, layer.dt)
+    A = attention_weights(theta)
+    out = torch.cat([A @ v, A @ torch.cos(theta), A @ torch.sin(theta)], dim=-1)
+    return layer.out(out.transpose(1, 2).reshape(b, t, -1)), theta
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_matches_naive_reference(coupling, integrator, padded):
+    gen = torch.Generator().manual_seed(hash((coupling, integrator, padded)) % 2**31)
+    layer = make_layer(coupling=coupling, integrator=integrator)
+    x = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 7, gen) if padded else None
+    with torch.no_grad():
+        y, info = layer(x, valid, return_info=True)
+        y_ref, theta_ref = naive_forward(layer, x, valid)
+    keep = slice(None) if valid is None else valid  # padded tokens' outputs are unspecified
+    torch.testing.assert_close(y[keep], y_ref[keep], rtol=0, atol=1e-10)
+    torch.testing.assert_close(info.phases, theta_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_non_causal_matches_naive_reference(coupling):
+    gen = torch.Generator().manual_seed(5)
+    layer = make_layer(coupling=coupling, causal=False, integrator="heun")
+    x = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64)
+    for valid in (None, left_padding(2, 6, gen)):
+        with torch.no_grad():
+            y, y_ref = layer(x, valid), naive_forward(layer, x, valid)[0]
+        keep = slice(None) if valid is None else valid
+        torch.testing.assert_close(y[keep], y_ref[keep], rtol=0, atol=1e-10)
+
+
+def test_grad_mode_path_matches_no_grad_path():
+    """Training runs each step under a checkpoint; values and phases are the same."""
+    gen = torch.Generator().manual_seed(2)
+    for coupling in COUPLINGS:
+        layer = make_layer(coupling=coupling, integrator="rk4")
+        x = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64)
+        y = layer(x)
+        with torch.no_grad():
+            torch.testing.assert_close(y.detach(), layer(x), rtol=0, atol=1e-12)
+        assert y.requires_grad
+
+
+# ------------------------------------------------------------------------------- causality
+@settings(max_examples=12, deadline=None)
+@given(gen=generators, coupling=st.sampled_from(COUPLINGS), integrator=st.sampled_from(INTEGRATORS),
+       padded=st.booleans(), cut=st.integers(1, 7))
+def test_future_tokens_never_change_the_past(gen, coupling, integrator, padded, cut):
+    layer = make_layer(coupling=coupling, integrator=integrator)
+    x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(2, 8, gen) if padded else None
+    x2 = x.clone()
+    x2[:, cut:] = torch.randn(2, 8 - cut, 16, generator=gen, dtype=torch.float64) * 3
+    valid2 = None
+    if padded:  # the future's padding may change too
+        valid2 = valid.clone()
+        valid2[:, cut:] = torch.rand(2, 8 - cut, generator=gen) < 0.5
+    with torch.no_grad():
+        y, info = layer(x, valid, return_info=True)
+        y2, info2 = layer(x2, valid2, return_info=True)
+    torch.testing.assert_close(y[:, :cut], y2[:, :cut], rtol=0, atol=1e-12)
+    torch.testing.assert_close(info.phases[:, :, :cut], info2.phases[:, :, :cut], rtol=0, atol=1e-12)
+    assert not torch.allclose(y[:, cut:], y2[:, cut:])  # the change did reach the layer
+
+
+def test_non_causal_layer_leaks_the_future():
+    """The reference's behaviour, an explicit opt-in: the check above would fail."""
+    layer = make_layer(causal=False)
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(layer(x)[:, 0], layer(x2)[:, 0])
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_padded_tokens_do_not_reach_valid_ones(coupling):
+    gen = torch.Generator().manual_seed(9)
+    layer = make_layer(coupling=coupling)
+    x = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64)
+    valid = torch.rand(2, 7, generator=gen) < 0.6
+    valid[:, 0] = True
+    x2 = torch.where(valid[..., None], x, 5 * torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, valid)[valid], layer(x2, valid)[valid], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_incremental_decoding_equals_full_forward(coupling, integrator):
+    gen = torch.Generator().manual_seed(11)
+    layer = make_layer(coupling=coupling, integrator=integrator, dtype=torch.float32)
+    x = torch.randn(2, 12, 16, generator=gen)
+    with torch.no_grad():
+        y_full, info_full = layer(x, return_info=True)
+        cache = KuramotoCache()
+        chunks = [layer(x[:, :4], cache=cache)]  # a prompt, then one token at a time, then a chunk
+        chunks += [layer(x[:, i:i + 1], cache=cache) for i in range(4, 9)]
+        y_last, info_last = layer(x[:, 9:], cache=cache, return_info=True)
+    torch.testing.assert_close(torch.cat(chunks + [y_last], dim=1), y_full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(info_last.phases, info_full.phases[:, :, 9:], rtol=0, atol=1e-5)
+    assert cache.length == 12
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_incremental_decoding_with_padding(coupling):
+    gen = torch.Generator().manual_seed(12)
+    layer = make_layer(coupling=coupling)
+    x = torch.randn(3, 9, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 9, gen)
+    with torch.no_grad():
+        y_full = layer(x, valid)
+        cache = KuramotoCache()
+        y = [layer(x[:, :5], valid[:, :5], cache=cache)]
+        y += [layer(x[:, i:i + 1], valid[:, i:i + 1], cache=cache) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
+
+
+def test_cache_work_per_token_does_not_recompute_the_past():
+    """Decoding token t feeds only the new token through the projections (O(t) attention only)."""
+    layer = make_layer()
+    seen = []
+    layer.qkv.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    cache = KuramotoCache()
+    with torch.no_grad():
+        for i in range(6):
+            layer(torch.randn(1, 1, 16, dtype=torch.float64), cache=cache)
+    assert seen == [1] * 6 and cache.length == 6
+    assert cache.field_state[(0, 0)][0].shape == (1, 2, 1, 3)  # mean field: O(1) state per evaluation
+
+
+# ------------------------------------------------------------------------------ properties
+@settings(max_examples=15, deadline=None)
+@given(gen=generators, coupling=st.sampled_from(COUPLINGS), strength=st.floats(-5, 5), padded=st.booleans())
+def test_R_per_head_in_unit_interval(gen, coupling, strength, padded):
+    layer = make_layer(coupling=coupling, coupling_strength=strength, learnable_coupling=False, steps=2)
+    x = 3 * torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        _, info = layer(x, left_padding(2, 5, gen) if padded else None, return_info=True)
+    assert info.R.shape == (2, 2) and info.R_steps.shape == (3, 2, 2)
+    assert ((info.R >= 0) & (info.R <= 1 + 1e-12)).all()
+    assert ((info.R_steps >= 0) & (info.R_steps <= 1 + 1e-12)).all()
+    torch.testing.assert_close(info.R_steps[-1], info.R)
+
+
+def test_R_is_taken_per_head_over_oscillators():
+    """R per head = mean over valid tokens of |mean_k e^{iθ}|: never of angles averaged across heads."""
+    gen = torch.Generator().manual_seed(4)
+    layer = make_layer(num_oscillators=16)
+    x = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 7, gen)
+    with torch.no_grad():
+        _, info = layer(x, valid, return_info=True)
+    per_token = torch.exp(1j * info.phases).mean(-1).abs()  # (b, h, t)
+    w = valid[:, None, :].double()
+    torch.testing.assert_close(info.R, (per_token * w).sum(-1) / w.sum(-1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_zero_strength_phases_evolve_freely(coupling, integrator):
+    layer = make_layer(coupling=coupling, integrator=integrator, coupling_strength=0.0,
+                       learnable_coupling=False, steps=4, dt=0.25)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, info = layer(x, return_info=True)
+        theta0 = (math.pi * torch.tanh(layer.phase_proj(x))).view(2, 6, 2, 3).transpose(1, 2)
+    expected = theta0 + layer.omega.view(2, 1, 3) * (4 * 0.25)
+    torch.testing.assert_close(info.phases, expected, rtol=0, atol=1e-12)
+
+
+def test_positive_strength_synchronises_tokens_negative_repels():
+    """Attractive sign: K > 0 raises R over tokens per oscillator channel, K < 0 lowers it."""
+    x = torch.randn(2, 32, 16, dtype=torch.float64)
+
+    def token_R(strength):
+        layer = make_layer(coupling_strength=strength, learnable_coupling=False, causal=False, steps=20,
+                           dt=0.1, phase_lag=0.0)
+        with torch.no_grad():
+            layer.omega.zero_()
+            _, info = layer(x, return_info=True)
+        theta0 = math.pi * torch.tanh(layer.phase_proj(x))
+        return info.phases, theta0
+
+    from kuramoto_attn import order_parameter
+    plus, theta0 = token_R(2.0)
+    minus, _ = token_R(-2.0)
+    R0 = order_parameter(theta0.view(2, 32, 2, 3).transpose(1, 2), dim=-2)[0].mean()
+    assert order_parameter(plus, dim=-2)[0].mean() > R0 + 0.1
+    assert order_parameter(minus, dim=-2)[0].mean() < R0
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_gradients_finite_for_every_parameter(coupling):
+    layer = make_layer(coupling=coupling, dtype=torch.float32, integrator="heun",
+                       coherence_target=0.3, coherence_weight=1.0, phase_noise=0.05, freq_jitter=0.1,
+                       dropout=0.1).train()
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    y, info = layer(x, valid, return_info=True)
+    assert info.coherence_loss is not None and info.coherence_loss.dim() == 0
+    (y[valid].square().sum() + info.coherence_loss).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all()
+
+
+def test_coherence_loss_matches_regularizer_on_valid_tokens():
+    from kuramoto_attn import CoherenceRegularizer, order_parameter
+    layer = make_layer(coherence_target=0.2, coherence_weight=0.5, coherence_mode="center")
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    _, info = layer(x, valid, return_info=True)
+    R = order_parameter(info.phases, dim=-1)[0]
+    expected = CoherenceRegularizer(0.2, 0.5, "center").penalty(R[valid[:, None, :].expand_as(R)])
+    torch.testing.assert_close(info.coherence_loss, expected)
+    assert make_layer()(x, return_info=True)[1].coherence_loss is None
+
+
+def test_backward_memory_grows_by_one_phase_tensor_per_step():
+    """Bytes autograd keeps for backward: steps=10 adds at most one (b, h, t, n) tensor per extra step."""
+    def saved_bytes(steps, coupling):
+        layer = make_layer(coupling=coupling, steps=steps, dtype=torch.float32, integrator="rk4")
+        x = torch.randn(2, 20, 16)
+        seen = {}
+
+        def pack(tensor):
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x)
+        return sum(seen.values())
+
+    phase_tensor = 2 * 2 * 20 * 3 * 4  # (b, h, t, n) float32
+    for coupling in COUPLINGS:
+        assert saved_bytes(10, coupling) - saved_bytes(1, coupling) <= 9 * phase_tensor * 1.05
+
+
+# ------------------------------------------------------------------------- compile, bf16
+def test_torch_compile_matches_eager():
+    layer = make_layer(dtype=torch.float32, coupling="attention")
+    x = torch.randn(2, 6, 16)
+    compiled = torch.compile(layer, backend="aot_eager")
+    y_eager, y_compiled = layer(x), compiled(x)
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+    grad_eager = torch.autograd.grad(y_eager.sum(), layer.omega)[0]
+    grad_compiled = torch.autograd.grad(y_compiled.sum(), layer.omega)[0]
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_bf16_autocast_runs_close_to_fp32(coupling):
+    layer = make_layer(dtype=torch.float32, coupling=coupling)
+    x = torch.randn(2, 8, 16)
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, info = layer(x, return_info=True)
+    assert y16.dtype == torch.bfloat16 and info.phases.dtype == torch.float32
+    y16.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert (y16.float() - y32).abs().max() < 0.1 * y32.abs().max()
+
+
+# ---------------------------------------------------------------------- preset, bad inputs
+def test_phasegpt_preset_and_overrides():
+    layer = PhaseGPTAttention(d_model=64, num_heads=4)
+    assert (layer.num_oscillators, layer.steps, layer.dt, layer.integrator, layer.coupling) == \
+        (32, 10, 0.1, "euler", "mean_field")
+    assert not isinstance(layer.strength, torch.nn.Parameter) and float(layer.strength[0]) == 1.0
+    leaky = PhaseGPTAttention(d_model=64, num_heads=4, causal=False, coupling_strength=-1.0)
+    assert not leaky.causal and float(leaky.strength[0]) == -1.0
+    with torch.no_grad():
+        assert layer(torch.randn(1, 5, 64)).shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(d_model=10, num_heads=4), "d_model"),
+    (dict(num_oscillators=0), "num_oscillators"),
+    (dict(steps=0), "steps"),
+    (dict(dt=0.0), "dt"),
+    (dict(dt=-0.1), "dt"),
+    (dict(coupling="graph"), "coupling"),
+    (dict(integrator="midpoint"), "integrator"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(coherence_target=1.5), "target"),
+])
+def test_bad_constructor_arguments(kwargs, name):
+    options = dict(d_model=16, num_heads=2)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        KuramotoAttention(**options)
+
+
+def test_bad_forward_arguments():
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(2, 5, 16)
+    for bad in (torch.randn(5, 16), torch.randn(2, 5, 8), torch.randn(2, 0, 16), torch.ones(2, 5, 16, dtype=torch.long)):
+        with pytest.raises(ValueError, match="x"):
+            layer(bad)
+    for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            layer(x, mask)
+    with pytest.raises(ValueError, match="cache"):
+        layer(x, cache={})
+    cache = KuramotoCache()
+    with torch.no_grad():
+        layer(x, cache=cache)
+        with pytest.raises(ValueError, match="cache"):
+            layer(torch.randn(3, 1, 16), cache=cache)  # another batch size
+        with pytest.raises(ValueError, match="cache"):
+            make_layer(dtype=torch.float32, coupling="attention")(x[:, :1], cache=cache)  # another layer
+        with pytest.raises(ValueError, match="cache"):
+            make_layer(dtype=torch.float32, causal=False)(x, cache=KuramotoCache())
