@@ -95,7 +95,7 @@ class KuramotoCache:
         values: ``[v, cos θ, sin θ]`` of past tokens ``(b, h, s, e)``.
         valid: which past tokens are valid ``(b, s)``.
         field_state: per solver evaluation ``(step, stage)``: for the mean field the running sums
-            ``(Σ cos θ, Σ sin θ)`` of shape ``(b, h, 1, n)`` and the valid count ``(b, 1, 1, 1)``; for
+            ``(Σ cos θ, Σ sin θ)`` of shape ``(b, h, n, 1)`` and the valid count ``(b, 1, 1, 1)``; for
             the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
             ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head).
     """
@@ -115,9 +115,9 @@ class KuramotoCache:
 class _Pass:
     """What one forward call's coupling evaluations share (not a public type)."""
 
-    q: Tensor  # (b, h, t, d)
-    k: Tensor  # (b, h, s, d), past and new
-    v: Tensor  # (b, h, s, d)
+    q: Tensor  # (b, t, h, d), the new tokens
+    k: Tensor  # (b, t, h, d)
+    v: Tensor  # (b, t, h, d)
     valid: Tensor | None  # (b, s) or None when every token is valid
     mask: Tensor | None  # (b, 1, t, s) boolean SDPA mask, or None
     is_causal: bool
@@ -235,21 +235,23 @@ class KuramotoAttention(nn.Module):
         valid = self._check_mask(key_padding_mask, b, t)
         past = self._check_cache(cache, b)
         h, n, d = self.num_heads, self.num_oscillators, self.head_dim
-        # (b, t, 3 * h * d) -> 3 × (b, h, t, d)
-        q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        # (b, t, 3 * h * d) -> 3 × (b, t, h, d) views: SDPA then returns (b, t, h, e) memory, so the
+        # output projection needs no copy
+        q, k, v = self.qkv(x).view(b, t, 3, h, d).unbind(2)
         phase_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # phases never in half
-        # (b, t, h * n) -> (b, h, t, n)
-        theta0 = (math.pi * torch.tanh(self.phase_proj(x).to(phase_dtype))).view(b, t, h, n).transpose(1, 2)
+        # (b, t, h * n) -> (b, h, n, t): the integration's layout; the cumulative mean field then
+        # runs along the contiguous last axis (about 2.4x faster than along the tokens of (b, h, t, n))
+        theta_proj = self.phase_proj(x).to(phase_dtype).view(b, t, h, n).permute(0, 2, 3, 1).contiguous()
+        theta0 = math.pi * torch.tanh(theta_proj)
 
-        if past:
-            k, v = torch.cat([cache.keys[..., :d], k], dim=2), torch.cat([cache.values[..., :d], v], dim=2)
         if valid is not None or (past and cache.valid is not None):
             new_valid = valid if valid is not None else x.new_ones(b, t, dtype=torch.bool)
             valid = new_valid if not past else torch.cat([self._cached_valid(cache, b), new_valid], dim=1)
         mask, is_causal = self._attention_mask(t, past, valid, x.device)
         run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None)
 
-        theta, R_steps = self._integrate(theta0, self.freq_jitter(self.omega).view(h, 1, n), run, return_info)
+        omega = self.freq_jitter(self.omega).view(h, n, 1)
+        theta, R_steps = self._integrate(theta0, omega, run, return_info)
         out, keys, values = self._attend(run, theta, dropout=self.dropout if self.training else 0.0)
         y = self.out(out.transpose(1, 2).reshape(b, t, h * (d + 2 * n)))  # (b, h, t, e) -> (b, t, h * e)
 
@@ -261,6 +263,7 @@ class KuramotoAttention(nn.Module):
 
     # ------------------------------------------------------------ integration
     def _integrate(self, theta: Tensor, omega: Tensor, run: _Pass, record_R: bool) -> tuple[Tensor, list]:
+        """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head after each (if ``record_R``)."""
         solver = SOLVERS[self.integrator]()
         R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
@@ -277,86 +280,84 @@ class KuramotoAttention(nn.Module):
 
     def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int) -> Tensor:
         stage = count()
+        coupling = self._mean_field if self.coupling == "mean_field" else self._attention_field
 
         def field(phases: Tensor) -> Tensor:
-            key = (step, next(stage))
-            if self.coupling == "mean_field":
-                pull = self._mean_field(phases, run, key)
-            else:
-                pull = self._attention_field(phases, run, key)
-            return omega + self.strength.to(phases.dtype) * pull
+            return omega + coupling(phases, run, (step, next(stage)))
 
         return solver.step(field, theta, self.dt)
 
     def _mean_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
-        """``(1/|S_i|) Σ_{j∈S_i} sin(θ_j − θ_i − α)`` through running sums of ``e^{iθ}``."""
-        t = theta.shape[-2]
+        """``(K/|S_i|) Σ_{j∈S_i} sin(θ_j − θ_i − α)`` ``(b, h, n, t)`` from running sums of ``e^{iθ}``."""
+        t = theta.shape[-1]
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
-        weight = None if run.valid is None else run.valid[:, None, -t:, None].to(theta.dtype)  # (b, 1, t, 1)
-        if weight is not None:
-            cos_w, sin_w = cos_t * weight, sin_t * weight
-            ones = weight
-        else:
-            cos_w, sin_w, ones = cos_t, sin_t, None
+        weight = None if run.valid is None else run.valid[:, None, None, -t:].to(theta.dtype)  # (b, 1, 1, t)
+        cos_w, sin_w = (cos_t, sin_t) if weight is None else (cos_t * weight, sin_t * weight)
         if self.causal:
-            sum_cos, sum_sin = cos_w.cumsum(-2), sin_w.cumsum(-2)
-            if ones is None:
-                counts = torch.arange(1, t + 1, device=theta.device, dtype=theta.dtype).view(t, 1)
+            sum_cos, sum_sin = cos_w.cumsum(-1), sin_w.cumsum(-1)
+            if weight is None:
+                counts = torch.arange(1, t + 1, device=theta.device, dtype=theta.dtype)
             else:
-                counts = ones.cumsum(-2)
+                counts = weight.cumsum(-1)
             if run.cache is not None:  # add the past tokens' sums at this evaluation
                 past_cos, past_sin, past_count = run.cache.field_state[key]
                 sum_cos, sum_sin, counts = sum_cos + past_cos, sum_sin + past_sin, counts + past_count
             if run.record:
-                run.new_state[key] = (sum_cos[..., -1:, :], sum_sin[..., -1:, :],
-                                      counts.expand(theta.shape[0], 1, t, 1)[..., -1:, :])
+                last_count = counts.expand(theta.shape[0], 1, 1, t)[..., -1:]
+                run.new_state[key] = (sum_cos[..., -1:], sum_sin[..., -1:], last_count)
         else:
-            sum_cos, sum_sin = cos_w.sum(-2, keepdim=True), sin_w.sum(-2, keepdim=True)
-            counts = float(t) if ones is None else ones.sum(-2, keepdim=True)
-        if torch.is_tensor(counts):
-            counts = counts.clamp_min(1.0)
-        pull = _pull(sum_cos / counts, sum_sin / counts, cos_t, sin_t, self.phase_lag)
-        return pull if weight is None else pull * weight
+            sum_cos, sum_sin = cos_w.sum(-1, keepdim=True), sin_w.sum(-1, keepdim=True)
+            counts = theta.new_full((), t) if weight is None else weight.sum(-1, keepdim=True)
+        # K / |S_i| is small ((h, 1, t) or (b, h, 1, t)): one multiply instead of dividing both sums
+        gain = self.strength.to(theta.dtype) / counts.clamp_min(1.0)
+        if weight is not None:
+            gain = gain * weight  # padded tokens get zero coupling
+        return _pull(sum_cos, sum_sin, cos_t, sin_t, self.phase_lag) * gain
 
     def _attention_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
-        """``Σ_j A_ij(θ) sin(θ_j − θ_i − α)``: the ``[cos θ, sin θ]`` columns of one SDPA call."""
-        n = self.num_oscillators
-        feats = torch.cat([torch.cos(theta), torch.sin(theta)], dim=-1)  # (b, h, t, 2n)
-        if run.cache is not None:
-            past = run.cache.field_state[key]
-            run.new_state[key] = torch.cat([past, feats], dim=-2)
-        elif run.record:
-            run.new_state[key] = feats
-        out, _, _ = self._attend(run, theta, feats=feats, key=key, dropout=0.0)
-        z_cos, z_sin = out[..., -2 * n:-n].to(theta.dtype), out[..., -n:].to(theta.dtype)
-        pull = _pull(z_cos, z_sin, feats[..., :n], feats[..., n:], self.phase_lag)
+        """``K Σ_j A_ij(θ) sin(θ_j − θ_i − α)`` ``(b, h, n, t)``: ``[cos θ, sin θ]`` columns of one SDPA call."""
+        n, t = self.num_oscillators, theta.shape[-1]
+        cos_t, sin_t = torch.cos(theta), torch.sin(theta)
+        out, _, _ = self._attend(run, theta, cos_sin=(cos_t, sin_t), key=key, dropout=0.0)
+        # (b, h, t, e) -> the [cos, sin] columns as (b, h, 2n, t)
+        pooled = out[..., -2 * n:].transpose(-1, -2).to(theta.dtype)
+        pull = _pull(pooled[:, :, :n], pooled[:, :, n:], cos_t, sin_t, self.phase_lag)
+        gain = self.strength.to(theta.dtype)
         if run.valid is not None:  # padded tokens get zero coupling, as in the mean field
-            pull = pull * run.valid[:, None, -theta.shape[-2]:, None].to(theta.dtype)
-        return pull
+            gain = gain * run.valid[:, None, None, -t:].to(theta.dtype)
+        return pull * gain
 
     # -------------------------------------------------------------- attention
-    def _attend(self, run: _Pass, theta: Tensor, *, feats: Tensor | None = None, key: tuple | None = None,
+    def _attend(self, run: _Pass, theta: Tensor, *, cos_sin: tuple | None = None, key: tuple | None = None,
                 dropout: float) -> tuple[Tensor, Tensor, Tensor]:
         """SDPA over ``[q, c cos θ, c sin θ] · [k, cos θ, sin θ]`` with values ``[v, cos θ, sin θ]``.
 
-        Returns the attention output ``(b, h, t, e)`` and the full keys and values ``(b, h, s, e)``.
+        ``theta`` holds the new tokens' phases ``(b, h, n, t)``; ``key`` names the solver evaluation
+        (None: the final phases). Returns the output ``(b, h, t, e)`` and the keys and values
+        ``(b, h, s, e)`` of every token seen.
         """
-        if feats is None:
-            feats = torch.cat([torch.cos(theta), torch.sin(theta)], dim=-1)  # (b, h, t, 2n)
-        dtype = run.q.dtype
-        feats_new = feats.to(dtype)
-        if run.cache is None:
-            feats_all = feats_new
-        elif key is None:  # final phases: the past tokens' features are the cached keys' tail
-            feats_all = torch.cat([run.cache.keys[..., self.head_dim:], feats_new], dim=-2)
-        else:
-            feats_all = run.new_state[key].to(dtype)
-        phase_weight = self.beta.to(dtype).view(-1, 1, 1) * (math.sqrt(self.head_dim) / self.num_oscillators)
-        query = torch.cat([run.q, feats_new * phase_weight], dim=-1)
-        keys = torch.cat([run.k, feats_all], dim=-1)
-        values = torch.cat([run.v, feats_all], dim=-1)
+        d, dtype = self.head_dim, run.q.dtype
+        cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
+        # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
+        feats = torch.cat([cos_t, sin_t], dim=2).permute(0, 3, 1, 2).to(dtype)
+        phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
+        query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
+        keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
+        values = torch.cat([run.v, feats], dim=-1).transpose(1, 2)
+        if key is not None and run.record:  # this evaluation's features, for later tokens
+            past_feats = run.cache.field_state[key] if run.cache is not None else None
+            new_feats = feats.transpose(1, 2)  # (b, h, t, 2n)
+            run.new_state[key] = new_feats if past_feats is None else torch.cat([past_feats, new_feats], dim=2)
+        if run.cache is not None:
+            if key is None:  # final phases: the past tokens' cached keys and values
+                past_keys, past_values = run.cache.keys, run.cache.values
+            else:  # an intermediate evaluation: the past tokens' features at that evaluation
+                past_feats = run.cache.field_state[key].to(dtype)
+                past_keys = torch.cat([run.cache.keys[..., :d], past_feats], dim=-1)
+                past_values = torch.cat([run.cache.values[..., :d], past_feats], dim=-1)
+            keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
-                                             is_causal=run.is_causal, scale=1.0 / math.sqrt(self.head_dim))
+                                             is_causal=run.is_causal, scale=1.0 / math.sqrt(d))
         return out, keys, values
 
     def _attention_mask(self, t: int, past: int, valid: Tensor | None,
@@ -379,9 +380,10 @@ class KuramotoAttention(nn.Module):
     # ------------------------------------------------------------ diagnostics
     def _info(self, theta: Tensor, valid: Tensor | None, R_steps: list) -> KuramotoInfo:
         R, R_tok = _order(theta, valid)
-        kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-2]:])
+        kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
         loss = None if self.coherence is None else self.coherence.penalty(kept)
-        return KuramotoInfo(phases=theta, R=R, R_steps=torch.stack(R_steps), coherence_loss=loss)
+        return KuramotoInfo(phases=theta.transpose(-1, -2), R=R, R_steps=torch.stack(R_steps),
+                            coherence_loss=loss)
 
     # ----------------------------------------------------------------- checks
     def _check_input(self, x: Tensor) -> tuple[int, int]:
@@ -442,11 +444,12 @@ class KuramotoAttention(nn.Module):
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """R per head ``(b, h)`` (mean over valid tokens) and per token ``(b, h, t)``, over oscillators."""
-    R_tok, _ = order_parameter(theta, dim=-1)  # per head and token: never averaged across heads
+    """From phases ``(b, h, n, t)``: R per head ``(b, h)`` (mean over valid tokens) and per token
+    ``(b, h, t)``, each over the oscillators of one head."""
+    R_tok, _ = order_parameter(theta, dim=-2)  # per head and token: never averaged across heads
     if valid is None:
         return R_tok.mean(-1), R_tok
-    weight = valid[:, None, -theta.shape[-2]:].to(R_tok.dtype)  # (b, 1, t)
+    weight = valid[:, None, -theta.shape[-1]:].to(R_tok.dtype)  # (b, 1, t)
     return (R_tok * weight).sum(-1) / weight.sum(-1).clamp_min(1.0), R_tok
 
 

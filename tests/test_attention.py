@@ -207,7 +207,7 @@ def test_cache_work_per_token_does_not_recompute_the_past():
         for i in range(6):
             layer(torch.randn(1, 1, 16, dtype=torch.float64), cache=cache)
     assert seen == [1] * 6 and cache.length == 6
-    assert cache.field_state[(0, 0)][0].shape == (1, 2, 1, 3)  # mean field: O(1) state per evaluation
+    assert cache.field_state[(0, 0)][0].shape == (1, 2, 3, 1)  # mean field: O(1) state per evaluation
 
 
 # ------------------------------------------------------------------------------ properties
