@@ -339,7 +339,7 @@ class KuramotoAttention(nn.Module):
         d, dtype = self.head_dim, run.q.dtype
         cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
         # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
-        feats = torch.cat([cos_t, sin_t], dim=2).permute(0, 3, 1, 2).to(dtype)
+        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype)
         phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
         query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
         keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
@@ -441,6 +441,22 @@ class KuramotoAttention(nn.Module):
                 f"num_oscillators={self.num_oscillators}, steps={self.steps}, dt={self.dt}, "
                 f"integrator={self.integrator!r}, coupling={self.coupling!r}, "
                 f"phase_lag={self.phase_lag}, causal={self.causal}")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    Gradients coming back from the (b, t, h, e) attention layout would otherwise reach every
+    integration step in a permuted layout, where CPU elementwise kernels run several times slower.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
