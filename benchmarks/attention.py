@@ -20,7 +20,8 @@ time <= 2.0x; attention memory <= 3.0x (its time reported per integration step);
 steps = 1 to steps = 10 adds at most 0.3x of vanilla's memory.
 
 Run:  python benchmarks/attention.py [--device cpu|cuda] [--lengths 128 256 512 1024]
-          [--batch 8] [--repeats 3] [--threads N] [--bf16] [--json out.json]
+          [--batch 8] [--repeats 3] [--threads N] [--bf16] [--layers vanilla mean_field attention naive]
+          [--naive-max-gb 8] [--json out.json]
 """
 
 import argparse
@@ -160,8 +161,8 @@ def measure(spec, threads):
 
 
 def naive_estimate_gb(batch, T, steps):
-    """Bytes the naive layer keeps: about 3 pairwise float32 tensors per step plus the logits' two."""
-    return (3 * steps + 2) * batch * HEADS * T * T * OSC * 4 / 2**30
+    """Peak bytes of the naive layer: one pairwise float32 tensor kept per step, about 3 live at once."""
+    return (steps + 3) * batch * HEADS * T * T * OSC * 4 / 2**30
 
 
 def main():
@@ -172,7 +173,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: default)")
     parser.add_argument("--bf16", action="store_true", help="run under torch.autocast(bfloat16)")
-    parser.add_argument("--naive-max-gb", type=float, default=6.0)
+    parser.add_argument("--naive-max-gb", type=float, default=8.0)
+    parser.add_argument("--layers", nargs="+", default=["vanilla", "mean_field", "attention", "naive"],
+                        help="which layers to run (vanilla is the baseline of the ratios)")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,7 +190,8 @@ def main():
     print(header + "\n|---:|:---|---:|---:|---:|---:|---:|")
     for T in args.lengths:
         runs = [("vanilla", 1), ("mean_field", 10), ("mean_field", 1), ("attention", 10), ("attention", 1)]
-        if naive_estimate_gb(args.batch, T, 10) <= args.naive_max_gb:
+        runs = [run for run in runs if run[0] in args.layers]
+        if "naive" in args.layers and naive_estimate_gb(args.batch, T, 10) <= args.naive_max_gb:
             runs.append(("naive", 10))
         base = None
         for kind, steps in runs:
@@ -199,8 +203,8 @@ def main():
                 rows.append(row)
                 continue
             base = row if kind == "vanilla" else base
-            row["time_ratio"] = row["ms"] / base["ms"]
-            row["memory_ratio"] = row["peak_mb"] / base["peak_mb"]
+            row["time_ratio"] = row["ms"] / base["ms"] if base else float("nan")
+            row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base else float("nan")
             rows.append(row)
             print(f"| {T} | {kind} | {steps} | {row['ms']:.1f} | {row['peak_mb']:.0f} | "
                   f"{row['time_ratio']:.2f}x | {row['memory_ratio']:.2f}x |", flush=True)
