@@ -44,7 +44,7 @@ each step runs under activation checkpointing, so only its input phases are kept
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 import torch
@@ -115,9 +115,9 @@ class KuramotoCache:
 class _Pass:
     """What one forward call's coupling evaluations share (not a public type)."""
 
-    q: Tensor  # (b, t, h, d), the new tokens
-    k: Tensor  # (b, t, h, d)
-    v: Tensor  # (b, t, h, d)
+    q: Tensor | None  # (b, t, h, d), the new tokens
+    k: Tensor | None  # (b, t, h, d)
+    v: Tensor | None  # (b, t, h, d)
     valid: Tensor | None  # (b, s) or None when every token is valid
     mask: Tensor | None  # (b, 1, t, s) boolean SDPA mask, or None
     is_causal: bool
@@ -268,9 +268,11 @@ class KuramotoAttention(nn.Module):
         R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
         save_memory = torch.is_grad_enabled() and not run.record
+        # what the checkpoints hold until backward: the mean field needs no queries, keys or values
+        step_run = replace(run, q=None, k=None, v=None) if self.coupling == "mean_field" else run
         for step in range(self.steps):
             if save_memory:
-                theta = checkpoint(self._step, solver, theta, omega, run, step, use_reentrant=False)
+                theta = checkpoint(self._step, solver, theta, omega, step_run, step, use_reentrant=False)
             else:
                 theta = self._step(solver, theta, omega, run, step)
             theta = self.phase_noise(theta)
