@@ -209,11 +209,14 @@ class KuramotoAttention(nn.Module):
             self.strength = nn.Parameter(strength)
         else:
             self.register_buffer("strength", strength)
-        self.phase_noise = PhaseNoise(phase_noise)
-        self.freq_jitter = FrequencyJitter(freq_jitter)
+        self.phase_noise = PhaseNoise(check_real("phase_noise", phase_noise, low=0.0))
+        self.freq_jitter = FrequencyJitter(check_real("freq_jitter", freq_jitter, low=0.0))
         self.coherence = None
-        if coherence_target is not None:
-            self.coherence = CoherenceRegularizer(coherence_target, coherence_weight, coherence_mode)
+        if coherence_target is not None:  # checked here so that errors name this layer's arguments
+            self.coherence = CoherenceRegularizer(
+                check_real("coherence_target", coherence_target, low=0.0, high=1.0),
+                check_real("coherence_weight", coherence_weight, low=0.0),
+                check_choice("coherence_mode", coherence_mode, CoherenceRegularizer.MODES))
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, *,

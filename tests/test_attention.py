@@ -366,7 +366,12 @@ def test_phasegpt_preset_and_overrides():
     (dict(coupling="graph"), "coupling"),
     (dict(integrator="midpoint"), "integrator"),
     (dict(dropout=1.5), "dropout"),
-    (dict(coherence_target=1.5), "target"),
+    (dict(coherence_target=1.5), "coherence_target"),
+    (dict(coherence_target=0.4, coherence_mode="floor"), "coherence_mode"),
+    (dict(coherence_target=0.4, coherence_weight=-1.0), "coherence_weight"),
+    (dict(phase_noise=-0.1), "phase_noise"),
+    (dict(freq_jitter=float("nan")), "freq_jitter"),
+    (dict(coupling_strength=float("inf")), "coupling_strength"),
 ])
 def test_bad_constructor_arguments(kwargs, name):
     options = dict(d_model=16, num_heads=2)
