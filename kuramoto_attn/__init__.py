@@ -6,6 +6,7 @@ Conventions (sign, normalisation, wrapping) are stated in :mod:`kuramoto_attn.dy
 from .couplings import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
 from .dynamics import KuramotoField, wrap_phase
 from .integrators import RK4, SOLVERS, Euler, FixedStepSolver, Heun, integrate
+from .memory import HolographicPhaseMemory, TPIBlock
 from .metrics import OrderParameter
 from .order_params import daido_order_parameter, order_parameter
 from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
@@ -36,4 +37,7 @@ __all__ = [
     "PhaseNoise",
     "FrequencyJitter",
     "CoherenceRegularizer",
+    # holographic phase memory
+    "HolographicPhaseMemory",
+    "TPIBlock",
 ]
