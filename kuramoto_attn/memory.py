@@ -165,11 +165,10 @@ class _Kernel(NamedTuple):
         return None, None, _Kernel("unbounded")
 
 
-def _block_weights(kernel: _Kernel, lag: int, size: int, h: int, like: Tensor) -> Tensor:
-    """``L[h, i, j] = w(lag·C + i − j)``, shape ``(h, C, C)``."""
+def _block_weights(kernel: _Kernel, lag: int, size: int, like: Tensor) -> Tensor:
+    """``L[h, i, j] = w(lag·C + i − j)``, shape ``(h, C, C)``, or ``(1, C, C)`` when shared by all heads."""
     pos = torch.arange(size, device=like.device)
-    weights = kernel.weights(lag * size + pos[:, None] - pos[None, :])  # (h or 1, C, C)
-    return weights.to(like.dtype).expand(h, size, size)
+    return kernel.weights(lag * size + pos[:, None] - pos[None, :]).to(like.dtype)
 
 
 def _chunks(x: Tensor, size: int) -> tuple[Tensor, int]:
@@ -207,8 +206,12 @@ def _kernel_sum(u: Tensor, kernel: _Kernel, chunk: int, init: Tensor | None = No
     for lag in kernel.block_lags(size):
         if lag >= n:
             break
-        weights = _block_weights(kernel, lag, size, h, u)  # (h, C, C)
-        part = _shift(torch.einsum("hij,bnjhc->bnihc", weights, uc[:, : n - lag]), lag)
+        weights = _block_weights(kernel, lag, size, u)  # (h or 1, C, C)
+        if weights.shape[0] == 1:  # one matrix for every head: a single matmul over (h, c) columns
+            part = (weights[0] @ uc[:, : n - lag].flatten(3)).view(b, n - lag, size, h, c)
+        else:
+            part = torch.einsum("hij,bnjhc->bnihc", weights, uc[:, : n - lag])
+        part = _shift(part, lag)
         y = part if y is None else y + part
     spec = kernel.summary(size)
     if spec is not None and (n > 1 or init is not None):
@@ -251,7 +254,7 @@ def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: _Kernel, chunk: i
     for lag in kernel.block_lags(size):
         if lag >= n:
             break
-        weights = _block_weights(kernel, lag, size, h, q)  # (h, C, C)
+        weights = _block_weights(kernel, lag, size, q)  # (h or 1, C, C)
         scores = torch.einsum("bnihre,bnjhe->bnhrij", qc[:, lag:], kc[:, : n - lag]) * weights[:, None]
         part = _shift(torch.einsum("bnhrij,bnjhf->bnihrf", scores, vc[:, : n - lag]), lag)
         y = part if y is None else y + part
@@ -328,8 +331,7 @@ class HolographicPhaseMemory(nn.Module):
 
     Example:
         >>> import torch
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> memory = HolographicPhaseMemory(8, kernel="decay", normalize="sqrt", state="matrix", num_heads=2)
         >>> x = torch.randn(2, 5, 8)
         >>> y, state = memory(x[:, :3], memory.init_state(2))    # a prompt, keeping the state
@@ -544,9 +546,11 @@ class HolographicPhaseMemory(nn.Module):
     def _tokens(self, x: Tensor, phase: Tensor, query_phase: Tensor) -> _Tokens:
         b, t, d = x.shape
         h, c = self.num_heads, d // self.num_heads
-        phase, query_phase = phase.to(x.dtype), query_phase.to(x.dtype)  # wrapped: float32 is accurate
-        cos_k, sin_k = phase.cos().view(b, t, h, c), phase.sin().view(b, t, h, c)  # (b, t, d) -> (b, t, h, c)
-        cos_q, sin_q = query_phase.cos().view(b, t, h, c), query_phase.sin().view(b, t, h, c)
+        # wrapped phases lose nothing in float32; at least float32 so half precisions rotate accurately
+        trig = torch.promote_types(x.dtype, torch.float32)
+        phase, query_phase = phase.to(trig), query_phase.to(trig)
+        cos_k, sin_k = (f(phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))  # (b, t, d) -> (b, t, h, c)
+        cos_q, sin_q = (f(query_phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))
         if self.magnitude_proj is None:
             m = x.new_ones(b, t, h)
         else:
