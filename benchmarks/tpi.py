@@ -133,7 +133,7 @@ GENERATION_VARIANTS = {
 
 
 def run_generation(args, device):
-    d, steps = 256, 8 if args.quick else 32
+    d, steps = 256, 16 if args.quick else 64
     lengths = [256, 1024, 4096, 8192]
     rows = []
     with torch.inference_mode():
@@ -293,7 +293,7 @@ def train_mqar(mixer, d_model, settings, device, seed):
 
 def run_mqar(args, device):
     if args.quick:
-        settings = dict(d_models=[64], steps=400, batch=32, lr=3e-3, eval=256)
+        settings = dict(d_models=[64], steps=200, batch=32, lr=3e-3, eval=256)
     else:
         settings = dict(d_models=[64, 128, 256], steps=4000, batch=64, lr=1e-3, eval=1024)
     mixers = args.mixers or list(MIXERS)
