@@ -23,7 +23,8 @@ Three parts (subcommands; `all` runs them in turn):
 the default (full) settings are meant for a GPU.
 
 Run:  python benchmarks/tpi.py {generation,throughput,mqar,all} [--quick] [--device cpu|cuda]
-                               [--mixers NAME ...] [--json out.json] [--seed 0]
+                               [--mixers NAME ...] [--steps N] [--d-models 64 ...]
+                               [--json out.json] [--seed 0]
 """
 
 import argparse
@@ -296,6 +297,10 @@ def run_mqar(args, device):
         settings = dict(d_models=[64], steps=200, batch=32, lr=3e-3, eval=256)
     else:
         settings = dict(d_models=[64, 128, 256], steps=4000, batch=64, lr=1e-3, eval=1024)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.d_models is not None:
+        settings["d_models"] = args.d_models
     mixers = args.mixers or list(MIXERS)
     unknown = [m for m in mixers if m not in MIXERS]
     if unknown:
@@ -325,6 +330,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="settings for <= 10 minutes on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixers", nargs="+", default=None, help=f"MQAR mixers (default: all of {list(MIXERS)})")
+    parser.add_argument("--steps", type=int, default=None, help="MQAR training steps (overrides the setting)")
+    parser.add_argument("--d-models", type=int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

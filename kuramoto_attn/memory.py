@@ -15,7 +15,7 @@ contributions whose phases match add up and the others interfere away.
 all per channel (``d`` independent complex memories).
 
 **Matrix state** (``state="matrix"``): per head, keys, queries and values are projections of ``x``
-(``k_t = W_k x_t``, ``q_t = W_q x_t / \sqrt{d_k}``, ``v_t = W_v x_t``), each key/query component is
+(``k_t = W_k x_t``, ``q_t = W_q x_t / √c``, ``v_t = W_v x_t``, ``c = d / h`` channels per head), each key/query component is
 rotated by its own phase (as in RoPE, with data-dependent frequencies), and the memory is a
 complex key–value matrix:
 
@@ -58,6 +58,10 @@ most two straddling lags through masked blocks), and the decay only forms powers
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and
 a running sum that is recomputed from the buffer every ``W`` steps so rounding cannot drift).
+
+**API.** ``forward(x)`` returns ``y``; ``forward(x, state)`` continues after ``state`` (e.g.
+``init_state(b)``, or a previous call's) and returns ``(y, new_state)``; ``step(x_t, state)``
+returns ``(y_t, new_state)``. States are :class:`TPIState` named tuples.
 
 Einstein legend: ``b`` batch, ``t`` tokens, ``d`` model channels, ``h`` heads, ``c`` channels per
 head (``d / h``), ``n`` chunks, ``i``/``j`` query/key positions inside a chunk, ``e`` = ``2c``
@@ -419,7 +423,8 @@ class HolographicPhaseMemory(nn.Module):
             state: continue after this state (e.g. :meth:`init_state` or a previous call's).
 
         Returns:
-            ``y`` ``(b, t, d)`` without a state; ``(y, new_state)`` with one.
+            ``y`` ``(b, t, d)`` without a state; ``(y, new_state)`` with one. (With the window
+            kernel a call with a state also re-reads the ``W`` buffered contributions: O(W) extra.)
         """
         b, t = self._check_input("x", x, 3)
         if state is not None:
