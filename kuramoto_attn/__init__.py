@@ -7,6 +7,7 @@ from .attention import KuramotoAttention, KuramotoCache, KuramotoInfo, PhaseGPTA
 from .couplings import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
 from .dynamics import KuramotoField, wrap_phase
 from .integrators import RK4, SOLVERS, Euler, FixedStepSolver, Heun, integrate
+from .memory import HolographicPhaseMemory, TPIBlock
 from .metrics import OrderParameter
 from .order_params import daido_order_parameter, order_parameter
 from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
@@ -42,4 +43,7 @@ __all__ = [
     "PhaseGPTAttention",
     "KuramotoCache",
     "KuramotoInfo",
+    # holographic phase memory
+    "HolographicPhaseMemory",
+    "TPIBlock",
 ]

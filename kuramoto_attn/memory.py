@@ -1,0 +1,703 @@
+r"""Holographic phase memory: temporal phase integration (TPI) as one composable sequence mixer.
+
+Every token ``s`` writes its content into a complex memory after rotating it by an accumulated
+phase; every token ``t`` reads the memory back after rotating by its own (query) phase, so that
+contributions whose phases match add up and the others interfere away.
+
+**Vector state** (``state="vector"``, the reference's per-channel memory; the value is ``x`` itself):
+
+.. math::
+
+    \omega_t = W_\omega x_t, \qquad \phi_t = \sum_{s \le t} \omega_s, \qquad
+    M_t = \sum_{s \le t} w(t - s)\, m_s\, x_s\, e^{i\phi_s}, \qquad
+    r_t = M_t\, e^{-i\phi^q_t} / Z_t,
+
+all per channel (``d`` independent complex memories).
+
+**Matrix state** (``state="matrix"``): per head, keys, queries and values are projections of ``x``
+(``k_t = W_k x_t``, ``q_t = W_q x_t / √c``, ``v_t = W_v x_t``, ``c = d / h`` channels per head), each key/query component is
+rotated by its own phase (as in RoPE, with data-dependent frequencies), and the memory is a
+complex key–value matrix:
+
+.. math::
+
+    M_t = \sum_{s \le t} w(t - s)\, m_s\, (k_s \odot e^{i\phi_s}) \otimes v_s, \qquad
+    r_t = (q_t \odot e^{i\phi^q_t})^{H} M_t / Z_t.
+
+**Query phase** ``φ^q``: ``"shared"`` ``φ^q = φ``; ``"decoupled"`` ``φ^q_t = Σ_{s≤t} W_{ωq} x_s``;
+``"offset"`` ``φ^q_t = φ_t + W_f x_t``; ``"constrained"``
+``φ^q_t = Σ_{s≤t} (ω_s + c·\tanh(W_g x_s))`` with ``c = constrained_scale`` (so ``|ω^q − ω| ≤ c``).
+
+**Kernel** ``w(n)`` for the lag ``n = t − s ≥ 0``: ``"unbounded"`` ``1``; ``"window"``
+``1[n < W]`` (the last ``W`` tokens); ``"decay"`` ``γ_h^n`` with a learned rate per head,
+``γ_h = \mathrm{clamp}(\sigma(\theta_h), γ_{min}, 1)``, ``γ_{min} =`` :data:`DECAY_MIN`
+(``θ_h = +∞`` or large gives ``γ = 1``: the unbounded kernel).
+
+**Magnitude** ``m_s`` (one per head and token): ``"none"`` ``1``; ``"sigmoid"``
+``5·σ(W_m x_s)``. **Normalisation** ``Z_t`` with ``S_t = Σ_{s≤t} w(t−s) m_s`` (per head):
+``"none"`` ``1``; ``"sum"`` ``S_t``; ``"sqrt"`` ``\sqrt{S_t}`` (clamped below at
+:data:`NORM_EPS`).
+
+**Readout.** The complex read ``r_t`` (``d`` values) becomes the real features
+``[Re r_t, Im r_t]`` (``2d``) and goes through the output head: with ``expansion == 1`` a linear
+map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's head
+``Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)``.
+
+**Numerics.** Phases grow without bound (``|φ_t| ∼ t·|ω|``); in float32 that loses precision as
+``t`` grows. Here ``φ`` is accumulated in **float64** and wrapped to ``[0, 2π)`` (an exception to
+the library's no-wrapping rule: only ``e^{iφ}`` is ever used, which is 2π-periodic, and the
+gradient of the wrap is 1) before ``cos``/``sin`` are taken in the input's dtype; recurrent
+states carry the wrapped phase in float64. The sums over tokens are computed in chunks of
+``chunk_size`` tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside each
+chunk, and a carry between chunks that is itself computed by the same chunked scan over the chunk
+summaries, so rounding error grows like the logarithm of ``T`` rather than ``T``. The window never
+subtracts two prefix sums (chunk lags wholly inside the window go through chunk summaries, the at
+most two straddling lags through masked blocks), and the decay only forms powers ``γ^n``,
+``n ≥ 0``, so nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
+
+**Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
+the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and
+a running sum that is recomputed from the buffer every ``W`` steps so rounding cannot drift).
+
+**API.** ``forward(x)`` returns ``y``; ``forward(x, state)`` continues after ``state`` (e.g.
+``init_state(b)``, or a previous call's) and returns ``(y, new_state)``; ``step(x_t, state)``
+returns ``(y_t, new_state)``. States are :class:`TPIState` named tuples.
+
+Einstein legend: ``b`` batch, ``t`` tokens, ``d`` model channels, ``h`` heads, ``c`` channels per
+head (``d / h``), ``n`` chunks, ``i``/``j`` query/key positions inside a chunk, ``e`` = ``2c``
+rotated key features ``[k cos φ, k sin φ]``, ``f`` value channels per head, ``r`` the two reads
+(real and imaginary part), ``w`` window slots.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_int, check_real, check_tensor
+
+__all__ = ["DECAY_MIN", "NORM_EPS", "HolographicPhaseMemory", "TPIBlock", "TPIState"]
+
+DECAY_MIN = 0.5
+"""Smallest decay rate ``γ`` (a memory of at least ~2 tokens); also bounds ``d log γ / dγ ≤ 2``."""
+NORM_EPS = 1e-6
+"""Lower clamp of the normaliser ``S_t`` (``normalize="sum"``/``"sqrt"``)."""
+MAGNITUDE_SCALE = 5.0  # the reference's m = 5 sigmoid(W_m x)
+TWO_PI = 2 * math.pi
+
+QUERIES = ("shared", "decoupled", "offset", "constrained")
+KERNELS = ("unbounded", "window", "decay")
+MAGNITUDES = ("none", "sigmoid")
+NORMALIZES = ("none", "sum", "sqrt")
+STATES = ("vector", "matrix")
+
+
+class TPIState(NamedTuple):
+    """Recurrent state of a :class:`HolographicPhaseMemory` after ``position`` tokens.
+
+    Attributes:
+        phase: key phase ``φ`` wrapped to ``[0, 2π)``, float64, ``(b, d)``.
+        query_phase: query phase ``φ^q`` (``"decoupled"``/``"constrained"`` queries), float64
+            ``(b, d)``; ``None`` for the others (derived from ``phase``).
+        memory: ``M`` as real numbers: vector state ``(b, h, 2c)`` = ``[Re M, Im M]``; matrix
+            state ``(b, h, 2c, c)`` with rows ``[Re, Im]`` of the rotated key axis.
+        norm: ``S = Σ w(t − s) m_s``, ``(b, h)``.
+        buffer: window kernel only, the last ``W`` contributions in a ring (slot = position mod W):
+            vector ``(u (b, W, h, 2c), m (b, W, h))``, matrix ``(key (b, W, h, 2c),
+            value (b, W, h, c), m (b, W, h))``; ``()`` for the other kernels.
+        position: number of tokens consumed.
+    """
+
+    phase: Tensor
+    query_phase: Tensor | None
+    memory: Tensor
+    norm: Tensor
+    buffer: tuple[Tensor, ...]
+    position: int
+
+
+# ---------- kernels and the chunked scan ----------
+
+
+class _Kernel(NamedTuple):
+    """``w(n)`` for lags ``n``: ``kind`` in KERNELS; ``log_gamma`` (h,) for decay; ``window`` W."""
+
+    kind: str
+    log_gamma: Tensor | None = None
+    window: int = 0
+
+    def weights(self, lag: Tensor) -> Tensor:
+        """``w(lag)`` for an integer tensor of lags (negative: 0), shape ``(h or 1, *lag.shape)``;
+        boolean for the unbounded and window kernels."""
+        valid = lag >= 0
+        if self.kind == "window":
+            valid = valid & (lag < self.window)
+        if self.kind != "decay":
+            return valid.unsqueeze(0)
+        exponent = lag.clamp_min(0).to(self.log_gamma.dtype) * self.log_gamma.view(-1, *[1] * lag.dim())
+        return torch.where(valid, exponent.exp(), torch.zeros_like(exponent))  # never exp of a positive
+
+    def block_lags(self, size: int) -> list[int]:
+        """Chunk lags computed as masked blocks: 0, plus for the window the (≤ 2) straddling lags."""
+        if self.kind != "window":
+            return [0]
+        lags, lag = [0], max(1, self.window // size)  # lags 1 .. W//C − 1 are wholly inside
+        while lag * size - (size - 1) < self.window:  # the block's smallest token lag is inside
+            lags.append(lag)
+            lag += 1
+        return lags
+
+    def summary(self, size: int):
+        """``(left (h, C), read (h, C), kernel over chunk summaries)`` or ``None``.
+
+        The carry into chunk ``n`` is ``Σ_k w'(n − 1 − k) B_k`` with ``B_k = Σ_j left_j u_{k,j}``,
+        read at position ``i`` as ``read_i · carry``."""
+        if self.kind == "decay":
+            pos = torch.arange(size, device=self.log_gamma.device)
+            left = (self.log_gamma[:, None] * (size - 1 - pos)).exp()  # γ^{C−1−j}
+            read = (self.log_gamma[:, None] * (pos + 1)).exp()  # γ^{i+1}
+            return left, read, _Kernel("decay", self.log_gamma * size)
+        if self.kind == "window":
+            full = self.window // size - 1  # chunk lags 1..full lie wholly inside the window
+            if full < 1:
+                return None
+            return None, None, _Kernel("window", None, full)
+        return None, None, _Kernel("unbounded")
+
+
+def _block_weights(kernel: _Kernel, lag: int, size: int, like: Tensor) -> Tensor:
+    """``L[h, i, j] = w(lag·C + i − j)``, shape ``(h, C, C)``, or ``(1, C, C)`` when shared by all heads."""
+    pos = torch.arange(size, device=like.device)
+    return kernel.weights(lag * size + pos[:, None] - pos[None, :]).to(like.dtype)
+
+
+def _chunks(x: Tensor, size: int) -> tuple[Tensor, int]:
+    """Pad the token axis (1) with zeros to a multiple of ``size``; (b, t, *) -> (b, n, C, *)."""
+    t = x.shape[1]
+    n = -(-t // size)
+    if n * size != t:
+        x = torch.cat([x, x.new_zeros(x.shape[0], n * size - t, *x.shape[2:])], 1)
+    return x.reshape(x.shape[0], n, size, *x.shape[2:]), n
+
+
+def _shift(part: Tensor, lag: int) -> Tensor:
+    """Place a (b, n − lag, ...) block result at chunks lag..n − 1 of a (b, n, ...) tensor."""
+    if lag == 0:
+        return part
+    return torch.cat([part.new_zeros(part.shape[0], lag, *part.shape[2:]), part], 1)
+
+
+def _kernel_sum(u: Tensor, kernel: _Kernel, chunk: int, init: Tensor | None = None) -> Tensor:
+    """``y_t = Σ_{s≤t} w(t − s) u_s + γ^{t+1} init`` (init: unbounded/decay only), chunked.
+
+    Args:
+        u: ``(b, t, h, c)``.
+        kernel: the kernel (decay rates per head ``h``).
+        chunk: the chunk size ``C``.
+        init: ``(b, h, c)``, the memory before the first token, or ``None``.
+
+    Returns:
+        ``(b, t, h, c)``.
+    """
+    b, t, h, c = u.shape
+    size = min(chunk, t)
+    uc, n = _chunks(u, size)  # (b, n, C, h, c)
+    y = None
+    for lag in kernel.block_lags(size):
+        if lag >= n:
+            break
+        weights = _block_weights(kernel, lag, size, u)  # (h or 1, C, C)
+        if weights.shape[0] == 1:  # one matrix for every head: a single matmul over (h, c) columns
+            part = (weights[0] @ uc[:, : n - lag].flatten(3)).view(b, n - lag, size, h, c)
+        else:
+            part = torch.einsum("hij,bnjhc->bnihc", weights, uc[:, : n - lag])
+        part = _shift(part, lag)
+        y = part if y is None else y + part
+    spec = kernel.summary(size)
+    if spec is not None and (n > 1 or init is not None):
+        left, read, inner = spec
+        # chunk summaries B_k = Σ_j left_j u_{k, j}: (b, n, h, c)
+        bsum = uc.sum(2) if left is None else torch.einsum("hj,bnjhc->bnhc", left.to(u.dtype), uc)
+        first = init[:, None] if init is not None else u.new_zeros(b, 1, h, c)
+        carry = first
+        if n > 1:  # carry into chunk k ≥ 1: the inner kernel's inclusive sum up to chunk k − 1
+            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, chunk, init)], 1)  # (b, n, h, c)
+        if read is None:
+            y = y + carry[:, :, None]
+        else:
+            y = y + torch.einsum("hi,bnhc->bnihc", read.to(u.dtype), carry)
+    return y.reshape(b, n * size, h, c)[:, :t]  # (b, n, C, h, c) -> (b, t, h, c)
+
+
+def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: _Kernel, chunk: int,
+                      init: Tensor | None = None) -> Tensor:
+    """``y_t = Σ_{s≤t} w(t − s) (q_t · k_s) v_s + γ^{t+1} q_t · init``, chunked (linear attention).
+
+    Args:
+        q: ``(b, t, h, r, e)`` (``r`` reads per token).
+        k: ``(b, t, h, e)``.
+        v: ``(b, t, h, f)``.
+        kernel: the kernel.
+        chunk: the chunk size ``C``.
+        init: ``(b, h, e, f)`` or ``None``.
+
+    Returns:
+        ``(b, t, h, r, f)``.
+    """
+    b, t, h, r, e = q.shape
+    f = v.shape[-1]
+    size = min(chunk, t)
+    qc, n = _chunks(q, size)  # (b, n, C, h, r, e)
+    kc, _ = _chunks(k, size)  # (b, n, C, h, e)
+    vc, _ = _chunks(v, size)  # (b, n, C, h, f)
+    y = None
+    for lag in kernel.block_lags(size):
+        if lag >= n:
+            break
+        weights = _block_weights(kernel, lag, size, q)  # (h or 1, C, C)
+        scores = torch.einsum("bnihre,bnjhe->bnhrij", qc[:, lag:], kc[:, : n - lag]) * weights[:, None]
+        part = _shift(torch.einsum("bnhrij,bnjhf->bnihrf", scores, vc[:, : n - lag]), lag)
+        y = part if y is None else y + part
+    spec = kernel.summary(size)
+    if spec is not None and (n > 1 or init is not None):
+        left, read, inner = spec
+        keys = kc if left is None else kc * left.to(q.dtype).T[None, None, :, :, None]  # (b, n, C, h, e)
+        bsum = torch.einsum("bnjhe,bnjhf->bnhef", keys, vc).reshape(b, n, h, e * f)  # (b, n, h, e·f)
+        first = init.reshape(b, 1, h, e * f) if init is not None else q.new_zeros(b, 1, h, e * f)
+        carry = first
+        if n > 1:
+            init_flat = init.reshape(b, h, e * f) if init is not None else None
+            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, chunk, init_flat)], 1)
+        carry = carry.reshape(b, n, h, e, f)  # (b, n, h, e·f) -> (b, n, h, e, f)
+        part = torch.einsum("bnihre,bnhef->bnihrf", qc, carry)
+        y = y + (part if read is None else part * read.to(q.dtype).T[None, None, :, :, None, None])
+    return y.reshape(b, n * size, h, r, f)[:, :t]  # (b, n, C, h, r, f) -> (b, t, h, r, f)
+
+
+def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Tensor:
+    """``Σ_s w(T − 1 − s) key_s ⊗ value_s`` (chunk sums, then their sum): (b, h, e, f)."""
+    t, h = key.shape[1], key.shape[2]
+    lag = torch.arange(t - 1, -1, -1, device=key.device)
+    weights = kernel.weights(lag).to(key.dtype).expand(h, t)  # (h, t)
+    keys, _ = _chunks(key * weights.T[None, :, :, None], min(chunk, t))  # (b, n, C, h, e)
+    values, _ = _chunks(value, min(chunk, t))  # (b, n, C, h, f)
+    return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
+
+
+def _accumulate(phase0: Tensor, omega: Tensor) -> Tensor:
+    """``(φ_0 + Σ_{s≤t} ω_s) mod 2π`` in float64: (b, d) start, (b, t, d) rates -> (b, t, d)."""
+    return torch.remainder(phase0[:, None] + omega.to(torch.float64).cumsum(1), TWO_PI)
+
+
+class _Tokens(NamedTuple):
+    """Per-token quantities: what each token writes, how it reads, and its magnitude."""
+
+    write: tuple[Tensor, ...]  # vector: (u (b, t, h, 2c),); matrix: (key (b, t, h, 2c), value (b, t, h, c))
+    read: tuple[Tensor, ...]  # vector: (cos φ^q, sin φ^q), each (b, t, h, c); matrix: (query (b, t, h, 2, 2c),)
+    m: Tensor  # (b, t, h)
+
+
+# ---------- the modules ----------
+
+
+class HolographicPhaseMemory(nn.Module):
+    r"""Holographic phase memory (TPI): a causal sequence mixer ``(b, t, d) -> (b, t, d)``.
+
+    See the module docstring (:mod:`kuramoto_attn.memory`) for the formulas. Options compose
+    freely: any query × kernel × magnitude × normalisation × state.
+
+    Args:
+        d_model: channels ``d``.
+        query: ``"shared"``, ``"decoupled"``, ``"offset"`` or ``"constrained"`` query phase.
+        constrained_scale: ``c`` in ``ω^q = ω + c·tanh(W_g x)`` (``query="constrained"``), ``>= 0``.
+        kernel: ``"unbounded"``, ``"window"`` (last ``window`` tokens) or ``"decay"`` (learned
+            ``γ`` per head, parameter ``decay_logit``; see :meth:`decay_rate`).
+        window: ``W >= 1``, the window length (``kernel="window"``).
+        magnitude: ``"none"`` (``m = 1``) or ``"sigmoid"`` (``m = 5σ(W_m x)``, one per head).
+        normalize: ``"none"``, ``"sum"`` (divide by ``S_t``) or ``"sqrt"`` (by ``√S_t``).
+        state: ``"vector"`` (per-channel complex memory, value ``x``) or ``"matrix"`` (per-head
+            complex key–value memory with projections ``W_q, W_k, W_v``).
+        num_heads: ``h``, dividing ``d_model``: heads share a decay rate and a magnitude (use
+            ``num_heads=d_model`` with the vector state for per-channel ones).
+        expansion: output head width factor ``e``: 1 gives ``Linear(2d, d)``; ``e > 1`` gives
+            ``Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)``.
+        dropout: dropout probability in the output head, in ``[0, 1]``.
+        chunk_size: tokens per chunk ``C`` of the parallel form (a speed/memory trade-off;
+            results agree to rounding for every ``C``).
+
+    Shapes:
+        * ``forward``: ``x`` ``(b, t, d)`` -> ``y`` ``(b, t, d)``
+        * ``step``: ``x_t`` ``(b, d)`` -> ``y_t`` ``(b, d)``
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> memory = HolographicPhaseMemory(8, kernel="decay", normalize="sqrt", state="matrix", num_heads=2)
+        >>> x = torch.randn(2, 5, 8)
+        >>> y, state = memory(x[:, :3], memory.init_state(2))    # a prompt, keeping the state
+        >>> y_4, state = memory.step(x[:, 3], state)              # then one token at a time
+        >>> torch.allclose(memory(x)[:, 3], y_4, atol=1e-5), state.position
+        (True, 4)
+    """
+
+    def __init__(self, d_model: int, query: str = "shared", constrained_scale: float = 0.1,
+                 kernel: str = "unbounded", window: int = 64, magnitude: str = "none",
+                 normalize: str = "none", state: str = "vector", num_heads: int = 1,
+                 expansion: int = 1, dropout: float = 0.0, chunk_size: int = 64) -> None:
+        super().__init__()
+        self.d_model = d = check_int("d_model", d_model, low=1)
+        self.num_heads = h = check_int("num_heads", num_heads, low=1)
+        if d % h:
+            raise ValueError(f"num_heads: expected a divisor of d_model={d} but got {h}")
+        self.query = check_choice("query", query, QUERIES)
+        self.constrained_scale = check_real("constrained_scale", constrained_scale, low=0.0)
+        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self.window = check_int("window", window, low=1)
+        self.magnitude = check_choice("magnitude", magnitude, MAGNITUDES)
+        self.normalize = check_choice("normalize", normalize, NORMALIZES)
+        self.state_type = check_choice("state", state, STATES)
+        self.expansion = check_int("expansion", expansion, low=1)
+        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
+        self.chunk_size = check_int("chunk_size", chunk_size, low=1)
+
+        self.omega = nn.Linear(d, d)  # key frequencies ω (the bias: a base rotation, as in RoPE)
+        self.query_omega = nn.Linear(d, d) if query == "decoupled" else None
+        self.query_delta = nn.Linear(d, d) if query == "constrained" else None
+        self.query_offset = nn.Linear(d, d) if query == "offset" else None
+        self.magnitude_proj = nn.Linear(d, h) if magnitude == "sigmoid" else None
+        if state == "matrix":
+            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        if kernel == "decay":
+            # γ_h = 1 − 2^{−a}, a from 4 to 8: memories of ~16 (the reference's learned 13–17) to ~256 tokens
+            a = torch.linspace(4.0, 8.0, h)
+            self.decay_logit = nn.Parameter(torch.log(2.0 ** a - 1.0))
+        if expansion == 1:
+            self.head = nn.Sequential(nn.Linear(2 * d, d), nn.Dropout(dropout))
+        else:
+            self.head = nn.Sequential(nn.Linear(2 * d, expansion * d), nn.GELU(), nn.Dropout(dropout),
+                                      nn.Linear(expansion * d, d))
+
+    # ----- public API -----
+
+    def decay_rate(self) -> Tensor:
+        r"""``γ_h = \mathrm{clamp}(σ(θ_h), γ_{min}, 1)``, shape ``(h,)`` (``kernel="decay"`` only)."""
+        return self._log_decay().exp()
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> TPIState:
+        """The empty state (no tokens seen), on the parameters' device and dtype by default.
+
+        Args:
+            batch_size: ``b``.
+            device: the state's device.
+            dtype: the dtype of the memory (phases are always float64).
+
+        Returns:
+            A :class:`TPIState` with ``position == 0``.
+        """
+        b = check_int("batch_size", batch_size, low=1)
+        ref = self.omega.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
+        phase = torch.zeros(b, d, dtype=torch.float64, device=device)
+        query_phase = phase.clone() if self.query in ("decoupled", "constrained") else None
+        shape = (b, h, 2 * c) if self.state_type == "vector" else (b, h, 2 * c, c)
+        buffer: tuple[Tensor, ...] = ()
+        if self.kernel == "window":
+            W = self.window
+            writes = [(b, W, h, 2 * c)] if self.state_type == "vector" else [(b, W, h, 2 * c), (b, W, h, c)]
+            buffer = tuple(torch.zeros(s, dtype=dtype, device=device) for s in writes + [(b, W, h)])
+        return TPIState(phase, query_phase, torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(b, h, dtype=dtype, device=device), buffer, 0)
+
+    def forward(self, x: Tensor, state: TPIState | None = None):
+        """The parallel (chunked) form.
+
+        Args:
+            x: ``(b, t, d)``, ``t >= 1``.
+            state: continue after this state (e.g. :meth:`init_state` or a previous call's).
+
+        Returns:
+            ``y`` ``(b, t, d)`` without a state; ``(y, new_state)`` with one. (With the window
+            kernel a call with a state also re-reads the ``W`` buffered contributions: O(W) extra.)
+        """
+        b, t = self._check_input("x", x, 3)
+        if state is not None:
+            self._check_state(state, x)
+        phase, query_phase = self._phases(x, state)
+        tokens = self._tokens(x, phase, query_phase)
+        write, m, read = tokens.write, tokens.m, tokens.read
+        kernel, chunk = self._kernel_spec(), self.chunk_size
+        init_memory = init_norm = None
+        prefix = 0
+        if state is not None and self.kernel == "window":
+            # the window's earlier tokens come from the ring buffer: prepend them in order
+            prefix = self.window
+            shift = -(state.position % self.window)
+            earlier = [buf.roll(shift, 1) for buf in state.buffer]  # ring slots -> chronological
+            write = tuple(torch.cat([e, w], 1) for e, w in zip(earlier, write))
+            m = torch.cat([earlier[-1], m], 1)
+            if self.state_type == "matrix":
+                read = (torch.cat([read[0].new_zeros(b, prefix, *read[0].shape[2:]), read[0]], 1),)
+        elif state is not None:
+            init_memory, init_norm = state.memory, state.norm
+
+        if self.state_type == "vector":
+            memory = _kernel_sum(write[0], kernel, chunk, init_memory)  # (b, prefix + t, h, 2c)
+            r = self._read_vector(memory[:, prefix:], *read)
+        else:
+            r = _kernel_attention(read[0], write[0], write[1], kernel, chunk, init_memory)[:, prefix:]
+        norm = None
+        if self.normalize != "none" or state is not None:
+            init = init_norm[..., None] if init_norm is not None else None
+            norm = _kernel_sum(m[..., None], kernel, chunk, init)[..., 0]  # (b, prefix + t, h)
+        y = self._output(r, None if norm is None else norm[:, prefix:])
+        if state is None:
+            return y
+        if self.state_type == "vector":
+            final_memory = memory[:, -1]
+        else:
+            final_memory = _final_memory(write[0], write[1], kernel, chunk)
+            if init_memory is not None:
+                final_memory = final_memory + init_memory * self._decay_power(t)[:, None, None]
+        position = state.position + t
+        buffer: tuple[Tensor, ...] = ()
+        if self.kernel == "window":  # the last W writes, placed at their ring slots
+            shift = position % self.window
+            buffer = tuple(w[:, -self.window:].roll(shift, 1) for w in write + (m,))
+        query_end = query_phase[:, -1] if state.query_phase is not None else None
+        return y, TPIState(phase[:, -1], query_end, final_memory, norm[:, -1], buffer, position)
+
+    def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
+        """The recurrent form: one token, O(1) work (independent of the position).
+
+        With ``kernel="window"`` the new contribution is written into the state's ring buffer in
+        place (no O(W) copy), so the state passed in must not be reused afterwards.
+
+        Args:
+            x_t: ``(b, d)``.
+            state: the state after the previous tokens (:meth:`init_state` to start).
+
+        Returns:
+            ``(y_t, new_state)`` with ``y_t`` ``(b, d)``.
+        """
+        self._check_input("x_t", x_t, 2)
+        x = x_t[:, None]  # (b, d) -> (b, 1, d)
+        self._check_state(state, x)
+        phase, query_phase = self._phases(x, state)
+        tokens = self._tokens(x, phase, query_phase)
+        write = tuple(w[:, 0] for w in tokens.write)
+        m = tokens.m[:, 0]  # (b, h)
+        new = write[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", *write)
+        if self.kernel == "window":
+            memory, norm = self._window_step(state, write, m, new)
+        else:
+            gamma = self._decay_power(1)  # (h,); 1 for the unbounded kernel
+            expand = gamma.view(-1, *[1] * (state.memory.dim() - 2))
+            memory, norm = expand * state.memory + new, gamma * state.norm + m
+        if self.state_type == "vector":
+            r = self._read_vector(memory[:, None], *tokens.read)
+        else:
+            r = torch.einsum("bhre,bhef->bhrf", tokens.read[0][:, 0], memory)[:, None]  # (b, 1, h, 2, c)
+        y = self._output(r, norm[:, None])[:, 0]
+        query_end = query_phase[:, -1] if state.query_phase is not None else None
+        return y, TPIState(phase[:, -1], query_end, memory, norm, state.buffer, state.position + 1)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, query={self.query!r}, kernel={self.kernel!r}, "
+                f"window={self.window}, magnitude={self.magnitude!r}, normalize={self.normalize!r}, "
+                f"state={self.state_type!r}, num_heads={self.num_heads}, expansion={self.expansion}, "
+                f"chunk_size={self.chunk_size}")
+
+    # ----- internals -----
+
+    def _log_decay(self) -> Tensor:
+        if self.kernel != "decay":
+            raise ValueError(f"kernel: the decay rate exists only for kernel='decay', not {self.kernel!r}")
+        return F.logsigmoid(self.decay_logit).clamp_min(math.log(DECAY_MIN))
+
+    def _decay_power(self, n: int) -> Tensor:
+        """``γ^n`` per head, ``(h,)``; ones for the unbounded and window kernels."""
+        if self.kernel == "decay":
+            return (self._log_decay() * n).exp()
+        return self.omega.weight.new_ones(self.num_heads)
+
+    def _kernel_spec(self) -> _Kernel:
+        if self.kernel == "decay":
+            return _Kernel("decay", self._log_decay())
+        return _Kernel(self.kernel, None, self.window)
+
+    def _phases(self, x: Tensor, state: TPIState | None) -> tuple[Tensor, Tensor]:
+        """Wrapped key and query phases ``(b, t, d)``, float64, continuing from ``state``."""
+        b = x.shape[0]
+        start = x.new_zeros(b, self.d_model, dtype=torch.float64) if state is None else state.phase
+        omega = self.omega(x).to(torch.float64)
+        phase = _accumulate(start, omega)
+        if self.query == "shared":
+            return phase, phase
+        if self.query == "offset":
+            return phase, torch.remainder(phase + self.query_offset(x).to(torch.float64), TWO_PI)
+        query_start = torch.zeros_like(start) if state is None else state.query_phase
+        if self.query == "decoupled":
+            return phase, _accumulate(query_start, self.query_omega(x))
+        delta = self.constrained_scale * torch.tanh(self.query_delta(x)).to(torch.float64)
+        return phase, _accumulate(query_start, omega + delta)
+
+    def _tokens(self, x: Tensor, phase: Tensor, query_phase: Tensor) -> _Tokens:
+        b, t, d = x.shape
+        h, c = self.num_heads, d // self.num_heads
+        # wrapped phases lose nothing in float32; at least float32 so half precisions rotate accurately
+        trig = torch.promote_types(x.dtype, torch.float32)
+        phase, query_phase = phase.to(trig), query_phase.to(trig)
+        cos_k, sin_k = (f(phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))  # (b, t, d) -> (b, t, h, c)
+        cos_q, sin_q = (f(query_phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))
+        if self.magnitude_proj is None:
+            m = x.new_ones(b, t, h)
+        else:
+            m = MAGNITUDE_SCALE * torch.sigmoid(self.magnitude_proj(x))  # (b, t, h)
+        if self.state_type == "vector":
+            value = x.view(b, t, h, c) * m[..., None]  # (b, t, d) -> (b, t, h, c)
+            return _Tokens((torch.cat([value * cos_k, value * sin_k], -1),), (cos_q, sin_q), m)
+        k = self.k_proj(x).view(b, t, h, c)  # (b, t, d) -> (b, t, h, c)
+        q = self.q_proj(x).view(b, t, h, c) * c ** -0.5
+        v = self.v_proj(x).view(b, t, h, c) * m[..., None]
+        key = torch.cat([k * cos_k, k * sin_k], -1)  # (b, t, h, 2c)
+        qc, qs = q * cos_q, q * sin_q
+        # Re and Im of (q e^{iφq})^H (k e^{iφ}) as dot products with [k cos φ, k sin φ]
+        query = torch.stack([torch.cat([qc, qs], -1), torch.cat([-qs, qc], -1)], 3)  # (b, t, h, 2, 2c)
+        return _Tokens((key, v), (query,), m)
+
+    @staticmethod
+    def _read_vector(memory: Tensor, cos_q: Tensor, sin_q: Tensor) -> Tensor:
+        """``r = M e^{−iφ^q}`` from ``[Re M, Im M]`` (b, t, h, 2c): (b, t, h, 2, c)."""
+        re, im = memory.chunk(2, -1)
+        return torch.stack([re * cos_q + im * sin_q, im * cos_q - re * sin_q], 3)
+
+    def _output(self, r: Tensor, norm: Tensor | None) -> Tensor:
+        """Normalise ``r`` (b, t, h, 2, c) by ``S`` (b, t, h), features ``[Re r, Im r]``, head."""
+        if self.normalize == "sum":
+            r = r / norm.clamp_min(NORM_EPS)[..., None, None]
+        elif self.normalize == "sqrt":
+            r = r / norm.clamp_min(NORM_EPS).sqrt()[..., None, None]
+        b, t = r.shape[:2]
+        features = r.transpose(2, 3).reshape(b, t, 2 * self.d_model)  # (b, t, h, 2, c) -> (b, t, 2d)
+        return self.head(features)
+
+    def _window_step(self, state: TPIState, write: tuple[Tensor, ...], m: Tensor, new: Tensor):
+        """Ring-buffer update: add the new contribution, drop the one leaving the window."""
+        slot = state.position % self.window
+        old = [buf[:, slot].clone() for buf in state.buffer]  # cloned: the slot is overwritten next
+        for buf, value in zip(state.buffer, write + (m,)):
+            buf[:, slot] = value
+        if (state.position + 1) % self.window == 0:
+            # every W steps the whole buffer is new: recompute the sums so rounding cannot drift
+            if self.state_type == "vector":
+                memory = state.buffer[0].sum(1)
+            else:
+                memory = torch.einsum("bwhe,bwhf->bhef", state.buffer[0].clone(), state.buffer[1].clone())
+            return memory, state.buffer[-1].sum(1)
+        gone = old[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", old[0], old[1])
+        return state.memory + new - gone, state.norm + m - old[-1]
+
+    def _check_input(self, name: str, x, ndim: int) -> tuple[int, int]:
+        check_tensor(name, x)
+        want = "(b, t, d)" if ndim == 3 else "(b, d)"
+        if x.dim() != ndim or x.shape[-1] != self.d_model or 0 in x.shape:
+            raise ValueError(f"{name}: expected a non-empty tensor of shape {want} with "
+                             f"d={self.d_model} but got {tuple(x.shape)}")
+        return x.shape[0], x.shape[1]
+
+    def _check_state(self, state, x: Tensor) -> None:
+        if not isinstance(state, TPIState):
+            raise ValueError(f"state: expected a TPIState (see init_state) but got {type(state).__name__}")
+        expected = self.init_state(x.shape[0], device="meta", dtype=x.dtype)
+        if state.memory.shape[0] != x.shape[0]:
+            raise ValueError(f"state: expected batch size {x.shape[0]} (that of the input) "
+                             f"but got a state of batch size {state.memory.shape[0]}")
+        for field in ("phase", "query_phase", "memory", "norm"):
+            got, want = getattr(state, field), getattr(expected, field)
+            if (got is None) != (want is None) or (
+                    got is not None and (got.shape != want.shape or got.dtype != want.dtype)):
+                describe = "None" if got is None else f"{tuple(got.shape)} {got.dtype}"
+                wanted = "None" if want is None else f"{tuple(want.shape)} {want.dtype}"
+                raise ValueError(f"state: expected {field} {wanted} for this module and input "
+                                 f"but got {describe} (a state from a different configuration?)")
+        if len(state.buffer) != len(expected.buffer) or any(
+                got.shape != want.shape for got, want in zip(state.buffer, expected.buffer)):
+            raise ValueError(f"state: expected a window buffer of shapes "
+                             f"{[tuple(w.shape) for w in expected.buffer]} but got "
+                             f"{[tuple(g.shape) for g in state.buffer]}")
+
+
+class TPIBlock(nn.Module):
+    r"""A pre-norm residual block around a :class:`HolographicPhaseMemory`, with an optional FFN:
+
+    .. math::
+
+        x \leftarrow x + \mathrm{TPI}(\mathrm{LN}(x)), \qquad
+        x \leftarrow x + \mathrm{FFN}(\mathrm{LN}(x)) \quad (\text{if } \mathrm{ffn\_expansion} > 0),
+
+    one residual per sub-layer (the memory itself adds none);
+    ``FFN = Linear(d, f·d) → GELU → Linear(f·d, d) → Dropout``.
+
+    Args:
+        d_model: channels ``d``.
+        memory: the mixer (default ``HolographicPhaseMemory(d_model)``); its ``d_model`` must match.
+        ffn_expansion: FFN width factor ``f``; 0 for no FFN.
+        dropout: dropout probability after the FFN, in ``[0, 1]``.
+
+    Shapes:
+        * ``forward``: ``x`` ``(b, t, d)`` -> ``(b, t, d)``; ``step``: ``x_t`` ``(b, d)`` -> ``(b, d)``.
+        * ``forward(x, state)`` and ``step`` return ``(y, new_state)`` (a :class:`TPIState`).
+
+    Example:
+        >>> import torch
+        >>> block = TPIBlock(16, HolographicPhaseMemory(16, kernel="window", window=4))
+        >>> x = torch.randn(2, 6, 16)
+        >>> y, state = block(x, block.init_state(2))
+        >>> y.shape, torch.allclose(block(x), y)
+        (torch.Size([2, 6, 16]), True)
+    """
+
+    def __init__(self, d_model: int, memory: HolographicPhaseMemory | None = None,
+                 ffn_expansion: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.d_model = check_int("d_model", d_model, low=1)
+        if memory is None:
+            memory = HolographicPhaseMemory(d_model)
+        if not isinstance(memory, HolographicPhaseMemory) or memory.d_model != d_model:
+            got = f"d_model={memory.d_model}" if isinstance(memory, HolographicPhaseMemory) else type(memory).__name__
+            raise ValueError(f"memory: expected a HolographicPhaseMemory with d_model={d_model} but got {got}")
+        check_int("ffn_expansion", ffn_expansion, low=0)
+        check_real("dropout", dropout, low=0.0, high=1.0)
+        self.memory = memory
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = None
+        if ffn_expansion > 0:
+            self.norm2 = nn.LayerNorm(d_model)
+            self.ffn = nn.Sequential(nn.Linear(d_model, ffn_expansion * d_model), nn.GELU(),
+                                     nn.Linear(ffn_expansion * d_model, d_model), nn.Dropout(dropout))
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> TPIState:
+        """The memory's empty state (see :meth:`HolographicPhaseMemory.init_state`)."""
+        return self.memory.init_state(batch_size, device, dtype)
+
+    def forward(self, x: Tensor, state: TPIState | None = None):
+        """``x`` ``(b, t, d)`` -> ``y``, or ``(y, new_state)`` when a state is given."""
+        out = self.memory(self.norm1(x), state)
+        mixed, new_state = out if state is not None else (out, None)
+        y = self._ffn(x + mixed)
+        return y if state is None else (y, new_state)
+
+    def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
+        """``x_t`` ``(b, d)`` -> ``(y_t, new_state)``, O(1) per token."""
+        mixed, state = self.memory.step(self.norm1(x_t), state)
+        return self._ffn(x_t + mixed), state
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return x if self.ffn is None else x + self.ffn(self.norm2(x))

@@ -1,0 +1,457 @@
+"""HolographicPhaseMemory / TPIBlock against naive float64 references, recurrent vs parallel,
+limits (ω = 0, window ≥ T, γ → 1), causality, long-sequence precision, and argument checks."""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import generators
+from kuramoto_attn import HolographicPhaseMemory, TPIBlock
+from kuramoto_attn.memory import DECAY_MIN, KERNELS, MAGNITUDES, NORMALIZES, QUERIES, STATES, TPIState
+
+# ---------- naive references, float64 ----------
+
+
+def naive_projections(memory, x):
+    """φ, φ^q (unwrapped, float64 cumsums) and m (b, t, h), from the module's own projections."""
+    omega = memory.omega(x).double()
+    phase = omega.cumsum(1)
+    if memory.query == "shared":
+        query_phase = phase
+    elif memory.query == "offset":
+        query_phase = phase + memory.query_offset(x).double()
+    elif memory.query == "decoupled":
+        query_phase = memory.query_omega(x).double().cumsum(1)
+    else:
+        query_phase = (omega + memory.constrained_scale * torch.tanh(memory.query_delta(x).double())).cumsum(1)
+    b, t, _ = x.shape
+    if memory.magnitude == "none":
+        m = torch.ones(b, t, memory.num_heads, dtype=torch.float64)
+    else:
+        m = 5 * torch.sigmoid(memory.magnitude_proj(x).double())
+    return phase, query_phase, m
+
+
+def naive_kernel(memory, t):
+    """w[h, t, s] = w(t − s), explicit."""
+    lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+    h = memory.num_heads
+    if memory.kernel == "unbounded":
+        return (lag >= 0).double().expand(h, t, t)
+    if memory.kernel == "window":
+        return ((lag >= 0) & (lag < memory.window)).double().expand(h, t, t)
+    gamma = memory.decay_rate().double()[:, None, None]
+    return torch.where(lag >= 0, gamma ** lag.clamp_min(0), torch.zeros((), dtype=torch.float64))
+
+
+def naive_read(memory, x):
+    """The complex read r (b, t, d) by explicit O(T²) sums in complex128, normalised."""
+    b, t, d = x.shape
+    h, c = memory.num_heads, d // memory.num_heads
+    phase, query_phase, m = naive_projections(memory, x)
+    w = naive_kernel(memory, t)
+    S = torch.einsum("hts,bsh->bth", w, m)
+    rot_k = torch.exp(1j * phase).view(b, t, h, c)
+    rot_q = torch.exp(1j * query_phase).view(b, t, h, c)
+    if memory.state_type == "vector":
+        u = x.double().view(b, t, h, c) * m[..., None] * rot_k
+        r = torch.einsum("hts,bshc->bthc", w.to(u.dtype), u) * rot_q.conj()
+    else:
+        k = memory.k_proj(x).double().view(b, t, h, c) * rot_k
+        q = memory.q_proj(x).double().view(b, t, h, c) * c ** -0.5 * rot_q
+        v = (memory.v_proj(x).double().view(b, t, h, c) * m[..., None]).to(k.dtype)
+        scores = torch.einsum("bthc,bshc->bhts", q.conj(), k) * w
+        r = torch.einsum("bhts,bshf->bthf", scores, v)
+    if memory.normalize == "sum":
+        r = r / S.clamp_min(1e-6)[..., None]
+    elif memory.normalize == "sqrt":
+        r = r / S.clamp_min(1e-6).sqrt()[..., None]
+    return r.reshape(b, t, d)
+
+
+def naive_memory(memory, x):
+    """y = head([Re r, Im r]) with the naive read."""
+    r = naive_read(memory, x)
+    return memory.head(torch.cat([r.real, r.imag], -1))
+
+
+# ---------- strategies ----------
+
+options = st.fixed_dictionaries(dict(
+    query=st.sampled_from(QUERIES), kernel=st.sampled_from(KERNELS), window=st.integers(1, 6),
+    magnitude=st.sampled_from(MAGNITUDES), normalize=st.sampled_from(NORMALIZES),
+    state=st.sampled_from(STATES), num_heads=st.sampled_from([1, 2]),
+    expansion=st.sampled_from([1, 2]), chunk_size=st.integers(1, 5)))
+
+
+def build(opts, dtype=torch.float64, seed=0, d=4):
+    torch.manual_seed(seed)
+    memory = HolographicPhaseMemory(d, **opts).to(dtype).eval()
+    if memory.kernel == "decay":  # spread the rates over the whole clamped range
+        with torch.no_grad():
+            memory.decay_logit.uniform_(-1.0, 4.0)
+    return memory
+
+
+def randn(gen, *shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+# ---------- parallel form against the naive reference ----------
+
+
+@settings(max_examples=60, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 17))
+def test_parallel_equals_naive_reference(gen, opts, t):
+    memory = build(opts)
+    x = randn(gen, 2, t, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(memory(x), naive_memory(memory, x), atol=1e-10, rtol=1e-10)
+
+
+def test_matrix_state_with_many_chunks_and_long_window():
+    """Several recursion levels of the chunked scan (T/C = 25 chunks, window spanning 4 chunks)."""
+    gen = torch.Generator().manual_seed(3)
+    for kernel in KERNELS:
+        memory = build(dict(kernel=kernel, window=9, state="matrix", num_heads=2, chunk_size=2,
+                            magnitude="sigmoid", normalize="sqrt"))
+        x = randn(gen, 1, 50, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(memory(x), naive_memory(memory, x), atol=1e-10, rtol=1e-10)
+
+
+# ---------- recurrent form ----------
+
+
+@settings(max_examples=60, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 14), data=st.data())
+def test_recurrent_equals_parallel_float32(gen, opts, t, data):
+    """forward(x) == forward(prefix, state) then step per token == two forward segments (float32)."""
+    memory = build(opts, torch.float32)
+    x = randn(gen, 2, t, 4, dtype=torch.float32)
+    split = data.draw(st.integers(0, t))
+    with torch.no_grad():
+        full = memory(x)
+        state, outs = memory.init_state(2), []
+        if split:
+            y, state = memory(x[:, :split], state)
+            outs.append(y)
+        for i in range(split, t):
+            y_t, state = memory.step(x[:, i], state)
+            outs.append(y_t[:, None])
+        assert state.position == t
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+        if 0 < split < t:  # two parallel segments
+            y1, s1 = memory(x[:, :split], memory.init_state(2))
+            y2, s2 = memory(x[:, split:], s1)
+            torch.testing.assert_close(torch.cat([y1, y2], 1), full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(s2.memory, state.memory, atol=1e-5, rtol=1e-5)
+
+
+def test_window_ring_buffer_does_not_drift():
+    """Many steps (the running sum is rebuilt from the buffer every W steps) match the parallel form."""
+    gen = torch.Generator().manual_seed(4)
+    for state_type in STATES:
+        memory = build(dict(kernel="window", window=3, state=state_type, normalize="sum", magnitude="sigmoid"))
+        x = randn(gen, 1, 40, 4)
+        with torch.no_grad():
+            state, outs = memory.init_state(1), []
+            for i in range(40):
+                y_t, state = memory.step(x[:, i], state)
+                outs.append(y_t)
+            torch.testing.assert_close(torch.stack(outs, 1), memory(x), atol=1e-12, rtol=1e-12)
+
+
+def test_step_is_differentiable_through_the_window_buffer():
+    memory = build(dict(kernel="window", window=2, state="matrix"), torch.float32)
+    x = torch.randn(1, 7, 4, requires_grad=True)
+    state, total = memory.init_state(1), 0.0
+    for i in range(7):
+        y_t, state = memory.step(x[:, i], state)
+        total = total + y_t.square().sum()
+    total.backward()
+    parallel = x.detach().clone().requires_grad_(True)
+    memory(parallel).square().sum().backward()
+    torch.testing.assert_close(x.grad, parallel.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_state_after_forward_matches_state_after_steps():
+    gen = torch.Generator().manual_seed(5)
+    for kernel in KERNELS:
+        memory = build(dict(kernel=kernel, window=3, query="decoupled", state="matrix", chunk_size=2))
+        x = randn(gen, 2, 7, 4)
+        with torch.no_grad():
+            _, parallel = memory(x, memory.init_state(2))
+            state = memory.init_state(2)
+            for i in range(7):
+                _, state = memory.step(x[:, i], state)
+        for got, want in zip(parallel[:4], state[:4]):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        assert all(0 <= p < 2 * math.pi for p in parallel.phase.flatten().tolist())  # wrapped
+
+
+# ---------- limits and invariants ----------
+
+
+def _read(memory, x, state=None):
+    """The normalised complex read as the module computes it: [Re r, Im r] before the head."""
+    captured = {}
+    handle = memory.head.register_forward_pre_hook(lambda _, args: captured.setdefault("f", args[0]))
+    try:
+        memory(x) if state is None else memory(x, state)
+    finally:
+        handle.remove()
+    return captured["f"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 12))
+def test_zero_frequency_is_a_weighted_cumulative_sum(gen, opts, t):
+    """ω = 0 with shared queries: r_t = Σ_s w(t−s) m_s v_s / Z_t, real (no rotation)."""
+    opts = dict(opts, query="shared")
+    memory = build(opts)
+    with torch.no_grad():
+        memory.omega.weight.zero_()
+        memory.omega.bias.zero_()
+        x = randn(gen, 2, t, 4)
+        features = _read(memory, x)
+        h, c = memory.num_heads, 4 // memory.num_heads
+        _, _, m = naive_projections(memory, x)
+        w = naive_kernel(memory, t)
+        if memory.state_type == "vector":
+            values = x.view(2, t, h, c) * m[..., None]
+            expected = torch.einsum("hts,bshc->bthc", w, values)
+        else:
+            q = memory.q_proj(x).view(2, t, h, c) * c ** -0.5
+            k, v = memory.k_proj(x).view(2, t, h, c), memory.v_proj(x).view(2, t, h, c) * m[..., None]
+            expected = torch.einsum("bhts,bshc->bthc", torch.einsum("bthc,bshc->bhts", q, k) * w, v)
+        S = torch.einsum("hts,bsh->bth", w, m)[..., None]
+        if memory.normalize == "sum":
+            expected = expected / S
+        elif memory.normalize == "sqrt":
+            expected = expected / S.sqrt()
+        torch.testing.assert_close(features[..., :4], expected.reshape(2, t, 4), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(features[..., 4:], torch.zeros(2, t, 4, dtype=torch.float64),
+                                   atol=1e-12, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 10))
+def test_global_phase_offset_cancels(gen, opts, t):
+    """Starting every key and query phase at α (per channel) instead of 0 changes nothing."""
+    memory = build(opts)
+    x = randn(gen, 2, t, 4)
+    alpha = randn(gen, 1, 4) * 10
+    with torch.no_grad():
+        y0, _ = memory(x, memory.init_state(2))
+        state = memory.init_state(2)
+        shifted = state._replace(phase=state.phase + alpha,
+                                 query_phase=None if state.query_phase is None else state.query_phase + alpha)
+        y1, _ = memory(x, shifted)
+    torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 12), extra=st.integers(0, 5))
+def test_window_at_least_t_equals_unbounded(gen, opts, t, extra):
+    window = build(dict(opts, kernel="window", window=t + extra))
+    unbounded = build(dict(opts, kernel="unbounded"))
+    unbounded.load_state_dict(window.state_dict())
+    x = randn(gen, 2, t, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(window(x), unbounded(x), atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(1, 12))
+def test_decay_to_one_equals_unbounded(gen, opts, t):
+    decay = build(dict(opts, kernel="decay"))
+    unbounded = build(dict(opts, kernel="unbounded"))
+    unbounded.load_state_dict(decay.state_dict(), strict=False)
+    x = randn(gen, 2, t, 4)
+    with torch.no_grad():
+        decay.decay_logit.fill_(40.0)  # σ(40) = 1 − 4e-18: γ = 1 in float64
+        assert decay.decay_rate().tolist() == [1.0] * decay.num_heads
+        torch.testing.assert_close(decay(x), unbounded(x), atol=1e-12, rtol=1e-12)
+        decay.decay_logit.fill_(math.log(1e6))  # γ = 1 − 1e-6: within ~T·1e-6 of unbounded
+        torch.testing.assert_close(decay(x), unbounded(x), atol=1e-4, rtol=1e-4)
+
+
+def test_decay_rate_is_clamped():
+    memory = HolographicPhaseMemory(4, kernel="decay", num_heads=2)
+    with torch.no_grad():
+        memory.decay_logit.copy_(torch.tensor([-30.0, 30.0]))
+    assert memory.decay_rate().tolist() == [DECAY_MIN, 1.0]
+    assert 0.9 < HolographicPhaseMemory(4, kernel="decay").decay_rate().item() < 1.0  # initial ~1 − 1/16
+
+
+@settings(max_examples=30, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(2, 14), data=st.data())
+def test_causality(gen, opts, t, data):
+    """Changing inputs at positions ≥ p leaves outputs at positions < p unchanged."""
+    memory = build(opts)
+    p = data.draw(st.integers(1, t - 1))
+    x = randn(gen, 2, t, 4)
+    changed = x.clone()
+    changed[:, p:] = randn(gen, 2, t - p, 4) * 5
+    with torch.no_grad():
+        before, after = memory(x), memory(changed)
+    assert torch.equal(before[:, :p], after[:, :p])
+    assert not torch.allclose(before[:, p:], after[:, p:])
+
+
+# ---------- long sequences in float32 ----------
+
+
+def reference_read_float64(memory, x):
+    """O(T) float64 reference of the read from the module's float32 projections (upcast).
+
+    Using the same projected ω, q, k, v, m isolates the error of the memory itself: a one-ulp
+    difference in each float32 ω would otherwise add ~√T·1e-7·|ω| to φ_T in any implementation."""
+    b, t, d = x.shape
+    h, c = memory.num_heads, d // memory.num_heads
+    phase, query_phase, m = naive_projections(memory, x)  # projections in float32, sums in float64
+    rot_k = torch.exp(1j * phase).view(b, t, h, c)
+    rot_q = torch.exp(1j * query_phase).view(b, t, h, c)
+    if memory.state_type == "vector":
+        write = (x.double().view(b, t, h, c) * m[..., None] * rot_k)[..., None]  # (b, t, h, c, 1)
+    else:
+        k = memory.k_proj(x).double().view(b, t, h, c) * rot_k
+        v = memory.v_proj(x).double().view(b, t, h, c) * m[..., None]
+        write = k[..., :, None] * v[..., None, :]  # (b, t, h, c, c) outer products
+    if memory.kernel == "window":
+        csum, nsum = write.cumsum(1), m.cumsum(1)
+        W = memory.window
+        M = csum - torch.cat([torch.zeros_like(csum[:, :W]), csum[:, :-W]], 1)
+        S = nsum - torch.cat([torch.zeros_like(nsum[:, :W]), nsum[:, :-W]], 1)
+    elif memory.kernel == "unbounded":
+        M, S = write.cumsum(1), m.cumsum(1)
+    else:
+        gamma = memory.decay_rate().double()
+        M, S = torch.empty_like(write), torch.empty_like(m)
+        running, norm = torch.zeros_like(write[:, 0]), torch.zeros_like(m[:, 0])
+        for i in range(t):
+            running = gamma.view(h, 1, 1) * running + write[:, i]
+            norm = gamma * norm + m[:, i]
+            M[:, i], S[:, i] = running, norm
+    if memory.state_type == "vector":
+        r = M[..., 0] * rot_q.conj()
+    else:
+        q = memory.q_proj(x).double().view(b, t, h, c) * c ** -0.5 * rot_q
+        r = torch.einsum("bthe,bthef->bthf", q.conj(), M)
+    if memory.normalize == "sum":
+        r = r / S[..., None]
+    elif memory.normalize == "sqrt":
+        r = r / S.sqrt()[..., None]
+    return torch.cat([r.real.reshape(b, t, d), r.imag.reshape(b, t, d)], -1)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(kernel="window", window=1000, normalize="sum", magnitude="sigmoid"),
+    dict(kernel="decay", query="constrained", normalize="sqrt"),
+    dict(state="matrix", num_heads=2, query="decoupled"),
+    dict(state="matrix", num_heads=2, query="offset", kernel="window", window=64, normalize="sqrt"),
+])
+def test_long_sequence_float32_matches_float64(opts):
+    """T = 16384 in float32: finite, and within 1e-5 (relative, per position) of float64 sums."""
+    torch.manual_seed(0)
+    memory = HolographicPhaseMemory(4, **opts).eval()
+    x = torch.randn(1, 16384, 4)
+    with torch.no_grad():
+        features = _read(memory, x)
+        reference = reference_read_float64(memory, x)
+        y = memory(x)
+    assert torch.isfinite(y).all()
+    error = (features.double() - reference).norm(dim=-1) / reference.norm(dim=-1)
+    assert error.max().item() <= 1e-5, error.max().item()
+
+
+# ---------- gradients ----------
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("state", STATES)
+def test_gradcheck(kernel, state):
+    memory = build(dict(kernel=kernel, window=2, state=state, magnitude="sigmoid", normalize="sqrt",
+                        query="constrained", chunk_size=2), d=2)
+    x = torch.randn(1, 5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(memory, (x,))
+    memory(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in memory.parameters())
+
+
+# ---------- TPIBlock ----------
+
+
+def test_block_step_matches_forward_and_residual_is_single():
+    torch.manual_seed(0)
+    block = TPIBlock(8, HolographicPhaseMemory(8, kernel="decay", state="matrix", num_heads=2)).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    with torch.no_grad():
+        state, outs = block.init_state(2), []
+        for i in range(6):
+            y_t, state = block.step(x[:, i], state)
+            outs.append(y_t)
+        torch.testing.assert_close(torch.stack(outs, 1), block(x), atol=1e-12, rtol=1e-12)
+        bare = TPIBlock(8, ffn_expansion=0).double()
+        for p in bare.memory.head.parameters():
+            p.zero_()  # the memory outputs 0: a single residual returns x unchanged
+        assert torch.equal(bare(x), x)
+        assert bare.ffn is None
+
+
+# ---------- argument checks ----------
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(window=0), "window"),
+    (dict(query="rotary"), "query"),
+    (dict(kernel="gaussian"), "kernel"),
+    (dict(magnitude="softplus"), "magnitude"),
+    (dict(normalize="l2"), "normalize"),
+    (dict(state="tensor"), "state"),
+    (dict(num_heads=3), "num_heads"),
+    (dict(expansion=0), "expansion"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(constrained_scale=-0.1), "constrained_scale"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(d_model=0), "d_model"),
+])
+def test_bad_options_raise_value_error_naming_them(kwargs, name):
+    kwargs = dict(dict(d_model=4), **kwargs)
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        HolographicPhaseMemory(**kwargs)
+
+
+def test_bad_inputs_and_states_raise_value_error_naming_them():
+    memory = HolographicPhaseMemory(4, kernel="window", window=3, query="decoupled")
+    for bad in (torch.zeros(2, 5), torch.zeros(2, 5, 3), torch.zeros(2, 0, 4), torch.zeros(2, 5, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="^x:"):
+            memory(bad)
+    with pytest.raises(ValueError, match="^x_t:"):
+        memory.step(torch.zeros(2, 1, 4), memory.init_state(2))
+    with pytest.raises(ValueError, match="^state:.*batch size"):
+        memory(torch.zeros(2, 5, 4), memory.init_state(3))
+    with pytest.raises(ValueError, match="^state:.*batch size"):
+        memory.step(torch.zeros(2, 4), memory.init_state(3))
+    other = HolographicPhaseMemory(4, kernel="window", window=5)  # other buffer, no query phase
+    with pytest.raises(ValueError, match="^state:"):
+        memory(torch.zeros(2, 5, 4), other.init_state(2))
+    with pytest.raises(ValueError, match="^state:"):
+        memory(torch.zeros(2, 5, 4), (torch.zeros(2, 4),))
+    with pytest.raises(ValueError, match="^state:"):
+        memory(torch.zeros(2, 5, 4, dtype=torch.float64), memory.init_state(2))  # float32 state
+    with pytest.raises(ValueError, match="^batch_size:"):
+        memory.init_state(0)
+    with pytest.raises(ValueError, match="^kernel:"):
+        memory.decay_rate()
+    with pytest.raises(ValueError, match="^memory:"):
+        TPIBlock(8, HolographicPhaseMemory(4))
+    with pytest.raises(ValueError, match="^ffn_expansion:"):
+        TPIBlock(4, ffn_expansion=-1)
+    assert isinstance(memory.init_state(1), TPIState)
