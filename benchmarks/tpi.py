@@ -17,7 +17,7 @@ Three parts (subcommands; `all` runs them in turn):
                -> head tied to the embedding); one training run mixes the three lengths (batches of
                one length, cycled); accuracy printed per (T, N) cell. Mixers come from the MIXERS
                registry: every TPI query/kernel/state variant, causal softmax attention (with RoPE),
-               and KuramotoAttention when the library has it.
+               and KuramotoAttention.
 
 --quick: settings that finish within 10 minutes on 2 CPU cores (d_model 64, short training);
 the default (full) settings are meant for a GPU.
@@ -29,7 +29,6 @@ Run:  python benchmarks/tpi.py {generation,throughput,mqar,all} [--quick] [--dev
 
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -98,9 +97,9 @@ MIXERS = {
     "tpi-matrix-decoupled": tpi(state="matrix", query="decoupled"),
     "tpi-matrix-window": tpi(state="matrix", kernel="window", window=64),
     "tpi-matrix-decay": tpi(state="matrix", kernel="decay"),
+    # phase-coupled softmax attention (its defaults: 32 oscillators, 10 Euler steps, mean field)
+    "kuramoto": lambda d: kuramoto_attn.KuramotoAttention(d, heads(d)),
 }
-if hasattr(kuramoto_attn, "KuramotoAttention"):  # written in parallel (kuramoto_attn/attention.py)
-    MIXERS["kuramoto"] = lambda d: kuramoto_attn.KuramotoAttention(d, heads(d))
 
 # ---------- timing ----------
 
@@ -340,7 +339,7 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
           f"settings: {'quick' if args.quick else 'full'}")
-    print(f"KuramotoAttention available: {hasattr(kuramoto_attn, 'KuramotoAttention')}\n")
+    print()
     start = time.perf_counter()
     results = {}
     parts = ["generation", "throughput", "mqar"] if args.part == "all" else [args.part]
