@@ -29,14 +29,14 @@ import json
 import math
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from _timing import bench_ms
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}
@@ -119,20 +119,13 @@ def worker(spec):
         y.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
         x.grad = None
-        if cuda:
-            torch.cuda.synchronize()
 
-    step()  # warm-up
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    ms = bench_ms(step, device, spec["repeats"])
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_cuda
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    print(json.dumps({**spec, "ms": 1e3 * statistics.median(times), "peak_mb": peak / 2**20}))
+    print(json.dumps({**spec, "ms": ms, "peak_mb": peak / 2**20}))
 
 
 def run_worker(spec, env):

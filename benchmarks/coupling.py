@@ -16,12 +16,12 @@ Run:  python benchmarks/coupling.py [--device cpu] [--lengths 128 256 512] [--re
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 
 from kuramoto_attn import MeanFieldCoupling
+
+from _timing import bench_ms
 
 B, H, N = 8, 12, 32
 STRENGTH, PHASE_LAG = 1.0, 0.3
@@ -45,25 +45,6 @@ def naive_coupling(theta, strength, phase_lag, causal):
     else:
         count = T
     return strength / count * out
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_ms(fn, device, repeats, warmup=1):
-    """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main():

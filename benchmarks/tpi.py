@@ -29,7 +29,6 @@ Run:  python benchmarks/tpi.py {generation,throughput,mqar,all} [--quick] [--dev
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -38,6 +37,8 @@ from torch import nn
 
 import kuramoto_attn
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
+
+from _timing import bench_ms, sync
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
 
@@ -102,25 +103,6 @@ MIXERS = {
 }
 
 # ---------- timing ----------
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_ms(fn, device, repeats, warmup=1):
-    """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 # ---------- 1. generation ----------
