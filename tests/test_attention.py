@@ -147,10 +147,12 @@ def test_grad_mode_path_matches_no_grad_path():
 
 
 # ------------------------------------------------------------------------------- causality
-@settings(max_examples=12, deadline=None)
-@given(gen=generators, coupling=st.sampled_from(COUPLINGS), integrator=st.sampled_from(INTEGRATORS),
-       padded=st.booleans(), cut=st.integers(1, 7))
-def test_future_tokens_never_change_the_past(gen, coupling, integrator, padded, cut):
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+@pytest.mark.parametrize("padded", [False, True])
+@settings(max_examples=3, deadline=None)
+@given(gen=generators, cut=st.integers(1, 7))
+def test_future_tokens_never_change_the_past(coupling, integrator, padded, gen, cut):
     layer = make_layer(coupling=coupling, integrator=integrator)
     x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
     valid = left_padding(2, 8, gen) if padded else None
