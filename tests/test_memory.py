@@ -1,7 +1,6 @@
 """HolographicPhaseMemory / TPIBlock against naive float64 references, recurrent vs parallel,
 limits (ω = 0, window ≥ T, γ → 1), causality, long-sequence precision, and argument checks."""
 
-import copy
 import math
 
 import pytest
@@ -97,6 +96,15 @@ def build(opts, dtype=torch.float64, seed=0, d=4):
     return memory
 
 
+def run_steps(module, x, state):
+    """Feed x (b, t, d) token by token through module.step; the outputs (b, t, d) and final state."""
+    outs = [x[:, :0]]  # (b, 0, d): no tokens gives no outputs
+    for i in range(x.shape[1]):
+        y_t, state = module.step(x[:, i], state)
+        outs.append(y_t[:, None])
+    return torch.cat(outs, 1), state
+
+
 def randn(gen, *shape, dtype=torch.float64):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
@@ -140,9 +148,8 @@ def test_recurrent_equals_parallel_float32(gen, opts, t, data):
         if split:
             y, state = memory(x[:, :split], state)
             outs.append(y)
-        for i in range(split, t):
-            y_t, state = memory.step(x[:, i], state)
-            outs.append(y_t[:, None])
+        y_steps, state = run_steps(memory, x[:, split:], state)
+        outs.append(y_steps)
         assert state.position == t
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
         if 0 < split < t:  # two parallel segments
@@ -159,11 +166,8 @@ def test_window_ring_buffer_does_not_drift():
         memory = build(dict(kernel="window", window=3, state=state_type, normalize="sum", magnitude="sigmoid"))
         x = randn(gen, 1, 40, 4)
         with torch.no_grad():
-            state, outs = memory.init_state(1), []
-            for i in range(40):
-                y_t, state = memory.step(x[:, i], state)
-                outs.append(y_t)
-            torch.testing.assert_close(torch.stack(outs, 1), memory(x), atol=1e-12, rtol=1e-12)
+            y_steps, _ = run_steps(memory, x, memory.init_state(1))
+            torch.testing.assert_close(y_steps, memory(x), atol=1e-12, rtol=1e-12)
 
 
 def test_step_is_differentiable_through_the_window_buffer():
@@ -393,11 +397,8 @@ def test_block_step_matches_forward_and_residual_is_single():
     block = TPIBlock(8, HolographicPhaseMemory(8, kernel="decay", state="matrix", num_heads=2)).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     with torch.no_grad():
-        state, outs = block.init_state(2), []
-        for i in range(6):
-            y_t, state = block.step(x[:, i], state)
-            outs.append(y_t)
-        torch.testing.assert_close(torch.stack(outs, 1), block(x), atol=1e-12, rtol=1e-12)
+        y_steps, _ = run_steps(block, x, block.init_state(2))
+        torch.testing.assert_close(y_steps, block(x), atol=1e-12, rtol=1e-12)
         bare = TPIBlock(8, ffn_expansion=0).double()
         for p in bare.memory.head.parameters():
             p.zero_()  # the memory outputs 0: a single residual returns x unchanged
