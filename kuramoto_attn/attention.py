@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_choice, check_int, check_real
+from ._checks import check_choice, check_int, check_real, check_tensor
 from .couplings import _pull
 from .integrators import SOLVERS
 from .order_params import order_parameter
@@ -392,9 +392,7 @@ class KuramotoAttention(nn.Module):
 
     # ----------------------------------------------------------------- checks
     def _check_input(self, x: Tensor) -> tuple[int, int]:
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            got = x.dtype if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"x: expected a floating-point tensor but got {got}")
+        check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (batch, tokens >= 1, {self.d_model}) but got {tuple(x.shape)}")
         return x.shape[0], x.shape[1]
