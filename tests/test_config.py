@@ -1,0 +1,59 @@
+"""models.config.from_dict: every key used or rejected by name; types and ranges checked."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from models.config import ConfigError, check, from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    steps: int = 10
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self):
+        check(self.steps >= 1, "steps", "must be at least 1", self.steps)
+
+
+@dataclass(frozen=True)
+class Outer:
+    lr: float = 1e-3
+    layers: tuple[int, ...] = ()
+    name: str | None = None
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_builds_nested_and_converts_lists():
+    cfg = from_dict(Outer, {"lr": 1, "layers": [2, 3], "inner": {"steps": 4, "mode": "b"}})
+    assert cfg == Outer(lr=1.0, layers=(2, 3), inner=Inner(steps=4, mode="b"))
+    assert isinstance(cfg.lr, float)
+    assert to_dict(cfg) == {"lr": 1.0, "layers": [2, 3], "name": None, "flag": False,
+                            "inner": {"steps": 4, "mode": "b"}}
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lrr": 1.0}, "cfg.lrr: unknown key"),
+    ({"inner": {"stepz": 1}}, "cfg.inner.stepz: unknown key"),
+    ({"lr": "fast"}, "cfg.lr: expected a number"),
+    ({"lr": True}, "cfg.lr: expected a number"),
+    ({"layers": [1, 2.5]}, "cfg.layers[1]: expected an integer"),
+    ({"layers": 3}, "cfg.layers: expected a list"),
+    ({"flag": 1}, "cfg.flag: expected bool"),
+    ({"name": 3}, "cfg.name: expected str"),
+    ({"inner": {"mode": "c"}}, "cfg.inner.mode: expected one of 'a', 'b'"),
+    ({"inner": {"steps": 0}}, "cfg.inner.steps: must be at least 1"),
+    ({"inner": 5}, "cfg.inner: expected a mapping"),
+])
+def test_rejects_with_the_key_named(values, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict(Outer, values, where="cfg")
+
+
+def test_aliases_map_onto_fields_and_conflicts_are_errors():
+    assert from_dict(Inner, {"n_sync_steps": 3}, aliases={"n_sync_steps": "steps"}).steps == 3
+    with pytest.raises(ConfigError, match="n_sync_steps: given twice, also as steps"):
+        from_dict(Inner, {"steps": 3, "n_sync_steps": 3}, aliases={"n_sync_steps": "steps"})
