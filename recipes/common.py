@@ -1,0 +1,122 @@
+"""Shared by the recipes: Fabric construction, model building, checkpoints, small numerics."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import MODELS
+from recipes.config import FabricConfig, model_config, parse_config
+from recipes.data import tokenizer_from_dict
+
+__all__ = ["make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "step_seed",
+           "mean_ci95"]
+
+
+def make_fabric(config: FabricConfig, loggers=None):
+    """A ``Fabric`` from the config: bf16-mixed on GPU and fp32 on CPU unless ``precision`` is set.
+
+    ``strategy: fsdp`` uses full (single-file) state dicts so checkpoints stay one atomic file.
+    """
+    from lightning_fabric import Fabric
+
+    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
+    precision = config.precision or ("bf16-mixed" if gpu else "32-true")
+    strategy = config.strategy
+    if strategy == "fsdp":
+        from lightning_fabric.strategies import FSDPStrategy
+        strategy = FSDPStrategy(state_dict_type="full")
+    return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                  strategy=strategy, precision=precision, loggers=loggers)
+
+
+def build_model(model_section: dict, vocab_size: int) -> nn.Module:
+    """The model named by ``model.type`` with its validated config."""
+    model_cls, _ = MODELS[model_section.get("type", "gpt")]
+    return model_cls(model_config(model_section, vocab_size))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on Linear weights only, never on biases, norms or embeddings.
+
+    A weight shared by an embedding and a Linear (tied output head) counts as an embedding.
+    """
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            linear_weight = isinstance(module, nn.Linear) and name == "weight"
+            (decay if linear_weight and id(p) not in embedded else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> None:
+    """``fabric.save`` to a temporary file, then an atomic rename: a kill mid-write leaves the
+    previous checkpoint at ``path`` intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state)
+    fabric.barrier()
+    if fabric.is_global_zero:
+        os.replace(tmp, path)
+    fabric.barrier()
+
+
+def load_run(checkpoint: str | Path, map_location="cpu"):
+    """``(model, tokenizer, config, state)`` from a checkpoint written by ``recipes.train``.
+
+    The model is in eval mode; ``state`` is the raw checkpoint dict (step, history, ...).
+    """
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "best.pt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r} "
+                                "(give a run directory or a .pt file written by recipes.train)")
+    state = torch.load(checkpoint, map_location=map_location, weights_only=False)
+    tokenizer = tokenizer_from_dict(state["tokenizer"])
+    config = parse_config(state["config"])
+    model = build_model(config.model, tokenizer.vocab_size)
+    model.load_state_dict(state["model"])
+    return model.eval(), tokenizer, config, state
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for (run seed, step, rank): dropout and noise depend on these only, so a resumed
+    run draws exactly what the uninterrupted one would have."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+# two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t; NaN for one value).
+
+    >>> mean, half = mean_ci95([1.0, 2.0, 3.0])
+    >>> round(mean, 3), round(half, 3)
+    (2.0, 2.484)
+    """
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+    return mean, t * std / math.sqrt(n)

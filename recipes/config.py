@@ -1,0 +1,210 @@
+"""Run configuration: YAML files (with ``extends:``) plus dotted command-line overrides.
+
+A run config has six sections, each a frozen dataclass (``model`` is checked by the model's own
+config class, chosen by ``model.type``)::
+
+    extends: ../baseline.yaml      # optional: deep-merged underneath this file
+    name: winner_cpu               # run name; out_dir defaults to runs/<name>
+    seed: 1337
+    model: {type: gpt, n_layers: 4, ...}            # models.GPTConfig / models.TPILMConfig
+    data: {name: shakespeare, tokenizer: char, ...}  # DataConfig
+    optim: {lr: 1.0e-3, weight_decay: 0.1, ...}      # OptimConfig
+    train: {max_iters: 2000, batch_size: 12, ...}    # TrainConfig
+    fabric: {accelerator: auto, precision: null, ...} # FabricConfig
+
+Every key is used or rejected with an error naming it (:class:`models.config.ConfigError`).
+Overrides are ``section.key=value`` strings whose value is parsed as YAML
+(``train.max_iters=100``, ``model.phase_layer_idx=[2]``, ``fabric.precision=bf16-mixed``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models import MODELS
+from models.config import ConfigError, check, from_dict, to_dict
+
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig",
+           "load_config", "parse_config", "load_yaml", "apply_overrides", "model_config"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus and tokenizer (see ``recipes/data.py``, ``prepare_corpus``)."""
+
+    name: str = "shakespeare"         # shakespeare (embedded) | tiny-shakespeare | wikitext-2 | enwik8 | text
+    path: str | None = None           # local file or directory instead of downloading
+    tokenizer: Literal["char", "byte", "word", "bpe"] | None = None  # None: the corpus's own level
+    bpe_vocab_size: int = 8192
+    cache_dir: str | None = None      # None: $KURAMOTO_ATTN_CACHE or ~/.cache/kuramoto-attn
+    val_fraction: float = 0.1
+    download: bool = True
+
+    def __post_init__(self):
+        check(self.bpe_vocab_size >= 256, "bpe_vocab_size", "must be at least 256", self.bpe_vocab_size)
+        check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (no decay on biases, norms, embeddings) with linear warmup then cosine decay."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.99)
+    eps: float = 1e-8
+    warmup_iters: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", "must be positive", self.lr)
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]", self.min_lr)
+        check(self.weight_decay >= 0, "weight_decay", "must be non-negative", self.weight_decay)
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              "must be two numbers in [0, 1)", self.betas)
+        check(self.eps > 0, "eps", "must be positive", self.eps)
+        check(self.warmup_iters >= 0, "warmup_iters", "must be non-negative", self.warmup_iters)
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive or null",
+              self.grad_clip)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: sizes, evaluation, early stopping, logging."""
+
+    max_iters: int = 2000
+    batch_size: int = 12              # sequences per optimizer step, summed over devices and micro-batches
+    block_size: int = 64              # tokens per sequence (at most model.max_seq_len)
+    grad_accum: int = 1               # micro-batches per optimizer step on each device
+    eval_interval: int = 250          # evaluate (and save checkpoints) every N steps and at the end
+    eval_iters: int = 20              # validation batches per evaluation (a fixed set of windows)
+    log_interval: int = 10
+    patience: int | None = None       # stop after this many evaluations without a better val loss
+    progress_bar: bool = True
+    plots: bool = True                # loss and R(t) PNGs at the end
+
+    def __post_init__(self):
+        for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval",
+                     "eval_iters", "log_interval"):
+            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        check(self.patience is None or self.patience >= 1, "patience", "must be at least 1 or null",
+              self.patience)
+
+
+@dataclass(frozen=True)
+class FabricConfig:
+    """Arguments of ``lightning.fabric.Fabric``; precision ``None`` = bf16-mixed on GPU, fp32 on CPU."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"            # auto | ddp | fsdp | ... (Fabric's names)
+    precision: str | None = None
+
+    def __post_init__(self):
+        check(self.num_nodes >= 1, "num_nodes", "must be at least 1", self.num_nodes)
+        check(not isinstance(self.devices, int) or self.devices >= 1 or self.devices == -1,
+              "devices", "must be positive, -1 or a string such as 'auto'", self.devices)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. ``model`` stays a mapping here; :func:`model_config` builds its dataclass."""
+
+    name: str = "run"
+    seed: int = 1337
+    out_dir: str | None = None        # None: runs/<name>
+    model: dict = field(default_factory=lambda: {"type": "gpt"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir if self.out_dir is not None else Path("runs") / self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def model_config(model: dict, vocab_size: int | None = None):
+    """The model's config dataclass from the ``model`` section; fills ``vocab_size`` from the data.
+
+    A ``vocab_size`` given in the file must be at least the tokenizer's (padding the embedding is
+    allowed, truncating the vocabulary is not).
+    """
+    values = dict(model)
+    kind = values.pop("type", "gpt")
+    if kind not in MODELS:
+        raise ConfigError(f"model.type: expected one of {', '.join(map(repr, MODELS))}, got {kind!r}")
+    if vocab_size is not None:
+        given = values.setdefault("vocab_size", vocab_size)
+        check(isinstance(given, int) and given >= vocab_size, "model.vocab_size",
+              f"must be at least the tokenizer's vocabulary ({vocab_size})", given)
+    _, config_cls = MODELS[kind]
+    return config_cls.from_dict(values, where="model")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file as a mapping, with ``extends:`` (a path relative to the file) merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {str(path)!r}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected a path, got {base!r}")
+    return _merge(load_yaml(path.parent / base), values)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a copy of ``values``."""
+    values = copy.deepcopy(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_iters=100")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read, merge, override and validate a run config (``model`` is validated too)."""
+    values = load_yaml(path) if path is not None else {}
+    return parse_config(apply_overrides(values, list(overrides)))
+
+
+def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
+    """Validate a run config mapping (as read from YAML or stored in a checkpoint)."""
+    config = from_dict(RunConfig, values)
+    # fail now, not after loading the data; the real vocabulary size is filled in later
+    model_config(config.model, vocab_size if vocab_size is not None else 1)
+    return config
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

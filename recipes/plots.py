@@ -1,0 +1,72 @@
+"""PNG plots written by the recipes (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = ["plot_history", "plot_R_curves"]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
+    """``loss.png`` (train and validation loss over steps) and, for models with phase layers,
+    ``R.png`` (validation R of every phase layer, one line per head, over training steps)."""
+    plt, run_dir = _pyplot(), Path(run_dir)
+    written = []
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", ms=3)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    written.append(run_dir / "loss.png")
+
+    heads: dict[int, dict[int, list]] = {}  # layer -> head -> [(step, R)]
+    for h in history:
+        for key, value in h.items():
+            match = re.fullmatch(r"val_R/layer(\d+)/head(\d+)", key)
+            if match:
+                layer, head = map(int, match.groups())
+                heads.setdefault(layer, {}).setdefault(head, []).append((h["step"], value))
+    if heads:
+        curves = {f"layer {layer}": {f"head {head}": points for head, points in sorted(per_head.items())}
+                  for layer, per_head in sorted(heads.items())}
+        written.append(plot_R_curves(curves, run_dir / "R.png", xlabel="training step",
+                                     title="validation R per head over training"))
+    return written
+
+
+def plot_R_curves(curves: dict[str, dict[str, list]], path: str | Path, *, xlabel: str,
+                  title: str) -> Path:
+    """One panel per key of ``curves`` (e.g. a layer), one line per head: ``[(x, R), ...]``.
+
+    R is per head, computed from that head's own oscillators; angles are never averaged across
+    heads.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], curves.items()):
+        for label, points in lines.items():
+            xs, ys = zip(*points) if points else ((), ())
+            ax.plot(xs, ys, lw=1, label=label)
+        ax.set(xlabel=xlabel, ylabel="R", title=panel, ylim=(0, 1.02))
+        if len(lines) <= 12:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

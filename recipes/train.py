@@ -1,0 +1,281 @@
+"""Train a language model (PhaseGPT ``GPT`` or ``TPILM``) with Lightning Fabric.
+
+    python -m recipes.train --config recipes/configs/phase_a/winner_cpu.yaml [key=value ...] [--resume]
+
+Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
+``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
+written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
+validation loss), and at the end ``loss.png`` and ``R.png`` (R of every phase layer and head on
+the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
+and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting.
+
+More devices: ``fabric.devices=4 fabric.strategy=ddp`` (Fabric launches the processes);
+several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kuramoto_attn import OrderParameter
+from recipes.common import (build_model, make_fabric, param_groups, save_checkpoint, step_seed)
+from recipes.config import RunConfig, load_config, model_config, parse_config
+from recipes.data import eval_batches, get_batch, prepare_corpus
+
+__all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+def learning_rate(step: int, optim, max_iters: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup_iters`` steps, then cosine decay to ``min_lr`` at
+    ``max_iters`` (or constant).
+
+    >>> from recipes.config import OptimConfig
+    >>> o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
+    >>> learning_rate(0, o, 110), learning_rate(10, o, 110), learning_rate(110, o, 110)
+    (0.09090909090909091, 1.0, 0.1)
+    """
+    if step < optim.warmup_iters:
+        return optim.lr * (step + 1) / (optim.warmup_iters + 1)
+    if optim.schedule == "constant" or max_iters <= optim.warmup_iters:
+        return optim.lr
+    progress = min(1.0, (step - optim.warmup_iters) / (max_iters - optim.warmup_iters))
+    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML run config (see recipes/configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
+    args = parser.parse_args(argv)
+    return train(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns the contents of ``result.json``."""
+    from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+
+    run_dir = config.run_dir
+    fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
+                                                 TensorBoardLogger(run_dir, name="tensorboard")])
+    fabric.launch()
+    tc = config.train
+    world = fabric.world_size
+    shards = world * tc.grad_accum  # every global batch is cut into this many equal micro-batches
+    if tc.batch_size % shards:
+        raise ValueError(f"train.batch_size: {tc.batch_size} is not divisible by devices × grad_accum "
+                         f"= {world} × {tc.grad_accum}")
+
+    with fabric.rank_zero_first():
+        d = config.data
+        corpus = prepare_corpus(d.name, path=d.path, tokenizer=d.tokenizer,
+                                bpe_vocab_size=d.bpe_vocab_size, cache_dir=d.cache_dir,
+                                val_fraction=d.val_fraction, download=d.download)
+    mconf = model_config(config.model, corpus.tokenizer.vocab_size)
+    if tc.block_size > mconf.max_seq_len:
+        raise ValueError(f"train.block_size: {tc.block_size} exceeds model.max_seq_len {mconf.max_seq_len}")
+
+    fabric.seed_everything(config.seed)  # same initial weights on every rank
+    model = fabric.setup_module(build_model(config.model, corpus.tokenizer.vocab_size))
+    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+    optimizer = fabric.setup_optimizers(optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate(s, config.optim, tc.max_iters) / config.optim.lr)
+
+    progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": []}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
+             "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict()}
+    if resume:
+        _resume(fabric, run_dir / "last.pt", state, config)
+        progress = state["progress"]
+    if fabric.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
+                 f"training tokens, world size {world}, precision {fabric._precision.precision}")
+
+    phase_layers = tuple(getattr(model.module, "phase_layers", ()))
+    status = "finished"
+    try:
+        status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_layers)
+    except KeyboardInterrupt:
+        if not state.get("_in_update"):
+            _save(fabric, run_dir / "last.pt", state)
+            fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
+        raise
+    result = {"status": status, "step": progress["step"], "best_val_loss": progress["best_val"],
+              "final_val_loss": progress["history"][-1]["val_loss"] if progress["history"] else None,
+              "name": config.name, "seed": config.seed}
+    if fabric.is_global_zero:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        if config.train.plots:
+            from recipes.plots import plot_history
+            plot_history(progress["history"], run_dir)
+    fabric.logger.finalize("success")
+    return result
+
+
+def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_layers) -> str:
+    tc, progress = config.train, state["progress"]
+    train_data, val_data = corpus.splits["train"], corpus.splits["val"]
+    rank, world, shards = fabric.global_rank, fabric.world_size, fabric.world_size * tc.grad_accum
+    run_dir = config.run_dir
+    bar = None
+    if tc.progress_bar and fabric.is_global_zero:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.max_iters, initial=progress["step"], dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    while progress["step"] < tc.max_iters:
+        step = progress["step"]
+        torch.manual_seed(step_seed(config.seed, step, rank))
+        total_loss, total_aux = 0.0, 0.0
+        for micro in range(tc.grad_accum):
+            x, y = get_batch(train_data, tc.batch_size, tc.block_size, seed=config.seed, step=step,
+                             rank=micro * world + rank, world_size=shards, device=fabric.device)
+            with fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
+                _, loss, info = model(x, y, return_info=True)
+                objective = (loss + info.coherence_loss) / tc.grad_accum
+                fabric.backward(objective)
+            total_loss += loss.detach() / tc.grad_accum
+            total_aux += info.coherence_loss.detach() / tc.grad_accum
+        norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
+                                     error_if_nonfinite=False)
+        _check_finite(fabric, total_loss, norm, step)
+        state["_in_update"] = True
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress["step"] = step = step + 1
+        state["_in_update"] = False
+        if bar is not None:
+            bar.update(1)
+
+        if step % tc.log_interval == 0 or step == tc.max_iters:
+            loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
+            metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(norm)}
+            if torch.is_tensor(total_aux):
+                metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
+            fabric.log_dict(metrics, step=step)
+            progress["history"].append({"step": step, "train_loss": loss_value})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+
+        if step % tc.eval_interval == 0 or step == tc.max_iters:
+            val = evaluate(fabric, model, val_data, config, phase_layers)
+            fabric.log_dict(val, step=step)
+            progress["history"].append({"step": step, **{k.replace("/", "_"): v for k, v in val.items()}})
+            fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
+            improved = val["val/loss"] < progress["best_val"]
+            if improved:
+                progress["best_val"], progress["bad_evals"] = val["val/loss"], 0
+                _save(fabric, run_dir / "best.pt", state)
+            else:
+                progress["bad_evals"] += 1
+            _save(fabric, run_dir / "last.pt", state)
+            if tc.patience is not None and progress["bad_evals"] >= tc.patience:
+                fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
+                return "early_stopped"
+    if bar is not None:
+        bar.close()
+    return "finished"
+
+
+@torch.no_grad()
+def evaluate(fabric, model, data, config: RunConfig, phase_layers=()) -> dict[str, float]:
+    """Mean loss over a fixed set of validation windows, plus R statistics of every phase layer
+    (per head, pooled over tokens and batch) as ``val/R/layer{i}/head{j}`` and ``val/R/layer{i}``."""
+    tc = config.train
+    was_training = model.training
+    model.eval()
+    metrics = {i: OrderParameter(dim=-1, group_dim=1, num_groups=_heads(config)).to(fabric.device)
+               for i in phase_layers}
+    losses = []
+    for x, y in eval_batches(data, tc.batch_size // tc.grad_accum, tc.block_size, tc.eval_iters,
+                             seed=config.seed, rank=fabric.global_rank, world_size=fabric.world_size,
+                             device=fabric.device):
+        _, loss, info = model(x, y, return_info=True)
+        losses.append(loss.float())
+        for i, layer_info in info.phase.items():
+            metrics[i].update(layer_info.phases.float())
+    loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
+    out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    for i, metric in metrics.items():
+        mean = metric.compute()["mean"].cpu()
+        out[f"val/R/layer{i}"] = mean.mean().item()
+        out.update({f"val/R/layer{i}/head{h}": r.item() for h, r in enumerate(mean)})
+    model.train(was_training)
+    return out
+
+
+def _heads(config: RunConfig) -> int:
+    return int(config.model.get("n_heads", 12)) if config.model.get("type", "gpt") == "gpt" else 1
+
+
+def _check_finite(fabric, loss, norm, step) -> None:
+    bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)) else 1.0,
+                       device=fabric.device)
+    if fabric.world_size > 1:
+        bad = fabric.all_reduce(bad, reduce_op="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not finite; "
+            "stopped before the update, last.pt / best.pt keep the last good state. Try a lower "
+            "optim.lr, optim.grad_clip, or fabric.precision=32-true.")
+
+
+def _save(fabric, path: Path, state: dict[str, Any]) -> None:
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    save_checkpoint(fabric, path, {k: v for k, v in state.items() if not k.startswith("_")} | {"rng": rng})
+
+
+def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
+    saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
+    if saved["config"] != state["config"]:
+        changed = _diff(parse_config(saved["config"]).to_dict(), state["config"])
+        raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
+                         "resume with the same config or start a new out_dir")
+    if saved["tokenizer"] != state["tokenizer"]:
+        raise ValueError("--resume: the tokenizer differs from the checkpoint's (data settings changed?)")
+    state["progress"] = saved["progress"]
+    torch.set_rng_state(saved["rng"]["torch"])
+    fabric.print(f"resumed from {path} at step {saved['progress']['step']}")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
