@@ -15,7 +15,7 @@ from models import MODELS
 from recipes.config import FabricConfig, model_config, parse_config
 from recipes.data import tokenizer_from_dict
 
-__all__ = ["make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "step_seed",
+__all__ = ["make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device", "step_seed",
            "mean_ci95"]
 
 
@@ -89,6 +89,13 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     model = build_model(config.model, tokenizer.vocab_size)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, config, state
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

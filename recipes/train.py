@@ -109,7 +109,6 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
     phase_layers = tuple(getattr(model.module, "phase_layers", ()))
-    status = "finished"
     try:
         status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_layers)
     except KeyboardInterrupt:
@@ -117,11 +116,11 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             _save(fabric, run_dir / "last.pt", state)
             fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
         raise
-    result = {"status": status, "step": progress["step"], "best_val_loss": progress["best_val"],
-              "final_val_loss": progress["history"][-1]["val_loss"] if progress["history"] else None,
-              "name": config.name, "seed": config.seed}
+    except TrainingDiverged as err:
+        _write_result(fabric, config, progress, "diverged", str(err))
+        raise
+    result = _write_result(fabric, config, progress, status)
     if fabric.is_global_zero:
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         if config.train.plots:
             from recipes.plots import plot_history
             plot_history(progress["history"], run_dir)
@@ -178,7 +177,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_laye
         if step % tc.eval_interval == 0 or step == tc.max_iters:
             val = evaluate(fabric, model, val_data, config, phase_layers)
             fabric.log_dict(val, step=step)
-            progress["history"].append({"step": step, **{k.replace("/", "_"): v for k, v in val.items()}})
+            progress["history"].append({"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}})
             fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
             improved = val["val/loss"] < progress["best_val"]
             if improved:
@@ -236,6 +235,16 @@ def _check_finite(fabric, loss, norm, step) -> None:
             f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not finite; "
             "stopped before the update, last.pt / best.pt keep the last good state. Try a lower "
             "optim.lr, optim.grad_clip, or fabric.precision=32-true.")
+
+
+def _write_result(fabric, config: RunConfig, progress: dict, status: str, message: str = "") -> dict:
+    vals = [h["val_loss"] for h in progress["history"] if "val_loss" in h]
+    result = {"name": config.name, "seed": config.seed, "status": status, "step": progress["step"],
+              "best_val_loss": progress["best_val"] if vals else None,
+              "final_val_loss": vals[-1] if vals else None, "message": message}
+    if fabric.is_global_zero:
+        (config.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:

@@ -1,0 +1,89 @@
+"""Evaluate a trained run on whole splits: loss, perplexity, bits per token and per character.
+
+    python -m recipes.evaluate runs/winner_cpu [--checkpoint best.pt] [--splits val test]
+
+Every token of a split is predicted exactly once: the split is cut into consecutive windows of the
+training context (``train.block_size``), each predicted from the start of its window.
+Bits per character divide the total by the number of characters the predicted tokens decode to
+(equal to bits per token for a character tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recipes.common import load_run, pick_device
+from recipes.config import DataConfig
+from recipes.data import prepare_corpus
+
+__all__ = ["main", "evaluate_split", "load_corpus"]
+
+
+def load_corpus(data: DataConfig):
+    """The corpus a run was trained on (from the data cache when present)."""
+    return prepare_corpus(data.name, path=data.path, tokenizer=data.tokenizer,
+                          bpe_vocab_size=data.bpe_vocab_size, cache_dir=data.cache_dir,
+                          val_fraction=data.val_fraction, download=data.download)
+
+
+@torch.no_grad()
+def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, batch_size: int = 16,
+                   device="cpu") -> dict[str, float]:
+    """Loss (nats/token), perplexity, bits per token and bits per character over ``tokens``."""
+    if len(tokens) < 2:
+        raise ValueError(f"tokens: need at least 2 tokens, got {len(tokens)}")
+    starts = range(0, len(tokens) - 1, block_size)
+    full = [s for s in starts if s + block_size <= len(tokens) - 1]
+    last = [[s] for s in starts if s + block_size > len(tokens) - 1]  # at most one, shorter window
+    total_nats, count, chars = 0.0, 0, 0
+    for batch in [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + last:
+        width = min(block_size, len(tokens) - 1 - batch[0])
+        chunk = np.stack([np.asarray(tokens[s:s + width + 1], dtype=np.int64) for s in batch])
+        chunk = torch.from_numpy(chunk).to(device)  # (b, width + 1)
+        logits, _ = model(chunk[:, :-1])
+        targets = chunk[:, 1:]
+        total_nats += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+        chars += sum(len(tokenizer.decode(row.tolist())) for row in targets.cpu())
+    loss = total_nats / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2),
+            "bits_per_char": total_nats / math.log(2) / max(chars, 1), "tokens": count}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
+    parser.add_argument("--checkpoint", default="best.pt", help="file name inside the run directory")
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    path = Path(args.run)
+    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    device = pick_device(args.device)
+    model.to(device)
+    corpus = load_corpus(config.data)
+    results = {}
+    for split in args.splits:
+        if split not in corpus.splits:
+            print(f"{split}: the corpus {corpus.name!r} has no such split (has {', '.join(corpus.splits)})")
+            continue
+        results[split] = evaluate_split(model, corpus.splits[split], config.train.block_size, tokenizer,
+                                        batch_size=args.batch_size, device=device)
+        r = results[split]
+        print(f"{split}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/token {r['bits_per_token']:.4f}  "
+              f"bits/char {r['bits_per_char']:.4f}  ({r['tokens']:,} tokens)")
+    if path.is_dir():
+        (path / "evaluation.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

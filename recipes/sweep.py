@@ -1,0 +1,122 @@
+"""Run configs × seeds one after another, then summarise them with mean ± 95% CI over seeds.
+
+    python -m recipes.sweep recipes/configs/phase_a/sweep_cpu.yaml [key=value ...]
+    python -m recipes.sweep --configs a.yaml b.yaml --seeds 1 2 3 --out runs/my_sweep [key=value ...]
+
+A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` and optional
+``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
+time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>``: a run with a
+``result.json`` is skipped, one with a ``last.pt`` is resumed. The summary goes to
+``<out_dir>/summary.csv`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from models.config import ConfigError
+from recipes.common import mean_ci95
+from recipes.config import load_yaml
+
+__all__ = ["main", "run_sweep", "summarise"]
+
+_SWEEP_KEYS = {"configs", "seeds", "out_dir", "overrides"}
+
+
+def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: list[str] = (),
+              python: str = sys.executable) -> list[dict]:
+    """Train every (config, seed) not finished yet; return one row per run (see :func:`summarise`)."""
+    names = [load_yaml(c).get("name", c.stem) for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configs: run names must be distinct, got {names}")
+    for config, name in zip(configs, names):
+        for seed in seeds:
+            run_dir = out_dir / name / f"seed{seed}"
+            if (run_dir / "result.json").is_file():
+                print(f"[sweep] {name} seed {seed}: done, skipped")
+                continue
+            resume = (run_dir / "last.pt").is_file()
+            cmd = [python, "-m", "recipes.train", "--config", str(config), *overrides,
+                   f"name={name}", f"seed={seed}", f"out_dir={run_dir}"] + (["--resume"] if resume else [])
+            print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
+            code = subprocess.call(cmd)
+            if code != 0 and not (run_dir / "result.json").is_file():
+                raise RuntimeError(f"[sweep] {name} seed {seed} failed (exit {code}); "
+                                   f"rerun the sweep to resume it. Command: {' '.join(cmd)}")
+    return summarise(out_dir, names, seeds)
+
+
+def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
+    """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± 95% CI per config)."""
+    rows = []
+    for name in names:
+        for seed in seeds:
+            path = out_dir / name / f"seed{seed}" / "result.json"
+            if path.is_file():
+                r = json.loads(path.read_text())
+                rows.append({"config": name, "seed": seed, "status": r["status"], "step": r["step"],
+                             "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"]})
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["config", "seed", "status", "step", "best_val_loss",
+                                               "final_val_loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| config | runs | best val loss (mean ± 95% CI) | val perplexity | statuses |",
+             "|:---|---:|---:|---:|:---|"]
+    for name in names:
+        mine = [r for r in rows if r["config"] == name]
+        losses = [r["best_val_loss"] for r in mine if r["best_val_loss"] is not None
+                  and math.isfinite(r["best_val_loss"])]
+        mean, half = mean_ci95(losses)
+        ci = "" if math.isnan(half) else f" ± {half:.4f}"
+        ppl = f"{math.exp(mean):.2f}" if losses else "–"
+        statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
+        lines.append(f"| {name} | {len(mine)} | {mean:.4f}{ci} | {ppl} | {statuses} |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m recipes.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", nargs="?", help="sweep YAML (configs, seeds, out_dir, overrides)")
+    parser.add_argument("--configs", nargs="+", help="run configs, instead of a sweep file")
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--out", help="sweep directory")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    args, extra = parser.parse_known_args(argv)
+    overrides = list(args.overrides) + extra
+    if args.sweep and args.sweep.endswith((".yaml", ".yml")):
+        spec = yaml.safe_load(Path(args.sweep).read_text()) or {}
+        unknown = set(spec) - _SWEEP_KEYS
+        if unknown:
+            raise ConfigError(f"{args.sweep}: unknown key(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(_SWEEP_KEYS))})")
+        base = Path(args.sweep).parent
+        configs = [base / c for c in spec.get("configs", [])]
+        seeds = args.seeds or spec.get("seeds", [1337])
+        out_dir = Path(args.out or spec.get("out_dir", f"runs/{Path(args.sweep).stem}"))
+        overrides = list(spec.get("overrides", [])) + overrides
+    else:
+        if args.sweep:
+            overrides.insert(0, args.sweep)
+        if not args.configs:
+            parser.error("give a sweep YAML file or --configs")
+        configs, seeds = [Path(c) for c in args.configs], args.seeds or [1337]
+        out_dir = Path(args.out or "runs/sweep")
+    if not configs:
+        parser.error("configs: the sweep lists no configs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return run_sweep(configs, seeds, out_dir, overrides)
+
+
+if __name__ == "__main__":
+    main()
