@@ -503,6 +503,8 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
             raise FileNotFoundError(f"text: data.path={path} is not a file")
         files = {"all": file}
     else:
+        if path is not None and len(source.files) > 1 and Path(path).is_file():
+            path = Path(path).parent  # one of the corpus's files: take its folder
         files = {split: _find_file(name, split, remote, path, cache_dir, download)
                  for split, remote in source.files.items()}
     shas = {split: _sha256_file(f) for split, f in files.items()}

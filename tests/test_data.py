@@ -276,6 +276,8 @@ def _fake_wikitext(folder, names=("train.txt", "valid.txt", "test.txt")):
 def test_wikitext_from_local_folder(tmp_path, names):
     folder = _fake_wikitext(tmp_path / "wt2", names)
     corpus = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    same = prepare_corpus("wikitext-2", path=folder / names[0], cache_dir=tmp_path / "cache", download=False)
+    assert {s: a.tolist() for s, a in same.splits.items()} == {s: a.tolist() for s, a in corpus.splits.items()}
     tok = corpus.tokenizer
     assert isinstance(tok, WordTokenizer) and set(corpus.splits) == {"train", "val", "test"}
     assert tok.words == WordTokenizer.from_text(WIKI["train"]).words  # local variants are trusted
