@@ -570,6 +570,21 @@ def _load_cached(folder: Path, settings: dict, name: str) -> Corpus | None:
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name)
 
 
+def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:
+    """Encode into a staging folder beside ``folder``, then move it into place in one rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    try:
+        _encode_into(staging, tokenizer, raw, meta)
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial entry under the same key
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():  # not another process's finished entry
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = None, tokenizer: str | None = None,
                    bpe_vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None,
                    val_fraction: float = 0.1, download: bool = True) -> Corpus:
@@ -615,18 +630,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     corpus = _load_cached(folder, settings, name)
     if corpus is not None:
         return corpus
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache, prefix=folder.name + ".tmp-"))
-    try:
-        _encode_into(staging, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
-                     {"settings": settings, "source_sha256": shas})
-        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial entry under the same key
-        os.replace(staging, folder)
-    except OSError:
-        if _load_cached(folder, settings, name) is None:  # not another process's finished entry
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
+                 {"settings": settings, "source_sha256": shas})
     return _load_cached(folder, settings, name)
 
 
