@@ -1,0 +1,340 @@
+"""The training recipes end to end on tiny models and a small generated corpus (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from models.config import ConfigError
+from recipes import train as train_module
+from recipes.common import load_run, mean_ci95, param_groups
+from recipes.config import apply_overrides, load_config, parse_config
+from recipes.evaluate import evaluate_split
+from recipes.generate import generate_text
+from recipes.interpret import phase_statistics
+from recipes.sweep import run_sweep
+from recipes.train import TrainingDiverged, learning_rate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over the lazy dog while seven oscillators hum in phase "
+         "and a king speaks to his fool about the weather in the north ")
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text((WORDS * 60).strip() + "\n")
+    return path
+
+
+def tiny(tmp_path: Path, corpus_file: Path, **sections) -> dict:
+    """A run config mapping: 2-layer GPT with a phase layer, 12 steps, on the small corpus."""
+    values = {
+        "name": "tiny", "seed": 3, "out_dir": str(tmp_path / "run"),
+        "model": {"type": "gpt", "n_layers": 2, "n_heads": 2, "d_model": 32, "max_seq_len": 16,
+                  "dropout": 0.1, "use_phase_attention": True, "phase_layer_idx": [1],
+                  "num_oscillators": 4, "steps": 2, "phase_noise": 0.05},
+        "data": {"name": "text", "path": str(corpus_file), "tokenizer": "char",
+                 "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3, "warmup_iters": 2},
+        "train": {"max_iters": 12, "batch_size": 4, "block_size": 16, "eval_interval": 4,
+                  "eval_iters": 2, "log_interval": 1, "progress_bar": False, "plots": False},
+        "fabric": {"accelerator": "cpu", "precision": "32-true"},
+    }
+    for section, changes in sections.items():
+        values[section] = {**values[section], **changes} if isinstance(changes, dict) else changes
+    return values
+
+
+def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_iter=5", "train.max_iter: unknown key"),
+    ("train.max_iters=five", "train.max_iters: expected an integer"),
+    ("train.max_iters=0", "train.max_iters: must be at least 1"),
+    ("optim.lr=-1", "optim.lr: must be positive"),
+    ("model.n_head=4", "model.n_head: unknown key"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("model.type=rnn", "model.type: expected one of"),
+    ("fabric.precison=32", "fabric.precison: unknown key"),
+    ("colour=blue", "colour: unknown key"),
+])
+def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
+    values = tiny(tmp_path, corpus_file)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(apply_overrides(values, [override]))
+
+
+def test_yaml_extends_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(
+        {"model": {"type": "gpt", "n_layers": 4, "d_model": 64, "n_heads": 4}, "train": {"max_iters": 7}}))
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nname: top\nmodel: {n_layers: 2}\n")
+    config = load_config(tmp_path / "top.yaml", ["train.batch_size=6", "model.phase_layer_idx=[1]",
+                                                 "model.use_phase_attention=true"])
+    assert config.name == "top" and config.train.max_iters == 7 and config.train.batch_size == 6
+    assert config.model == {"type": "gpt", "n_layers": 2, "d_model": 64, "n_heads": 4,
+                            "phase_layer_idx": [1], "use_phase_attention": True}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(tmp_path / "top.yaml", ["train.batch_size"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "recipes" / "configs")))
+def test_every_shipped_config_is_valid(path):
+    if path.name == "sweep.yaml":
+        spec = yaml.safe_load(path.read_text())
+        assert set(spec) <= {"configs", "seeds", "out_dir", "overrides"}
+        assert all((path.parent / c).is_file() for c in spec["configs"])
+        return
+    config = load_config(path)
+    if path.name != "base.yaml":
+        assert config.name != "run", "every run config names its run"
+
+
+def test_learning_rate_schedule():
+    from recipes.config import OptimConfig
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
+    lrs = [learning_rate(s, o, 100) for s in range(101)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))           # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then never rises
+    assert lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
+    assert learning_rate(55, o, 100) == pytest.approx(0.55)           # cosine midpoint
+
+
+def test_param_groups_decay_only_linear_weights():
+    from models import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=11, n_layers=2, n_heads=2, d_model=16, max_seq_len=8,
+                          use_phase_attention=True, phase_layer_idx=(0,), num_oscillators=4))
+    decay, no_decay = param_groups(model, 0.1)
+    decayed = {id(p) for p in decay["params"]}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            expect = isinstance(module, torch.nn.Linear) and name == "weight" \
+                and not any(p is e.weight for e in model.modules() if isinstance(e, torch.nn.Embedding))
+            assert (id(p) in decayed) == expect, (type(module).__name__, name)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_mean_ci95_matches_student_t():
+    mean, half = mean_ci95([2.0, 4.0])
+    assert mean == 3.0 and half == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+    assert math.isnan(mean_ci95([1.0])[1])
+
+
+# --- training --------------------------------------------------------------------------------
+
+def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 40, "eval_interval": 20, "plots": True})
+    result = train(parse_config(values))
+    run = tmp_path / "run"
+    assert result["status"] == "finished" and result["step"] == 40
+    assert json.loads((run / "result.json").read_text())["best_val_loss"] == result["best_val_loss"]
+    for name in ("best.pt", "last.pt", "config.yaml", "loss.png", "R.png"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp"))
+    assert list((run / "logs").rglob("metrics.csv")) and list((run / "tensorboard").rglob("events.*"))
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert state["progress"]["step"] == 40 and state["tokenizer"]["kind"] == "char"
+    assert "rng" in state and set(state["optimizer"]) == {"state", "param_groups"}
+    history = state["progress"]["history"]
+    vocab = len(set(corpus_file.read_text()))
+    first_train = next(h["train_loss"] for h in history if "train_loss" in h)
+    assert first_train == pytest.approx(math.log(vocab), rel=0.25)    # starts near uniform
+    assert result["final_val_loss"] < first_train - 0.5                # and learns
+    R = [v for h in history for k, v in h.items() if k.startswith("val_R/layer1/head")]
+    assert len(R) == 2 * 2 and all(0.0 <= r <= 1.0 for r in R)
+    model, tokenizer, config, _ = load_run(run)
+    assert config.to_dict() == parse_config(values).to_dict()
+    assert tokenizer.vocab_size == vocab and not model.training
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
+    straight = tiny(tmp_path / "a", corpus_file)
+    train(parse_config(straight))
+
+    interrupted = tiny(tmp_path / "b", corpus_file)
+    real_get_batch = train_module.get_batch
+
+    def get_batch(*args, step, **kwargs):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_get_batch(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(interrupted))
+    saved = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["progress"]["step"] == 7
+    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    result = train(parse_config(interrupted), resume=True)
+    assert result["step"] == 12
+    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(parse_config(apply_overrides(interrupted, ["optim.lr=0.1"])), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
+    real_build = train_module.build_model
+    calls = {"n": 0}
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def poison(module, inputs, output):
+            calls["n"] += 1 if module.training else 0
+            if module.training and calls["n"] == 6:   # the 6th training step
+                logits, loss, *rest = output
+                return (logits, loss * float("nan"), *rest)
+        model.register_forward_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    with pytest.raises(TrainingDiverged, match="step 5: loss nan"):
+        train(parse_config(tiny(tmp_path, corpus_file)))
+    run = tmp_path / "run"
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert state["progress"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+
+
+def _run_recipe(args: list[str], **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, corpus_file):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path, corpus_file)))
+    # SIGKILL the trainer halfway through writing its second last.pt
+    script = f"""
+import os, signal, torch
+real_save = torch.save
+count = {{"n": 0}}
+def save(obj, f, *args, **kwargs):
+    if str(f).endswith("last.pt.tmp"):
+        count["n"] += 1
+        if count["n"] == 2:
+            with open(f, "wb") as handle:
+                handle.write(b"PK\\x03\\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from recipes.train import main
+main(["--config", {str(config)!r}])
+"""
+    done = _run_recipe(["-c", script])
+    assert done.returncode == -9, done.stderr[-2000:]
+    run = tmp_path / "run"
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert state["progress"]["step"] == 4
+    # and the run resumes from it to the end
+    done = _run_recipe(["-m", "recipes.train", "--config", str(config), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "result.json").read_text())["step"] == 12
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
+    losses = {}
+    for devices in (1, 2):
+        values = tiny(tmp_path / f"d{devices}", corpus_file,
+                      model={"dropout": 0.0, "phase_noise": 0.0},
+                      fabric={"accelerator": "cpu", "devices": devices, "precision": "32-true",
+                              "strategy": "ddp" if devices > 1 else "auto"},
+                      train={"max_iters": 6, "eval_interval": 3})
+        config = tmp_path / f"d{devices}.yaml"
+        config.write_text(yaml.safe_dump(values))
+        done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        history = torch.load(tmp_path / f"d{devices}" / "run" / "last.pt", weights_only=False,
+                             map_location="cpu")["progress"]["history"]
+        losses[devices] = [h.get("train_loss", h.get("val_loss")) for h in history]
+    assert len(losses[1]) == 6 + 2
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+# --- after training --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_file) -> Path:
+    tmp_path = tmp_path_factory.mktemp("trained")
+    train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 30, "eval_interval": 15})))
+    return tmp_path / "run"
+
+
+def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
+    model, tokenizer, config, _ = load_run(trained)
+    tokens = torch.randint(0, tokenizer.vocab_size, (50,)).numpy()
+    r = evaluate_split(model, tokens, 16, tokenizer, batch_size=2)
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, 49, 16):   # windows 0..16, 16..32, 32..48, 48..49
+            chunk = torch.as_tensor(tokens[s:s + 17], dtype=torch.long)[None]
+            logits, _ = model(chunk[:, :-1])
+            nats += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+            n += chunk.shape[1] - 1
+    assert r["tokens"] == n == 49
+    assert r["loss"] == pytest.approx(nats / n, rel=1e-5)
+    assert r["bits_per_char"] == pytest.approx(r["bits_per_token"], rel=1e-6)  # one char per token
+    assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
+
+
+def test_generate_is_deterministic_and_cache_free_of_drift(trained):
+    model, tokenizer, _, _ = load_run(trained)
+    kwargs = dict(max_new_tokens=24, temperature=0.9, top_k=5, num_samples=2, seed=11)
+    cached = generate_text(model, tokenizer, "the ", use_cache=True, **kwargs)
+    assert cached == generate_text(model, tokenizer, "the ", use_cache=True, **kwargs)
+    assert cached == generate_text(model, tokenizer, "the ", use_cache=False, **kwargs)
+    assert all(text.startswith("the ") and len(text) == 4 + 24 for text in cached)
+
+
+def test_interpret_reports_R_per_head(trained, tmp_path):
+    from recipes.data import eval_batches
+    from recipes.evaluate import load_corpus
+    from recipes.interpret import main
+    model, _, config, _ = load_run(trained)
+    corpus = load_corpus(config.data)
+    stats = phase_statistics(model, eval_batches(corpus.splits["val"], 4, 16, 2, seed=0))
+    assert set(stats) == {1}
+    s = stats[1]
+    assert s["stats"]["mean"].shape == (2,) and s["R_tokens"].shape == (2, 16)
+    assert s["R_steps"].shape == (3, 2)
+    assert ((s["R_tokens"] >= 0) & (s["R_tokens"] <= 1)).all()
+    report = main([str(trained), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    assert (tmp_path / "R_tokens.png").is_file() and (tmp_path / "R_steps.png").is_file()
+    assert report["layers"]["1"]["mean"] == pytest.approx(s["stats"]["mean"].tolist())
+
+
+def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path, corpus_file, train={"max_iters": 4})))
+    calls = []
+
+    def call(cmd):   # run the trainer in this process instead of a subprocess
+        calls.append(cmd)
+        train_module.main(cmd[3:])
+        return 0
+
+    monkeypatch.setattr("recipes.sweep.subprocess.call", call)
+    rows = run_sweep([config], [1, 2], tmp_path / "sweep")
+    assert len(calls) == 2 and [r["seed"] for r in rows] == [1, 2]
+    assert all(r["status"] == "finished" and r["step"] == 4 for r in rows)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    mean, half = mean_ci95([r["best_val_loss"] for r in rows])
+    assert f"{mean:.4f} ± {half:.4f}" in summary
+    run_sweep([config], [1, 2], tmp_path / "sweep")    # finished runs are skipped
+    assert len(calls) == 2
