@@ -1,0 +1,355 @@
+"""PhaseGPT: a GPT-2-style decoder whose chosen layers attend through :class:`KuramotoAttention`.
+
+Einstein legend: ``b`` batch, ``t`` new tokens, ``s`` tokens attended to (cached + new), ``h``
+heads, ``d`` head width (``d_model / h``), ``v`` vocabulary.
+
+Pre-LayerNorm blocks, learned positions, tied input/output embeddings, causal
+``scaled_dot_product_attention``, GELU MLP and dropout, as in nanoGPT's ``model.py``. The layers
+listed in ``phase_layer_idx`` replace the plain attention with
+:class:`~kuramoto_attn.KuramotoAttention` (its own initialisation kept). ``forward`` returns
+``(logits, loss)``; ``return_info=True`` adds a :class:`GPTInfo` with every phase layer's
+diagnostics and the summed coherence loss, which is reported, never added to ``loss``.
+
+Example:
+    >>> import torch
+    >>> config = GPTConfig(vocab_size=11, max_seq_len=8, n_layers=2, n_heads=2, d_model=16,
+    ...                    use_phase_attention=True, phase_layer_idx=[1], num_oscillators=4, steps=2)
+    >>> model = GPT(config)
+    >>> idx = torch.randint(11, (2, 5))
+    >>> logits, loss, info = model(idx, targets=idx, return_info=True)
+    >>> logits.shape, model.phase_layers, info.phase[1].R.shape
+    (torch.Size([2, 5, 11]), (1,), torch.Size([2, 2]))
+    >>> model.generate(idx, 4, temperature=0).shape
+    torch.Size([2, 9])
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kuramoto_attn import KuramotoAttention, KuramotoCache, KuramotoInfo
+
+from . import sampling
+from .config import ConfigError, check, from_dict
+
+__all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "KVCache"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The model's hyperparameters; :meth:`from_dict` reads them from a YAML mapping.
+
+    The phase options (``num_oscillators`` … ``coherence_mode``) are
+    :class:`~kuramoto_attn.KuramotoAttention`'s arguments, with its names and defaults; they apply
+    to the layers in ``phase_layer_idx``. ``d_ff=None`` becomes ``4 * d_model``; an int
+    ``phase_layer_idx`` becomes a one-element tuple. ``use_phase_attention`` must agree with
+    ``phase_layer_idx`` (true iff it is non-empty): a contradiction is an error, never ignored.
+    """
+
+    vocab_size: int = 50304
+    max_seq_len: int = 512
+    n_layers: int = 12
+    n_heads: int = 12
+    d_model: int = 768
+    d_ff: int | None = None
+    dropout: float = 0.1
+    bias: bool = True
+    use_phase_attention: bool = False
+    phase_layer_idx: int | tuple[int, ...] = ()
+    num_oscillators: int = 32
+    coupling_strength: float = 1.0
+    steps: int = 10
+    dt: float = 0.1
+    integrator: Literal["euler", "heun", "rk4"] = "euler"
+    coupling: Literal["mean_field", "attention"] = "mean_field"
+    phase_lag: float = 0.0
+    learnable_coupling: bool = True
+    phase_noise: float = 0.0
+    freq_jitter: float = 0.0
+    coherence_target: float | None = None
+    coherence_weight: float = 0.1
+    coherence_mode: Literal["ceiling", "center", "band"] = "ceiling"
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {"phase_iterations": "steps", "n_sync_steps": "steps"}
+
+    @classmethod
+    def from_dict(cls, mapping, where: str = "model") -> GPTConfig:
+        """From a mapping such as the ``model`` section of a YAML file (``phase_iterations`` and
+        ``n_sync_steps`` are accepted for ``steps``); raises :class:`ConfigError` naming the key."""
+        return from_dict(cls, mapping, where=where, aliases=cls.ALIASES)
+
+    def __post_init__(self):
+        layers = self.phase_layer_idx
+        layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else tuple(layers)
+        object.__setattr__(self, "phase_layer_idx", layers)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff",
+                     "num_oscillators", "steps"):
+            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        check(self.d_model % self.n_heads == 0, "d_model", f"must be a multiple of n_heads={self.n_heads}",
+              self.d_model)
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
+        check(self.dt > 0, "dt", "must be positive", self.dt)
+        for name in ("phase_noise", "freq_jitter", "coherence_weight"):
+            check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        if self.coherence_target is not None:
+            check(0 <= self.coherence_target <= 1, "coherence_target", "must be in [0, 1]",
+                  self.coherence_target)
+        for name in ("integrator", "coupling", "coherence_mode"):
+            choices = typing.get_args(typing.get_type_hints(GPTConfig)[name])
+            check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
+        for i in layers:
+            check(isinstance(i, int) and 0 <= i < self.n_layers, "phase_layer_idx",
+                  f"layer indices must be in [0, n_layers={self.n_layers})", layers)
+        check(len(set(layers)) == len(layers), "phase_layer_idx", "has repeated layers", layers)
+        if self.use_phase_attention:
+            check(len(layers) > 0, "phase_layer_idx",
+                  "must name at least one layer when use_phase_attention is true", layers)
+        else:
+            check(len(layers) == 0, "phase_layer_idx",
+                  "names phase layers but use_phase_attention is false (set it true, or drop them)", layers)
+
+
+@dataclass
+class GPTInfo:
+    """Diagnostics of ``GPT(..., return_info=True)``.
+
+    Attributes:
+        phase: layer index -> that phase layer's :class:`~kuramoto_attn.KuramotoInfo` (for the
+            tokens of this call); empty without phase layers.
+        coherence_loss: sum of the phase layers' coherence losses (a zero scalar when no layer
+            has a ``coherence_target``). Not part of ``loss``: add it yourself.
+    """
+
+    phase: dict[int, KuramotoInfo]
+    coherence_loss: Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values ``(b, h, s, d)`` of the tokens seen by one plain attention layer."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+
+@dataclass
+class GPTCache:
+    """Per-layer decoding state (a :class:`KVCache` or :class:`~kuramoto_attn.KuramotoCache` per
+    layer), filled on first use; ``length`` tokens so far. ``forward`` updates it in place."""
+
+    layers: list = field(default_factory=list)
+    length: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Plain causal multi-head attention: one fused qkv projection and one SDPA call."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_heads, self.d_model, self.dropout = config.n_heads, config.d_model, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        b, t, _ = x.shape
+        h, d = self.n_heads, self.d_model // self.n_heads
+        q, k, v = self.qkv(x).view(b, t, 3, h, d).transpose(1, 3).unbind(2)  # 3 × (b, h, t, d)
+        mask, is_causal = None, t > 1
+        if cache is not None:
+            if cache.keys is not None:
+                k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)  # (b, h, s, d)
+                past = k.shape[2] - t
+                if t > 1:  # new tokens see every past token and the new ones up to themselves
+                    rows = torch.arange(past, past + t, device=x.device).view(t, 1)
+                    mask, is_causal = torch.arange(past + t, device=x.device) <= rows, False
+                else:
+                    is_causal = False
+            cache.keys, cache.values = k.detach(), v.detach()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.d_model))  # (b, h, t, d) -> (b, t, h·d)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """``x + Dropout(Attn(LN(x)))``, then ``x + MLP(LN(x))``; Attn is Kuramoto attention if ``phase``."""
+
+    def __init__(self, config: GPTConfig, phase: bool):
+        super().__init__()
+        self.phase = phase
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        if phase:
+            c = config
+            self.attn = KuramotoAttention(
+                c.d_model, c.n_heads, num_oscillators=c.num_oscillators, coupling_strength=c.coupling_strength,
+                steps=c.steps, dt=c.dt, integrator=c.integrator, coupling=c.coupling, phase_lag=c.phase_lag,
+                learnable_coupling=c.learnable_coupling, phase_noise=c.phase_noise, freq_jitter=c.freq_jitter,
+                dropout=c.dropout, causal=True, bias=c.bias, coherence_target=c.coherence_target,
+                coherence_weight=c.coherence_weight, coherence_mode=c.coherence_mode)
+        else:
+            self.attn = CausalSelfAttention(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache=None, return_info: bool = False) -> tuple[Tensor, KuramotoInfo | None]:
+        info = None
+        if self.phase:
+            out = self.attn(self.ln_1(x), cache=cache, return_info=return_info)
+            if return_info:
+                out, info = out
+        else:
+            out = self.attn(self.ln_1(x), cache)
+        x = x + self.drop(out)
+        x = x + self.mlp(self.ln_2(x))
+        return x, info
+
+
+class GPT(nn.Module):
+    """GPT-2-style language model with optional Kuramoto attention layers (see the module docstring).
+
+    Args:
+        config: a :class:`GPTConfig`.
+
+    Shapes:
+        * ``idx``: ``(b, t)`` int64 token ids; ``targets`` (optional): ``(b, t)``, ``-1`` = ignored.
+        * returns ``(logits (b, t, vocab), loss)`` (loss: mean cross-entropy, ``None`` without
+          targets), or ``(logits, loss, GPTInfo)`` with ``return_info=True``.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ConfigError(f"config: expected a GPTConfig but got {type(config).__name__}")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i in config.phase_layer_idx) for i in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        self._init_weights()
+
+    @property
+    def phase_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with Kuramoto attention, ascending."""
+        return tuple(i for i, block in enumerate(self.blocks) if block.phase)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters; without the position embedding by default (nanoGPT's count: the
+        token embedding is tied to the output head, so it counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def new_cache(self) -> GPTCache:
+        """An empty :class:`GPTCache` for incremental decoding."""
+        return GPTCache()
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: GPTCache | None = None,
+                return_info: bool = False):
+        """Logits for ``idx`` (after the cached tokens, if a ``cache`` is given; updated in place).
+
+        Args:
+            idx: ``(b, t)`` token ids; with a cache, the new tokens only.
+            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``.
+            cache: a :class:`GPTCache` (:meth:`new_cache` to start). Cached + new tokens must fit
+                in ``max_seq_len``.
+            return_info: also return a :class:`GPTInfo`.
+
+        Returns:
+            ``(logits, loss)`` or ``(logits, loss, info)``.
+        """
+        b, t = sampling.check_idx(idx)
+        if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
+            got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+            raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
+        past = self._check_cache(cache, b)
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"idx: {past} cached + {t} new tokens exceed max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(past, past + t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (b, t, d_model)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
+        infos = {}
+        for i, (block, layer_cache) in enumerate(zip(self.blocks, layer_caches)):
+            x, info = block(x, layer_cache, return_info)
+            if info is not None:
+                infos[i] = info
+        logits = self.head(self.ln_f(x))  # (b, t, v)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t), ignore_index=-1)
+        if cache is not None:
+            cache.length = past + t
+        if not return_info:
+            return logits, loss
+        coherence = [info.coherence_loss for info in infos.values() if info.coherence_loss is not None]
+        coherence_loss = torch.stack(coherence).sum() if coherence else logits.new_zeros(())
+        return logits, loss, GPTInfo(phase=infos, coherence_loss=coherence_loss)
+
+    def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
+
+        ``temperature=0`` is greedy; otherwise ``torch.multinomial`` with ``generator`` over the
+        ``top_k`` most likely tokens (all if ``None``). The model reads at most the last
+        ``max_seq_len`` tokens; ``use_cache`` (prefill, then one token at a time, refilled from the
+        cropped window once full) gives the same tokens as recomputing every step. Runs under
+        ``torch.no_grad()`` in eval mode, then restores the mode.
+        """
+        return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 use_cache=use_cache, generator=generator, context=self.config.max_seq_len)
+
+    def _check_cache(self, cache: GPTCache | None, b: int) -> int:
+        """Tokens already in ``cache`` (0 without one); fills an empty cache with per-layer caches."""
+        if cache is None:
+            return 0
+        if not isinstance(cache, GPTCache):
+            raise ValueError(f"cache: expected a GPTCache (see new_cache) but got {type(cache).__name__}")
+        if not cache.layers:
+            cache.layers = [KuramotoCache() if block.phase else KVCache() for block in self.blocks]
+            cache.length = 0
+        elif len(cache.layers) != len(self.blocks) or any(
+                isinstance(c, KuramotoCache) != block.phase for c, block in zip(cache.layers, self.blocks)):
+            raise ValueError("cache: its layers do not match this model's (a cache of another model?)")
+        kv = next((c for c in cache.layers if isinstance(c, KVCache)), None)
+        if kv is not None and kv.keys is not None and kv.keys.shape[0] != b:
+            raise ValueError(f"cache: holds batch size {kv.keys.shape[0]} but idx has {b}")
+        return cache.length
+
+    def _init_weights(self) -> None:
+        """nanoGPT's: N(0, 0.02) weights and zero biases, residual projections N(0, 0.02/√(2L)).
+        Kuramoto attention layers keep their own initialisation."""
+        kuramoto = {id(m) for block in self.blocks if block.phase for m in block.attn.modules()}
+        for module in self.modules():
+            if id(module) in kuramoto:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+            if not block.phase:
+                nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)

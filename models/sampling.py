@@ -1,0 +1,75 @@
+"""Autoregressive sampling shared by the language models (``GPT.generate``, ``TPILM.generate``).
+
+A model plugs in with two things: ``model(idx, cache=cache)`` returning ``(logits, loss)`` for the
+new tokens of ``idx`` (the cache updated in place), and ``model.new_cache()`` returning an empty
+cache. ``context`` is the longest input the model accepts (learned positions), or ``None`` when it
+has no limit (a recurrent model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_idx(idx, name: str = "idx") -> tuple[int, int]:
+    """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``."""
+    if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
+        got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
+        raise ValueError(f"{name}: expected an int64 tensor of token ids but got {got}")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(f"{name}: expected shape (batch >= 1, tokens >= 1) but got {tuple(idx.shape)}")
+    return idx.shape[0], idx.shape[1]
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> Tensor:
+    """One token per row from ``logits`` ``(b, vocab)`` -> ``(b, 1)``; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, context: int | None = None) -> Tensor:
+    """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
+
+    Without the cache the model reads the last ``context`` tokens at every step (nanoGPT). With
+    it the prompt is prefilled once, then one token at a time; when the cache holds ``context``
+    tokens it is refilled from the last ``context`` tokens, so both paths see the same inputs
+    (learned positions make a sliding cache wrong). Runs under ``torch.no_grad()`` in eval mode and
+    restores the model's mode.
+    """
+    check_idx(idx)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an integer >= 0 but got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0 but got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an integer >= 1 but got {top_k!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = None
+            for _ in range(max_new_tokens):
+                window = idx if context is None else idx[:, -context:]
+                if not use_cache:
+                    logits, _ = model(window)
+                elif cache is None or (context is not None and cache.length >= context):
+                    cache = model.new_cache()  # prefill (the prompt, or the cropped window)
+                    logits, _ = model(window, cache=cache)
+                else:
+                    logits, _ = model(idx[:, -1:], cache=cache)  # the newest token only
+                next_token = sample_next(logits[:, -1], temperature, top_k, generator)  # (b, 1)
+                idx = torch.cat([idx, next_token], dim=1)
+    finally:
+        model.train(was_training)
+    return idx

@@ -1,0 +1,211 @@
+"""TPILM: a character/byte-level language model of holographic phase memory blocks (TPI).
+
+Einstein legend: ``b`` batch, ``t`` tokens, ``v`` vocabulary.
+
+Token embedding → ``n_layers`` :class:`~kuramoto_attn.TPIBlock` (pre-norm
+:class:`~kuramoto_attn.HolographicPhaseMemory`, optional FFN) → final LayerNorm → output head tied
+to the embedding. No position embedding: the memory's accumulated phases carry order, and the
+model is recurrent, so ``max_seq_len`` is only the training context (the recipe's block size);
+neither ``forward`` nor ``generate`` is limited by it. Same call signatures as
+:class:`~models.gpt.GPT`: ``(logits, loss)``, a :class:`TPICache` for incremental decoding, and
+``return_info=True`` adding a :class:`TPILMInfo` (no phase regulariser here: its coherence loss
+is a zero scalar, so a trainer can treat both models alike).
+
+Example:
+    >>> import torch
+    >>> model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=2))
+    >>> idx = torch.randint(11, (2, 5))
+    >>> logits, loss = model(idx, targets=idx)
+    >>> logits.shape, model.generate(idx, 3, temperature=0).shape
+    (torch.Size([2, 5, 11]), torch.Size([2, 8]))
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kuramoto_attn import HolographicPhaseMemory, TPIBlock
+from kuramoto_attn.memory import TPIState
+
+from . import sampling
+from .config import ConfigError, check, from_dict
+
+__all__ = ["TPICache", "TPILM", "TPILMConfig", "TPILMInfo"]
+
+
+@dataclass(frozen=True)
+class TPILMConfig:
+    """The model's hyperparameters; :meth:`from_dict` reads them from a YAML mapping.
+
+    ``ffn_expansion`` is the blocks' FFN width factor (0: no FFN). ``query`` … ``chunk_size`` are
+    :class:`~kuramoto_attn.HolographicPhaseMemory`'s arguments with its names and defaults.
+    ``dropout`` is used everywhere: after the embedding, in the memory's output head and after
+    the FFN. ``max_seq_len`` is the training context, not a limit of the model.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 8
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    ffn_expansion: int = 4
+    query: Literal["shared", "decoupled", "offset", "constrained"] = "shared"
+    constrained_scale: float = 0.1
+    kernel: Literal["unbounded", "window", "decay"] = "unbounded"
+    window: int = 64
+    magnitude: Literal["none", "sigmoid"] = "none"
+    normalize: Literal["none", "sum", "sqrt"] = "none"
+    state: Literal["vector", "matrix"] = "vector"
+    num_heads: int = 1
+    expansion: int = 1
+    chunk_size: int = 64
+
+    @classmethod
+    def from_dict(cls, mapping, where: str = "model") -> TPILMConfig:
+        """From a mapping such as the ``model`` section of a YAML file; raises
+        :class:`ConfigError` naming the key."""
+        return from_dict(cls, mapping, where=where)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "window", "num_heads",
+                     "expansion", "chunk_size"):
+            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        check(self.ffn_expansion >= 0, "ffn_expansion", "must be >= 0 (0: no FFN)", self.ffn_expansion)
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
+        check(self.constrained_scale >= 0, "constrained_scale", "must be >= 0", self.constrained_scale)
+        check(self.d_model % self.num_heads == 0, "num_heads", f"must divide d_model={self.d_model}",
+              self.num_heads)
+        for name in ("query", "kernel", "magnitude", "normalize", "state"):
+            choices = typing.get_args(typing.get_type_hints(TPILMConfig)[name])
+            check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
+
+
+@dataclass
+class TPILMInfo:
+    """Diagnostics of ``TPILM(..., return_info=True)``.
+
+    Attributes:
+        coherence_loss: a zero scalar (TPI has no coherence regulariser); present so that a
+            trainer can add ``info.coherence_loss`` for either model.
+    """
+
+    coherence_loss: Tensor
+
+
+@dataclass
+class TPICache:
+    """Recurrent decoding state: one :class:`~kuramoto_attn.TPIState` per block (filled on first
+    use) and the ``length`` of tokens consumed. ``forward`` replaces the states in place."""
+
+    states: list[TPIState] = field(default_factory=list)
+    length: int = 0
+
+
+class TPILM(nn.Module):
+    """Language model of :class:`~kuramoto_attn.TPIBlock` s (see the module docstring).
+
+    Args:
+        config: a :class:`TPILMConfig`.
+
+    Shapes:
+        * ``idx``: ``(b, t)`` int64 token ids; ``targets`` (optional): ``(b, t)``, ``-1`` = ignored.
+        * returns ``(logits (b, t, vocab), loss)``, or ``(logits, loss, TPILMInfo)`` with
+          ``return_info=True``.
+    """
+
+    def __init__(self, config: TPILMConfig):
+        super().__init__()
+        if not isinstance(config, TPILMConfig):
+            raise ConfigError(f"config: expected a TPILMConfig but got {type(config).__name__}")
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            TPIBlock(c.d_model, HolographicPhaseMemory(
+                c.d_model, query=c.query, constrained_scale=c.constrained_scale, kernel=c.kernel,
+                window=c.window, magnitude=c.magnitude, normalize=c.normalize, state=c.state,
+                num_heads=c.num_heads, expansion=c.expansion, dropout=c.dropout, chunk_size=c.chunk_size),
+                ffn_expansion=c.ffn_expansion, dropout=c.dropout)
+            for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        # N(0, 0.02) as in GPT: the tied head then starts with small logits; blocks keep their init
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (there is no position embedding, so ``non_embedding`` changes
+        nothing; it is accepted for the same signature as :meth:`GPT.num_params`)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self) -> TPICache:
+        """An empty :class:`TPICache` for incremental decoding."""
+        return TPICache()
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, cache: TPICache | None = None,
+                return_info: bool = False):
+        """Logits for ``idx`` (continuing after the cached tokens if a ``cache`` is given).
+
+        Args:
+            idx: ``(b, t)`` token ids; with a cache, the new tokens only (one token takes the
+                O(1) recurrent step, several the chunked parallel form).
+            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``.
+            cache: a :class:`TPICache` (:meth:`new_cache` to start), updated in place.
+            return_info: also return a :class:`TPILMInfo`.
+
+        Returns:
+            ``(logits, loss)`` or ``(logits, loss, info)``.
+        """
+        b, t = sampling.check_idx(idx)
+        if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
+            got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+            raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
+        x = self.drop(self.tok_emb(idx))  # (b, t, d_model)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            states = self._check_cache(cache, x)
+            for i, (block, state) in enumerate(zip(self.blocks, states)):
+                if t == 1:
+                    y, states[i] = block.step(x[:, 0], state)
+                    x = y[:, None]  # (b, d) -> (b, 1, d)
+                else:
+                    x, states[i] = block(x, state)
+            cache.length += t
+        logits = self.head(self.ln_f(x))  # (b, t, v)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t), ignore_index=-1)
+        if not return_info:
+            return logits, loss
+        return logits, loss, TPILMInfo(coherence_loss=logits.new_zeros(()))
+
+    def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
+
+        As :meth:`GPT.generate`, except that the whole sequence is read (no cropping: the model is
+        recurrent). ``use_cache`` prefills the prompt once, then steps the recurrent state one
+        token at a time (O(1) per token); without it every step re-reads the whole sequence.
+        """
+        return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 use_cache=use_cache, generator=generator, context=None)
+
+    def _check_cache(self, cache: TPICache, x: Tensor) -> list[TPIState]:
+        if not isinstance(cache, TPICache):
+            raise ValueError(f"cache: expected a TPICache (see new_cache) but got {type(cache).__name__}")
+        if not cache.states:
+            cache.states = [block.init_state(x.shape[0], device=x.device, dtype=x.dtype) for block in self.blocks]
+            cache.length = 0
+        elif len(cache.states) != len(self.blocks):
+            raise ValueError(f"cache: holds {len(cache.states)} layer states but the model has "
+                             f"{len(self.blocks)} layers (a cache of another model?)")
+        return cache.states

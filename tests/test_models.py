@@ -1,0 +1,229 @@
+"""models: GPT (PhaseGPT) and TPILM — configs, shapes, causality, losses, caches and generation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kuramoto_attn import KuramotoAttention, KuramotoInfo
+from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInfo
+from models.config import ConfigError, to_dict
+from models.gpt import CausalSelfAttention
+
+VOCAB = 13
+
+
+def tiny_gpt(dtype=torch.float64, seed=0, **overrides):
+    settings = dict(vocab_size=VOCAB, max_seq_len=12, n_layers=3, n_heads=2, d_model=16, dropout=0.0,
+                    num_oscillators=4, steps=3)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**settings, **overrides})).to(dtype).eval()
+
+
+def phase_gpt(coupling="mean_field", **overrides):
+    return tiny_gpt(use_phase_attention=True, phase_layer_idx=(0, 2), coupling=coupling, **overrides)
+
+
+def tiny_tpi(dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return TPILM(TPILMConfig(**{**dict(vocab_size=VOCAB, d_model=8, n_layers=2, chunk_size=4), **overrides})
+                 ).to(dtype).eval()
+
+
+MODEL_CASES = {
+    "gpt": lambda: tiny_gpt(),
+    "gpt-mean_field": lambda: phase_gpt("mean_field"),
+    "gpt-attention": lambda: phase_gpt("attention", integrator="heun"),
+    "tpi-vector": lambda: tiny_tpi(),
+    "tpi-matrix-decay": lambda: tiny_tpi(state="matrix", num_heads=2, kernel="decay", normalize="sqrt",
+                                         query="decoupled", ffn_expansion=0),
+    "tpi-window": lambda: tiny_tpi(kernel="window", window=3, magnitude="sigmoid", normalize="sum"),
+}
+
+
+def tokens(b, t, seed=1):
+    return torch.randint(VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- configs
+
+REFERENCE_YAML = dict(n_layers=4, n_heads=4, d_model=128, d_ff=512, vocab_size=65, max_seq_len=64,
+                      dropout=0.1, use_phase_attention=True, phase_layer_idx=[2], num_oscillators=32,
+                      coupling_strength=1.0, phase_iterations=10)
+
+
+def test_reference_yaml_keys_are_accepted():
+    config = GPTConfig.from_dict(REFERENCE_YAML)
+    assert config.phase_layer_idx == (2,) and config.steps == 10 and config.d_ff == 512
+    assert GPTConfig.from_dict({**REFERENCE_YAML, "phase_layer_idx": 2}) == config  # an int is one layer
+    no_alias = {k: v for k, v in REFERENCE_YAML.items() if k != "phase_iterations"}
+    assert GPTConfig.from_dict({**no_alias, "n_sync_steps": 7}).steps == 7
+    assert GPTConfig.from_dict(to_dict(config)) == config
+    assert GPTConfig(d_model=64, n_heads=4).d_ff == 256
+    assert TPILMConfig.from_dict({"vocab_size": 256, "d_model": 128, "n_layers": 8, "ffn_expansion": 0,
+                                  "kernel": "decay"}).ffn_expansion == 0
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (GPTConfig, {"n_layer": 4}, "model.n_layer: unknown key"),
+    (GPTConfig, {"d_model": "128"}, "model.d_model: expected an integer"),
+    (GPTConfig, {"dropout": "high"}, "model.dropout: expected a number"),
+    (GPTConfig, {"use_phase_attention": "yes"}, "model.use_phase_attention: expected bool"),
+    (GPTConfig, {"coupling": "graph"}, "model.coupling: expected one of"),
+    (GPTConfig, {"n_heads": 0}, "model.n_heads: must be at least 1"),
+    (GPTConfig, {"d_model": 100, "n_heads": 3}, "model.d_model: must be a multiple of n_heads"),
+    (GPTConfig, {"dropout": 1.0}, "model.dropout: must be in"),
+    (GPTConfig, {"dt": 0.0}, "model.dt: must be positive"),
+    (GPTConfig, {"coherence_target": 1.5}, "model.coherence_target: must be in"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [12]}, "model.phase_layer_idx: layer indices"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1, 1]}, "model.phase_layer_idx: has repeated"),
+    (GPTConfig, {"use_phase_attention": True}, "model.phase_layer_idx: must name at least one"),
+    (GPTConfig, {"phase_layer_idx": [1]}, "model.phase_layer_idx: names phase layers but use_phase_attention"),
+    (GPTConfig, {"steps": 3, "phase_iterations": 3}, "model.phase_iterations: given twice"),
+    (TPILMConfig, {"dim": 128}, "model.dim: unknown key"),
+    (TPILMConfig, {"ffn_expansion": -1}, "model.ffn_expansion: must be >= 0"),
+    (TPILMConfig, {"kernel": "gauss"}, "model.kernel: expected one of"),
+    (TPILMConfig, {"d_model": 10, "num_heads": 4}, "model.num_heads: must divide"),
+])
+def test_config_errors_name_the_key(cls, values, message):
+    with pytest.raises(ConfigError, match=message):
+        cls.from_dict(values)
+
+
+def test_registry():
+    assert MODELS == {"gpt": (GPT, GPTConfig), "tpi": (TPILM, TPILMConfig)}
+
+
+# ---------------------------------------------------------------- GPT structure and loss
+
+def test_phase_layers_and_tied_weights():
+    model = phase_gpt()
+    assert model.phase_layers == (0, 2)
+    kinds = [type(block.attn) for block in model.blocks]
+    assert kinds == [KuramotoAttention, CausalSelfAttention, KuramotoAttention]
+    assert model.head.weight is model.tok_emb.weight
+    assert model.num_params() == model.num_params(non_embedding=False) - 12 * 16
+    assert tiny_gpt().phase_layers == ()
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_loss_is_cross_entropy_with_ignore_index(name):
+    model = MODEL_CASES[name]()
+    idx, targets = tokens(2, 7), tokens(2, 7, seed=2)
+    targets[0, :3] = -1
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 7, VOCAB) and model(idx)[1] is None
+    kept = targets.flatten() >= 0
+    expected = F.cross_entropy(logits.flatten(0, 1)[kept], targets.flatten()[kept])
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_causal(name):
+    model = MODEL_CASES[name]()
+    idx = tokens(2, 9)
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % VOCAB
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :5], after[:, :5], rtol=0, atol=1e-12)
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_info_per_phase_layer_and_coherence_loss():
+    model = phase_gpt()
+    idx = tokens(3, 6)
+    logits, loss, info = model(idx, idx, return_info=True)
+    assert isinstance(info, GPTInfo) and sorted(info.phase) == [0, 2]
+    for layer_info in info.phase.values():
+        assert isinstance(layer_info, KuramotoInfo) and layer_info.R.shape == (3, 2)
+        assert ((layer_info.R >= 0) & (layer_info.R <= 1 + 1e-12)).all()
+    assert info.coherence_loss.shape == () and info.coherence_loss.item() == 0.0
+    torch.testing.assert_close(model(idx, idx)[1], loss)  # the info does not change the loss
+
+    regularized = phase_gpt(coherence_target=0.0, coherence_weight=0.5)  # R > 0 exceeds the ceiling 0
+    _, loss, info = regularized(idx, idx, return_info=True)
+    assert info.coherence_loss.item() > 0
+    expected = sum(i.coherence_loss for i in info.phase.values())
+    torch.testing.assert_close(info.coherence_loss, expected)
+    torch.testing.assert_close(regularized(idx, idx)[1], loss)  # reported, never added
+    info.coherence_loss.backward()
+    assert regularized.blocks[0].attn.phase_proj.weight.grad.abs().sum() > 0
+    _, _, tpi_info = tiny_tpi()(idx, return_info=True)
+    assert isinstance(tpi_info, TPILMInfo) and tpi_info.coherence_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector", "tpi-window"])
+def test_every_parameter_gets_a_finite_gradient(name):
+    model = MODEL_CASES[name]().train()
+    if isinstance(model, GPT):
+        model = phase_gpt(coherence_target=0.0, learnable_coupling=True).train()
+    idx = tokens(2, 8)
+    _, loss, info = model(idx, idx, return_info=True)
+    (loss + info.coherence_loss).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+# ---------------------------------------------------------------- caches and generation
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_cached_forward_equals_uncached(name):
+    model = MODEL_CASES[name]()
+    idx = tokens(2, 11)
+    full, _, full_info = model(idx, return_info=True)
+    cache = model.new_cache()
+    pieces = [model(idx[:, :4], cache=cache)[0]]  # prefill
+    pieces += [model(idx[:, i:i + 1], cache=cache)[0] for i in range(4, 8)]  # one token at a time
+    pieces.append(model(idx[:, 8:], cache=cache)[0])  # several tokens after a prefix
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
+    if isinstance(model, GPT) and model.phase_layers:
+        cache = model.new_cache()
+        model(idx[:, :10], cache=cache)
+        _, _, last = model(idx[:, 10:], cache=cache, return_info=True)
+        torch.testing.assert_close(last.phase[2].phases, full_info.phase[2].phases[:, :, 10:])
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 4)])
+def test_generate_with_cache_equals_without(name, temperature, top_k):
+    model = MODEL_CASES[name]()
+    prompt = tokens(2, 5)
+    # 5 + 12 tokens run past the GPTs' max_seq_len = 12 (the cache is refilled from the cropped window)
+    runs = [model.generate(prompt, 12, temperature=temperature, top_k=top_k, use_cache=use_cache,
+                           generator=torch.Generator().manual_seed(3)) for use_cache in (True, False)]
+    assert runs[0].shape == (2, 17)
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][:, :5], prompt)
+
+
+def test_greedy_generation_matches_argmax_of_forward():
+    model = tiny_gpt()
+    prompt = tokens(1, 4)
+    out = model.generate(prompt, 1, temperature=0)
+    assert out[0, -1] == model(prompt)[0][0, -1].argmax()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=2, temperature=-0.5), "temperature"),
+    (dict(max_new_tokens=2, top_k=0), "top_k"),
+])
+def test_generate_checks_arguments_and_restores_mode(kwargs, message):
+    model = tiny_gpt().train()
+    with pytest.raises(ValueError, match=message):
+        model.generate(tokens(1, 3), **kwargs)
+    assert model.training
+    model.generate(tokens(1, 3), 2)
+    assert model.training
+    with pytest.raises(ValueError, match="idx"):
+        model.generate(torch.zeros(1, 3), 2)
+
+
+def test_gpt_rejects_too_long_input():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(1, 13))
+    cache = model.new_cache()
+    model(tokens(1, 12), cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens(1, 1), cache=cache)
