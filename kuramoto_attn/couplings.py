@@ -71,8 +71,9 @@ class Coupling(nn.Module):
 
         Args:
             theta: phases ``(*)``, unwrapped.
-            *args, **kwargs: whatever the scheme needs at call time (e.g. a mask or weights),
-                passed on from :meth:`forward`.
+            *args: whatever the scheme needs at call time (e.g. a mask or weights), passed on
+                from :meth:`forward`.
+            **kwargs: likewise.
 
         Returns:
             Tensor of ``theta``'s shape (not yet multiplied by the strength).
@@ -84,7 +85,8 @@ class Coupling(nn.Module):
 
         Args:
             theta: phases ``(*)``; the strength must broadcast to this shape.
-            *args, **kwargs: passed to :meth:`interaction`.
+            *args: passed to :meth:`interaction`.
+            **kwargs: passed to :meth:`interaction`.
 
         Returns:
             The coupling term, shape of ``theta``.
