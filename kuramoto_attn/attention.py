@@ -76,6 +76,14 @@ class KuramotoInfo:
         coherence_loss: the coherence regularizer's scalar loss on the final phases (padded tokens
             excluded), or ``None`` when the layer has no ``coherence_target``. It is returned, never
             added to anything: add it to your loss.
+
+    Example:
+        >>> import torch
+        >>> layer = KuramotoAttention(d_model=16, num_heads=2, num_oscillators=4, steps=3,
+        ...                           coherence_target=0.5)
+        >>> _, info = layer(torch.randn(1, 5, 16), return_info=True)
+        >>> info.phases.shape, info.R.shape, info.R_steps.shape, info.coherence_loss.shape
+        (torch.Size([1, 2, 5, 4]), torch.Size([1, 2]), torch.Size([4, 1, 2]), torch.Size([]))
     """
 
     phases: Tensor
@@ -98,6 +106,15 @@ class KuramotoCache:
             ``(Σ cos θ, Σ sin θ)`` of shape ``(b, h, n, 1)`` and the valid count ``(b, 1, 1, 1)``; for
             the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
             ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head).
+
+    Example:
+        >>> import torch
+        >>> layer = KuramotoAttention(d_model=16, num_heads=2, num_oscillators=4, steps=2)
+        >>> cache = KuramotoCache()
+        >>> y = layer(torch.randn(3, 4, 16), cache=cache)       # a prompt of 4 tokens
+        >>> y = layer(torch.randn(3, 1, 16), cache=cache)       # then one token at a time
+        >>> cache.length, tuple(cache.keys.shape)               # keys: (b, h, s, d + 2n)
+        (5, (3, 2, 5, 16))
     """
 
     keys: Tensor | None = None

@@ -67,10 +67,30 @@ class Coupling(nn.Module):
         self.phase_lag = check_real("phase_lag", phase_lag)
 
     def interaction(self, theta: Tensor, *args, **kwargs) -> Tensor:
-        """The un-scaled coupling term, shape of ``theta``. Subclasses implement this."""
+        """The un-scaled coupling term, shape of ``theta``. Subclasses implement this.
+
+        Args:
+            theta: phases ``(*)``, unwrapped.
+            *args: whatever the scheme needs at call time (e.g. a mask or weights), passed on
+                from :meth:`forward`.
+            **kwargs: likewise.
+
+        Returns:
+            Tensor of ``theta``'s shape (not yet multiplied by the strength).
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement interaction(theta, ...)")
 
     def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:
+        """``strength · interaction(theta, *args, **kwargs)``.
+
+        Args:
+            theta: phases ``(*)``; the strength must broadcast to this shape.
+            *args: passed to :meth:`interaction`.
+            **kwargs: passed to :meth:`interaction`.
+
+        Returns:
+            The coupling term, shape of ``theta``.
+        """
         check_tensor("theta", theta)
         check_broadcasts("strength", self.strength.shape, theta.shape)
         return self.strength.to(theta.dtype) * self.interaction(theta, *args, **kwargs)
@@ -125,6 +145,15 @@ class MeanFieldCoupling(Coupling):
         self.causal = bool(causal)
 
     def interaction(self, theta: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The mean-field term ``Σ_m R_m sin(ψ_m − mθ − α)`` (before the strength).
+
+        Args:
+            theta: phases ``(*)`` with the coupled axis at ``dim``.
+            mask: optional bool (True = valid) broadcasting to ``theta``'s shape.
+
+        Returns:
+            Tensor of ``theta``'s shape; zero at padded elements.
+        """
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         weight = None
         if mask is not None:
@@ -185,6 +214,13 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
 
     Returns:
         Tensor of ``theta``'s shape.
+
+    Example:
+        >>> import torch
+        >>> theta = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+        >>> chain = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+        >>> weighted_sine_coupling(theta, chain).round(decimals=4).tolist()   # sin(1), sin(-1) + sin(1), sin(-1)
+        [0.8415, 0.0, -0.8415]
     """
     dim = check_axis("dim", dim, ndim=theta.dim())
     n = theta.shape[dim]
@@ -241,6 +277,7 @@ class GraphCoupling(Coupling):
         self.dim = check_axis("dim", dim)
 
     def interaction(self, theta: Tensor) -> Tensor:
+        """``Σ_j A_ij sin(θ_j − θ_i − α)``: ``theta`` ``(*, n, *c)`` -> the same shape."""
         return weighted_sine_coupling(theta, self.weights, self.phase_lag, self.dim)
 
 
@@ -278,5 +315,14 @@ class AttentionCoupling(Coupling):
         self.dim = check_axis("dim", dim)
 
     def interaction(self, theta: Tensor, weights: Tensor) -> Tensor:
+        """``Σ_j A_ij sin(θ_j − θ_i − α)``.
+
+        Args:
+            theta: phases ``(*, t, *c)``, e.g. ``(b, h, t, n)``.
+            weights: ``A`` ``(*, t, t)``, e.g. ``(b, h, t, t)``.
+
+        Returns:
+            Tensor of ``theta``'s shape.
+        """
         check_tensor("weights", weights)
         return weighted_sine_coupling(theta, weights, self.phase_lag, self.dim)

@@ -91,6 +91,7 @@ class KuramotoField(nn.Module):
         self.coupling = coupling
 
     def forward(self, theta: Tensor) -> Tensor:
+        """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape."""
         check_broadcasts("omega", self.omega.shape, theta.shape)
         out = self.omega.to(theta.dtype).expand_as(theta)
         if self.coupling is not None:

@@ -23,17 +23,46 @@ VectorField = Callable[[Tensor], Tensor]
 
 
 class FixedStepSolver:
-    """Base class: subclasses set ``order`` and implement :meth:`step`."""
+    """Base class: subclasses set ``order`` and implement :meth:`step`.
+
+    ``order`` is the method's global order of accuracy: the error after a fixed time shrinks like
+    ``dt**order``. To make a new solver available to :func:`integrate`, add it to
+    :data:`SOLVERS` under a name.
+
+    Example:
+        >>> import torch
+        >>> class Midpoint(FixedStepSolver):
+        ...     order = 2
+        ...     def step(self, field, theta, dt):
+        ...         return theta + dt * field(theta + 0.5 * dt * field(theta))
+        >>> Midpoint().step(lambda theta: -theta, torch.ones(2), 0.1)
+        tensor([0.9050, 0.9050])
+    """
 
     order: int = 0
 
     def step(self, field: VectorField, theta: Tensor, dt: float) -> Tensor:
-        """Advance ``theta`` by one step of size ``dt``; must not modify ``theta`` in place."""
+        """Advance ``theta`` by one step of size ``dt``; must not modify ``theta`` in place.
+
+        Args:
+            field: a callable ``θ -> dθ/dt`` returning θ's shape.
+            theta: phases, any shape ``(*)``.
+            dt: step size.
+
+        Returns:
+            The phases after one step, shape ``(*)``.
+        """
         raise NotImplementedError
 
 
 class Euler(FixedStepSolver):
-    r"""Forward Euler: :math:`\theta + dt\, f(\theta)`."""
+    r"""Forward Euler: :math:`\theta + dt\, f(\theta)`, order 1.
+
+    Example:
+        >>> import torch
+        >>> Euler().step(lambda theta: -theta, torch.ones(2), 0.1)
+        tensor([0.9000, 0.9000])
+    """
 
     order = 1
 
@@ -42,7 +71,13 @@ class Euler(FixedStepSolver):
 
 
 class Heun(FixedStepSolver):
-    r"""Heun's method (explicit trapezoid): average of the slopes at both ends of an Euler step."""
+    r"""Heun's method (explicit trapezoid): average of the slopes at both ends of an Euler step, order 2.
+
+    Example:
+        >>> import torch
+        >>> Heun().step(lambda theta: -theta, torch.ones(2), 0.1)    # exact: exp(-0.1) = 0.904837
+        tensor([0.9050, 0.9050])
+    """
 
     order = 2
 
@@ -53,7 +88,14 @@ class Heun(FixedStepSolver):
 
 
 class RK4(FixedStepSolver):
-    """The classical fourth-order Runge–Kutta method."""
+    """The classical fourth-order Runge–Kutta method, order 4.
+
+    Example:
+        >>> import torch
+        >>> theta = RK4().step(lambda theta: -theta, torch.ones(1, dtype=torch.float64), 0.1)
+        >>> round(float(theta), 7)                                  # exact: exp(-0.1) = 0.9048374
+        0.9048375
+    """
 
     order = 4
 
@@ -66,6 +108,7 @@ class RK4(FixedStepSolver):
 
 
 SOLVERS: dict[str, type[FixedStepSolver]] = {"euler": Euler, "heun": Heun, "rk4": RK4}
+"""The solvers :func:`integrate` knows, by name: ``"euler"``, ``"heun"``, ``"rk4"``."""
 
 
 def integrate(

@@ -116,6 +116,13 @@ class OrderParameter(Metric):
         self.add_state("high", torch.full_like(zeros, float("-inf")), dist_reduce_fx="max")
 
     def update(self, theta: Tensor, mask: Tensor | None = None) -> None:
+        """Add the R values of ``theta`` ``(*)`` (R over ``dim``) to the statistics.
+
+        Args:
+            theta: phases with oscillators at ``dim`` (and groups at ``group_dim``).
+            mask: optional bool, True = counted, broadcasting to ``theta``'s shape with ``dim``
+                of length 1 (e.g. ``(b, 1, t, 1)`` for phases ``(b, h, t, n)``).
+        """
         check_tensor("theta", theta)
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         group_dim = check_axis("group_dim", self.group_dim, ndim=theta.dim(), optional=True)
@@ -130,6 +137,7 @@ class OrderParameter(Metric):
         self.high = torch.maximum(self.high, high)
 
     def compute(self) -> dict[str, Tensor]:
+        """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups)."""
         stats = _order_parameter_compute(self.total, self.total_sq, self.count, self.low, self.high)
         if self.group_dim is None:
             stats = {key: value.squeeze(0) for key, value in stats.items()}

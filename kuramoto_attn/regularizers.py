@@ -41,6 +41,7 @@ class PhaseNoise(nn.Module):
         self.sigma = check_real("sigma", sigma, low=0.0)
 
     def forward(self, theta: Tensor) -> Tensor:
+        """``theta`` ``(*)`` plus noise (training mode), same shape."""
         check_tensor("theta", theta)
         if not self.training or self.sigma == 0.0:
             return theta
@@ -74,6 +75,7 @@ class FrequencyJitter(nn.Module):
         self.relative = check_real("relative", relative, low=0.0)
 
     def forward(self, omega: Tensor) -> Tensor:
+        """``omega`` ``(*)`` jittered (training mode), same shape."""
         check_tensor("omega", omega)
         if not self.training or self.relative == 0.0:
             return omega
@@ -141,6 +143,7 @@ class CoherenceRegularizer(nn.Module):
         return self.weight * per_item.mean()
 
     def forward(self, theta: Tensor) -> Tensor:
+        """The scalar loss for phases ``theta`` ``(*)`` with oscillators at ``dim``."""
         R, _ = order_parameter(theta, dim=self.dim)
         return self.penalty(R)
 

@@ -1,0 +1,80 @@
+"""Sphinx configuration for kuramoto-attn.
+
+Build (from the repository root):
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+    python -m sphinx -W -b doctest docs docs/_build/doctest
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# document the checkout's library (not an installed copy elsewhere)
+sys.path.insert(0, os.path.abspath(".."))
+
+import kuramoto_attn  # noqa: E402
+
+project = "kuramoto-attn"
+author = "kuramoto-attn developers"
+copyright = "kuramoto-attn developers"
+release = version = kuramoto_attn.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.doctest",
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["_build"]
+html_theme = "furo"
+html_title = f"kuramoto-attn {release}"
+
+# ---- autodoc and napoleon (Google-style docstrings, as in the code)
+autodoc_member_order = "bysource"
+autoclass_content = "class"
+autodoc_typehints = "signature"
+# members are listed per class in the pages; nn.Module.extra_repr is not part of the API
+autodoc_default_options = {"show-inheritance": True, "exclude-members": "extra_repr"}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+# "Attributes:" as :ivar: fields: NamedTuple and dataclass fields are then not described twice
+napoleon_use_ivar = True
+napoleon_custom_sections = ["Shapes"]
+
+# ---- doctest: ``>>>`` blocks in the pages and in the docstrings autodoc pulls in
+doctest_global_setup = """
+import math
+import torch
+torch.set_num_threads(1)
+from kuramoto_attn import *
+"""
+
+
+def _resolve_short_python_refs(app, env, node, contnode):
+    """Resolve a Python cross-reference that names an object by a path other than the one it is
+    documented under (e.g. ``kuramoto_attn.couplings.Coupling`` for ``kuramoto_attn.Coupling``,
+    or ``TPIState`` from inside :mod:`kuramoto_attn`), when exactly one documented object has
+    that last name component."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node["reftarget"].lstrip(".~")
+    last = target.rsplit(".", 1)[-1]
+    domain = env.get_domain("py")
+    matches = [name for name in domain.objects
+               if name.rsplit(".", 1)[-1] == last and name.startswith("kuramoto_attn")]
+    # a method or attribute name (e.g. "step") is ambiguous across classes: prefer a match that
+    # shares the class part of the target, else give up unless it is unique
+    if len(matches) > 1 and "." in target:
+        parent = target.rsplit(".", 2)[-2]
+        matches = [name for name in matches if name.rsplit(".", 2)[-2] == parent]
+    if len(matches) != 1:
+        return None
+    return domain.resolve_xref(env, node["refdoc"], app.builder, "obj", matches[0], node, contnode)
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_short_python_refs)
