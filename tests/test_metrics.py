@@ -79,7 +79,9 @@ def test_batched_accumulation_equals_functional(gen, batch_sizes, h, t, n, sprea
 
     everything = torch.cat(batches)                           # (sum b, h, t, n)
     R, _ = order_parameter(everything, dim=-1)                # (sum b, h, t)
-    assert_stats_close(got, per_group_stats(R.to(torch.float64), group_dim=1), atol=1e-9)
+    # float32 reductions over differently shaped batches may differ in the last bit
+    exact = 1e-6 if dtype == torch.float32 else 1e-9
+    assert_stats_close(got, per_group_stats(R.to(torch.float64), group_dim=1), atol=exact)
     # and the functional itself agrees with the naive complex reference
     tol = 1e-5 if dtype == torch.float32 else 1e-9
     assert_stats_close(got, per_group_stats(naive_R(everything), group_dim=1), atol=tol)
