@@ -227,3 +227,11 @@ def test_gpt_rejects_too_long_input():
     model(tokens(1, 12), cache=cache)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens(1, 1), cache=cache)
+
+
+def test_generate_from_a_prompt_longer_than_the_context():
+    model = phase_gpt()
+    prompt = tokens(2, 15)  # max_seq_len is 12: both paths read the last 12 tokens
+    runs = [model.generate(prompt, 4, temperature=0, use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (2, 19)
+    assert runs[0][0, 15] == model(prompt[:, -12:])[0][0, -1].argmax()
