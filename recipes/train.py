@@ -132,6 +132,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_laye
     tc, progress = config.train, state["progress"]
     train_data, val_data = corpus.splits["train"], corpus.splits["val"]
     rank, world, shards = fabric.global_rank, fabric.world_size, fabric.world_size * tc.grad_accum
+    regularized = getattr(model_config(config.model), "coherence_target", None) is not None
     run_dir = config.run_dir
     bar = None
     if tc.progress_bar and fabric.is_global_zero:
@@ -146,11 +147,15 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_laye
             x, y = get_batch(train_data, tc.batch_size, tc.block_size, seed=config.seed, step=step,
                              rank=micro * world + rank, world_size=shards, device=fabric.device)
             with fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
-                _, loss, info = model(x, y, return_info=True)
-                objective = (loss + info.coherence_loss) / tc.grad_accum
-                fabric.backward(objective)
+                if regularized:  # diagnostics cost time: ask for them only for the coherence loss
+                    _, loss, info = model(x, y, return_info=True)
+                    aux = info.coherence_loss
+                else:
+                    (_, loss), aux = model(x, y), None
+                fabric.backward((loss if aux is None else loss + aux) / tc.grad_accum)
             total_loss += loss.detach() / tc.grad_accum
-            total_aux += info.coherence_loss.detach() / tc.grad_accum
+            if aux is not None:
+                total_aux = total_aux + aux.detach() / tc.grad_accum
         norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
                                      error_if_nonfinite=False)
         _check_finite(fabric, total_loss, norm, step)

@@ -339,3 +339,14 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     assert f"{mean:.4f} ± {half:.4f}" in summary
     run_sweep([config], [1, 2], tmp_path / "sweep")    # finished runs are skipped
     assert len(calls) == 2
+
+
+def test_coherence_regularizer_enters_the_objective_and_the_logs(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, model={"coherence_target": 0.0, "coherence_weight": 1.0},
+                  train={"max_iters": 4})
+    train(parse_config(values))
+    (log,) = (tmp_path / "run" / "logs").rglob("metrics.csv")
+    header, *rows = [line.split(",") for line in log.read_text().splitlines()]
+    column = header.index("train/coherence_loss")
+    values = [float(row[column]) for row in rows if row[column]]
+    assert len(values) == 4 and all(v > 0 for v in values)   # R > 0 = target: always penalised
