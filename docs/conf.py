@@ -51,6 +51,13 @@ import math
 import torch
 torch.set_num_threads(1)
 from kuramoto_attn import *
+# the models' and recipes' docstring examples use their own module's names, as under pytest
+import numpy as np
+from models import *
+from models.config import *
+from recipes.common import *
+from recipes.data import *
+from recipes.train import learning_rate
 """
 
 
