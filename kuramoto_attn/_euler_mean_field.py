@@ -1,0 +1,192 @@
+r"""Fused forward-Euler integration of the mean-field coupling with a hand-written backward.
+
+The fast path of :class:`~kuramoto_attn.KuramotoAttention` for its default settings (``euler``,
+``mean_field``, no cache). Phases ``θ`` are ``(b, h, n, t)``; one step is
+
+.. math::
+
+    \theta' = \theta + dt\,\big(\omega + g_i\,(S'_i \cos\theta_i - C'_i \sin\theta_i)\big), \qquad
+    g_i = \frac{K_h w_i}{\mathrm{count}_i},
+
+with ``S_i = Σ_{j≤i} w_j sin θ_j``, ``C_i = Σ_{j≤i} w_j cos θ_j`` (sums over every token when not
+causal), ``w`` the valid weight and ``(S', C')`` the sums rotated by the phase lag ``α``
+(``S' = S cos α − C sin α``, ``C' = C cos α + S sin α``), so that the pull is
+``Σ_j w_j sin(θ_j − θ_i − α) / count_i``.
+
+The forward loop runs without autograd and keeps the input phases of every step (one phase tensor
+per step, as the checkpointed generic path does); the backward runs the steps in reverse with the
+analytic vector-Jacobian product, recomputing each step's trigonometry, in preallocated buffers.
+With ``G`` the gradient of the step's output and ``u = dt·G·g``:
+
+.. math::
+
+    \bar\theta_i = G_i - u_i (S'_i \sin\theta_i + C'_i \cos\theta_i)
+        + w_i \cos\theta_i \sum_{k \ge i} u_k \cos(\theta_k + \alpha)
+        + w_i \sin\theta_i \sum_{k \ge i} u_k \sin(\theta_k + \alpha).
+
+Phase noise (training) is additive after each step: drawn in the forward loop from the global RNG
+in the same order as :class:`~kuramoto_attn.PhaseNoise` would, its gradient is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def _reverse_cumsum(x: Tensor, out: Tensor) -> Tensor:
+    """``out[..., i] = Σ_{k≥i} x[..., k]`` (flip, cumsum, flip: no cancellation)."""
+    flipped = x.flip(-1)
+    torch.cumsum(flipped, -1, out=out)
+    return out.flip(-1)
+
+
+class _EulerMeanField(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None,
+                steps: int, dt: float, phase_lag: float, causal: bool, noise: float,
+                on_step: Callable[[Tensor], None] | None) -> Tensor:
+        dtype = theta0.dtype
+        b, h, n, t = theta0.shape
+        gain = _gain(strength.to(dtype), weight, t, causal, theta0)  # K w / count
+        dt_gain = gain * dt
+        dt_omega = (omega.to(dtype) * dt)
+        states = theta0.new_empty((steps, b, h, n, t))
+        states[0].copy_(theta0)
+        bufs = _Buffers(theta0, weight)
+        out = torch.empty_like(theta0)
+        for step in range(steps):
+            theta = states[step]
+            theta_next = states[step + 1] if step + 1 < steps else out
+            pull = bufs.pull(theta, weight, causal, phase_lag)  # (S' cos θ − C' sin θ)
+            pull.mul_(dt_gain)
+            torch.add(theta, pull, out=theta_next)
+            theta_next.add_(dt_omega)
+            if noise:
+                theta_next.add_(noise * torch.randn_like(theta_next))
+            if on_step is not None:
+                on_step(theta_next)
+        ctx.save_for_backward(states, omega, strength, weight)
+        ctx.config = (steps, dt, phase_lag, causal)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        states, omega, strength, weight = ctx.saved_tensors
+        steps, dt, phase_lag, causal = ctx.config
+        need_theta, need_omega, need_strength = ctx.needs_input_grad[:3]
+        dtype = states.dtype
+        t = states.shape[-1]
+        K = strength.to(dtype)
+        per_count = _gain(torch.ones_like(K), weight, t, causal, states[0])  # w / count
+        dt_gain = per_count * K * dt
+        bufs = _Buffers(states[0], weight)
+        grad = grad_out.to(dtype).contiguous().clone()
+        omega_acc = torch.zeros_like(grad) if need_omega else None
+        strength_acc = torch.zeros_like(grad) if need_strength else None
+        u = torch.empty_like(grad)
+        tmp = torch.empty_like(grad)
+        uv = torch.empty_like(bufs.cs)  # (2, ...): u cos θ, u sin θ, then their reverse sums
+        rev = torch.empty_like(bufs.cs)
+        cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
+        for step in reversed(range(steps)):
+            theta = states[step]
+            pull = bufs.pull(theta, weight, causal, phase_lag)  # also fills cs, csw, rot (S', C')
+            if omega_acc is not None:
+                omega_acc.add_(grad)
+            if strength_acc is not None:
+                strength_acc.addcmul_(grad, pull)
+            torch.mul(grad, dt_gain, out=u)
+            cos_t, sin_t = bufs.cs[0], bufs.cs[1]
+            s_rot, c_rot = bufs.rot[1], bufs.rot[0]
+            # own term: −u (S' sin θ + C' cos θ)
+            torch.mul(s_rot, sin_t, out=tmp)
+            tmp.addcmul_(c_rot, cos_t)
+            grad.addcmul_(u, tmp, value=-1.0)
+            # through the sums: w cos θ Σ_{k≥i} u cos(θ+α) + w sin θ Σ_{k≥i} u sin(θ+α)
+            torch.mul(bufs.cs, u, out=uv)
+            if causal:
+                summed = _reverse_cumsum(uv, rev)
+            else:
+                summed = uv.sum(-1, keepdim=True)
+            sum_c, sum_s = summed[0], summed[1]
+            if phase_lag != 0.0:
+                sum_c, sum_s = sum_c * cos_a - sum_s * sin_a, sum_s * cos_a + sum_c * sin_a
+            grad.addcmul_(bufs.csw[0], sum_c)
+            grad.addcmul_(bufs.csw[1], sum_s)
+        grad_omega = grad_strength = None
+        if omega_acc is not None:
+            grad_omega = (omega_acc.sum_to_size(omega.shape) * dt).to(omega.dtype)
+        if strength_acc is not None:
+            strength_acc.mul_(per_count)
+            grad_strength = (strength_acc.sum_to_size(strength.shape) * dt).to(strength.dtype)
+        return (grad if need_theta else None, grad_omega, grad_strength,
+                None, None, None, None, None, None, None)
+
+
+def _gain(K: Tensor, weight: Tensor | None, t: int, causal: bool, like: Tensor) -> Tensor:
+    """``K w / count`` broadcastable to ``(b, h, n, t)``; count at least 1."""
+    if weight is None:
+        if causal:
+            counts = torch.arange(1, t + 1, device=like.device, dtype=like.dtype)
+        else:
+            counts = like.new_full((), t)
+        return K / counts
+    counts = weight.cumsum(-1) if causal else weight.sum(-1, keepdim=True)
+    return K / counts.clamp_min(1.0) * weight
+
+
+class _Buffers:
+    """Preallocated work tensors of one integration: ``cs`` = (cos θ, sin θ), ``csw`` = weighted,
+    ``sums`` = their (cumulative) sums, ``rot`` = the lag-rotated sums (C', S'), ``out`` = the pull."""
+
+    def __init__(self, like: Tensor, weight: Tensor | None) -> None:
+        self.cs = like.new_empty((2,) + tuple(like.shape))
+        self.csw = self.cs if weight is None else torch.empty_like(self.cs)
+        self.sums = torch.empty_like(self.cs)
+        self.rot = self.sums
+        self.out = torch.empty_like(like)
+
+    def pull(self, theta: Tensor, weight: Tensor | None, causal: bool, phase_lag: float) -> Tensor:
+        torch.cos(theta, out=self.cs[0])
+        torch.sin(theta, out=self.cs[1])
+        if weight is not None:
+            torch.mul(self.cs, weight, out=self.csw)
+        if causal:
+            torch.cumsum(self.csw, -1, out=self.sums)
+            sums = self.sums
+        else:
+            sums = self.csw.sum(-1, keepdim=True)
+        if phase_lag != 0.0:
+            cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
+            C, S = sums[0], sums[1]
+            rot = torch.stack([C * cos_a + S * sin_a, S * cos_a - C * sin_a])
+        else:
+            rot = sums
+        self.rot = rot
+        # S' cos θ − C' sin θ
+        torch.mul(rot[1], self.cs[0], out=self.out)
+        self.out.addcmul_(rot[0], self.cs[1], value=-1.0)
+        return self.out
+
+
+def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None, *,
+                     steps: int, dt: float, phase_lag: float, causal: bool, noise: float = 0.0,
+                     on_step: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Phases ``(b, h, n, t)`` after ``steps`` Euler steps of the mean-field Kuramoto field.
+
+    Args:
+        theta0: initial phases ``(b, h, n, t)``.
+        omega: natural frequencies, broadcastable to ``theta0`` (e.g. ``(h, n, 1)``).
+        strength: ``K`` broadcastable to ``theta0`` (e.g. ``(h, 1, 1)``).
+        weight: valid weight ``(b, 1, 1, t)`` (1 valid, 0 padded), or None when all are valid.
+        noise: std of the Gaussian noise added after each step (0: none).
+        on_step: called with the phases after each step (detached), e.g. to record R.
+    """
+    return _EulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal,
+                                 noise, on_step)
