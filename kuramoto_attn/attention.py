@@ -376,7 +376,7 @@ class KuramotoAttention(nn.Module):
         d, dtype = self.head_dim, run.q.dtype
         cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
         # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
-        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype)
+        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype).contiguous()
         phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
         query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
         keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
