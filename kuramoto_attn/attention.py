@@ -374,10 +374,17 @@ class KuramotoAttention(nn.Module):
         ``(b, h, s, e)`` of every token seen.
         """
         d, dtype = self.head_dim, run.q.dtype
+        phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
+        if cos_sin is None and run.cache is None and theta.dtype == dtype:
+            # the final phases without a cache: one buffer, no concatenations (same values)
+            query, keys, values = (z.transpose(1, 2) for z in
+                                   _PhaseFeatures.apply(run.q, run.k, run.v, theta, phase_weight))
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
+                                                 is_causal=run.is_causal, scale=1.0 / math.sqrt(d))
+            return out, keys, values
         cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
         # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
         feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype).contiguous()
-        phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
         query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
         keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
         values = torch.cat([run.v, feats], dim=-1).transpose(1, 2)
@@ -492,6 +499,50 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad.contiguous()
+
+
+class _PhaseFeatures(torch.autograd.Function):
+    """``[q, c cos θ, c sin θ]``, ``[k, cos θ, sin θ]``, ``[v, cos θ, sin θ]`` ``(b, t, h, e)`` each, written
+    into one ``(3, b, t, h, e)`` buffer: the concatenations of :meth:`KuramotoAttention._attend` without
+    their temporaries. Inputs: ``q, k, v`` ``(b, t, h, d)``, phases ``(b, h, n, t)``, ``c`` ``(h, 1)``."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, phase_weight: Tensor):
+        b, t, h, d = q.shape
+        n = theta.shape[2]
+        buf = q.new_empty((3, b, t, h, d + 2 * n))
+        for i, z in enumerate((q, k, v)):
+            buf[i, ..., :d].copy_(z)
+        feats = buf[1, ..., d:]  # (b, t, h, 2n)
+        phases = theta.permute(0, 3, 1, 2)  # (b, t, h, n) view
+        torch.cos(phases, out=feats[..., :n])
+        torch.sin(phases, out=feats[..., n:])
+        buf[2, ..., d:].copy_(feats)
+        torch.mul(feats, phase_weight, out=buf[0, ..., d:])
+        ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
+        ctx.dims = (d, n)
+        return buf[0], buf[1], buf[2]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        keys, phase_weight = ctx.saved_tensors
+        d, n = ctx.dims
+        feats = keys[..., d:]
+        grads = [g if g is not None else torch.zeros_like(keys) for g in (grad_q, grad_k, grad_v)]
+        grad_feats = grads[1][..., d:] + grads[2][..., d:]
+        grad_feats.addcmul_(grads[0][..., d:], phase_weight)
+        grad_weight = None
+        if ctx.needs_input_grad[4]:
+            grad_weight = (grads[0][..., d:] * feats).sum((0, 1, 3)).view_as(phase_weight)
+        grad_theta = None
+        if ctx.needs_input_grad[3]:
+            b, t, h, _ = keys.shape
+            grad_theta = keys.new_empty((b, h, n, t))  # contiguous in the integration's layout
+            view = grad_theta.permute(0, 3, 1, 2)
+            torch.mul(feats[..., :n], grad_feats[..., n:], out=view)  # cos θ · ∂/∂ sin θ
+            view.addcmul_(feats[..., n:], grad_feats[..., :n], value=-1.0)  # − sin θ · ∂/∂ cos θ
+        return grads[0][..., :d], grads[1][..., :d], grads[2][..., :d], grad_theta, grad_weight
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
