@@ -38,12 +38,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _reverse_cumsum(x: Tensor, out: Tensor) -> Tensor:
-    """``out[..., i] = Σ_{k≥i} x[..., k]``, as ``total − cumsum + x`` (no flipped copies; the
-    cancellation costs a few ulps of the row's sum, not of the entry)."""
+def _later_sum(x: Tensor, out: Tensor) -> Tensor:
+    """``out[..., i] = Σ_{k>i} x[..., k]``, as ``total − cumsum`` (no flipped copies; the
+    cancellation costs a few ulps of the row's sum)."""
     torch.cumsum(x, -1, out=out)
     total = out[..., -1:].clone()
-    return out.sub_(x).neg_().add_(total)
+    return torch.sub(total, out, out=out)
 
 
 class _EulerMeanField(torch.autograd.Function):
@@ -64,9 +64,8 @@ class _EulerMeanField(torch.autograd.Function):
             theta = states[step]
             theta_next = states[step + 1] if step + 1 < steps else out
             pull = bufs.pull(theta, weight, causal, phase_lag)  # (S' cos θ − C' sin θ)
-            pull.mul_(dt_gain)
-            torch.add(theta, pull, out=theta_next)
-            theta_next.add_(dt_omega)
+            torch.add(theta, dt_omega, out=theta_next)
+            theta_next.addcmul_(pull, dt_gain)
             if noise:
                 theta_next.add_(noise * torch.randn_like(theta_next))
             if on_step is not None:
@@ -95,6 +94,7 @@ class _EulerMeanField(torch.autograd.Function):
         uv = torch.empty_like(bufs.cs)  # (2, ...): u cos θ, u sin θ, then their reverse sums
         rev = torch.empty_like(bufs.cs)
         cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
+        w_cos_a = cos_a if weight is None else weight * cos_a
         for step in reversed(range(steps)):
             theta = states[step]
             pull = bufs.pull(theta, weight, causal, phase_lag)  # also fills cs, csw, rot (S', C')
@@ -105,14 +105,17 @@ class _EulerMeanField(torch.autograd.Function):
             torch.mul(grad, dt_gain, out=u)
             cos_t, sin_t = bufs.cs[0], bufs.cs[1]
             s_rot, c_rot = bufs.rot[1], bufs.rot[0]
-            # own term: −u (S' sin θ + C' cos θ)
+            # own term: −u (S' sin θ + C' cos θ); causal: plus the k = i term of the sums below,
+            # w u (cos θ cos(θ+α) + sin θ sin(θ+α)) = w u cos α
             torch.mul(s_rot, sin_t, out=tmp)
             tmp.addcmul_(c_rot, cos_t)
+            if causal:
+                tmp.sub_(w_cos_a)
             grad.addcmul_(u, tmp, value=-1.0)
-            # through the sums: w cos θ Σ_{k≥i} u cos(θ+α) + w sin θ Σ_{k≥i} u sin(θ+α)
+            # through the sums: w cos θ Σ_{k>i} u cos(θ+α) + w sin θ Σ_{k>i} u sin(θ+α) (k ≥ i if not causal)
             torch.mul(bufs.cs, u, out=uv)
             if causal:
-                summed = _reverse_cumsum(uv, rev)
+                summed = _later_sum(uv, rev)
             else:
                 summed = uv.sum(-1, keepdim=True)
             sum_c, sum_s = summed[0], summed[1]
