@@ -38,32 +38,22 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _later_sum(x: Tensor, out: Tensor) -> Tensor:
-    """``out[..., i] = Σ_{k>i} x[..., k]``, as ``total − cumsum`` (no flipped copies; the
-    cancellation costs a few ulps of the row's sum)."""
-    torch.cumsum(x, -1, out=out)
-    total = out[..., -1:].clone()
-    return torch.sub(total, out, out=out)
-
-
 class _EulerMeanField(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None,
                 steps: int, dt: float, phase_lag: float, causal: bool, noise: float,
                 on_step: Callable[[Tensor], None] | None) -> Tensor:
         dtype = theta0.dtype
-        b, h, n, t = theta0.shape
-        gain = _gain(strength.to(dtype), weight, t, causal, theta0)  # K w / count
-        dt_gain = gain * dt
-        dt_omega = (omega.to(dtype) * dt)
-        states = theta0.new_empty((steps, b, h, n, t))
+        t = theta0.shape[-1]
+        dt_gain = _gain(strength.to(dtype), weight, t, causal, theta0) * dt  # dt K w / count
+        dt_omega = omega.to(dtype) * dt
+        states = theta0.new_empty((steps,) + tuple(theta0.shape))  # the input phases of every step
         states[0].copy_(theta0)
-        bufs = _Buffers(theta0, weight)
         out = torch.empty_like(theta0)
-        for step in range(steps):
-            theta = states[step]
-            theta_next = states[step + 1] if step + 1 < steps else out
-            pull = bufs.pull(theta, weight, causal, phase_lag)  # (S' cos θ − C' sin θ)
+        targets = list(states.unbind(0)[1:]) + [out]
+        bufs = _Buffers(theta0, weight, causal, phase_lag)
+        for theta, theta_next in zip(states.unbind(0), targets):
+            pull = bufs.pull(theta)  # S' cos θ − C' sin θ
             torch.add(theta, dt_omega, out=theta_next)
             theta_next.addcmul_(pull, dt_gain)
             if noise:
@@ -71,58 +61,65 @@ class _EulerMeanField(torch.autograd.Function):
             if on_step is not None:
                 on_step(theta_next)
         ctx.save_for_backward(states, omega, strength, weight)
-        ctx.config = (steps, dt, phase_lag, causal)
+        ctx.config = (dt, phase_lag, causal)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         states, omega, strength, weight = ctx.saved_tensors
-        steps, dt, phase_lag, causal = ctx.config
+        dt, phase_lag, causal = ctx.config
         need_theta, need_omega, need_strength = ctx.needs_input_grad[:3]
         dtype = states.dtype
         t = states.shape[-1]
         K = strength.to(dtype)
         per_count = _gain(torch.ones_like(K), weight, t, causal, states[0])  # w / count
         dt_gain = per_count * K * dt
-        bufs = _Buffers(states[0], weight)
+        bufs = _Buffers(states[0], weight, causal, phase_lag)
         grad = grad_out.to(dtype).contiguous().clone()
         omega_acc = torch.zeros_like(grad) if need_omega else None
         strength_acc = torch.zeros_like(grad) if need_strength else None
         u = torch.empty_like(grad)
         tmp = torch.empty_like(grad)
-        uv = torch.empty_like(bufs.cs)  # (2, ...): u cos θ, u sin θ, then their reverse sums
-        rev = torch.empty_like(bufs.cs)
+        uv = torch.empty_like(bufs.cs)  # (2, ...): u cos θ, u sin θ
+        later = torch.empty_like(bufs.sums)  # their sums over later tokens (all tokens if not causal)
+        later_c, later_s = later.unbind(0)
         cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
+        if phase_lag != 0.0:
+            rotated = torch.empty_like(later)
+            rot_c, rot_s = rotated.unbind(0)
+        else:
+            rot_c, rot_s = later_c, later_s
         w_cos_a = cos_a if weight is None else weight * cos_a
-        for step in reversed(range(steps)):
-            theta = states[step]
-            pull = bufs.pull(theta, weight, causal, phase_lag)  # also fills cs, csw, rot (S', C')
+        for theta in reversed(states.unbind(0)):
+            pull = bufs.pull(theta)  # also fills cos, sin (weighted) and the rotated sums S', C'
             if omega_acc is not None:
                 omega_acc.add_(grad)
             if strength_acc is not None:
                 strength_acc.addcmul_(grad, pull)
             torch.mul(grad, dt_gain, out=u)
-            cos_t, sin_t = bufs.cs[0], bufs.cs[1]
-            s_rot, c_rot = bufs.rot[1], bufs.rot[0]
             # own term: −u (S' sin θ + C' cos θ); causal: plus the k = i term of the sums below,
             # w u (cos θ cos(θ+α) + sin θ sin(θ+α)) = w u cos α
-            torch.mul(s_rot, sin_t, out=tmp)
-            tmp.addcmul_(c_rot, cos_t)
+            torch.mul(bufs.S_rot, bufs.sin, out=tmp)
+            tmp.addcmul_(bufs.C_rot, bufs.cos)
             if causal:
                 tmp.sub_(w_cos_a)
             grad.addcmul_(u, tmp, value=-1.0)
-            # through the sums: w cos θ Σ_{k>i} u cos(θ+α) + w sin θ Σ_{k>i} u sin(θ+α) (k ≥ i if not causal)
+            # through the sums: w cos θ Σ_{k>i} u cos(θ+α) + w sin θ Σ_{k>i} u sin(θ+α) (all k if not causal)
             torch.mul(bufs.cs, u, out=uv)
             if causal:
-                summed = _later_sum(uv, rev)
+                torch.cumsum(uv, -1, out=later)
+                total = later[..., -1:].clone()
+                torch.sub(total, later, out=later)  # total − cumsum: no flipped copies
             else:
-                summed = uv.sum(-1, keepdim=True)
-            sum_c, sum_s = summed[0], summed[1]
+                torch.sum(uv, -1, keepdim=True, out=later)
             if phase_lag != 0.0:
-                sum_c, sum_s = sum_c * cos_a - sum_s * sin_a, sum_s * cos_a + sum_c * sin_a
-            grad.addcmul_(bufs.csw[0], sum_c)
-            grad.addcmul_(bufs.csw[1], sum_s)
+                torch.mul(later_c, cos_a, out=rot_c)
+                rot_c.add_(later_s, alpha=-sin_a)
+                torch.mul(later_s, cos_a, out=rot_s)
+                rot_s.add_(later_c, alpha=sin_a)
+            grad.addcmul_(bufs.cos_w, rot_c)
+            grad.addcmul_(bufs.sin_w, rot_s)
         grad_omega = grad_strength = None
         if omega_acc is not None:
             grad_omega = (omega_acc.sum_to_size(omega.shape) * dt).to(omega.dtype)
@@ -146,36 +143,42 @@ def _gain(K: Tensor, weight: Tensor | None, t: int, causal: bool, like: Tensor) 
 
 
 class _Buffers:
-    """Preallocated work tensors of one integration: ``cs`` = (cos θ, sin θ), ``csw`` = weighted,
-    ``sums`` = their (cumulative) sums, ``rot`` = the lag-rotated sums (C', S'), ``out`` = the pull."""
+    """Preallocated work tensors of one integration, with their views made once: ``cs`` = (cos θ,
+    sin θ), ``csw`` = weighted by ``w``, ``sums`` = their (cumulative) sums (C, S), the lag-rotated
+    sums (C', S') and ``out`` = the pull ``S' cos θ − C' sin θ``."""
 
-    def __init__(self, like: Tensor, weight: Tensor | None) -> None:
+    def __init__(self, like: Tensor, weight: Tensor | None, causal: bool, phase_lag: float) -> None:
+        self.weight, self.causal, self.phase_lag = weight, causal, phase_lag
+        self.cos_a, self.sin_a = math.cos(phase_lag), math.sin(phase_lag)
         self.cs = like.new_empty((2,) + tuple(like.shape))
+        self.cos, self.sin = self.cs.unbind(0)
         self.csw = self.cs if weight is None else torch.empty_like(self.cs)
-        self.sums = torch.empty_like(self.cs)
-        self.rot = self.sums
+        self.cos_w, self.sin_w = self.csw.unbind(0)
+        shape = self.cs.shape if causal else self.cs.shape[:-1] + (1,)
+        self.sums = like.new_empty(shape)
+        self.C, self.S = self.sums.unbind(0)
+        if phase_lag != 0.0:
+            self.C_rot, self.S_rot = torch.empty_like(self.sums).unbind(0)
+        else:
+            self.C_rot, self.S_rot = self.C, self.S
         self.out = torch.empty_like(like)
 
-    def pull(self, theta: Tensor, weight: Tensor | None, causal: bool, phase_lag: float) -> Tensor:
-        torch.cos(theta, out=self.cs[0])
-        torch.sin(theta, out=self.cs[1])
-        if weight is not None:
-            torch.mul(self.cs, weight, out=self.csw)
-        if causal:
+    def pull(self, theta: Tensor) -> Tensor:
+        torch.cos(theta, out=self.cos)
+        torch.sin(theta, out=self.sin)
+        if self.weight is not None:
+            torch.mul(self.cs, self.weight, out=self.csw)
+        if self.causal:
             torch.cumsum(self.csw, -1, out=self.sums)
-            sums = self.sums
         else:
-            sums = self.csw.sum(-1, keepdim=True)
-        if phase_lag != 0.0:
-            cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
-            C, S = sums[0], sums[1]
-            rot = torch.stack([C * cos_a + S * sin_a, S * cos_a - C * sin_a])
-        else:
-            rot = sums
-        self.rot = rot
-        # S' cos θ − C' sin θ
-        torch.mul(rot[1], self.cs[0], out=self.out)
-        self.out.addcmul_(rot[0], self.cs[1], value=-1.0)
+            torch.sum(self.csw, -1, keepdim=True, out=self.sums)
+        if self.phase_lag != 0.0:  # C' = C cos α + S sin α, S' = S cos α − C sin α
+            torch.mul(self.C, self.cos_a, out=self.C_rot)
+            self.C_rot.add_(self.S, alpha=self.sin_a)
+            torch.mul(self.S, self.cos_a, out=self.S_rot)
+            self.S_rot.add_(self.C, alpha=-self.sin_a)
+        torch.mul(self.S_rot, self.cos, out=self.out)
+        self.out.addcmul_(self.C_rot, self.sin, value=-1.0)
         return self.out
 
 
