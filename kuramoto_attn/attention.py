@@ -514,9 +514,11 @@ class _PhaseFeatures(torch.autograd.Function):
         for i, z in enumerate((q, k, v)):
             buf[i, ..., :d].copy_(z)
         feats = buf[1, ..., d:]  # (b, t, h, 2n)
-        phases = theta.permute(0, 3, 1, 2)  # (b, t, h, n) view
-        torch.cos(phases, out=feats[..., :n])
-        torch.sin(phases, out=feats[..., n:])
+        # trigonometry on contiguous memory, then copied into the strided slots (faster than writing
+        # the strided slots directly)
+        phases = theta.permute(0, 3, 1, 2).contiguous()  # (b, t, h, n)
+        feats[..., :n].copy_(torch.cos(phases))
+        feats[..., n:].copy_(torch.sin(phases))
         buf[2, ..., d:].copy_(feats)
         torch.mul(feats, phase_weight, out=buf[0, ..., d:])
         ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
