@@ -38,7 +38,9 @@ For every head, each token ``i`` carries ``n`` oscillators:
    \sum_j A_{ij}\sin\theta_j]`.
 
 Backward memory does not grow with ``steps`` beyond one phase tensor ``(b, h, t, n)`` per step:
-each step runs under activation checkpointing, so only its input phases are kept.
+each step runs under activation checkpointing, so only its input phases are kept. The default
+configuration (Euler, mean field, no cache) runs all steps in one autograd function with a
+hand-written backward that keeps the same (:mod:`kuramoto_attn._euler_mean_field`).
 """
 
 from __future__ import annotations
