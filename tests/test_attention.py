@@ -499,3 +499,22 @@ def test_fused_euler_mean_field_gradcheck(causal, padded):
         return euler_mean_field(th, om, k, weight, steps=3, dt=0.3, phase_lag=0.4, causal=causal)
 
     assert torch.autograd.gradcheck(run, (theta, omega, strength))
+
+
+def test_fused_euler_mean_field_backward_memory_grows_by_one_phase_tensor_per_step():
+    """The fused path keeps what the checkpointed steps kept: one (b, h, t, n) tensor per extra step."""
+    def saved_bytes(steps):
+        layer = make_layer(steps=steps, dtype=torch.float32, integrator="euler", coupling="mean_field")
+        x = torch.randn(2, 20, 16)
+        seen = {}
+
+        def pack(tensor):
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x)
+        return sum(seen.values())
+
+    phase_tensor = 2 * 2 * 20 * 3 * 4  # (b, h, t, n) float32
+    assert saved_bytes(10) - saved_bytes(1) <= 9 * phase_tensor * 1.05
