@@ -38,7 +38,9 @@ For every head, each token ``i`` carries ``n`` oscillators:
    \sum_j A_{ij}\sin\theta_j]`.
 
 Backward memory does not grow with ``steps`` beyond one phase tensor ``(b, h, t, n)`` per step:
-each step runs under activation checkpointing, so only its input phases are kept.
+each step runs under activation checkpointing, so only its input phases are kept. The default
+configuration (Euler, mean field, no cache) runs all steps in one autograd function with a
+hand-written backward that keeps the same (:mod:`kuramoto_attn._euler_mean_field`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_choice, check_int, check_real, check_tensor
+from ._euler_mean_field import euler_mean_field
 from .couplings import _pull
 from .integrators import SOLVERS
 from .order_params import order_parameter
@@ -235,6 +238,9 @@ class KuramotoAttention(nn.Module):
                 check_real("coherence_weight", coherence_weight, low=0.0),
                 check_choice("coherence_mode", coherence_mode, CoherenceRegularizer.MODES))
 
+    #: use the fused Euler mean-field integration where it applies (False: the generic solver path)
+    _fast_path = True
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, *,
                 cache: KuramotoCache | None = None,
@@ -284,8 +290,19 @@ class KuramotoAttention(nn.Module):
     # ------------------------------------------------------------ integration
     def _integrate(self, theta: Tensor, omega: Tensor, run: _Pass, record_R: bool) -> tuple[Tensor, list]:
         """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head after each (if ``record_R``)."""
-        solver = SOLVERS[self.integrator]()
         R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
+        if self._fast_path and self.integrator == "euler" and self.coupling == "mean_field" \
+                and run.cache is None and not run.record:
+            # fused Euler steps with a hand-written backward: same values, far fewer autograd ops
+            t = theta.shape[-1]
+            weight = None if run.valid is None else run.valid[:, None, None, -t:].to(theta.dtype)
+            noise = self.phase_noise.sigma if self.phase_noise.training else 0.0
+            on_step = (lambda phases: R_steps.append(_order(phases, run.valid)[0])) if record_R else None
+            theta = euler_mean_field(theta, omega, self.strength, weight, steps=self.steps, dt=self.dt,
+                                     phase_lag=self.phase_lag, causal=self.causal, noise=noise,
+                                     on_step=on_step)
+            return theta, R_steps
+        solver = SOLVERS[self.integrator]()
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
         save_memory = torch.is_grad_enabled() and not run.record
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
@@ -359,10 +376,17 @@ class KuramotoAttention(nn.Module):
         ``(b, h, s, e)`` of every token seen.
         """
         d, dtype = self.head_dim, run.q.dtype
+        phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
+        if cos_sin is None and run.cache is None and theta.dtype == dtype:
+            # the final phases without a cache: one buffer, no concatenations (same values)
+            query, keys, values = (z.transpose(1, 2) for z in
+                                   _PhaseFeatures.apply(run.q, run.k, run.v, theta, phase_weight))
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
+                                                 is_causal=run.is_causal, scale=1.0 / math.sqrt(d))
+            return out, keys, values
         cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
         # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
-        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype)
-        phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
+        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype).contiguous()
         query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
         keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
         values = torch.cat([run.v, feats], dim=-1).transpose(1, 2)
@@ -477,6 +501,52 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad.contiguous()
+
+
+class _PhaseFeatures(torch.autograd.Function):
+    """``[q, c cos θ, c sin θ]``, ``[k, cos θ, sin θ]``, ``[v, cos θ, sin θ]`` ``(b, t, h, e)`` each, written
+    into one ``(3, b, t, h, e)`` buffer: the concatenations of :meth:`KuramotoAttention._attend` without
+    their temporaries. Inputs: ``q, k, v`` ``(b, t, h, d)``, phases ``(b, h, n, t)``, ``c`` ``(h, 1)``."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, theta: Tensor, phase_weight: Tensor):
+        b, t, h, d = q.shape
+        n = theta.shape[2]
+        buf = q.new_empty((3, b, t, h, d + 2 * n))
+        for i, z in enumerate((q, k, v)):
+            buf[i, ..., :d].copy_(z)
+        feats = buf[1, ..., d:]  # (b, t, h, 2n)
+        # trigonometry on contiguous memory, then copied into the strided slots (faster than writing
+        # the strided slots directly)
+        phases = theta.permute(0, 3, 1, 2).contiguous()  # (b, t, h, n)
+        feats[..., :n].copy_(torch.cos(phases))
+        feats[..., n:].copy_(torch.sin(phases))
+        buf[2, ..., d:].copy_(feats)
+        torch.mul(feats, phase_weight, out=buf[0, ..., d:])
+        ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
+        ctx.dims = (d, n)
+        return buf[0], buf[1], buf[2]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        keys, phase_weight = ctx.saved_tensors
+        d, n = ctx.dims
+        feats = keys[..., d:]
+        grads = [g if g is not None else torch.zeros_like(keys) for g in (grad_q, grad_k, grad_v)]
+        grad_feats = grads[1][..., d:] + grads[2][..., d:]
+        grad_feats.addcmul_(grads[0][..., d:], phase_weight)
+        grad_weight = None
+        if ctx.needs_input_grad[4]:
+            grad_weight = (grads[0][..., d:] * feats).sum((0, 1, 3)).view_as(phase_weight)
+        grad_theta = None
+        if ctx.needs_input_grad[3]:
+            b, t, h, _ = keys.shape
+            grad_theta = keys.new_empty((b, h, n, t))  # contiguous in the integration's layout
+            view = grad_theta.permute(0, 3, 1, 2)
+            torch.mul(feats[..., :n], grad_feats[..., n:], out=view)  # cos θ · ∂/∂ sin θ
+            view.addcmul_(feats[..., n:], grad_feats[..., :n], value=-1.0)  # − sin θ · ∂/∂ cos θ
+        return grads[0][..., :d], grads[1][..., :d], grads[2][..., :d], grad_theta, grad_weight
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
