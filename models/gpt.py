@@ -280,9 +280,7 @@ class GPT(nn.Module):
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
         b, t = sampling.check_idx(idx)
-        if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
-            got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
-            raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
+        sampling.check_targets(targets, idx)
         past = self._check_cache(cache, b)
         if past + t > self.config.max_seq_len:
             raise ValueError(f"idx: {past} cached + {t} new tokens exceed max_seq_len={self.config.max_seq_len}")

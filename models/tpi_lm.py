@@ -163,9 +163,7 @@ class TPILM(nn.Module):
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
         b, t = sampling.check_idx(idx)
-        if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
-            got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
-            raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
+        sampling.check_targets(targets, idx)
         x = self.drop(self.tok_emb(idx))  # (b, t, d_model)
         if cache is None:
             for block in self.blocks:
