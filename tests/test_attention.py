@@ -327,24 +327,27 @@ def test_coherence_loss_matches_regularizer_on_valid_tokens():
     assert make_layer()(x, return_info=True)[1].coherence_loss is None
 
 
+def saved_bytes(steps: int, **settings) -> int:
+    """Bytes autograd keeps for backward of one float32 forward of x (2, 20, 16)."""
+    layer = make_layer(steps=steps, dtype=torch.float32, **settings)
+    x = torch.randn(2, 20, 16)
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    return sum(seen.values())
+
+
 def test_backward_memory_grows_by_one_phase_tensor_per_step():
     """Bytes autograd keeps for backward: steps=10 adds at most one (b, h, t, n) tensor per extra step."""
-    def saved_bytes(steps, coupling):
-        layer = make_layer(coupling=coupling, steps=steps, dtype=torch.float32, integrator="rk4")
-        x = torch.randn(2, 20, 16)
-        seen = {}
-
-        def pack(tensor):
-            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            layer(x)
-        return sum(seen.values())
-
     phase_tensor = 2 * 2 * 20 * 3 * 4  # (b, h, t, n) float32
     for coupling in COUPLINGS:
-        assert saved_bytes(10, coupling) - saved_bytes(1, coupling) <= 9 * phase_tensor * 1.05
+        generic = dict(coupling=coupling, integrator="rk4")
+        assert saved_bytes(10, **generic) - saved_bytes(1, **generic) <= 9 * phase_tensor * 1.05
 
 
 # ------------------------------------------------------------------------- compile, bf16
@@ -503,18 +506,6 @@ def test_fused_euler_mean_field_gradcheck(causal, padded):
 
 def test_fused_euler_mean_field_backward_memory_grows_by_one_phase_tensor_per_step():
     """The fused path keeps what the checkpointed steps kept: one (b, h, t, n) tensor per extra step."""
-    def saved_bytes(steps):
-        layer = make_layer(steps=steps, dtype=torch.float32, integrator="euler", coupling="mean_field")
-        x = torch.randn(2, 20, 16)
-        seen = {}
-
-        def pack(tensor):
-            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            layer(x)
-        return sum(seen.values())
-
+    fused = dict(integrator="euler", coupling="mean_field")
     phase_tensor = 2 * 2 * 20 * 3 * 4  # (b, h, t, n) float32
-    assert saved_bytes(10) - saved_bytes(1) <= 9 * phase_tensor * 1.05
+    assert saved_bytes(10, **fused) - saved_bytes(1, **fused) <= 9 * phase_tensor * 1.05
