@@ -107,9 +107,9 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
-    phase_layers = tuple(getattr(model.module, "phase_layers", ()))
     try:
-        status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_layers)
+        regularized = getattr(mconf, "coherence_target", None) is not None
+        status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
     except KeyboardInterrupt:
         if not state.get("_in_update"):
             _save(fabric, run_dir / "last.pt", state)
@@ -127,11 +127,10 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     return result
 
 
-def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_layers) -> str:
+def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized) -> str:
     tc, progress = config.train, state["progress"]
     train_data, val_data = corpus.splits["train"], corpus.splits["val"]
     rank, world, shards = fabric.global_rank, fabric.world_size, fabric.world_size * tc.grad_accum
-    regularized = getattr(model_config(config.model), "coherence_target", None) is not None
     run_dir = config.run_dir
     bar = None
     if tc.progress_bar and fabric.is_global_zero:
@@ -179,7 +178,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_laye
                 bar.set_postfix(loss=f"{loss_value:.4f}")
 
         if step % tc.eval_interval == 0 or step == tc.max_iters:
-            val = evaluate(fabric, model, val_data, config, phase_layers)
+            val = evaluate(fabric, model, val_data, config)
             fabric.log_dict(val, step=step)
             progress["history"].append({"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}})
             fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
@@ -199,14 +198,13 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, phase_laye
 
 
 @torch.no_grad()
-def evaluate(fabric, model, data, config: RunConfig, phase_layers=()) -> dict[str, float]:
+def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
     """Mean loss over a fixed set of validation windows, plus R statistics of every phase layer
     (per head, pooled over tokens and batch) as ``val/R/layer{i}/head{j}`` and ``val/R/layer{i}``."""
     tc = config.train
     was_training = model.training
     model.eval()
-    metrics = {i: OrderParameter(dim=-1, group_dim=1, num_groups=_heads(config)).to(fabric.device)
-               for i in phase_layers}
+    metrics = {}  # phase layer -> OrderParameter over its heads, made when its phases first arrive
     losses = []
     for x, y in eval_batches(data, tc.batch_size // tc.grad_accum, tc.block_size, tc.eval_iters,
                              seed=config.seed, rank=fabric.global_rank, world_size=fabric.world_size,
@@ -214,6 +212,9 @@ def evaluate(fabric, model, data, config: RunConfig, phase_layers=()) -> dict[st
         _, loss, info = model(x, y, return_info=True)
         losses.append(loss.float())
         for i, layer_info in info.phase.items():
+            if i not in metrics:
+                heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
+                metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
             metrics[i].update(layer_info.phases.float())
     loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
@@ -223,10 +224,6 @@ def evaluate(fabric, model, data, config: RunConfig, phase_layers=()) -> dict[st
         out.update({f"val/R/layer{i}/head{h}": r.item() for h, r in enumerate(mean)})
     model.train(was_training)
     return out
-
-
-def _heads(config: RunConfig) -> int:
-    return int(config.model.get("n_heads", 12)) if config.model.get("type", "gpt") == "gpt" else 1
 
 
 def _check_finite(fabric, loss, norm, step) -> None:
