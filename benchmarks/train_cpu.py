@@ -1,18 +1,24 @@
 """Phase A CPU presets against a nanoGPT-style training loop, side by side on this machine.
 
     python benchmarks/train_cpu.py [--data ../shared/data/tinyshakespeare/input.txt] [--iters 2000]
+                                   [--seeds 1337 1 2] [--threads 2]
 
 Three runs of nanoGPT's CPU configuration (4 layers, 4 heads, d_model 128, context 64, batch 12,
 lr 1e-3 → 1e-4 cosine, warmup 100, dropout 0, no biases, eval every 250 steps on 20 batches) on
-tiny-shakespeare with nanoGPT's 90/10 split, each in its own process:
+tiny-shakespeare with nanoGPT's 90/10 split, each in its own process, per seed:
 
 * ``nanogpt-loop``: a plain PyTorch loop written like nanoGPT's ``train.py`` (random windows,
-  AdamW, ``loss.item()`` every step, train and val estimates at each evaluation) around a
-  nanoGPT-shaped model defined in this file — the time to beat;
+  AdamW with decay on every 2-D weight, ``loss.item()`` every step, train and val estimates at each
+  evaluation) around a nanoGPT-shaped model defined in this file — the time to beat;
 * ``recipes.train`` with ``phase_a/cpu/baseline.yaml``;
 * ``recipes.train`` with ``phase_a/cpu/layer7_32osc_K1.yaml`` (the "winner", one phase layer).
 
-Prints final validation loss, wall time (process start to exit) and ratios.
+The runs go in rounds (one of each per seed), so that load from other processes on a shared machine
+falls on every kind alike. Wall time is process start to the end of training (the recipe's final
+checkpoint and plots included). Validation loss is reported twice: the run's own last estimate
+(20 batches, ±0.01–0.02) and the whole validation split (every token once, consecutive windows of
+64, the same function for all three), measured after the timed part. Prints one row per run, then
+per kind the mean ± 95% CI over seeds and the median wall-time ratios.
 """
 
 from __future__ import annotations
@@ -22,73 +28,81 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+LAYERS, HEADS, WIDTH, CONTEXT, BATCH = 4, 4, 128, 64, 12
 
 
-def nanogpt_loop(data_path: str, iters: int) -> float:
-    """nanoGPT's CPU run, written out plainly; returns the last validation loss."""
-    import numpy as np
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+class NanoBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(WIDTH, bias=False), nn.LayerNorm(WIDTH, bias=False)
+        self.c_attn, self.c_proj = nn.Linear(WIDTH, 3 * WIDTH, bias=False), nn.Linear(WIDTH, WIDTH, bias=False)
+        self.fc, self.proj = nn.Linear(WIDTH, 4 * WIDTH, bias=False), nn.Linear(4 * WIDTH, WIDTH, bias=False)
 
-    torch.manual_seed(1337)
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(WIDTH, dim=2)
+        q, k, v = (z.view(b, t, HEADS, WIDTH // HEADS).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, WIDTH))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's model at the CPU configuration; ``forward`` returns ``(logits, loss)`` like models.GPT."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, WIDTH), nn.Embedding(CONTEXT, WIDTH)
+        self.blocks = nn.ModuleList(NanoBlock() for _ in range(LAYERS))
+        self.ln_f = nn.LayerNorm(WIDTH, bias=False)
+        self.head = nn.Linear(WIDTH, vocab_size, bias=False)
+        self.wte.weight = self.head.weight
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # nanoGPT's init: N(0, 0.02), residual projections 0.02 / sqrt(2 L)
+                std = 0.02 / math.sqrt(2 * LAYERS) if name.endswith(("c_proj.weight", ".proj.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, idx, targets=None):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def nanogpt_loop(data_path: str, iters: int, seed: int, save: str) -> None:
+    """nanoGPT's CPU run, written out plainly; prints its val estimates and saves the model."""
+    torch.manual_seed(seed)
     text = Path(data_path).read_text()
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     ids = np.array([lookup[c] for c in text], dtype=np.uint16)
     n = int(0.9 * len(ids))
     splits = {"train": ids[:n], "val": ids[n:]}
-    V, L, H, D, T, B = len(chars), 4, 4, 128, 64, 12
 
     def batch(split):
         d = splits[split]
-        ix = torch.randint(len(d) - T, (B,))
-        x = torch.stack([torch.from_numpy(d[i:i + T].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        ix = torch.randint(len(d) - CONTEXT, (BATCH,))
+        x = torch.stack([torch.from_numpy(d[i:i + CONTEXT].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(d[i + 1:i + 1 + CONTEXT].astype(np.int64)) for i in ix])
         return x, y
 
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
-            self.c_attn, self.c_proj = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=False)
-            self.fc, self.proj = nn.Linear(D, 4 * D, bias=False), nn.Linear(4 * D, D, bias=False)
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
-            q, k, v = (z.view(b, t, H, D // H).transpose(1, 2) for z in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, D))
-            return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T, D)
-            self.blocks = nn.ModuleList(Block() for _ in range(L))
-            self.ln_f = nn.LayerNorm(D, bias=False)
-            self.head = nn.Linear(D, V, bias=False)
-            self.wte.weight = self.head.weight
-            for m in self.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=0.02)
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-            for block in self.blocks:
-                x = block(x)
-            logits = self.head(self.ln_f(x))
-            return F.cross_entropy(logits.view(-1, V), targets.view(-1))
-
-    model = Model()
+    model = NanoGPT(len(chars))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -103,68 +117,111 @@ def nanogpt_loop(data_path: str, iters: int) -> float:
     @torch.no_grad()
     def estimate():
         model.eval()
-        out = {s: torch.stack([model(*batch(s)) for _ in range(20)]).mean().item() for s in ("train", "val")}
+        out = {s: torch.stack([model(*batch(s))[1] for _ in range(20)]).mean().item() for s in ("train", "val")}
         model.train()
         return out
 
-    val = math.nan
     for it in range(iters + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(it)
         if it % 250 == 0 or it == iters:
-            val = estimate()["val"]
-            print(f"step {it}: val loss {val:.4f}", flush=True)
+            print(f"step {it}: val loss {estimate()['val']:.4f}", flush=True)
         if it == iters:
             break
-        loss = model(*batch("train"))
+        _, loss = model(*batch("train"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss.item()
-    return val
+    torch.save({"model": model.state_dict(), "chars": chars}, save)
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """(last validation loss printed, wall seconds) of a subprocess."""
+def run(cmd: list[str], threads: int) -> tuple[float, float]:
+    """(last validation estimate printed, wall seconds) of a subprocess."""
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
-    losses = re.findall(r"val loss (\d+\.\d+)", done.stdout)
-    return float(losses[-1]), wall
+    return float(re.findall(r"val loss (\d+\.\d+)", done.stdout)[-1]), wall
+
+
+def full_val_loss(kind: str, path: Path, data_path: str) -> float:
+    """Loss over every token of the validation split (recipes.evaluate's windows)."""
+    from recipes.common import load_run
+    from recipes.evaluate import evaluate_split, load_corpus
+    if kind == "nanogpt-loop":
+        from recipes.data import CharTokenizer
+        saved = torch.load(path, weights_only=False)
+        tokenizer = CharTokenizer(saved["chars"])
+        model = NanoGPT(len(saved["chars"]))
+        model.load_state_dict(saved["model"])
+        ids = np.array(tokenizer.encode(Path(data_path).read_text()), dtype=np.int64)
+        val = ids[int(0.9 * len(ids)):]
+    else:
+        model, tokenizer, config, _ = load_run(path / "last.pt")
+        val = load_corpus(config.data).splits["val"]
+    return evaluate_split(model.eval(), val, CONTEXT, tokenizer)["loss"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DATA), help="tiny-shakespeare input.txt")
     parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default="/tmp/kuramoto-train-cpu", help="run and cache directory")
-    parser.add_argument("--nanogpt-loop", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nanogpt-loop", metavar="SAVE", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=1337, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nanogpt_loop:
-        nanogpt_loop(args.data, args.iters)
+        nanogpt_loop(args.data, args.iters, args.seed, args.nanogpt_loop)
         return
-    import torch
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
-          f"{args.iters} iterations on {args.data}\n")
+    if not Path(args.data).is_file():
+        sys.exit(f"--data: no such file {args.data!r} (tiny-shakespeare's input.txt)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; "
+          f"{args.iters} iterations on {args.data}, seeds {args.seeds}\n")
     common = [f"train.max_iters={args.iters}", "data.name=tiny-shakespeare", f"data.path={args.data}",
-              f"data.cache_dir={args.out}/cache", "train.progress_bar=false"]
-    rows = {"nanogpt-loop (reference)": run([sys.executable, __file__, "--nanogpt-loop", "--data", args.data,
-                                             "--iters", str(args.iters)])}
-    for name in ("baseline", "layer7_32osc_K1"):
-        cfg = f"recipes/configs/phase_a/cpu/{name}.yaml"
-        rows[f"recipes.train {name}"] = run([sys.executable, "-m", "recipes.train", "--config", cfg, *common,
-                                             f"out_dir={args.out}/{name}"])
-    ref = rows["nanogpt-loop (reference)"][1]
-    base = rows["recipes.train baseline"][1]
-    print("| run | val loss | wall (s) | × nanogpt-loop | × recipes baseline |")
+              f"data.cache_dir={out}/cache", "train.progress_bar=false"]
+    kinds = {"nanogpt-loop": None, "baseline": "baseline", "winner": "layer7_32osc_K1"}
+    rows = []
+    for seed in args.seeds:
+        for kind, preset in kinds.items():
+            if preset is None:
+                path = out / f"nanogpt_seed{seed}.pt"
+                cmd = [sys.executable, __file__, "--nanogpt-loop", str(path), "--seed", str(seed),
+                       "--data", args.data, "--iters", str(args.iters)]
+            else:
+                path = out / f"{preset}_seed{seed}"
+                cmd = [sys.executable, "-m", "recipes.train", "--config", f"recipes/configs/phase_a/cpu/{preset}.yaml",
+                       *common, f"seed={seed}", f"out_dir={path}"]
+            estimate, wall = run(cmd, args.threads)
+            rows.append({"kind": kind, "seed": seed, "val_estimate": estimate, "wall_s": wall, "path": path})
+            print(f"{kind} seed {seed}: {wall:.1f} s, val estimate {estimate:.4f}", flush=True)
+    torch.set_num_threads(args.threads)
+    for row in rows:
+        row["val_full"] = full_val_loss(row["kind"], row.pop("path"), args.data)
+
+    print("\n| run | seed | val loss (own estimate) | val loss (whole split) | wall (s) |")
     print("|:---|---:|---:|---:|---:|")
-    for name, (loss, wall) in rows.items():
-        print(f"| {name} | {loss:.4f} | {wall:.1f} | {wall / ref:.2f} | {wall / base:.2f} |")
-    print(json.dumps({k: {"val_loss": v[0], "wall_s": v[1]} for k, v in rows.items()}))
+    for r in rows:
+        print(f"| {r['kind']} | {r['seed']} | {r['val_estimate']:.4f} | {r['val_full']:.4f} | {r['wall_s']:.1f} |")
+    from recipes.common import mean_ci95
+    walls = {kind: [r["wall_s"] for r in rows if r["kind"] == kind] for kind in kinds}
+    print("\n| run | val loss, whole split (mean ± 95% CI) | wall (s), median | × nanogpt-loop | × baseline |")
+    print("|:---|---:|---:|---:|---:|")
+    for kind in kinds:
+        mean, half = mean_ci95([r["val_full"] for r in rows if r["kind"] == kind])
+        ci = "" if math.isnan(half) else f" ± {half:.4f}"
+        ratio = {ref: statistics.median(w / b for w, b in zip(walls[kind], walls[ref]))
+                 for ref in ("nanogpt-loop", "baseline")}  # per round, then the median
+        print(f"| {kind} | {mean:.4f}{ci} | {statistics.median(walls[kind]):.1f} | "
+              f"{ratio['nanogpt-loop']:.2f} | {ratio['baseline']:.2f} |")
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
