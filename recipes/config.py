@@ -62,6 +62,7 @@ class OptimConfig:
     warmup_iters: int = 100
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = 1.0
+    fused: bool = True                # AdamW's fused kernel (CPU, CUDA); false: its foreach version
 
     def __post_init__(self):
         check(self.lr > 0, "lr", "must be positive", self.lr)

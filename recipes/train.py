@@ -90,7 +90,8 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     fabric.seed_everything(config.seed)  # same initial weights on every rank
     model = fabric.setup_module(build_model(config.model, corpus.tokenizer.vocab_size))
     optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+                                  betas=tuple(config.optim.betas), eps=config.optim.eps,
+                                  fused=config.optim.fused)
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate(s, config.optim, tc.max_iters) / config.optim.lr)
@@ -211,7 +212,7 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
                              device=fabric.device):
         _, loss, info = model(x, y, return_info=True)
         losses.append(loss.float())
-        for i, layer_info in info.phase.items():
+        for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
             if i not in metrics:
                 heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
                 metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
@@ -257,8 +258,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
-    if saved["config"] != state["config"]:
-        changed = _diff(parse_config(saved["config"]).to_dict(), state["config"])
+    saved_config = parse_config(saved["config"]).to_dict()  # defaults filled in: keys added since are no change
+    if saved_config != state["config"]:
+        changed = _diff(saved_config, state["config"])
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resume with the same config or start a new out_dir")
     if saved["tokenizer"] != state["tokenizer"]:

@@ -160,6 +160,19 @@ def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file):
     assert tokenizer.vocab_size == vocab and not model.training
 
 
+def test_train_tpi_language_model(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, optim={"lr": 1e-2, "warmup_iters": 2},
+                  train={"max_iters": 30, "eval_interval": 15})
+    values["model"] = {"type": "tpi", "d_model": 32, "n_layers": 2, "max_seq_len": 16}
+    result = train(parse_config(values))
+    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    first_train = next(h["train_loss"] for h in history if "train_loss" in h)
+    assert result["status"] == "finished" and result["final_val_loss"] < first_train - 0.3
+    assert not any(k.startswith("val_R") for h in history for k in h)  # no oscillators, no R
+    model, _, config, _ = load_run(tmp_path / "run")
+    assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
+
+
 def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     straight = tiny(tmp_path / "a", corpus_file)
     train(parse_config(straight))
@@ -184,6 +197,28 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="optim.lr"):
         train(parse_config(apply_overrides(interrupted, ["optim.lr=0.1"])), resume=True)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
+    train(parse_config(values))
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    del state["config"]["optim"]["fused"]  # as written before optim.fused existed: its default applies
+    torch.save(state, path)
+    assert train(parse_config(values), resume=True)["step"] == 4
+
+
+def test_fused_adamw_is_used_and_matches_foreach(tmp_path, corpus_file):
+    losses = {}
+    for fused in (True, False):
+        result = train(parse_config(tiny(tmp_path / str(fused), corpus_file,
+                                         optim={"lr": 3e-3, "warmup_iters": 2, "fused": fused})))
+        state = torch.load(tmp_path / str(fused) / "run" / "last.pt", map_location="cpu", weights_only=False)
+        assert all(group["fused"] is fused for group in state["optimizer"]["param_groups"])
+        losses[fused] = result["final_val_loss"]
+    # the same algorithm; rounding differs, and Adam amplifies it where gradients are near zero
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
