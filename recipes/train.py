@@ -89,9 +89,12 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
 
     fabric.seed_everything(config.seed)  # same initial weights on every rank
     model = fabric.setup_module(build_model(config.model, corpus.tokenizer.vocab_size))
-    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=tuple(config.optim.betas), eps=config.optim.eps,
-                                  fused=config.optim.fused)
+    try:
+        optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                      betas=tuple(config.optim.betas), eps=config.optim.eps,
+                                      fused=config.optim.fused)
+    except RuntimeError as err:  # a device without the fused kernel
+        raise ValueError(f"optim.fused: {err}; set optim.fused=false") from err
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate(s, config.optim, tc.max_iters) / config.optim.lr)

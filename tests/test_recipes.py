@@ -221,6 +221,20 @@ def test_fused_adamw_is_used_and_matches_foreach(tmp_path, corpus_file):
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
+def test_fused_adamw_unsupported_names_the_key(tmp_path, corpus_file, monkeypatch):
+    real_adamw = torch.optim.AdamW
+
+    def adamw(params, **kwargs):  # as torch answers on a device without the fused kernel
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_adamw(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    with pytest.raises(ValueError, match="optim.fused: .*set optim.fused=false"):
+        train(parse_config(tiny(tmp_path, corpus_file)))
+    assert train(parse_config(tiny(tmp_path, corpus_file, optim={"fused": False})))["status"] == "finished"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
     real_build = train_module.build_model
     calls = {"n": 0}
