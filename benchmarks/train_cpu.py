@@ -164,6 +164,8 @@ def fastest_interval_ms(kind: str, path: Path, stdout: str) -> float:
         events.Reload()
         stamps = {e.step: e.wall_time for e in events.Scalars("train/loss") if e.step % 250 == 0}
     steps = sorted(stamps)
+    if len(steps) < 2:  # fewer than 500 iterations: no whole stretch
+        return math.nan
     return min(1e3 * (stamps[b] - stamps[a]) / (b - a) for a, b in zip(steps, steps[1:]))
 
 
