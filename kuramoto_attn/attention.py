@@ -45,6 +45,7 @@ hand-written backward that keeps the same (:mod:`kuramoto_attn._euler_mean_field
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -52,6 +53,7 @@ from itertools import count
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_choice, check_int, check_real, check_tensor
@@ -144,6 +146,12 @@ class _Pass:
     cache: KuramotoCache | None  # holding past tokens, else None
     record: bool  # keep each evaluation's phase state for the cache
     new_state: dict = field(default_factory=dict)
+
+
+# The attention coupling's SDPA calls (whose output feeds the phase field) avoid cuDNN's kernel: its
+# backward gave gradients wrong by ~100% in bf16 (torch 2.11, H100), where flash, efficient and math
+# agree with float64 (tests/test_cuda.py). The layer's final attention may use any kernel.
+_FIELD_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KuramotoAttention(nn.Module):
@@ -402,8 +410,9 @@ class KuramotoAttention(nn.Module):
                 past_keys = torch.cat([run.cache.keys[..., :d], past_feats], dim=-1)
                 past_values = torch.cat([run.cache.values[..., :d], past_feats], dim=-1)
             keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
-                                             is_causal=run.is_causal, scale=1.0 / math.sqrt(d))
+        with sdpa_kernel(_FIELD_BACKENDS) if cos_sin is not None and query.is_cuda else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=run.mask, dropout_p=dropout,
+                                                 is_causal=run.is_causal, scale=1.0 / math.sqrt(d))
         return out, keys, values
 
     def _attention_mask(self, t: int, past: int, valid: Tensor | None,
