@@ -300,8 +300,10 @@ class KuramotoAttention(nn.Module):
         """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head after each (if ``record_R``)."""
         R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
         if self._fast_path and self.integrator == "euler" and self.coupling == "mean_field" \
-                and run.cache is None and not run.record:
-            # fused Euler steps with a hand-written backward: same values, far fewer autograd ops
+                and run.cache is None and not run.record and not torch.compiler.is_compiling():
+            # fused Euler steps with a hand-written backward: same values, far fewer autograd ops.
+            # Not under torch.compile, which fuses the generic path itself: torch 2.11's tracing of
+            # this backward (in-place ops on aliased views) gave zero gradients.
             t = theta.shape[-1]
             weight = None if run.valid is None else run.valid[:, None, None, -t:].to(theta.dtype)
             noise = self.phase_noise.sigma if self.phase_noise.training else 0.0
