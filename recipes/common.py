@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,28 @@ import torch
 from torch import nn
 
 from models import MODELS
+from models.config import ConfigError
 from recipes.config import FabricConfig, model_config, parse_config
 from recipes.data import tokenizer_from_dict
 
-__all__ = ["make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device", "step_seed",
+__all__ = ["run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device", "step_seed",
            "mean_ci95"]
+
+
+def run_cli(main) -> None:
+    """Run a recipe's ``main()`` from the command line.
+
+    Mistakes the user can fix (a config error, a missing file, a bad argument: each message names
+    what to change) print as one ``error:`` line with exit status 2, without a traceback; Ctrl-C
+    exits with status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first).
+    """
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def make_fabric(config: FabricConfig, loggers=None):

@@ -13,6 +13,7 @@ import math
 import torch
 
 from kuramoto_attn import KuramotoField, MeanFieldCoupling, integrate, order_parameter
+from recipes.common import run_cli
 
 
 def main() -> None:
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.common import load_run, pick_device
+from recipes.common import load_run, pick_device, run_cli
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 
@@ -86,4 +86,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.common import load_run, pick_device
+from recipes.common import load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
 
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
-from recipes.common import load_run, pick_device
+from recipes.common import load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import load_corpus
 from recipes.plots import plot_R_curves
@@ -105,4 +105,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from models.config import ConfigError
-from recipes.common import mean_ci95
+from recipes.common import mean_ci95, run_cli
 from recipes.config import load_yaml
 
 __all__ = ["main", "run_sweep", "summarise"]
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

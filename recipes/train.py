@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from kuramoto_attn import OrderParameter
-from recipes.common import (build_model, make_fabric, param_groups, save_checkpoint, step_seed)
+from recipes.common import build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
 from recipes.config import RunConfig, load_config, model_config, parse_config
 from recipes.data import eval_batches, get_batch, prepare_corpus
 
@@ -290,7 +290,7 @@ def _count(model) -> int:
 
 if __name__ == "__main__":
     try:
-        main()
+        run_cli(main)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -369,6 +369,46 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     assert report["layers"]["1"]["mean"] == pytest.approx(s["stats"]["mean"].tolist())
 
 
+def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus_file):
+    baseline = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
+    baseline["model"] = {k: v for k, v in baseline["model"].items()
+                         if k not in ("use_phase_attention", "phase_layer_idx", "num_oscillators", "steps",
+                                      "phase_noise")}
+    train(parse_config(baseline))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path, corpus_file)))
+    for args, message in [
+        (["-m", "recipes.train", "--config", str(config), "train.max_iter=5"], "error: train.max_iter: unknown key"),
+        (["-m", "recipes.train", "--config", str(tmp_path / "missing.yaml")], "error: config: no such file"),
+        (["-m", "recipes.interpret", str(tmp_path / "run")], "error: model: has no phase layers"),
+        (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: max_new_tokens: expected"),
+    ]:
+        done = _run_recipe(args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in done.stderr
+
+
+def test_run_cli_exit_statuses(capsys):
+    from recipes.common import run_cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def bad_key():
+        raise ConfigError("train.max_iter: unknown key")
+
+    def bug():
+        raise RuntimeError("a bug keeps its traceback")
+
+    for main, status in [(interrupted, 130), (bad_key, 2)]:
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main)
+        assert stop.value.code == status
+    assert capsys.readouterr().err == "error: train.max_iter: unknown key\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(bug)
+
+
 def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny(tmp_path, corpus_file, train={"max_iters": 4})))
