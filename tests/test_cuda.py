@@ -14,12 +14,11 @@ import torch
 
 from recipes.common import load_run
 from recipes.config import parse_config
-from recipes import train as train_module
 from recipes.train import train
 
 from test_attention import COUPLINGS, INTEGRATORS, left_padding, make_layer
 from test_models import MODEL_CASES, tokens
-from test_recipes import WORDS, tiny
+from test_recipes import WORDS, interrupt_then_resume, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -130,18 +129,8 @@ def test_training_on_gpu_defaults_to_bf16_mixed_learns_and_resumes(tmp_path, mon
     assert config.fabric.precision is None and next(model.parameters()).device.type == "cpu"
 
     interrupted = tiny(tmp_path / "b", corpus, **settings)
-    real_get_batch = train_module.get_batch
-
-    def get_batch(*args, step, **kwargs):
-        if step == 23:
-            raise KeyboardInterrupt
-        return real_get_batch(*args, step=step, **kwargs)
-
-    monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(parse_config(interrupted))
-    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
-    assert train(parse_config(interrupted), resume=True)["step"] == 40
+    saved, resumed_result = interrupt_then_resume(interrupted, 23, monkeypatch)
+    assert saved["progress"]["step"] == 23 and resumed_result["step"] == 40
     resumed = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)["model"]
     # GPU kernels may sum in a different order from run to run, so equal up to rounding, not bit for bit
     for key, value in state["model"].items():

@@ -173,26 +173,30 @@ def test_train_tpi_language_model(tmp_path, corpus_file):
     assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
 
 
-def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
-    straight = tiny(tmp_path / "a", corpus_file)
-    train(parse_config(straight))
-
-    interrupted = tiny(tmp_path / "b", corpus_file)
+def interrupt_then_resume(values: dict, at_step: int, monkeypatch) -> tuple[dict, dict]:
+    """Train with a Ctrl-C at ``at_step``, then ``--resume``: (the checkpoint the interrupt saved, the result)."""
     real_get_batch = train_module.get_batch
 
     def get_batch(*args, step, **kwargs):
-        if step == 7:
+        if step == at_step:
             raise KeyboardInterrupt
         return real_get_batch(*args, step=step, **kwargs)
 
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     with pytest.raises(KeyboardInterrupt):
-        train(parse_config(interrupted))
-    saved = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)
-    assert saved["progress"]["step"] == 7
+        train(parse_config(values))
+    saved = torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
-    result = train(parse_config(interrupted), resume=True)
-    assert result["step"] == 12
+    return saved, train(parse_config(values), resume=True)
+
+
+def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
+    straight = tiny(tmp_path / "a", corpus_file)
+    train(parse_config(straight))
+
+    interrupted = tiny(tmp_path / "b", corpus_file)
+    saved, result = interrupt_then_resume(interrupted, 7, monkeypatch)
+    assert saved["progress"]["step"] == 7 and result["step"] == 12
     a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="optim.lr"):
