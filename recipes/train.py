@@ -118,9 +118,11 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         if not state.get("_in_update"):
             _save(fabric, run_dir / "last.pt", state)
             fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
+        _flush_logs(fabric)
         raise
     except TrainingDiverged as err:
         _write_result(fabric, config, progress, "diverged", str(err))
+        _flush_logs(fabric)
         raise
     result = _write_result(fabric, config, progress, status)
     if fabric.is_global_zero:
@@ -193,6 +195,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
             else:
                 progress["bad_evals"] += 1
             _save(fabric, run_dir / "last.pt", state)
+            _flush_logs(fabric)
             if tc.patience is not None and progress["bad_evals"] >= tc.patience:
                 fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
                 return "early_stopped"
@@ -255,6 +258,13 @@ def _write_result(fabric, config: RunConfig, progress: dict, status: str, messag
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     save_checkpoint(fabric, path, {k: v for k, v in state.items() if not k.startswith("_")} | {"rng": rng})
+
+
+def _flush_logs(fabric) -> None:
+    # Fabric's CSVLogger writes only every 100th step (never, for steps logged at multiples of 10)
+    # and at finalize: flush with every checkpoint, so an interrupted run keeps its logs
+    for logger in fabric.loggers:
+        logger.save()
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -197,6 +198,9 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     interrupted = tiny(tmp_path / "b", corpus_file)
     saved, result = interrupt_then_resume(interrupted, 7, monkeypatch)
     assert saved["progress"]["step"] == 7 and result["step"] == 12
+    # the interrupted run's CSV log is on disk, every step up to the interrupt (the resumed run writes version_1)
+    with open(tmp_path / "b" / "run" / "logs" / "version_0" / "metrics.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]] == list(range(1, 8))
     a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="optim.lr"):
@@ -262,6 +266,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
     assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+    assert list((run / "logs").rglob("metrics.csv"))  # the logs up to the divergence are kept
 
 
 def _run_recipe(args: list[str], **env) -> subprocess.CompletedProcess:
