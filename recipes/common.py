@@ -17,8 +17,8 @@ from models.config import ConfigError
 from recipes.config import FabricConfig, model_config, parse_config
 from recipes.data import tokenizer_from_dict
 
-__all__ = ["run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device", "step_seed",
-           "mean_ci95"]
+__all__ = ["run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device",
+           "step_seed", "mean_ci95"]
 
 
 def run_cli(main) -> None:
