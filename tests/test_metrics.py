@@ -3,7 +3,6 @@ reference, masking, bounds, the no-angle-averaging rule, reset, distributed redu
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -351,18 +350,12 @@ def test_state_reductions_equal_one_metric_on_all_data():
     assert_stats_close(metric.compute(), single.compute(), atol=1e-12)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # a lean worker (imports only torch and the library, so each process starts in a few seconds)
 _GLOO_WORKER = """
 import sys, torch, torch.distributed as dist
 from kuramoto_attn import OrderParameter
-rank, port, data, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+rank, store, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 try:
     metric = OrderParameter(dim=-1, group_dim=1, num_groups=3)
     for theta in torch.load(data):
@@ -376,18 +369,19 @@ finally:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_gloo_sync_equals_one_metric_on_all_data(tmp_path):
     rank_data = _split_data(9)
-    port = _free_port()
+    # a file store, not a TCP port: no port race with other tests running in parallel (xdist)
+    store = tmp_path / "store"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(kuramoto_attn.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     procs = []
     for rank, batches in enumerate(rank_data):
         torch.save(batches, tmp_path / f"data{rank}.pt")
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", _GLOO_WORKER, str(rank), str(port), str(tmp_path / f"data{rank}.pt"),
+            [sys.executable, "-c", _GLOO_WORKER, str(rank), str(store), str(tmp_path / f"data{rank}.pt"),
              str(tmp_path / f"out{rank}.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for proc in procs:
         try:
-            output, _ = proc.communicate(timeout=60)
+            output, _ = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
