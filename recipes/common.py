@@ -21,12 +21,14 @@ __all__ = ["run_cli", "make_fabric", "build_model", "param_groups", "save_checkp
            "step_seed", "mean_ci95"]
 
 
-def run_cli(main) -> None:
+def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     """Run a recipe's ``main()`` from the command line.
 
     Mistakes the user can fix (a config error, a missing file, a bad argument: each message names
     what to change) print as one ``error:`` line with exit status 2, without a traceback; Ctrl-C
     exits with status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first).
+    The recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line
+    and exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
         main()
@@ -35,6 +37,9 @@ def run_cli(main) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except failures as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def make_fabric(config: FabricConfig, loggers=None):

@@ -299,8 +299,4 @@ def _count(model) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        run_cli(main)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, failures=(TrainingDiverged,))

@@ -409,13 +409,17 @@ def test_run_cli_exit_statuses(capsys):
     def bug():
         raise RuntimeError("a bug keeps its traceback")
 
-    for main, status in [(interrupted, 130), (bad_key, 2)]:
+    def diverged():
+        raise TrainingDiverged("loss is nan at step 3")
+
+    for main, status in [(interrupted, 130), (bad_key, 2), (diverged, 1)]:
         with pytest.raises(SystemExit) as stop:
-            run_cli(main)
+            run_cli(main, failures=(TrainingDiverged,))
         assert stop.value.code == status
-    assert capsys.readouterr().err == "error: train.max_iter: unknown key\n"
+    assert capsys.readouterr().err == ("error: train.max_iter: unknown key\n"
+                                       "error: loss is nan at step 3\n")
     with pytest.raises(RuntimeError, match="a bug"):
-        run_cli(bug)
+        run_cli(bug, failures=(TrainingDiverged,))
 
 
 def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
