@@ -90,6 +90,7 @@ class TrainConfig:
     patience: int | None = None       # stop after this many evaluations without a better val loss
     progress_bar: bool = True
     plots: bool = True                # loss and R(t) PNGs at the end
+    compile: bool = False             # torch.compile the model (GPU; on 2 CPU cores it was no faster)
 
     def __post_init__(self):
         for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval",

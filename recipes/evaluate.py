@@ -1,6 +1,6 @@
 """Evaluate a trained run on whole splits: loss, perplexity, bits per token and per character.
 
-    python -m recipes.evaluate runs/winner_cpu [--checkpoint best.pt] [--splits val test]
+    python -m recipes.evaluate runs/layer7_32osc_K1_cpu [--checkpoint best.pt] [--splits val test]
 
 Every token of a split is predicted exactly once: the split is cut into consecutive windows of the
 training context (``train.block_size``), each predicted from the start of its window.

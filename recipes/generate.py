@@ -1,6 +1,6 @@
 """Sample text from a trained run (uses the model's cache: KV + phase state, or TPI's recurrent state).
 
-    python -m recipes.generate runs/winner_cpu --prompt "ROMEO:" --max-new-tokens 300 \
+    python -m recipes.generate runs/layer7_32osc_K1_cpu --prompt "ROMEO:" --max-new-tokens 300 \
         --temperature 0.8 --top-k 40 --seed 1337
 """
 

@@ -1,6 +1,6 @@
 """Order-parameter statistics of a trained PhaseGPT run on real validation text.
 
-    python -m recipes.interpret runs/winner_cpu [--split val] [--batches 8] [--batch-size 8]
+    python -m recipes.interpret runs/layer7_32osc_K1_cpu [--split val] [--batches 8] [--batch-size 8]
 
 For every phase layer and head: mean / std / min / max of R (each R taken over one token's N
 oscillators of that head — angles are never averaged across heads), printed as a table next to

@@ -1,6 +1,6 @@
 """Train a language model (PhaseGPT ``GPT`` or ``TPILM``) with Lightning Fabric.
 
-    python -m recipes.train --config recipes/configs/phase_a/winner_cpu.yaml [key=value ...] [--resume]
+    python -m recipes.train --config recipes/configs/phase_a/cpu/layer7_32osc_K1.yaml [key=value ...] [--resume]
 
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
@@ -88,7 +88,9 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         raise ValueError(f"train.block_size: {tc.block_size} exceeds model.max_seq_len {mconf.max_seq_len}")
 
     fabric.seed_everything(config.seed)  # same initial weights on every rank
-    model = fabric.setup_module(build_model(config.model, corpus.tokenizer.vocab_size))
+    model = build_model(config.model, corpus.tokenizer.vocab_size)
+    # Fabric compiles again after wrapping (DDP) and saves the uncompiled module: same checkpoints
+    model = fabric.setup_module(torch.compile(model) if tc.compile else model)
     try:
         optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                       betas=tuple(config.optim.betas), eps=config.optim.eps,
