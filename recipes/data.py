@@ -344,9 +344,10 @@ class RemoteFile:
 
     url: str
     filename: str
-    sha256: str | None = None   # None: no pinned checksum (then `size` is checked)
-    size: int | None = None
+    sha256: str | None = None   # None: no pinned checksum of the file itself (then `size` is checked)
+    size: int | None = None     # of the content (extracted, for an archive)
     aliases: tuple[str, ...] = ()
+    content_md5: str | None = None  # the publisher's checksum of the extracted content
 
 
 @dataclass(frozen=True)
@@ -377,10 +378,11 @@ CORPORA: dict[str, CorpusSource] = {
                            "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
                            aliases=("wiki.test.tokens",))},
         "WikiText-2 v1, tokenized (PyTorch examples copy)"),
-    # No published checksum of enwik8.zip could be found to pin here (none was looked up from a
-    # source we could verify offline), so a download is checked by the size of the extracted file.
+    # The publisher gives checksums of the extracted file, not of the zip (mattmahoney.net/dc/text.html:
+    # md5 a1fa5ffd..., SHA-1 57b8363b...), so a download is checked after extraction: size and md5.
     "enwik8": CorpusSource("byte", {"all": RemoteFile(
-        "http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip", None, 100_000_000, aliases=("enwik8",))},
+        "http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip", None, 100_000_000, aliases=("enwik8",),
+        content_md5="a1fa5ffddb56f4953e226637dabbb36a")},
         "first 10^8 bytes of English Wikipedia (Hutter prize)"),
     "text": CorpusSource("char", description="any local text file given by path"),
 }
@@ -455,12 +457,19 @@ def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLik
 
 
 def _read_enwik8(file: Path, local: bool) -> bytes:
-    """The bytes of enwik8 (from the zip or the extracted file). The download has no pinned
-    checksum, so its size is checked instead; a local variant of another size only warns."""
+    """The bytes of enwik8 (from the zip or the extracted file). A download (or cached copy) must
+    have the published size and md5 of the extracted file; a local variant of another size only
+    warns."""
     data = zipfile.ZipFile(file).read("enwik8") if zipfile.is_zipfile(file) else file.read_bytes()
-    size = CORPORA["enwik8"].files["all"].size
+    remote = CORPORA["enwik8"].files["all"]
+    size = remote.size
     if len(data) != size and not local:
         raise RuntimeError(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; delete it to download again")
+    if not local and remote.content_md5 is not None:
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if md5 != remote.content_md5:
+            raise RuntimeError(f"enwik8: {file} is not the published enwik8 (md5 {md5}, expected "
+                               f"{remote.content_md5}); delete it to download again")
     if len(data) != size:
         warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", stacklevel=4)
     return data
@@ -601,7 +610,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         bpe_vocab_size: vocabulary of the BPE trained on the train split (≥ 256).
         cache_dir: default ``$KURAMOTO_ATTN_CACHE`` or ``~/.cache/kuramoto-attn``.
         val_fraction: the validation share of corpora without official splits (contiguous tail).
-        download: fetch a known corpus missing from ``path`` and the cache (sha256 verified).
+        download: fetch a known corpus missing from ``path`` and the cache (checksum verified).
 
     Returns:
         A ``Corpus`` whose splits are 1-D memmaps of ``<cache_dir>/<key>/<split>.bin``.

@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -312,6 +313,25 @@ def test_enwik8_from_local_zip(tmp_path):
         prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="`tokenizer`"):
         prepare_corpus("enwik8", path=archive, tokenizer="char", cache_dir=tmp_path / "cache")
+
+
+def test_enwik8_download_must_match_the_published_md5(tmp_path, monkeypatch):
+    payload = bytes(range(256)) * 40
+    cached = tmp_path / "cache" / "downloads" / "enwik8" / "enwik8.zip"
+    cached.parent.mkdir(parents=True)
+    with zipfile.ZipFile(cached, "w") as z:
+        z.writestr("enwik8", payload)
+    real = CORPORA["enwik8"].files["all"]
+    assert real.content_md5 == "a1fa5ffddb56f4953e226637dabbb36a"  # mattmahoney.net/dc/text.html
+    # the same check at the payload's size: its own md5 passes, another one is an error
+    for md5, ok in ((hashlib.md5(payload).hexdigest(), True), (real.content_md5, False)):
+        monkeypatch.setitem(CORPORA["enwik8"].files, "all", replace(real, size=len(payload), content_md5=md5))
+        if ok:
+            corpus = prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
+            assert b"".join(bytes(corpus.splits[s].tolist()) for s in ("train", "val", "test")) == payload
+        else:
+            with pytest.raises(RuntimeError, match="not the published enwik8.*delete it"):
+                prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
 
 
 def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
