@@ -317,26 +317,32 @@ class KuramotoAttention(nn.Module):
         save_memory = torch.is_grad_enabled() and not run.record
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
         step_run = replace(run, q=None, k=None, v=None) if self.coupling == "mean_field" else run
+        # read here and passed in, not read inside the checkpoints: under torch.compile, a float that
+        # dynamo first meets inside one checkpoint and reuses in the next crashes it (torch 2.13,
+        # pytorch/pytorch#193194) once a layer with other dt / phase_lag was compiled in the process
+        dt, phase_lag = float(self.dt), float(self.phase_lag)
         for step in range(self.steps):
             if save_memory:
-                theta = checkpoint(self._step, solver, theta, omega, step_run, step, use_reentrant=False)
+                theta = checkpoint(self._step, solver, theta, omega, step_run, step, dt, phase_lag,
+                                   use_reentrant=False)
             else:
-                theta = self._step(solver, theta, omega, run, step)
+                theta = self._step(solver, theta, omega, run, step, dt, phase_lag)
             theta = self.phase_noise(theta)
             if record_R:
                 R_steps.append(_order(theta.detach(), run.valid)[0])
         return theta, R_steps
 
-    def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int) -> Tensor:
+    def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int, dt: float,
+              phase_lag: float) -> Tensor:
         stage = count()
         coupling = self._mean_field if self.coupling == "mean_field" else self._attention_field
 
         def field(phases: Tensor) -> Tensor:
-            return omega + coupling(phases, run, (step, next(stage)))
+            return omega + coupling(phases, run, (step, next(stage)), phase_lag)
 
-        return solver.step(field, theta, self.dt)
+        return solver.step(field, theta, dt)
 
-    def _mean_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
+    def _mean_field(self, theta: Tensor, run: _Pass, key: tuple, phase_lag: float) -> Tensor:
         """``(K/|S_i|) Σ_{j∈S_i} sin(θ_j − θ_i − α)`` ``(b, h, n, t)`` from running sums of ``e^{iθ}``."""
         t = theta.shape[-1]
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
@@ -361,16 +367,16 @@ class KuramotoAttention(nn.Module):
         gain = self.strength.to(theta.dtype) / counts.clamp_min(1.0)
         if weight is not None:
             gain = gain * weight  # padded tokens get zero coupling
-        return _pull(sum_cos, sum_sin, cos_t, sin_t, self.phase_lag) * gain
+        return _pull(sum_cos, sum_sin, cos_t, sin_t, phase_lag) * gain
 
-    def _attention_field(self, theta: Tensor, run: _Pass, key: tuple) -> Tensor:
+    def _attention_field(self, theta: Tensor, run: _Pass, key: tuple, phase_lag: float) -> Tensor:
         """``K Σ_j A_ij(θ) sin(θ_j − θ_i − α)`` ``(b, h, n, t)``: ``[cos θ, sin θ]`` columns of one SDPA call."""
         n, t = self.num_oscillators, theta.shape[-1]
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         out, _, _ = self._attend(run, theta, cos_sin=(cos_t, sin_t), key=key, dropout=0.0)
         # (b, h, t, e) -> the [cos, sin] columns as (b, h, 2n, t)
         pooled = out[..., -2 * n:].transpose(-1, -2).to(theta.dtype)
-        pull = _pull(pooled[:, :, :n], pooled[:, :, n:], cos_t, sin_t, self.phase_lag)
+        pull = _pull(pooled[:, :, :n], pooled[:, :, n:], cos_t, sin_t, phase_lag)
         gain = self.strength.to(theta.dtype)
         if run.valid is not None:  # padded tokens get zero coupling, as in the mean field
             gain = gain * run.valid[:, None, None, -t:].to(theta.dtype)

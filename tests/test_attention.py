@@ -367,6 +367,21 @@ def test_torch_compile_matches_eager(coupling):
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_torch_compile_of_layers_with_other_settings_in_one_process():
+    """Layers that differ in dt, phase lag, integrator and coupling, compiled one after the other
+    (a sweep in one process): torch 2.13's dynamo crashed on the second when the per-step
+    checkpoints read dt and the lag themselves."""
+    for options in (dict(dt=0.2, phase_lag=0.3), dict(dt=0.1, phase_lag=0.0),
+                    dict(dt=0.05, phase_lag=-0.2, integrator="heun", coupling="attention")):
+        layer = make_layer(dtype=torch.float32, **options).train()
+        x = torch.randn(2, 6, 16, requires_grad=True)
+        y_compiled = torch.compile(layer, backend="aot_eager")(x)
+        y_eager = layer(x)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
+        g_compiled, g_eager = (torch.autograd.grad(y.sum(), x)[0] for y in (y_compiled, y_eager))
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_bf16_autocast_runs_close_to_fp32(coupling):
     layer = make_layer(dtype=torch.float32, coupling=coupling)
