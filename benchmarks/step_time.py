@@ -7,7 +7,11 @@ d_model 128, context 64, batch 12, vocab 65). Variants: the baseline; Kuramoto a
 Median (and min) ms per step over ``--iters`` interleaved rounds after ``--warmup`` untimed ones, and
 the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operators for one variant instead.
 
+``--compile`` adds a copy of each variant under ``torch.compile`` (default inductor backend; the
+first step, which compiles, is part of ``--warmup``), compared with the eager baseline.
+
 Run:  python benchmarks/step_time.py [--threads 2] [--iters 50] [--warmup 10] [--device cpu|cuda]
+                                     [--variants baseline mean_field attention] [--compile]
                                      [--profile baseline|mean_field|attention]
 """
 
@@ -32,16 +36,17 @@ VARIANTS = {
 }
 
 
-def make_step(settings, device, batch):
+def make_step(settings, device, batch, compile_model=False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**settings)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compile_model else model
     t = settings["max_seq_len"]
     idx = torch.randint(settings["vocab_size"], (batch, t + 1), device=device)
     x, y = idx[:, :-1], idx[:, 1:]
 
     def step():
-        _, loss = model(x, y)
+        _, loss = forward(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,6 +61,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")
     parser.add_argument("--profile", choices=list(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +82,11 @@ def main():
 
     # interleaved rounds (one step of each variant per round), so that load from other processes
     # on a shared machine falls on every variant alike
-    steps = {name: make_step(settings, device, args.batch) for name, settings in VARIANTS.items()}
+    names = ["baseline"] + [name for name in args.variants if name != "baseline"]
+    steps = {name: make_step(VARIANTS[name], device, args.batch) for name in names}
+    if args.compile:
+        steps.update({f"{name} (compiled)": make_step(VARIANTS[name], device, args.batch, compile_model=True)
+                      for name in names})
     times = {name: [] for name in steps}
     for round_ in range(args.warmup + args.iters):
         for name, step in steps.items():
