@@ -215,16 +215,19 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
     model.eval()
     metrics = {}  # phase layer -> OrderParameter over its heads, made when its phases first arrive
     losses = []
-    for x, y in eval_batches(data, tc.batch_size // tc.grad_accum, tc.block_size, tc.eval_iters,
-                             seed=config.seed, rank=fabric.global_rank, world_size=fabric.world_size,
-                             device=fabric.device):
-        _, loss, info = model(x, y, return_info=True)
-        losses.append(loss.float())
-        for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
-            if i not in metrics:
-                heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
-                metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
-            metrics[i].update(layer_info.phases.float())
+    # the same windows whatever the device count and grad_accum (comparable val losses), in
+    # micro-batches of the training micro-batch's size (the memory a step is known to fit)
+    batches = eval_batches(data, tc.batch_size, tc.block_size, tc.eval_iters, seed=config.seed,
+                           rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
+    for x_rank, y_rank in batches:
+        for x, y in zip(x_rank.chunk(tc.grad_accum), y_rank.chunk(tc.grad_accum)):  # equal sizes
+            _, loss, info = model(x, y, return_info=True)
+            losses.append(loss.float())
+            for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
+                if i not in metrics:
+                    heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
+                    metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
+                metrics[i].update(layer_info.phases.float())
     loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
     for i, metric in metrics.items():

@@ -356,6 +356,23 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     assert losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file):
+    """grad_accum micro-batches of one step are the same sequences as the whole batch, each loss
+    weighted by 1 / grad_accum: the same updates up to rounding."""
+    histories = {}
+    for accum in (1, 2, 4):
+        values = tiny(tmp_path / str(accum), corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
+                      train={"max_iters": 6, "eval_interval": 3, "grad_accum": accum})
+        train(parse_config(values))
+        state = torch.load(tmp_path / str(accum) / "run" / "last.pt", map_location="cpu", weights_only=False)
+        histories[accum] = [h.get("train_loss", h.get("val_loss")) for h in state["progress"]["history"]]
+    assert len(histories[1]) == 6 + 2
+    for accum in (2, 4):
+        assert histories[accum] == pytest.approx(histories[1], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="train.batch_size: 4 is not divisible"):
+        train(parse_config(tiny(tmp_path / "3", corpus_file, train={"grad_accum": 3})))
+
+
 # --- after training --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
