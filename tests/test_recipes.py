@@ -356,6 +356,42 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     assert losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, corpus_file, monkeypatch):
+    scripted = iter([3.0, 2.5, 2.6, 2.5, 2.7, 1.0])  # 2.5 again is no improvement
+
+    def evaluate(*args, **kwargs):
+        return {"val/loss": next(scripted), "val/ppl": 1.0}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 12, "eval_interval": 2, "patience": 3})
+    result = train(parse_config(values))
+    assert result["status"] == "early_stopped" and result["step"] == 10  # the 5th evaluation
+    assert result["best_val_loss"] == 2.5 and result["final_val_loss"] == 2.7
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
+    assert best["progress"]["step"] == 4  # the first 2.5
+
+
+def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
+    norms = []
+
+    class RecordingAdamW(torch.optim.AdamW):  # the gradient norm each update sees
+        def step(self, closure=None):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    for clip in (None, 0.05):
+        norms.clear()
+        train(parse_config(tiny(tmp_path / str(clip), corpus_file, optim={"grad_clip": clip},
+                                train={"max_iters": 6, "eval_interval": 6})))
+        assert len(norms) == 6
+        if clip is None:
+            assert min(norms) > 0.05  # so the clipped run below really clips
+        else:
+            assert norms == pytest.approx([0.05] * 6, rel=1e-4)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file):
     """grad_accum micro-batches of one step are the same sequences as the whole batch, each loss
     weighted by 1 / grad_accum: the same updates up to rounding."""
