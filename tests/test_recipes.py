@@ -59,6 +59,12 @@ def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
     return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
 
 
+def logged_losses(run_dir: Path) -> list[float]:
+    """The train and val losses of ``last.pt``'s history, in order."""
+    history = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    return [h.get("train_loss", h.get("val_loss")) for h in history]
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
@@ -245,9 +251,8 @@ def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, c
             assert interrupt_then_resume(values, 3, monkeypatch)[1]["step"] == 4
         else:
             train(parse_config(values))
-        state = torch.load(tmp_path / str(compiled) / "run" / "last.pt", map_location="cpu", weights_only=False)
-        histories[compiled] = [h.get("train_loss", h.get("val_loss")) for h in state["progress"]["history"]]
-        weights_of[compiled] = state["model"]
+        histories[compiled] = logged_losses(tmp_path / str(compiled) / "run")
+        weights_of[compiled] = weights(tmp_path / str(compiled) / "run")
         assert bool(compiled_models) == compiled
     assert set(compiled_models) == {"GPT"}  # Fabric compiles again after wrapping; eager: no call
     assert len(histories[True]) == 4 + 2
@@ -349,9 +354,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
         config.write_text(yaml.safe_dump(values))
         done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
         assert done.returncode == 0, done.stderr[-3000:]
-        history = torch.load(tmp_path / f"d{devices}" / "run" / "last.pt", weights_only=False,
-                             map_location="cpu")["progress"]["history"]
-        losses[devices] = [h.get("train_loss", h.get("val_loss")) for h in history]
+        losses[devices] = logged_losses(tmp_path / f"d{devices}" / "run")
     assert len(losses[1]) == 6 + 2
     assert losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
@@ -400,8 +403,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file):
         values = tiny(tmp_path / str(accum), corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
                       train={"max_iters": 6, "eval_interval": 3, "grad_accum": accum})
         train(parse_config(values))
-        state = torch.load(tmp_path / str(accum) / "run" / "last.pt", map_location="cpu", weights_only=False)
-        histories[accum] = [h.get("train_loss", h.get("val_loss")) for h in state["progress"]["history"]]
+        histories[accum] = logged_losses(tmp_path / str(accum) / "run")
     assert len(histories[1]) == 6 + 2
     for accum in (2, 4):
         assert histories[accum] == pytest.approx(histories[1], rel=1e-5, abs=1e-6)
