@@ -59,10 +59,14 @@ def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
     return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
 
 
-def logged_losses(run_dir: Path) -> list[float]:
-    """The train and val losses of ``last.pt``'s history, in order."""
+def logged(run_dir: Path, *prefixes: str) -> list[float]:
+    """The values in ``last.pt``'s history whose keys start with one of ``prefixes``, in order."""
     history = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
-    return [h.get("train_loss", h.get("val_loss")) for h in history]
+    return [value for entry in history for key, value in entry.items() if key.startswith(prefixes)]
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    return logged(run_dir, "train_loss", "val_loss")
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -343,7 +347,7 @@ main(["--config", {str(config)!r}])
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
-    losses = {}
+    losses, R = {}, {}
     for devices in (1, 2):
         values = tiny(tmp_path / f"d{devices}", corpus_file,
                       model={"dropout": 0.0, "phase_noise": 0.0},
@@ -355,8 +359,12 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
         done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
         assert done.returncode == 0, done.stderr[-3000:]
         losses[devices] = logged_losses(tmp_path / f"d{devices}" / "run")
+        R[devices] = logged(tmp_path / f"d{devices}" / "run", "val_R/")
     assert len(losses[1]) == 6 + 2
     assert losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    # R of the phase layer per head: each process's OrderParameter synced over both
+    assert len(R[1]) == 2 * (1 + 2)  # two evaluations: the layer's mean and each of its 2 heads
+    assert R[2] == pytest.approx(R[1], rel=1e-5)
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, corpus_file, monkeypatch):
