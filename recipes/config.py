@@ -46,8 +46,19 @@ class DataConfig:
     download: bool = True
 
     def __post_init__(self):
+        from recipes.data import CORPORA
+
+        check(self.name in CORPORA, "name", f"must be one of {', '.join(CORPORA)}", self.name)
+        source = CORPORA[self.name]
+        check(self.name != "enwik8" or self.tokenizer in (None, "byte"), "tokenizer",
+              "must be byte (or null) for enwik8", self.tokenizer)
         check(self.bpe_vocab_size >= 256, "bpe_vocab_size", "must be at least 256", self.bpe_vocab_size)
         check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)", self.val_fraction)
+        # settings that would have no effect are mistakes, not silently ignored
+        check(not source.fixed_splits or self.val_fraction == DataConfig.val_fraction, "val_fraction",
+              f"{self.name} has its own validation split; remove the setting", self.val_fraction)
+        check((self.tokenizer or source.level) == "bpe" or self.bpe_vocab_size == DataConfig.bpe_vocab_size,
+              "bpe_vocab_size", "applies only with tokenizer: bpe", self.bpe_vocab_size)
 
 
 @dataclass(frozen=True)

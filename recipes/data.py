@@ -362,6 +362,7 @@ class CorpusSource:
     level: str
     files: dict[str, RemoteFile] = field(default_factory=dict)
     description: str = ""
+    fixed_splits: bool = False  # its own train/val/test (no val_fraction)
 
 
 _WIKITEXT = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
@@ -382,13 +383,13 @@ CORPORA: dict[str, CorpusSource] = {
         "test": RemoteFile(_WIKITEXT + "test.txt", "test.txt",
                            "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
                            aliases=("wiki.test.tokens",))},
-        "WikiText-2 v1, tokenized (PyTorch examples copy)"),
+        "WikiText-2 v1, tokenized (PyTorch examples copy)", fixed_splits=True),
     # The publisher gives checksums of the extracted file, not of the zip (mattmahoney.net/dc/text.html:
     # md5 a1fa5ffd..., SHA-1 57b8363b...), so a download is checked after extraction: size and md5.
     "enwik8": CorpusSource("byte", {"all": RemoteFile(
         "http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip", None, 100_000_000, aliases=("enwik8",),
         content_md5="a1fa5ffddb56f4953e226637dabbb36a")},
-        "first 10^8 bytes of English Wikipedia (Hutter prize)"),
+        "first 10^8 bytes of English Wikipedia (Hutter prize)", fixed_splits=True),
     "text": CorpusSource("char", description="any local text file given by path"),
 }
 
@@ -637,7 +638,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     raw, shas = _raw_splits(name, source, path, cache, download, level, val_fraction)
     settings = {"format": CACHE_FORMAT, "name": name, "tokenizer": level, "sources": shas,
-                "val_fraction": val_fraction if "all" in shas and name != "enwik8" else None,
+                "val_fraction": None if source.fixed_splits else val_fraction,
                 "bpe_vocab_size": bpe_vocab_size if level == "bpe" else None}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache / f"{name}-{level}-{key}"

@@ -81,11 +81,22 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("model.type=rnn", "model.type: expected one of"),
     ("fabric.precison=32", "fabric.precison: unknown key"),
     ("colour=blue", "colour: unknown key"),
+    ("data.name=tinyshakespeare", "data.name: must be one of shakespeare, tiny-shakespeare"),
+    ("data.bpe_vocab_size=1000", "data.bpe_vocab_size: applies only with tokenizer: bpe"),
+    ("data.name=wikitext-2 data.val_fraction=0.2", "data.val_fraction: wikitext-2 has its own validation split"),
+    ("data.name=enwik8 data.tokenizer=char", "data.tokenizer: must be byte"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
     with pytest.raises(ConfigError, match=message):
-        parse_config(apply_overrides(values, [override]))
+        parse_config(apply_overrides(values, override.split()))
+
+
+def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file)
+    for overrides in (["data.val_fraction=0.2"], ["data.tokenizer=bpe", "data.bpe_vocab_size=300"],
+                      ["data.name=wikitext-2", "data.tokenizer=bpe", "data.bpe_vocab_size=300"]):
+        parse_config(apply_overrides(values, overrides))
 
 
 def test_yaml_extends_and_overrides(tmp_path):
