@@ -25,11 +25,22 @@ from recipes.data import prepare_corpus
 __all__ = ["main", "evaluate_split", "load_corpus"]
 
 
-def load_corpus(data: DataConfig):
-    """The corpus a run was trained on (from the data cache when present)."""
-    return prepare_corpus(data.name, path=data.path, tokenizer=data.tokenizer,
-                          bpe_vocab_size=data.bpe_vocab_size, cache_dir=data.cache_dir,
-                          val_fraction=data.val_fraction, download=data.download)
+def load_corpus(data: DataConfig, tokenizer=None):
+    """The corpus a run was trained on (from the data cache when present).
+
+    With the run's ``tokenizer``, a corpus that no longer encodes the same way (its file changed
+    since training, e.g. other characters) is an error, not a silently wrong evaluation.
+    """
+    corpus = prepare_corpus(data.name, path=data.path, tokenizer=data.tokenizer,
+                            bpe_vocab_size=data.bpe_vocab_size, cache_dir=data.cache_dir,
+                            val_fraction=data.val_fraction, download=data.download)
+    if tokenizer is not None and corpus.tokenizer.to_dict() != tokenizer.to_dict():
+        where = f"data.path={data.path}" if data.path is not None else f"data.name={data.name}"
+        now, then = corpus.tokenizer.vocab_size, tokenizer.vocab_size
+        sizes = f"now {now} tokens, then {then}" if now != then else f"{now} tokens, but other ones"
+        raise ValueError(f"data: the corpus ({where}) no longer has the vocabulary the run was trained "
+                         f"with ({sizes}): its text changed since training; evaluate on the same data")
+    return corpus
 
 
 @torch.no_grad()
@@ -69,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data, tokenizer)
     results = {}
     for split in args.splits:
         if split not in corpus.splits:

@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     path = Path(args.run)
-    model, _, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data, tokenizer)
     if args.split not in corpus.splits:
         parser.error(f"--split: the corpus has no {args.split!r} split (has {', '.join(corpus.splits)})")
     batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,

@@ -86,6 +86,10 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     mconf = model_config(config.model, corpus.tokenizer.vocab_size)
     if tc.block_size > mconf.max_seq_len:
         raise ValueError(f"train.block_size: {tc.block_size} exceeds model.max_seq_len {mconf.max_seq_len}")
+    for split in ("train", "val"):  # fail now, not at the first evaluation
+        if len(corpus.splits[split]) < tc.block_size + 1:
+            raise ValueError(f"train.block_size: the {split} split has {len(corpus.splits[split]):,} tokens, "
+                             f"fewer than block_size + 1 = {tc.block_size + 1}; lower it or use more text")
 
     fabric.seed_everything(config.seed)  # same initial weights on every rank
     model = build_model(config.model, corpus.tokenizer.vocab_size)

@@ -455,6 +455,28 @@ def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
     assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
 
 
+@pytest.mark.parametrize("recipe", ["evaluate", "interpret"])
+def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe):
+    import importlib
+    saved = torch.load(trained / "last.pt", map_location="cpu", weights_only=False)
+    changed = tmp_path / "text.txt"  # the same text with "q" gone: the ids of later characters shift
+    changed.write_text(corpus_file.read_text().replace("q", "k"))
+    saved["config"]["data"]["path"] = str(changed)
+    torch.save(saved, tmp_path / "moved.pt")
+    main = importlib.import_module(f"recipes.{recipe}").main
+    with pytest.raises(ValueError, match=r"no longer has the vocabulary the run was trained with \(now 27 tokens, then 28\)"):
+        main([str(tmp_path / "moved.pt"), "--device", "cpu"])
+
+
+def test_a_split_shorter_than_the_context_fails_before_training(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the quick brown fox jumps over the lazy dog " * 3)  # val: 14 characters
+    config = parse_config(tiny(tmp_path, short))
+    with pytest.raises(ValueError, match=r"train.block_size: the val split has 14 tokens, fewer than block_size \+ 1 = 17"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_generate_is_deterministic_and_cache_free_of_drift(trained):
     model, tokenizer, _, _ = load_run(trained)
     kwargs = dict(max_new_tokens=24, temperature=0.9, top_k=5, num_samples=2, seed=11)
