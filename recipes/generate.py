@@ -19,12 +19,18 @@ __all__ = ["main", "generate_text"]
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, temperature: float = 0.8,
                   top_k: int | None = None, num_samples: int = 1, seed: int = 1337, use_cache: bool = True,
                   device="cpu") -> list[str]:
-    """``num_samples`` continuations of ``prompt`` (prompt included), decoded."""
-    ids = tokenizer.encode(prompt) if prompt else [0]
+    """``num_samples`` continuations of ``prompt`` (prompt included), decoded. Only the
+    tokenizer's ids are sampled, also when the model's embedding is padded beyond them."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as err:  # a character or word outside the vocabulary
+        raise ValueError(f"prompt: {err}") from None
+    if not ids:
+        raise ValueError(f"prompt: {prompt!r} has no tokens; give some text (the command line's default is a newline)")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                         use_cache=use_cache, generator=generator)
+                         use_cache=use_cache, generator=generator, vocab_size=tokenizer.vocab_size)
     return [tokenizer.decode(row.tolist()) for row in out]
 
 

@@ -83,13 +83,14 @@ def test_word_tokenizer_follows_word_language_model():
     counts = [WIKI["train"].split().count(w) for w in tok.words[1:]]
     assert counts == sorted(counts, reverse=True)
     assert tok.encode("the zebra\n") == [tok.index["the"], tok.index["<unk>"], tok.index["<eos>"]]
-    assert tok.decode(tok.encode(" the cat \n\n the")) == "the cat\n\nthe\n"
+    assert tok.decode(tok.encode(" the cat \n\n the")) == "the cat\n\nthe"  # a prompt: no "<eos>" at its end
+    assert tok.encode("the") == [tok.index["the"]]
 
 
 def test_word_unknown_without_unk_raises():
     with pytest.raises(ValueError, match="zebra"):
         WordTokenizer.from_text("a b\n").encode("a zebra\n")
-    assert WordTokenizer.from_text("a b\n", add_unk=True).encode("zebra") == [3, 0]
+    assert WordTokenizer.from_text("a b\n", add_unk=True).encode("zebra\n") == [3, 0]
 
 
 @pytest.fixture(scope="module")

@@ -196,6 +196,19 @@ def test_generate_with_cache_equals_without(name, temperature, top_k):
     assert torch.equal(runs[0][:, :5], prompt)
 
 
+@pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_samples_only_ids_below_vocab_size(name, use_cache):
+    # a tokenizer of 4 ids under an embedding padded to VOCAB = 13: never sample a padding id
+    model = MODEL_CASES[name]()
+    kwargs = dict(temperature=2.0, use_cache=use_cache, generator=torch.Generator().manual_seed(0))
+    assert (model.generate(tokens(4, 3) % 4, 40, **kwargs)[:, 3:] >= 4).any()  # without the limit
+    kwargs["generator"].manual_seed(0)
+    assert (model.generate(tokens(4, 3) % 4, 40, vocab_size=4, **kwargs)[:, 3:] < 4).all()
+    assert (model.generate(tokens(1, 3), 5, temperature=0, vocab_size=1) == torch.cat(
+        [tokens(1, 3), torch.zeros(1, 5, dtype=torch.long)], 1)).all()
+
+
 def test_greedy_generation_matches_argmax_of_forward():
     model = tiny_gpt()
     prompt = tokens(1, 4)
@@ -207,6 +220,7 @@ def test_greedy_generation_matches_argmax_of_forward():
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(max_new_tokens=2, temperature=-0.5), "temperature"),
     (dict(max_new_tokens=2, top_k=0), "top_k"),
+    (dict(max_new_tokens=2, vocab_size=0), "vocab_size"),
 ])
 def test_generate_checks_arguments_and_restores_mode(kwargs, message):
     model = tiny_gpt().train()

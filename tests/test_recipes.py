@@ -484,6 +484,9 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
     assert cached == generate_text(model, tokenizer, "the ", use_cache=True, **kwargs)
     assert cached == generate_text(model, tokenizer, "the ", use_cache=False, **kwargs)
     assert all(text.startswith("the ") and len(text) == 4 + 24 for text in cached)
+    for prompt, message in (("thé", "prompt: Character 'é' is not in the vocabulary"), ("", "prompt: '' has no tokens")):
+        with pytest.raises(ValueError, match=message):
+            generate_text(model, tokenizer, prompt)
 
 
 def test_interpret_reports_R_per_head(trained, tmp_path):
