@@ -7,7 +7,11 @@ Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.y
 written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
 validation loss), and at the end ``loss.png`` and ``R.png`` (R of every phase layer and head on
 the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
-and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting.
+and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting; an
+evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
+stopped. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+(``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
+and the updates its scaler skips on overflow are not divergence.
 
 More devices: ``fabric.devices=4 fabric.strategy=ddp`` (Fabric launches the processes);
 several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun).
@@ -95,6 +99,9 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     model = build_model(config.model, corpus.tokenizer.vocab_size)
     # Fabric compiles again after wrapping (DDP) and saves the uncompiled module: same checkpoints
     model = fabric.setup_module(torch.compile(model) if tc.compile else model)
+    if config.optim.fused and getattr(fabric._precision, "scaler", None) is not None:
+        raise ValueError(f"optim.fused: with fabric.precision={fabric._precision.precision} (loss scaling) Fabric "
+                         "cannot clip the gradients of fused AdamW; set optim.fused=false")
     try:
         optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                       betas=tuple(config.optim.betas), eps=config.optim.eps,
@@ -105,7 +112,10 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate(s, config.optim, tc.max_iters) / config.optim.lr)
 
-    progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": []}
+    # eval_due: the evaluation after the last update has not been saved (redone on resume);
+    # stopped: early stopping ended the run (a resume ends it again)
+    progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": [], "eval_due": False,
+                "stopped": False}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
              "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict()}
     if resume:
@@ -135,79 +145,97 @@ def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         if config.train.plots:
             from recipes.plots import plot_history
             plot_history(progress["history"], run_dir)
-    fabric.logger.finalize("success")
+    for logger in fabric.loggers:  # CSV and TensorBoard
+        logger.finalize("success")
     return result
 
 
 def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized) -> str:
     tc, progress = config.train, state["progress"]
-    train_data, val_data = corpus.splits["train"], corpus.splits["val"]
+    train_data = corpus.splits["train"]
     rank, world, shards = fabric.global_rank, fabric.world_size, fabric.world_size * tc.grad_accum
-    run_dir = config.run_dir
     bar = None
     if tc.progress_bar and fabric.is_global_zero:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_iters, initial=progress["step"], dynamic_ncols=True, file=sys.stderr)
     model.train()
-    while progress["step"] < tc.max_iters:
-        step = progress["step"]
-        torch.manual_seed(step_seed(config.seed, step, rank))
-        total_loss, total_aux = 0.0, 0.0
-        for micro in range(tc.grad_accum):
-            x, y = get_batch(train_data, tc.batch_size, tc.block_size, seed=config.seed, step=step,
-                             rank=micro * world + rank, world_size=shards, device=fabric.device)
-            with fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
-                if regularized:  # diagnostics cost time: ask for them only for the coherence loss
-                    _, loss, info = model(x, y, return_info=True)
-                    aux = info.coherence_loss
-                else:
-                    (_, loss), aux = model(x, y), None
-                fabric.backward((loss if aux is None else loss + aux) / tc.grad_accum)
-            total_loss += loss.detach() / tc.grad_accum
-            if aux is not None:
-                total_aux = total_aux + aux.detach() / tc.grad_accum
-        norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
-                                     error_if_nonfinite=False)
-        _check_finite(fabric, total_loss, norm, step)
-        state["_in_update"] = True
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress["step"] = step = step + 1
-        state["_in_update"] = False
-        if bar is not None:
-            bar.update(1)
-
-        if step % tc.log_interval == 0 or step == tc.max_iters:
-            loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
-            metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(norm)}
-            if torch.is_tensor(total_aux):
-                metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
-            fabric.log_dict(metrics, step=step)
-            progress["history"].append({"step": step, "train_loss": loss_value})
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-
-        if step % tc.eval_interval == 0 or step == tc.max_iters:
-            val = evaluate(fabric, model, val_data, config)
-            fabric.log_dict(val, step=step)
-            progress["history"].append({"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}})
-            fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
-            improved = val["val/loss"] < progress["best_val"]
-            if improved:
-                progress["best_val"], progress["bad_evals"] = val["val/loss"], 0
-                _save(fabric, run_dir / "best.pt", state)
-            else:
-                progress["bad_evals"] += 1
-            _save(fabric, run_dir / "last.pt", state)
-            _flush_logs(fabric)
-            if tc.patience is not None and progress["bad_evals"] >= tc.patience:
-                fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
+    try:
+        while True:
+            if progress.get("eval_due"):
+                _evaluate_and_save(fabric, model, state, corpus.splits["val"], config)
+            if progress.get("stopped"):
                 return "early_stopped"
-    if bar is not None:
-        bar.close()
-    return "finished"
+            if progress["step"] >= tc.max_iters:
+                return "finished"
+            step = progress["step"]
+            torch.manual_seed(step_seed(config.seed, step, rank))
+            total_loss, total_aux = 0.0, 0.0
+            for micro in range(tc.grad_accum):
+                x, y = get_batch(train_data, tc.batch_size, tc.block_size, seed=config.seed, step=step,
+                                 rank=micro * world + rank, world_size=shards, device=fabric.device)
+                with fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
+                    if regularized:  # diagnostics cost time: ask for them only for the coherence loss
+                        _, loss, info = model(x, y, return_info=True)
+                        aux = info.coherence_loss
+                    else:
+                        (_, loss), aux = model(x, y), None
+                    fabric.backward((loss if aux is None else loss + aux) / tc.grad_accum)
+                total_loss += loss.detach() / tc.grad_accum
+                if aux is not None:
+                    total_aux = total_aux + aux.detach() / tc.grad_accum
+            norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
+                                         error_if_nonfinite=False)
+            _check_finite(fabric, total_loss, norm, step, config)
+            lr = optimizer.param_groups[0]["lr"]  # the rate of this update
+            state["_in_update"] = True
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] = step = step + 1
+            progress["eval_due"] = step % tc.eval_interval == 0 or step == tc.max_iters
+            state["_in_update"] = False
+            if bar is not None:
+                bar.update(1)
+
+            if step % tc.log_interval == 0 or step == tc.max_iters:
+                loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
+                metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
+                if torch.is_tensor(total_aux):
+                    metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
+                fabric.log_dict(metrics, step=step)
+                progress["history"].append({"step": step, "train_loss": loss_value})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> None:
+    """Evaluate after the last update, then save best.pt (when better) and last.pt. ``progress``
+    changes only once both are written: an interrupt before that leaves ``eval_due`` set, so a
+    resume evaluates again (deterministic) instead of skipping the evaluation."""
+    tc, progress = config.train, state["progress"]
+    step = progress["step"]
+    val = evaluate(fabric, model, val_data, config)
+    if not math.isfinite(val["val/loss"]):
+        raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; "
+                               "last.pt / best.pt keep the last good state")
+    fabric.log_dict(val, step=step)
+    fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
+    new = dict(progress, eval_due=False,
+               history=progress["history"] + [{"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}}])
+    improved = val["val/loss"] < progress["best_val"]
+    new["best_val"], new["bad_evals"] = (val["val/loss"], 0) if improved else (progress["best_val"],
+                                                                               progress["bad_evals"] + 1)
+    new["stopped"] = tc.patience is not None and new["bad_evals"] >= tc.patience
+    if improved:
+        _save(fabric, config.run_dir / "best.pt", dict(state, progress=new))
+    _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
+    progress.update(new)  # one call: an interrupt finds the old or the new progress, never a mix
+    _flush_logs(fabric)
+    if new["stopped"]:
+        fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
 
 
 @torch.no_grad()
@@ -235,23 +263,29 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
     loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
     for i, metric in metrics.items():
-        mean = metric.compute()["mean"].cpu()
+        mean = metric.compute()["mean"].cpu().reshape(-1)  # (heads,); one head comes back 0-d
         out[f"val/R/layer{i}"] = mean.mean().item()
         out.update({f"val/R/layer{i}/head{h}": r.item() for h, r in enumerate(mean)})
     model.train(was_training)
     return out
 
 
-def _check_finite(fabric, loss, norm, step) -> None:
-    bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)) else 1.0,
-                       device=fabric.device)
+def _check_finite(fabric, loss, norm, step, config: RunConfig) -> None:
+    finite_loss, finite_norm = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
+    if finite_loss and not finite_norm and getattr(fabric._precision, "scaler", None) is not None:
+        return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
+    bad = torch.tensor(0.0 if finite_loss and finite_norm else 1.0, device=fabric.device)
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
     if bad.item() > 0:
-        raise TrainingDiverged(
-            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not finite; "
-            "stopped before the update, last.pt / best.pt keep the last good state. Try a lower "
-            "optim.lr, optim.grad_clip, or fabric.precision=32-true.")
+        kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
+                else f"no checkpoint yet (the first is written at step {config.train.eval_interval})")
+        hints = ["a lower optim.lr", "optim.grad_clip"]
+        if fabric._precision.precision != "32-true":
+            hints.append("fabric.precision=32-true")
+        raise TrainingDiverged(f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not "
+                               f"finite; stopped before the update, {kept}. Try {', '.join(hints[:-1])} "
+                               f"or {hints[-1]}.")
 
 
 def _write_result(fabric, config: RunConfig, progress: dict, status: str, message: str = "") -> dict:
@@ -266,7 +300,8 @@ def _write_result(fabric, config: RunConfig, progress: dict, status: str, messag
 
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    save_checkpoint(fabric, path, {k: v for k, v in state.items() if not k.startswith("_")} | {"rng": rng})
+    extra = {"rng": rng, "precision": fabric._precision.state_dict()}  # fp16's loss scale (Fabric saves none)
+    save_checkpoint(fabric, path, {k: v for k, v in state.items() if not k.startswith("_")} | extra)
 
 
 def _flush_logs(fabric) -> None:
@@ -279,15 +314,20 @@ def _flush_logs(fabric) -> None:
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
-    saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
-    saved_config = parse_config(saved["config"]).to_dict()  # defaults filled in: keys added since are no change
+    # compare before loading the weights: a changed model would fail there with a size mismatch
+    header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    saved_config = parse_config(header["config"]).to_dict()  # defaults filled in: keys added since are no change
     if saved_config != state["config"]:
         changed = _diff(saved_config, state["config"])
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resume with the same config or start a new out_dir")
-    if saved["tokenizer"] != state["tokenizer"]:
+    if header["tokenizer"] != state["tokenizer"]:
         raise ValueError("--resume: the tokenizer differs from the checkpoint's (data settings changed?)")
-    state["progress"] = saved["progress"]
+    del header
+    saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
+    if saved.get("precision"):
+        fabric._precision.load_state_dict(saved["precision"])
+    state["progress"] = {**state["progress"], **saved["progress"]}  # keys added since keep their defaults
     torch.set_rng_state(saved["rng"]["torch"])
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}")
 

@@ -177,9 +177,46 @@ def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file):
     assert result["final_val_loss"] < first_train - 0.5                # and learns
     R = [v for h in history for k, v in h.items() if k.startswith("val_R/layer1/head")]
     assert len(R) == 2 * 2 and all(0.0 <= r <= 1.0 for r in R)
+    with open(next((run / "logs").rglob("metrics.csv"))) as f:  # train/lr at step s: the rate of update s
+        logged_lr = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(f) if row["train/lr"]}
+    config = parse_config(values)
+    assert logged_lr == pytest.approx({s: learning_rate(s - 1, config.optim, 40) for s in range(1, 41)})
     model, tokenizer, config, _ = load_run(run)
     assert config.to_dict() == parse_config(values).to_dict()
     assert tokenizer.vocab_size == vocab and not model.training
+
+
+def test_a_phase_layer_with_one_head_logs_its_R(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
+    values["model"]["n_heads"] = 1
+    train(parse_config(values))
+    assert len(logged(tmp_path / "run", "val_R/layer1/head")) == 2 and not logged(tmp_path / "run", "val_R/layer1/head1")
+
+
+def test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved(tmp_path, corpus_file, monkeypatch):
+    # 16-mixed on CPU, starting from a loss scale that overflows: the scaler skips those updates
+    # (not a divergence) and halves its scale; the scale is saved and restored by --resume
+    from lightning_fabric.plugins.precision import MixedPrecision
+    real_make_fabric = train_module.make_fabric
+    scalers = []
+
+    def make_fabric(config, loggers=None):
+        fabric = real_make_fabric(config, loggers=loggers)
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=1000))
+        fabric._precision = fabric._strategy._precision = MixedPrecision("16-mixed", "cpu", scaler=scalers[-1])
+        return fabric
+
+    monkeypatch.setattr(train_module, "make_fabric", make_fabric)
+    values = tiny(tmp_path, corpus_file)
+    with pytest.raises(ValueError, match="optim.fused: with fabric.precision=16-mixed"):
+        train(parse_config(values))  # Fabric cannot unscale and clip fused AdamW's gradients
+    values["optim"]["fused"] = False
+    saved, result = interrupt_then_resume(values, 7, monkeypatch)
+    assert result["status"] == "finished" and result["step"] == 12
+    assert 0 < saved["precision"]["scale"] <= 2.0 ** 20  # lowered by the skipped updates, then saved
+    assert scalers[1].state_dict()["scale"] <= saved["precision"]["scale"]  # the resumed run went on from it
+    final = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert any(not torch.equal(final[k], saved["model"][k]) for k in final)  # and its updates were applied
 
 
 def test_train_tpi_language_model(tmp_path, corpus_file):
@@ -225,6 +262,42 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="optim.lr"):
         train(parse_config(apply_overrides(interrupted, ["optim.lr=0.1"])), resume=True)
+    with pytest.raises(ValueError, match="differs from the checkpoint's in model.d_model"):
+        train(parse_config(apply_overrides(interrupted, ["model.d_model=64"])), resume=True)
+
+
+@pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])
+def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_path, corpus_file, monkeypatch, where):
+    straight = tiny(tmp_path / "a", corpus_file)
+    expected = train(parse_config(straight))
+    real_evaluate, real_save = train_module.evaluate, train_module._save
+    calls = {"evaluate": 0, "best.pt": 0, "last.pt": 0}
+
+    def evaluate(*args, **kwargs):  # the 2nd evaluation (step 8) is interrupted
+        calls["evaluate"] += 1
+        if where == "evaluate" and calls["evaluate"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    def save(fabric, path, state):
+        if path.name in calls and state["progress"]["step"] == 8 and not state["progress"]["eval_due"]:
+            calls[path.name] += 1
+            if where == path.name and calls[path.name] == 1:
+                raise KeyboardInterrupt
+        return real_save(fabric, path, state)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "_save", save)
+    values = tiny(tmp_path / "b", corpus_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values))
+    saved = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["progress"]["step"] == 8 and saved["progress"]["eval_due"]
+    assert train(parse_config(values), resume=True) == expected
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(tmp_path / run / "run" / name, map_location="cpu", weights_only=False) for run in "ab")
+        assert a["progress"] == b["progress"], name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path, corpus_file):
@@ -390,6 +463,8 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert result["best_val_loss"] == 2.5 and result["final_val_loss"] == 2.7
     best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
     assert best["progress"]["step"] == 4  # the first 2.5
+    assert train(parse_config(values), resume=True) == result  # stopped stays stopped: no more steps
+    assert next(scripted) == 1.0  # and no further evaluation
 
 
 def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
