@@ -23,6 +23,8 @@ models.config.ConfigError: optim.learning_rate: unknown key (known: betas, lr)
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -91,6 +93,9 @@ def to_dict(config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -123,8 +128,12 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if hint is Any:
         return value
     if hint is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # "3e-4": PyYAML (YAML 1.1) reads it as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

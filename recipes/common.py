@@ -48,6 +48,7 @@ def make_fabric(config: FabricConfig, loggers=None):
     ``strategy: fsdp`` uses full (single-file) state dicts so checkpoints stay one atomic file.
     """
     from lightning_fabric import Fabric
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
     precision = config.precision or ("bf16-mixed" if gpu else "32-true")
@@ -55,8 +56,12 @@ def make_fabric(config: FabricConfig, loggers=None):
     if strategy == "fsdp":
         from lightning_fabric.strategies import FSDPStrategy
         strategy = FSDPStrategy(state_dict_type="full")
-    return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                  strategy=strategy, precision=precision, loggers=loggers)
+    try:
+        return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                      strategy=strategy, precision=precision, loggers=loggers)
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:  # e.g. no GPU for "gpu"
+        settings = ", ".join(f"fabric.{k}={v}" for k, v in vars(config).items())
+        raise ValueError(f"fabric: {err} ({settings})") from err
 
 
 def build_model(model_section: dict, vocab_size: int) -> nn.Module:

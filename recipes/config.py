@@ -140,6 +140,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
 
+    def __post_init__(self):
+        check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir if self.out_dir is not None else Path("runs") / self.name)
@@ -166,12 +169,17 @@ def model_config(model: dict, vocab_size: int | None = None):
     return config_cls.from_dict(values, where="model")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file as a mapping, with ``extends:`` (a path relative to the file) merged underneath."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {str(path)!r}")
-    values = yaml.safe_load(path.read_text()) or {}
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: extends: a cycle ({' -> '.join(str(p) for p in (*_seen, path.resolve()))})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = values.pop("extends", None)
@@ -179,7 +187,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return values
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: expected a path, got {base!r}")
-    return _merge(load_yaml(path.parent / base), values)
+    return _merge(load_yaml(path.parent / base, (*_seen, path.resolve())), values)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -192,10 +204,15 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         *parents, leaf = key.split(".")
         node = values
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # missing, or left empty in the file ("train:")
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_one_line(err)}") from None
     return values
 
 

@@ -33,6 +33,7 @@ def test_builds_nested_and_converts_lists():
     assert to_dict(cfg) == {"lr": 1.0, "layers": [2, 3], "name": None, "flag": False,
                             "inner": {"steps": 4, "mode": "b"}}
     assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert from_dict(Outer, {"lr": "3e-4"}).lr == 3e-4  # YAML 1.1 (PyYAML) leaves 3e-4 a string
 
 
 @pytest.mark.parametrize("values, message", [
@@ -40,6 +41,8 @@ def test_builds_nested_and_converts_lists():
     ({"inner": {"stepz": 1}}, "cfg.inner.stepz: unknown key"),
     ({"lr": "fast"}, "cfg.lr: expected a number"),
     ({"lr": True}, "cfg.lr: expected a number"),
+    ({"lr": float("inf")}, "cfg.lr: expected a finite number"),
+    ({"lr": "nan"}, "cfg.lr: expected a number"),
     ({"layers": [1, 2.5]}, "cfg.layers[1]: expected an integer"),
     ({"layers": 3}, "cfg.layers: expected a list"),
     ({"flag": 1}, "cfg.flag: expected bool"),

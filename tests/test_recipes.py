@@ -85,6 +85,10 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("data.bpe_vocab_size=1000", "data.bpe_vocab_size: applies only with tokenizer: bpe"),
     ("data.name=wikitext-2 data.val_fraction=0.2", "data.val_fraction: wikitext-2 has its own validation split"),
     ("data.name=enwik8 data.tokenizer=char", "data.tokenizer: must be byte"),
+    ("seed=-1", r"seed: must be in \[0, 2\*\*32\)"),
+    ("optim.lr=.inf", "optim.lr: expected a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
+    ("model.phase_layer_idx=[0", "override 'model.phase_layer_idx=\\[0': the value is not valid YAML"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
@@ -110,6 +114,23 @@ def test_yaml_extends_and_overrides(tmp_path):
                             "phase_layer_idx": [1], "use_phase_attention": True}
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(tmp_path / "top.yaml", ["train.batch_size"])
+    # numbers as people write them (PyYAML reads 3e-4 as a string), and a section left empty
+    (tmp_path / "empty.yaml").write_text("name: e\noptim: {lr: 3e-4}\ntrain:\n")
+    config = load_config(tmp_path / "empty.yaml", ["train.max_iters=5", "optim.betas=[0.9, 9.9e-1]"])
+    assert config.optim.lr == 3e-4 and config.optim.betas == (0.9, 0.99) and config.train.max_iters == 5
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends: a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: {max_iters: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_fabric_settings_it_rejects_are_errors_naming_the_section(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "devices": -1})
+    with pytest.raises(ValueError, match="fabric: .*fabric.accelerator=cpu, fabric.devices=-1"):
+        train(parse_config(values))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").rglob("*.yaml")),
