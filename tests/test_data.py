@@ -317,7 +317,7 @@ def test_enwik8_from_local_zip(tmp_path):
     cached = tmp_path / "cache" / "downloads" / "enwik8" / "enwik8.zip"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(archive.read_bytes())
-    with pytest.raises(RuntimeError, match="100,000,000"):  # a download of the wrong size is an error
+    with pytest.raises(data.ChecksumError, match="100,000,000"):  # a download of the wrong size is an error
         prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="`tokenizer`"):
         prepare_corpus("enwik8", path=archive, tokenizer="char", cache_dir=tmp_path / "cache")
@@ -338,7 +338,7 @@ def test_enwik8_download_must_match_the_published_md5(tmp_path, monkeypatch):
             corpus = prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
             assert b"".join(bytes(corpus.splits[s].tolist()) for s in ("train", "val", "test")) == payload
         else:
-            with pytest.raises(RuntimeError, match="not the published enwik8.*delete it"):
+            with pytest.raises(data.ChecksumError, match="not the published enwik8.*delete it"):
                 prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
 
 
@@ -352,12 +352,15 @@ def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
         prepare_corpus("text", cache_dir=tmp_path)
 
 
-def test_file_placed_in_cache_is_used(tmp_path):
+def test_file_placed_in_cache_is_used(tmp_path, monkeypatch):
+    text = "ROMEO:\nBut soft!\n" * 20  # stands in for the published file (its checksum is pinned below)
+    remote = data.RemoteFile("https://example.invalid/input.txt", "input.txt", hashlib.sha256(text.encode()).hexdigest())
+    monkeypatch.setitem(CORPORA, "tiny-shakespeare", data.CorpusSource("char", {"all": remote}))
     where = tmp_path / "downloads" / "tiny-shakespeare" / "input.txt"
     where.parent.mkdir(parents=True)
-    where.write_text("ROMEO:\nBut soft!\n" * 20)
+    where.write_text(text)
     corpus = prepare_corpus("tiny-shakespeare", cache_dir=tmp_path, download=False)
-    assert corpus.tokenizer.vocab_size == len(set(where.read_text()))
+    assert corpus.tokenizer.vocab_size == len(set(text))
 
 
 class FakeResponse(io.BytesIO):
@@ -376,7 +379,7 @@ def test_download_verifies_checksum(tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(served[url]))
 
     served[remote.url] = b"tampered" + good
-    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+    with pytest.raises(data.ChecksumError, match="Checksum mismatch"):
         prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # neither the file nor a partial one
 
@@ -384,6 +387,18 @@ def test_download_verifies_checksum(tmp_path, monkeypatch):
     corpus = prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
     assert (tmp_path / "downloads" / "tiny-shakespeare" / "input.txt").read_bytes() == good
     assert corpus.tokenizer.decode(corpus.splits["train"]) == good.decode()[:int(len(good) * 0.9)]
+    # a file in the download cache is checked too (the offline error says one may be placed there)
+    (tmp_path / "downloads" / "tiny-shakespeare" / "input.txt").write_bytes(b"other" + good)
+    with pytest.raises(data.ChecksumError, match="is not the published file.*data.path="):
+        prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
+
+
+def test_a_file_that_is_not_utf8_names_data_path_and_the_byte_tokenizer(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 20)
+    with pytest.raises(ValueError, match=r"data.path: .*latin1.txt is not UTF-8 text .*data.tokenizer=byte"):
+        prepare_corpus("text", path=path, cache_dir=tmp_path / "cache")
+    assert prepare_corpus("text", path=path, tokenizer="byte", cache_dir=tmp_path / "cache").vocab_size == 256
 
 
 def test_network_failure_says_how_to_supply_it(tmp_path, monkeypatch):
