@@ -174,6 +174,10 @@ def test_mean_ci95_matches_student_t():
     mean, half = mean_ci95([2.0, 4.0])
     assert mean == 3.0 and half == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
     assert math.isnan(mean_ci95([1.0])[1])
+    # beyond the table (31+ degrees of freedom): published quantiles, not the normal 1.96
+    for df, t in ((31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        values = [0.0, 2.0] + [1.0] * (df - 1)  # n = df + 1, std = sqrt(2 / df)
+        assert mean_ci95(values)[1] == pytest.approx(t * math.sqrt(2 / df) / math.sqrt(df + 1), abs=1e-4)
 
 
 # --- training --------------------------------------------------------------------------------
