@@ -30,7 +30,7 @@ from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig",
-           "load_config", "parse_config", "load_yaml", "apply_overrides", "model_config"]
+           "load_config", "parse_config", "load_yaml", "apply_overrides", "model_config", "changed_keys"]
 
 
 @dataclass(frozen=True)
@@ -238,3 +238,14 @@ def _merge(base: dict, top: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config mappings (nested sections compared key by key)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += changed_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out

@@ -6,8 +6,10 @@
 A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` and optional
 ``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
 time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>``: a run with a
-``result.json`` is skipped, one with a ``last.pt`` is resumed. The summary goes to
-``<out_dir>/summary.csv`` and ``summary.md``.
+``result.json`` is skipped (after checking it was trained with the same settings), one with a
+``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
+``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
+seeds; diverged runs are listed in the statuses, not averaged).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import load_yaml
+from recipes.config import changed_keys, load_config, load_yaml, parse_config
 
-__all__ = ["main", "run_sweep", "summarise"]
+__all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
 _SWEEP_KEYS = {"configs", "seeds", "out_dir", "overrides"}
+COUNTED = ("finished", "early_stopped")  # the statuses whose losses enter the mean ± CI
 
 
 def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: list[str] = (),
@@ -37,21 +40,42 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     names = [load_yaml(c).get("name", c.stem) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configs: run names must be distinct, got {names}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: must be distinct (each is one run), got {list(seeds)}")
     for config, name in zip(configs, names):
         for seed in seeds:
             run_dir = out_dir / name / f"seed{seed}"
+            run_overrides = [*overrides, f"name={name}", f"seed={seed}", f"out_dir={run_dir}"]
             if (run_dir / "result.json").is_file():
+                _check_same_settings(run_dir, config, run_overrides)
                 print(f"[sweep] {name} seed {seed}: done, skipped")
                 continue
-            resume = (run_dir / "last.pt").is_file()
-            cmd = [python, "-m", "recipes.train", "--config", str(config), *overrides,
-                   f"name={name}", f"seed={seed}", f"out_dir={run_dir}"] + (["--resume"] if resume else [])
+            resume = (run_dir / "last.pt").is_file()  # recipes.train checks its settings
+            cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
+                ["--resume"] if resume else [])
             print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
             code = subprocess.call(cmd)
+            if code == 2:
+                raise ValueError(f"[sweep] {name} seed {seed}: recipes.train rejected its config (the error "
+                                 f"above); fix it and rerun the sweep. Command: {' '.join(cmd)}")
             if code != 0 and not (run_dir / "result.json").is_file():
-                raise RuntimeError(f"[sweep] {name} seed {seed} failed (exit {code}); "
-                                   f"rerun the sweep to resume it. Command: {' '.join(cmd)}")
+                raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
+                                     f"resume it. Command: {' '.join(cmd)}")
     return summarise(out_dir, names, seeds)
+
+
+class SweepRunFailed(RuntimeError):
+    """A run of the sweep stopped without a result (e.g. killed); rerunning the sweep resumes it."""
+
+
+def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
+    """A finished run is only reused for the settings it was trained with."""
+    wanted = load_config(config, overrides).to_dict()
+    done = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text())).to_dict()
+    changed = changed_keys(done, wanted)
+    if changed:
+        raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
+                         "give the sweep another out_dir, or delete that run to train it again")
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
@@ -73,13 +97,15 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
              "|:---|---:|---:|---:|:---|"]
     for name in names:
         mine = [r for r in rows if r["config"] == name]
-        losses = [r["best_val_loss"] for r in mine if r["best_val_loss"] is not None
+        # a diverged run's best loss is from before it failed: listed in its status, not averaged
+        losses = [r["best_val_loss"] for r in mine if r["status"] in COUNTED and r["best_val_loss"] is not None
                   and math.isfinite(r["best_val_loss"])]
         mean, half = mean_ci95(losses)
         ci = "" if math.isnan(half) else f" ± {half:.4f}"
         ppl = f"{math.exp(mean):.2f}" if losses else "–"
         statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
-        lines.append(f"| {name} | {len(mine)} | {mean:.4f}{ci} | {ppl} | {statuses} |")
+        runs = f"{len(losses)}" if len(losses) == len(mine) else f"{len(losses)} of {len(mine)}"
+        lines.append(f"| {name} | {runs} | {mean:.4f}{ci} | {ppl} | {statuses} |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
@@ -119,4 +145,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, failures=(SweepRunFailed,))

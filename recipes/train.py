@@ -31,7 +31,7 @@ import yaml
 
 from kuramoto_attn import OrderParameter
 from recipes.common import build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import RunConfig, load_config, model_config, parse_config
+from recipes.config import RunConfig, changed_keys, load_config, model_config, parse_config
 from recipes.data import eval_batches, get_batch, prepare_corpus
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
@@ -318,7 +318,7 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     saved_config = parse_config(header["config"]).to_dict()  # defaults filled in: keys added since are no change
     if saved_config != state["config"]:
-        changed = _diff(saved_config, state["config"])
+        changed = changed_keys(saved_config, state["config"])
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
                          "resume with the same config or start a new out_dir")
     if header["tokenizer"] != state["tokenizer"]:
@@ -330,17 +330,6 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
     state["progress"] = {**state["progress"], **saved["progress"]}  # keys added since keep their defaults
     torch.set_rng_state(saved["rng"]["torch"])
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}")
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def _count(model) -> int:

@@ -669,6 +669,20 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     assert f"{mean:.4f} ± {half:.4f}" in summary
     run_sweep([config], [1, 2], tmp_path / "sweep")    # finished runs are skipped
     assert len(calls) == 2
+    with pytest.raises(ValueError, match=r"trained with other settings \(optim.lr\)"):
+        run_sweep([config], [1, 2], tmp_path / "sweep", ["optim.lr=0.01"])  # not reused for other settings
+    with pytest.raises(ValueError, match="seeds: must be distinct"):
+        run_sweep([config], [1, 1], tmp_path / "sweep")
+    # a diverged run is listed, not averaged
+    result = tmp_path / "sweep" / "tiny" / "seed2" / "result.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "status": "diverged", "best_val_loss": 9.0}))
+    summarise_rows = run_sweep([config], [1, 2], tmp_path / "sweep")
+    assert [r["status"] for r in summarise_rows] == ["finished", "diverged"]
+    assert f"| tiny | 1 of 2 | {rows[0]['best_val_loss']:.4f} |" in (tmp_path / "sweep" / "summary.md").read_text()
+    # a config recipes.train rejects (exit 2) is not "rerun to resume"
+    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: 2)
+    with pytest.raises(ValueError, match="rejected its config"):
+        run_sweep([config], [3], tmp_path / "sweep")
 
 
 def test_coherence_regularizer_enters_the_objective_and_the_logs(tmp_path, corpus_file):
