@@ -46,13 +46,19 @@ def load_corpus(data: DataConfig, tokenizer=None):
 @torch.no_grad()
 def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, batch_size: int = 16,
                    device="cpu") -> dict[str, float]:
-    """Loss (nats/token), perplexity, bits per token and bits per character over ``tokens``."""
+    """Loss (nats/token), perplexity, bits per token and bits per character over ``tokens``.
+
+    Every token after the first is predicted once, in windows of ``block_size``. Bits per character
+    divide the total by the characters of the predicted tokens decoded in one piece (independent of
+    the windows): for word tokenizers that is the whitespace-normalised text (``<unk>`` counts as
+    its 5 characters); for bytes, Unicode characters (bits per byte is ``bits_per_token``).
+    """
     if len(tokens) < 2:
         raise ValueError(f"tokens: need at least 2 tokens, got {len(tokens)}")
     starts = range(0, len(tokens) - 1, block_size)
     full = [s for s in starts if s + block_size <= len(tokens) - 1]
     last = [[s] for s in starts if s + block_size > len(tokens) - 1]  # at most one, shorter window
-    total_nats, count, chars = 0.0, 0, 0
+    total_nats, count = 0.0, 0
     for batch in [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + last:
         width = min(block_size, len(tokens) - 1 - batch[0])
         chunk = np.stack([np.asarray(tokens[s:s + width + 1], dtype=np.int64) for s in batch])
@@ -62,7 +68,7 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
         total_nats += torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += targets.numel()
-        chars += sum(len(tokenizer.decode(row.tolist())) for row in targets.cpu())
+    chars = len(tokenizer.decode(np.asarray(tokens[1:], dtype=np.int64).tolist()))
     loss = total_nats / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2),
             "bits_per_char": total_nats / math.log(2) / max(chars, 1), "tokens": count}

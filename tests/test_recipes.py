@@ -555,6 +555,21 @@ def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
     assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
 
 
+def test_bits_per_char_counts_the_decoded_text_once_whatever_the_windows():
+    from recipes.data import WordTokenizer
+    text = "the cat sat on the mat\nand the dog sat too\n" * 5
+    tokenizer = WordTokenizer.from_text(text)
+    tokens = tokenizer.encode_array(text)
+
+    def uniform(idx):  # logits of a model that knows nothing: loss = log(vocab) per token
+        return torch.zeros(*idx.shape, tokenizer.vocab_size), None
+
+    chars = len(tokenizer.decode(tokens[1:].tolist()))  # the predicted tokens' text, in one piece
+    for block_size in (3, 8, 64):
+        r = evaluate_split(uniform, tokens, block_size, tokenizer)
+        assert r["bits_per_char"] == pytest.approx((len(tokens) - 1) * math.log2(tokenizer.vocab_size) / chars)
+
+
 @pytest.mark.parametrize("recipe", ["evaluate", "interpret"])
 def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe):
     import importlib
