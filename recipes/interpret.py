@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if value < 1:
+            parser.error(f"{flag}: must be at least 1, got {value}")
     path = Path(args.run)
     model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)

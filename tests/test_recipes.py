@@ -634,6 +634,7 @@ def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus
         (["-m", "recipes.train", "--config", str(tmp_path / "missing.yaml")], "error: config: no such file"),
         (["-m", "recipes.interpret", str(tmp_path / "run")], "error: model: has no phase layers"),
         (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: max_new_tokens: expected"),
+        (["-m", "recipes.generate", str(trained), "--prompt", "\u00e9"], "error: prompt: Character"),
     ]:
         done = _run_recipe(args)
         assert done.returncode == 2, (args, done.stderr)
