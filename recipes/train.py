@@ -271,15 +271,17 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
 
 
 def _check_finite(fabric, loss, norm, step, config: RunConfig) -> None:
-    finite_loss, finite_norm = bool(torch.isfinite(loss)), bool(torch.isfinite(norm))
-    if finite_loss and not finite_norm and getattr(fabric._precision, "scaler", None) is not None:
-        return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
-    bad = torch.tensor(0.0 if finite_loss and finite_norm else 1.0, device=fabric.device)
+    # (any rank's loss not finite, gradient norm not finite), decided together so no rank waits alone
+    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm))], device=fabric.device)
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
-    if bad.item() > 0:
+    bad_loss, bad_norm = (bool(b > 0) for b in bad.tolist())
+    if not bad_loss and bad_norm and getattr(fabric._precision, "scaler", None) is not None:
+        return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
+    if bad_loss or bad_norm:
+        first = min(config.train.eval_interval, config.train.max_iters)
         kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
-                else f"no checkpoint yet (the first is written at step {config.train.eval_interval})")
+                else f"no checkpoint yet (the first is written at step {first})")
         hints = ["a lower optim.lr", "optim.grad_clip"]
         if fabric._precision.precision != "32-true":
             hints.append("fabric.precision=32-true")

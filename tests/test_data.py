@@ -354,7 +354,8 @@ def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
 
 def test_file_placed_in_cache_is_used(tmp_path, monkeypatch):
     text = "ROMEO:\nBut soft!\n" * 20  # stands in for the published file (its checksum is pinned below)
-    remote = data.RemoteFile("https://example.invalid/input.txt", "input.txt", hashlib.sha256(text.encode()).hexdigest())
+    sha256 = hashlib.sha256(text.encode()).hexdigest()
+    remote = data.RemoteFile("https://example.invalid/input.txt", "input.txt", sha256)
     monkeypatch.setitem(CORPORA, "tiny-shakespeare", data.CorpusSource("char", {"all": remote}))
     where = tmp_path / "downloads" / "tiny-shakespeare" / "input.txt"
     where.parent.mkdir(parents=True)
