@@ -225,7 +225,8 @@ def _kernel_sum(u: Tensor, kernel: _Kernel, chunk: int, init: Tensor | None = No
         first = init[:, None] if init is not None else u.new_zeros(b, 1, h, c)
         carry = first
         if n > 1:  # carry into chunk k ≥ 1: the inner kernel's inclusive sum up to chunk k − 1
-            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, chunk, init)], 1)  # (b, n, h, c)
+            # chunks of at least 2 summaries: the recursion is log(n) deep (chunk 1 would go n deep)
+            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, max(chunk, 2), init)], 1)  # (b, n, h, c)
         if read is None:
             y = y + carry[:, :, None]
         else:
@@ -271,7 +272,7 @@ def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: _Kernel, chunk: i
         carry = first
         if n > 1:
             init_flat = init.reshape(b, h, e * f) if init is not None else None
-            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, chunk, init_flat)], 1)
+            carry = torch.cat([first, _kernel_sum(bsum[:, :-1], inner, max(chunk, 2), init_flat)], 1)
         carry = carry.reshape(b, n, h, e, f)  # (b, n, h, e·f) -> (b, n, h, e, f)
         part = torch.einsum("bnihre,bnhef->bnihrf", qc, carry)
         y = y + (part if read is None else part * read.to(q.dtype).T[None, None, :, :, None, None])
@@ -469,9 +470,12 @@ class HolographicPhaseMemory(nn.Module):
         buffer: tuple[Tensor, ...] = ()
         if self.kernel == "window":  # the last W writes, placed at their ring slots
             shift = position % self.window
-            buffer = tuple(w[:, -self.window:].roll(shift, 1) for w in write + (m,))
+            buffer = tuple(w[:, -self.window:].roll(shift, 1).to(old.dtype)
+                           for w, old in zip(write + (m,), state.buffer))
         query_end = query_phase[:, -1] if state.query_phase is not None else None
-        return y, TPIState(phase[:, -1], query_end, final_memory, norm[:, -1], buffer, position)
+        # the state keeps its dtype (under autocast the window kernel's sums come back in bf16)
+        return y, TPIState(phase[:, -1], query_end, final_memory.to(state.memory.dtype),
+                           norm[:, -1].to(state.norm.dtype), buffer, position)
 
     def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
         """The recurrent form: one token, O(1) work (independent of the position).
@@ -506,6 +510,7 @@ class HolographicPhaseMemory(nn.Module):
             r = torch.einsum("bhre,bhef->bhrf", tokens.read[0][:, 0], memory)[:, None]  # (b, 1, h, 2, c)
         y = self._output(r, norm[:, None])[:, 0]
         query_end = query_phase[:, -1] if state.query_phase is not None else None
+        memory, norm = memory.to(state.memory.dtype), norm.to(state.norm.dtype)  # as in forward
         return y, TPIState(phase[:, -1], query_end, memory, norm, state.buffer, state.position + 1)
 
     def extra_repr(self) -> str:

@@ -132,6 +132,18 @@ def test_matrix_state_with_many_chunks_and_long_window():
             torch.testing.assert_close(memory(x), naive_memory(memory, x), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("state", STATES)
+def test_chunk_size_one_on_a_long_sequence(kernel, state):
+    # one-token chunks: the scan over chunk summaries must not recurse once per token (T = 1200
+    # went past Python's recursion limit)
+    opts = dict(kernel=kernel, window=1500, state=state, num_heads=2)
+    x = randn(torch.Generator().manual_seed(4), 1, 1200, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(build(dict(opts, chunk_size=1))(x), build(dict(opts, chunk_size=64))(x),
+                                   atol=1e-10, rtol=1e-10)
+
+
 # ---------- recurrent form ----------
 
 
@@ -407,6 +419,22 @@ def test_block_step_matches_forward_and_residual_is_single():
 
 
 # ---------- argument checks ----------
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_window_state_keeps_its_dtype_under_bf16_autocast(state):
+    # the window kernel has no initial memory to promote its sums: the state must stay float32
+    memory = build(dict(kernel="window", window=3, state=state, num_heads=2), dtype=torch.float32, d=8)
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, after_forward = memory(x[:, :4], memory.init_state(2))
+        _, after_step = memory.step(x[:, 4], after_forward)
+        stepped = memory.init_state(2)
+        for i in range(6):  # through the recompute every W = 3 steps
+            _, stepped = memory.step(x[:, i], stepped)
+    for s in (after_forward, after_step, stepped):
+        assert s.memory.dtype == s.norm.dtype == torch.float32
+        assert all(b.dtype == torch.float32 for b in s.buffer)
 
 
 @pytest.mark.parametrize("kwargs, name", [
