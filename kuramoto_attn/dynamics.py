@@ -91,9 +91,10 @@ class KuramotoField(nn.Module):
         self.coupling = coupling
 
     def forward(self, theta: Tensor) -> Tensor:
-        """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape."""
+        """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape (a new tensor)."""
+        check_tensor("theta", theta)
         check_broadcasts("omega", self.omega.shape, theta.shape)
-        out = self.omega.to(theta.dtype).expand_as(theta)
+        out = self.omega.to(theta.dtype).expand_as(theta).clone()  # never a view of the ω buffer
         if self.coupling is not None:
             out = out + self.coupling(theta)
         return out

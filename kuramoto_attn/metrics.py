@@ -42,6 +42,9 @@ def _order_parameter_update(theta: Tensor, dim: int, group_dim: int | None, num_
         # (..., g, ...) -> (g, rest)
         R = R.movedim(group_dim, 0).reshape(num_groups, -1)
         valid = valid.movedim(group_dim, 0).reshape(num_groups, -1)
+    if R.shape[1] == 0:  # an empty batch (or no tokens) adds nothing
+        zeros = R.new_zeros(R.shape[0])
+        return zeros, zeros, zeros, torch.full_like(zeros, float("inf")), torch.full_like(zeros, -float("inf"))
     zeros = torch.zeros_like(R)
     inf = torch.full_like(R, float("inf"))
     return (

@@ -174,6 +174,15 @@ def test_below_threshold_stays_incoherent():
 # ---------- wrapping ----------
 
 
+def test_field_returns_a_new_tensor_and_checks_theta():
+    field = KuramotoField(torch.tensor([1.0, 2.0]))           # free rotation: dθ/dt = ω
+    field(torch.zeros(2)).mul_(0.1)                           # a caller's in-place update ...
+    assert field.omega.tolist() == [1.0, 2.0]                 # ... leaves ω alone
+    field(torch.zeros(3, 2)).mul_(0.1)                        # broadcast over a batch: no aliasing error
+    with pytest.raises(ValueError, match="theta: expected a floating-point tensor"):
+        field(torch.tensor([1, 2]))
+
+
 @settings(max_examples=50, deadline=None)
 @given(values=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=20))
 def test_wrap_phase_range_and_equivalence(values):

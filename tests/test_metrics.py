@@ -261,6 +261,18 @@ def test_empty_group_is_nan():
     assert metric.count.tolist() == [8.0, 0.0, 8.0]
 
 
+def test_an_empty_batch_adds_nothing():
+    theta = torch.rand(3, 2, 5, 8) * 6.0
+    one = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    one.update(theta)
+    both = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    both.update(theta[:0])                                    # no batch elements
+    both.update(theta)
+    both.update(theta[:, :, :0])                              # no tokens
+    for key, value in one.compute().items():
+        torch.testing.assert_close(both.compute()[key], value)
+
+
 def test_compute_before_any_update_is_nan():
     for metric in (OrderParameter(dim=-1), OrderParameter(dim=-1, group_dim=0, num_groups=2)):
         with warnings.catch_warnings():
