@@ -224,7 +224,9 @@ class KuramotoAttention(nn.Module):
         self.coupling = check_choice("coupling", coupling, COUPLINGS)
         self.phase_lag = check_real("phase_lag", phase_lag)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
-        self.causal = bool(causal)
+        if not isinstance(causal, bool):  # e.g. the string "False" from a config would read as True
+            raise ValueError(f"causal: expected True or False but got {causal!r}")
+        self.causal = causal
         h, n = num_heads, num_oscillators
 
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -478,10 +480,14 @@ class KuramotoAttention(nn.Module):
         if cache.keys.shape[0] != b or cache.keys.shape[1] != self.num_heads or cache.keys.shape[-1] != e:
             raise ValueError(f"cache: holds keys of shape {tuple(cache.keys.shape)}, which does not fit "
                              f"batch {b}, {self.num_heads} heads and width {e} (a cache of another layer?)")
-        state = cache.field_state.get((self.steps - 1, 0))
-        if state is None or isinstance(state, tuple) != (self.coupling == "mean_field"):
+        # one state per solver evaluation (step, stage): another integrator or step count has other keys
+        stages = []
+        SOLVERS[self.integrator]().step(lambda theta: stages.append(0) or theta, torch.zeros(()), 0.0)
+        keys = {(step, stage) for step in range(self.steps) for stage in range(len(stages))}
+        if set(cache.field_state) != keys or any(
+                isinstance(state, tuple) != (self.coupling == "mean_field") for state in cache.field_state.values()):
             raise ValueError(f"cache: holds no phase state for this layer's {self.coupling!r} coupling "
-                             f"over {self.steps} steps (a cache of another layer?)")
+                             f"with {self.integrator!r} over {self.steps} steps (a cache of another layer?)")
         return cache.length
 
     @staticmethod

@@ -422,6 +422,7 @@ def test_phasegpt_preset_and_overrides():
     (dict(phase_noise=-0.1), "phase_noise"),
     (dict(freq_jitter=float("nan")), "freq_jitter"),
     (dict(coupling_strength=float("inf")), "coupling_strength"),
+    (dict(causal="False"), "causal"),
 ])
 def test_bad_constructor_arguments(kwargs, name):
     options = dict(d_model=16, num_heads=2)
@@ -448,6 +449,13 @@ def test_bad_forward_arguments():
             layer(torch.randn(3, 1, 16), cache=cache)  # another batch size
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, coupling="attention")(x[:, :1], cache=cache)  # another layer
+        for other in (dict(integrator="heun"), dict(steps=2), dict(steps=4)):  # other (step, stage) states
+            with pytest.raises(ValueError, match="cache: holds no phase state"):
+                make_layer(dtype=torch.float32, **other)(x[:, :1], cache=cache)
+        heun = KuramotoCache()
+        make_layer(dtype=torch.float32, integrator="heun")(x, cache=heun)
+        with pytest.raises(ValueError, match="cache: holds no phase state"):  # Heun's states in an Euler layer
+            layer(x[:, :1], cache=heun)
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, causal=False)(x, cache=KuramotoCache())
 
