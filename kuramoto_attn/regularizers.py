@@ -132,7 +132,8 @@ class CoherenceRegularizer(nn.Module):
         self.dim = check_axis("dim", dim)
 
     def penalty(self, R: Tensor) -> Tensor:
-        """The loss for given order-parameter values ``R`` (any shape), averaged to a scalar."""
+        """The loss for given order-parameter values ``R`` (any shape), averaged to a scalar
+        (0 for no values, e.g. a batch of padding only)."""
         if self.mode == "ceiling":
             per_item = torch.relu(R - self.target) ** 2
         elif self.mode == "center":
@@ -140,6 +141,8 @@ class CoherenceRegularizer(nn.Module):
         else:
             lo, hi = self.band
             per_item = torch.relu(lo - R) ** 2 + torch.relu(R - hi) ** 2
+        if per_item.numel() == 0:
+            return per_item.sum()  # 0, still part of the graph
         return self.weight * per_item.mean()
 
     def forward(self, theta: Tensor) -> Tensor:

@@ -192,6 +192,15 @@ def test_padded_tokens_do_not_reach_valid_ones(coupling):
         torch.testing.assert_close(layer(x, valid)[valid], layer(x2, valid)[valid], rtol=0, atol=1e-12)
 
 
+def test_a_batch_of_padding_only_has_zero_coherence_loss():
+    layer = make_layer(coherence_target=0.3)
+    x = torch.randn(2, 4, 16, dtype=torch.float64, requires_grad=True)
+    _, info = layer(x, torch.zeros(2, 4, dtype=torch.bool), return_info=True)
+    assert info.coherence_loss.item() == 0.0  # not the NaN mean of no values
+    info.coherence_loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 # ----------------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("integrator", INTEGRATORS)
