@@ -157,7 +157,9 @@ class MeanFieldCoupling(Coupling):
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         weight = None
         if mask is not None:
-            weight = check_mask("mask", mask, theta.shape).to(theta.dtype)
+            mask = check_mask("mask", mask, theta.shape)
+            weight = mask.to(theta.dtype)
+            theta = torch.where(mask, theta, 0.0)  # whatever padding holds (even NaN) never reaches the sums
         count = _count(theta, weight, dim, self.causal)
         out = None
         for m in self.harmonics:

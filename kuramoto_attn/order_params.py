@@ -47,15 +47,17 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
     """
     check_tensor("theta", theta)
     check_axis("dim", dim, ndim=theta.dim())
-    cos_t, sin_t = torch.cos(theta), torch.sin(theta)
     if weights is None:
+        cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)
     else:
         check_tensor("weights", weights, floating=False)
         check_broadcasts("weights", weights.shape, theta.shape)
         weights = weights.to(theta.dtype)
-        if (weights < 0).any():
+        if not (weights >= 0).all():  # also catches NaN
             raise ValueError("weights: expected non-negative values")
+        theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count
+        cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(theta.dtype).tiny)
         mean_cos = (cos_t * weights).sum(dim, keepdim=keepdim) / total
         mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total

@@ -69,6 +69,8 @@ def test_mean_field_along_tokens_with_broadcast_mask(causal):
     expected = naive_mean_field(theta.transpose(-1, -2), strength.view(3, 1, 1), 0.2, (1,), causal,
                                 mask.transpose(-1, -2)).transpose(-1, -2)
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    poisoned = torch.where(mask, theta, float("nan"))  # whatever padding holds never reaches valid elements
+    torch.testing.assert_close(coupling(poisoned, mask=mask), got, atol=0, rtol=0)
 
 
 def test_causal_mean_field_ignores_the_future():

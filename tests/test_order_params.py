@@ -108,6 +108,10 @@ def test_boolean_mask_as_weights_selects_elements():
     torch.testing.assert_close(psi, psi_ref)
     R_empty, _ = order_parameter(theta, weights=torch.zeros(1, 4))
     assert R_empty.item() == 0.0
+    poisoned = torch.where(mask, theta, float("nan"))  # masked-out phases never count, even NaN
+    torch.testing.assert_close(order_parameter(poisoned, weights=mask), (R, psi))
+    with pytest.raises(ValueError, match="weights: expected non-negative"):
+        order_parameter(theta, weights=torch.tensor([[1.0, float("nan"), 1.0, 1.0]]))
 
 
 def test_daido_detects_two_clusters():
