@@ -39,7 +39,9 @@ class Coupling(nn.Module):
             phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
         phase_lag: the Sakaguchi lag ``α`` in radians (finite).
         learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer). An
-            ``nn.Parameter`` passed as ``strength`` is used as it is (e.g. shared between layers).
+            ``nn.Parameter`` passed as ``strength`` is used as it is (e.g. shared between layers);
+            any other tensor is copied into the buffer, detached (no gradient reaches it: pass
+            a ``Parameter``, or compute ``K`` in your ``forward`` and scale ``interaction``).
 
     Example:
         >>> import torch
