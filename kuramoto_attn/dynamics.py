@@ -94,7 +94,7 @@ class KuramotoField(nn.Module):
         """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape (a new tensor)."""
         check_tensor("theta", theta)
         check_broadcasts("omega", self.omega.shape, theta.shape)
-        out = self.omega.to(theta.dtype).expand_as(theta).clone()  # never a view of the ω buffer
-        if self.coupling is not None:
-            out = out + self.coupling(theta)
-        return out
+        omega = self.omega.to(theta.dtype).expand_as(theta)
+        if self.coupling is None:
+            return omega.clone()  # never a view of the ω buffer (a caller may update it in place)
+        return omega + self.coupling(theta)
