@@ -223,6 +223,9 @@ class KuramotoAttention(nn.Module):
         self.steps = check_int("steps", steps, low=1)
         self.dt = check_real("dt", dt, low=0.0, low_open=True)
         self.integrator = check_choice("integrator", integrator, SOLVERS)
+        calls = []  # the solver's field evaluations per step (a cache holds a state for each)
+        SOLVERS[integrator]().step(lambda theta: calls.append(0) or theta, torch.zeros(()), 0.0)
+        self._stages = len(calls)
         self.coupling = check_choice("coupling", coupling, COUPLINGS)
         self.phase_lag = check_real("phase_lag", phase_lag)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
@@ -482,10 +485,8 @@ class KuramotoAttention(nn.Module):
         if cache.keys.shape[0] != b or cache.keys.shape[1] != self.num_heads or cache.keys.shape[-1] != e:
             raise ValueError(f"cache: holds keys of shape {tuple(cache.keys.shape)}, which does not fit "
                              f"batch {b}, {self.num_heads} heads and width {e} (a cache of another layer?)")
-        # one state per solver evaluation (step, stage): another integrator or step count has other keys
-        stages = []
-        SOLVERS[self.integrator]().step(lambda theta: stages.append(0) or theta, torch.zeros(()), 0.0)
-        keys = {(step, stage) for step in range(self.steps) for stage in range(len(stages))}
+        # one state per (step, stage): another integrator or step count has other keys
+        keys = {(step, stage) for step in range(self.steps) for stage in range(self._stages)}
         if set(cache.field_state) != keys or any(
                 isinstance(state, tuple) != (self.coupling == "mean_field") for state in cache.field_state.values()):
             raise ValueError(f"cache: holds no phase state for this layer's {self.coupling!r} coupling "

@@ -459,10 +459,7 @@ def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLik
             names = " or ".join((remote.filename, *remote.aliases))
             raise FileNotFoundError(f"{name}: data.path={path} is neither a file nor a folder holding {names}")
         return found
-    if where.is_file():
-        if remote.sha256 is not None and _sha256_file(where) != remote.sha256:  # e.g. placed there by hand
-            raise ChecksumError(f"{name} ({split}): {where} is not the published file (sha256 differs); delete it to "
-                             f"download again, or use a variant of your own with data.path=/path/to/{remote.filename}")
+    if where.is_file():  # checked against its sha256 by _raw_splits (it may have been placed there by hand)
         return where
     reason = "downloads are disabled (download=False)"
     if allow_download:
@@ -549,6 +546,12 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
         raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
     files = _source_files(name, source, path, cache_dir, download)
     shas = {split: _sha256_file(f) for split, f in files.items()}
+    for split, sha in shas.items():  # a local `path` is trusted; the cache's copies must be the published files
+        remote = source.files.get(split)
+        if path is None and remote is not None and remote.sha256 is not None and sha != remote.sha256:
+            raise ChecksumError(f"{name} ({split}): {files[split]} is not the published file (sha256 differs); delete "
+                                f"it to download again, or use a variant of your own with data.path=/path/to/"
+                                f"{remote.filename}")
     if name == "enwik8":
         return _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
     if "all" in files:
