@@ -26,7 +26,7 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import changed_keys, load_config, load_yaml, parse_config
+from recipes.config import changed_keys, load_config, load_yaml
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
@@ -71,7 +71,7 @@ class SweepRunFailed(RuntimeError):
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
     """A finished run is only reused for the settings it was trained with."""
     wanted = load_config(config, overrides).to_dict()
-    done = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text())).to_dict()
+    done = load_config(run_dir / "config.yaml").to_dict()
     changed = changed_keys(done, wanted)
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
