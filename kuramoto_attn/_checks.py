@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -43,8 +44,10 @@ def check_mask(name: str, mask: Any, shape: torch.Size) -> Tensor:
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                low_open: bool = False) -> float:
-    """A finite Python number within ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number within ``[low, high]`` (``(low, high]`` with ``low_open``), as a float.
+
+    NumPy scalars count (``numbers.Real``); bools and tensors do not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected a real number but got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -58,19 +61,21 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 
 
 def check_int(name: str, value: Any, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer ``>= low`` (NumPy integers count), as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer but got {value!r}")
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low} but got {value}")
-    return value
+    return int(value)
 
 
 def check_axis(name: str, value: Any, *, ndim: int | None = None, optional: bool = False) -> int | None:
     """An integer axis; with ``ndim``, one of a tensor of that rank, returned non-negative."""
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer axis but got {value!r}")
+    value = int(value)
     if ndim is None:
         return value
     if not -ndim <= value < ndim:

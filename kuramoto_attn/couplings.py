@@ -18,6 +18,7 @@ To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.intera
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -140,7 +141,7 @@ class MeanFieldCoupling(Coupling):
                  harmonics: Sequence[int] = (1,), dim: int = -1, causal: bool = False,
                  learnable: bool = False) -> None:
         super().__init__(strength, phase_lag, learnable)
-        if isinstance(harmonics, int) or len(harmonics) == 0:
+        if isinstance(harmonics, numbers.Integral) or len(harmonics) == 0:
             raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
         self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
         self.dim = check_axis("dim", dim)

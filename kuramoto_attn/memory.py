@@ -678,8 +678,8 @@ class TPIBlock(nn.Module):
         if not isinstance(memory, HolographicPhaseMemory) or memory.d_model != d_model:
             got = f"d_model={memory.d_model}" if isinstance(memory, HolographicPhaseMemory) else type(memory).__name__
             raise ValueError(f"memory: expected a HolographicPhaseMemory with d_model={d_model} but got {got}")
-        check_int("ffn_expansion", ffn_expansion, low=0)
-        check_real("dropout", dropout, low=0.0, high=1.0)
+        ffn_expansion = check_int("ffn_expansion", ffn_expansion, low=0)
+        dropout = check_real("dropout", dropout, low=0.0, high=1.0)
         self.memory = memory
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = None

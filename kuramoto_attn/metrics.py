@@ -101,15 +101,18 @@ class OrderParameter(Metric):
     def __init__(self, dim: int = -1, group_dim: int | None = None, num_groups: int | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        check_axis("dim", dim)
-        if check_axis("group_dim", group_dim, optional=True) is None:
+        dim = check_axis("dim", dim)
+        group_dim = check_axis("group_dim", group_dim, optional=True)
+        if group_dim is None:
             if num_groups is not None:
                 raise ValueError("num_groups: only meaningful together with group_dim")
             num_groups = 1
         else:
             if num_groups is None:
                 raise ValueError("num_groups: required when group_dim is given")
-            check_int("num_groups", num_groups, low=1)
+            num_groups = check_int("num_groups", num_groups, low=1)
+            if group_dim == dim:  # axes of opposite signs can only be compared in update
+                raise ValueError(f"group_dim: expected an axis other than dim={dim} but got {group_dim}")
         self.dim, self.group_dim, self.num_groups = dim, group_dim, num_groups
         zeros = torch.zeros(num_groups, dtype=torch.float64)
         self.add_state("total", zeros.clone(), dist_reduce_fx="sum")

@@ -85,6 +85,6 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
         >>> round(float(R2), 6)
         1.0
     """
-    check_int("m", m, low=1)
+    m = check_int("m", m, low=1)
     check_tensor("theta", theta)
     return order_parameter(m * theta, dim=dim, weights=weights, keepdim=keepdim)

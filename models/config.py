@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import types
 import typing
@@ -130,15 +131,15 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)  # "3e-4": PyYAML (YAML 1.1) reads it as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         if not math.isfinite(value):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if hint in (bool, str):
         if not isinstance(value, hint):
             raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}")

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -306,18 +307,27 @@ class GPT(nn.Module):
 
     def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None, vocab_size: int | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, vocab_size: int | None = None,
+                 context: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
 
         ``temperature=0`` is greedy; otherwise ``torch.multinomial`` with ``generator`` over the
         ``top_k`` most likely tokens (all if ``None``). The model reads at most the last
-        ``max_seq_len`` tokens; ``use_cache`` (prefill, then one token at a time, refilled from the
-        cropped window once full) gives the same tokens as recomputing every step. ``vocab_size``
-        (e.g. the tokenizer's, when ``config.vocab_size`` pads the embedding) limits the sampled ids
-        to those below it. Runs under ``torch.no_grad()`` in eval mode, then restores the mode.
+        ``context`` tokens (default and largest: ``max_seq_len``; pass the training length when it
+        was shorter, since learned positions beyond it were never trained); ``use_cache`` (prefill,
+        then one token at a time, refilled from the cropped window once full) gives the same tokens
+        as recomputing every step. ``vocab_size`` (e.g. the tokenizer's, when ``config.vocab_size``
+        pads the embedding) limits the sampled ids to those below it. Runs under
+        ``torch.no_grad()`` in eval mode, then restores the mode.
         """
+        if context is None:
+            context = self.config.max_seq_len
+        elif isinstance(context, bool) or not isinstance(context, numbers.Integral) \
+                or not 1 <= context <= self.config.max_seq_len:
+            raise ValueError(f"context: expected an integer in [1, max_seq_len={self.config.max_seq_len}] "
+                             f"but got {context!r}")
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 use_cache=use_cache, generator=generator, context=self.config.max_seq_len,
+                                 use_cache=use_cache, generator=generator, context=int(context),
                                  vocab_size=vocab_size)
 
     def _check_cache(self, cache: GPTCache | None, b: int) -> int:

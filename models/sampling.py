@@ -8,6 +8,8 @@ has no limit (a recurrent model).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,14 +57,12 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     restores the model's mode.
     """
     check_idx(idx)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an integer >= 0 but got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=0)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"temperature: expected a number >= 0 but got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected None or an integer >= 1 but got {top_k!r}")
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
-        raise ValueError(f"vocab_size: expected None or an integer >= 1 but got {vocab_size!r}")
+    top_k = _check_int("top_k", top_k, low=1, optional=True)
+    vocab_size = _check_int("vocab_size", vocab_size, low=1, optional=True)
+    context = _check_int("context", context, low=1, optional=True)
     was_training = model.training
     model.eval()
     try:
@@ -82,6 +82,16 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     finally:
         model.train(was_training)
     return idx
+
+
+def _check_int(name: str, value, *, low: int, optional: bool = False) -> int | None:
+    """An integer ``>= low`` (NumPy integers count), or None where ``optional``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        expected = f"{'None or ' if optional else ''}an integer >= {low}"
+        raise ValueError(f"{name}: expected {expected} but got {value!r}")
+    return int(value)
 
 
 def check_targets(targets, idx: torch.Tensor) -> None:

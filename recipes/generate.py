@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from models import GPT
 from recipes.common import load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
@@ -18,9 +19,10 @@ __all__ = ["main", "generate_text"]
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, temperature: float = 0.8,
                   top_k: int | None = None, num_samples: int = 1, seed: int = 1337, use_cache: bool = True,
-                  device="cpu") -> list[str]:
+                  device="cpu", context: int | None = None) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (prompt included), decoded. Only the
-    tokenizer's ids are sampled, also when the model's embedding is padded beyond them."""
+    tokenizer's ids are sampled, also when the model's embedding is padded beyond them.
+    ``context``: the most tokens a GPT reads (its training block size; None: ``max_seq_len``)."""
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as err:  # a character or word outside the vocabulary
@@ -29,8 +31,9 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
         raise ValueError(f"prompt: {prompt!r} has no tokens; give some text (the command line's default is a newline)")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    crop = {} if context is None else {"context": context}  # TPILM reads everything (recurrent)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                         use_cache=use_cache, generator=generator, vocab_size=tokenizer.vocab_size)
+                         use_cache=use_cache, generator=generator, vocab_size=tokenizer.vocab_size, **crop)
     return [tokenizer.decode(row.tolist()) for row in out]
 
 
@@ -50,11 +53,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.num_samples < 1:
         parser.error(f"--num-samples: must be at least 1, got {args.num_samples}")
     path = Path(args.run)
-    model, tokenizer, _, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     device = pick_device(args.device)
+    # a GPT reads at most what it was trained on: positions beyond train.block_size never learned
+    context = config.train.block_size if isinstance(model, GPT) else None
     texts = generate_text(model.to(device), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, num_samples=args.num_samples,
-                          seed=args.seed, use_cache=not args.no_cache, device=device)
+                          seed=args.seed, use_cache=not args.no_cache, device=device, context=context)
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -438,6 +439,19 @@ def test_bad_constructor_arguments(kwargs, name):
     options.update(kwargs)
     with pytest.raises(ValueError, match=name):
         KuramotoAttention(**options)
+
+
+def test_numpy_scalars_are_accepted_as_constructor_arguments():
+    # e.g. settings from np.linspace / np.arange; they act exactly like the Python numbers
+    layer = KuramotoAttention(d_model=np.int64(16), num_heads=np.int64(2), num_oscillators=np.int32(4),
+                              steps=np.int64(3), dt=np.float32(0.25), coupling_strength=np.float32(0.5))
+    twin = KuramotoAttention(d_model=16, num_heads=2, num_oscillators=4, steps=3, dt=0.25, coupling_strength=0.5)
+    assert (layer.num_oscillators, layer.steps, layer.dt) == (4, 3, 0.25) and type(layer.steps) is int
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), twin(x))
+    with pytest.raises(ValueError, match="num_oscillators: expected an integer"):
+        KuramotoAttention(d_model=16, num_heads=2, num_oscillators=np.bool_(True))
 
 
 def test_bad_forward_arguments():

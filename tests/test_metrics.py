@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -440,9 +441,21 @@ def test_bad_group_dim_type():
 
 @pytest.mark.parametrize("dim,group_dim", [(-1, 3), (3, -1), (-1, -1), (1, 1)])
 def test_group_dim_equal_to_dim(dim, group_dim):
+    if dim == group_dim:  # caught at construction; as another sign, once theta's rank is known
+        with pytest.raises(ValueError, match="group_dim: expected an axis other than dim"):
+            OrderParameter(dim=dim, group_dim=group_dim, num_groups=4)
+        return
     metric = OrderParameter(dim=dim, group_dim=group_dim, num_groups=4)
     with pytest.raises(ValueError, match="group_dim"):
         metric.update(torch.zeros(4, 4, 4, 4))
+
+
+def test_numpy_integers_are_accepted_as_axes_and_counts():
+    metric = OrderParameter(dim=np.int64(-1), group_dim=np.int32(1), num_groups=np.int64(2))
+    assert (metric.dim, metric.group_dim, metric.num_groups) == (-1, 1, 2)
+    assert all(type(v) is int for v in (metric.dim, metric.group_dim, metric.num_groups))
+    metric.update(torch.zeros(3, 2, 5))
+    torch.testing.assert_close(metric.compute()["mean"], torch.ones(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dim,group_dim,name", [(4, 1, "dim"), (-5, 1, "dim"), (-1, 4, "group_dim"),

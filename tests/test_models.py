@@ -1,5 +1,6 @@
 """models: GPT (PhaseGPT) and TPILM — configs, shapes, causality, losses, caches and generation."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,6 +222,9 @@ def test_greedy_generation_matches_argmax_of_forward():
     (dict(max_new_tokens=2, temperature=-0.5), "temperature"),
     (dict(max_new_tokens=2, top_k=0), "top_k"),
     (dict(max_new_tokens=2, vocab_size=0), "vocab_size"),
+    (dict(max_new_tokens=2, context=13), r"context: expected an integer in \[1, max_seq_len=12\]"),
+    (dict(max_new_tokens=2, context=0), "context"),
+    (dict(max_new_tokens=2.0), "max_new_tokens"),
 ])
 def test_generate_checks_arguments_and_restores_mode(kwargs, message):
     model = tiny_gpt().train()
@@ -249,3 +253,24 @@ def test_generate_from_a_prompt_longer_than_the_context():
     runs = [model.generate(prompt, 4, temperature=0, use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == (2, 19)
     assert runs[0][0, 15] == model(prompt[:, -12:])[0][0, -1].argmax()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_reads_at_most_context_tokens(use_cache):
+    # context below max_seq_len (a model trained on shorter blocks): every token is the argmax
+    # of the model on the last `context` tokens only, cached or not
+    model = phase_gpt()
+    out = model.generate(tokens(2, 3), 9, temperature=0, use_cache=use_cache, context=np.int64(5))
+    for i in range(3, 12):
+        assert torch.equal(out[:, i], model(out[:, max(0, i - 5):i])[0][:, -1].argmax(-1))
+
+
+def test_numpy_numbers_are_accepted_as_settings():
+    # e.g. a sweep over np.linspace: NumPy scalars are numbers (bools are not)
+    model = GPT(GPTConfig.from_dict(dict(vocab_size=np.int64(VOCAB), max_seq_len=12, n_layers=2, n_heads=2,
+                                         d_model=16, use_phase_attention=True, phase_layer_idx=[1],
+                                         num_oscillators=np.int32(4), coupling_strength=np.float32(0.5))))
+    assert model.config.vocab_size == VOCAB and type(model.config.vocab_size) is int
+    assert model.generate(tokens(1, 2), np.int64(3), temperature=np.float32(0.5), top_k=np.int64(2)).shape == (1, 5)
+    with pytest.raises(ConfigError, match="num_oscillators: expected an integer"):
+        GPTConfig.from_dict(dict(num_oscillators=np.bool_(True)))

@@ -606,6 +606,20 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
             generate_text(model, tokenizer, prompt)
 
 
+def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
+    # block_size 8 under max_seq_len 16: positions 8..15 were never trained, so sampling must not use them
+    from models import GPT
+    from recipes.generate import main
+    train(parse_config(tiny(tmp_path, corpus_file, train={"block_size": 8, "max_iters": 2, "eval_interval": 2})))
+    contexts, generate = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *args, **kwargs: contexts.append(kwargs.get("context"))
+                        or generate(self, *args, **kwargs))
+    texts = main([str(tmp_path / "run"), "--max-new-tokens", "20", "--temperature", "0"])
+    assert contexts == [8]
+    model, tokenizer, _, _ = load_run(tmp_path / "run")
+    assert texts == generate_text(model, tokenizer, "\n", max_new_tokens=20, temperature=0, context=8)
+
+
 def test_interpret_reports_R_per_head(trained, tmp_path):
     from recipes.data import eval_batches
     from recipes.evaluate import load_corpus
