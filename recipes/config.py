@@ -20,6 +20,7 @@ Overrides are ``section.key=value`` strings whose value is parsed as YAML
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,8 @@ from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig",
-           "load_config", "parse_config", "load_yaml", "apply_overrides", "model_config", "changed_keys"]
+           "load_config", "parse_config", "load_yaml", "apply_overrides", "split_overrides", "model_config",
+           "changed_keys"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,15 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_one_line(err)}") from None
     return values
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # section.key=value
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(other arguments, overrides)``: every ``section.key=value`` token is an override, wherever it
+    stands (after ``--seeds 1 2`` or a list of configs too, which argparse would take for theirs)."""
+    return [a for a in argv if not _OVERRIDE.match(a)], [a for a in argv if _OVERRIDE.match(a)]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

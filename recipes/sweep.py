@@ -1,7 +1,9 @@
 """Run configs × seeds one after another, then summarise them with mean ± 95% CI over seeds.
 
-    python -m recipes.sweep recipes/configs/phase_a/sweep_cpu.yaml [key=value ...]
+    python -m recipes.sweep recipes/configs/phase_a/cpu/sweep.yaml [key=value ...]
     python -m recipes.sweep --configs a.yaml b.yaml --seeds 1 2 3 --out runs/my_sweep [key=value ...]
+
+Overrides (``section.key=value``) may stand anywhere on the command line.
 
 A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` and optional
 ``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
@@ -26,7 +28,7 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import changed_keys, load_config, load_yaml
+from recipes.config import changed_keys, load_config, load_yaml, split_overrides
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
@@ -118,8 +120,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--out", help="sweep directory")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
-    args, extra = parser.parse_known_args(argv)
-    overrides = list(args.overrides) + extra
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args, extra = parser.parse_known_args(rest)
+    overrides = list(args.overrides) + extra + overrides
     if args.sweep and args.sweep.endswith((".yaml", ".yml")):
         spec = yaml.safe_load(Path(args.sweep).read_text()) or {}
         unknown = set(spec) - _SWEEP_KEYS

@@ -31,7 +31,7 @@ import yaml
 
 from kuramoto_attn import OrderParameter
 from recipes.common import build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import RunConfig, changed_keys, load_config, model_config, parse_config
+from recipes.config import RunConfig, changed_keys, load_config, model_config, parse_config, split_overrides
 from recipes.data import eval_batches, get_batch, prepare_corpus
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", help="YAML run config (see recipes/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
-    args = parser.parse_args(argv)
-    return train(load_config(args.config, args.overrides), resume=args.resume)
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(rest)
+    return train(load_config(args.config, args.overrides + overrides), resume=args.resume)
 
 
 def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:

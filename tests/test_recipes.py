@@ -717,6 +717,24 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
         run_sweep([config], [3], tmp_path / "sweep")
 
 
+def test_overrides_may_stand_anywhere_on_the_command_line(tmp_path, monkeypatch):
+    # argparse alone would read them as seeds (an int error), as config paths, or as unrecognized
+    from recipes import sweep
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda configs, seeds, out_dir, overrides: seen.update(
+        configs=[c.name for c in configs], seeds=seeds, out=out_dir, overrides=overrides))
+    sweep.main(["--configs", "a.yaml", "b.yaml", "optim.lr=0.01", "--seeds", "1", "2", "train.max_iters=3",
+                "--out", str(tmp_path / "s")])
+    assert seen == dict(configs=["a.yaml", "b.yaml"], seeds=[1, 2], out=tmp_path / "s",
+                        overrides=["optim.lr=0.01", "train.max_iters=3"])
+    monkeypatch.setattr(train_module, "train", lambda config, resume: seen.update(config=config, resume=resume))
+    train_module.main(["train.max_iters=3", "--resume", "seed=4", "model.steps=2"])
+    assert seen["resume"] and (seen["config"].train.max_iters, seen["config"].seed) == (3, 4)
+    assert seen["config"].model["steps"] == 2
+    with pytest.raises(ConfigError, match="override 'oops': expected key=value"):
+        train_module.main(["oops"])
+
+
 def test_coherence_regularizer_enters_the_objective_and_the_logs(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, model={"coherence_target": 0.0, "coherence_weight": 1.0},
                   train={"max_iters": 4})
