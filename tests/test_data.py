@@ -331,8 +331,8 @@ def test_enwik8_download_must_match_the_published_md5(tmp_path, monkeypatch):
         z.writestr("enwik8", payload)
     real = CORPORA["enwik8"].files["all"]
     assert real.content_md5 == "a1fa5ffddb56f4953e226637dabbb36a"  # mattmahoney.net/dc/text.html
-    # the same check at the payload's size: its own md5 passes, another one is an error
-    for md5, ok in ((hashlib.md5(payload).hexdigest(), True), (real.content_md5, False)):
+    # the same check at the payload's size: another md5 is an error, its own md5 passes
+    for md5, ok in ((real.content_md5, False), (hashlib.md5(payload).hexdigest(), True)):
         monkeypatch.setitem(CORPORA["enwik8"].files, "all", replace(real, size=len(payload), content_md5=md5))
         if ok:
             corpus = prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
@@ -340,6 +340,10 @@ def test_enwik8_download_must_match_the_published_md5(tmp_path, monkeypatch):
         else:
             with pytest.raises(data.ChecksumError, match="not the published enwik8.*delete it"):
                 prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
+    # once tokenized, the zip (same sha256) is not unzipped and checked again
+    monkeypatch.setattr(data, "_read_enwik8", lambda *args: pytest.fail("read the zip on a cache hit"))
+    again = prepare_corpus("enwik8", cache_dir=tmp_path / "cache")
+    assert all(np.array_equal(again.splits[s], corpus.splits[s]) for s in ("train", "val", "test"))
 
 
 def test_missing_file_without_download_says_how_to_supply_it(tmp_path):
