@@ -214,7 +214,8 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
         theta: phases ``(*, n, *c)`` with the coupled axis (length ``n``) at ``dim``.
         weights: ``A``, shape ``(n, n)`` or batched ``(*, n, n)`` broadcasting against the
             dimensions of ``theta`` before ``dim``; ``A[..., i, j]`` weights ``j``'s pull on ``i``.
-        phase_lag: ``α`` in radians.
+        phase_lag: ``α`` in radians, a number (a learnable or per-head lag needs its own
+            sine term, as in :class:`Coupling`'s example).
         dim: the coupled axis; all axes after it are channels coupled independently.
 
     Returns:
@@ -227,6 +228,9 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
         >>> weighted_sine_coupling(theta, chain).round(decimals=4).tolist()   # sin(1), sin(-1) + sin(1), sin(-1)
         [0.8415, 0.0, -0.8415]
     """
+    check_tensor("theta", theta)
+    check_tensor("weights", weights)
+    phase_lag = check_real("phase_lag", phase_lag)  # a tensor would be detached by math.cos
     dim = check_axis("dim", dim, ndim=theta.dim())
     n = theta.shape[dim]
     if weights.dim() < 2 or weights.shape[-2:] != (n, n):

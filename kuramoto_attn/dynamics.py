@@ -64,7 +64,11 @@ class KuramotoField(nn.Module):
             (e.g. shape ``(n,)`` for phases ``(*, n)``). An ``nn.Parameter`` is registered as
             a parameter (learnable frequencies), anything else as a buffer.
         coupling: a callable ``θ -> coupling term`` of θ's shape, typically a
-            :class:`~kuramoto_attn.Coupling`; ``None`` for free rotation.
+            :class:`~kuramoto_attn.Coupling`; ``None`` for free rotation. Extra arguments of
+            ``forward`` (e.g. :class:`~kuramoto_attn.AttentionCoupling`'s ``weights``) are passed
+            on to it; to integrate with them, bind them to the field:
+            ``integrate(functools.partial(field, weights=A), theta0, ...)`` (binding them to the
+            coupling instead would hide its parameters from the field).
 
     Shapes:
         * input ``theta``: ``(*, n)`` (or any shape ω broadcasts to)
@@ -90,11 +94,14 @@ class KuramotoField(nn.Module):
             raise ValueError("omega: expected finite floating-point natural frequencies")
         self.coupling = coupling
 
-    def forward(self, theta: Tensor) -> Tensor:
-        """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape (a new tensor)."""
+    def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:
+        """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape (a new tensor). ``args`` and
+        ``kwargs`` go to the coupling (e.g. a mask or per-call weights)."""
         check_tensor("theta", theta)
         check_broadcasts("omega", self.omega.shape, theta.shape)
         omega = self.omega.to(theta.dtype).expand_as(theta)
         if self.coupling is None:
+            if args or kwargs:
+                raise ValueError("coupling: None (free rotation) takes no extra arguments")
             return omega.clone()  # never a view of the ω buffer (a caller may update it in place)
-        return omega + self.coupling(theta)
+        return omega + self.coupling(theta, *args, **kwargs)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kuramoto_attn import KuramotoAttention, KuramotoCache, KuramotoInfo
+from kuramoto_attn import SOLVERS, KuramotoAttention, KuramotoCache, KuramotoInfo
 
 from . import sampling
 from .config import ConfigError, check, from_dict
@@ -68,7 +68,7 @@ class GPTConfig:
     coupling_strength: float = 1.0
     steps: int = 10
     dt: float = 0.1
-    integrator: Literal["euler", "heun", "rk4"] = "euler"
+    integrator: str = "euler"  # a key of kuramoto_attn.SOLVERS (solvers registered there count)
     coupling: Literal["mean_field", "attention"] = "mean_field"
     phase_lag: float = 0.0
     learnable_coupling: bool = True
@@ -104,7 +104,8 @@ class GPTConfig:
         if self.coherence_target is not None:
             check(0 <= self.coherence_target <= 1, "coherence_target", "must be in [0, 1]",
                   self.coherence_target)
-        for name in ("integrator", "coupling", "coherence_mode"):
+        check(self.integrator in SOLVERS, "integrator", f"must be one of {tuple(SOLVERS)}", self.integrator)
+        for name in ("coupling", "coherence_mode"):
             choices = typing.get_args(typing.get_type_hints(GPTConfig)[name])
             check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
         for i in layers:

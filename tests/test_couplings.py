@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import generators
-from kuramoto_attn import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling
+from kuramoto_attn import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
 
 # ---------- naive references: explicit pairwise sums, float64 ----------
 
@@ -247,6 +247,8 @@ def test_bad_construction_names_the_argument(make, match):
     (lambda th: AttentionCoupling(dim=-1)(th, torch.ones(5, 5)), "weights"),
     (lambda th: AttentionCoupling(dim=-1)(th, torch.ones(3, 4, 4)), "weights"),
     (lambda th: MeanFieldCoupling()(th.long()), "theta"),
+    (lambda th: weighted_sine_coupling(th, torch.ones(4, 4), torch.tensor(0.3)), "phase_lag: expected a real"),
+    (lambda th: weighted_sine_coupling(th, torch.ones(4, 4).tolist()), "weights: expected a tensor"),
 ])
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

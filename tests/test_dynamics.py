@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kuramoto_attn import (
     SOLVERS,
+    AttentionCoupling,
     GraphCoupling,
     KuramotoField,
     MeanFieldCoupling,
@@ -181,6 +182,25 @@ def test_field_returns_a_new_tensor_and_checks_theta():
     field(torch.zeros(3, 2)).mul_(0.1)                        # broadcast over a batch: no aliasing error
     with pytest.raises(ValueError, match="theta: expected a floating-point tensor"):
         field(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="coupling: None"):
+        field(torch.zeros(2), mask=torch.ones(2, dtype=torch.bool))
+
+
+def test_field_passes_extra_arguments_to_its_coupling():
+    # per-call weights and masks reach the coupling; bound with functools.partial, the field
+    # integrates with them and its module keeps the coupling's learnable strength
+    import functools
+    theta = torch.rand(2, 3, 5, 4, dtype=torch.float64)  # (b, h, t, n), coupled over tokens
+    weights = torch.softmax(torch.randn(2, 3, 5, 5, dtype=torch.float64), -1).tril()
+    coupling = AttentionCoupling(learnable=True)
+    field = KuramotoField(torch.zeros(4, dtype=torch.float64), coupling)
+    torch.testing.assert_close(field(theta, weights), coupling(theta, weights))
+    out = integrate(functools.partial(field, weights=weights), theta, dt=0.1, steps=2, method="heun")
+    out.sum().backward()
+    assert coupling.strength.grad is not None and [n for n, _ in field.named_parameters()] == ["coupling.strength"]
+    mask = torch.tensor([True, True, False, True, True])[:, None]  # a token out, broadcast over n
+    masked = KuramotoField(torch.zeros(4, dtype=torch.float64), MeanFieldCoupling(dim=-2))
+    torch.testing.assert_close(masked(theta, mask=mask), MeanFieldCoupling(dim=-2)(theta, mask=mask))
 
 
 @settings(max_examples=50, deadline=None)

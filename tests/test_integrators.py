@@ -102,6 +102,12 @@ def test_a_new_solver_registers_by_name():
     try:
         field = KuramotoField(torch.tensor([1.0], dtype=torch.float64))
         assert integrate(field, torch.zeros(1, dtype=torch.float64), dt=0.5, steps=4, method="midpoint").item() == 2.0
+        # and by name in the layer and the model config (the GPT's phase layer integrates with it)
+        from models import GPT, GPTConfig
+        model = GPT(GPTConfig.from_dict(dict(vocab_size=7, max_seq_len=8, n_layers=1, n_heads=2, d_model=8,
+                                             use_phase_attention=True, phase_layer_idx=[0], num_oscillators=2,
+                                             integrator="midpoint")))
+        assert model.blocks[0].attn.integrator == "midpoint"
     finally:
         del SOLVERS["midpoint"]
 

@@ -70,6 +70,7 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"dropout": "high"}, "model.dropout: expected a number"),
     (GPTConfig, {"use_phase_attention": "yes"}, "model.use_phase_attention: expected bool"),
     (GPTConfig, {"coupling": "graph"}, "model.coupling: expected one of"),
+    (GPTConfig, {"integrator": "midpoint"}, r"model.integrator: must be one of \('euler', 'heun', 'rk4'\)"),
     (GPTConfig, {"n_heads": 0}, "model.n_heads: must be at least 1"),
     (GPTConfig, {"d_model": 100, "n_heads": 3}, "model.d_model: must be a multiple of n_heads"),
     (GPTConfig, {"dropout": 1.0}, "model.dropout: must be in"),
