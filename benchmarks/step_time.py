@@ -9,10 +9,13 @@ the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operat
 
 ``--compile`` adds a copy of each variant under ``torch.compile`` (default inductor backend; the
 first step, which compiles, is part of ``--warmup``), compared with the eager baseline.
+``--compiled-kernels`` adds the mean-field variant with only its fused integration's step math
+compiled (``benchmarks/_compiled_euler.py``, a prototype), after checking it against the
+library's path in float64.
 
 Run:  python benchmarks/step_time.py [--threads 2] [--iters 50] [--warmup 10] [--device cpu|cuda]
                                      [--variants baseline mean_field attention] [--compile]
-                                     [--profile baseline|mean_field|attention]
+                                     [--profile baseline|mean_field|attention] [--compiled-kernels]
 """
 
 import argparse
@@ -24,6 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmarks._timing import bench_ms  # noqa: E402
+import kuramoto_attn.attention as attention_module  # noqa: E402
+from kuramoto_attn._euler_mean_field import euler_mean_field  # noqa: E402
 from models import GPT, GPTConfig  # noqa: E402
 
 BASE = dict(vocab_size=65, max_seq_len=64, n_layers=4, n_heads=4, d_model=128, dropout=0.0)
@@ -36,7 +41,21 @@ VARIANTS = {
 }
 
 
-def make_step(settings, device, batch, compile_model=False):
+def make_step(settings, device, batch, compile_model=False, integration=None):
+    """One training step of a fresh model; ``integration`` replaces the fused Euler mean-field
+    function of ``kuramoto_attn.attention`` during the step."""
+    if integration is not None:
+        plain_step = make_step(settings, device, batch, compile_model)
+
+        def patched():
+            library = attention_module.euler_mean_field
+            attention_module.euler_mean_field = integration
+            try:
+                plain_step()
+            finally:
+                attention_module.euler_mean_field = library
+
+        return patched
     torch.manual_seed(0)
     model = GPT(GPTConfig(**settings)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -54,6 +73,24 @@ def make_step(settings, device, batch, compile_model=False):
     return step
 
 
+def check_integration(integration, device):
+    """Print the largest difference to the library's fused path (float64: phases and gradients)."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(2, 3, 4, 9, generator=g, dtype=torch.float64).to(device)
+    omega, strength = 0.1 * torch.randn(3, 4, 1, dtype=torch.float64), torch.rand(3, 1, 1, dtype=torch.float64)
+    weight = (torch.rand(2, 1, 1, 9, generator=g) > 0.3).to(torch.float64)
+    worst = 0.0
+    for causal, w, lag in ((True, None, 0.0), (True, weight, 0.3), (False, weight, 0.0)):
+        results = []
+        for fn in (euler_mean_field, integration):
+            inputs = [x.detach().clone().to(device).requires_grad_() for x in (theta, omega, strength)]
+            out = fn(*inputs, None if w is None else w.to(device), steps=5, dt=0.1, phase_lag=lag, causal=causal)
+            out.pow(2).sum().backward()
+            results.append([out] + [x.grad for x in inputs])
+        worst = max(worst, *((a - b).abs().max().item() for a, b in zip(*results)))
+    print(f"compiled step kernels vs the library's fused path (float64, phases and gradients): max |diff| {worst:.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -64,6 +101,8 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")
     parser.add_argument("--profile", choices=list(VARIANTS))
+    parser.add_argument("--compiled-kernels", action="store_true",
+                        help="also time the mean-field variant with its integration's step math compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -87,6 +126,11 @@ def main():
     if args.compile:
         steps.update({f"{name} (compiled)": make_step(VARIANTS[name], device, args.batch, compile_model=True)
                       for name in names})
+    if args.compiled_kernels:
+        from benchmarks._compiled_euler import compiled_euler_mean_field
+        check_integration(compiled_euler_mean_field, device)
+        steps["mean_field (compiled step kernels)"] = make_step(VARIANTS["mean_field"], device, args.batch,
+                                                                integration=compiled_euler_mean_field)
     times = {name: [] for name in steps}
     for round_ in range(args.warmup + args.iters):
         for name, step in steps.items():
