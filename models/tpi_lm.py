@@ -69,7 +69,7 @@ class TPILMConfig:
     @classmethod
     def from_dict(cls, mapping, where: str = "model") -> TPILMConfig:
         """From a mapping such as the ``model`` section of a YAML file; raises
-        :class:`ConfigError` naming the key."""
+        :class:`~models.config.ConfigError` naming the key."""
         return from_dict(cls, mapping, where=where)
 
     def __post_init__(self):
@@ -141,7 +141,7 @@ class TPILM(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (there is no position embedding, so ``non_embedding`` changes
-        nothing; it is accepted for the same signature as :meth:`GPT.num_params`)."""
+        nothing; it is accepted for the same signature as :meth:`models.gpt.GPT.num_params`)."""
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self) -> TPICache:
@@ -190,7 +190,7 @@ class TPILM(nn.Module):
                  generator: torch.Generator | None = None, vocab_size: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
 
-        As :meth:`GPT.generate`, except that the whole sequence is read (no cropping: the model is
+        As :meth:`models.gpt.GPT.generate`, except that the whole sequence is read (no cropping: the model is
         recurrent). ``use_cache`` prefills the prompt once, then steps the recurrent state one
         token at a time (O(1) per token); without it every step re-reads the whole sequence.
         """

@@ -1,10 +1,10 @@
 """Run configuration: YAML files (with ``extends:``) plus dotted command-line overrides.
 
-A run config has six sections, each a frozen dataclass (``model`` is checked by the model's own
-config class, chosen by ``model.type``)::
+A run config has five sections, each a frozen dataclass (``model`` is checked by the model's own
+config class, chosen by ``model.type``), and three top-level keys::
 
-    extends: ../baseline.yaml      # optional: deep-merged underneath this file
-    name: winner_cpu               # run name; out_dir defaults to runs/<name>
+    extends: base.yaml             # optional: deep-merged underneath this file
+    name: layer7_32osc_K1_cpu      # run name; out_dir defaults to runs/<name>
     seed: 1337
     model: {type: gpt, n_layers: 4, ...}            # models.GPTConfig / models.TPILMConfig
     data: {name: shakespeare, tokenizer: char, ...}  # DataConfig

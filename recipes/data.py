@@ -725,8 +725,8 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, *, seed: int, 
     ``(seed, step)``; this rank gets its contiguous slice of ``batch_size // world_size`` rows.
 
     Returns:
-        x: (b, t) int64 windows, b = batch_size // world_size, t = block_size; y: (b, t), the same
-        windows shifted by one token (the next-token targets).
+        ``(x, y)``: ``x`` the int64 windows ``(b, t)`` with ``b = batch_size // world_size`` and
+        ``t = block_size``; ``y`` ``(b, t)`` the same windows shifted by one token (the targets).
 
     Example:
         >>> data = np.arange(100, dtype=np.uint16)
