@@ -219,7 +219,7 @@ def main() -> None:
             else:
                 path = out / f"{preset}_seed{seed}"
                 cmd = [sys.executable, "-m", "recipes.train", "--config", f"recipes/configs/phase_a/cpu/{preset}.yaml",
-                       *common, f"seed={seed}", f"out_dir={path}"]
+                       *common, f"seed={seed}", f"out_dir={path}", "--overwrite"]  # a fresh run each time
             estimate, wall, stdout = run(cmd, args.threads)
             fastest = fastest_interval_ms(kind, path, stdout)
             rows.append({"kind": kind, "seed": seed, "val_estimate": estimate, "wall_s": wall,

@@ -34,7 +34,7 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except failures as err:

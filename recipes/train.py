@@ -1,6 +1,7 @@
 """Train a language model (PhaseGPT ``GPT`` or ``TPILM``) with Lightning Fabric.
 
-    python -m recipes.train --config recipes/configs/phase_a/cpu/layer7_32osc_K1.yaml [key=value ...] [--resume]
+    python -m recipes.train --config recipes/configs/phase_a/cpu/layer7_32osc_K1.yaml [key=value ...] \
+        [--resume | --overwrite]
 
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
@@ -62,17 +63,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML run config (see recipes/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir that holds a run (its checkpoints and result are deleted)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
-    return train(load_config(args.config, args.overrides + overrides), resume=args.resume)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite: give one of them")
+    return train(load_config(args.config, args.overrides + overrides), resume=args.resume, overwrite=args.overwrite)
 
 
-def train(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) training; returns the contents of ``result.json``."""
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns the contents of ``result.json``.
+
+    A new run refuses an ``out_dir`` that already holds one (``last.pt``): rerunning a command
+    without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes that run's
+    checkpoints and ``result.json`` and starts over.
+    """
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
     run_dir = config.run_dir
+    if not resume and (run_dir / "last.pt").is_file():
+        if not overwrite:
+            raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
+                                  "start over with --overwrite, or give this run another name or out_dir")
+        for name in ("last.pt", "best.pt", "result.json"):  # no stale best.pt if the new run stops early
+            (run_dir / name).unlink(missing_ok=True)
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()

@@ -606,6 +606,25 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
             generate_text(model, tokenizer, prompt)
 
 
+def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
+    # rerunning a command without --resume used to start over and replace the run's checkpoints
+    config = parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2}))
+    first = train(config)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "best.pt", "result.json")}
+    with pytest.raises(FileExistsError, match=r"out_dir: .*run already holds a run \(last.pt\); continue it with "
+                                              r"--resume, start over with --overwrite"):
+        train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2},
+                                optim={"lr": 1e6})))
+    assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
+    # --overwrite starts over: a run that diverges at once leaves no best.pt of the old run behind
+    with pytest.raises(TrainingDiverged):
+        train(parse_config(tiny(tmp_path, corpus_file, optim={"lr": 1e6})), overwrite=True)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+    again = train(config, overwrite=True)
+    assert again["best_val_loss"] == first["best_val_loss"]  # deterministic: the same run as the first
+
+
 def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
     # block_size 8 under max_seq_len 16: positions 8..15 were never trained, so sampling must not use them
     from models import GPT
@@ -648,6 +667,7 @@ def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus
     for args, message in [
         (["-m", "recipes.train", "--config", str(config), "train.max_iter=5"], "error: train.max_iter: unknown key"),
         (["-m", "recipes.train", "--config", str(tmp_path / "missing.yaml")], "error: config: no such file"),
+        (["-m", "recipes.train", "--config", str(config)], "error: out_dir: "),  # the baseline's run is there
         (["-m", "recipes.interpret", str(tmp_path / "run")], "error: model: has no phase layers"),
         (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: max_new_tokens: expected"),
         (["-m", "recipes.generate", str(trained), "--prompt", "\u00e9"], "error: prompt: Character"),
@@ -727,7 +747,8 @@ def test_overrides_may_stand_anywhere_on_the_command_line(tmp_path, monkeypatch)
                 "--out", str(tmp_path / "s")])
     assert seen == dict(configs=["a.yaml", "b.yaml"], seeds=[1, 2], out=tmp_path / "s",
                         overrides=["optim.lr=0.01", "train.max_iters=3"])
-    monkeypatch.setattr(train_module, "train", lambda config, resume: seen.update(config=config, resume=resume))
+    monkeypatch.setattr(train_module, "train", lambda config, resume, overwrite: seen.update(config=config,
+                                                                                             resume=resume))
     train_module.main(["train.max_iters=3", "--resume", "seed=4", "model.steps=2"])
     assert seen["resume"] and (seen["config"].train.max_iters, seen["config"].seed) == (3, 4)
     assert seen["config"].model["steps"] == 2
