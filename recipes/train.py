@@ -10,7 +10,9 @@ validation loss), and at the end ``loss.png`` and ``R.png`` (R of every phase la
 the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
 and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting; an
 evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
-stopped. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+stopped. A resume may change ``train.max_iters`` (train a finished run longer: the learning rate
+follows the new schedule from the next update), ``patience``, ``log_interval``, ``progress_bar``
+and ``plots``; any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
@@ -330,16 +332,23 @@ def _flush_logs(fabric) -> None:
         logger.save()
 
 
+#: what ``--resume`` may change: how long to train, when to stop early, what to show. Everything
+#: else (model, data, optimizer, batches) would make the resumed run a different experiment.
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", "train.log_interval", "train.progress_bar", "train.plots")
+
+
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     # compare before loading the weights: a changed model would fail there with a size mismatch
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     saved_config = parse_config(header["config"]).to_dict()  # defaults filled in: keys added since are no change
-    if saved_config != state["config"]:
-        changed = changed_keys(saved_config, state["config"])
-        raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)}; "
-                         "resume with the same config or start a new out_dir")
+    changed = changed_keys(saved_config, state["config"])
+    refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    if refused:
+        raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "
+                         f"resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change) "
+                         "or start a new out_dir")
     if header["tokenizer"] != state["tokenizer"]:
         raise ValueError("--resume: the tokenizer differs from the checkpoint's (data settings changed?)")
     del header
@@ -348,7 +357,18 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
         fabric._precision.load_state_dict(saved["precision"])
     state["progress"] = {**state["progress"], **saved["progress"]}  # keys added since keep their defaults
     torch.set_rng_state(saved["rng"]["torch"])
-    fabric.print(f"resumed from {path} at step {saved['progress']['step']}")
+    scheduler = state["scheduler"]
+    # the loaded rate is the old schedule's: the next update already takes the new max_iters' rate
+    for group, base, rate in zip(state["optimizer"].param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rate(scheduler.last_epoch)
+    fabric.print(f"resumed from {path} at step {saved['progress']['step']}" + "".join(
+        f"; {key}: {_dotted(saved_config, key)} -> {_dotted(state['config'], key)}" for key in changed))
+
+
+def _dotted(mapping: dict, key: str):
+    for part in key.split("."):
+        mapping = mapping[part]
+    return mapping
 
 
 def _count(model) -> int:

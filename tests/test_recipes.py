@@ -326,6 +326,32 @@ def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_resume_may_train_longer(tmp_path, corpus_file):
+    # constant rate: 4 steps, then resumed to 8, is the 8-step run (batches and dropout depend on the step)
+    def run(where, max_iters, **sections):
+        return tiny(tmp_path / where, corpus_file, train={"max_iters": max_iters, "eval_interval": 2},
+                    optim={"lr": 3e-3, "warmup_iters": 0, "schedule": "constant"}, **sections)
+    train(parse_config(run("a", 8)))
+    train(parse_config(run("b", 4)))
+    result = train(parse_config(run("b", 8)), resume=True)
+    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert result["step"] == 8 and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(tmp_path / "a" / "run") == logged_losses(tmp_path / "b" / "run")
+    # cosine: the resumed updates take the new schedule's rates from the first one on
+    values = tiny(tmp_path / "c", corpus_file, train={"max_iters": 4, "eval_interval": 2, "patience": 3})
+    train(parse_config(values))
+    longer = apply_overrides(values, ["train.max_iters=10", "train.patience=null", "train.plots=false"])
+    train(parse_config(longer), resume=True)
+    config = parse_config(longer)
+    with open(tmp_path / "c" / "run" / "logs" / "version_1" / "metrics.csv") as f:  # the resumed run's log
+        rates = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(f) if row["train/lr"]}
+    assert rates == pytest.approx({s: learning_rate(s - 1, config.optim, 10) for s in range(5, 11)}, rel=1e-6)
+    assert learning_rate(4, config.optim, 4) != pytest.approx(rates[5], rel=1e-3)  # not the old schedule's
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in train.block_size; resume with the "
+                                         r"same config \(only train.max_iters, train.patience"):
+        train(parse_config(apply_overrides(longer, ["train.block_size=8"])), resume=True)
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
     train(parse_config(values))
