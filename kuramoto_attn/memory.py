@@ -47,8 +47,7 @@ map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's
 ``t`` grows. Here ``φ`` is accumulated in **float64** and wrapped to ``[0, 2π)`` (an exception to
 the library's no-wrapping rule: only ``e^{iφ}`` is ever used, which is 2π-periodic, and the
 gradient of the wrap is 1) before ``cos``/``sin`` are taken (in float32 at least, then cast to
-the input's dtype); recurrent
-states carry the wrapped phase in float64. The sums over tokens are computed in chunks of
+the input's dtype); recurrent states carry the wrapped phase in float64. The sums over tokens are computed in chunks of
 ``chunk_size`` tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside each
 chunk, and a carry between chunks that is itself computed by the same chunked scan over the chunk
 summaries, so rounding error grows like the logarithm of ``T`` rather than ``T``. The window never

@@ -48,11 +48,13 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         for seed in seeds:
             run_dir = out_dir / name / f"seed{seed}"
             run_overrides = [*overrides, f"name={name}", f"seed={seed}", f"out_dir={run_dir}"]
-            if (run_dir / "result.json").is_file():
+            resume = (run_dir / "last.pt").is_file()
+            if resume or (run_dir / "result.json").is_file():
+                # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
                 _check_same_settings(run_dir, config, run_overrides)
+            if (run_dir / "result.json").is_file():
                 print(f"[sweep] {name} seed {seed}: done, skipped")
                 continue
-            resume = (run_dir / "last.pt").is_file()  # recipes.train checks its settings
             cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
                 ["--resume"] if resume else [])
             print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
@@ -71,7 +73,7 @@ class SweepRunFailed(RuntimeError):
 
 
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
-    """A finished run is only reused for the settings it was trained with."""
+    """A finished or interrupted run is only reused for the settings it was trained with."""
     wanted = load_config(config, overrides).to_dict()
     done = load_config(run_dir / "config.yaml").to_dict()
     changed = changed_keys(done, wanted)

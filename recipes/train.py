@@ -12,7 +12,8 @@ and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before e
 evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
 stopped. A resume may change ``train.max_iters`` (train a finished run longer: the learning rate
 follows the new schedule from the next update), ``patience``, ``log_interval``, ``progress_bar``
-and ``plots``; any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+and ``plots``; any other change is refused, naming the key. ``train/lr`` is logged at step ``s``
+as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 

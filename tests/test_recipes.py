@@ -751,6 +751,14 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
         run_sweep([config], [1, 2], tmp_path / "sweep", ["optim.lr=0.01"])  # not reused for other settings
     with pytest.raises(ValueError, match="seeds: must be distinct"):
         run_sweep([config], [1, 1], tmp_path / "sweep")
+    # nor resumed with them (recipes.train itself lets a resume change train.max_iters)
+    result = tmp_path / "sweep" / "tiny" / "seed1" / "result.json"
+    finished = result.read_text()
+    result.unlink()  # as if interrupted after its last checkpoint
+    with pytest.raises(ValueError, match=r"trained with other settings \(train.max_iters\)"):
+        run_sweep([config], [1, 2], tmp_path / "sweep", ["train.max_iters=6"])
+    assert len(calls) == 2
+    result.write_text(finished)
     # a diverged run is listed, not averaged
     result = tmp_path / "sweep" / "tiny" / "seed2" / "result.json"
     result.write_text(json.dumps({**json.loads(result.read_text()), "status": "diverged", "best_val_loss": 9.0}))
