@@ -183,9 +183,12 @@ class KuramotoAttention(nn.Module):
             reference's (leaky) behaviour, for comparison only.
         bias: biases in the projections.
         coherence_target: if given, a :class:`~kuramoto_attn.CoherenceRegularizer` with this
-            target is applied to the final phases and its loss returned in the info.
+            target is applied to the final phases and its loss returned in the info (modes
+            ``"ceiling"`` and ``"center"``).
         coherence_weight: the regularizer's weight ``λ``.
         coherence_mode: ``"ceiling"``, ``"center"`` or ``"band"``.
+        coherence_band: ``(lo, hi)``: in ``"band"`` mode, the regularizer keeps R inside it (and
+            ``coherence_target`` is not given); an error in the other modes.
 
     Shapes:
         * ``x``: ``(b, t, d_model)``
@@ -212,7 +215,7 @@ class KuramotoAttention(nn.Module):
                  learnable_coupling: bool = True, phase_noise: float = 0.0, freq_jitter: float = 0.0,
                  dropout: float = 0.0, causal: bool = True, bias: bool = True,
                  coherence_target: float | None = None, coherence_weight: float = 0.1,
-                 coherence_mode: str = "ceiling") -> None:
+                 coherence_mode: str = "ceiling", coherence_band: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model, low=1)
         self.num_heads = check_int("num_heads", num_heads, low=1)
@@ -246,12 +249,28 @@ class KuramotoAttention(nn.Module):
             self.register_buffer("strength", strength)
         self.phase_noise = PhaseNoise(check_real("phase_noise", phase_noise, low=0.0))
         self.freq_jitter = FrequencyJitter(check_real("freq_jitter", freq_jitter, low=0.0))
-        self.coherence = None
-        if coherence_target is not None:  # checked here so that errors name this layer's arguments
-            self.coherence = CoherenceRegularizer(
-                check_real("coherence_target", coherence_target, low=0.0, high=1.0),
-                check_real("coherence_weight", coherence_weight, low=0.0),
-                check_choice("coherence_mode", coherence_mode, CoherenceRegularizer.MODES))
+        self.coherence = self._coherence(coherence_target, coherence_weight, coherence_mode, coherence_band)
+
+    @staticmethod
+    def _coherence(target, weight, mode, band) -> CoherenceRegularizer | None:
+        """The regularizer (None without a target or band), checked so that errors name this layer's
+        arguments: the target is read in ceiling and center modes, the band in band mode only."""
+        weight = check_real("coherence_weight", weight, low=0.0)
+        mode = check_choice("coherence_mode", mode, CoherenceRegularizer.MODES)
+        if mode != "band":
+            if band is not None:
+                raise ValueError(f"coherence_band: only read in coherence_mode='band', not {mode!r}")
+            if target is None:
+                return None
+            return CoherenceRegularizer(check_real("coherence_target", target, low=0.0, high=1.0), weight, mode)
+        if target is not None:
+            raise ValueError("coherence_target: not read in coherence_mode='band'; give coherence_band=(lo, hi)")
+        if band is None:
+            return None
+        try:
+            return CoherenceRegularizer(weight=weight, mode=mode, band=band)
+        except ValueError as err:  # "band: ..."
+            raise ValueError(f"coherence_{err}") from None
 
     #: use the fused Euler mean-field integration where it applies (False: the generic solver path)
     _fast_path = True

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import typing
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,9 +48,10 @@ __all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "KVCache"]
 class GPTConfig:
     """The model's hyperparameters; :meth:`from_dict` reads them from a YAML mapping.
 
-    The phase options (``num_oscillators`` … ``coherence_mode``) are
+    The phase options (``num_oscillators`` … ``coherence_band``) are
     :class:`~kuramoto_attn.KuramotoAttention`'s arguments, with its names and defaults; they apply
-    to the layers in ``phase_layer_idx``. ``d_ff=None`` becomes ``4 * d_model``; an int
+    to the layers in ``phase_layer_idx``, and without phase layers they must keep their defaults
+    (set, they would be ignored: an error). ``d_ff=None`` becomes ``4 * d_model``; an int
     ``phase_layer_idx`` becomes a one-element tuple. ``use_phase_attention`` must agree with
     ``phase_layer_idx`` (true iff it is non-empty): a contradiction is an error, never ignored.
     """
@@ -77,6 +79,7 @@ class GPTConfig:
     coherence_target: float | None = None
     coherence_weight: float = 0.1
     coherence_mode: Literal["ceiling", "center", "band"] = "ceiling"
+    coherence_band: tuple[float, ...] | None = None
 
     ALIASES: typing.ClassVar[dict[str, str]] = {"phase_iterations": "steps", "n_sync_steps": "steps"}
 
@@ -105,6 +108,11 @@ class GPTConfig:
             check(0 <= self.coherence_target <= 1, "coherence_target", "must be in [0, 1]",
                   self.coherence_target)
         check(self.integrator in SOLVERS, "integrator", f"must be one of {tuple(SOLVERS)}", self.integrator)
+        try:  # which of target and band the mode reads, as the layer checks it
+            KuramotoAttention._coherence(self.coherence_target, self.coherence_weight, self.coherence_mode,
+                                         self.coherence_band)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         for name in ("coupling", "coherence_mode"):
             choices = typing.get_args(typing.get_type_hints(GPTConfig)[name])
             check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
@@ -118,6 +126,20 @@ class GPTConfig:
         else:
             check(len(layers) == 0, "phase_layer_idx",
                   "names phase layers but use_phase_attention is false (set it true, or drop them)", layers)
+            for option in PHASE_OPTIONS:  # "every key is used or rejected": these would be ignored
+                check(getattr(self, option) == _DEFAULTS[option], option,
+                      "has no effect without phase layers (use_phase_attention is false)", getattr(self, option))
+        if self.coherence_target is None and self.coherence_band is None:
+            for option in ("coherence_weight", "coherence_mode"):
+                check(getattr(self, option) == _DEFAULTS[option], option,
+                      "has no effect without coherence_target (or coherence_band)", getattr(self, option))
+
+
+#: the options of the phase layers (KuramotoAttention's arguments), unused by a model without them
+PHASE_OPTIONS = ("num_oscillators", "coupling_strength", "steps", "dt", "integrator", "coupling", "phase_lag",
+                 "learnable_coupling", "phase_noise", "freq_jitter", "coherence_target", "coherence_weight",
+                 "coherence_mode", "coherence_band")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 
 
 @dataclass
@@ -206,7 +228,8 @@ class Block(nn.Module):
                 steps=c.steps, dt=c.dt, integrator=c.integrator, coupling=c.coupling, phase_lag=c.phase_lag,
                 learnable_coupling=c.learnable_coupling, phase_noise=c.phase_noise, freq_jitter=c.freq_jitter,
                 dropout=c.dropout, causal=True, bias=c.bias, coherence_target=c.coherence_target,
-                coherence_weight=c.coherence_weight, coherence_mode=c.coherence_mode)
+                coherence_weight=c.coherence_weight, coherence_mode=c.coherence_mode,
+                coherence_band=c.coherence_band)
         else:
             self.attn = CausalSelfAttention(config)
         self.drop = nn.Dropout(config.dropout)

@@ -84,6 +84,11 @@ class TPILMConfig:
         for name in ("query", "kernel", "magnitude", "normalize", "state"):
             choices = typing.get_args(typing.get_type_hints(TPILMConfig)[name])
             check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
+        # read by one variant only: set for another, they would be ignored
+        check(self.kernel == "window" or self.window == TPILMConfig.window, "window",
+              "is only read with kernel: window", self.window)
+        check(self.query == "constrained" or self.constrained_scale == TPILMConfig.constrained_scale,
+              "constrained_scale", "is only read with query: constrained", self.constrained_scale)
 
 
 @dataclass

@@ -337,6 +337,29 @@ def test_coherence_loss_matches_regularizer_on_valid_tokens():
     assert make_layer()(x, return_info=True)[1].coherence_loss is None
 
 
+@pytest.mark.parametrize("band", [(0.0, 0.1), (0.9, 1.0), (0.2, 0.6)])
+def test_band_mode_keeps_R_in_the_given_band(band):
+    # the band was fixed at (0.35, 0.55) and coherence_target silently ignored in band mode
+    from kuramoto_attn import CoherenceRegularizer, order_parameter
+    layer = make_layer(coherence_mode="band", coherence_band=band, coherence_weight=1.0)
+    _, info = layer(torch.randn(2, 5, 16, dtype=torch.float64), return_info=True)
+    R = order_parameter(info.phases, dim=-1)[0]
+    lo, hi = band
+    torch.testing.assert_close(info.coherence_loss, (torch.relu(lo - R) ** 2 + torch.relu(R - hi) ** 2).mean())
+    torch.testing.assert_close(info.coherence_loss, CoherenceRegularizer(weight=1.0, mode="band", band=band).penalty(R))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(coherence_mode="band", coherence_target=0.4), "coherence_target: not read in coherence_mode='band'"),
+    (dict(coherence_target=0.4, coherence_band=(0.1, 0.2)), "coherence_band: only read in coherence_mode='band'"),
+    (dict(coherence_mode="band", coherence_band=(0.6, 0.2)), "coherence_band: expected lo <= hi"),
+    (dict(coherence_mode="band", coherence_band=0.5), "coherence_band: expected a pair"),
+])
+def test_coherence_settings_that_would_be_ignored_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer(**kwargs)
+
+
 def saved_bytes(steps: int, **settings) -> int:
     """Bytes autograd keeps for backward of one float32 forward of x (2, 20, 16)."""
     layer = make_layer(steps=steps, dtype=torch.float32, **settings)

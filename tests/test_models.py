@@ -14,14 +14,14 @@ VOCAB = 13
 
 
 def tiny_gpt(dtype=torch.float64, seed=0, **overrides):
-    settings = dict(vocab_size=VOCAB, max_seq_len=12, n_layers=3, n_heads=2, d_model=16, dropout=0.0,
-                    num_oscillators=4, steps=3)
+    settings = dict(vocab_size=VOCAB, max_seq_len=12, n_layers=3, n_heads=2, d_model=16, dropout=0.0)
     torch.manual_seed(seed)
     return GPT(GPTConfig(**{**settings, **overrides})).to(dtype).eval()
 
 
 def phase_gpt(coupling="mean_field", **overrides):
-    return tiny_gpt(use_phase_attention=True, phase_layer_idx=(0, 2), coupling=coupling, **overrides)
+    return tiny_gpt(**{**dict(use_phase_attention=True, phase_layer_idx=(0, 2), coupling=coupling, num_oscillators=4,
+                              steps=3), **overrides})
 
 
 def tiny_tpi(dtype=torch.float64, seed=0, **overrides):
@@ -70,6 +70,14 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"dropout": "high"}, "model.dropout: expected a number"),
     (GPTConfig, {"use_phase_attention": "yes"}, "model.use_phase_attention: expected bool"),
     (GPTConfig, {"coupling": "graph"}, "model.coupling: expected one of"),
+    (GPTConfig, {"coherence_target": 0.45}, r"model.coherence_target: has no effect without phase layers"),
+    (GPTConfig, {"num_oscillators": 16}, r"model.num_oscillators: has no effect without phase layers"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], "coherence_weight": 0.5},
+     "model.coherence_weight: has no effect without coherence_target"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], "coherence_mode": "band",
+                 "coherence_target": 0.4}, "model.coherence_target: not read in coherence_mode='band'"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], "coherence_mode": "band",
+                 "coherence_band": [0.6, 0.2]}, "model.coherence_band: expected lo <= hi"),
     (GPTConfig, {"integrator": "midpoint"}, r"model.integrator: must be one of \('euler', 'heun', 'rk4'\)"),
     (GPTConfig, {"n_heads": 0}, "model.n_heads: must be at least 1"),
     (GPTConfig, {"d_model": 100, "n_heads": 3}, "model.d_model: must be a multiple of n_heads"),
@@ -84,11 +92,22 @@ def test_reference_yaml_keys_are_accepted():
     (TPILMConfig, {"dim": 128}, "model.dim: unknown key"),
     (TPILMConfig, {"ffn_expansion": -1}, "model.ffn_expansion: must be >= 0"),
     (TPILMConfig, {"kernel": "gauss"}, "model.kernel: expected one of"),
+    (TPILMConfig, {"window": 7}, "model.window: is only read with kernel: window"),
+    (TPILMConfig, {"query": "offset", "constrained_scale": 3.0}, "model.constrained_scale: is only read with query"),
     (TPILMConfig, {"d_model": 10, "num_heads": 4}, "model.num_heads: must divide"),
 ])
 def test_config_errors_name_the_key(cls, values, message):
     with pytest.raises(ConfigError, match=message):
         cls.from_dict(values)
+
+
+def test_coherence_band_reaches_the_phase_layers():
+    config = GPTConfig.from_dict(dict(vocab_size=VOCAB, max_seq_len=12, n_layers=2, n_heads=2, d_model=16,
+                                      use_phase_attention=True, phase_layer_idx=[1], num_oscillators=4,
+                                      coherence_mode="band", coherence_band=[0.6, 0.8], coherence_weight=1.0))
+    regularizer = GPT(config).blocks[1].attn.coherence
+    assert (regularizer.mode, regularizer.band, regularizer.weight) == ("band", (0.6, 0.8), 1.0)
+    assert GPTConfig.from_dict(to_dict(config)) == config
 
 
 def test_registry():
