@@ -6,8 +6,8 @@
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
 written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
-validation loss), and at the end ``loss.png`` and ``R.png`` (R of every phase layer and head on
-the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
+validation loss), and at the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase
+layer and head on the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
 and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting; an
 evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
 stopped. A resume may change ``train.max_iters`` (train a finished run longer: the learning rate
