@@ -195,9 +195,13 @@ class TPILM(nn.Module):
                  generator: torch.Generator | None = None, vocab_size: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
 
-        As :meth:`models.gpt.GPT.generate`, except that the whole sequence is read (no cropping: the model is
-        recurrent). ``use_cache`` prefills the prompt once, then steps the recurrent state one
-        token at a time (O(1) per token); without it every step re-reads the whole sequence.
+        As :meth:`models.gpt.GPT.generate`, except that the whole sequence is read (no cropping:
+        the model is recurrent). ``use_cache`` prefills the prompt once, then steps the recurrent
+        state one token at a time (O(1) per token); without it every step re-reads the whole
+        sequence with the parallel form. The two agree to rounding; with the default unbounded,
+        unnormalised memory, rounding grows with the length read, and far beyond the training
+        context (hundreds of tokens past it, in float32) a greedy sample of the two can part
+        (``kernel="decay"`` or ``normalize="sqrt"`` keep them together).
         """
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=None,
