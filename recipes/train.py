@@ -7,13 +7,14 @@ Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.y
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
 written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
 validation loss), and at the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase
-layer and head on the validation windows over training). ``--resume`` continues from ``last.pt`` exactly: batches
-and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before exiting; an
-evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
-stopped. A resume may change ``train.max_iters`` (train a finished run longer: the learning rate
-follows the new schedule from the next update), ``patience``, ``log_interval``, ``progress_bar``
-and ``plots``; any other change is refused, naming the key. ``train/lr`` is logged at step ``s``
-as the rate of update ``s``. fp16
+layer and head on the validation windows over training). ``--resume`` continues from ``last.pt``
+exactly: batches and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before
+exiting (with several processes, all of them stop before the next update and save together; a second
+Ctrl-C aborts); an evaluation it interrupted (or its checkpoints) is redone on resume, and an
+early-stopped run stays stopped (unless the resume raises ``train.patience``). A resume may change
+``train.max_iters`` (train a finished run longer: the learning rate follows the new schedule from
+the next update), ``patience``, ``log_interval``, ``progress_bar`` and ``plots``; any other change
+is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
@@ -24,9 +25,12 @@ several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +85,14 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
 
     A new run refuses an ``out_dir`` that already holds one (``last.pt``): rerunning a command
     without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes that run's
-    checkpoints and ``result.json`` and starts over.
+    checkpoints and ``result.json`` once the new run is set up, and starts over.
     """
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
     run_dir = config.run_dir
-    if not resume and (run_dir / "last.pt").is_file():
-        if not overwrite:
-            raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
-                                  "start over with --overwrite, or give this run another name or out_dir")
-        for name in ("last.pt", "best.pt", "result.json"):  # no stale best.pt if the new run stops early
-            (run_dir / name).unlink(missing_ok=True)
+    if not resume and not overwrite and (run_dir / "last.pt").is_file():
+        raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
+                              "start over with --overwrite, or give this run another name or out_dir")
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
@@ -141,15 +142,20 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     if resume:
         _resume(fabric, run_dir / "last.pt", state, config)
         progress = state["progress"]
-    if fabric.is_global_zero:
+    if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         run_dir.mkdir(parents=True, exist_ok=True)
+        # overwrite: no stale best.pt if the new run stops early; always: no result.json of a
+        # shorter run while this one trains (a sweep would take it for done)
+        for name in ("last.pt", "best.pt", "result.json") if overwrite else ("result.json",):
+            (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
     try:
         regularized = getattr(mconf, "coherence_target", None) is not None
-        status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
+        with _interrupt_at_an_update(fabric, state):
+            status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
     except KeyboardInterrupt:
         if not state.get("_in_update"):
             _save(fabric, run_dir / "last.pt", state)
@@ -205,7 +211,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                     total_aux = total_aux + aux.detach() / tc.grad_accum
             norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
                                          error_if_nonfinite=False)
-            _check_finite(fabric, total_loss, norm, step, config)
+            _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", False))
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
             state["_in_update"] = True
             optimizer.step()
@@ -248,7 +254,7 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
     improved = val["val/loss"] < progress["best_val"]
     new["best_val"], new["bad_evals"] = (val["val/loss"], 0) if improved else (progress["best_val"],
                                                                                progress["bad_evals"] + 1)
-    new["stopped"] = tc.patience is not None and new["bad_evals"] >= tc.patience
+    new["stopped"] = _out_of_patience(new["bad_evals"], tc.patience)
     if improved:
         _save(fabric, config.run_dir / "best.pt", dict(state, progress=new))
     _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
@@ -290,12 +296,39 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
     return out
 
 
-def _check_finite(fabric, loss, norm, step, config: RunConfig) -> None:
-    # (any rank's loss not finite, gradient norm not finite), decided together so no rank waits alone
-    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm))], device=fabric.device)
+@contextlib.contextmanager
+def _interrupt_at_an_update(fabric, state: dict):
+    """With several processes, Ctrl-C marks ``state["_interrupted"]``; the ranks agree on it before
+    the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
+    inside a collective, would leave the others waiting in theirs (for gloo's 30 minutes). A second
+    Ctrl-C interrupts at once. One process keeps Python's immediate KeyboardInterrupt."""
+    if fabric.world_size == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def mark(signum, frame):
+        if state.get("_interrupted"):
+            raise KeyboardInterrupt
+        state["_interrupted"] = True
+        fabric.print("interrupt: every process stops before the next update (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, mark)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: bool = False) -> None:
+    # (any rank's loss not finite, gradient norm not finite, any rank interrupted), decided together
+    # so that no rank waits alone
+    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm)), float(interrupted)],
+                       device=fabric.device)
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
-    bad_loss, bad_norm = (bool(b > 0) for b in bad.tolist())
+    bad_loss, bad_norm, interrupted = (bool(b > 0) for b in bad.tolist())
+    if interrupted:
+        raise KeyboardInterrupt  # on every rank, before the update: they save last.pt together
     if not bad_loss and bad_norm and getattr(fabric._precision, "scaler", None) is not None:
         return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
     if bad_loss or bad_norm:
@@ -356,7 +389,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
     saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
     if saved.get("precision"):
         fabric._precision.load_state_dict(saved["precision"])
-    state["progress"] = {**state["progress"], **saved["progress"]}  # keys added since keep their defaults
+    state["progress"] = progress = {**state["progress"], **saved["progress"]}  # keys added since keep defaults
+    # as when it was saved, unless train.patience changed (more patience: an early-stopped run goes on)
+    progress["stopped"] = _out_of_patience(progress["bad_evals"], config.train.patience)
     torch.set_rng_state(saved["rng"]["torch"])
     scheduler = state["scheduler"]
     # the loaded rate is the old schedule's: the next update already takes the new max_iters' rate
@@ -364,6 +399,10 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
         group["lr"] = base * rate(scheduler.last_epoch)
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}" + "".join(
         f"; {key}: {_dotted(saved_config, key)} -> {_dotted(state['config'], key)}" for key in changed))
+
+
+def _out_of_patience(bad_evals: int, patience: int | None) -> bool:
+    return patience is not None and bad_evals >= patience
 
 
 def _dotted(mapping: dict, key: str):

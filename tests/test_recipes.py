@@ -326,7 +326,7 @@ def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_may_train_longer(tmp_path, corpus_file):
+def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch):
     # constant rate: 4 steps, then resumed to 8, is the 8-step run (batches and dropout depend on the step)
     def run(where, max_iters, **sections):
         return tiny(tmp_path / where, corpus_file, train={"max_iters": max_iters, "eval_interval": 2},
@@ -350,6 +350,18 @@ def test_resume_may_train_longer(tmp_path, corpus_file):
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in train.block_size; resume with the "
                                          r"same config \(only train.max_iters, train.patience"):
         train(parse_config(apply_overrides(longer, ["train.block_size=8"])), resume=True)
+    # interrupted while training longer: the shorter run's result.json is gone (a sweep would skip the run)
+    real_get_batch = train_module.get_batch
+
+    def get_batch(*args, step, **kwargs):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real_get_batch(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(apply_overrides(longer, ["train.max_iters=14"])), resume=True)
+    assert not (tmp_path / "c" / "run" / "result.json").exists()
 
 
 def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path, corpus_file):
@@ -502,6 +514,42 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     assert R[2] == pytest.approx(R[1], rel=1e-5)
 
 
+def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file):
+    # SIGINT reaches rank 1 alone, before its forward/backward (whose gradient all-reduce rank 0 is
+    # waiting in): stopping rank 1 at once left both ranks waiting in different collectives
+    values = tiny(tmp_path, corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
+                  fabric={"accelerator": "cpu", "devices": 2, "precision": "32-true", "strategy": "ddp"},
+                  train={"max_iters": 8, "eval_interval": 4})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(values))
+    script = tmp_path / "interrupt_rank1.py"
+    script.write_text(f"""
+import os, signal
+import recipes.train as train_module
+real_get_batch = train_module.get_batch
+def get_batch(*args, step, rank, **kwargs):
+    if step == 5 and rank == 1 and not os.environ.get("SENT"):
+        os.environ["SENT"] = "1"
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_get_batch(*args, step=step, rank=rank, **kwargs)
+train_module.get_batch = get_batch
+from recipes.common import run_cli
+run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
+""")
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 5
+    done = _run_recipe(["-m", "recipes.train", "--config", str(config), "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the same run as one process on the same global batch (as in the DDP test above)
+    train(parse_config(dict(values, out_dir=str(tmp_path / "one"), fabric={"accelerator": "cpu"})))
+    assert len(logged_losses(run)) == 8 + 2
+    assert logged_losses(run) == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+
+
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, corpus_file, monkeypatch):
     scripted = iter([3.0, 2.5, 2.6, 2.5, 2.7, 1.0])  # 2.5 again is no improvement
 
@@ -517,6 +565,10 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert best["progress"]["step"] == 4  # the first 2.5
     assert train(parse_config(values), resume=True) == result  # stopped stays stopped: no more steps
     assert next(scripted) == 1.0  # and no further evaluation
+    # more patience on resume: the run goes on (the next evaluation is the scripted 1.0, a new best)
+    scripted = iter([1.0])
+    more = train(parse_config(apply_overrides(values, ["train.patience=4"])), resume=True)
+    assert more["status"] == "finished" and more["step"] == 12 and more["best_val_loss"] == 1.0
 
 
 def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
@@ -641,6 +693,10 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
                                               r"--resume, start over with --overwrite"):
         train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2},
                                 optim={"lr": 1e6})))
+    assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
+    # --overwrite with a command that fails to set up deletes nothing
+    with pytest.raises(ValueError, match="train.block_size"):
+        train(parse_config(tiny(tmp_path, corpus_file, train={"block_size": 17})), overwrite=True)
     assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
     # --overwrite starts over: a run that diverges at once leaves no best.pt of the old run behind
     with pytest.raises(TrainingDiverged):
