@@ -13,8 +13,8 @@ exiting (with several processes, all of them stop before the next update and sav
 Ctrl-C aborts); an evaluation it interrupted (or its checkpoints) is redone on resume, and an
 early-stopped run stays stopped (unless the resume raises ``train.patience``). A resume may change
 ``train.max_iters`` (train a finished run longer: the learning rate follows the new schedule from
-the next update), ``patience``, ``log_interval``, ``progress_bar`` and ``plots``; any other change
-is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+the next update), ``patience``, ``log_interval``, ``progress_bar``, ``plots`` and ``out_dir`` (a
+moved run); any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
@@ -146,7 +146,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         run_dir.mkdir(parents=True, exist_ok=True)
         # overwrite: no stale best.pt if the new run stops early; always: no result.json of a
         # shorter run while this one trains (a sweep would take it for done)
+        # and the temporary file of a checkpoint write that an interrupt cut short
         for name in ("last.pt", "best.pt", "result.json") if overwrite else ("result.json",):
+            (run_dir / name).unlink(missing_ok=True)
+        for name in ("last.pt.tmp", "best.pt.tmp"):
             (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
@@ -366,9 +369,11 @@ def _flush_logs(fabric) -> None:
         logger.save()
 
 
-#: what ``--resume`` may change: how long to train, when to stop early, what to show. Everything
-#: else (model, data, optimizer, batches) would make the resumed run a different experiment.
-RESUMABLE_CHANGES = ("train.max_iters", "train.patience", "train.log_interval", "train.progress_bar", "train.plots")
+#: what ``--resume`` may change: how long to train, when to stop early, what to show, where the run
+#: lives (a moved directory). Everything else (model, data, optimizer, batches) would make the
+#: resumed run a different experiment.
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", "train.log_interval", "train.progress_bar", "train.plots",
+                     "out_dir")
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:

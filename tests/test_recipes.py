@@ -364,6 +364,17 @@ def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch):
     assert not (tmp_path / "c" / "run" / "result.json").exists()
 
 
+def test_a_moved_run_resumes_from_its_new_directory(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
+    train(parse_config(values))
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    (moved / "last.pt.tmp").write_bytes(b"the rest of a write cut short")
+    result = train(parse_config(dict(values, out_dir=str(moved), train={**values["train"], "max_iters": 6})),
+                   resume=True)
+    assert result["step"] == 6 and not (moved / "last.pt.tmp").exists()
+
+
 def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
     train(parse_config(values))
