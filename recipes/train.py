@@ -14,9 +14,9 @@ Ctrl-C aborts); an evaluation it interrupted (or its checkpoints) is redone on r
 early-stopped run stays stopped (unless the resume raises ``train.patience``). A resume may change
 ``train.max_iters`` (train a finished run longer: the learning rate follows the new schedule from
 the next update), ``patience``, ``log_interval``, ``progress_bar``, ``plots`` and ``out_dir`` (a
-moved run); any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
-(``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
-and the updates its scaler skips on overflow are not divergence.
+moved run); any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the
+rate of update ``s``. fp16 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its
+loss scale is checkpointed, and the updates its scaler skips on overflow are not divergence.
 
 More devices: ``fabric.devices=4 fabric.strategy=ddp`` (Fabric launches the processes);
 several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun).
@@ -144,12 +144,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         progress = state["progress"]
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         run_dir.mkdir(parents=True, exist_ok=True)
-        # overwrite: no stale best.pt if the new run stops early; always: no result.json of a
-        # shorter run while this one trains (a sweep would take it for done)
-        # and the temporary file of a checkpoint write that an interrupt cut short
-        for name in ("last.pt", "best.pt", "result.json") if overwrite else ("result.json",):
-            (run_dir / name).unlink(missing_ok=True)
-        for name in ("last.pt.tmp", "best.pt.tmp"):
+        # overwrite: no stale best.pt if the new run stops early; always: no result.json of a shorter
+        # run while this one trains (a sweep would take it for done), no .tmp of a write cut short
+        old_run = ("last.pt", "best.pt") if overwrite else ()
+        for name in old_run + ("result.json", "last.pt.tmp", "best.pt.tmp"):
             (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
