@@ -25,10 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import typing
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
