@@ -46,14 +46,14 @@ map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's
 **Numerics.** Phases grow without bound (``|φ_t| ∼ t·|ω|``); in float32 that loses precision as
 ``t`` grows. Here ``φ`` is accumulated in **float64** and wrapped to ``[0, 2π)`` (an exception to
 the library's no-wrapping rule: only ``e^{iφ}`` is ever used, which is 2π-periodic, and the
-gradient of the wrap is 1) before ``cos``/``sin`` are taken (in float32 at least, then cast to
-the input's dtype); recurrent states carry the wrapped phase in float64. The sums over tokens are computed in chunks of
-``chunk_size`` tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside each
-chunk, and a carry between chunks that is itself computed by the same chunked scan over the chunk
-summaries, so rounding error grows like the logarithm of ``T`` rather than ``T``. The window never
-subtracts two prefix sums (chunk lags wholly inside the window go through chunk summaries, the at
-most two straddling lags through masked blocks), and the decay only forms powers ``γ^n``,
-``n ≥ 0``, so nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
+gradient of the wrap is 1) before ``cos``/``sin`` are taken (in float32 at least, then cast to the
+input's dtype); recurrent states carry the wrapped phase in float64. The sums over tokens are
+computed in chunks of ``chunk_size`` tokens (a RetNet/GLA-style chunked scan): a masked ``C × C``
+product inside each chunk, and a carry between chunks that is itself computed by the same chunked
+scan over the chunk summaries, so rounding error grows like the logarithm of ``T`` rather than
+``T``. The window never subtracts two prefix sums (chunk lags wholly inside the window go through
+chunk summaries, the at most two straddling lags through masked blocks), and the decay only forms
+powers ``γ^n``, ``n ≥ 0``, so nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
 
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and

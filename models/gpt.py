@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, KuramotoAttention, KuramotoCache, KuramotoInfo
+from kuramoto_attn._checks import check_int
 
 from . import sampling
 from .config import ConfigError, check, from_dict
@@ -346,12 +346,11 @@ class GPT(nn.Module):
         """
         if context is None:
             context = self.config.max_seq_len
-        elif isinstance(context, bool) or not isinstance(context, numbers.Integral) \
-                or not 1 <= context <= self.config.max_seq_len:
+        elif check_int("context", context, low=1) > self.config.max_seq_len:  # the type and lower bound
             raise ValueError(f"context: expected an integer in [1, max_seq_len={self.config.max_seq_len}] "
                              f"but got {context!r}")
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 use_cache=use_cache, generator=generator, context=int(context),
+                                 use_cache=use_cache, generator=generator, context=context,
                                  vocab_size=vocab_size)
 
     def _check_cache(self, cache: GPTCache | None, b: int) -> int:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kuramoto_attn._checks import check_int
+
 
 def check_idx(idx, name: str = "idx") -> tuple[int, int]:
     """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``."""
@@ -57,12 +59,11 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     restores the model's mode.
     """
     check_idx(idx)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=0)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"temperature: expected a number >= 0 but got {temperature!r}")
-    top_k = _check_int("top_k", top_k, low=1, optional=True)
-    vocab_size = _check_int("vocab_size", vocab_size, low=1, optional=True)
-    context = _check_int("context", context, low=1, optional=True)
+    top_k, vocab_size, context = (None if value is None else check_int(name, value, low=1) for name, value in
+                                  (("top_k", top_k), ("vocab_size", vocab_size), ("context", context)))
     was_training = model.training
     model.eval()
     try:
@@ -82,16 +83,6 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     finally:
         model.train(was_training)
     return idx
-
-
-def _check_int(name: str, value, *, low: int, optional: bool = False) -> int | None:
-    """An integer ``>= low`` (NumPy integers count), or None where ``optional``."""
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        expected = f"{'None or ' if optional else ''}an integer >= {low}"
-        raise ValueError(f"{name}: expected {expected} but got {value!r}")
-    return int(value)
 
 
 def check_targets(targets, idx: torch.Tensor) -> None:
