@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", help="YAML run config (see recipes/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an out_dir that holds a run (its checkpoints and result are deleted)")
+                        help="start over in an out_dir that holds a run (what that run wrote there is deleted: "
+                             "checkpoints, result, plots, logs, evaluations)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
@@ -80,12 +82,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return train(load_config(args.config, args.overrides + overrides), resume=args.resume, overwrite=args.overwrite)
 
 
+# what --overwrite deletes of an earlier run in the same out_dir: everything that run wrote there
+# (train, evaluate and interpret) except config.yaml, which the new run writes again
+OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs", "tensorboard", "evaluation.json",
+                   "interpret.json", "R_tokens.png", "R_steps.png")
+
+
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the contents of ``result.json``.
 
     A new run refuses an ``out_dir`` that already holds one (``last.pt``): rerunning a command
-    without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes that run's
-    checkpoints and ``result.json`` once the new run is set up, and starts over.
+    without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes what that run
+    wrote (checkpoints, ``result.json``, plots, logs, evaluations: ``OLD_RUN_OUTPUTS``) once the new
+    run is set up, and starts over.
     """
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
@@ -144,11 +153,14 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         progress = state["progress"]
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         run_dir.mkdir(parents=True, exist_ok=True)
-        # overwrite: no stale best.pt if the new run stops early; always: no result.json of a shorter
+        # overwrite: nothing of the old run stays to be mistaken for the new one's (a best.pt if the
+        # new run stops early, plots, evaluations, log versions); always: no result.json of a shorter
         # run while this one trains (a sweep would take it for done), no .tmp of a write cut short
-        old_run = ("last.pt", "best.pt") if overwrite else ()
-        for name in old_run + ("result.json", "last.pt.tmp", "best.pt.tmp"):
-            (run_dir / name).unlink(missing_ok=True)
+        for name in (OLD_RUN_OUTPUTS if overwrite else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
+            else:
+                (run_dir / name).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")

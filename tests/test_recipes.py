@@ -19,6 +19,7 @@ from recipes import train as train_module
 from recipes.common import load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, parse_config
 from recipes.evaluate import evaluate_split
+from recipes.evaluate import main as evaluate_main
 from recipes.generate import generate_text
 from recipes.interpret import phase_statistics
 from recipes.sweep import run_sweep
@@ -714,8 +715,19 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
         train(parse_config(tiny(tmp_path, corpus_file, optim={"lr": 1e6})), overwrite=True)
     assert not (tmp_path / "run" / "best.pt").exists()
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+    # ... and nothing else of an old run stays beside the new one: its plots, evaluations, log versions
+    train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2, "plots": True})),
+          overwrite=True)
+    evaluate_main([str(tmp_path / "run"), "--splits", "val"])
+    old_outputs = {"loss.png", "R.png", "evaluation.json"}
+    assert old_outputs <= {p.name for p in (tmp_path / "run").iterdir()}
     again = train(config, overwrite=True)
     assert again["best_val_loss"] == first["best_val_loss"]  # deterministic: the same run as the first
+    assert not old_outputs & {p.name for p in (tmp_path / "run").iterdir()}  # config plots: False
+    for logs in ("logs", "tensorboard"):
+        assert [p.name for p in (tmp_path / "run" / logs).iterdir()] == ["version_0"]
+    steps = [row["step"] for row in csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open())]
+    assert max(int(s) for s in steps) == 4  # the new run's log only
 
 
 def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
