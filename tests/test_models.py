@@ -138,6 +138,48 @@ def test_loss_is_cross_entropy_with_ignore_index(name):
     torch.testing.assert_close(loss, expected)
 
 
+
+def naive_gpt_logits(model, idx):
+    """GPT-2 written out from the model's weights in float64: explicit causally masked softmax
+    attention scaled by 1/√d, exact (erf) GELU, LayerNorm by its formula, tied output head."""
+    w = {name: value.double() for name, value in model.state_dict().items()}
+    c = model.config
+    b, t = idx.shape
+    h, d = c.n_heads, c.d_model // c.n_heads
+
+    def linear(x, name):
+        y = x @ w[f"{name}.weight"].T
+        return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+    def layer_norm(x, name):
+        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        y = y * w[f"{name}.weight"]
+        return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+    x = w["tok_emb.weight"][idx] + w["pos_emb.weight"][:t]
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    for i in range(c.n_layers):
+        q, k, v = (z.view(b, t, h, d) for z in linear(layer_norm(x, f"blocks.{i}.ln_1"), f"blocks.{i}.attn.qkv")
+                   .split(c.d_model, dim=-1))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d ** 0.5
+        weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+        heads = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, c.d_model)
+        x = x + linear(heads, f"blocks.{i}.attn.proj")
+        hidden = linear(layer_norm(x, f"blocks.{i}.ln_2"), f"blocks.{i}.mlp.fc")
+        x = x + linear(0.5 * hidden * (1 + torch.erf(hidden / 2 ** 0.5)), f"blocks.{i}.mlp.proj")
+    return layer_norm(x, "ln_f") @ w["tok_emb.weight"].T
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_baseline_gpt_equals_a_naive_float64_transformer(bias):
+    model = tiny_gpt(bias=bias, d_ff=24)
+    with torch.no_grad():  # non-trivial norms and biases (the init sets them to 1 and 0)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                p.normal_()
+    idx = tokens(2, 9)
+    torch.testing.assert_close(model(idx)[0], naive_gpt_logits(model, idx), rtol=1e-10, atol=1e-10)
+
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 def test_causal(name):
     model = MODEL_CASES[name]()
@@ -228,6 +270,22 @@ def test_generate_samples_only_ids_below_vocab_size(name, use_cache):
     assert (model.generate(tokens(4, 3) % 4, 40, vocab_size=4, **kwargs)[:, 3:] < 4).all()
     assert (model.generate(tokens(1, 3), 5, temperature=0, vocab_size=1) == torch.cat(
         [tokens(1, 3), torch.zeros(1, 5, dtype=torch.long)], 1)).all()
+
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.5, None), (2.0, 3), (0.7, 2)])
+def test_sampling_follows_the_tempered_top_k_softmax(temperature, top_k):
+    from models.sampling import sample_next
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    draws = 40_000
+    ids = sample_next(logits.expand(draws, -1), temperature, top_k, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(ids.flatten(), minlength=6).double() / draws
+    expected = (logits.double() / temperature).exp()
+    if top_k is not None:  # only the k largest logits keep their (renormalised) weight
+        expected[logits.argsort(descending=True)[top_k:]] = 0.0
+    expected /= expected.sum()
+    assert (frequency[expected == 0] == 0).all()
+    torch.testing.assert_close(frequency, expected, rtol=0, atol=0.01)  # standard error <= 0.0025
 
 
 def test_greedy_generation_matches_argmax_of_forward():
