@@ -72,10 +72,29 @@ def naive_read(memory, x):
     return r.reshape(b, t, d)
 
 
+def exact_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def naive_mlp(linears, x):
+    """``Linear`` (then ``GELU → Linear`` if there are two) from the layers' weights, dropout off."""
+    first, *rest = linears
+    y = x @ first.weight.T + first.bias
+    for layer in rest:
+        y = exact_gelu(y) @ layer.weight.T + layer.bias
+    return y
+
+
+def naive_layer_norm(norm, x):
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    return y * norm.weight + norm.bias
+
+
 def naive_memory(memory, x):
-    """y = head([Re r, Im r]) with the naive read."""
+    """y = head([Re r, Im r]) with the naive read; the head written out from its weights."""
     r = naive_read(memory, x)
-    return memory.head(torch.cat([r.real, r.imag], -1))
+    linears = [layer for layer in memory.head if isinstance(layer, torch.nn.Linear)]
+    return naive_mlp(linears, torch.cat([r.real, r.imag], -1))
 
 
 # ---------- strategies ----------
@@ -406,11 +425,20 @@ def test_gradcheck(kernel, state):
 
 def test_block_step_matches_forward_and_residual_is_single():
     torch.manual_seed(0)
-    block = TPIBlock(8, HolographicPhaseMemory(8, kernel="decay", state="matrix", num_heads=2)).double()
+    block = TPIBlock(8, HolographicPhaseMemory(8, kernel="decay", state="matrix", num_heads=2),
+                     ffn_expansion=2).double()
+    with torch.no_grad():  # norms away from their initial 1 and 0
+        for norm in (block.norm1, block.norm2):
+            norm.weight.normal_(), norm.bias.normal_()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     with torch.no_grad():
         y_steps, _ = run_steps(block, x, block.init_state(2))
         torch.testing.assert_close(y_steps, block(x), atol=1e-12, rtol=1e-12)
+        # x + TPI(LN(x)), then + FFN(LN(·)): each sub-layer's one residual, written out
+        mixed = x + block.memory(naive_layer_norm(block.norm1, x))
+        linears = [layer for layer in block.ffn if isinstance(layer, torch.nn.Linear)]
+        expected = mixed + naive_mlp(linears, naive_layer_norm(block.norm2, mixed))
+        torch.testing.assert_close(block(x), expected, atol=1e-12, rtol=1e-12)
         bare = TPIBlock(8, ffn_expansion=0).double()
         for p in bare.memory.head.parameters():
             p.zero_()  # the memory outputs 0: a single residual returns x unchanged
