@@ -750,15 +750,31 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     from recipes.interpret import main
     model, _, config, _ = load_run(trained)
     corpus = load_corpus(config.data)
-    stats = phase_statistics(model, eval_batches(corpus.splits["val"], 4, 16, 2, seed=config.seed))
+    batches = list(eval_batches(corpus.splits["val"], 4, 16, 2, seed=config.seed))
+    stats = phase_statistics(model, batches)
     assert set(stats) == {1}
     s = stats[1]
-    assert s["stats"]["mean"].shape == (2,) and s["R_tokens"].shape == (2, 16)
-    assert s["R_steps"].shape == (3, 2)
-    assert ((s["R_tokens"] >= 0) & (s["R_tokens"] <= 1)).all()
+    # the reference: R of each head's N oscillators per token, |mean e^{iθ}| in complex128, then averaged
+    R, R_steps = [], []
+    with torch.no_grad():
+        for x, _ in batches:
+            layer = model(x, return_info=True)[2].phase[1]
+            R.append(torch.exp(1j * layer.phases.double()).mean(-1).abs())  # (b, h, t)
+            R_steps.append(layer.R_steps.double())  # (steps + 1, b, h)
+    R, R_steps = torch.cat(R), torch.cat(R_steps, dim=1)
+    assert R.shape == (8, 2, 16) and R_steps.shape == (3, 8, 2)
+    torch.testing.assert_close(s["R_tokens"].double(), R.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(s["stats"]["mean"].double(), R.mean((0, 2)), rtol=0, atol=1e-6)
+    per_head = R.transpose(0, 1).reshape(2, -1)  # (h, every batch row and token)
+    torch.testing.assert_close(s["stats"]["std"].double(), per_head.std(-1, unbiased=False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s["stats"]["min"].double(), per_head.min(-1).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s["stats"]["max"].double(), per_head.max(-1).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(s["R_steps"].double(), R_steps.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(s["R_steps"][-1].double(), R.mean((0, 2)), rtol=0, atol=1e-6)  # final step
+    assert (R.mean((0, 2)) - R_steps[0].mean(0)).abs().max() > 1e-3  # the steps moved R: a real check
     report = main([str(trained), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
     assert (tmp_path / "R_tokens.png").is_file() and (tmp_path / "R_steps.png").is_file()
-    assert report["layers"]["1"]["mean"] == pytest.approx(s["stats"]["mean"].tolist())
+    assert report["layers"]["1"]["mean"] == pytest.approx(R.mean((0, 2)).tolist(), abs=1e-6)
 
 
 def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus_file):
@@ -878,3 +894,9 @@ def test_coherence_regularizer_enters_the_objective_and_the_logs(tmp_path, corpu
     column = header.index("train/coherence_loss")
     values = [float(row[column]) for row in rows if row[column]]
     assert len(values) == 4 and all(v > 0 for v in values)   # R > 0 = target: always penalised
+    # ... and it is optimised: with weight 0 (the same run otherwise) the weights come out different
+    unweighted = tiny(tmp_path / "w0", corpus_file, model={"coherence_target": 0.0, "coherence_weight": 0.0},
+                      train={"max_iters": 4})
+    train(parse_config(unweighted))
+    phase_proj = "blocks.1.attn.phase_proj.weight"
+    assert not torch.allclose(weights(tmp_path / "run")[phase_proj], weights(tmp_path / "w0" / "run")[phase_proj])
