@@ -308,6 +308,24 @@ def test_positive_strength_synchronises_tokens_negative_repels():
     assert order_parameter(minus, dim=-2)[0].mean() < R0
 
 
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_attention_dropout_acts_in_training_only_and_is_unbiased(coupling):
+    layer = make_layer(coupling=coupling, dropout=0.5)
+    plain = make_layer(coupling=coupling)  # the same weights, no dropout
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(layer.eval()(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(plain.train()(x), expected, rtol=0, atol=0)  # no other randomness here
+        layer.train()
+        draws = torch.stack([layer(x) for _ in range(2000)])
+    assert (draws[0] - expected).abs().max() > 0.1  # each training pass drops attention weights
+    # dropout scales the kept weights by 1/(1 - p): the average of many passes is the eval output
+    torch.testing.assert_close(draws.mean(0), expected, rtol=0, atol=0.1 * expected.abs().max().item())
+    assert (draws.mean(0) - expected).abs().max() < 0.25 * (draws[0] - expected).abs().max()
+
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_gradients_finite_for_every_parameter(coupling):
     layer = make_layer(coupling=coupling, dtype=torch.float32, integrator="heun",
@@ -481,7 +499,7 @@ def test_bad_forward_arguments():
     layer = make_layer(dtype=torch.float32)
     x = torch.randn(2, 5, 16)
     for bad in (torch.randn(5, 16), torch.randn(2, 5, 8), torch.randn(2, 0, 16), torch.ones(2, 5, 16, dtype=torch.long)):
-        with pytest.raises(ValueError, match="x"):
+        with pytest.raises(ValueError, match=r"^x: expected"):
             layer(bad)
     for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool)):
         with pytest.raises(ValueError, match="key_padding_mask"):

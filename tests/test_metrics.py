@@ -430,7 +430,7 @@ def test_num_groups_without_group_dim():
 
 @pytest.mark.parametrize("dim", [1.0, None, True])
 def test_bad_dim_type(dim):
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ValueError, match="^dim: expected an integer"):
         OrderParameter(dim=dim)
 
 
