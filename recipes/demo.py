@@ -7,6 +7,8 @@ Natural frequencies are Lorentzian with half-width γ; for K > 2γ the steady st
 R ≈ √(1 − 2γ/K) (Kuramoto 1975), printed beside the measured value.
 """
 
+from __future__ import annotations
+
 import argparse
 import math
 
@@ -16,8 +18,9 @@ from kuramoto_attn import KuramotoField, MeanFieldCoupling, integrate, order_par
 from recipes.common import run_cli
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    """Prints the table and the steady state; returns ``R`` (per step), ``steady`` and ``theory``."""
+    parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--oscillators", type=int, default=2000)
     parser.add_argument("--strength", type=float, default=2.0, help="coupling strength K")
     parser.add_argument("--gamma", type=float, default=0.5, help="Lorentzian half-width of ω")
@@ -25,7 +28,12 @@ def main() -> None:
     parser.add_argument("--time", type=float, default=40.0)
     parser.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4"])
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name, ok, rule in (("--oscillators", args.oscillators >= 1, "at least 1"),
+                           ("--gamma", args.gamma >= 0, ">= 0"), ("--dt", args.dt > 0, "> 0"),
+                           ("--time", args.time >= args.dt, "at least one step (>= --dt)")):
+        if not ok or not math.isfinite(getattr(args, name[2:])):
+            parser.error(f"{name}: must be {rule} and finite, got {getattr(args, name[2:])}")
 
     gen = torch.Generator().manual_seed(args.seed)
     n = args.oscillators
@@ -41,9 +49,10 @@ def main() -> None:
     for step in range(0, steps + 1, max(1, steps // 20)):
         bar = "#" * round(40 * R[step].item())
         print(f"{step * args.dt:6.1f}  {R[step].item():6.3f}  {bar}")
-    tail = R[-(steps // 4):].mean().item()
+    tail = R[-max(1, steps // 4):].mean().item()
     theory = math.sqrt(1 - 2 * args.gamma / args.strength) if args.strength > 2 * args.gamma else 0.0
     print(f"steady state: R = {tail:.3f} (mean over the last quarter); theory for N → ∞: {theory:.3f}")
+    return {"R": R, "steady": tail, "theory": theory}
 
 
 if __name__ == "__main__":

@@ -900,3 +900,19 @@ def test_coherence_regularizer_enters_the_objective_and_the_logs(tmp_path, corpu
     train(parse_config(unweighted))
     phase_proj = "blocks.1.attn.phase_proj.weight"
     assert not torch.allclose(weights(tmp_path / "run")[phase_proj], weights(tmp_path / "w0" / "run")[phase_proj])
+
+
+def test_demo_reaches_kuramotos_steady_state(capsys):
+    from recipes.demo import main
+    above = main(["--strength", "2.0", "--gamma", "0.5", "--time", "30"])
+    assert above["theory"] == pytest.approx(math.sqrt(0.5))
+    assert abs(above["steady"] - above["theory"]) < 0.04  # N = 2000: finite-size spread about 0.01
+    assert above["R"][0] < 0.1 and above["R"].shape == (601,)
+    below = main(["--strength", "0.5", "--gamma", "0.5", "--time", "30"])
+    assert below["theory"] == 0.0 and below["steady"] < 0.1  # incoherent: R of order 1/√N
+    assert "theory for N → ∞: 0.707" in capsys.readouterr().out
+    for args, message in ((["--dt", "0"], "--dt: must be > 0"), (["--time", "0.01"], "--time: must be at least"),
+                          (["--oscillators", "0"], "--oscillators: must be at least 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
