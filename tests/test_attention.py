@@ -443,7 +443,8 @@ def test_bf16_autocast_runs_close_to_fp32(coupling):
     assert y16.dtype == torch.bfloat16 and info.phases.dtype == torch.float32
     y16.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
-    assert (y16.float() - y32).abs().max() < 0.1 * y32.abs().max()
+    # bf16 keeps 8 significant bits (0.4%); the difference measured 0.3–0.4% of max|y|
+    assert (y16.float() - y32).abs().max() < 0.03 * y32.abs().max()
 
 
 # ---------------------------------------------------------------------- preset, bad inputs
