@@ -144,6 +144,10 @@ class RunConfig:
 
     def __post_init__(self):
         check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
+        # the name becomes one directory under runs/: not empty, not a path
+        check(self.name.strip() not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
+              "name", "must be a plain directory name (or set out_dir)", self.name)
+        check(self.out_dir is None or self.out_dir.strip() != "", "out_dir", "must not be empty", self.out_dir)
 
     @property
     def run_dir(self) -> Path:

@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return train(load_config(args.config, args.overrides + overrides), resume=args.resume, overwrite=args.overwrite)
 
 
-# what --overwrite deletes of an earlier run in the same out_dir: everything that run wrote there
-# (train, evaluate and interpret) except config.yaml, which the new run writes again
-OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs", "tensorboard", "evaluation.json",
-                   "interpret.json", "R_tokens.png", "R_steps.png")
+# what --overwrite deletes of an earlier run in the same out_dir (glob patterns): everything that run
+# wrote there (train, evaluate and interpret) except config.yaml, which the new run writes again
+OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", "tensorboard/version_*",
+                   "evaluation.json", "interpret.json", "R_tokens.png", "R_steps.png")
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -153,14 +153,17 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         progress = state["progress"]
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         run_dir.mkdir(parents=True, exist_ok=True)
-        # overwrite: nothing of the old run stays to be mistaken for the new one's (a best.pt if the
-        # new run stops early, plots, evaluations, log versions); always: no result.json of a shorter
-        # run while this one trains (a sweep would take it for done), no .tmp of a write cut short
-        for name in (OLD_RUN_OUTPUTS if overwrite else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
-            if (run_dir / name).is_dir():
-                shutil.rmtree(run_dir / name)
-            else:
-                (run_dir / name).unlink(missing_ok=True)
+        # overwrite, where a run was (last.pt or result.json; other directories keep their files):
+        # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
+        # plots, evaluations, log versions); always: no result.json of a shorter run while this one
+        # trains (a sweep would take it for done), no .tmp of a write cut short
+        old_run = overwrite and any((run_dir / name).is_file() for name in ("last.pt", "result.json"))
+        for pattern in (OLD_RUN_OUTPUTS if old_run else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
+            for path in run_dir.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")

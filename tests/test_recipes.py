@@ -90,6 +90,9 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("optim.lr=.inf", "optim.lr: expected a finite number"),
     ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
     ("model.phase_layer_idx=[0", "override 'model.phase_layer_idx=\\[0': the value is not valid YAML"),
+    ("out_dir=''", "out_dir: must not be empty"),  # was the working directory, which --overwrite cleared
+    ("name=../x", "name: must be a plain directory name"),
+    ("name=''", "name: must be a plain directory name"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
@@ -728,6 +731,16 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
         assert [p.name for p in (tmp_path / "run" / logs).iterdir()] == ["version_0"]
     steps = [row["step"] for row in csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open())]
     assert max(int(s) for s in steps) == 4  # the new run's log only
+    # --overwrite in a directory that holds no run deletes none of its files, and never a user's own
+    # files next to the run's log versions
+    (tmp_path / "mine" / "logs").mkdir(parents=True)
+    for name in ("loss.png", "logs/notes.txt"):
+        (tmp_path / "mine" / name).write_text("the user's")
+    train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(tmp_path / "mine"))), overwrite=True)
+    assert (tmp_path / "mine" / "loss.png").read_text() == "the user's"
+    (tmp_path / "run" / "logs" / "notes.txt").write_text("the user's")
+    train(config, overwrite=True)
+    assert (tmp_path / "run" / "logs" / "notes.txt").read_text() == "the user's"
 
 
 def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
