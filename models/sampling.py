@@ -8,6 +8,7 @@ has no limit (a recurrent model).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -35,7 +36,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    # the largest logit moved to 0 first: a tiny temperature then sends the others to -inf, never inf - inf
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,8 +62,8 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     """
     check_idx(idx)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0 but got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number >= 0 but got {temperature!r}")
     top_k, vocab_size, context = (None if value is None else check_int(name, value, low=1) for name, value in
                                   (("top_k", top_k), ("vocab_size", vocab_size), ("context", context)))
     was_training = model.training

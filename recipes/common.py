@@ -34,7 +34,7 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         main()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # OSError: missing files, permissions, full disks
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except failures as err:
@@ -111,7 +111,14 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r} "
                                 "(give a run directory or a .pt file written by recipes.train)")
-    state = torch.load(checkpoint, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(checkpoint, map_location=map_location, weights_only=False)
+    except Exception as err:  # not a torch file, truncated, empty: pickle, zip and OS errors alike
+        raise ValueError(f"checkpoint: {str(checkpoint)!r} cannot be read ({type(err).__name__}: {err}); "
+                         "give a .pt file written by recipes.train") from err
+    if not isinstance(state, dict) or not {"model", "config", "tokenizer"} <= state.keys():
+        raise ValueError(f"checkpoint: {str(checkpoint)!r} is not a checkpoint written by recipes.train "
+                         "(no model, config and tokenizer in it)")
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     config = parse_config(state["config"])
     model = build_model(config.model, tokenizer.vocab_size)
@@ -123,7 +130,15 @@ def pick_device(name: str = "auto") -> torch.device:
     """``"auto"``: the GPU when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} but no CUDA GPU is available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -78,20 +78,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", default="best.pt", help="file name inside the run directory")
-    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--splits", nargs="+", help="default: val, and test where the corpus has one")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     path = Path(args.run)
     model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     device = pick_device(args.device)
     model.to(device)
     corpus = load_corpus(config.data, tokenizer)
+    default = [split for split in ("val", "test") if split in corpus.splits]
+    splits = list(dict.fromkeys(args.splits)) if args.splits else default  # each once, in the order given
+    missing = [split for split in splits if split not in corpus.splits]
+    if missing:  # before anything is computed or written
+        raise ValueError(f"splits: the corpus {corpus.name!r} has no split {', '.join(map(repr, missing))} "
+                         f"(it has {', '.join(corpus.splits)})")
     results = {}
-    for split in args.splits:
-        if split not in corpus.splits:
-            print(f"{split}: the corpus {corpus.name!r} has no such split (has {', '.join(corpus.splits)})")
-            continue
+    for split in splits:
         results[split] = evaluate_split(model, corpus.splits[split], config.train.block_size, tokenizer,
                                         batch_size=args.batch_size, device=device)
         r = results[split]

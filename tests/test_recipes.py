@@ -811,6 +811,46 @@ def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus
         assert done.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in done.stderr
 
 
+
+def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(trained, tmp_path, capsys):
+    # each of these was a traceback, or (batch size -1, an unknown split) a wrong evaluation.json
+    from recipes import evaluate, generate, interpret
+    from recipes.common import run_cli
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"x": 1}, tmp_path / "dict.pt")
+    evaluate.main([str(trained), "--splits", "val"])
+    written = (trained / "evaluation.json").read_text()
+    cases = [
+        (evaluate, [str(trained), "--batch-size", "-1"], "--batch-size: must be at least 1"),
+        (evaluate, [str(trained), "--splits", "val", "nosuch"], "error: splits: the corpus 'text' has no split 'nosuch'"),
+        (evaluate, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
+        (interpret, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
+        (generate, [str(trained), "--temperature", "inf"], "error: temperature: expected a finite number"),
+        (generate, [str(trained), "--seed", str(2**70)], "error: seed: must be in [0, 2**64)"),
+        (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
+    ] + [(module, [str(tmp_path / name)], f"error: checkpoint: '{tmp_path / name}'")
+         for module in (evaluate, interpret) for name in ("text.pt", "empty.pt", "dict.pt")]
+    if not torch.cuda.is_available():
+        cases.append((generate, [str(trained), "--device", "cuda"], "error: device: 'cuda' but no CUDA GPU"))
+    for module, args, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda: module.main(args))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err.strip().splitlines()[-1], (args, err)
+    assert (trained / "evaluation.json").read_text() == written  # nothing overwritten by a failed call
+    # the default splits are those the corpus has: no error for a char corpus without a test split
+    assert list(evaluate.main([str(trained)])) == ["val"]
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy():
+    from models.sampling import sample_next
+    logits = torch.tensor([[2.0, 1.0, 2.0, -1.0]]).expand(400, -1)
+    for temperature in (1e-40, 1e-45):  # logits / T overflowed to inf and multinomial raised
+        ids = sample_next(logits, temperature, None, torch.Generator().manual_seed(0)).flatten()
+        assert set(ids.tolist()) == {0, 2}  # the two tied largest logits, both drawn
+
+
 def test_run_cli_exit_statuses(capsys):
     from recipes.common import run_cli
 
