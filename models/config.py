@@ -31,7 +31,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ConfigError", "check", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "check", "check_types", "from_dict", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,16 @@ def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "",
         return cls(**kwargs)
     except ConfigError as err:  # add the prefix to range errors raised in __post_init__
         raise ConfigError(_join(where, str(err))) from None
+
+
+def check_types(config) -> None:
+    """Check the field types of a config dataclass made directly in Python, as :func:`from_dict`
+    does for a mapping (``GPTConfig(n_layers=True)`` or ``bias="no"`` would otherwise pass), and
+    normalise the values the same way (lists to tuples, ints to floats). For ``__post_init__``."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if f.init:
+            object.__setattr__(config, f.name, _convert(getattr(config, f.name), hints[f.name], f.name))
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from kuramoto_attn import SOLVERS, KuramotoAttention, KuramotoCache, KuramotoInf
 from kuramoto_attn._checks import check_int
 
 from . import sampling
-from .config import ConfigError, check, from_dict
+from .config import ConfigError, check, check_types, from_dict
 
 __all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "KVCache"]
 
@@ -90,9 +90,9 @@ class GPTConfig:
         return from_dict(cls, mapping, where=where, aliases=cls.ALIASES)
 
     def __post_init__(self):
-        layers = self.phase_layer_idx
-        layers = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else tuple(layers)
-        object.__setattr__(self, "phase_layer_idx", layers)
+        check_types(self)
+        if isinstance(self.phase_layer_idx, int):  # one layer
+            object.__setattr__(self, "phase_layer_idx", (self.phase_layer_idx,))
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         for name in ("vocab_size", "max_seq_len", "n_layers", "n_heads", "d_model", "d_ff",
@@ -113,9 +113,7 @@ class GPTConfig:
                                          self.coherence_band)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        for name in ("coupling", "coherence_mode"):
-            choices = typing.get_args(typing.get_type_hints(GPTConfig)[name])
-            check(getattr(self, name) in choices, name, f"must be one of {choices}", getattr(self, name))
+        layers = self.phase_layer_idx
         for i in layers:
             check(isinstance(i, int) and 0 <= i < self.n_layers, "phase_layer_idx",
                   f"layer indices must be in [0, n_layers={self.n_layers})", layers)

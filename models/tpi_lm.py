@@ -34,7 +34,7 @@ from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 from kuramoto_attn.memory import TPIState
 
 from . import sampling
-from .config import ConfigError, check, from_dict
+from .config import ConfigError, check, check_types, from_dict
 
 __all__ = ["TPICache", "TPILM", "TPILMConfig", "TPILMInfo"]
 
@@ -73,6 +73,7 @@ class TPILMConfig:
         return from_dict(cls, mapping, where=where)
 
     def __post_init__(self):
+        check_types(self)
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "window", "num_heads",
                      "expansion", "chunk_size"):
             check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))

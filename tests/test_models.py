@@ -101,6 +101,25 @@ def test_config_errors_name_the_key(cls, values, message):
         cls.from_dict(values)
 
 
+
+@pytest.mark.parametrize("cls, values, message", [
+    (GPTConfig, {"n_layers": True}, "n_layers: expected an integer, got True"),  # was a 1-layer GPT
+    (GPTConfig, {"bias": "no"}, "bias: expected bool"),  # was a model with biases
+    (GPTConfig, {"n_layers": 2.0}, "n_layers: expected an integer"),
+    (GPTConfig, {"phase_layer_idx": True}, "phase_layer_idx: expected int | tuple"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [0.0]}, "phase_layer_idx: expected int | tuple"),
+    (GPTConfig, {"coupling_strength": float("nan")}, "coupling_strength: expected a finite number"),
+    (GPTConfig, {"coupling": "graph"}, "coupling: expected one of"),
+    (TPILMConfig, {"d_model": True}, "d_model: expected an integer"),
+    (TPILMConfig, {"ffn_expansion": 1.5}, "ffn_expansion: expected an integer"),
+])
+def test_configs_made_in_python_check_types_like_from_dict(cls, values, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        cls(**{"vocab_size": VOCAB, **values})
+    config = GPTConfig(vocab_size=np.int64(VOCAB), phase_layer_idx=[1], use_phase_attention=True, dt=1)
+    assert config.phase_layer_idx == (1,) and type(config.vocab_size) is int and type(config.dt) is float
+
+
 def test_coherence_band_reaches_the_phase_layers():
     config = GPTConfig.from_dict(dict(vocab_size=VOCAB, max_seq_len=12, n_layers=2, n_heads=2, d_model=16,
                                       use_phase_attention=True, phase_layer_idx=[1], num_oscillators=4,
