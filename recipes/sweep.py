@@ -12,6 +12,11 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
 seeds; diverged runs are listed in the statuses, not averaged).
+
+The settings (from the file or the flags) are checked before anything is created or launched:
+``configs`` a non-empty list of paths, ``seeds`` distinct integers in [0, 2**32), ``out_dir`` a
+path, ``overrides`` ``key=value`` strings (not ``name``, ``seed`` or ``out_dir``, which the sweep
+sets for each run).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+import numbers
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +34,12 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import changed_keys, load_config, load_yaml, split_overrides
+from recipes.config import _one_line, changed_keys, load_config, load_yaml, split_overrides
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
 _SWEEP_KEYS = {"configs", "seeds", "out_dir", "overrides"}
+_PER_RUN_KEYS = ("name", "seed", "out_dir")  # the sweep sets these for each run
 COUNTED = ("finished", "early_stopped")  # the statuses whose losses enter the mean ± CI
 
 
@@ -115,6 +122,64 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
     return rows
 
 
+def _read_sweep(path: str | Path) -> dict:
+    """A sweep file's settings (``configs``, ``seeds``, ``out_dir``, ``overrides``), checked by
+    :func:`_check_settings`; ``configs`` stay as written (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep: no such file {str(path)!r}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    if spec is None:  # an empty file
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level ({', '.join(sorted(_SWEEP_KEYS))}), "
+                          f"got {spec!r}")
+    unknown = set(map(str, spec)) - _SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(_SWEEP_KEYS))})")
+    if "configs" not in spec:
+        raise ConfigError(f"{path}: configs: missing (the run configs, paths relative to the sweep file)")
+    _check_settings(spec)
+    return spec
+
+
+def _check_settings(settings: dict) -> None:
+    """Raise :class:`ConfigError` naming the key unless each setting given is of its type:
+    ``configs`` a non-empty list of paths, ``seeds`` a non-empty list of distinct integers in
+    [0, 2**32) (a run's ``seed``), ``out_dir`` a path, ``overrides`` a list of ``key=value``
+    strings (not for ``name``, ``seed`` or ``out_dir``, which the sweep sets for each run)."""
+    def is_path(value):
+        return isinstance(value, str) and value != ""
+
+    if "configs" in settings:
+        configs = settings["configs"]
+        if not (isinstance(configs, list) and configs and all(map(is_path, configs))):
+            raise ConfigError(f"configs: expected a non-empty list of config paths, got {configs!r}")
+    if "seeds" in settings:
+        seeds = settings["seeds"]
+        if not (isinstance(seeds, list) and seeds and all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+            raise ConfigError(f"seeds: expected a non-empty list of integers in [0, 2**32), got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds: must be distinct (each is one run), got {seeds}")
+    if "out_dir" in settings and not is_path(settings["out_dir"]):
+        raise ConfigError(f"out_dir: expected a directory path, got {settings['out_dir']!r}")
+    if "overrides" in settings:
+        overrides = settings["overrides"]
+        if not isinstance(overrides, list):
+            raise ConfigError(f"overrides: expected a list of key=value strings, got {overrides!r}")
+        for item in overrides:
+            if not (isinstance(item, str) and item.partition("=")[0] and "=" in item):
+                raise ConfigError(f"overrides: expected key=value strings, e.g. train.max_iters=100, got {item!r}")
+            if item.partition("=")[0] in _PER_RUN_KEYS:
+                raise ConfigError(f"overrides: {item!r}: the sweep sets {', '.join(_PER_RUN_KEYS)} for each run "
+                                  "(give the sweep's seeds and out_dir instead)")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m recipes.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", nargs="?", help="sweep YAML (configs, seeds, out_dir, overrides)")
@@ -126,27 +191,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, extra = parser.parse_known_args(rest)
     overrides = list(args.overrides) + extra + overrides
     if args.sweep and args.sweep.endswith((".yaml", ".yml")):
-        spec = yaml.safe_load(Path(args.sweep).read_text()) or {}
-        unknown = set(spec) - _SWEEP_KEYS
-        if unknown:
-            raise ConfigError(f"{args.sweep}: unknown key(s) {', '.join(sorted(unknown))} "
-                              f"(known: {', '.join(sorted(_SWEEP_KEYS))})")
+        if args.configs:
+            parser.error("give a sweep YAML file or --configs, not both")
+        spec = _read_sweep(args.sweep)
         base = Path(args.sweep).parent
-        configs = [base / c for c in spec.get("configs", [])]
+        configs = spec.get("configs", [])
         seeds = args.seeds or spec.get("seeds", [1337])
-        out_dir = Path(args.out or spec.get("out_dir", f"runs/{Path(args.sweep).stem}"))
-        overrides = list(spec.get("overrides", [])) + overrides
+        out_dir = args.out if args.out is not None else spec.get("out_dir", f"runs/{Path(args.sweep).stem}")
+        overrides = spec.get("overrides", []) + overrides
     else:
         if args.sweep:
             overrides.insert(0, args.sweep)
         if not args.configs:
             parser.error("give a sweep YAML file or --configs")
-        configs, seeds = [Path(c) for c in args.configs], args.seeds or [1337]
-        out_dir = Path(args.out or "runs/sweep")
-    if not configs:
-        parser.error("configs: the sweep lists no configs")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return run_sweep(configs, seeds, out_dir, overrides)
+        base, configs, seeds = Path(), args.configs, args.seeds or [1337]
+        out_dir = args.out if args.out is not None else "runs/sweep"
+    _check_settings({"configs": configs, "seeds": seeds, "out_dir": out_dir, "overrides": overrides})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return run_sweep([base / c for c in configs], seeds, Path(out_dir), overrides)
 
 
 if __name__ == "__main__":

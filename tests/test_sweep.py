@@ -1,0 +1,137 @@
+"""``python -m recipes.sweep``: its settings (sweep file and flags) are checked before anything runs.
+
+The sweep's training runs themselves are tested in test_recipes.py (test_sweep_runs_skips_and_summarises).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes import sweep
+from recipes.common import run_cli
+
+
+@pytest.fixture
+def launched(tmp_path, monkeypatch) -> list[list[str]]:
+    """The ``recipes.train`` commands the sweep launches (none is run; each exits 0 without a result).
+
+    The sweep runs in an empty working directory ``tmp_path / "cwd"``: its default out_dir goes there.
+    """
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    calls = []
+    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    return calls
+
+
+@pytest.fixture
+def configs(tmp_path) -> Path:
+    """A folder with two valid run configs, ``a.yaml`` and ``b.yaml`` (never trained here)."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name in "ab":
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "train": {"max_iters": 2}}))
+    return folder
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one ``error:`` line ``python -m recipes.sweep ARGV`` prints, checking it exits with status 2."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: sweep.main(argv), failures=(sweep.SweepRunFailed,))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(("error: ", "python -m recipes.sweep: error: ")) and "Traceback" not in "".join(err)
+    return err[-1]
+
+
+def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, launched):
+    spec = configs / "sweep.yaml"
+    spec.write_text("configs: [a.yaml, b.yaml]\nseeds: [1, 0]\noverrides: [train.max_iters=3]\n"
+                    f"out_dir: {tmp_path / 'out'}\n")
+    sweep.main([str(spec)])
+    run_dir = tmp_path / "out" / "{}" / "seed{}"
+    assert [(c[4], c[-3:]) for c in launched] == [
+        (str(configs / f"{name}.yaml"), [f"name={name}", f"seed={seed}", f"out_dir={str(run_dir).format(name, seed)}"])
+        for name in "ab" for seed in (1, 0)]
+    assert all("train.max_iters=3" in c for c in launched)
+    assert "| a | 0 | nan | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+BAD_SWEEP_FILES = [
+    # tracebacks before
+    ("seeds: 5", "seeds: expected a non-empty list of integers in [0, 2**32), got 5"),
+    ("seeds: null", "seeds: expected a non-empty list of integers in [0, 2**32), got None"),
+    ("configs: null", "configs: expected a non-empty list of config paths, got None"),
+    ("configs: [null]", "configs: expected a non-empty list of config paths, got [None]"),
+    ("configs: [3]", "configs: expected a non-empty list of config paths, got [3]"),
+    ("overrides: null", "overrides: expected a list of key=value strings, got None"),
+    ("overrides: [{a: 1}]", "overrides: expected key=value strings, e.g. train.max_iters=100, got {'a': 1}"),
+    ("out_dir: [a]", "out_dir: expected a directory path, got ['a']"),
+    ("configs: [a.yaml", "sweep.yaml: not valid YAML: "),
+    # misleading before (a string iterated per character, a list or scalar read as keys)
+    ("configs: a.yaml", "configs: expected a non-empty list of config paths, got 'a.yaml'"),
+    ("overrides: train.max_iters=2", "overrides: expected a list of key=value strings, got 'train.max_iters=2'"),
+    ("[a.yaml]", "sweep.yaml: expected a mapping at the top level (configs, out_dir, overrides, seeds), got"),
+    ("hello", "sweep.yaml: expected a mapping at the top level (configs, out_dir, overrides, seeds), got 'hello'"),
+    ("", "sweep.yaml: configs: missing"),
+    # silently accepted before
+    ("seeds: []", "seeds: expected a non-empty list of integers in [0, 2**32), got []"),
+    ("configs: []", "configs: expected a non-empty list of config paths, got []"),
+    ("out_dir: ''", "out_dir: expected a directory path, got ''"),
+    ("overrides: [seed=3]", "overrides: 'seed=3': the sweep sets name, seed, out_dir for each run"),
+    # checked only by the first run's recipes.train before, after creating the sweep's directory
+    ("seeds: [a]", "seeds: expected a non-empty list of integers in [0, 2**32), got ['a']"),
+    ("seeds: [1.5]", "seeds: expected a non-empty list of integers in [0, 2**32), got [1.5]"),
+    ("seeds: [true]", "seeds: expected a non-empty list of integers in [0, 2**32), got [True]"),
+    ("seeds: [-1]", "seeds: expected a non-empty list of integers in [0, 2**32), got [-1]"),
+    ("seeds: [4294967296]", "seeds: expected a non-empty list of integers in [0, 2**32), got [4294967296]"),
+    ("seeds: [1, 1]", "seeds: must be distinct (each is one run), got [1, 1]"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_SWEEP_FILES, ids=[t or "empty" for t, _ in BAD_SWEEP_FILES])
+def test_sweep_file_mistakes_are_one_error_line_before_anything_is_created(tmp_path, configs, launched, capsys,
+                                                                        text, message):
+    values = yaml.safe_load(text) if text != "configs: [a.yaml" else None
+    if isinstance(values, dict):  # a valid sweep but for the key under test
+        text = yaml.safe_dump({"configs": ["a.yaml"], "out_dir": str(tmp_path / "out"), **values})
+    (configs / "sweep.yaml").write_text(text)
+    error = cli_error([str(configs / "sweep.yaml")], capsys)
+    assert error.startswith(f"error: {message}") or error.startswith(f"error: {configs / message}"), error
+    assert not launched and not (tmp_path / "out").exists() and not any((tmp_path / "cwd").iterdir())
+
+
+def test_a_missing_sweep_file_is_named(tmp_path, launched, capsys):
+    assert cli_error([str(tmp_path / "nope.yaml")], capsys) == f"error: sweep: no such file '{tmp_path / 'nope.yaml'}'"
+
+
+BAD_FLAGS = [
+    (["--seeds", "-1"], "error: seeds: expected a non-empty list of integers in [0, 2**32), got [-1]"),
+    (["--seeds", "1", "1"], "error: seeds: must be distinct (each is one run), got [1, 1]"),
+    (["--seeds", "a"], "python -m recipes.sweep: error: argument --seeds: invalid int value: 'a'"),
+    (["--out", ""], "error: out_dir: expected a directory path, got ''"),
+    (["seed=4"], "error: overrides: 'seed=4': the sweep sets name, seed, out_dir for each run"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+@pytest.mark.parametrize("given", ["file", "--configs"])
+def test_command_line_flags_are_checked_like_the_sweep_file(tmp_path, configs, launched, capsys, monkeypatch,
+                                                            given, flags, message):
+    monkeypatch.chdir(configs)  # --configs paths are relative to the working directory
+    (configs / "sweep.yaml").write_text(f"configs: [a.yaml]\nout_dir: {tmp_path / 'out'}\n")
+    argv = ["sweep.yaml"] if given == "file" else ["--configs", "a.yaml", "--out", str(tmp_path / "out")]
+    assert cli_error(argv + flags, capsys).startswith(message.replace("a.yaml", str(Path("a.yaml"))))
+    assert not launched and not (tmp_path / "out").exists() and not (configs / "runs").exists()
+    assert sorted(p.name for p in configs.iterdir()) == ["a.yaml", "b.yaml", "sweep.yaml"]
+
+
+def test_a_sweep_file_with_configs_flag_is_an_error_not_a_flag_ignored(configs, launched, capsys):
+    (configs / "sweep.yaml").write_text("configs: [a.yaml]\n")
+    assert cli_error([str(configs / "sweep.yaml"), "--configs", str(configs / "b.yaml")], capsys).endswith(
+        "give a sweep YAML file or --configs, not both")
+    assert not launched
+
