@@ -13,10 +13,10 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
 seeds; diverged runs are listed in the statuses, not averaged).
 
-The settings (from the file or the flags) are checked before anything is created or launched:
-``configs`` a non-empty list of paths, ``seeds`` distinct integers in [0, 2**32), ``out_dir`` a
-path, ``overrides`` ``key=value`` strings (not ``name``, ``seed`` or ``out_dir``, which the sweep
-sets for each run).
+The settings (from the file or the flags) and every run's config are checked before anything is
+created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
+[0, 2**32), ``out_dir`` a path, ``overrides`` ``key=value`` strings (not ``name``, ``seed`` or
+``out_dir``, which the sweep sets for each run).
 """
 
 from __future__ import annotations
@@ -46,33 +46,48 @@ COUNTED = ("finished", "early_stopped")  # the statuses whose losses enter the m
 def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: list[str] = (),
               python: str = sys.executable) -> list[dict]:
     """Train every (config, seed) not finished yet; return one row per run (see :func:`summarise`)."""
-    names = [load_yaml(c).get("name", c.stem) for c in configs]
+    _check_settings({"seeds": list(seeds), "overrides": list(overrides)})
+    # every run's config is checked before anything is created or launched
+    names = [_checked_config(c, overrides).get("name", c.stem) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configs: run names must be distinct, got {names}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds: must be distinct (each is one run), got {list(seeds)}")
+    runs = []
     for config, name in zip(configs, names):
         for seed in seeds:
             run_dir = out_dir / name / f"seed{seed}"
             run_overrides = [*overrides, f"name={name}", f"seed={seed}", f"out_dir={run_dir}"]
-            resume = (run_dir / "last.pt").is_file()
-            if resume or (run_dir / "result.json").is_file():
-                # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
-                _check_same_settings(run_dir, config, run_overrides)
-            if (run_dir / "result.json").is_file():
-                print(f"[sweep] {name} seed {seed}: done, skipped")
-                continue
-            cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
-                ["--resume"] if resume else [])
-            print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
-            code = subprocess.call(cmd)
-            if code == 2:
-                raise ValueError(f"[sweep] {name} seed {seed}: recipes.train rejected its config (the error "
-                                 f"above); fix it and rerun the sweep. Command: {' '.join(cmd)}")
-            if code != 0 and not (run_dir / "result.json").is_file():
-                raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
-                                     f"resume it. Command: {' '.join(cmd)}")
+            _checked_config(config, run_overrides)
+            runs.append((config, name, seed, run_dir, run_overrides))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for config, name, seed, run_dir, run_overrides in runs:
+        resume = (run_dir / "last.pt").is_file()
+        if resume or (run_dir / "result.json").is_file():
+            # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
+            _check_same_settings(run_dir, config, run_overrides)
+        if (run_dir / "result.json").is_file():
+            print(f"[sweep] {name} seed {seed}: done, skipped")
+            continue
+        cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
+            ["--resume"] if resume else [])
+        print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
+        code = subprocess.call(cmd)
+        if code == 2:
+            raise ValueError(f"[sweep] {name} seed {seed}: recipes.train rejected its config (the error "
+                             f"above); fix it and rerun the sweep. Command: {' '.join(cmd)}")
+        if code != 0 and not (run_dir / "result.json").is_file():
+            raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
+                                 f"resume it. Command: {' '.join(cmd)}")
     return summarise(out_dir, names, seeds)
+
+
+def _checked_config(config: Path, overrides: list[str]) -> dict:
+    """The config file as read (for its ``name``), once it has passed ``recipes.train``'s checks
+    with ``overrides``; a config error names the file."""
+    try:
+        load_config(config, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{config}: {err}") from None
+    return load_yaml(config)
 
 
 class SweepRunFailed(RuntimeError):
@@ -207,7 +222,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base, configs, seeds = Path(), args.configs, args.seeds or [1337]
         out_dir = args.out if args.out is not None else "runs/sweep"
     _check_settings({"configs": configs, "seeds": seeds, "out_dir": out_dir, "overrides": overrides})
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep([base / c for c in configs], seeds, Path(out_dir), overrides)
 
 

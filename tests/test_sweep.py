@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from models.config import ConfigError
 from recipes import sweep
 from recipes.common import run_cli
 
@@ -89,6 +90,8 @@ BAD_SWEEP_FILES = [
     ("seeds: [-1]", "seeds: expected a non-empty list of integers in [0, 2**32), got [-1]"),
     ("seeds: [4294967296]", "seeds: expected a non-empty list of integers in [0, 2**32), got [4294967296]"),
     ("seeds: [1, 1]", "seeds: must be distinct (each is one run), got [1, 1]"),
+    ("overrides: [train.max_iter=3]", "a.yaml: train.max_iter: unknown key"),
+    ("configs: [a.yaml, missing.yaml]", "config: no such file"),
 ]
 
 
@@ -114,6 +117,7 @@ BAD_FLAGS = [
     (["--seeds", "a"], "python -m recipes.sweep: error: argument --seeds: invalid int value: 'a'"),
     (["--out", ""], "error: out_dir: expected a directory path, got ''"),
     (["seed=4"], "error: overrides: 'seed=4': the sweep sets name, seed, out_dir for each run"),
+    (["train.max_iter=3"], "error: a.yaml: train.max_iter: unknown key"),
 ]
 
 
@@ -135,3 +139,15 @@ def test_a_sweep_file_with_configs_flag_is_an_error_not_a_flag_ignored(configs, 
         "give a sweep YAML file or --configs, not both")
     assert not launched
 
+
+def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, configs, launched):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"b.yaml: model.n_layer: unknown key"):
+        (configs / "b.yaml").write_text(yaml.safe_dump({"name": "b", "model": {"n_layer": 2}}))
+        sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], out)
+    with pytest.raises(ConfigError, match=r"seeds: expected a non-empty list of integers in \[0, 2\*\*32\)"):
+        sweep.run_sweep([configs / "a.yaml"], [1, -1], out)
+    (configs / "b.yaml").write_text(yaml.safe_dump({"name": ["b"]}))  # not a name: neither hashed nor a folder
+    with pytest.raises(ConfigError, match=r"b.yaml: name: expected str, got \['b'\]"):
+        sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], out)
+    assert not launched and not out.exists()
