@@ -88,7 +88,9 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
 
 
 def check_targets(targets, idx: torch.Tensor) -> None:
-    """``targets`` is None or a tensor of ``idx``'s shape ``(b, t)``."""
+    """``targets`` is None or an integer tensor of ``idx``'s shape ``(b, t)``."""
     if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
         got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
         raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
+    if targets is not None and targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets: expected int64 token ids (-1 = ignored) but got {targets.dtype}")

@@ -334,6 +334,17 @@ def test_generate_checks_arguments_and_restores_mode(kwargs, message):
         model.generate(torch.zeros(1, 3), 2)
 
 
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_bad_targets_are_errors_naming_targets(name):
+    model, idx = MODEL_CASES[name](), tokens(2, 5)
+    for bad, message in ((tokens(2, 4), r"targets: expected the shape of idx \(2, 5\) but got \(2, 4\)"),
+                         (idx.double(), "targets: expected int64 token ids"),
+                         (idx.tolist(), "targets: expected the shape of idx")):
+        with pytest.raises(ValueError, match=message):
+            model(idx, bad)
+
+
 def test_gpt_rejects_too_long_input():
     model = tiny_gpt()
     with pytest.raises(ValueError, match="max_seq_len"):
