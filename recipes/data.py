@@ -563,10 +563,13 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"data.path: {file} is not UTF-8 text ({err.reason} at byte {err.start}); "
                          "convert it, or read it as bytes with data.tokenizer=byte") from None
+    if not text:  # would surface later as an empty vocabulary
+        raise ValueError(f"data.path: {file} is empty")
+    return text
 
 
 def _build_tokenizer(level: str, raw: dict, bpe_vocab_size: int, corpus_level: str) -> Tokenizer:

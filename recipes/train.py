@@ -408,6 +408,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
     if saved.get("precision"):
         fabric._precision.load_state_dict(saved["precision"])
     state["progress"] = progress = {**state["progress"], **saved["progress"]}  # keys added since keep defaults
+    if config.train.max_iters < progress["step"]:
+        raise ValueError(f"train.max_iters: {config.train.max_iters} is below the step the run is at "
+                         f"({progress['step']}); --resume can only train longer")
     # as when it was saved, unless train.patience changed (more patience: an early-stopped run goes on)
     progress["stopped"] = _out_of_patience(progress["bad_evals"], config.train.patience)
     torch.set_rng_state(saved["rng"]["torch"])

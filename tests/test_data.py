@@ -512,3 +512,10 @@ def test_get_batch_on_a_memmap(tmp_path, text_file):
     corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     x, y = get_batch(corpus.splits["val"], 4, 32, seed=0, step=0)
     assert x.shape == (4, 32) and int(x.max()) < corpus.tokenizer.vocab_size
+
+
+def test_an_empty_text_file_names_data_path(tmp_path):
+    # was "model.vocab_size: must be at least 1 (got 0)" once the empty vocabulary reached the model
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"data.path: .*empty.txt is empty"):
+        prepare_corpus("text", path=tmp_path / "empty.txt", cache_dir=tmp_path / "cache")

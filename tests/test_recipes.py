@@ -354,6 +354,8 @@ def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch):
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in train.block_size; resume with the "
                                          r"same config \(only train.max_iters, train.patience"):
         train(parse_config(apply_overrides(longer, ["train.block_size=8"])), resume=True)
+    with pytest.raises(ValueError, match=r"train.max_iters: 2 is below the step the run is at \(10\)"):
+        train(parse_config(apply_overrides(longer, ["train.max_iters=2"])), resume=True)  # was "finished"
     # interrupted while training longer: the shorter run's result.json is gone (a sweep would skip the run)
     real_get_batch = train_module.get_batch
 
