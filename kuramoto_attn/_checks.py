@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any
 
 import torch
@@ -67,6 +68,17 @@ def check_int(name: str, value: Any, *, low: int) -> int:
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low} but got {value}")
     return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (``numpy.bool_`` counts), as a Python bool: a string such as ``"False"``
+    (e.g. from a config) or a number would otherwise read as a truth value."""
+    if isinstance(value, bool):
+        return value
+    numpy = sys.modules.get("numpy")  # not imported: the value cannot be a NumPy bool
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    raise ValueError(f"{name}: expected True or False but got {value!r}")
 
 
 def check_axis(name: str, value: Any, *, ndim: int | None = None, optional: bool = False) -> int | None:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_choice, check_int, check_real, check_tensor
+from ._checks import check_bool, check_choice, check_int, check_real, check_tensor
 from ._euler_mean_field import euler_mean_field
 from .couplings import _pull
 from .integrators import SOLVERS
@@ -232,9 +232,8 @@ class KuramotoAttention(nn.Module):
         self.coupling = check_choice("coupling", coupling, COUPLINGS)
         self.phase_lag = check_real("phase_lag", phase_lag)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
-        if not isinstance(causal, bool):  # e.g. the string "False" from a config would read as True
-            raise ValueError(f"causal: expected True or False but got {causal!r}")
-        self.causal = causal
+        self.causal = check_bool("causal", causal)
+        bias = check_bool("bias", bias)
         h, n = num_heads, num_oscillators
 
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -243,7 +242,7 @@ class KuramotoAttention(nn.Module):
         self.omega = nn.Parameter(0.1 * torch.randn(h, n))
         self.beta = nn.Parameter(torch.ones(h))
         strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength))
-        if learnable_coupling:
+        if check_bool("learnable_coupling", learnable_coupling):
             self.strength = nn.Parameter(strength)
         else:
             self.register_buffer("strength", strength)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_broadcasts, check_int, check_mask, check_real, check_tensor
+from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_bool, check_broadcasts, check_int, check_mask, check_real, check_tensor
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -60,6 +60,7 @@ class Coupling(nn.Module):
                  learnable: bool = False) -> None:
         super().__init__()
         strength_tensor = as_finite_tensor("strength", strength)
+        learnable = check_bool("learnable", learnable)
         if isinstance(strength, nn.Parameter):  # the caller's parameter, shared or trained as given
             self.strength = strength
         elif learnable:
@@ -145,7 +146,7 @@ class MeanFieldCoupling(Coupling):
             raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
         self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
         self.dim = check_axis("dim", dim)
-        self.causal = bool(causal)
+        self.causal = check_bool("causal", causal)
 
     def interaction(self, theta: Tensor, mask: Tensor | None = None) -> Tensor:
         """The mean-field term ``Σ_m R_m sin(ψ_m − mθ − α)`` (before the strength).

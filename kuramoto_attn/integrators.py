@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_int, check_real, check_tensor
+from ._checks import check_bool, check_choice, check_int, check_real, check_tensor
 
 __all__ = ["SOLVERS", "Euler", "FixedStepSolver", "Heun", "RK4", "integrate"]
 
@@ -149,6 +149,7 @@ def integrate(
     dt = check_real("dt", dt, low=0.0, low_open=True)
     steps = check_int("steps", steps, low=1)
     solver = SOLVERS[check_choice("method", method, SOLVERS)]()
+    return_trajectory = check_bool("return_trajectory", return_trajectory)
 
     def checked_field(theta: Tensor) -> Tensor:
         out = field(theta)

@@ -475,6 +475,9 @@ def test_phasegpt_preset_and_overrides():
     (dict(freq_jitter=float("nan")), "freq_jitter"),
     (dict(coupling_strength=float("inf")), "coupling_strength"),
     (dict(causal="False"), "causal"),
+    (dict(bias="False"), "bias"),
+    (dict(learnable_coupling="False"), "learnable_coupling"),
+    (dict(learnable_coupling=0), "learnable_coupling"),
 ])
 def test_bad_constructor_arguments(kwargs, name):
     options = dict(d_model=16, num_heads=2)
@@ -494,6 +497,9 @@ def test_numpy_scalars_are_accepted_as_constructor_arguments():
     torch.testing.assert_close(layer(x), twin(x))
     with pytest.raises(ValueError, match="num_oscillators: expected an integer"):
         KuramotoAttention(d_model=16, num_heads=2, num_oscillators=np.bool_(True))
+    flags = KuramotoAttention(d_model=16, num_heads=2, causal=np.bool_(False), bias=np.bool_(False),
+                              learnable_coupling=np.bool_(False))
+    assert flags.causal is False and flags.qkv.bias is None and "strength" in dict(flags.named_buffers())
 
 
 def test_bad_forward_arguments():

@@ -232,10 +232,22 @@ def test_a_user_coupling_needs_one_method():
     (lambda: MeanFieldCoupling(dim=1.5), "dim"),
     (lambda: GraphCoupling(torch.ones(3, 4)), "weights"),
     (lambda: GraphCoupling(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "weights"),
+    (lambda: MeanFieldCoupling(causal="False"), "^causal:"),
+    (lambda: MeanFieldCoupling(learnable="no"), "^learnable:"),
+    (lambda: GraphCoupling(torch.ones(3, 3), learnable=1), "^learnable:"),
+    (lambda: AttentionCoupling(learnable="False"), "^learnable:"),
+    (lambda: MeanFieldCoupling(strength=torch.nn.Parameter(torch.ones(())), learnable="no"), "^learnable:"),
 ])
 def test_bad_construction_names_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_numpy_bools_are_accepted_as_flags():
+    import numpy as np
+
+    coupling = MeanFieldCoupling(causal=np.bool_(True), learnable=np.bool_(True))
+    assert coupling.causal is True and isinstance(coupling.strength, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize("call, match", [

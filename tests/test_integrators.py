@@ -120,6 +120,8 @@ def test_a_new_solver_registers_by_name():
     ({"steps": 0}, "steps"),
     ({"steps": 2.5}, "steps"),
     ({"method": "dopri5"}, "method"),
+    ({"return_trajectory": "no"}, "^return_trajectory:"),
+    ({"return_trajectory": 1}, "^return_trajectory:"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     args = {"dt": 0.1, "steps": 3, "method": "rk4"} | kwargs
