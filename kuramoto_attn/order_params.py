@@ -26,7 +26,8 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
     r"""Kuramoto order parameter ``(R, ψ)`` of the phases along ``dim``.
 
     Args:
-        theta: phases ``(*, n, *)`` with the population (length ``n``) at ``dim``.
+        theta: phases ``(*, n, *)`` with the population (length ``n >= 1``) at ``dim``; other
+            axes may be empty.
         dim: the population axis.
         weights: optional non-negative weights broadcasting to ``theta`` (e.g. a validity mask);
             a group whose weights sum to zero gets ``R = 0``.
@@ -47,6 +48,9 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
     """
     check_tensor("theta", theta)
     check_axis("dim", dim, ndim=theta.dim())
+    if theta.shape[dim] == 0:  # R of no oscillators is undefined (the mean would give NaN)
+        raise ValueError(f"theta: expected at least one oscillator along dim={dim} but got shape "
+                         f"{tuple(theta.shape)}")
     if weights is None:
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)

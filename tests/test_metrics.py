@@ -274,6 +274,14 @@ def test_an_empty_batch_adds_nothing():
         torch.testing.assert_close(both.compute()[key], value)
 
 
+def test_no_oscillators_rejected():
+    metric = OrderParameter(dim=-1)
+    for theta in (torch.empty(3, 0), torch.empty(0, 0)):  # R over zero oscillators is undefined
+        with pytest.raises(ValueError, match="^theta: expected at least one oscillator"):
+            metric.update(theta)
+    assert metric.count.item() == 0
+
+
 def test_compute_before_any_update_is_nan():
     for metric in (OrderParameter(dim=-1), OrderParameter(dim=-1, group_dim=0, num_groups=2)):
         with warnings.catch_warnings():

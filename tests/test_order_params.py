@@ -114,6 +114,11 @@ def test_boolean_mask_as_weights_selects_elements():
         order_parameter(theta, weights=torch.tensor([[1.0, float("nan"), 1.0, 1.0]]))
 
 
+def test_an_empty_batch_gives_empty_results():
+    R, psi = order_parameter(torch.empty(0, 5))  # no groups, but each would have 5 oscillators
+    assert R.shape == psi.shape == (0,)
+
+
 def test_daido_detects_two_clusters():
     theta = torch.tensor([0.2, 0.2 + math.pi] * 5, dtype=f64)
     R1, _ = order_parameter(theta)
@@ -145,6 +150,11 @@ def test_gradients_are_finite_even_at_zero_coherence():
     (lambda: order_parameter(torch.zeros(3, 4), weights=torch.ones(3)), "weights"),
     (lambda: order_parameter(torch.zeros(3), weights=-torch.ones(3)), "weights"),
     (lambda: daido_order_parameter(torch.zeros(3), m=0), "m"),
+    (lambda: order_parameter(torch.empty(0)), "^theta: expected at least one oscillator"),
+    (lambda: order_parameter(torch.empty(3, 0)), "^theta: expected at least one oscillator"),
+    (lambda: order_parameter(torch.empty(0, 3), dim=0), "^theta: expected at least one oscillator"),
+    (lambda: order_parameter(torch.empty(3, 0), weights=torch.ones(3, 0)), "^theta: expected at least one"),
+    (lambda: daido_order_parameter(torch.empty(2, 0), m=2), "^theta: expected at least one oscillator"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

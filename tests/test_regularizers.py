@@ -335,6 +335,12 @@ def test_non_float_tensor_input_rejected(module, value):
         module.train()(value)
 
 
+def test_coherence_without_oscillators_rejected_but_empty_batch_is_zero():
+    with pytest.raises(ValueError, match="^theta: expected at least one oscillator"):
+        CoherenceRegularizer()(torch.empty(2, 0))
+    assert CoherenceRegularizer()(torch.empty(0, 8)).item() == 0.0  # no rows: e.g. padding only
+
+
 def test_coherence_bad_dim_at_forward():
     with pytest.raises(ValueError, match="^dim:"):
         CoherenceRegularizer(dim=2)(torch.zeros(3, 4))
