@@ -88,10 +88,16 @@ class KuramotoField(nn.Module):
         if isinstance(omega, nn.Parameter):  # learnable frequencies stay trainable
             self.omega = omega
         else:
-            # not detached: gradients still reach a tensor that requires them
-            self.register_buffer("omega", torch.as_tensor(omega))
+            try:  # not detached: gradients still reach a tensor that requires them
+                self.register_buffer("omega", torch.as_tensor(omega))
+            except (TypeError, RuntimeError, ValueError):  # e.g. a string
+                raise ValueError(f"omega: expected finite floating-point natural frequencies "
+                                 f"but got {omega!r}") from None
         if not self.omega.is_floating_point() or not torch.isfinite(self.omega).all():
             raise ValueError("omega: expected finite floating-point natural frequencies")
+        if coupling is not None and not callable(coupling):
+            raise ValueError(f"coupling: expected a callable θ -> coupling term (e.g. a Coupling) or None "
+                             f"but got {type(coupling).__name__}")
         self.coupling = coupling
 
     def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:

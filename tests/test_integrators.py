@@ -148,6 +148,15 @@ def test_mismatched_omega_shape_is_named():
         integrate(KuramotoField(torch.zeros(2, 1, 3)), torch.zeros(2, 3), dt=0.1, steps=1)  # would enlarge θ
     with pytest.raises(ValueError, match="omega"):
         KuramotoField(torch.tensor([0.0, math.inf]))
+    for bad in ("abc", [0.0, "x"], None):
+        with pytest.raises(ValueError, match="^omega:"):
+            KuramotoField(bad)
+
+
+@pytest.mark.parametrize("coupling", [5, "mean_field", torch.zeros(3)])
+def test_non_callable_coupling_is_named(coupling):
+    with pytest.raises(ValueError, match="^coupling: expected a callable"):
+        KuramotoField(torch.zeros(3), coupling=coupling)
 
 
 def test_integration_traces_into_one_graph_for_torch_compile():
