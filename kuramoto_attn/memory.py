@@ -314,10 +314,12 @@ class HolographicPhaseMemory(nn.Module):
     Args:
         d_model: channels ``d``.
         query: ``"shared"``, ``"decoupled"``, ``"offset"`` or ``"constrained"`` query phase.
-        constrained_scale: ``c`` in ``ω^q = ω + c·tanh(W_g x)`` (``query="constrained"``), ``>= 0``.
+        constrained_scale: ``c`` in ``ω^q = ω + c·tanh(W_g x)``, ``>= 0`` (``query="constrained"``;
+            another value than the default is an error with the other queries).
         kernel: ``"unbounded"``, ``"window"`` (last ``window`` tokens) or ``"decay"`` (learned
             ``γ`` per head, parameter ``decay_logit``; see :meth:`decay_rate`).
-        window: ``W >= 1``, the window length (``kernel="window"``).
+        window: ``W >= 1``, the window length (``kernel="window"``; another value than the default
+            is an error with the other kernels).
         magnitude: ``"none"`` (``m = 1``) or ``"sigmoid"`` (``m = 5σ(W_m x)``, one per head).
         normalize: ``"none"``, ``"sum"`` (divide by ``S_t``) or ``"sqrt"`` (by ``√S_t``).
         state: ``"vector"`` (per-channel complex memory, value ``x``) or ``"matrix"`` (per-head
@@ -345,8 +347,10 @@ class HolographicPhaseMemory(nn.Module):
         (True, 4)
     """
 
-    def __init__(self, d_model: int, query: str = "shared", constrained_scale: float = 0.1,
-                 kernel: str = "unbounded", window: int = 64, magnitude: str = "none",
+    CONSTRAINED_SCALE, WINDOW = 0.1, 64  # the defaults
+
+    def __init__(self, d_model: int, query: str = "shared", constrained_scale: float = CONSTRAINED_SCALE,
+                 kernel: str = "unbounded", window: int = WINDOW, magnitude: str = "none",
                  normalize: str = "none", state: str = "vector", num_heads: int = 1,
                  expansion: int = 1, dropout: float = 0.0, chunk_size: int = 64) -> None:
         super().__init__()
@@ -364,6 +368,11 @@ class HolographicPhaseMemory(nn.Module):
         self.expansion = check_int("expansion", expansion, low=1)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
         self.chunk_size = check_int("chunk_size", chunk_size, low=1)
+        # read by one variant only: set for another, they would be ignored
+        if self.kernel != "window" and self.window != self.WINDOW:
+            raise ValueError(f"window: only read with kernel='window', not {self.kernel!r}")
+        if self.query != "constrained" and self.constrained_scale != self.CONSTRAINED_SCALE:
+            raise ValueError(f"constrained_scale: only read with query='constrained', not {self.query!r}")
 
         self.omega = nn.Linear(d, d)  # key frequencies ω (the bias: a base rotation, as in RoPE)
         self.query_omega = nn.Linear(d, d) if query == "decoupled" else None

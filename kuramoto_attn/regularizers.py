@@ -98,10 +98,10 @@ class CoherenceRegularizer(nn.Module):
         \text{band: } \lambda\, [\mathrm{relu}(lo - R)^2 + \mathrm{relu}(R - hi)^2].
 
     Args:
-        target: ``r*`` in ``[0, 1]`` (ceiling and center modes).
+        target: ``r*`` in ``[0, 1]`` (ceiling and center modes; an error in band mode).
         weight: ``λ >= 0``.
         mode: ``"ceiling"``, ``"center"`` or ``"band"``.
-        band: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (band mode).
+        band: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (band mode; an error in the others).
         dim: the oscillator axis of the phases.
 
     Shapes:
@@ -115,9 +115,10 @@ class CoherenceRegularizer(nn.Module):
     """
 
     MODES = ("ceiling", "center", "band")
+    TARGET, BAND = 0.45, (0.35, 0.55)  # the defaults
 
-    def __init__(self, target: float = 0.45, weight: float = 0.1, mode: str = "ceiling",
-                 band: tuple[float, float] = (0.35, 0.55), dim: int = -1) -> None:
+    def __init__(self, target: float = TARGET, weight: float = 0.1, mode: str = "ceiling",
+                 band: tuple[float, float] = BAND, dim: int = -1) -> None:
         super().__init__()
         self.target = check_real("target", target, low=0.0, high=1.0)
         self.weight = check_real("weight", weight, low=0.0)
@@ -129,6 +130,11 @@ class CoherenceRegularizer(nn.Module):
         if lo > hi:
             raise ValueError(f"band: expected lo <= hi but got {band!r}")
         self.band = (lo, hi)
+        # read by some modes only: set for another, they would be ignored
+        if self.mode == "band" and self.target != self.TARGET:
+            raise ValueError("target: not read in mode='band'; give band=(lo, hi)")
+        if self.mode != "band" and self.band != self.BAND:
+            raise ValueError(f"band: only read in mode='band', not {self.mode!r}")
         self.dim = check_axis("dim", dim)
 
     def penalty(self, R: Tensor) -> Tensor:

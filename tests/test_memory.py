@@ -107,6 +107,8 @@ options = st.fixed_dictionaries(dict(
 
 
 def build(opts, dtype=torch.float64, seed=0, d=4):
+    if opts.get("kernel") != "window":  # the window is read (and accepted) by that kernel only
+        opts = {key: value for key, value in opts.items() if key != "window"}
     torch.manual_seed(seed)
     memory = HolographicPhaseMemory(d, **opts).to(dtype).eval()
     if memory.kernel == "decay":  # spread the rates over the whole clamped range
@@ -483,6 +485,20 @@ def test_bad_options_raise_value_error_naming_them(kwargs, name):
     kwargs = dict(dict(d_model=4), **kwargs)
     with pytest.raises(ValueError, match=f"^{name}:"):
         HolographicPhaseMemory(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=5), "window: only read with kernel='window', not 'unbounded'"),
+    (dict(kernel="decay", window=1), "window: only read with kernel='window', not 'decay'"),
+    (dict(constrained_scale=0.5), "constrained_scale: only read with query='constrained', not 'shared'"),
+    (dict(query="offset", constrained_scale=0.0), "constrained_scale: only read with query='constrained'"),
+])
+def test_options_another_variant_ignores_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        HolographicPhaseMemory(4, **kwargs)
+    # as in models.tpi_lm.TPILMConfig: the defaults, written out, are accepted by every variant
+    HolographicPhaseMemory(4, window=64, constrained_scale=0.1, kernel=kwargs.get("kernel", "unbounded"),
+                           query=kwargs.get("query", "shared"))
 
 
 def test_bad_inputs_and_states_raise_value_error_naming_them():

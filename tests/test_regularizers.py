@@ -33,6 +33,12 @@ def naive_penalty(theta, mode, target, weight, band, dim=-1):
     return weight * sum(per_row) / len(per_row)
 
 
+def regularizer(mode, target, weight, band, **kwargs):
+    """A CoherenceRegularizer given only what its mode reads: the target or the band."""
+    read = dict(band=tuple(band)) if mode == "band" else dict(target=target)
+    return CoherenceRegularizer(weight=weight, mode=mode, **read, **kwargs)
+
+
 spreads = st.sampled_from([0.0, 0.1, 0.5, 1.0, 3.0])
 
 
@@ -147,7 +153,7 @@ def test_frequency_jitter_zero_frequency_stays_zero_and_gradient():
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_coherence_penalty_equals_formula(gen, rows, n, spread, mode, target, weight, band, dtype):
     theta = clustered_phases(gen, (rows, n), spread, dtype)
-    reg = CoherenceRegularizer(target=target, weight=weight, mode=mode, band=tuple(band))
+    reg = regularizer(mode, target, weight, band)
     got = reg(theta)
     assert got.shape == ()
     expected = naive_penalty(theta, mode, target, weight, band)
@@ -160,8 +166,8 @@ def test_coherence_penalty_equals_formula(gen, rows, n, spread, mode, target, we
        mode=st.sampled_from(CoherenceRegularizer.MODES), target=unit)
 def test_coherence_penalty_on_other_axis_and_batch_dims(gen, n, spread, mode, target):
     theta = clustered_phases(gen, (2, 3, n), spread)                    # oscillators last
-    last = CoherenceRegularizer(target=target, weight=0.7, mode=mode, band=(0.2, 0.6))
-    middle = CoherenceRegularizer(target=target, weight=0.7, mode=mode, band=(0.2, 0.6), dim=1)
+    last = regularizer(mode, target, 0.7, (0.2, 0.6))
+    middle = regularizer(mode, target, 0.7, (0.2, 0.6), dim=1)
     moved = theta.transpose(1, 2)                                    # oscillators at dim 1
     expected = naive_penalty(theta, mode, target, 0.7, (0.2, 0.6))
     assert last(theta).item() == pytest.approx(expected, abs=1e-10)
@@ -231,7 +237,7 @@ def test_gradient_finite_at_splay_state(n, mode, dtype):
     theta = (torch.arange(n, dtype=torch.float64) * 2 * math.pi / n).to(dtype).repeat(3, 1)
     theta.requires_grad_(True)
     assert naive_R(theta.detach()).max().item() < 1e-6                # R ≈ 0
-    reg = CoherenceRegularizer(target=0.45, weight=1.0, mode=mode, band=(0.3, 0.6))
+    reg = regularizer(mode, 0.45, 1.0, (0.3, 0.6))
     loss = reg(theta)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
@@ -245,7 +251,7 @@ def test_gradient_finite_at_exactly_zero_R(mode):
     theta = torch.tensor([0.0, math.pi, -math.pi, 0.0], dtype=torch.float64, requires_grad=True)
     R, _ = order_parameter(theta.detach())
     assert R.item() == 0.0
-    loss = CoherenceRegularizer(target=0.45, weight=1.0, mode=mode, band=(0.3, 0.6))(theta)
+    loss = regularizer(mode, 0.45, 1.0, (0.3, 0.6))(theta)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
 
@@ -321,6 +327,19 @@ def test_coherence_unknown_mode(mode):
 def test_coherence_bad_band(band):
     with pytest.raises(ValueError, match="^band:"):
         CoherenceRegularizer(mode="band", band=band)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(mode="ceiling", band=(0.2, 0.5)), "band: only read in mode='band', not 'ceiling'"),
+    (dict(mode="center", band=[0.1, 0.9]), "band: only read in mode='band', not 'center'"),
+    (dict(mode="band", target=0.9), "target: not read in mode='band'"),
+    (dict(mode="band", target=0.9, band=(0.2, 0.5)), "target: not read in mode='band'"),
+])
+def test_coherence_argument_the_mode_ignores_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        CoherenceRegularizer(**kwargs)
+    # the defaults are not "given": every mode accepts them, written out or not
+    CoherenceRegularizer(mode=kwargs["mode"], target=0.45, band=[0.35, 0.55])
 
 
 def test_coherence_band_as_list_and_degenerate_band_accepted():
