@@ -34,6 +34,19 @@ def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     return value
 
 
+def check_input_dtype(name: str, x: Tensor, dtype: torch.dtype) -> None:
+    """``x`` must have the module's ``dtype`` (its matrix products would fail with a bare dtype
+    error), except under ``torch.autocast``, which casts their inputs itself."""
+    if x.dtype == dtype:
+        return
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        autocast = torch.is_autocast_enabled() if x.device.type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not autocast:
+        raise ValueError(f"{name}: expected the module's dtype {dtype} (or torch.autocast) but got {x.dtype}")
+
+
 def check_mask(name: str, mask: Any, shape: torch.Size) -> Tensor:
     """A boolean mask (True = valid) that broadcasts to ``shape``."""
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or not broadcasts_to(mask.shape, shape):

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_bool, check_choice, check_int, check_real, check_tensor
+from ._checks import check_bool, check_choice, check_input_dtype, check_int, check_real, check_tensor
 from ._euler_mean_field import euler_mean_field
 from .couplings import _pull
 from .integrators import SOLVERS
@@ -478,6 +478,7 @@ class KuramotoAttention(nn.Module):
         check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (batch, tokens >= 1, {self.d_model}) but got {tuple(x.shape)}")
+        check_input_dtype("x", x, self.qkv.weight.dtype)
         return x.shape[0], x.shape[1]
 
     @staticmethod

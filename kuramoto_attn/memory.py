@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_int, check_real, check_tensor
+from ._checks import check_choice, check_input_dtype, check_int, check_real, check_tensor
 
 __all__ = ["DECAY_MIN", "NORM_EPS", "HolographicPhaseMemory", "TPIBlock", "TPIState"]
 
@@ -410,6 +410,8 @@ class HolographicPhaseMemory(nn.Module):
             A :class:`TPIState` with ``position == 0``.
         """
         b = check_int("batch_size", batch_size, low=1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating-point torch.dtype but got {dtype!r}")
         ref = self.omega.weight
         device = ref.device if device is None else device
         dtype = ref.dtype if dtype is None else dtype
@@ -624,6 +626,7 @@ class HolographicPhaseMemory(nn.Module):
         if x.dim() != ndim or x.shape[-1] != self.d_model or 0 in x.shape:
             raise ValueError(f"{name}: expected a non-empty tensor of shape {want} with "
                              f"d={self.d_model} but got {tuple(x.shape)}")
+        check_input_dtype(name, x, self.omega.weight.dtype)
         return x.shape[0], x.shape[1]
 
     def _check_state(self, state, x: Tensor) -> None:
@@ -703,6 +706,7 @@ class TPIBlock(nn.Module):
 
     def forward(self, x: Tensor, state: TPIState | None = None):
         """``x`` ``(b, t, d)`` -> ``y``, or ``(y, new_state)`` when a state is given."""
+        self.memory._check_input("x", x, 3)  # before the norm, whose own errors would not name x
         out = self.memory(self.norm1(x), state)
         mixed, new_state = out if state is not None else (out, None)
         y = self._ffn(x + mixed)
@@ -710,6 +714,7 @@ class TPIBlock(nn.Module):
 
     def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
         """``x_t`` ``(b, d)`` -> ``(y_t, new_state)``, O(1) per token."""
+        self.memory._check_input("x_t", x_t, 2)
         mixed, state = self.memory.step(self.norm1(x_t), state)
         return self._ffn(x_t + mixed), state
 

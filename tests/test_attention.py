@@ -445,6 +445,8 @@ def test_bf16_autocast_runs_close_to_fp32(coupling):
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
     # bf16 keeps 8 significant bits (0.4%); the difference measured 0.3–0.4% of max|y|
     assert (y16.float() - y32).abs().max() < 0.03 * y32.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations, as between layers
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------- preset, bad inputs
@@ -508,6 +510,9 @@ def test_bad_forward_arguments():
     for bad in (torch.randn(5, 16), torch.randn(2, 5, 8), torch.randn(2, 0, 16), torch.ones(2, 5, 16, dtype=torch.long)):
         with pytest.raises(ValueError, match=r"^x: expected"):
             layer(bad)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):  # was a bare "mat1 and mat2" error
+        with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32"):
+            layer(x.to(dtype))
     for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool)):
         with pytest.raises(ValueError, match="key_padding_mask"):
             layer(x, mask)

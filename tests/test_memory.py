@@ -518,7 +518,7 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="^state:"):
         memory(torch.zeros(2, 5, 4), (torch.zeros(2, 4),))
     with pytest.raises(ValueError, match="^state:"):
-        memory(torch.zeros(2, 5, 4, dtype=torch.float64), memory.init_state(2))  # float32 state
+        memory(torch.zeros(2, 5, 4), memory.init_state(2, dtype=torch.float64))  # float64 state
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
     with pytest.raises(ValueError, match="^kernel:"):
@@ -528,3 +528,28 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="^ffn_expansion:"):
         TPIBlock(4, ffn_expansion=-1)
     assert isinstance(memory.init_state(1), TPIState)
+
+
+def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
+    memory, block = HolographicPhaseMemory(4, kernel="window", window=3), TPIBlock(4)  # float32
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="^x: expected the module's dtype torch.float32"):
+            memory(torch.zeros(2, 5, 4, dtype=dtype))
+        with pytest.raises(ValueError, match="^x_t: expected the module's dtype"):
+            memory.step(torch.zeros(2, 4, dtype=dtype), memory.init_state(2))
+        with pytest.raises(ValueError, match="^x: expected the module's dtype"):
+            block(torch.zeros(2, 5, 4, dtype=dtype))
+        with pytest.raises(ValueError, match="^x_t: expected the module's dtype"):
+            block.step(torch.zeros(2, 4, dtype=dtype), block.init_state(2))
+    with pytest.raises(ValueError, match="^x: expected a non-empty tensor"):
+        TPIBlock(8)(torch.randn(2, 5, 4))  # was LayerNorm's error
+    with pytest.raises(ValueError, match="^x_t: expected a non-empty tensor"):
+        TPIBlock(8).step(torch.randn(2, 4), TPIBlock(8).init_state(2))
+    for dtype in (torch.long, torch.bool, torch.complex64, "float32"):
+        with pytest.raises(ValueError, match="^dtype: expected a floating-point"):
+            memory.init_state(2, dtype=dtype)
+        with pytest.raises(ValueError, match="^dtype: expected a floating-point"):
+            block.init_state(2, dtype=dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself
+        assert memory(torch.randn(2, 5, 4, dtype=torch.bfloat16)).shape == (2, 5, 4)
+        assert block(torch.randn(2, 5, 4, dtype=torch.bfloat16)).shape == (2, 5, 4)
