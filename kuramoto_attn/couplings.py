@@ -329,15 +329,10 @@ class AttentionCoupling(Coupling):
 
         Args:
             theta: phases ``(*, t, *c)``, e.g. ``(b, h, t, n)``.
-            weights: ``A`` ``(*, t, t)``, e.g. ``(b, h, t, t)``, finite.
+            weights: ``A`` ``(*, t, t)``, e.g. ``(b, h, t, t)``.
 
         Returns:
             Tensor of ``theta``'s shape.
         """
         check_tensor("weights", weights)
-        # as GraphCoupling's: one reduction (a NaN or inf makes the sum non-finite), several times
-        # cheaper than isfinite(weights).all() on CPU; not while torch.compile traces (a data-dependent branch)
-        if not torch.compiler.is_compiling() and not torch.isfinite(
-                weights.sum(dtype=torch.promote_types(weights.dtype, torch.float32))):
-            raise ValueError("weights: expected finite values")
         return weighted_sine_coupling(theta, weights, self.phase_lag, self.dim)
