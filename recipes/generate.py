@@ -29,7 +29,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
         raise ValueError(f"prompt: {err}") from None
     if not ids:
         raise ValueError(f"prompt: {prompt!r} has no tokens; give some text (the command line's default is a newline)")
-    if not 1 <= num_samples:
+    if num_samples < 1:
         raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
     if not 0 <= seed < 2**64:  # what torch.Generator takes
         raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
