@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(args.run)
     model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {str(out)!r} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model.to(device)

@@ -99,6 +99,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
     run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"out_dir: {str(run_dir)!r} is a file, not a directory")
     if not resume and not overwrite and (run_dir / "last.pt").is_file():
         raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
                               "start over with --overwrite, or give this run another name or out_dir")

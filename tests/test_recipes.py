@@ -743,6 +743,8 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     (tmp_path / "run" / "logs" / "notes.txt").write_text("the user's")
     train(config, overwrite=True)
     assert (tmp_path / "run" / "logs" / "notes.txt").read_text() == "the user's"
+    with pytest.raises(ValueError, match=r"out_dir: .*loss.png' is a file, not a directory"):
+        train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(tmp_path / "mine" / "loss.png"))))
 
 
 def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
@@ -831,6 +833,7 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (generate, [str(trained), "--temperature", "inf"], "error: temperature: expected a finite number"),
         (generate, [str(trained), "--seed", str(2**70)], "error: seed: must be in [0, 2**64)"),
         (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
+        (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
     ] + [(module, [str(tmp_path / name)], f"error: checkpoint: '{tmp_path / name}'")
          for module in (evaluate, interpret) for name in ("text.pt", "empty.pt", "dict.pt")]
     if not torch.cuda.is_available():
