@@ -519,3 +519,53 @@ def test_an_empty_text_file_names_data_path(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"data.path: .*empty.txt is empty"):
         prepare_corpus("text", path=tmp_path / "empty.txt", cache_dir=tmp_path / "cache")
+
+
+# --- properties a mutation audit found unchecked ----------------------------------------------
+
+def test_token_dtype_is_the_smallest_that_holds_every_id():
+    for vocab_size, dtype in ((255, np.uint16), (65536, np.uint16), (65537, np.uint32), (80_000, np.uint32)):
+        assert data._dtype(vocab_size) == dtype
+        assert np.iinfo(data._dtype(vocab_size)).max >= vocab_size - 1  # ids above 65535 must not wrap
+
+
+def test_char_tokenizer_rejects_a_character_that_sorts_inside_the_vocabulary():
+    # "c" falls between "b" and "d": a lookup by sorted position alone would encode it as "d"
+    with pytest.raises(ValueError, match="Character 'c' is not in the vocabulary"):
+        CharTokenizer(list("abd")).encode("abcd")
+
+
+def test_every_window_start_is_drawn_and_the_last_token_is_a_target():
+    tokens, block = np.arange(20, dtype=np.uint16), 16  # starts 0..3
+    starts, targets = set(), set()
+    for step in range(100):
+        x, y = get_batch(tokens, 4, block, seed=0, step=step)
+        starts |= set(x[:, 0].tolist())
+        targets |= set(y.flatten().tolist())
+    assert starts == {0, 1, 2, 3} and 19 in targets
+
+
+def test_batches_of_other_seed_and_step_pairs_differ():
+    tokens = np.arange(100_000, dtype=np.uint32)
+    batch = {(seed, step): get_batch(tokens, 8, 4, seed=seed, step=step)[0] for seed, step in
+             ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (0, 2))}
+    assert not torch.equal(batch[1, 0], batch[0, 1]) and not torch.equal(batch[2, 0], batch[0, 2])  # not seed + step
+    assert not torch.equal(batch[1, 1], batch[0, 0])  # not seed ^ step
+    evaluation = next(iter(eval_batches(tokens, 8, 4, 1, seed=0)))[0]
+    assert not torch.equal(evaluation, batch[0, 0])  # evaluation draws from its own stream
+
+
+def test_bpe_is_trained_on_the_train_split_only(tmp_path, text_file, monkeypatch):
+    seen, train = [], BPETokenizer.train
+    monkeypatch.setattr(BPETokenizer, "train", staticmethod(lambda text, size: seen.append(text) or train(text, size)))
+    text_file.write_text("the train part of the text\n" * 45 + "VALIDATION WORDS ONLY HERE\n" * 5)
+    corpus = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=280, cache_dir=tmp_path)
+    text = text_file.read_text()
+    assert seen == [text[:int(len(text) * 0.9)]] and corpus.tokenizer.decode(corpus.splits["val"]) == text[len(seen[0]):]
+
+
+def test_cache_invalidated_when_the_bpe_vocabulary_size_changes(tmp_path, text_file):
+    first = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=270, cache_dir=tmp_path)
+    second = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=300, cache_dir=tmp_path)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    assert first.tokenizer.to_dict() != second.tokenizer.to_dict()
