@@ -254,7 +254,8 @@ class GPT(nn.Module):
         config: a :class:`GPTConfig`.
 
     Shapes:
-        * ``idx``: ``(b, t)`` int64 token ids; ``targets`` (optional): ``(b, t)``, ``-1`` = ignored.
+        * ``idx``: ``(b, t)`` int64 token ids in ``[0, vocab_size)``; ``targets`` (optional): ``(b, t)``,
+          ``-1`` = ignored. Ids outside are an error naming the argument (checked on the CPU only).
         * returns ``(logits (b, t, vocab), loss)`` (loss: mean cross-entropy, ``None`` without
           targets), or ``(logits, loss, GPTInfo)`` with ``return_info=True``.
     """
@@ -302,8 +303,8 @@ class GPT(nn.Module):
         Returns:
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
-        b, t = sampling.check_idx(idx)
-        sampling.check_targets(targets, idx)
+        b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
+        sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
         past = self._check_cache(cache, b)
         if past + t > self.config.max_seq_len:
             raise ValueError(f"idx: {past} cached + {t} new tokens exceed max_seq_len={self.config.max_seq_len}")

@@ -18,14 +18,28 @@ from torch import Tensor, nn
 from kuramoto_attn._checks import check_int
 
 
-def check_idx(idx, name: str = "idx") -> tuple[int, int]:
-    """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``."""
+def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[int, int]:
+    """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``.
+
+    With ``vocab_size``, ids outside ``[0, vocab_size)`` are an error too, checked on the CPU only:
+    on an accelerator reading the values back would synchronise every forward (the embedding's own
+    device-side assert applies there)."""
     if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
         got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
         raise ValueError(f"{name}: expected an int64 tensor of token ids but got {got}")
     if idx.dim() != 2 or 0 in idx.shape:
         raise ValueError(f"{name}: expected shape (batch >= 1, tokens >= 1) but got {tuple(idx.shape)}")
+    if vocab_size is not None and _readable(idx):
+        low, high = (int(v) for v in torch.aminmax(idx))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name}: expected token ids in [0, vocab_size={vocab_size}) but got {bad}")
     return idx.shape[0], idx.shape[1]
+
+
+def _readable(tensor: Tensor) -> bool:
+    """Whether a value check costs no synchronisation and no graph break: CPU, eager."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None,
@@ -87,10 +101,19 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     return idx
 
 
-def check_targets(targets, idx: torch.Tensor) -> None:
-    """``targets`` is None or an integer tensor of ``idx``'s shape ``(b, t)``."""
-    if targets is not None and (not torch.is_tensor(targets) or targets.shape != idx.shape):
+def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:
+    """``targets`` is None or an integer tensor of ``idx``'s shape ``(b, t)``; with ``vocab_size``
+    (CPU only, as :func:`check_idx`), its ids are in ``[0, vocab_size)`` or ``-1`` (ignored)."""
+    if targets is None:
+        return
+    if not torch.is_tensor(targets) or targets.shape != idx.shape:
         got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
         raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
-    if targets is not None and targets.dtype not in (torch.int64, torch.int32):
+    if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets: expected int64 token ids (-1 = ignored) but got {targets.dtype}")
+    if vocab_size is not None and _readable(targets):
+        low, high = (int(v) for v in torch.aminmax(targets))
+        if low < -1 or high >= vocab_size:
+            bad = low if low < -1 else high
+            raise ValueError(f"targets: expected token ids in [0, vocab_size={vocab_size}) or -1 (ignored) "
+                             f"but got {bad}")

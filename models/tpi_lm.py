@@ -120,7 +120,8 @@ class TPILM(nn.Module):
         config: a :class:`TPILMConfig`.
 
     Shapes:
-        * ``idx``: ``(b, t)`` int64 token ids; ``targets`` (optional): ``(b, t)``, ``-1`` = ignored.
+        * ``idx``: ``(b, t)`` int64 token ids in ``[0, vocab_size)``; ``targets`` (optional): ``(b, t)``,
+          ``-1`` = ignored. Ids outside are an error naming the argument (checked on the CPU only).
         * returns ``(logits (b, t, vocab), loss)``, or ``(logits, loss, TPILMInfo)`` with
           ``return_info=True``.
     """
@@ -168,8 +169,8 @@ class TPILM(nn.Module):
         Returns:
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
-        b, t = sampling.check_idx(idx)
-        sampling.check_targets(targets, idx)
+        b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
+        sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
         x = self.drop(self.tok_emb(idx))  # (b, t, d_model)
         if cache is None:
             for block in self.blocks:

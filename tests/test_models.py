@@ -345,6 +345,27 @@ def test_bad_targets_are_errors_naming_targets(name):
             model(idx, bad)
 
 
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_token_ids_outside_the_vocabulary_are_errors_naming_them(name):
+    model, idx = MODEL_CASES[name](), tokens(2, 5)
+    cases = [("idx", VOCAB, rf"idx: expected token ids in \[0, vocab_size={VOCAB}\) but got {VOCAB}"),
+             ("idx", -1, r"idx: .* but got -1"),
+             ("targets", VOCAB, rf"targets: expected token ids in \[0, vocab_size={VOCAB}\) or -1 .* got {VOCAB}"),
+             ("targets", -100, r"targets: .* but got -100")]  # PyTorch's usual ignore index is not ours
+    for which, bad_id, message in cases:
+        inputs = {"idx": idx.clone(), "targets": idx.clone()}
+        inputs[which][1, 3] = bad_id
+        with pytest.raises(ValueError, match=message):
+            model(inputs["idx"], inputs["targets"])
+    # the edges that are valid: id vocab_size - 1 in both, -1 (ignored) in targets
+    edge_idx, edge_targets = idx.clone(), idx.clone()
+    edge_idx[0, 0], edge_targets[0, 0], edge_targets[1, 1] = VOCAB - 1, VOCAB - 1, -1
+    _, loss = model(edge_idx, edge_targets)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="idx: .* but got -1"):
+        model.generate(torch.full((1, 2), -1), 1)
+
+
 def test_gpt_rejects_too_long_input():
     model = tiny_gpt()
     with pytest.raises(ValueError, match="max_seq_len"):
