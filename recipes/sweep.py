@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(rest)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:  # an unknown flag, as argparse says it (not a malformed override)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = list(args.overrides) + extra + overrides
     if args.sweep and args.sweep.endswith((".yaml", ".yml")):
         if args.configs:

@@ -140,6 +140,13 @@ def test_a_sweep_file_with_configs_flag_is_an_error_not_a_flag_ignored(configs, 
     assert not launched
 
 
+def test_an_unknown_flag_is_reported_as_one_not_as_a_bad_override(configs, launched, capsys):
+    (configs / "sweep.yaml").write_text("configs: [a.yaml]\n")
+    assert cli_error([str(configs / "sweep.yaml"), "train.max_iters=3", "--bogus", "4"], capsys) == (
+        "python -m recipes.sweep: error: unrecognized arguments: --bogus")
+    assert not launched
+
+
 def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, configs, launched):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"b.yaml: model.n_layer: unknown key"):
