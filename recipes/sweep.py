@@ -11,7 +11,8 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``result.json`` is skipped (after checking it was trained with the same settings), one with a
 ``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
-seeds; diverged runs are listed in the statuses, not averaged).
+seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in the statuses,
+not averaged).
 
 The settings (from the file or the flags) and every run's config are checked before anything is
 created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
@@ -105,7 +106,8 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
-    """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± 95% CI per config)."""
+    """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± 95% CI per config), with
+    the validation R of each phase layer at the best evaluation (columns ``R_layer<i>``)."""
     rows = []
     for name in names:
         for seed in seeds:
@@ -113,28 +115,42 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
             if path.is_file():
                 r = json.loads(path.read_text())
                 rows.append({"config": name, "seed": seed, "status": r["status"], "step": r["step"],
-                             "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"]})
+                             "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"],
+                             **{f"R_{layer}": R for layer, R in r.get("best_val_R", {}).items()}})
+    R_columns = sorted({key for r in rows for key in r if key.startswith("R_layer")}, key=lambda k: int(k[7:]))
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["config", "seed", "status", "step", "best_val_loss",
-                                               "final_val_loss"])
+                                               "final_val_loss"] + R_columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| config | runs | best val loss (mean ± 95% CI) | val perplexity | statuses |",
-             "|:---|---:|---:|---:|:---|"]
+    lines = ["| config | runs | best val loss (mean ± 95% CI) | val perplexity | val R at best, per phase layer | "
+             "statuses |",
+             "|:---|---:|---:|---:|:---|:---|"]
     for name in names:
         mine = [r for r in rows if r["config"] == name]
         # a diverged run's best loss is from before it failed: listed in its status, not averaged
-        losses = [r["best_val_loss"] for r in mine if r["status"] in COUNTED and r["best_val_loss"] is not None
-                  and math.isfinite(r["best_val_loss"])]
-        mean, half = mean_ci95(losses)
-        ci = "" if math.isnan(half) else f" ± {half:.4f}"
-        ppl = f"{math.exp(mean):.2f}" if losses else "–"
+        counted = [r for r in mine if r["status"] in COUNTED and r["best_val_loss"] is not None
+                   and math.isfinite(r["best_val_loss"])]
+        mean, half = mean_ci95([r["best_val_loss"] for r in counted])
+        ppl = f"{math.exp(mean):.2f}" if counted else "–"
+        R_cells = []
+        for column in R_columns:
+            values = [r[column] for r in counted if column in r]
+            if values:
+                R_mean, R_half = mean_ci95(values)
+                R_cells.append(f"{column[2:]} {R_mean:.3f}{_ci(R_half, 3)}")
         statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
-        runs = f"{len(losses)}" if len(losses) == len(mine) else f"{len(losses)} of {len(mine)}"
-        lines.append(f"| {name} | {runs} | {mean:.4f}{ci} | {ppl} | {statuses} |")
+        runs = f"{len(counted)}" if len(counted) == len(mine) else f"{len(counted)} of {len(mine)}"
+        lines.append(f"| {name} | {runs} | {mean:.4f}{_ci(half, 4)} | {ppl} | {'; '.join(R_cells) or '–'} | "
+                     f"{statuses} |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def _ci(half: float, digits: int) -> str:
+    """`` ± half`` (nothing for one value, whose interval is NaN)."""
+    return "" if math.isnan(half) else f" ± {half:.{digits}f}"
 
 
 def _read_sweep(path: str | Path) -> dict:

@@ -6,7 +6,7 @@
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
 written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
-validation loss), and at the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase
+validation loss, and R of each phase layer at both), and at the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase
 layer and head on the validation windows over training). ``--resume`` continues from ``last.pt``
 exactly: batches and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before
 exiting (with several processes, all of them stop before the next update and save together; a second
@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 import sys
@@ -362,13 +363,25 @@ def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: bool
 
 
 def _write_result(fabric, config: RunConfig, progress: dict, status: str, message: str = "") -> dict:
-    vals = [h["val_loss"] for h in progress["history"] if "val_loss" in h]
+    evals = [h for h in progress["history"] if "val_loss" in h]
+    # the evaluation best.pt holds: the first with the best loss (an equal loss is no improvement)
+    best = next((h for h in evals if h["val_loss"] == progress["best_val"]), None)
     result = {"name": config.name, "seed": config.seed, "status": status, "step": progress["step"],
-              "best_val_loss": progress["best_val"] if vals else None,
-              "final_val_loss": vals[-1] if vals else None, "message": message}
+              "best_val_loss": progress["best_val"] if evals else None,
+              "final_val_loss": evals[-1]["val_loss"] if evals else None,
+              "best_val_R": _layer_R(best), "final_val_R": _layer_R(evals[-1] if evals else None),
+              "message": message}
     if fabric.is_global_zero:
         (config.run_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _layer_R(evaluation: dict | None) -> dict[str, float]:
+    """``{"layer<i>": R}`` of an evaluation in the history: each phase layer's R, the mean over its
+    heads of the per-head R (empty without phase layers or evaluation)."""
+    if evaluation is None:
+        return {}
+    return {key.split("/")[1]: value for key, value in evaluation.items() if re.fullmatch(r"val_R/layer\d+", key)}
 
 
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:

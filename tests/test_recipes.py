@@ -569,15 +569,19 @@ run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, corpus_file, monkeypatch):
     scripted = iter([3.0, 2.5, 2.6, 2.5, 2.7, 1.0])  # 2.5 again is no improvement
+    calls = iter(range(100))
 
-    def evaluate(*args, **kwargs):
-        return {"val/loss": next(scripted), "val/ppl": 1.0}
+    def evaluate(*args, **kwargs):  # R of the phase layer: 0.1 × the evaluation's number
+        R = 0.1 * next(calls)
+        return {"val/loss": next(scripted), "val/ppl": 1.0, "val/R/layer1": R, "val/R/layer1/head0": R}
 
     monkeypatch.setattr(train_module, "evaluate", evaluate)
     values = tiny(tmp_path, corpus_file, train={"max_iters": 12, "eval_interval": 2, "patience": 3})
     result = train(parse_config(values))
     assert result["status"] == "early_stopped" and result["step"] == 10  # the 5th evaluation
     assert result["best_val_loss"] == 2.5 and result["final_val_loss"] == 2.7
+    # R at the evaluation best.pt holds (the first 2.5) and at the last; per layer, not per head
+    assert result["best_val_R"] == {"layer1": 0.1} and result["final_val_R"] == {"layer1": pytest.approx(0.4)}
     best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
     assert best["progress"]["step"] == 4  # the first 2.5
     assert train(parse_config(values), resume=True) == result  # stopped stays stopped: no more steps
@@ -898,6 +902,18 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     mean, half = mean_ci95([r["best_val_loss"] for r in rows])
     assert f"{mean:.4f} ± {half:.4f}" in summary
+    # the phase layer's val R at each run's best evaluation (the real one, from its history)
+    R = []
+    for seed in (1, 2):
+        run_dir = tmp_path / "sweep" / "tiny" / f"seed{seed}"
+        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["progress"]["history"][-1]
+        assert json.loads((run_dir / "result.json").read_text())["best_val_R"] == {"layer1": best["val_R/layer1"]}
+        R.append(best["val_R/layer1"])
+    assert [r["R_layer1"] for r in rows] == R and 0 < min(R) and max(R) < 1
+    R_mean, R_half = mean_ci95(R)
+    assert f"| layer1 {R_mean:.3f} ± {R_half:.3f} | finished |" in summary
+    with open(tmp_path / "sweep" / "summary.csv") as f:
+        assert [float(r["R_layer1"]) for r in csv.DictReader(f)] == pytest.approx(R)
     run_sweep([config], [1, 2], tmp_path / "sweep")    # finished runs are skipped
     assert len(calls) == 2
     with pytest.raises(ValueError, match=r"trained with other settings \(optim.lr\)"):

@@ -58,7 +58,7 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
         (str(configs / f"{name}.yaml"), [f"name={name}", f"seed={seed}", f"out_dir={str(run_dir).format(name, seed)}"])
         for name in "ab" for seed in (1, 0)]
     assert all("train.max_iters=3" in c for c in launched)
-    assert "| a | 0 | nan | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+    assert "| a | 0 | nan | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 BAD_SWEEP_FILES = [
