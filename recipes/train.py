@@ -6,17 +6,18 @@
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
 ``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
 written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
-validation loss, and R of each phase layer at both), and at the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase
-layer and head on the validation windows over training). ``--resume`` continues from ``last.pt``
-exactly: batches and dropout depend only on (seed, step, rank). Ctrl-C saves ``last.pt`` before
-exiting (with several processes, all of them stop before the next update and save together; a second
-Ctrl-C aborts); an evaluation it interrupted (or its checkpoints) is redone on resume, and an
-early-stopped run stays stopped (unless the resume raises ``train.patience``). A resume may change
-``train.max_iters`` (train a finished run longer: the learning rate follows the new schedule from
-the next update), ``patience``, ``log_interval``, ``progress_bar``, ``plots`` and ``out_dir`` (a
-moved run); any other change is refused, naming the key. ``train/lr`` is logged at step ``s`` as the
-rate of update ``s``. fp16 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its
-loss scale is checkpointed, and the updates its scaler skips on overflow are not divergence.
+validation loss, and R of each phase layer at both), and at the end ``loss.png`` and, with phase
+layers, ``R.png`` (R of every phase layer and head on the validation windows over training).
+``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
+rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting (with several processes, all of them stop
+before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
+its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
+raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
+the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
+``progress_bar``, ``plots`` and ``out_dir`` (a moved run); any other change is refused, naming the
+key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+(``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
+and the updates its scaler skips on overflow are not divergence.
 
 More devices: ``fabric.devices=4 fabric.strategy=ddp`` (Fabric launches the processes);
 several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun).
@@ -320,8 +321,10 @@ def _interrupt_at_an_update(fabric, state: dict):
     """With several processes, Ctrl-C marks ``state["_interrupted"]``; the ranks agree on it before
     the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
     inside a collective, would leave the others waiting in theirs (for gloo's 30 minutes). A second
-    Ctrl-C interrupts at once. One process keeps Python's immediate KeyboardInterrupt."""
-    if fabric.world_size == 1 or threading.current_thread() is not threading.main_thread():
+    Ctrl-C interrupts at once. One process keeps Python's immediate KeyboardInterrupt. SIGTERM (a
+    scheduler's preemption, ``kill``) is handled as Ctrl-C, so ``last.pt`` is saved before exiting;
+    a signal the process was started to ignore stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -329,13 +332,22 @@ def _interrupt_at_an_update(fabric, state: dict):
         if state.get("_interrupted"):
             raise KeyboardInterrupt
         state["_interrupted"] = True
-        fabric.print("interrupt: every process stops before the next update (Ctrl-C again to abort)")
+        fabric.print(f"{signal.Signals(signum).name}: every process stops before the next update "
+                     "(Ctrl-C again to abort)")
 
-    previous = signal.signal(signal.SIGINT, mark)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    handlers = {signal.SIGTERM: stop} if fabric.world_size == 1 else {signal.SIGINT: mark, signal.SIGTERM: mark}
+    previous = {}
+    for signum, handler in handlers.items():
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: bool = False) -> None:

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -261,13 +262,16 @@ def test_train_tpi_language_model(tmp_path, corpus_file):
     assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
 
 
-def interrupt_then_resume(values: dict, at_step: int, monkeypatch) -> tuple[dict, dict]:
-    """Train with a Ctrl-C at ``at_step``, then ``--resume``: (the checkpoint the interrupt saved, the result)."""
+def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None) -> tuple[dict, dict]:
+    """Train with a Ctrl-C (or the signal ``signum``, sent to this process) at ``at_step``, then
+    ``--resume``: (the checkpoint the interrupt saved, the result)."""
     real_get_batch = train_module.get_batch
 
     def get_batch(*args, step, **kwargs):
         if step == at_step:
-            raise KeyboardInterrupt
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)  # its handler runs here, at the next bytecode
         return real_get_batch(*args, step=step, **kwargs)
 
     monkeypatch.setattr(train_module, "get_batch", get_batch)
@@ -276,6 +280,16 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch) -> tuple[dict
     saved = torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
     return saved, train(parse_config(values), resume=True)
+
+
+def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus_file, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    saved, result = interrupt_then_resume(tiny(tmp_path / "b", corpus_file), 7, monkeypatch, signal.SIGTERM)
+    assert saved["progress"]["step"] == 7 and result["status"] == "finished" and result["step"] == 12
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is gone after training
+    train(parse_config(tiny(tmp_path / "a", corpus_file)))  # uninterrupted: the same weights
+    straight, resumed = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
@@ -531,8 +545,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     assert R[2] == pytest.approx(R[1], rel=1e-5)
 
 
-def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file):
-    # SIGINT reaches rank 1 alone, before its forward/backward (whose gradient all-reduce rank 0 is
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file, signum):
+    # SIGINT (or SIGTERM) reaches rank 1 alone, before its forward/backward (whose gradient all-reduce rank 0 is
     # waiting in): stopping rank 1 at once left both ranks waiting in different collectives
     values = tiny(tmp_path, corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
                   fabric={"accelerator": "cpu", "devices": 2, "precision": "32-true", "strategy": "ddp"},
@@ -547,7 +562,7 @@ real_get_batch = train_module.get_batch
 def get_batch(*args, step, rank, **kwargs):
     if step == 5 and rank == 1 and not os.environ.get("SENT"):
         os.environ["SENT"] = "1"
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), {int(signum)})
     return real_get_batch(*args, step=step, rank=rank, **kwargs)
 train_module.get_batch = get_batch
 from recipes.common import run_cli
