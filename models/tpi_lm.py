@@ -203,7 +203,8 @@ class TPILM(nn.Module):
         sequence with the parallel form. The two agree to rounding; with the default unbounded,
         unnormalised memory, rounding grows with the length read, and far beyond the training
         context (hundreds of tokens past it, in float32) a greedy sample of the two can part
-        (``kernel="decay"`` or ``normalize="sqrt"`` keep them together).
+        (``kernel="decay"``, which the recipes' TPI presets use, or ``normalize="sqrt"`` keep them
+        together).
         """
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=None,
