@@ -255,6 +255,10 @@ def _merge(base: dict, top: dict) -> dict:
     return merged
 
 
+#: settings that change only what a run shows (logs, progress bar, plots), never its result
+DISPLAY_KEYS = ("train.log_interval", "train.progress_bar", "train.plots")
+
+
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config mappings (nested sections compared key by key)."""
     out = []

@@ -35,7 +35,7 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import _one_line, changed_keys, load_config, load_yaml, split_overrides
+from recipes.config import DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, split_overrides
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
@@ -96,10 +96,11 @@ class SweepRunFailed(RuntimeError):
 
 
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
-    """A finished or interrupted run is only reused for the settings it was trained with."""
+    """A finished or interrupted run is only reused for the settings it was trained with (those
+    that change only what a run shows, ``DISPLAY_KEYS``, may differ)."""
     wanted = load_config(config, overrides).to_dict()
     done = load_config(run_dir / "config.yaml").to_dict()
-    changed = changed_keys(done, wanted)
+    changed = [key for key in changed_keys(done, wanted) if key not in DISPLAY_KEYS]  # logs and plots may differ
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
                          "give the sweep another out_dir, or delete that run to train it again")

@@ -42,7 +42,8 @@ import yaml
 
 from kuramoto_attn import OrderParameter
 from recipes.common import build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import RunConfig, changed_keys, load_config, model_config, parse_config, split_overrides
+from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_config,
+                            split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
@@ -412,8 +413,7 @@ def _flush_logs(fabric) -> None:
 #: what ``--resume`` may change: how long to train, when to stop early, what to show, where the run
 #: lives (a moved directory). Everything else (model, data, optimizer, batches) would make the
 #: resumed run a different experiment.
-RESUMABLE_CHANGES = ("train.max_iters", "train.patience", "train.log_interval", "train.progress_bar", "train.plots",
-                     "out_dir")
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir")
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:

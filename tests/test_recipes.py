@@ -931,6 +931,10 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
         assert [float(r["R_layer1"]) for r in csv.DictReader(f)] == pytest.approx(R)
     run_sweep([config], [1, 2], tmp_path / "sweep")    # finished runs are skipped
     assert len(calls) == 2
+    # ... also when only what a run shows differs (logs, progress bar, plots)
+    run_sweep([config], [1, 2], tmp_path / "sweep", ["train.progress_bar=true", "train.log_interval=3",
+                                                     "train.plots=true"])
+    assert len(calls) == 2
     with pytest.raises(ValueError, match=r"trained with other settings \(optim.lr\)"):
         run_sweep([config], [1, 2], tmp_path / "sweep", ["optim.lr=0.01"])  # not reused for other settings
     with pytest.raises(ValueError, match="seeds: must be distinct"):
