@@ -269,7 +269,9 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
         raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; "
                                "last.pt / best.pt keep the last good state")
     fabric.log_dict(val, step=step)
-    fabric.print(f"step {step}: val loss {val['val/loss']:.4f}")
+    layer_R = "".join(f", R {key.split('/')[2]} {value:.3f}" for key, value in val.items()
+                      if re.fullmatch(r"val/R/layer\d+", key))  # each phase layer's, mean over its heads
+    fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
     new = dict(progress, eval_due=False,
                history=progress["history"] + [{"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}}])
     improved = val["val/loss"] < progress["best_val"]

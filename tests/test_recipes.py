@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,9 +188,10 @@ def test_mean_ci95_matches_student_t():
 
 # --- training --------------------------------------------------------------------------------
 
-def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file):
+def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file, capsys):
     values = tiny(tmp_path, corpus_file, train={"max_iters": 40, "eval_interval": 20, "plots": True})
     result = train(parse_config(values))
+    printed = re.findall(r"step (\d+): val loss (\d\.\d{4}), R layer1 (\d\.\d{3})\n", capsys.readouterr().out)
     run = tmp_path / "run"
     assert result["status"] == "finished" and result["step"] == 40
     assert json.loads((run / "result.json").read_text())["best_val_loss"] == result["best_val_loss"]
@@ -207,6 +209,11 @@ def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file):
     assert result["final_val_loss"] < first_train - 0.5                # and learns
     R = [v for h in history for k, v in h.items() if k.startswith("val_R/layer1/head")]
     assert len(R) == 2 * 2 and all(0.0 <= r <= 1.0 for r in R)
+    # each evaluation prints the val loss and each phase layer's R (the mean over its heads)
+    evals = [h for h in history if "val_loss" in h]
+    assert printed == [(str(h["step"]), f"{h['val_loss']:.4f}", f"{h['val_R/layer1']:.3f}") for h in evals]
+    last = evals[-1]
+    assert last["val_R/layer1"] == pytest.approx((last["val_R/layer1/head0"] + last["val_R/layer1/head1"]) / 2)
     with open(next((run / "logs").rglob("metrics.csv"))) as f:  # train/lr at step s: the rate of update s
         logged_lr = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(f) if row["train/lr"]}
     config = parse_config(values)
