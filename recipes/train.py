@@ -269,8 +269,7 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
         raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; "
                                "last.pt / best.pt keep the last good state")
     fabric.log_dict(val, step=step)
-    layer_R = "".join(f", R {key.split('/')[2]} {value:.3f}" for key, value in val.items()
-                      if re.fullmatch(r"val/R/layer\d+", key))  # each phase layer's, mean over its heads
+    layer_R = "".join(f", R {layer} {R:.3f}" for layer, R in _layer_R(val).items())
     fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
     new = dict(progress, eval_due=False,
                history=progress["history"] + [{"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}}])
@@ -392,11 +391,12 @@ def _write_result(fabric, config: RunConfig, progress: dict, status: str, messag
 
 
 def _layer_R(evaluation: dict | None) -> dict[str, float]:
-    """``{"layer<i>": R}`` of an evaluation in the history: each phase layer's R, the mean over its
-    heads of the per-head R (empty without phase layers or evaluation)."""
+    """``{"layer<i>": R}`` of an evaluation (as :func:`evaluate` returns it, or as the history keeps
+    it): each phase layer's R, the mean over its heads of the per-head R (empty without phase layers
+    or evaluation)."""
     if evaluation is None:
         return {}
-    return {key.split("/")[1]: value for key, value in evaluation.items() if re.fullmatch(r"val_R/layer\d+", key)}
+    return {key.split("/")[-1]: value for key, value in evaluation.items() if re.fullmatch(r"val[/_]R/layer\d+", key)}
 
 
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:
