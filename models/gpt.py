@@ -255,7 +255,7 @@ class GPT(nn.Module):
 
     Shapes:
         * ``idx``: ``(b, t)`` int64 token ids in ``[0, vocab_size)``; ``targets`` (optional): ``(b, t)``,
-          ``-1`` = ignored. Ids outside are an error naming the argument (checked on the CPU only).
+          ``-1`` = ignored. Ids outside are an error naming the argument (checked on CPU tensors in eager mode).
         * returns ``(logits (b, t, vocab), loss)`` (loss: mean cross-entropy, ``None`` without
           targets), or ``(logits, loss, GPTInfo)`` with ``return_info=True``.
     """
@@ -348,6 +348,7 @@ class GPT(nn.Module):
         elif check_int("context", context, low=1) > self.config.max_seq_len:  # the type and lower bound
             raise ValueError(f"context: expected an integer in [1, max_seq_len={self.config.max_seq_len}] "
                              f"but got {context!r}")
+        sampling.check_idx(idx, vocab_size=self.config.vocab_size)  # the whole prompt, whatever the model reads
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=context,
                                  vocab_size=vocab_size)

@@ -14,6 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from kuramoto_attn._checks import check_int
 
@@ -21,25 +22,29 @@ from kuramoto_attn._checks import check_int
 def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[int, int]:
     """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``.
 
-    With ``vocab_size``, ids outside ``[0, vocab_size)`` are an error too, checked on the CPU only:
-    on an accelerator reading the values back would synchronise every forward (the embedding's own
-    device-side assert applies there)."""
+    With ``vocab_size``, ids outside ``[0, vocab_size)`` are an error too, checked on CPU tensors in
+    eager mode only: on an accelerator reading the values back would synchronise every forward (the
+    embedding's own device-side assert applies there), and a compiled graph would break."""
     if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
         got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
         raise ValueError(f"{name}: expected an int64 tensor of token ids but got {got}")
     if idx.dim() != 2 or 0 in idx.shape:
         raise ValueError(f"{name}: expected shape (batch >= 1, tokens >= 1) but got {tuple(idx.shape)}")
-    if vocab_size is not None and _readable(idx):
-        low, high = (int(v) for v in torch.aminmax(idx))
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name}: expected token ids in [0, vocab_size={vocab_size}) but got {bad}")
+    if vocab_size is not None:
+        _check_ids(idx, name, vocab_size, lowest=0)
     return idx.shape[0], idx.shape[1]
 
 
-def _readable(tensor: Tensor) -> bool:
-    """Whether a value check costs no synchronisation and no graph break: CPU, eager."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+def _check_ids(ids: Tensor, name: str, vocab_size: int, lowest: int) -> None:
+    """Ids in ``[lowest, vocab_size)``, checked where reading them costs no synchronisation, no graph
+    break and no data-dependent trace: a real CPU tensor, in eager mode."""
+    if ids.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(ids):
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < lowest or high >= vocab_size:
+        ignored = " or -1 (ignored)" if lowest == -1 else ""
+        raise ValueError(f"{name}: expected token ids in [0, vocab_size={vocab_size}){ignored} "
+                         f"but got {low if low < lowest else high}")
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None,
@@ -102,18 +107,14 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
 
 
 def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:
-    """``targets`` is None or an integer tensor of ``idx``'s shape ``(b, t)``; with ``vocab_size``
+    """``targets`` is None or an int64 tensor of ``idx``'s shape ``(b, t)``; with ``vocab_size``
     (CPU only, as :func:`check_idx`), its ids are in ``[0, vocab_size)`` or ``-1`` (ignored)."""
     if targets is None:
         return
     if not torch.is_tensor(targets) or targets.shape != idx.shape:
         got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
         raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
-    if targets.dtype not in (torch.int64, torch.int32):
+    if targets.dtype != torch.int64:  # what cross_entropy takes
         raise ValueError(f"targets: expected int64 token ids (-1 = ignored) but got {targets.dtype}")
-    if vocab_size is not None and _readable(targets):
-        low, high = (int(v) for v in torch.aminmax(targets))
-        if low < -1 or high >= vocab_size:
-            bad = low if low < -1 else high
-            raise ValueError(f"targets: expected token ids in [0, vocab_size={vocab_size}) or -1 (ignored) "
-                             f"but got {bad}")
+    if vocab_size is not None:
+        _check_ids(targets, "targets", vocab_size, lowest=-1)

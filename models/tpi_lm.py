@@ -121,7 +121,7 @@ class TPILM(nn.Module):
 
     Shapes:
         * ``idx``: ``(b, t)`` int64 token ids in ``[0, vocab_size)``; ``targets`` (optional): ``(b, t)``,
-          ``-1`` = ignored. Ids outside are an error naming the argument (checked on the CPU only).
+          ``-1`` = ignored. Ids outside are an error naming the argument (checked on CPU tensors in eager mode).
         * returns ``(logits (b, t, vocab), loss)``, or ``(logits, loss, TPILMInfo)`` with
           ``return_info=True``.
     """
@@ -206,6 +206,7 @@ class TPILM(nn.Module):
         (``kernel="decay"``, which the recipes' TPI presets use, or ``normalize="sqrt"`` keep them
         together).
         """
+        sampling.check_idx(idx, vocab_size=self.config.vocab_size)  # the whole prompt, whatever the model reads
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=None,
                                  vocab_size=vocab_size)

@@ -362,8 +362,23 @@ def test_token_ids_outside_the_vocabulary_are_errors_naming_them(name):
     edge_idx[0, 0], edge_targets[0, 0], edge_targets[1, 1] = VOCAB - 1, VOCAB - 1, -1
     _, loss = model(edge_idx, edge_targets)
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="idx: .* but got -1"):
-        model.generate(torch.full((1, 2), -1), 1)
+    for prompt, new_tokens in ((torch.full((1, 2), -1), 1), (torch.full((1, 20), -1), 0)):  # even if none is read
+        with pytest.raises(ValueError, match="idx: .* but got -1"):
+            model.generate(prompt, new_tokens)
+    with pytest.raises(ValueError, match="targets: expected int64"):  # cross_entropy takes no int32
+        model(idx, idx.int())
+    _, int32_loss = model(idx.int(), idx)  # int32 ids are fine as input
+    assert int32_loss == model(idx, idx)[1]
+
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_the_id_check_leaves_fake_tensors_to_tracing(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model = MODEL_CASES[name]()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        idx = mode.from_tensor(tokens(2, 5))
+        logits, loss = model(idx, idx)
+    assert logits.shape == (2, 5, VOCAB) and loss.shape == ()
 
 
 def test_gpt_rejects_too_long_input():
