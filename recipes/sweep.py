@@ -8,7 +8,8 @@ Overrides (``section.key=value``) may stand anywhere on the command line.
 A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` and optional
 ``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
 time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>``: a run with a
-``result.json`` is skipped (after checking it was trained with the same settings), one with a
+``result.json`` is skipped (after checking it was trained with the same settings; those that only
+change what a run shows, such as the progress bar, may differ), one with a
 ``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
 seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in the statuses,
@@ -118,7 +119,8 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
                 rows.append({"config": name, "seed": seed, "status": r["status"], "step": r["step"],
                              "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"],
                              **{f"R_{layer}": R for layer, R in r.get("best_val_R", {}).items()}})
-    R_columns = sorted({key for r in rows for key in r if key.startswith("R_layer")}, key=lambda k: int(k[7:]))
+    R_columns = sorted({key for r in rows for key in r if key.startswith("R_layer")},
+                       key=lambda k: int(k[len("R_layer"):]))
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["config", "seed", "status", "step", "best_val_loss",
                                                "final_val_loss"] + R_columns)
@@ -137,9 +139,10 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
         R_cells = []
         for column in R_columns:
             values = [r[column] for r in counted if column in r]
-            if values:
+            if values:  # a run from before result.json recorded R has none
                 R_mean, R_half = mean_ci95(values)
-                R_cells.append(f"{column[2:]} {R_mean:.3f}{_ci(R_half, 3)}")
+                count = "" if len(values) == len(counted) else f" ({len(values)} runs)"
+                R_cells.append(f"{column[2:]} {R_mean:.3f}{_ci(R_half, 3)}{count}")
         statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
         runs = f"{len(counted)}" if len(counted) == len(mine) else f"{len(counted)} of {len(mine)}"
         lines.append(f"| {name} | {runs} | {mean:.4f}{_ci(half, 4)} | {ppl} | {'; '.join(R_cells) or '–'} | "

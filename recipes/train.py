@@ -343,7 +343,8 @@ def _interrupt_at_an_update(fabric, state: dict):
     handlers = {signal.SIGTERM: stop} if fabric.world_size == 1 else {signal.SIGINT: mark, signal.SIGTERM: mark}
     previous = {}
     for signum, handler in handlers.items():
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        # not over an ignored signal, nor over a handler installed outside Python (None: not restorable)
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
             previous[signum] = signal.signal(signum, handler)
     try:
         yield

@@ -299,6 +299,14 @@ def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_an_ignored_sigterm_stays_ignored(tmp_path, corpus_file, monkeypatch):
+    installed = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN)  # a launcher started it ignored
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(signum))
+    assert train(parse_config(tiny(tmp_path, corpus_file)))["status"] == "finished"
+    assert installed == []  # the trainer did not replace it
+
+
 def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     straight = tiny(tmp_path / "a", corpus_file)
     train(parse_config(straight))

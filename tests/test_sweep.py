@@ -5,6 +5,9 @@ The sweep's training runs themselves are tested in test_recipes.py (test_sweep_r
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,31 @@ def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, c
     with pytest.raises(ConfigError, match=r"b.yaml: name: expected str, got \['b'\]"):
         sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], out)
     assert not launched and not out.exists()
+
+
+def test_the_summary_reports_R_at_the_best_evaluation_per_layer(tmp_path):
+    """From result.json files alone: R at the best evaluation (not the last), layers in numeric order,
+    a run written before result.json recorded R counted in the loss but not in R."""
+    runs = {("a", 1): (1.0, {"layer2": 0.2, "layer10": 0.6}, {"layer2": 0.9, "layer10": 0.9}),
+            ("a", 2): (1.2, {"layer2": 0.4, "layer10": 0.8}, {"layer2": 0.9, "layer10": 0.9}),
+            ("a", 3): (1.1, None, None),
+            ("b", 1): (2.0, {}, {})}
+    for (name, seed), (loss, best_R, final_R) in runs.items():
+        run = tmp_path / name / f"seed{seed}"
+        run.mkdir(parents=True)
+        result = {"status": "finished", "step": 5, "best_val_loss": loss, "final_val_loss": loss + 0.5}
+        if best_R is not None:
+            result |= {"best_val_R": best_R, "final_val_R": final_R}
+        (run / "result.json").write_text(json.dumps(result))
+    sweep.summarise(tmp_path, ["a", "b"], [1, 2, 3])
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    loss_mean, loss_half = sweep.mean_ci95([1.0, 1.2, 1.1])
+    R2, R10 = sweep.mean_ci95([0.2, 0.4]), sweep.mean_ci95([0.6, 0.8])
+    assert lines[2] == (f"| a | 3 | {loss_mean:.4f} ± {loss_half:.4f} | {math.exp(loss_mean):.2f} | "
+                        f"layer2 {R2[0]:.3f} ± {R2[1]:.3f} (2 runs); layer10 {R10[0]:.3f} ± {R10[1]:.3f} (2 runs) | "
+                        "finished |")
+    assert lines[3] == f"| b | 1 | 2.0000 | {math.exp(2.0):.2f} | – | finished |"
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["R_layer2", "R_layer10"]
+    assert [(r["R_layer2"], r["R_layer10"]) for r in rows] == [("0.2", "0.6"), ("0.4", "0.8"), ("", ""), ("", "")]
