@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,17 @@ from models.config import ConfigError
 from recipes.config import FabricConfig, model_config, parse_config
 from recipes.data import tokenizer_from_dict
 
-__all__ = ["run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run", "pick_device",
-           "step_seed", "mean_ci95"]
+__all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
+           "pick_device", "step_seed", "mean_ci95"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by the signal ``signum`` (e.g. SIGTERM), handled as Ctrl-C is;
+    :func:`run_cli` exits with the shell's status for it, 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
@@ -26,14 +36,15 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
 
     Mistakes the user can fix (a config error, a missing file, a bad argument: each message names
     what to change) print as one ``error:`` line with exit status 2, without a traceback; Ctrl-C
-    exits with status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first).
+    exits with status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first),
+    and a stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143).
     The recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line
     and exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
     except (ConfigError, OSError, ValueError) as err:  # OSError: missing files, permissions, full disks
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

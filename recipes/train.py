@@ -9,8 +9,8 @@ written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (stat
 validation loss, and R of each phase layer at both), and at the end ``loss.png`` and, with phase
 layers, ``R.png`` (R of every phase layer and head on the validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
-rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting (with several processes, all of them stop
-before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
+rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several
+processes, all stop before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
 its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from kuramoto_attn import OrderParameter
-from recipes.common import build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
+from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
 from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_config,
                             split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
@@ -232,7 +232,7 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                     total_aux = total_aux + aux.detach() / tc.grad_accum
             norm = fabric.clip_gradients(model, optimizer, max_norm=config.optim.grad_clip or math.inf,
                                          error_if_nonfinite=False)
-            _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", False))
+            _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", 0))
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
             state["_in_update"] = True
             optimizer.step()
@@ -332,13 +332,13 @@ def _interrupt_at_an_update(fabric, state: dict):
 
     def mark(signum, frame):
         if state.get("_interrupted"):
-            raise KeyboardInterrupt
-        state["_interrupted"] = True
+            raise Interrupted(signum)
+        state["_interrupted"] = signum
         fabric.print(f"{signal.Signals(signum).name}: every process stops before the next update "
                      "(Ctrl-C again to abort)")
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
 
     handlers = {signal.SIGTERM: stop} if fabric.world_size == 1 else {signal.SIGINT: mark, signal.SIGTERM: mark}
     previous = {}
@@ -353,16 +353,16 @@ def _interrupt_at_an_update(fabric, state: dict):
             signal.signal(signum, handler)
 
 
-def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: bool = False) -> None:
+def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int = 0) -> None:
     # (any rank's loss not finite, gradient norm not finite, any rank interrupted), decided together
-    # so that no rank waits alone
-    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm)), float(interrupted)],
+    # so that no rank waits alone; ``interrupted``: the signal this rank received, 0 if none
+    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm)), float(interrupted > 0)],
                        device=fabric.device)
     if fabric.world_size > 1:
         bad = fabric.all_reduce(bad, reduce_op="sum")
-    bad_loss, bad_norm, interrupted = (bool(b > 0) for b in bad.tolist())
-    if interrupted:
-        raise KeyboardInterrupt  # on every rank, before the update: they save last.pt together
+    bad_loss, bad_norm, any_interrupted = (bool(b > 0) for b in bad.tolist())
+    if any_interrupted:  # on every rank, before the update: they save last.pt together
+        raise Interrupted(interrupted or signal.SIGINT)
     if not bad_loss and bad_norm and getattr(fabric._precision, "scaler", None) is not None:
         return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
     if bad_loss or bad_norm:

@@ -18,7 +18,7 @@ import yaml
 
 from models.config import ConfigError
 from recipes import train as train_module
-from recipes.common import load_run, mean_ci95, param_groups
+from recipes.common import Interrupted, load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, parse_config
 from recipes.evaluate import evaluate_split
 from recipes.evaluate import main as evaluate_main
@@ -282,8 +282,9 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int |
         return real_get_batch(*args, step=step, **kwargs)
 
     monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         train(parse_config(values))
+    assert getattr(stop.value, "signum", None) == signum  # run_cli's exit status: 128 + signum (143 for SIGTERM)
     saved = torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
     return saved, train(parse_config(values), resume=True)
@@ -586,6 +587,7 @@ run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=environment, capture_output=True,
                           text=True, timeout=180)
+    # 130 (Ctrl-C's) whichever signal rank 1 got: rank 0, whose status this is, only stopped with it
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
     run = tmp_path / "run"
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 5
@@ -905,7 +907,10 @@ def test_run_cli_exit_statuses(capsys):
     def diverged():
         raise TrainingDiverged("loss is nan at step 3")
 
-    for main, status in [(interrupted, 130), (bad_key, 2), (diverged, 1)]:
+    def terminated():
+        raise Interrupted(signal.SIGTERM)
+
+    for main, status in [(interrupted, 130), (terminated, 143), (bad_key, 2), (diverged, 1)]:
         with pytest.raises(SystemExit) as stop:
             run_cli(main, failures=(TrainingDiverged,))
         assert stop.value.code == status
