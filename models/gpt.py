@@ -295,7 +295,8 @@ class GPT(nn.Module):
 
         Args:
             idx: ``(b, t)`` token ids; with a cache, the new tokens only.
-            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``.
+            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``, the mean cross-entropy over the
+                others (0 if every target is ignored).
             cache: a :class:`GPTCache` (:meth:`new_cache` to start). Cached + new tokens must fit
                 in ``max_seq_len``.
             return_info: also return a :class:`GPTInfo`.
@@ -319,7 +320,7 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (b, t, v)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t), ignore_index=-1)
+            loss = sampling.next_token_loss(logits, targets)
         if cache is not None:
             cache.length = past + t
         if not return_info:

@@ -1,4 +1,5 @@
-"""Autoregressive sampling shared by the language models (``GPT.generate``, ``TPILM.generate``).
+"""Shared by the language models (``GPT``, ``TPILM``): input checks, the loss, and autoregressive
+sampling (``GPT.generate``, ``TPILM.generate``).
 
 A model plugs in with two things: ``model(idx, cache=cache)`` returning ``(logits, loss)`` for the
 new tokens of ``idx`` (the cache updated in place), and ``model.new_cache()`` returning an empty
@@ -104,6 +105,14 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     finally:
         model.train(was_training)
     return idx
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` ``(..., v)`` against ``targets`` ``(...)`` over the targets
+    that are not ``-1`` (ignored). When every target is ignored the loss is 0, with a zero gradient:
+    ``F.cross_entropy``'s mean would be 0/0 = NaN there, which a training loop takes for divergence."""
+    total = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
 
 
 def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
@@ -158,7 +157,8 @@ class TPILM(nn.Module):
         Args:
             idx: ``(b, t)`` token ids; with a cache, the new tokens only (one token takes the
                 O(1) recurrent step, several the chunked parallel form).
-            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``.
+            targets: ``(b, t)`` token ids, ``-1`` = ignored; gives ``loss``, the mean cross-entropy over the
+                others (0 if every target is ignored).
             cache: a :class:`TPICache` (:meth:`new_cache` to start), updated in place.
             return_info: also return a :class:`TPILMInfo`.
 
@@ -183,7 +183,7 @@ class TPILM(nn.Module):
         logits = self.head(self.ln_f(x))  # (b, t, v)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t), ignore_index=-1)
+            loss = sampling.next_token_loss(logits, targets)
         if not return_info:
             return logits, loss
         return logits, loss, TPILMInfo(coherence_loss=logits.new_zeros(()))

@@ -157,6 +157,16 @@ def test_loss_is_cross_entropy_with_ignore_index(name):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_a_batch_whose_targets_are_all_ignored_has_zero_loss_and_gradient(name):
+    # F.cross_entropy's mean would be 0/0 = NaN, which stops a training run as if it had diverged
+    model = MODEL_CASES[name]()
+    _, loss = model(tokens(2, 7), torch.full((2, 7), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 
 def naive_gpt_logits(model, idx):
     """GPT-2 written out from the model's weights in float64: explicit causally masked softmax
