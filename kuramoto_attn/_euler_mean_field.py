@@ -14,7 +14,7 @@ causal), ``w`` the valid weight and ``(S', C')`` the sums rotated by the phase l
 ``Σ_j w_j sin(θ_j − θ_i − α) / count_i``.
 
 The forward loop runs without autograd and keeps the input phases of every step (one phase tensor
-per step, as the checkpointed generic path does); the backward runs the steps in reverse with the
+per step, as the checkpointed generic path does; none when no gradient is needed); the backward runs the steps in reverse with the
 analytic vector-Jacobian product, recomputing each step's trigonometry, in preallocated buffers.
 With ``G`` the gradient of the step's output and ``u = dt·G·g``:
 
@@ -42,17 +42,23 @@ class _EulerMeanField(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None,
                 steps: int, dt: float, phase_lag: float, causal: bool, noise: float,
-                on_step: Callable[[Tensor], None] | None) -> Tensor:
+                on_step: Callable[[Tensor], None] | None, keep: bool) -> Tensor:
         dtype = theta0.dtype
         t = theta0.shape[-1]
         dt_gain = _gain(strength.to(dtype), weight, t, causal, theta0) * dt  # dt K w / count
         dt_omega = omega.to(dtype) * dt
-        states = theta0.new_empty((steps,) + tuple(theta0.shape))  # the input phases of every step
-        states[0].copy_(theta0)
         out = torch.empty_like(theta0)
-        targets = list(states.unbind(0)[1:]) + [out]
+        if keep:
+            states = theta0.new_empty((steps,) + tuple(theta0.shape))  # the input phases of every step
+            states[0].copy_(theta0)
+            inputs = states.unbind(0)
+            targets = list(inputs[1:]) + [out]
+        else:  # nothing to save for a backward: two work tensors in turn, memory independent of steps
+            work = theta0.new_empty((min(steps - 1, 2),) + tuple(theta0.shape)).unbind(0)
+            inputs = [theta0] + [work[k % 2] for k in range(steps - 1)]
+            targets = [work[k % 2] for k in range(steps - 1)] + [out]
         bufs = _Buffers(theta0, weight, causal, phase_lag)
-        for theta, theta_next in zip(states.unbind(0), targets):
+        for theta, theta_next in zip(inputs, targets):
             pull = bufs.pull(theta)  # S' cos θ − C' sin θ
             torch.add(theta, dt_omega, out=theta_next)
             theta_next.addcmul_(pull, dt_gain)
@@ -60,7 +66,8 @@ class _EulerMeanField(torch.autograd.Function):
                 theta_next.add_(noise * torch.randn_like(theta_next))
             if on_step is not None:
                 on_step(theta_next)
-        ctx.save_for_backward(states, omega, strength, weight)
+        if keep:
+            ctx.save_for_backward(states, omega, strength, weight)
         ctx.config = (dt, phase_lag, causal)
         return out
 
@@ -127,7 +134,7 @@ class _EulerMeanField(torch.autograd.Function):
             strength_acc.mul_(per_count)
             grad_strength = (strength_acc.sum_to_size(strength.shape) * dt).to(strength.dtype)
         return (grad if need_theta else None, grad_omega, grad_strength,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _gain(K: Tensor, weight: Tensor | None, t: int, causal: bool, like: Tensor) -> Tensor:
@@ -195,5 +202,7 @@ def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Te
         noise: std of the Gaussian noise added after each step (0: none).
         on_step: called with the phases after each step (detached), e.g. to record R.
     """
+    # a backward will come: keep every step's input phases (not under no_grad / inference_mode)
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in (theta0, omega, strength))
     return _EulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal,
-                                 noise, on_step)
+                                 noise, on_step, keep)

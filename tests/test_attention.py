@@ -607,6 +607,35 @@ def test_fused_euler_mean_field_gradcheck(causal, padded):
     assert torch.autograd.gradcheck(run, (theta, omega, strength))
 
 
+def test_fused_euler_mean_field_without_grad_keeps_no_phases_per_step():
+    """Under no_grad (evaluation, generation) the fused path gives the same phases from two work
+    tensors: what it allocates does not grow with the steps (it kept every step's phases before)."""
+    from torch.profiler import profile
+
+    from kuramoto_attn._euler_mean_field import euler_mean_field
+
+    gen = torch.Generator().manual_seed(14)
+    theta = torch.randn(2, 3, 4, 64, generator=gen)
+    omega = torch.randn(3, 4, 1, generator=gen, requires_grad=True)
+    strength = torch.ones(3, 1, 1)
+
+    def run(steps):
+        return euler_mean_field(theta, omega, strength, None, steps=steps, dt=0.1, phase_lag=0.3, causal=True)
+
+    def allocated(steps, grad):
+        with profile(profile_memory=True) as prof, torch.set_grad_enabled(grad):
+            run(steps)
+        return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+
+    for steps in (1, 2, 3, 6):
+        with torch.no_grad():
+            phases = run(steps)
+        assert torch.equal(phases, run(steps).detach())
+    phase_tensor = theta.numel() * 4
+    assert allocated(12, True) - allocated(3, True) >= 9 * phase_tensor  # what the measure sees with grad
+    assert allocated(12, False) - allocated(3, False) < phase_tensor
+
+
 def test_fused_euler_mean_field_backward_memory_grows_by_one_phase_tensor_per_step():
     """The fused path keeps what the checkpointed steps kept: one (b, h, t, n) tensor per extra step."""
     fused = dict(integrator="euler", coupling="mean_field")
