@@ -14,8 +14,9 @@ causal), ``w`` the valid weight and ``(S', C')`` the sums rotated by the phase l
 ``Σ_j w_j sin(θ_j − θ_i − α) / count_i``.
 
 The forward loop runs without autograd and keeps the input phases of every step (one phase tensor
-per step, as the checkpointed generic path does; none when no gradient is needed); the backward runs the steps in reverse with the
-analytic vector-Jacobian product, recomputing each step's trigonometry, in preallocated buffers.
+per step, as the checkpointed generic path does; none when no gradient is needed); the backward
+runs the steps in reverse with the analytic vector-Jacobian product, recomputing each step's
+trigonometry, in preallocated buffers.
 With ``G`` the gradient of the step's output and ``u = dt·G·g``:
 
 .. math::
