@@ -44,16 +44,18 @@ map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's
 ``Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)``.
 
 **Numerics.** Phases grow without bound (``|φ_t| ∼ t·|ω|``); in float32 that loses precision as
-``t`` grows. Here ``φ`` is accumulated in **float64** and wrapped to ``[0, 2π)`` (an exception to
-the library's no-wrapping rule: only ``e^{iφ}`` is ever used, which is 2π-periodic, and the
-gradient of the wrap is 1) before ``cos``/``sin`` are taken (in float32 at least, then cast to the
-input's dtype); recurrent states carry the wrapped phase in float64. The sums over tokens are
-computed in chunks of ``chunk_size`` tokens (a RetNet/GLA-style chunked scan): a masked ``C × C``
-product inside each chunk, and a carry between chunks that is itself computed by the same chunked
-scan over the chunk summaries, so rounding error grows like the logarithm of ``T`` rather than
-``T``. The window never subtracts two prefix sums (chunk lags wholly inside the window go through
-chunk summaries, the at most two straddling lags through masked blocks), and the decay only forms
-powers ``γ^n``, ``n ≥ 0``, so nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
+``t`` grows. Here the rates ``ω_t`` are computed in float32 at least (outside autocast, which would
+round them to bf16: an error that the sum makes grow with ``t``), ``φ`` is accumulated in
+**float64** and wrapped to ``[0, 2π)`` (an exception to the library's no-wrapping rule: only
+``e^{iφ}`` is ever used, which is 2π-periodic, and the gradient of the wrap is 1) before
+``cos``/``sin`` are taken (in float32 at least, then cast to the input's dtype); recurrent states
+carry the wrapped phase in float64. The sums over tokens are computed in chunks of ``chunk_size``
+tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside each chunk, and a carry
+between chunks that is itself computed by the same chunked scan over the chunk summaries, so
+rounding error grows like the logarithm of ``T`` rather than ``T``. The window never subtracts two
+prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
+straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0``, so
+nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
 
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and
@@ -287,6 +289,15 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
     keys, _ = _chunks(key * weights.T[None, :, :, None], min(chunk, t))  # (b, n, C, h, e)
     values, _ = _chunks(value, min(chunk, t))  # (b, n, C, h, f)
     return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
+
+
+def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
+    summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, layer.weight.dtype), torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias).to(torch.float64)
 
 
 def _accumulate(phase0: Tensor, omega: Tensor) -> Tensor:
@@ -552,16 +563,16 @@ class HolographicPhaseMemory(nn.Module):
         """Wrapped key and query phases ``(b, t, d)``, float64, continuing from ``state``."""
         b = x.shape[0]
         start = x.new_zeros(b, self.d_model, dtype=torch.float64) if state is None else state.phase
-        omega = self.omega(x).to(torch.float64)
+        omega = _phase_rate(self.omega, x)
         phase = _accumulate(start, omega)
         if self.query == "shared":
             return phase, phase
         if self.query == "offset":
-            return phase, torch.remainder(phase + self.query_offset(x).to(torch.float64), TWO_PI)
+            return phase, torch.remainder(phase + _phase_rate(self.query_offset, x), TWO_PI)
         query_start = torch.zeros_like(start) if state is None else state.query_phase
         if self.query == "decoupled":
-            return phase, _accumulate(query_start, self.query_omega(x))
-        delta = self.constrained_scale * torch.tanh(self.query_delta(x)).to(torch.float64)
+            return phase, _accumulate(query_start, _phase_rate(self.query_omega, x))
+        delta = self.constrained_scale * torch.tanh(_phase_rate(self.query_delta, x))
         return phase, _accumulate(query_start, omega + delta)
 
     def _tokens(self, x: Tensor, phase: Tensor, query_phase: Tensor) -> _Tokens:
@@ -632,7 +643,11 @@ class HolographicPhaseMemory(nn.Module):
     def _check_state(self, state, x: Tensor) -> None:
         if not isinstance(state, TPIState):
             raise ValueError(f"state: expected a TPIState (see init_state) but got {type(state).__name__}")
-        expected = self.init_state(x.shape[0], device="meta", dtype=x.dtype)
+        # the memory's dtype: the input's, or the parameters' (init_state's default; under autocast
+        # x may be bf16 while the state stays float32)
+        allowed = (x.dtype, self.omega.weight.dtype)
+        dtype = state.memory.dtype if torch.is_tensor(state.memory) and state.memory.dtype in allowed else x.dtype
+        expected = self.init_state(x.shape[0], device="meta", dtype=dtype)
         if state.memory.shape[0] != x.shape[0]:
             raise ValueError(f"state: expected batch size {x.shape[0]} (that of the input) "
                              f"but got a state of batch size {state.memory.shape[0]}")
@@ -644,11 +659,14 @@ class HolographicPhaseMemory(nn.Module):
                 wanted = "None" if want is None else f"{tuple(want.shape)} {want.dtype}"
                 raise ValueError(f"state: expected {field} {wanted} for this module and input "
                                  f"but got {describe} (a state from a different configuration?)")
+            if got is not None and got.device != x.device:
+                raise ValueError(f"state: expected {field} on {x.device} (the input's) but got {got.device}")
         if len(state.buffer) != len(expected.buffer) or any(
-                got.shape != want.shape for got, want in zip(state.buffer, expected.buffer)):
+                got.shape != want.shape or got.device != x.device
+                for got, want in zip(state.buffer, expected.buffer)):
             raise ValueError(f"state: expected a window buffer of shapes "
-                             f"{[tuple(w.shape) for w in expected.buffer]} but got "
-                             f"{[tuple(g.shape) for g in state.buffer]}")
+                             f"{[tuple(w.shape) for w in expected.buffer]} on {x.device} but got "
+                             f"{[tuple(g.shape) for g in state.buffer]} on {[str(g.device) for g in state.buffer]}")
 
 
 class TPIBlock(nn.Module):

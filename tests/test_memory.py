@@ -467,6 +467,34 @@ def test_window_state_keeps_its_dtype_under_bf16_autocast(state):
         assert all(b.dtype == torch.float32 for b in s.buffer)
 
 
+@pytest.mark.parametrize("query", QUERIES)
+def test_phase_rates_are_not_rounded_to_bf16_under_autocast(query):
+    # autocast ran the rate projections in bf16: summed over t = 2048 tokens, a phase error of ~0.3 rad
+    memory = HolographicPhaseMemory(16, query=query).eval()
+    x = torch.randn(1, 2048, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        phases = memory._phases(x, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_phases = memory._phases(x, None)
+    for got, want in zip(autocast_phases, phases):
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_a_float32_state_continues_bf16_input_under_autocast(state):
+    # init_state's float32 state was rejected for the bf16 activations of autocast as "a state from a
+    # different configuration"; only a bf16 state passed, which sums the memory in bf16
+    memory = build(dict(kernel="decay", state=state, num_heads=2), dtype=torch.float32, d=8)
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(6)).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = memory(x)
+        y_state, after = memory(x, memory.init_state(2))
+        y_step, stepped = memory.step(x[:, 0], memory.init_state(2))
+    assert after.memory.dtype == stepped.memory.dtype == torch.float32
+    torch.testing.assert_close(y_state.float(), y.float(), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(y_step.float(), y[:, 0].float(), rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(window=0), "window"),
     (dict(query="rotary"), "query"),
@@ -519,6 +547,8 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         memory(torch.zeros(2, 5, 4), (torch.zeros(2, 4),))
     with pytest.raises(ValueError, match="^state:"):
         memory(torch.zeros(2, 5, 4), memory.init_state(2, dtype=torch.float64))  # float64 state
+    with pytest.raises(ValueError, match="^state: expected phase on cpu"):
+        memory(torch.zeros(2, 5, 4), memory.init_state(2, device="meta"))
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
     with pytest.raises(ValueError, match="^kernel:"):
