@@ -49,7 +49,9 @@ def wrap_phase(theta: Tensor) -> Tensor:
     """
     check_tensor("theta", theta)
     # π − ((π − θ) mod 2π) lies in (−π, π]; wrapping θ + π directly would give [−π, π)
-    return math.pi - torch.remainder(math.pi - theta, 2 * math.pi)
+    wrapped = math.pi - torch.remainder(math.pi - theta, 2 * math.pi)
+    # rounding: for θ just above π, (π − θ) mod 2π can round up to 2π itself, giving −π
+    return torch.where(wrapped <= -math.pi, wrapped + 2 * math.pi, wrapped)
 
 
 class KuramotoField(nn.Module):

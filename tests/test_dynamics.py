@@ -217,5 +217,11 @@ def test_wrap_phase_range_and_equivalence(values):
 def test_wrap_phase_boundaries():
     theta = torch.tensor([math.pi, -math.pi, 3 * math.pi, 0.0], dtype=f64)
     assert wrap_phase(theta).tolist() == pytest.approx([math.pi, math.pi, math.pi, 0.0])
+    # just above π (and just below −π), in float64 and float32: (π − θ) mod 2π rounds to 2π itself
+    for dtype in (f64, torch.float32):
+        pi = torch.tensor(math.pi, dtype=dtype)
+        for near in (torch.nextafter(pi, pi + 1), torch.nextafter(-pi, -pi - 1)):
+            wrapped = wrap_phase(near)
+            assert -math.pi < wrapped <= math.pi and torch.cos(wrapped) == pytest.approx(torch.cos(near))
     with pytest.raises(ValueError, match="theta"):
         wrap_phase([1.0])
