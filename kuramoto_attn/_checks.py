@@ -109,7 +109,11 @@ def check_axis(name: str, value: Any, *, ndim: int | None = None, optional: bool
 
 
 def check_choice(name: str, value: Any, choices) -> str:
-    if value not in choices:
+    try:
+        known = value in choices
+    except TypeError:  # an unhashable value (e.g. a list) against a dict of choices
+        known = False
+    if not known:
         raise ValueError(f"{name}: expected one of {sorted(choices)} but got {value!r}")
     return value
 
@@ -125,6 +129,8 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
             tensor = torch.as_tensor(value).detach().clone()
     except (TypeError, RuntimeError, ValueError):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}") from None
+    if tensor.is_complex():  # would be cast to real, silently dropping the imaginary part
+        raise ValueError(f"{name}: expected real values but got the complex {value!r}")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     if not torch.isfinite(tensor).all():

@@ -48,6 +48,7 @@ Hessian-vector products) is not supported.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -241,7 +242,9 @@ class KuramotoAttention(nn.Module):
         self.out = nn.Linear(h * (self.head_dim + 2 * n), d_model, bias=bias)
         self.omega = nn.Parameter(0.1 * torch.randn(h, n))
         self.beta = nn.Parameter(torch.ones(h))
-        strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength))
+        largest = torch.finfo(torch.get_default_dtype()).max  # the parameter's dtype
+        strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength, low=-largest,
+                                                     high=largest))
         if check_bool("learnable_coupling", learnable_coupling):
             self.strength = nn.Parameter(strength)
         else:
@@ -256,6 +259,13 @@ class KuramotoAttention(nn.Module):
         arguments: the target is read in ceiling and center modes, the band in band mode only."""
         weight = check_real("coherence_weight", weight, low=0.0)
         mode = check_choice("coherence_mode", mode, CoherenceRegularizer.MODES)
+        if target is None and band is None:  # a weight or mode given for no regularizer is a mistake
+            defaults = inspect.signature(KuramotoAttention).parameters
+            for name, value in (("coherence_weight", weight), ("coherence_mode", mode)):
+                if value != defaults[name].default:
+                    raise ValueError(f"{name}: has no effect without coherence_target (or coherence_band) "
+                                     f"(got {value!r})")
+            return None
         if mode != "band":
             if band is not None:
                 raise ValueError(f"coherence_band: only read in coherence_mode='band', not {mode!r}")
@@ -291,8 +301,9 @@ class KuramotoAttention(nn.Module):
             ``(b, t, d_model)``, or ``(output, KuramotoInfo)`` with ``return_info=True``.
         """
         b, t = self._check_input(x)
-        valid = self._check_mask(key_padding_mask, b, t)
+        valid = self._check_mask(key_padding_mask, b, t, x.device)
         past = self._check_cache(cache, b)
+        return_info = check_bool("return_info", return_info)
         h, n, d = self.num_heads, self.num_oscillators, self.head_dim
         # (b, t, 3 * h * d) -> 3 × (b, t, h, d) views: SDPA then returns (b, t, h, e) memory, so the
         # output projection needs no copy
@@ -482,12 +493,13 @@ class KuramotoAttention(nn.Module):
         return x.shape[0], x.shape[1]
 
     @staticmethod
-    def _check_mask(mask: Tensor | None, b: int, t: int) -> Tensor | None:
+    def _check_mask(mask: Tensor | None, b: int, t: int, device: torch.device) -> Tensor | None:
         if mask is None:
             return None
-        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != (b, t):
-            got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
-            raise ValueError(f"key_padding_mask: expected a boolean tensor of shape ({b}, {t}) "
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != (b, t) or mask.device != device:
+            got = (f"{mask.dtype} {tuple(mask.shape)} on {mask.device}" if torch.is_tensor(mask)
+                   else type(mask).__name__)
+            raise ValueError(f"key_padding_mask: expected a boolean tensor of shape ({b}, {t}) on {device} "
                              f"(True = valid) but got {got}")
         return mask
 

@@ -710,6 +710,8 @@ class TPIBlock(nn.Module):
             raise ValueError(f"memory: expected a HolographicPhaseMemory with d_model={d_model} but got {got}")
         ffn_expansion = check_int("ffn_expansion", ffn_expansion, low=0)
         dropout = check_real("dropout", dropout, low=0.0, high=1.0)
+        if dropout and not ffn_expansion:
+            raise ValueError(f"dropout: only read with an FFN (ffn_expansion > 0) but got {dropout}")
         self.memory = memory
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = None

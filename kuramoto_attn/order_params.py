@@ -58,8 +58,8 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         check_tensor("weights", weights, floating=False)
         check_broadcasts("weights", weights.shape, theta.shape)
         weights = weights.to(theta.dtype)
-        if not (weights >= 0).all():  # also catches NaN
-            raise ValueError("weights: expected non-negative values")
+        if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
+            raise ValueError("weights: expected finite non-negative values")
         theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(theta.dtype).tiny)

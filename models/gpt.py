@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, KuramotoAttention, KuramotoCache, KuramotoInfo
-from kuramoto_attn._checks import check_int
+from kuramoto_attn._checks import check_bool, check_int
 
 from . import sampling
 from .config import ConfigError, check, check_types, from_dict
@@ -108,7 +108,7 @@ class GPTConfig:
             check(0 <= self.coherence_target <= 1, "coherence_target", "must be in [0, 1]",
                   self.coherence_target)
         check(self.integrator in SOLVERS, "integrator", f"must be one of {tuple(SOLVERS)}", self.integrator)
-        try:  # which of target and band the mode reads, as the layer checks it
+        try:  # which of target, band, weight and mode are read, as the layer checks it
             KuramotoAttention._coherence(self.coherence_target, self.coherence_weight, self.coherence_mode,
                                          self.coherence_band)
         except ValueError as err:
@@ -127,10 +127,6 @@ class GPTConfig:
             for option in PHASE_OPTIONS:  # "every key is used or rejected": these would be ignored
                 check(getattr(self, option) == _DEFAULTS[option], option,
                       "has no effect without phase layers (use_phase_attention is false)", getattr(self, option))
-        if self.coherence_target is None and self.coherence_band is None:
-            for option in ("coherence_weight", "coherence_mode"):
-                check(getattr(self, option) == _DEFAULTS[option], option,
-                      "has no effect without coherence_target (or coherence_band)", getattr(self, option))
 
 
 #: the options of the phase layers (KuramotoAttention's arguments), unused by a model without them
@@ -306,6 +302,7 @@ class GPT(nn.Module):
         """
         b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
         sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
+        return_info = check_bool("return_info", return_info)
         past = self._check_cache(cache, b)
         if past + t > self.config.max_seq_len:
             raise ValueError(f"idx: {past} cached + {t} new tokens exceed max_seq_len={self.config.max_seq_len}")

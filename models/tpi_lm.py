@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
+from kuramoto_attn._checks import check_bool
 from kuramoto_attn.memory import TPIState
 
 from . import sampling
@@ -133,7 +134,7 @@ class TPILM(nn.Module):
                 c.d_model, query=c.query, constrained_scale=c.constrained_scale, kernel=c.kernel,
                 window=c.window, magnitude=c.magnitude, normalize=c.normalize, state=c.state,
                 num_heads=c.num_heads, expansion=c.expansion, dropout=c.dropout, chunk_size=c.chunk_size),
-                ffn_expansion=c.ffn_expansion, dropout=c.dropout)
+                ffn_expansion=c.ffn_expansion, dropout=c.dropout if c.ffn_expansion else 0.0)
             for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -167,6 +168,7 @@ class TPILM(nn.Module):
         """
         b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
         sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
+        return_info = check_bool("return_info", return_info)
         x = self.drop(self.tok_emb(idx))  # (b, t, d_model)
         if cache is None:
             for block in self.blocks:

@@ -372,6 +372,9 @@ def test_band_mode_keeps_R_in_the_given_band(band):
     (dict(coherence_target=0.4, coherence_band=(0.1, 0.2)), "coherence_band: only read in coherence_mode='band'"),
     (dict(coherence_mode="band", coherence_band=(0.6, 0.2)), "coherence_band: expected lo <= hi"),
     (dict(coherence_mode="band", coherence_band=0.5), "coherence_band: expected a pair"),
+    (dict(coherence_weight=0.5), "^coherence_weight: has no effect without coherence_target"),
+    (dict(coherence_mode="center"), "^coherence_mode: has no effect without coherence_target"),
+    (dict(coherence_mode="band"), "^coherence_mode: has no effect without coherence_target"),
 ])
 def test_coherence_settings_that_would_be_ignored_are_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -476,6 +479,8 @@ def test_phasegpt_preset_and_overrides():
     (dict(phase_noise=-0.1), "phase_noise"),
     (dict(freq_jitter=float("nan")), "freq_jitter"),
     (dict(coupling_strength=float("inf")), "coupling_strength"),
+    (dict(coupling_strength=1e39), "^coupling_strength: expected a value <="),  # float32 overflow
+    (dict(integrator=["euler"]), "^integrator: expected one of"),
     (dict(causal="False"), "causal"),
     (dict(bias="False"), "bias"),
     (dict(learnable_coupling="False"), "learnable_coupling"),
@@ -513,9 +518,12 @@ def test_bad_forward_arguments():
     for dtype in (torch.float64, torch.float16, torch.bfloat16):  # was a bare "mat1 and mat2" error
         with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32"):
             layer(x.to(dtype))
-    for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool)):
-        with pytest.raises(ValueError, match="key_padding_mask"):
+    for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool),
+                 torch.ones(2, 5, dtype=torch.bool, device="meta")):
+        with pytest.raises(ValueError, match="^key_padding_mask: expected a boolean tensor of shape"):
             layer(x, mask)
+    with pytest.raises(ValueError, match="^return_info: expected True or False"):
+        layer(x, return_info="False")  # would read as True
     with pytest.raises(ValueError, match="cache"):
         layer(x, cache={})
     cache = KuramotoCache()

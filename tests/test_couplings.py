@@ -226,6 +226,8 @@ def test_a_user_coupling_needs_one_method():
     (lambda: MeanFieldCoupling(strength=float("nan")), "strength"),
     (lambda: MeanFieldCoupling(strength=float("inf")), "strength"),
     (lambda: MeanFieldCoupling(strength="strong"), "strength"),
+    (lambda: MeanFieldCoupling(strength=2j), "^strength: expected real values"),  # was cast to 0
+    (lambda: GraphCoupling(torch.ones(2, 2, dtype=torch.complex64)), "^weights: expected real values"),
     (lambda: MeanFieldCoupling(phase_lag=float("nan")), "phase_lag"),
     (lambda: MeanFieldCoupling(harmonics=()), "harmonics"),
     (lambda: MeanFieldCoupling(harmonics=(1, 0)), "harmonics"),

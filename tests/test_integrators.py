@@ -120,6 +120,7 @@ def test_a_new_solver_registers_by_name():
     ({"steps": 0}, "steps"),
     ({"steps": 2.5}, "steps"),
     ({"method": "dopri5"}, "method"),
+    ({"method": ["rk4"]}, "^method: expected one of"),  # was a bare "unhashable type" TypeError
     ({"return_trajectory": "no"}, "^return_trajectory:"),
     ({"return_trajectory": 1}, "^return_trajectory:"),
 ])

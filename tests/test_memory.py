@@ -557,6 +557,8 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         TPIBlock(8, HolographicPhaseMemory(4))
     with pytest.raises(ValueError, match="^ffn_expansion:"):
         TPIBlock(4, ffn_expansion=-1)
+    with pytest.raises(ValueError, match="^dropout: only read with an FFN"):
+        TPIBlock(4, ffn_expansion=0, dropout=0.3)  # was ignored
     assert isinstance(memory.init_state(1), TPIState)
 
 

@@ -353,6 +353,8 @@ def test_bad_targets_are_errors_naming_targets(name):
                          (idx.tolist(), "targets: expected the shape of idx")):
         with pytest.raises(ValueError, match=message):
             model(idx, bad)
+    with pytest.raises(ValueError, match="^return_info: expected True or False"):
+        model(idx, return_info="False")  # would read as True
 
 
 @pytest.mark.parametrize("name", ["gpt", "tpi-vector"])

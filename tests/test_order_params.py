@@ -110,7 +110,7 @@ def test_boolean_mask_as_weights_selects_elements():
     assert R_empty.item() == 0.0
     poisoned = torch.where(mask, theta, float("nan"))  # masked-out phases never count, even NaN
     torch.testing.assert_close(order_parameter(poisoned, weights=mask), (R, psi))
-    with pytest.raises(ValueError, match="weights: expected non-negative"):
+    with pytest.raises(ValueError, match="weights: expected finite non-negative"):
         order_parameter(theta, weights=torch.tensor([[1.0, float("nan"), 1.0, 1.0]]))
 
 
@@ -149,6 +149,7 @@ def test_gradients_are_finite_even_at_zero_coherence():
     (lambda: order_parameter(torch.zeros(3), dim=1), "dim"),
     (lambda: order_parameter(torch.zeros(3, 4), weights=torch.ones(3)), "weights"),
     (lambda: order_parameter(torch.zeros(3), weights=-torch.ones(3)), "weights"),
+    (lambda: order_parameter(torch.zeros(3), weights=torch.tensor([1.0, math.inf, 1.0])), "^weights: expected finite"),
     (lambda: daido_order_parameter(torch.zeros(3), m=0), "m"),
     (lambda: order_parameter(torch.empty(0)), "^theta: expected at least one oscillator"),
     (lambda: order_parameter(torch.empty(3, 0)), "^theta: expected at least one oscillator"),
