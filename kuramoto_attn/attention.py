@@ -187,7 +187,8 @@ class KuramotoAttention(nn.Module):
             target is applied to the final phases and its loss returned in the info (modes
             ``"ceiling"`` and ``"center"``).
         coherence_weight: the regularizer's weight ``λ``.
-        coherence_mode: ``"ceiling"``, ``"center"`` or ``"band"``.
+        coherence_mode: ``"ceiling"``, ``"center"`` or ``"band"``. Weight and mode other than their
+            defaults are an error without a target or band (they would have no effect).
         coherence_band: ``(lo, hi)``: in ``"band"`` mode, the regularizer keeps R inside it (and
             ``coherence_target`` is not given); an error in the other modes.
 

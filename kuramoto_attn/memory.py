@@ -684,7 +684,7 @@ class TPIBlock(nn.Module):
         d_model: channels ``d``.
         memory: the mixer (default ``HolographicPhaseMemory(d_model)``); its ``d_model`` must match.
         ffn_expansion: FFN width factor ``f``; 0 for no FFN.
-        dropout: dropout probability after the FFN, in ``[0, 1]``.
+        dropout: dropout probability after the FFN, in ``[0, 1]`` (an error without an FFN).
 
     Shapes:
         * ``forward``: ``x`` ``(b, t, d)`` -> ``(b, t, d)``; ``step``: ``x_t`` ``(b, d)`` -> ``(b, d)``.
