@@ -174,7 +174,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
     try:
-        regularized = getattr(mconf, "coherence_target", None) is not None
+        # a coherence regularizer: a target (ceiling, center modes) or a band (band mode)
+        regularized = any(getattr(mconf, key, None) is not None for key in ("coherence_target", "coherence_band"))
         with _interrupt_at_an_update(fabric, state):
             status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
     except KeyboardInterrupt:
