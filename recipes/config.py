@@ -250,6 +250,8 @@ def _merge(base: dict, top: dict) -> dict:
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
+        elif value is None and isinstance(merged.get(key), dict):
+            continue  # a section left empty ("train:", its keys commented out) keeps the base's, as overrides do
         else:
             merged[key] = value
     return merged

@@ -124,6 +124,10 @@ def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "empty.yaml").write_text("name: e\noptim: {lr: 3e-4}\ntrain:\n")
     config = load_config(tmp_path / "empty.yaml", ["train.max_iters=5", "optim.betas=[0.9, 9.9e-1]"])
     assert config.optim.lr == 3e-4 and config.optim.betas == (0.9, 0.99) and config.train.max_iters == 5
+    # a section left empty in a file that extends another keeps the base's (it reset it to defaults)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: c\ntrain:\n  # max_iters: 100\nmodel:\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert config.train.max_iters == 7 and config.model["n_layers"] == 4
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends: a cycle"):
