@@ -35,7 +35,7 @@ def random_phase_R(num_oscillators: int) -> float:
 
 @torch.no_grad()
 def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
-    """Per phase layer: ``stats`` (mean/std/min/max per head), ``R_tokens`` (h, t) and
+    """Per phase layer: ``stats`` (mean/std/min/max per head, each ``(h,)``), ``R_tokens`` (h, t) and
     ``R_steps`` (steps + 1, h), accumulated over ``batches`` of ``(x, y)``."""
     layers = tuple(getattr(model, "phase_layers", ()))
     if not layers:
@@ -53,8 +53,9 @@ def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
             tokens[i] = tokens[i] + R.sum(0)
             steps[i] = steps[i] + layer.R_steps.float().sum(1)   # (steps + 1, h)
         count += x.shape[0]
-    return {i: {"stats": metrics[i].compute(), "R_tokens": tokens[i] / count, "R_steps": steps[i] / count}
-            for i in metrics}
+    # (h,) statistics: the metric gives 0-d ones for a single head
+    return {i: {"stats": {k: v.reshape(-1) for k, v in metrics[i].compute().items()},
+                "R_tokens": tokens[i] / count, "R_steps": steps[i] / count} for i in metrics}
 
 
 def main(argv: list[str] | None = None) -> dict:

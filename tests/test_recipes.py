@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from models import GPT, GPTConfig
 from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
@@ -828,6 +829,11 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     torch.testing.assert_close(s["stats"]["max"].double(), per_head.max(-1).values, rtol=0, atol=1e-6)
     torch.testing.assert_close(s["R_steps"].double(), R_steps.mean(1), rtol=0, atol=1e-6)
     torch.testing.assert_close(s["R_steps"][-1].double(), R.mean((0, 2)), rtol=0, atol=1e-6)  # final step
+    # one head: (1,) statistics as well (0-d ones crashed interpret's table)
+    one_head = GPT(GPTConfig(vocab_size=model.config.vocab_size, n_layers=1, n_heads=1, d_model=8, d_ff=16,
+                             max_seq_len=16, use_phase_attention=True, phase_layer_idx=(0,), num_oscillators=4))
+    single = phase_statistics(one_head.eval(), batches)[0]
+    assert all(v.shape == (1,) for v in single["stats"].values()) and single["R_tokens"].shape == (1, 16)
     assert (R.mean((0, 2)) - R_steps[0].mean(0)).abs().max() > 1e-3  # the steps moved R: a real check
     report = main([str(trained), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
     assert (tmp_path / "R_tokens.png").is_file() and (tmp_path / "R_steps.png").is_file()
