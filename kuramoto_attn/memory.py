@@ -336,7 +336,8 @@ class HolographicPhaseMemory(nn.Module):
         state: ``"vector"`` (per-channel complex memory, value ``x``) or ``"matrix"`` (per-head
             complex key–value memory with projections ``W_q, W_k, W_v``).
         num_heads: ``h``, dividing ``d_model``: heads share a decay rate and a magnitude (use
-            ``num_heads=d_model`` with the vector state for per-channel ones).
+            ``num_heads=d_model`` with the vector state for per-channel ones). The vector state
+            reads it only with ``kernel="decay"`` or ``magnitude="sigmoid"`` (else an error).
         expansion: output head width factor ``e``: 1 gives ``Linear(2d, d)``; ``e > 1`` gives
             ``Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)``.
         dropout: dropout probability in the output head, in ``[0, 1]``.
@@ -384,6 +385,10 @@ class HolographicPhaseMemory(nn.Module):
             raise ValueError(f"window: only read with kernel='window', not {self.kernel!r}")
         if self.query != "constrained" and self.constrained_scale != self.CONSTRAINED_SCALE:
             raise ValueError(f"constrained_scale: only read with query='constrained', not {self.query!r}")
+        if h > 1 and not self._reads_heads(self.state_type, self.kernel, self.magnitude):
+            raise ValueError(f"num_heads: only read with state='matrix', kernel='decay' or magnitude='sigmoid' "
+                             f"(the vector state's heads group only those), not with state={state!r}, "
+                             f"kernel={kernel!r}, magnitude={magnitude!r}; use num_heads=1")
 
         self.omega = nn.Linear(d, d)  # key frequencies ω (the bias: a base rotation, as in RoPE)
         self.query_omega = nn.Linear(d, d) if query == "decoupled" else None
@@ -542,6 +547,11 @@ class HolographicPhaseMemory(nn.Module):
                 f"chunk_size={self.chunk_size}")
 
     # ----- internals -----
+
+    @staticmethod
+    def _reads_heads(state: str, kernel: str, magnitude: str) -> bool:
+        """Whether ``num_heads`` changes anything: the vector state's heads only group decay rates and magnitudes."""
+        return state == "matrix" or kernel == "decay" or magnitude == "sigmoid"
 
     def _log_decay(self) -> Tensor:
         if self.kernel != "decay":

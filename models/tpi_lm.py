@@ -86,6 +86,8 @@ class TPILMConfig:
               "is only read with kernel: window", self.window)
         check(self.query == "constrained" or self.constrained_scale == TPILMConfig.constrained_scale,
               "constrained_scale", "is only read with query: constrained", self.constrained_scale)
+        check(self.num_heads == 1 or HolographicPhaseMemory._reads_heads(self.state, self.kernel, self.magnitude),
+              "num_heads", "is only read with state: matrix, kernel: decay or magnitude: sigmoid", self.num_heads)
 
 
 @dataclass

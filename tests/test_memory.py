@@ -109,6 +109,9 @@ options = st.fixed_dictionaries(dict(
 def build(opts, dtype=torch.float64, seed=0, d=4):
     if opts.get("kernel") != "window":  # the window is read (and accepted) by that kernel only
         opts = {key: value for key, value in opts.items() if key != "window"}
+    if not HolographicPhaseMemory._reads_heads(opts.get("state", "vector"), opts.get("kernel", "unbounded"),
+                                               opts.get("magnitude", "none")):  # heads would change nothing
+        opts = {key: value for key, value in opts.items() if key != "num_heads"}
     torch.manual_seed(seed)
     memory = HolographicPhaseMemory(d, **opts).to(dtype).eval()
     if memory.kernel == "decay":  # spread the rates over the whole clamped range
@@ -557,6 +560,10 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         TPIBlock(8, HolographicPhaseMemory(4))
     with pytest.raises(ValueError, match="^ffn_expansion:"):
         TPIBlock(4, ffn_expansion=-1)
+    with pytest.raises(ValueError, match="^num_heads: only read with state='matrix'"):
+        HolographicPhaseMemory(4, num_heads=2)  # vector state, unbounded kernel, no magnitude: no effect
+    for reads in (dict(state="matrix"), dict(kernel="decay"), dict(magnitude="sigmoid")):
+        assert HolographicPhaseMemory(4, num_heads=2, **reads).num_heads == 2
     with pytest.raises(ValueError, match="^dropout: only read with an FFN"):
         TPIBlock(4, ffn_expansion=0, dropout=0.3)  # was ignored
     assert isinstance(memory.init_state(1), TPIState)

@@ -95,6 +95,7 @@ def test_reference_yaml_keys_are_accepted():
     (TPILMConfig, {"window": 7}, "model.window: is only read with kernel: window"),
     (TPILMConfig, {"query": "offset", "constrained_scale": 3.0}, "model.constrained_scale: is only read with query"),
     (TPILMConfig, {"d_model": 10, "num_heads": 4}, "model.num_heads: must divide"),
+    (TPILMConfig, {"num_heads": 2}, "model.num_heads: is only read with state: matrix"),  # vector state: no effect
 ])
 def test_config_errors_name_the_key(cls, values, message):
     with pytest.raises(ConfigError, match=message):
