@@ -34,18 +34,19 @@ class Interrupted(KeyboardInterrupt):
 def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     """Run a recipe's ``main()`` from the command line.
 
-    Mistakes the user can fix (a config error, a missing file, a bad argument: each message names
-    what to change) print as one ``error:`` line with exit status 2, without a traceback; Ctrl-C
-    exits with status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first),
-    and a stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143).
-    The recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line
+    Mistakes the user can fix (a config error, a missing file or optional package, a bad argument:
+    each message names what to change) print as one ``error:`` line with exit status 2, without a
+    traceback; Ctrl-C exits with status 130 after the recipe's own message (``recipes.train`` saves
+    ``last.pt`` first), and a stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 +
+    its number (143). The recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line
     and exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
         main()
     except KeyboardInterrupt as stop:
         sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
-    except (ConfigError, OSError, ValueError) as err:  # OSError: missing files, permissions, full disks
+    # OSError: missing files, permissions, full disks; ImportError: an optional package not installed
+    except (ConfigError, OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except failures as err:
@@ -70,7 +71,8 @@ def make_fabric(config: FabricConfig, loggers=None):
     try:
         return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                       strategy=strategy, precision=precision, loggers=loggers)
-    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:  # e.g. no GPU for "gpu"
+    # e.g. no GPU for "gpu"; ImportError: a strategy or accelerator whose package is not installed (deepspeed, tpu)
+    except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:
         settings = ", ".join(f"fabric.{k}={v}" for k, v in vars(config).items())
         raise ValueError(f"fabric: {err} ({settings})") from err
 

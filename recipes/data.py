@@ -616,7 +616,11 @@ def _load_cached(folder: Path, settings: dict, name: str) -> Corpus | None:
 
 def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:
     """Encode into a staging folder beside ``folder``, then move it into place in one rename."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cache_dir: cannot create the corpus cache {folder.parent} ({err.strerror}); set "
+                      f"data.cache_dir (or $KURAMOTO_ATTN_CACHE) to a writable folder") from err
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
     try:
         _encode_into(staging, tokenizer, raw, meta)

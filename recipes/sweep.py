@@ -74,8 +74,9 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
         code = subprocess.call(cmd)
         if code == 2:
-            raise ValueError(f"[sweep] {name} seed {seed}: recipes.train rejected its config (the error "
-                             f"above); fix it and rerun the sweep. Command: {' '.join(cmd)}")
+            raise ValueError(f"[sweep] {name} seed {seed}: recipes.train stopped on a mistake it printed "
+                             f"above (a setting, a file or a package); fix it and rerun the sweep. "
+                             f"Command: {' '.join(cmd)}")
         if code != 0 and not (run_dir / "result.json").is_file():
             raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
                                  f"resume it. Command: {' '.join(cmd)}")

