@@ -68,7 +68,7 @@ class OptimConfig:
     """AdamW (no decay on biases, norms, embeddings) with linear warmup then cosine decay."""
 
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float = 1e-4              # where the cosine ends (read by schedule: cosine only)
     weight_decay: float = 0.1
     betas: tuple[float, ...] = (0.9, 0.99)
     eps: float = 1e-8
@@ -80,6 +80,10 @@ class OptimConfig:
     def __post_init__(self):
         check(self.lr > 0, "lr", "must be positive", self.lr)
         check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]", self.min_lr)
+        default_min_lr = type(self).__dataclass_fields__["min_lr"].default
+        check(self.schedule == "cosine" or self.min_lr in (default_min_lr, self.lr), "min_lr",
+              f"is only read with schedule: cosine (a constant schedule stays at lr); set it to lr ({self.lr}) "
+              f"or to its default ({default_min_lr})", self.min_lr)
         check(self.weight_decay >= 0, "weight_decay", "must be non-negative", self.weight_decay)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               "must be two numbers in [0, 1)", self.betas)

@@ -181,6 +181,14 @@ def test_learning_rate_schedule():
     assert learning_rate(55, o, 100) == pytest.approx(0.55)           # cosine midpoint
 
 
+def test_min_lr_with_the_constant_schedule_is_an_error_where_it_would_be_ignored():
+    with pytest.raises(ConfigError, match=r"^optim.min_lr: is only read with schedule: cosine"):
+        load_config(None, ["optim.schedule=constant", "optim.min_lr=5e-4"])
+    for min_lr in ("1e-4", "1e-3"):  # the default, or lr itself: both say what the schedule does
+        config = load_config(None, ["optim.schedule=constant", f"optim.min_lr={min_lr}"])
+        assert {learning_rate(s, config.optim, 2000) for s in (100, 1000, 2000)} == {config.optim.lr}
+
+
 def test_param_groups_decay_only_linear_weights():
     from models import GPT, GPTConfig
     model = GPT(GPTConfig(vocab_size=11, n_layers=2, n_heads=2, d_model=16, max_seq_len=8,
