@@ -110,10 +110,18 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
     """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± 95% CI per config), with
-    the validation R of each phase layer at the best evaluation (columns ``R_layer<i>``)."""
+    the validation R of each phase layer at the best evaluation (columns ``R_layer<i>``).
+
+    Every run with a result under ``out_dir`` counts: ``names`` × ``seeds`` first, then what an
+    earlier sweep into the same folder left (a rerun with fewer configs or seeds keeps them)."""
+    found: dict[str, set[int]] = {}
+    for path in out_dir.glob("*/seed*/result.json"):
+        if path.parent.name[len("seed"):].isdigit():
+            found.setdefault(path.parent.parent.name, set()).add(int(path.parent.name[len("seed"):]))
+    names = list(names) + sorted(set(found) - set(names))
     rows = []
     for name in names:
-        for seed in seeds:
+        for seed in sorted(set(seeds) | found.get(name, set())):
             path = out_dir / name / f"seed{seed}" / "result.json"
             if path.is_file():
                 r = json.loads(path.read_text())

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1009,6 +1010,11 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     summarise_rows = run_sweep([config], [1, 2], tmp_path / "sweep")
     assert [r["status"] for r in summarise_rows] == ["finished", "diverged"]
     assert f"| tiny | 1 of 2 | {rows[0]['best_val_loss']:.4f} |" in (tmp_path / "sweep" / "summary.md").read_text()
+    # a rerun with fewer seeds or configs keeps the other runs in the folder in its summary
+    shutil.copytree(tmp_path / "sweep" / "tiny" / "seed1", tmp_path / "sweep" / "other" / "seed7")
+    subset = run_sweep([config], [1], tmp_path / "sweep")
+    assert [(r["config"], r["seed"]) for r in subset] == [("tiny", 1), ("tiny", 2), ("other", 7)]
+    assert f"| other | 1 | {rows[0]['best_val_loss']:.4f} |" in (tmp_path / "sweep" / "summary.md").read_text()
     # a config recipes.train rejects (exit 2) is not "rerun to resume"
     monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: 2)
     with pytest.raises(ValueError, match="stopped on a mistake it printed above"):
