@@ -5,7 +5,8 @@
 Every token of a split is predicted exactly once: the split is cut into consecutive windows of the
 training context (``train.block_size``), each predicted from the start of its window.
 Bits per character divide the total by the number of characters the predicted tokens decode to
-(equal to bits per token for a character tokenizer).
+(equal to bits per token for a character tokenizer). The corpus must be the text the run was trained
+on: a file changed since (its sha256, recorded in the checkpoint) is an error, not a score on other data.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +27,29 @@ from recipes.data import prepare_corpus
 __all__ = ["main", "evaluate_split", "load_corpus"]
 
 
-def load_corpus(data: DataConfig, tokenizer=None):
+def load_corpus(data: DataConfig, tokenizer=None, identity: dict | None = None):
     """The corpus a run was trained on (from the data cache when present).
 
-    With the run's ``tokenizer``, a corpus that no longer encodes the same way (its file changed
-    since training, e.g. other characters) is an error, not a silently wrong evaluation.
+    ``identity``: the run's record of its corpus (the checkpoint's ``"corpus"``, see
+    :meth:`recipes.data.Corpus.identity`); a source file whose text changed since (another sha256)
+    is an error naming it, not a silently wrong evaluation. With the run's ``tokenizer``, a corpus
+    that no longer encodes the same way (e.g. other characters) is an error too; given the
+    ``tokenizer`` without an ``identity`` (a checkpoint written before they were recorded), that is
+    the only check, and a warning says so.
     """
     corpus = prepare_corpus(data.name, path=data.path, tokenizer=data.tokenizer,
                             bpe_vocab_size=data.bpe_vocab_size, cache_dir=data.cache_dir,
                             val_fraction=data.val_fraction, download=data.download)
+    where = f"data.path={data.path}" if data.path is not None else f"data.name={data.name}"
+    if identity is not None:
+        changes = corpus.changes_since(identity)
+        if changes:
+            raise ValueError(f"data: the corpus is not the text the run was trained on: {'; '.join(changes)}; "
+                             "restore the text it was trained on to evaluate it (or train a new run on this one)")
+    elif tokenizer is not None:
+        warnings.warn("checkpoint: written before checkpoints recorded the corpus's sha256; only its vocabulary "
+                      "is checked, not that its text is the one the run was trained on", stacklevel=2)
     if tokenizer is not None and corpus.tokenizer.to_dict() != tokenizer.to_dict():
-        where = f"data.path={data.path}" if data.path is not None else f"data.name={data.name}"
         now, then = corpus.tokenizer.vocab_size, tokenizer.vocab_size
         sizes = f"now {now} tokens, then {then}" if now != then else f"{now} tokens, but other ones"
         raise ValueError(f"data: the corpus ({where}) no longer has the vocabulary the run was trained "
@@ -85,10 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     path = Path(args.run)
-    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, state = load_run(path / args.checkpoint if path.is_dir() else path)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data, tokenizer)
+    corpus = load_corpus(config.data, tokenizer, state.get("corpus"))
     default = [split for split in ("val", "test") if split in corpus.splits]
     splits = list(dict.fromkeys(args.splits)) if args.splits else default  # each once, in the order given
     missing = [split for split in splits if split not in corpus.splits]

@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
         if value < 1:
             parser.error(f"{flag}: must be at least 1, got {value}")
     path = Path(args.run)
-    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, state = load_run(path / args.checkpoint if path.is_dir() else path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {str(out)!r} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data, tokenizer)
+    corpus = load_corpus(config.data, tokenizer, state.get("corpus"))  # the text the run was trained on
     if args.split not in corpus.splits:
         parser.error(f"--split: the corpus has no {args.split!r} split (has {', '.join(corpus.splits)})")
     batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,

@@ -4,10 +4,11 @@
         [--resume | --overwrite]
 
 Writes into the run directory (``out_dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
-``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer;
-written atomically), ``logs/`` (CSV) and ``tensorboard/``, ``result.json`` (status, best and final
-validation loss, and R of each phase layer at both), and at the end ``loss.png`` and, with phase
-layers, ``R.png`` (R of every phase layer and head on the validation windows over training).
+``last.pt`` and ``best.pt`` (model, optimizer, scheduler, step, RNG states, config, tokenizer and
+the sha256 of the corpus's files; written atomically), ``logs/`` (CSV) and ``tensorboard/``,
+``result.json`` (status, best and final validation loss, and R of each phase layer at both), and at
+the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase layer and head on the
+validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
 rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several
 processes, all stop before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
@@ -15,7 +16,8 @@ its checkpoints) is redone on resume, and an early-stopped run stays stopped (un
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
 ``progress_bar``, ``plots`` and ``out_dir`` (a moved run); any other change is refused, naming the
-key. ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+key, and so is a corpus whose text changed since (a file with another sha256 than the checkpoint
+records). ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
@@ -152,9 +154,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": [], "eval_due": False,
                 "stopped": False}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
-             "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict()}
+             "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(), "corpus": corpus.identity()}
     if resume:
-        _resume(fabric, run_dir / "last.pt", state, config)
+        _resume(fabric, run_dir / "last.pt", state, config, corpus)
         progress = state["progress"]
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         try:
@@ -423,7 +425,7 @@ def _flush_logs(fabric) -> None:
 RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir")
 
 
-def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> None:
+def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     # compare before loading the weights: a changed model would fail there with a size mismatch
@@ -435,6 +437,15 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig) -> Non
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "
                          f"resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change) "
                          "or start a new out_dir")
+    if header.get("corpus") is None:  # written before checkpoints recorded it: the new ones will
+        fabric.print(f"{path} records no sha256 of the corpus (written by an older version): only its "
+                     "vocabulary is checked, not that its text is the one the run was trained on")
+    else:
+        changes = corpus.changes_since(header["corpus"])
+        if changes:
+            raise ValueError(f"--resume: the corpus is not the text the run was trained on: "
+                             f"{'; '.join(changes)}; restore the text it was trained on to resume it exactly, "
+                             "or train on this one in a new run (--overwrite, or another out_dir)")
     if header["tokenizer"] != state["tokenizer"]:
         raise ValueError("--resume: the tokenizer differs from the checkpoint's (data settings changed?)")
     del header

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -730,17 +732,90 @@ def test_bits_per_char_counts_the_decoded_text_once_whatever_the_windows():
         assert r["bits_per_char"] == pytest.approx((len(tokens) - 1) * math.log2(tokenizer.vocab_size) / chars)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["sha256", "before-sha256"])
 @pytest.mark.parametrize("recipe", ["evaluate", "interpret"])
-def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe):
+def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe,
+                                                                       recorded):
     import importlib
     saved = torch.load(trained / "last.pt", map_location="cpu", weights_only=False)
     changed = tmp_path / "text.txt"  # the same text with "q" gone: the ids of later characters shift
     changed.write_text(corpus_file.read_text().replace("q", "k"))
     saved["config"]["data"]["path"] = str(changed)
+    if not recorded:  # a checkpoint from before the corpus's sha256 was recorded: the vocabulary still is
+        del saved["corpus"]
     torch.save(saved, tmp_path / "moved.pt")
     main = importlib.import_module(f"recipes.{recipe}").main
-    with pytest.raises(ValueError, match=r"no longer has the vocabulary the run was trained with \(now 27 tokens, then"):
+    message = (re.escape(f"data: the corpus is not the text the run was trained on: {changed} (sha256")
+               if recorded else r"no longer has the vocabulary the run was trained with \(now 27 tokens, then")
+    note = nullcontext() if recorded else pytest.warns(UserWarning, match="only its vocabulary is checked")
+    with pytest.raises(ValueError, match=message), note:
         main([str(tmp_path / "moved.pt"), "--device", "cpu"])
+
+
+def _byte_run(tmp_path: Path, corpus_file: Path, max_iters: int = 4) -> tuple[dict, Path]:
+    """A byte-level run's config on its own copy of the corpus (its vocabulary is every byte, whatever the text)."""
+    text = tmp_path / "bytes.txt"
+    if not text.exists():
+        text.write_bytes(corpus_file.read_bytes())
+    return tiny(tmp_path, text, data={"tokenizer": "byte"}, train={"max_iters": max_iters, "eval_interval": 2}), text
+
+
+def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_path, corpus_file, capsys):
+    # the checkpoints checked only the tokenizer, always {"kind": "byte"} here: a replaced file was
+    # evaluated (and resumed on) without a word
+    from recipes.common import run_cli
+    from recipes.interpret import main as interpret_main
+    values, text = _byte_run(tmp_path, corpus_file)
+    train(parse_config(values))
+    run = tmp_path / "run"
+    sha = hashlib.sha256(text.read_bytes()).hexdigest()
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(run / name, map_location="cpu", weights_only=False)
+        assert state["corpus"] == {"sources": {"all": sha}}, name
+    # the same text: every recipe reads it, and a resume goes on
+    interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu"])
+    assert train(parse_config(_byte_run(tmp_path, corpus_file, 6)[0]), resume=True)["step"] == 6
+    evaluated = evaluate_main([str(run), "--device", "cpu"])
+
+    text.write_text(WORDS[::-1] * 60)  # another text, as long, the same 256 tokens
+    stale = rf"{re.escape(str(text))} \(sha256 [0-9a-f]{{12}}…, was {sha[:12]}…\)"
+    for checkpoint in ("best.pt", "last.pt"):
+        with pytest.raises(ValueError, match=f"^data: the corpus is not the text the run was trained on: {stale}; "
+                                             "restore the text it was trained on"):
+            evaluate_main([str(run), "--checkpoint", checkpoint, "--device", "cpu"])
+    with pytest.raises(ValueError, match=f"^data: the corpus is not the text the run was trained on: {stale}"):
+        interpret_main([str(run), "--device", "cpu"])
+    with pytest.raises(ValueError, match=f"^--resume: the corpus is not the text the run was trained on: "
+                                         f"{stale}; restore the text .* or train on this one in a new run"):
+        train(parse_config(_byte_run(tmp_path, corpus_file, 8)[0]), resume=True)
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 6
+    assert json.loads((run / "result.json").read_text())["step"] == 6  # the refused resume changed nothing
+    with pytest.raises(SystemExit) as stop:  # on the command line: one error line, exit status 2
+        run_cli(lambda: evaluate_main([str(run), "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: data: the corpus is not") and err.count("\n") == 1
+
+    text.write_bytes(corpus_file.read_bytes())  # restored: the run is whole again
+    assert evaluate_main([str(run), "--device", "cpu"]) == evaluated
+    assert train(parse_config(_byte_run(tmp_path, corpus_file, 8)[0]), resume=True)["step"] == 8
+
+
+def test_a_checkpoint_without_a_corpus_record_still_evaluates_and_resumes(tmp_path, corpus_file, capsys):
+    values, text = _byte_run(tmp_path, corpus_file)
+    train(parse_config(values))
+    run = tmp_path / "run"
+    evaluated = evaluate_main([str(run), "--device", "cpu"])
+    for name in ("best.pt", "last.pt"):  # as written before checkpoints recorded the corpus
+        state = torch.load(run / name, map_location="cpu", weights_only=False)
+        del state["corpus"]
+        torch.save(state, run / name)
+    with pytest.warns(UserWarning, match="recorded the corpus's sha256; only its vocabulary is checked"):
+        assert evaluate_main([str(run), "--device", "cpu"]) == evaluated
+    capsys.readouterr()
+    assert train(parse_config(_byte_run(tmp_path, corpus_file, 6)[0]), resume=True)["step"] == 6
+    assert "records no sha256 of the corpus (written by an older version)" in capsys.readouterr().out
+    sha = hashlib.sha256(text.read_bytes()).hexdigest()  # recorded from now on
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["corpus"] == {"sources": {"all": sha}}
 
 
 def test_a_split_shorter_than_the_context_fails_before_training(tmp_path):
