@@ -40,7 +40,8 @@ For every head, each token ``i`` carries ``n`` oscillators:
 Backward memory does not grow with ``steps`` beyond one phase tensor ``(b, h, t, n)`` per step:
 each step runs under activation checkpointing, so only its input phases are kept. The default
 configuration (Euler, mean field, no cache) runs all steps in one autograd function with a
-hand-written backward that keeps the same (``kuramoto_attn/_euler_mean_field.py``). These
+hand-written backward that keeps the same (``kuramoto_attn/_euler_mean_field.py``; nothing per step
+under ``torch.no_grad``, e.g. in evaluation and generation). These
 hand-written backward passes are first order: ``create_graph=True`` (gradient penalties,
 Hessian-vector products) is not supported.
 """
