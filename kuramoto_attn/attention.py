@@ -83,8 +83,8 @@ class KuramotoInfo:
         R_steps: the same after every integration step ``(steps + 1, b, h)``, first entry at
             ``θ⁰`` (detached).
         coherence_loss: the coherence regularizer's scalar loss on the final phases (padded tokens
-            excluded), or ``None`` when the layer has no ``coherence_target``. It is returned, never
-            added to anything: add it to your loss.
+            excluded), or ``None`` when the layer has no regularizer (neither ``coherence_target``
+            nor ``coherence_band``). It is returned, never added to anything: add it to your loss.
 
     Example:
         >>> import torch

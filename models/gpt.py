@@ -143,8 +143,9 @@ class GPTInfo:
     Attributes:
         phase: layer index -> that phase layer's :class:`~kuramoto_attn.KuramotoInfo` (for the
             tokens of this call); empty without phase layers.
-        coherence_loss: sum of the phase layers' coherence losses (a zero scalar when no layer
-            has a ``coherence_target``). Not part of ``loss``: add it yourself.
+        coherence_loss: sum of the phase layers' coherence losses (a zero scalar when no layer has
+            a regularizer: a ``coherence_target`` or ``coherence_band``). Not part of ``loss``: add it
+            yourself.
     """
 
     phase: dict[int, KuramotoInfo]

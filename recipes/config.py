@@ -1,11 +1,12 @@
 """Run configuration: YAML files (with ``extends:``) plus dotted command-line overrides.
 
 A run config has five sections, each a frozen dataclass (``model`` is checked by the model's own
-config class, chosen by ``model.type``), and three top-level keys::
+config class, chosen by ``model.type``), three top-level keys, and an optional ``extends``::
 
-    extends: base.yaml             # optional: deep-merged underneath this file
-    name: layer7_32osc_K1_cpu      # run name; out_dir defaults to runs/<name>
+    extends: base.yaml             # optional: merged underneath this file, section by section
+    name: layer7_32osc_K1_cpu      # run name
     seed: 1337
+    out_dir: runs/my_run           # optional: default runs/<name>
     model: {type: gpt, n_layers: 4, ...}            # models.GPTConfig / models.TPILMConfig
     data: {name: shakespeare, tokenizer: char, ...}  # DataConfig
     optim: {lr: 1.0e-3, weight_decay: 0.1, ...}      # OptimConfig
@@ -45,7 +46,7 @@ class DataConfig:
     bpe_vocab_size: int = 8192
     cache_dir: str | None = None      # None: $KURAMOTO_ATTN_CACHE or ~/.cache/kuramoto-attn
     val_fraction: float = 0.1
-    download: bool = True
+    download: bool = True             # fetch a known corpus missing from the cache (only without path)
 
     def __post_init__(self):
         from recipes.data import CORPORA
@@ -61,6 +62,9 @@ class DataConfig:
               f"{self.name} has its own validation split; remove the setting", self.val_fraction)
         check((self.tokenizer or source.level) == "bpe" or self.bpe_vocab_size == DataConfig.bpe_vocab_size,
               "bpe_vocab_size", "applies only with tokenizer: bpe", self.bpe_vocab_size)
+        check(self.download or (source.files and self.path is None), "download",
+              "applies only to a known corpus read without data.path (nothing else is downloaded); "
+              "remove the setting", self.download)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@
 
 For every phase layer and head: mean / std / min / max of R (each R taken over one token's N
 oscillators of that head — angles are never averaged across heads), printed as a table next to
-the value random phases would give, and saved to ``interpret.json``. Two plots per head:
-``R_tokens.png`` (R against the token position, averaged over the batch) and ``R_steps.png``
-(R after each integration step).
+the value random phases would give, and saved to ``interpret.json``. Two plots, a panel per phase
+layer and a line per head: ``R_tokens.png`` (R against the token position, averaged over the batch)
+and ``R_steps.png`` (R after each integration step).
 """
 
 from __future__ import annotations

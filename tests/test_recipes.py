@@ -92,6 +92,8 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("data.bpe_vocab_size=1000", "data.bpe_vocab_size: applies only with tokenizer: bpe"),
     ("data.name=wikitext-2 data.val_fraction=0.2", "data.val_fraction: wikitext-2 has its own validation split"),
     ("data.name=enwik8 data.tokenizer=char", "data.tokenizer: must be byte"),
+    ("data.download=false", "data.download: applies only to a known corpus read without data.path"),  # text
+    ("data.name=shakespeare data.path=null data.download=false", "data.download: applies only to a known"),
     ("seed=-1", r"seed: must be in \[0, 2\*\*32\)"),
     ("optim.lr=.inf", "optim.lr: expected a finite number"),
     ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
@@ -109,7 +111,8 @@ def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
 def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file)
     for overrides in (["data.val_fraction=0.2"], ["data.tokenizer=bpe", "data.bpe_vocab_size=300"],
-                      ["data.name=wikitext-2", "data.tokenizer=bpe", "data.bpe_vocab_size=300"]):
+                      ["data.name=wikitext-2", "data.tokenizer=bpe", "data.bpe_vocab_size=300"],
+                      ["data.name=wikitext-2", "data.path=null", "data.download=false"]):
         parse_config(apply_overrides(values, overrides))
 
 
