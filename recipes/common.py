@@ -15,7 +15,7 @@ from torch import nn
 
 from models import MODELS
 from models.config import ConfigError
-from recipes.config import FabricConfig, model_config, parse_config
+from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 
 __all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
@@ -141,7 +141,7 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
         raise ValueError(f"checkpoint: {str(checkpoint)!r} is not a checkpoint written by recipes.train "
                          "(no model, config and tokenizer in it)")
     tokenizer = tokenizer_from_dict(state["tokenizer"])
-    config = parse_config(state["config"])
+    config = parse_saved_config(state["config"])
     model = build_model(config.model, tokenizer.vocab_size)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, config, state

@@ -31,9 +31,8 @@ import yaml
 from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
-__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig",
-           "load_config", "parse_config", "load_yaml", "apply_overrides", "split_overrides", "model_config",
-           "changed_keys"]
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig", "load_config", "parse_config",
+           "parse_saved_config", "load_yaml", "apply_overrides", "split_overrides", "model_config", "changed_keys"]
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,13 @@ class OptimConfig:
 
     def __post_init__(self):
         check(self.lr > 0, "lr", "must be positive", self.lr)
-        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]", self.min_lr)
         default_min_lr = type(self).__dataclass_fields__["min_lr"].default
-        check(self.schedule == "cosine" or self.min_lr in (default_min_lr, self.lr), "min_lr",
-              f"is only read with schedule: cosine (a constant schedule stays at lr); set it to lr ({self.lr}) "
-              f"or to its default ({default_min_lr})", self.min_lr)
+        if self.schedule == "cosine":
+            check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]", self.min_lr)
+        else:
+            check(self.min_lr in (default_min_lr, self.lr), "min_lr", f"is only read with schedule: cosine (a "
+                  f"constant schedule stays at lr); remove it (default {default_min_lr}) or set it to lr",
+                  self.min_lr)
         check(self.weight_decay >= 0, "weight_decay", "must be non-negative", self.weight_decay)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               "must be two numbers in [0, 1)", self.betas)
@@ -251,6 +252,30 @@ def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunCo
     # fail now, not after loading the data; the real vocabulary size is filled in later
     model_config(config.model, vocab_size if vocab_size is not None else 1)
     return config
+
+
+def parse_saved_config(values: dict[str, Any]) -> RunConfig:
+    """:func:`parse_config` for the config a run was trained with (a checkpoint's, or a run folder's
+    ``config.yaml``): settings that had no effect, which newer versions refuse, are reset to their
+    defaults first (the run trained the same either way), so older runs still evaluate and resume."""
+    values = copy.deepcopy(values)
+    data, optim, model = (values.get(key) if isinstance(values.get(key), dict) else {}
+                          for key in ("data", "optim", "model"))
+    from recipes.data import CORPORA
+
+    source = CORPORA.get(data.get("name", DataConfig.name))
+    if data.get("download") is False and source is not None and not (source.files and data.get("path") is None):
+        del data["download"]  # nothing was to be downloaded
+    if optim.get("schedule") == "constant":
+        optim.pop("min_lr", None)  # read by the cosine schedule only
+    if model.get("type") == "tpi" and model.get("num_heads", 1) != 1:
+        from kuramoto_attn import HolographicPhaseMemory
+        from models.tpi_lm import TPILMConfig
+
+        variant = (model.get(key, getattr(TPILMConfig, key)) for key in ("state", "kernel", "magnitude"))
+        if not HolographicPhaseMemory._reads_heads(*variant):
+            model["num_heads"] = 1  # the vector state's heads grouped nothing here
+    return parse_config(values)
 
 
 def _merge(base: dict, top: dict) -> dict:

@@ -36,7 +36,8 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import mean_ci95, run_cli
-from recipes.config import DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, split_overrides
+from recipes.config import (DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, parse_saved_config,
+                            split_overrides)
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
@@ -104,7 +105,7 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
     """A finished or interrupted run is only reused for the settings it was trained with (those
     that change only what a run shows, ``DISPLAY_KEYS``, may differ)."""
     wanted = load_config(config, overrides).to_dict()
-    done = load_config(run_dir / "config.yaml").to_dict()
+    done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
     changed = [key for key in changed_keys(done, wanted) if key not in DISPLAY_KEYS]  # logs and plots may differ
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "

@@ -44,7 +44,7 @@ import yaml
 
 from kuramoto_attn import OrderParameter
 from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_config,
+from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
                             split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
 
@@ -430,7 +430,8 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     # compare before loading the weights: a changed model would fail there with a size mismatch
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    saved_config = parse_config(header["config"]).to_dict()  # defaults filled in: keys added since are no change
+    # defaults filled in: keys added since are no change; settings that had no effect are dropped
+    saved_config = parse_saved_config(header["config"]).to_dict()
     changed = changed_keys(saved_config, state["config"])
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:

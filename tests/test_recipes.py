@@ -23,7 +23,7 @@ from models import GPT, GPTConfig
 from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
-from recipes.config import apply_overrides, load_config, parse_config
+from recipes.config import apply_overrides, load_config, parse_config, parse_saved_config
 from recipes.evaluate import evaluate_split
 from recipes.evaluate import main as evaluate_main
 from recipes.generate import generate_text
@@ -193,6 +193,28 @@ def test_min_lr_with_the_constant_schedule_is_an_error_where_it_would_be_ignored
     for min_lr in ("1e-4", "1e-3"):  # the default, or lr itself: both say what the schedule does
         config = load_config(None, ["optim.schedule=constant", f"optim.min_lr={min_lr}"])
         assert {learning_rate(s, config.optim, 2000) for s in (100, 1000, 2000)} == {config.optim.lr}
+    assert load_config(None, ["optim.schedule=constant", "optim.lr=5e-5"]).optim.lr == 5e-5  # below the default
+
+
+def test_runs_saved_with_settings_refused_since_still_load(tmp_path, corpus_file):
+    # settings that had no effect and are refused now (data.download where nothing is downloaded, min_lr with
+    # the constant schedule, a vector-state TPI's num_heads) must not lock older runs out of evaluate/--resume
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    checkpoint = tmp_path / "run" / "last.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["config"]["data"]["download"] = False
+    state["config"]["optim"].update(schedule="constant", min_lr=0.0)
+    with pytest.raises(ConfigError, match="data.download"):
+        parse_config(state["config"])
+    torch.save(state, checkpoint)
+    model, _, config, _ = load_run(checkpoint)
+    assert config.data.download and config.optim.min_lr == 1e-4 and config.optim.schedule == "constant"
+    tpi = {"model": {"type": "tpi", "d_model": 8, "n_layers": 1, "num_heads": 2}}
+    with pytest.raises(ConfigError, match="model.num_heads"):
+        parse_config(tpi)
+    assert parse_saved_config(tpi).model["num_heads"] == 1
+    assert parse_saved_config({**tpi, "model": {**tpi["model"], "kernel": "decay"}}).model["num_heads"] == 2
 
 
 def test_param_groups_decay_only_linear_weights():
