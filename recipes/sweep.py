@@ -30,6 +30,7 @@ import math
 import numbers
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -84,7 +85,18 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         if code != 0 and not (run_dir / "result.json").is_file():
             raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
                                  f"resume it. Command: {' '.join(cmd)}")
-    return summarise(out_dir, names, seeds)
+    settings = {name: load_config(config, [*overrides, f"name={name}"]).to_dict()
+                for config, name in zip(configs, names)}
+
+    def trained_alike(name: str, run_dir: Path) -> bool:
+        """Whether an earlier run of this sweep's config ``name`` has this sweep's settings."""
+        done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+        changed = [key for key in changed_keys(done, settings[name]) if key not in (*DISPLAY_KEYS, *_PER_RUN_KEYS)]
+        if changed:
+            print(f"[sweep] {run_dir}: trained with other settings ({', '.join(changed)}), left out of the summary")
+        return not changed
+
+    return summarise(out_dir, names, seeds, trained_alike)
 
 
 def _checked_config(config: Path, overrides: list[str]) -> dict:
@@ -112,20 +124,29 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
                          "give the sweep another out_dir, or delete that run to train it again")
 
 
-def summarise(out_dir: Path, names: list[str], seeds: list[int]) -> list[dict]:
+def summarise(out_dir: Path, names: list[str], seeds: list[int],
+              trained_alike: Callable[[str, Path], bool] | None = None) -> list[dict]:
     """Write ``summary.csv`` (one row per run) and ``summary.md`` (mean ± 95% CI per config), with
     the validation R of each phase layer at the best evaluation (columns ``R_layer<i>``).
 
     Every run with a result under ``out_dir`` counts: ``names`` × ``seeds`` first, then what an
-    earlier sweep into the same folder left (a rerun with fewer configs or seeds keeps them)."""
+    earlier sweep into the same folder left (a rerun with fewer configs or seeds keeps them). An
+    earlier run of a config in ``names`` counts only if ``trained_alike(name, run_dir)`` (when
+    given): another seed trained with other settings would not belong in the same mean."""
     found: dict[str, set[int]] = {}
     for path in out_dir.glob("*/seed*/result.json"):
         if path.parent.name[len("seed"):].isdigit():
             found.setdefault(path.parent.parent.name, set()).add(int(path.parent.name[len("seed"):]))
-    names = list(names) + sorted(set(found) - set(names))
+    runs = {name: sorted(found.get(name, set())) for name in sorted(set(found) - set(names))}
+    for name in names:
+        earlier = sorted(found.get(name, set()) - set(seeds))
+        if trained_alike is not None:
+            earlier = [seed for seed in earlier if trained_alike(name, out_dir / name / f"seed{seed}")]
+        runs[name] = sorted({*seeds, *earlier})
+    names = list(names) + sorted(set(runs) - set(names))  # this sweep's configs first
     rows = []
     for name in names:
-        for seed in sorted(set(seeds) | found.get(name, set())):
+        for seed in runs[name]:
             path = out_dir / name / f"seed{seed}" / "result.json"
             if path.is_file():
                 r = json.loads(path.read_text())
