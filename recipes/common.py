@@ -27,8 +27,11 @@ class Interrupted(KeyboardInterrupt):
     :func:`run_cli` exits with the shell's status for it, 128 + ``signum``."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(int(signum))  # args: what pickling passes back
         self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 #: packages a recipe may need that the user installs (extras): missing, they are a mistake to fix, not a bug

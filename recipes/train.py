@@ -361,14 +361,15 @@ def _interrupt_at_an_update(fabric, state: dict):
 
 def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int = 0) -> None:
     # (any rank's loss not finite, gradient norm not finite, any rank interrupted), decided together
-    # so that no rank waits alone; ``interrupted``: the signal this rank received, 0 if none
-    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm)), float(interrupted > 0)],
+    # so that no rank waits alone; ``interrupted``: the signal this rank received, 0 if none (the
+    # maximum over ranks: every rank stops with SIGTERM's status if any got it)
+    bad = torch.tensor([float(not torch.isfinite(loss)), float(not torch.isfinite(norm)), float(interrupted)],
                        device=fabric.device)
     if fabric.world_size > 1:
-        bad = fabric.all_reduce(bad, reduce_op="sum")
-    bad_loss, bad_norm, any_interrupted = (bool(b > 0) for b in bad.tolist())
-    if any_interrupted:  # on every rank, before the update: they save last.pt together
-        raise Interrupted(interrupted or signal.SIGINT)
+        bad = fabric.all_reduce(bad, reduce_op="max")
+    bad_loss, bad_norm, signum = bool(bad[0]), bool(bad[1]), int(bad[2])
+    if signum:  # on every rank, before the update: they save last.pt together
+        raise Interrupted(signum)
     if not bad_loss and bad_norm and getattr(fabric._precision, "scaler", None) is not None:
         return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
     if bad_loss or bad_norm:
