@@ -201,7 +201,9 @@ def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Te
         strength: ``K`` broadcastable to ``theta0`` (e.g. ``(h, 1, 1)``).
         weight: valid weight ``(b, 1, 1, t)`` (1 valid, 0 padded), or None when all are valid.
         noise: std of the Gaussian noise added after each step (0: none).
-        on_step: called with the phases after each step (detached), e.g. to record R.
+        on_step: called with the phases after each step (detached), e.g. to record R. The tensor is
+            valid during the call only (without gradient it is a work buffer reused two steps later):
+            clone it to keep it.
     """
     # a backward will come: keep every step's input phases (not under no_grad / inference_mode)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in (theta0, omega, strength))

@@ -294,10 +294,12 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
-    dtype = torch.promote_types(torch.promote_types(x.dtype, layer.weight.dtype), torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        return F.linear(x.to(dtype), layer.weight.to(dtype), bias).to(torch.float64)
+        if layer.weight.dtype in (torch.float32, torch.float64):  # the module's own call: its hooks run
+            return layer(x.to(layer.weight.dtype)).to(torch.float64)
+        # a half-precision module: its weights upcast (its forward hooks are not called)
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x.float(), layer.weight.float(), bias).to(torch.float64)
 
 
 def _accumulate(phase0: Tensor, omega: Tensor) -> Tensor:

@@ -143,7 +143,8 @@ class OrderParameter(Metric):
         self.high = torch.maximum(self.high, high)
 
     def compute(self) -> dict[str, Tensor]:
-        """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups)."""
+        """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups, and
+        for ``num_groups=1``: torchmetrics squeezes one-element results; ``.reshape(-1)`` gives ``(1,)``)."""
         stats = _order_parameter_compute(self.total, self.total_sq, self.count, self.low, self.high)
         if self.group_dim is None:
             stats = {key: value.squeeze(0) for key, value in stats.items()}

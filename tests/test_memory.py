@@ -592,3 +592,16 @@ def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself
         assert memory(torch.randn(2, 5, 4, dtype=torch.bfloat16)).shape == (2, 5, 4)
         assert block(torch.randn(2, 5, 4, dtype=torch.bfloat16)).shape == (2, 5, 4)
+
+
+def test_phase_rate_layers_are_called_as_modules():
+    # their forward hooks run (activation capture, pruning, parameter gathering), with or without autocast
+    memory = HolographicPhaseMemory(8, query="constrained").eval()
+    calls = []
+    for layer in (memory.omega, memory.query_delta):
+        layer.register_forward_hook(lambda module, args, out: calls.append(module))
+    with torch.no_grad():
+        memory(torch.randn(1, 3, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            memory(torch.randn(1, 3, 8))
+    assert calls == [memory.omega, memory.query_delta] * 2
