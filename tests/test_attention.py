@@ -356,15 +356,15 @@ def test_coherence_loss_matches_regularizer_on_valid_tokens():
 
 
 @pytest.mark.parametrize("band", [(0.0, 0.1), (0.9, 1.0), (0.2, 0.6)])
-def test_band_mode_keeps_R_in_the_given_band(band):
+def test_band_mode_loss_is_the_weighted_squared_distance_outside_the_band(band):
     # the band was fixed at (0.35, 0.55) and coherence_target silently ignored in band mode
     from kuramoto_attn import CoherenceRegularizer, order_parameter
-    layer = make_layer(coherence_mode="band", coherence_band=band, coherence_weight=1.0)
+    layer = make_layer(coherence_mode="band", coherence_band=band, coherence_weight=0.3)
     _, info = layer(torch.randn(2, 5, 16, dtype=torch.float64), return_info=True)
     R = order_parameter(info.phases, dim=-1)[0]
     lo, hi = band
-    torch.testing.assert_close(info.coherence_loss, (torch.relu(lo - R) ** 2 + torch.relu(R - hi) ** 2).mean())
-    torch.testing.assert_close(info.coherence_loss, CoherenceRegularizer(weight=1.0, mode="band", band=band).penalty(R))
+    torch.testing.assert_close(info.coherence_loss, 0.3 * (torch.relu(lo - R) ** 2 + torch.relu(R - hi) ** 2).mean())
+    torch.testing.assert_close(info.coherence_loss, CoherenceRegularizer(weight=0.3, mode="band", band=band).penalty(R))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -649,3 +649,51 @@ def test_fused_euler_mean_field_backward_memory_grows_by_one_phase_tensor_per_st
     fused = dict(integrator="euler", coupling="mean_field")
     phase_tensor = 2 * 2 * 20 * 3 * 4  # (b, h, t, n) float32
     assert saved_bytes(10, **fused) - saved_bytes(1, **fused) <= 9 * phase_tensor * 1.05
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_dropout_never_changes_the_phases(coupling):
+    layer = make_layer(coupling=coupling, dropout=0.5)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, reference = layer.eval()(x, return_info=True)
+        layer.train()
+        for _ in range(5):
+            y, info = layer(x, return_info=True)
+            torch.testing.assert_close(info.phases, reference.phases, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("integrator", ["euler", "rk4"])
+def test_frequency_jitter_is_applied_in_training(coupling, integrator):
+    layer = make_layer(coupling=coupling, integrator=integrator, coupling_strength=0.0, learnable_coupling=False,
+                       steps=4, dt=0.25, freq_jitter=0.5).train()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        jittered = layer.freq_jitter(layer.omega)  # the only random draw of this forward
+        torch.manual_seed(3)
+        _, info = layer(x, return_info=True)
+        theta0 = (math.pi * torch.tanh(layer.phase_proj(x))).view(2, 6, 2, 3).transpose(1, 2)
+    expected = theta0 + jittered.view(2, 1, 3) * (4 * 0.25)
+    assert not torch.allclose(jittered, layer.omega)
+    torch.testing.assert_close(info.phases, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_info_with_cache_and_padding_equals_full_forward(coupling):
+    gen = torch.Generator().manual_seed(12)
+    layer = make_layer(coupling=coupling, coherence_target=0.1)
+    x = torch.randn(3, 9, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 9, gen)
+    valid[:, 5:] = torch.rand(3, 4, generator=gen) < 0.5  # padding inside the decoded part too
+    with torch.no_grad():
+        cache = KuramotoCache()
+        layer(x[:, :5], valid[:, :5], cache=cache)
+        _, info = layer(x[:, 5:], valid[:, 5:], cache=cache, return_info=True)
+        _, full = layer(x, valid, return_info=True)
+    R_tok = torch.exp(1j * full.phases[:, :, 5:]).mean(-1).abs()  # (b, h, 4)
+    w = valid[:, None, 5:].double()
+    torch.testing.assert_close(info.R, (R_tok * w).sum(-1) / w.sum(-1).clamp_min(1), rtol=0, atol=1e-10)
+    kept = R_tok.masked_select(valid[:, None, 5:])
+    torch.testing.assert_close(info.coherence_loss, layer.coherence.penalty(kept), rtol=0, atol=1e-12)

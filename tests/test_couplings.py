@@ -129,6 +129,7 @@ def test_causal_attention_weights_give_causal_coupling():
     coupling = AttentionCoupling()
     torch.testing.assert_close(coupling(theta, weights)[:, :, :4], coupling(changed, weights)[:, :, :4],
                                atol=1e-12, rtol=0)
+    assert not torch.allclose(coupling(theta, weights)[:, :, 4:], coupling(changed, weights)[:, :, 4:])  # it did reach
 
 
 # ---------- properties of the coupling term ----------

@@ -1,5 +1,7 @@
 """models: GPT (PhaseGPT) and TPILM — configs, shapes, causality, losses, caches and generation."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -431,3 +433,35 @@ def test_numpy_numbers_are_accepted_as_settings():
     assert model.generate(tokens(1, 2), np.int64(3), temperature=np.float32(0.5), top_k=np.int64(2)).shape == (1, 5)
     with pytest.raises(ConfigError, match="num_oscillators: expected an integer"):
         GPTConfig.from_dict(dict(num_oscillators=np.bool_(True)))
+
+
+def test_every_phase_option_reaches_the_phase_layers():
+    values = dict(num_oscillators=5, coupling_strength=-0.7, steps=4, dt=0.07, integrator="heun",
+                  coupling="attention", phase_lag=0.3, learnable_coupling=False, phase_noise=0.02,
+                  freq_jitter=0.04, coherence_target=0.3, coherence_weight=0.2, coherence_mode="center")
+    model = GPT(GPTConfig(vocab_size=11, max_seq_len=8, n_layers=2, n_heads=2, d_model=16, dropout=0.15,
+                          use_phase_attention=True, phase_layer_idx=[1], **values))
+    attn = model.blocks[1].attn
+    assert (attn.num_oscillators, attn.steps, attn.dt, attn.integrator, attn.coupling, attn.phase_lag) == (
+        5, 4, 0.07, "heun", "attention", 0.3)
+    assert "strength" in dict(attn.named_buffers()) and attn.strength.flatten().tolist() == pytest.approx([-0.7] * 2)
+    assert (attn.phase_noise.sigma, attn.freq_jitter.relative, attn.dropout) == (0.02, 0.04, 0.15)
+    assert (attn.coherence.target, attn.coherence.weight, attn.coherence.mode) == (0.3, 0.2, "center")
+
+
+def test_tpilm_dropout_reaches_every_place():
+    model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=1, dropout=0.2))
+    block = model.blocks[0]
+    assert model.drop.p == 0.2 and block.memory.head[1].p == 0.2 and block.ffn[-1].p == 0.2
+
+
+def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, max_seq_len=16, n_layers=4, n_heads=4, d_model=256,
+                       use_phase_attention=True, phase_layer_idx=[1], num_oscillators=8)
+    model = GPT(config)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
+    assert model.blocks[1].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
+    # the phase layer keeps nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
+    assert model.blocks[1].attn.phase_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)

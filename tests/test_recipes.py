@@ -15,6 +15,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,6 +25,7 @@ from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, parse_config, parse_saved_config
+from recipes.data import prepare_corpus
 from recipes.evaluate import evaluate_split
 from recipes.evaluate import main as evaluate_main
 from recipes.generate import generate_text
@@ -1189,3 +1191,70 @@ def test_demo_reaches_kuramotos_steady_state(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_step_seeds_are_distinct_per_step_and_rank():
+    from recipes.common import step_seed
+
+    seeds = {step_seed(3, step, rank) for step in range(200) for rank in range(4)}
+    assert len(seeds) == 800
+    assert step_seed(3, 5, 1) == step_seed(3, 5, 1)
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_file, monkeypatch):
+    real_build, calls = train_module.build_model, {"n": 0}
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def poison(grad):  # the 6th backward: one parameter's gradient turns NaN, the loss stays finite
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == 6 else grad
+        model.blocks[0].mlp.fc.weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss \d[^,]*, gradient norm nan"):
+        train(parse_config(tiny(tmp_path, corpus_file)))
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["progress"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+
+
+def test_training_evaluates_on_the_validation_split(tmp_path, corpus_file, monkeypatch):
+    seen, real = [], train_module.eval_batches
+    monkeypatch.setattr(train_module, "eval_batches",
+                        lambda data, *args, **kwargs: seen.append(np.array(data)) or real(data, *args, **kwargs))
+    train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
+    val = prepare_corpus("text", path=corpus_file, tokenizer="char", cache_dir=tmp_path / "cache").splits["val"]
+    assert len(seen) == 2 and all(np.array_equal(s, val) for s in seen)
+
+
+def test_logged_validation_R_is_R_over_each_heads_oscillators(tmp_path, corpus_file):
+    from recipes.common import load_run
+    from recipes.data import eval_batches
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 4})
+    train(parse_config(values))
+    model, _, config, state = load_run(tmp_path / "run" / "last.pt")
+    last = [h for h in state["progress"]["history"] if "val_loss" in h][-1]
+    val = prepare_corpus("text", path=corpus_file, tokenizer="char", cache_dir=tmp_path / "cache").splits["val"]
+    R = []
+    with torch.no_grad():
+        for x, _ in eval_batches(val, 4, 16, 2, seed=config.seed):
+            phases = model(x, return_info=True)[2].phase[1].phases.double()  # (b, h, t, n)
+            R.append(torch.exp(1j * phases).mean(-1).abs())  # R per token and head, over the n oscillators
+    per_head = torch.cat(R).mean((0, 2))
+    assert [last[f"val_R/layer1/head{h}"] for h in range(2)] == pytest.approx(per_head.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("cuda, accelerator, expected", [(True, "auto", "bf16-mixed"), (True, "cuda", "bf16-mixed"),
+                                                         (True, "cpu", "32-true"), (False, "auto", "32-true")])
+def test_default_precision_is_bf16_mixed_on_gpu_and_fp32_on_cpu(monkeypatch, cuda, accelerator, expected):
+    import lightning_fabric
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or "fabric")
+    make_fabric(FabricConfig(accelerator=accelerator))
+    assert seen["precision"] == expected
