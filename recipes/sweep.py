@@ -90,7 +90,11 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
 
     def trained_alike(name: str, run_dir: Path) -> bool:
         """Whether an earlier run of this sweep's config ``name`` has this sweep's settings."""
-        done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+        try:
+            done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+        except (OSError, ValueError) as err:  # ConfigError is a ValueError
+            print(f"[sweep] {run_dir}: its config.yaml cannot be read ({err}), left out of the summary")
+            return False
         changed = [key for key in changed_keys(done, settings[name]) if key not in (*DISPLAY_KEYS, *_PER_RUN_KEYS)]
         if changed:
             print(f"[sweep] {run_dir}: trained with other settings ({', '.join(changed)}), left out of the summary")

@@ -1130,6 +1130,8 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     shutil.copytree(tmp_path / "sweep" / "tiny" / "seed1", alien)
     (alien / "config.yaml").write_text(yaml.safe_dump(load_config(alien / "config.yaml", ["optim.lr=0.5"]).to_dict()))
     assert run_sweep([config], [1], tmp_path / "sweep") == subset
+    (alien / "config.yaml").unlink()  # nor one whose settings cannot be read
+    assert run_sweep([config], [1], tmp_path / "sweep") == subset
     # a run that finished (result.json written) and then failed, e.g. in its plots, does not stop the sweep
     monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: (call(cmd), 2)[1])
     assert [r["seed"] for r in run_sweep([config], [4], tmp_path / "sweep") if r["config"] == "tiny"] == [1, 2, 4]
