@@ -1,13 +1,29 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written, and give the shapes their comments state."""
 
+import ast
 import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+# "name: (4, 128, 256)" at the start of a comment or after "; " (a name, attribute or index, then a
+# shape), or a bare "(2, 24)": the shape of what the statement assigns
+STATED_SHAPE = re.compile(r"(?:^|;)\s*(?:([A-Za-z_][\w.\[\]]*): )?\(([\d, ]+)\)")
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run_and_give_the_shapes_they_state():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README.md has no ```python block"
+    checked = 0
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+        namespace, lines = {}, block.splitlines()
+        for statement in ast.parse(block).body:  # one at a time: a name may be bound again further down
+            exec(compile(ast.Module([statement], []), str(README), "exec"), namespace)
+            comments = [line.partition("#")[2].strip() for line in lines[statement.lineno - 1:statement.end_lineno]]
+            for name, shape in (found for comment in comments for found in STATED_SHAPE.findall(comment)):
+                if not name:  # a bare shape: that of the one name assigned
+                    (target,) = statement.targets
+                    name = target.id
+                expected = tuple(int(size) for size in shape.split(","))
+                assert tuple(eval(name, namespace).shape) == expected, f"README: {name} is not {expected}"
+                checked += 1
+    assert checked >= 3  # the stated shapes were found and checked
