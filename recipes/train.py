@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from kuramoto_attn import OrderParameter
+from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
 from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
                             split_overrides)
@@ -179,8 +179,8 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
     try:
-        # a coherence regularizer: a target (ceiling, center modes) or a band (band mode)
-        regularized = any(getattr(mconf, key, None) is not None for key in ("coherence_target", "coherence_band"))
+        # asked of the model, whichever settings (a target, or a band in band mode) gave it one
+        regularized = any(isinstance(module, CoherenceRegularizer) for module in model.modules())
         with _interrupt_at_an_update(fabric, state):
             status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
     except KeyboardInterrupt:
