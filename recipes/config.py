@@ -61,7 +61,7 @@ class DataConfig:
               f"{self.name} has its own validation split; remove the setting", self.val_fraction)
         check((self.tokenizer or source.level) == "bpe" or self.bpe_vocab_size == DataConfig.bpe_vocab_size,
               "bpe_vocab_size", "applies only with tokenizer: bpe", self.bpe_vocab_size)
-        check(self.download or (source.files and self.path is None), "download",
+        check(self.download or _reads_download(self.name, self.path), "download",
               "applies only to a known corpus read without data.path (nothing else is downloaded); "
               "remove the setting", self.download)
 
@@ -254,6 +254,14 @@ def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunCo
     return config
 
 
+def _reads_download(name: str, path: str | None) -> bool:
+    """Whether ``data.download`` is read: a known corpus with files to fetch, read without
+    ``data.path`` (an unknown name counts as read: its own check names it)."""
+    from recipes.data import CORPORA
+
+    return name not in CORPORA or (bool(CORPORA[name].files) and path is None)
+
+
 def parse_saved_config(values: dict[str, Any]) -> RunConfig:
     """:func:`parse_config` for the config a run was trained with (a checkpoint's, or a run folder's
     ``config.yaml``): settings that had no effect, which newer versions refuse, are reset to their
@@ -261,10 +269,7 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
     values = copy.deepcopy(values)
     data, optim, model = (values.get(key) if isinstance(values.get(key), dict) else {}
                           for key in ("data", "optim", "model"))
-    from recipes.data import CORPORA
-
-    source = CORPORA.get(data.get("name", DataConfig.name))
-    if data.get("download") is False and source is not None and not (source.files and data.get("path") is None):
+    if data.get("download") is False and not _reads_download(data.get("name", DataConfig.name), data.get("path")):
         del data["download"]  # nothing was to be downloaded
     if optim.get("schedule") == "constant":
         optim.pop("min_lr", None)  # read by the cosine schedule only

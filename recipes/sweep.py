@@ -91,11 +91,10 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     def trained_alike(name: str, run_dir: Path) -> bool:
         """Whether an earlier run of this sweep's config ``name`` has this sweep's settings."""
         try:
-            done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+            changed = _changed_settings(run_dir, settings[name], ignore=_PER_RUN_KEYS)
         except (OSError, ValueError) as err:  # ConfigError is a ValueError
             print(f"[sweep] {run_dir}: its config.yaml cannot be read ({err}), left out of the summary")
             return False
-        changed = [key for key in changed_keys(done, settings[name]) if key not in (*DISPLAY_KEYS, *_PER_RUN_KEYS)]
         if changed:
             print(f"[sweep] {run_dir}: trained with other settings ({', '.join(changed)}), left out of the summary")
         return not changed
@@ -120,12 +119,17 @@ class SweepRunFailed(RuntimeError):
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
     """A finished or interrupted run is only reused for the settings it was trained with (those
     that change only what a run shows, ``DISPLAY_KEYS``, may differ)."""
-    wanted = load_config(config, overrides).to_dict()
-    done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
-    changed = [key for key in changed_keys(done, wanted) if key not in DISPLAY_KEYS]  # logs and plots may differ
+    changed = _changed_settings(run_dir, load_config(config, overrides).to_dict())
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
                          "give the sweep another out_dir, or delete that run to train it again")
+
+
+def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values in ``run_dir``'s ``config.yaml`` differ from ``wanted``, save what
+    only changes what a run shows (``DISPLAY_KEYS``: logs, plots) and the keys in ``ignore``."""
+    done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+    return [key for key in changed_keys(done, wanted) if key not in (*DISPLAY_KEYS, *ignore)]
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int],
