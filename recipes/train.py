@@ -11,13 +11,13 @@ the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase layer a
 validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
 rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several
-processes, all stop before the next update and save together; a second Ctrl-C aborts); an
-evaluation it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays
-stopped (unless the resume raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
-the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
-``progress_bar``, ``plots`` and ``out_dir`` (a moved run); any other change is refused, naming the
-key, and so is a corpus whose text changed since (a file with another sha256 than the checkpoint
-records). ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+processes, all stop before the next update and save together; a second Ctrl-C aborts); an evaluation
+it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays stopped
+(unless the resume raises ``train.patience``). A resume may change ``train.max_iters`` (train a
+finished run longer: the learning rate follows the new schedule from the next update), ``patience``,
+``log_interval``, ``progress_bar``, ``plots`` and ``out_dir`` (a moved run); any other change is
+refused, naming the key, and so is a corpus whose text changed since (a file with another sha256
+than the checkpoint records). ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
