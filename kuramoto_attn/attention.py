@@ -43,7 +43,9 @@ configuration (Euler, mean field, no cache) runs all steps in one autograd funct
 hand-written backward that keeps the same (``kuramoto_attn/_euler_mean_field.py``; nothing per step
 under ``torch.no_grad``, e.g. in evaluation and generation). These
 hand-written backward passes are first order: ``create_graph=True`` (gradient penalties,
-Hessian-vector products) is not supported.
+Hessian-vector products) is not supported. Under ``torch.func`` transforms (``grad``, ``vmap``,
+``jacrev``, e.g. per-sample gradients) the layer uses plain autograd ops instead, without
+checkpoints: the same values and gradients, with every intermediate of every step kept for backward.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class _Pass:
     is_causal: bool
     cache: KuramotoCache | None  # holding past tokens, else None
     record: bool  # keep each evaluation's phase state for the cache
+    plain: bool = False  # under a torch.func transform: plain autograd ops only (see _in_func_transform)
     new_state: dict = field(default_factory=dict)
 
 
@@ -320,7 +323,8 @@ class KuramotoAttention(nn.Module):
             new_valid = valid if valid is not None else x.new_ones(b, t, dtype=torch.bool)
             valid = new_valid if not past else torch.cat([self._cached_valid(cache, b), new_valid], dim=1)
         mask, is_causal = self._attention_mask(t, past, valid, x.device)
-        run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None)
+        run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None,
+                    plain=_in_func_transform())
 
         omega = self.freq_jitter(self.omega).view(h, n, 1)
         theta, R_steps = self._integrate(theta0, omega, run, return_info)
@@ -338,7 +342,7 @@ class KuramotoAttention(nn.Module):
         """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head after each (if ``record_R``)."""
         R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
         if self._fast_path and self.integrator == "euler" and self.coupling == "mean_field" \
-                and run.cache is None and not run.record and not torch.compiler.is_compiling():
+                and run.cache is None and not run.record and not run.plain and not torch.compiler.is_compiling():
             # fused Euler steps with a hand-written backward: same values, far fewer autograd ops.
             # Not under torch.compile, which fuses the generic path itself: torch 2.11's tracing of
             # this backward (in-place ops on aliased views) gave zero gradients.
@@ -352,7 +356,7 @@ class KuramotoAttention(nn.Module):
             return theta, R_steps
         solver = SOLVERS[self.integrator]()
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
-        save_memory = torch.is_grad_enabled() and not run.record
+        save_memory = torch.is_grad_enabled() and not run.record and not run.plain
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
         step_run = replace(run, q=None, k=None, v=None) if self.coupling == "mean_field" else run
         # read here and passed in, not read inside the checkpoints: under torch.compile, a float that
@@ -408,7 +412,7 @@ class KuramotoAttention(nn.Module):
         return _pull(sum_cos, sum_sin, cos_t, sin_t, phase_lag) * gain
 
     def _attention_field(self, theta: Tensor, run: _Pass, key: tuple, phase_lag: float) -> Tensor:
-        """``K Σ_j A_ij(θ) sin(θ_j − θ_i − α)`` ``(b, h, n, t)``: ``[cos θ, sin θ]`` columns of one SDPA call."""
+        """``K Σ_j A_ij(θ) sin(θ_j − θ_i − α)`` ``(b, h, n, t)``, as ``[cos θ, sin θ]`` columns of SDPA."""
         n, t = self.num_oscillators, theta.shape[-1]
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         out, _, _ = self._attend(run, theta, cos_sin=(cos_t, sin_t), key=key, dropout=0.0)
@@ -431,7 +435,7 @@ class KuramotoAttention(nn.Module):
         """
         d, dtype = self.head_dim, run.q.dtype
         phase_weight = self.beta.to(dtype).view(-1, 1) * (math.sqrt(d) / self.num_oscillators)  # (h, 1)
-        if cos_sin is None and run.cache is None and theta.dtype == dtype:
+        if cos_sin is None and run.cache is None and theta.dtype == dtype and not run.plain:
             # the final phases without a cache: one buffer, no concatenations (same values)
             query, keys, values = (z.transpose(1, 2) for z in
                                    _PhaseFeatures.apply(run.q, run.k, run.v, theta, phase_weight))
@@ -440,7 +444,10 @@ class KuramotoAttention(nn.Module):
             return out, keys, values
         cos_t, sin_t = cos_sin if cos_sin is not None else (torch.cos(theta), torch.sin(theta))
         # (b, h, 2n, t) -> (b, t, h, 2n): concatenated with (b, t, h, d) views into (b, t, h, e) memory
-        feats = _ContiguousGrad.apply(torch.cat([cos_t, sin_t], dim=2)).permute(0, 3, 1, 2).to(dtype).contiguous()
+        feats = torch.cat([cos_t, sin_t], dim=2)
+        if not run.plain:
+            feats = _ContiguousGrad.apply(feats)
+        feats = feats.permute(0, 3, 1, 2).to(dtype).contiguous()
         query = torch.cat([run.q, feats * phase_weight], dim=-1).transpose(1, 2)  # (b, h, t, e)
         keys = torch.cat([run.k, feats], dim=-1).transpose(1, 2)
         values = torch.cat([run.v, feats], dim=-1).transpose(1, 2)
@@ -606,6 +613,15 @@ class _PhaseFeatures(torch.autograd.Function):
             torch.mul(feats[..., :n], grad_feats[..., n:], out=view)  # cos θ · ∂/∂ sin θ
             view.addcmul_(feats[..., n:], grad_feats[..., :n], value=-1.0)  # − sin θ · ∂/∂ cos θ
         return grads[0][..., :d], grads[1][..., :d], grads[2][..., :d], grad_theta, grad_weight
+
+
+def _in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running. Its tensors
+    cannot pass through this layer's ``autograd.Function``\ s (no ``setup_context``, no vmap rule) or
+    activation checkpoints (saved-tensor hooks), so the layer then uses plain autograd ops: same
+    values, more memory for backward."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # no public test in torch 2.13
+    return peek is not None and peek() is not None
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
