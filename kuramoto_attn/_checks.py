@@ -34,9 +34,13 @@ def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     return value
 
 
-def check_input_dtype(name: str, x: Tensor, dtype: torch.dtype) -> None:
-    """``x`` must have the module's ``dtype`` (its matrix products would fail with a bare dtype
-    error), except under ``torch.autocast``, which casts their inputs itself."""
+def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
+    """``x`` must be on the device of the module's ``weight`` and have its dtype (its matrix products
+    would fail with a bare device or dtype error), except under ``torch.autocast``, which casts their
+    inputs itself."""
+    if x.device != weight.device:
+        raise ValueError(f"{name}: expected a tensor on the module's device {weight.device} but got {x.device}")
+    dtype = weight.dtype
     if x.dtype == dtype:
         return
     try:
@@ -133,6 +137,11 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
         raise ValueError(f"{name}: expected real values but got the complex {value!r}")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
-    if not torch.isfinite(tensor).all():
+    if not is_finite(tensor):
         raise ValueError(f"{name}: expected finite values but got {value!r}")
     return tensor
+
+
+def is_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite; True on the meta device (deferred initialisation: no values)."""
+    return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())

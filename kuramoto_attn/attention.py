@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_bool, check_choice, check_input_dtype, check_int, check_real, check_tensor
+from ._checks import check_bool, check_choice, check_input_like, check_int, check_real, check_tensor
 from ._euler_mean_field import euler_mean_field
 from .couplings import _pull
 from .integrators import SOLVERS
@@ -313,6 +313,9 @@ class KuramotoAttention(nn.Module):
         # (b, t, 3 * h * d) -> 3 × (b, t, h, d) views: SDPA then returns (b, t, h, e) memory, so the
         # output projection needs no copy
         q, k, v = self.qkv(x).view(b, t, 3, h, d).unbind(2)
+        if past and cache.keys.dtype != q.dtype:  # torch.cat would silently promote the past tokens
+            raise ValueError(f"cache: holds keys of dtype {cache.keys.dtype} but this call computes {q.dtype} "
+                             "(a cache filled under another dtype or autocast setting)")
         phase_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # phases never in half
         # (b, t, h * n) -> (b, h, n, t): the integration's layout; the cumulative mean field then
         # runs along the contiguous last axis (about 2.4x faster than along the tokens of (b, h, t, n))
@@ -498,7 +501,7 @@ class KuramotoAttention(nn.Module):
         check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (batch, tokens >= 1, {self.d_model}) but got {tuple(x.shape)}")
-        check_input_dtype("x", x, self.qkv.weight.dtype)
+        check_input_like("x", x, self.qkv.weight)
         return x.shape[0], x.shape[1]
 
     @staticmethod

@@ -96,8 +96,17 @@ class Coupling(nn.Module):
             The coupling term, shape of ``theta``.
         """
         check_tensor("theta", theta)
+        if theta.device != self.strength.device:
+            raise ValueError(f"theta: expected a tensor on the coupling's device {self.strength.device} "
+                             f"but got {theta.device}")
         check_broadcasts("strength", self.strength.shape, theta.shape)
-        return self.strength.to(theta.dtype) * self.interaction(theta, *args, **kwargs)
+        term = self.interaction(theta, *args, **kwargs)
+        # a wrong shape that broadcasts (e.g. a mean kept as (*, 1)) would pass silently in ω + term
+        if not torch.is_tensor(term) or term.shape != theta.shape:
+            got = tuple(term.shape) if torch.is_tensor(term) else type(term).__name__
+            raise ValueError(f"interaction: {type(self).__name__}.interaction returned {got}, expected "
+                             f"theta's shape {tuple(theta.shape)}")
+        return self.strength.to(theta.dtype) * term
 
     def extra_repr(self) -> str:
         strength = self.strength.item() if self.strength.numel() == 1 else tuple(self.strength.shape)
@@ -261,7 +270,8 @@ class GraphCoupling(Coupling):
 
     Args:
         weights: adjacency ``A``, shape ``(n, n)`` (or batched, see :func:`weighted_sine_coupling`);
-            stored as a buffer.
+            copied into a buffer, detached, unless it is an ``nn.Parameter``, which is used as it is
+            (a learnable graph).
         strength: ``K`` (see :class:`Coupling`).
         phase_lag: ``α`` in radians.
         dim: the coupled axis (default: the last).
@@ -280,10 +290,13 @@ class GraphCoupling(Coupling):
     def __init__(self, weights: Tensor, strength: float | Tensor = 1.0, phase_lag: float = 0.0,
                  dim: int = -1, learnable: bool = False) -> None:
         super().__init__(strength, phase_lag, learnable)
-        weights = as_finite_tensor("weights", weights)
-        if weights.dim() < 2 or weights.shape[-1] != weights.shape[-2]:
-            raise ValueError(f"weights: expected a square matrix (..., n, n) but got {tuple(weights.shape)}")
-        self.register_buffer("weights", weights)
+        tensor = as_finite_tensor("weights", weights)
+        if tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2]:
+            raise ValueError(f"weights: expected a square matrix (..., n, n) but got {tuple(tensor.shape)}")
+        if isinstance(weights, nn.Parameter):  # the caller's parameter: trained as given
+            self.weights = weights
+        else:
+            self.register_buffer("weights", tensor)
         self.dim = check_axis("dim", dim)
 
     def interaction(self, theta: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_broadcasts, check_tensor
+from ._checks import check_broadcasts, check_tensor, is_finite
 
 __all__ = ["KuramotoField", "wrap_phase"]
 
@@ -95,7 +95,7 @@ class KuramotoField(nn.Module):
             except (TypeError, RuntimeError, ValueError):  # e.g. a string
                 raise ValueError(f"omega: expected finite floating-point natural frequencies "
                                  f"but got {omega!r}") from None
-        if not self.omega.is_floating_point() or not torch.isfinite(self.omega).all():
+        if not self.omega.is_floating_point() or not is_finite(self.omega):
             raise ValueError("omega: expected finite floating-point natural frequencies")
         if coupling is not None and not callable(coupling):
             raise ValueError(f"coupling: expected a callable θ -> coupling term (e.g. a Coupling) or None "

@@ -136,8 +136,9 @@ def integrate(
         shape ``(steps + 1, *)`` whose first entry is ``theta0``.
 
     Raises:
-        ValueError: naming the argument, for a non-tensor ``theta0``, ``dt <= 0``, ``steps < 1``,
-            an unknown ``method``, or a field that returns the wrong shape.
+        ValueError: naming the argument, for a ``field`` that is not callable, a non-tensor
+            ``theta0``, ``dt <= 0``, ``steps < 1``, an unknown ``method``, or a field that returns the
+            wrong shape.
 
     Example:
         >>> import torch
@@ -145,6 +146,9 @@ def integrate(
         >>> integrate(lambda theta: omega.expand_as(theta), torch.zeros(2), dt=0.5, steps=4)
         tensor([2., 4.])
     """
+    if not callable(field):
+        raise ValueError(f"field: expected a callable θ -> dθ/dt (e.g. a KuramotoField) but got "
+                         f"{type(field).__name__}")
     check_tensor("theta0", theta0)
     dt = check_real("dt", dt, low=0.0, low_open=True)
     steps = check_int("steps", steps, low=1)

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_input_dtype, check_int, check_real, check_tensor
+from ._checks import check_choice, check_input_like, check_int, check_real, check_tensor
 
 __all__ = ["DECAY_MIN", "NORM_EPS", "HolographicPhaseMemory", "TPIBlock", "TPIState"]
 
@@ -431,7 +431,10 @@ class HolographicPhaseMemory(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating-point torch.dtype but got {dtype!r}")
         ref = self.omega.weight
-        device = ref.device if device is None else device
+        try:
+            device = ref.device if device is None else torch.device(device)
+        except (TypeError, RuntimeError):
+            raise ValueError(f"device: expected a torch.device or its name but got {device!r}") from None
         dtype = ref.dtype if dtype is None else dtype
         d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
         phase = torch.zeros(b, d, dtype=torch.float64, device=device)
@@ -510,7 +513,9 @@ class HolographicPhaseMemory(nn.Module):
         """The recurrent form: one token, O(1) work (independent of the position).
 
         With ``kernel="window"`` the new contribution is written into the state's ring buffer in
-        place (no O(W) copy), so the state passed in must not be reused afterwards.
+        place (no O(W) copy), so the state passed in must not be reused afterwards; to branch from
+        one state (e.g. beam search), step from a copy of its buffer:
+        ``state._replace(buffer=tuple(b.clone() for b in state.buffer))``.
 
         Args:
             x_t: ``(b, d)``.
@@ -649,7 +654,7 @@ class HolographicPhaseMemory(nn.Module):
         if x.dim() != ndim or x.shape[-1] != self.d_model or 0 in x.shape:
             raise ValueError(f"{name}: expected a non-empty tensor of shape {want} with "
                              f"d={self.d_model} but got {tuple(x.shape)}")
-        check_input_dtype(name, x, self.omega.weight.dtype)
+        check_input_like(name, x, self.omega.weight)
         return x.shape[0], x.shape[1]
 
     def _check_state(self, state, x: Tensor) -> None:
@@ -745,7 +750,9 @@ class TPIBlock(nn.Module):
         return y if state is None else (y, new_state)
 
     def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
-        """``x_t`` ``(b, d)`` -> ``(y_t, new_state)``, O(1) per token."""
+        """``x_t`` ``(b, d)`` -> ``(y_t, new_state)``, O(1) per token. With ``kernel="window"`` the state
+        passed in is updated in place: to branch from one state (e.g. beam search), copy its buffer first
+        (see :meth:`HolographicPhaseMemory.step`)."""
         self.memory._check_input("x_t", x_t, 2)
         mixed, state = self.memory.step(self.norm1(x_t), state)
         return self._ffn(x_t + mixed), state

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_axis, check_broadcasts, check_int, check_tensor
+from ._checks import check_axis, check_bool, check_broadcasts, check_int, check_tensor
 
 __all__ = ["daido_order_parameter", "order_parameter"]
 
@@ -48,6 +48,7 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
     """
     check_tensor("theta", theta)
     check_axis("dim", dim, ndim=theta.dim())
+    keepdim = check_bool("keepdim", keepdim)
     if theta.shape[dim] == 0:  # R of no oscillators is undefined (the mean would give NaN)
         raise ValueError(f"theta: expected at least one oscillator along dim={dim} but got shape "
                          f"{tuple(theta.shape)}")

@@ -140,6 +140,7 @@ class CoherenceRegularizer(nn.Module):
     def penalty(self, R: Tensor) -> Tensor:
         """The loss for given order-parameter values ``R`` (any shape), averaged to a scalar
         (0 for no values, e.g. a batch of padding only)."""
+        check_tensor("R", R)
         if self.mode == "ceiling":
             per_item = torch.relu(R - self.target) ** 2
         elif self.mode == "center":

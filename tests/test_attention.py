@@ -560,6 +560,8 @@ def test_bad_forward_arguments():
     for dtype in (torch.float64, torch.float16, torch.bfloat16):  # was a bare "mat1 and mat2" error
         with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32"):
             layer(x.to(dtype))
+    with pytest.raises(ValueError, match=r"^x: expected a tensor on the module's device cpu but got meta"):
+        layer(x.to("meta"))
     for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool),
                  torch.ones(2, 5, dtype=torch.bool, device="meta")):
         with pytest.raises(ValueError, match="^key_padding_mask: expected a boolean tensor of shape"):
@@ -584,6 +586,11 @@ def test_bad_forward_arguments():
             layer(x[:, :1], cache=heun)
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, causal=False)(x, cache=KuramotoCache())
+        with pytest.raises(ValueError, match="^cache: holds keys of dtype torch.float32 but this call computes "
+                                             "torch.float64"):  # torch.cat would have promoted the past
+            make_layer(dtype=torch.float64)(x[:, :1].double(), cache=cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="^cache: .*bfloat16"):
+            layer(x[:, :1], cache=cache)
 
 
 # ------------------------------------------------------------- fused Euler mean-field path

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import generators
-from kuramoto_attn import AttentionCoupling, Coupling, GraphCoupling, MeanFieldCoupling, weighted_sine_coupling
+from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoField, MeanFieldCoupling, integrate,
+                           weighted_sine_coupling)
 
 # ---------- naive references: explicit pairwise sums, float64 ----------
 
@@ -246,6 +247,37 @@ def test_bad_construction_names_the_argument(make, match):
         make()
 
 
+def test_interaction_of_another_shape_is_an_error_even_where_it_broadcasts():
+    """A subclass returning ``(*, 1)`` would pass silently through ``ω + coupling(θ)`` and integrate."""
+    class MeanPull(Coupling):
+        def interaction(self, theta):
+            return torch.sin(theta).mean(-1, keepdim=True)  # the bug: one value per row
+
+    with pytest.raises(ValueError, match=r"^interaction: MeanPull.interaction returned \(2, 1\), expected"):
+        MeanPull()(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="^interaction:"):
+        integrate(KuramotoField(torch.zeros(3), MeanPull()), torch.rand(2, 3), dt=0.1, steps=2)
+
+
+def test_graph_coupling_trains_a_parameter_adjacency_and_copies_a_plain_tensor():
+    adjacency = torch.nn.Parameter(torch.rand(4, 4))
+    coupling = GraphCoupling(adjacency)
+    assert dict(coupling.named_parameters()) == {"weights": adjacency}
+    coupling(torch.rand(2, 4)).pow(2).sum().backward()
+    assert adjacency.grad is not None and adjacency.grad.abs().sum() > 0  # was detached: None
+    plain = torch.rand(4, 4, requires_grad=True)
+    copied = GraphCoupling(plain)
+    assert "weights" in dict(copied.named_buffers()) and not copied.weights.requires_grad
+
+
+def test_couplings_and_field_build_on_the_meta_device():
+    """Deferred initialisation (``with torch.device("meta")``): the finiteness checks read no values there."""
+    with torch.device("meta"):
+        modules = [MeanFieldCoupling(1.5), GraphCoupling(torch.ones(3, 3)), AttentionCoupling(learnable=True),
+                   KuramotoField(torch.zeros(3), MeanFieldCoupling())]
+    assert all(t.device.type == "meta" for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
 def test_numpy_bools_are_accepted_as_flags():
     import numpy as np
 
@@ -264,6 +296,7 @@ def test_numpy_bools_are_accepted_as_flags():
     (lambda th: MeanFieldCoupling()(th.long()), "theta"),
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4), torch.tensor(0.3)), "phase_lag: expected a real"),
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4).tolist()), "weights: expected a tensor"),
+    (lambda th: MeanFieldCoupling()(th.to("meta")), "^theta: expected a tensor on the coupling's device cpu"),
 ])
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -139,6 +139,8 @@ def test_bad_theta0_and_field_output_are_named():
         integrate(field, torch.zeros(3, dtype=torch.long), dt=0.1, steps=1)
     with pytest.raises(ValueError, match="field"):
         integrate(lambda th: th.sum(), torch.zeros(3), dt=0.1, steps=1)
+    with pytest.raises(ValueError, match="^field: expected a callable"):  # was "'str' object is not callable"
+        integrate("euler", torch.zeros(3), dt=0.1, steps=1)
 
 
 def test_mismatched_omega_shape_is_named():

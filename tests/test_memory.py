@@ -573,6 +573,12 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         memory(torch.zeros(2, 5, 4), memory.init_state(2, device="meta"))
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
+    with pytest.raises(ValueError, match="^device: expected a torch.device"):
+        memory.init_state(2, device="nope")
+    with pytest.raises(ValueError, match="^x: expected a tensor on the module's device cpu but got meta"):
+        memory(torch.zeros(2, 5, 4, device="meta"))
+    with pytest.raises(ValueError, match="^x_t: expected a tensor on the module's device"):
+        TPIBlock(4).step(torch.zeros(2, 4, device="meta"), memory.init_state(2))
     with pytest.raises(ValueError, match="^kernel:"):
         memory.decay_rate()
     with pytest.raises(ValueError, match="^memory:"):

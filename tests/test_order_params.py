@@ -156,6 +156,7 @@ def test_gradients_are_finite_even_at_zero_coherence():
     (lambda: order_parameter(torch.empty(0, 3), dim=0), "^theta: expected at least one oscillator"),
     (lambda: order_parameter(torch.empty(3, 0), weights=torch.ones(3, 0)), "^theta: expected at least one"),
     (lambda: daido_order_parameter(torch.empty(2, 0), m=2), "^theta: expected at least one oscillator"),
+    (lambda: order_parameter(torch.zeros(2, 3), keepdim=1), "^keepdim: expected True or False"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

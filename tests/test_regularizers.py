@@ -354,6 +354,11 @@ def test_non_float_tensor_input_rejected(module, value):
         module.train()(value)
 
 
+def test_penalty_of_a_non_tensor_is_named():
+    with pytest.raises(ValueError, match="^R: expected a tensor"):
+        CoherenceRegularizer().penalty([0.5])
+
+
 def test_coherence_without_oscillators_rejected_but_empty_batch_is_zero():
     with pytest.raises(ValueError, match="^theta: expected at least one oscillator"):
         CoherenceRegularizer()(torch.empty(2, 0))
