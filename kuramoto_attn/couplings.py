@@ -259,7 +259,7 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
 
 
 class GraphCoupling(Coupling):
-    r"""Coupling over a fixed weighted graph along ``dim``:
+    r"""Coupling over a weighted graph (fixed, or a learnable ``nn.Parameter``) along ``dim``:
 
     .. math::
 
