@@ -620,7 +620,7 @@ class _PhaseFeatures(torch.autograd.Function):
 
 def _in_func_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running. Its tensors
-    cannot pass through this layer's ``autograd.Function``\ s (no ``setup_context``, no vmap rule) or
+    cannot pass through this layer's autograd functions (no ``setup_context``, no vmap rule) or
     activation checkpoints (saved-tensor hooks), so the layer then uses plain autograd ops: same
     values, more memory for backward."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # no public test in torch 2.13

@@ -96,9 +96,11 @@ class Coupling(nn.Module):
             The coupling term, shape of ``theta``.
         """
         check_tensor("theta", theta)
-        if theta.device != self.strength.device:
-            raise ValueError(f"theta: expected a tensor on the coupling's device {self.strength.device} "
-                             f"but got {theta.device}")
+        for tensor in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
+            # a 0-d tensor (a scalar strength) combines with θ on any device; the others would not
+            if tensor.dim() and tensor.device != theta.device:
+                raise ValueError(f"theta: expected a tensor on the coupling's device {tensor.device} "
+                                 f"but got {theta.device}")
         check_broadcasts("strength", self.strength.shape, theta.shape)
         term = self.interaction(theta, *args, **kwargs)
         # a wrong shape that broadcasts (e.g. a mean kept as (*, 1)) would pass silently in ω + term

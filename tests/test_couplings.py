@@ -296,7 +296,8 @@ def test_numpy_bools_are_accepted_as_flags():
     (lambda th: MeanFieldCoupling()(th.long()), "theta"),
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4), torch.tensor(0.3)), "phase_lag: expected a real"),
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4).tolist()), "weights: expected a tensor"),
-    (lambda th: MeanFieldCoupling()(th.to("meta")), "^theta: expected a tensor on the coupling's device cpu"),
+    (lambda th: GraphCoupling(torch.ones(4, 4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
+    (lambda th: MeanFieldCoupling(torch.ones(4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
 ])
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
