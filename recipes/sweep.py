@@ -28,15 +28,18 @@ import csv
 import json
 import math
 import numbers
+import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from models.config import ConfigError
-from recipes.common import mean_ci95, run_cli
+from recipes.common import Interrupted, mean_ci95, run_cli
 from recipes.config import (DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, parse_saved_config,
                             split_overrides)
 
@@ -74,7 +77,7 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
             ["--resume"] if resume else [])
         print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
-        code = subprocess.call(cmd)
+        code = _train(cmd)
         if code != 0 and (run_dir / "result.json").is_file():  # trained; failed after (e.g. its plots)
             print(f"[sweep] {name} seed {seed}: finished, then exited with {code} (see above)", flush=True)
             continue
@@ -100,6 +103,37 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         return not changed
 
     return summarise(out_dir, names, seeds, trained_alike)
+
+
+def _train(cmd: list[str]) -> int:
+    """Run one ``recipes.train`` process to its end; return its exit status.
+
+    It runs in a process group of its own, so that a stop reaches it once, from the sweep: SIGINT
+    (Ctrl-C) and SIGTERM sent to the sweep are passed on to it, the sweep waits while it saves
+    ``last.pt`` and exits, then stops with the signal's status (130, 143) by raising
+    :class:`~recipes.common.Interrupted`. (Left to ``subprocess.call``, a SIGTERM killed the sweep alone
+    and left its run training, and Ctrl-C killed the run 0.25 s into saving ``last.pt``.)
+    """
+    child = subprocess.Popen(cmd, start_new_session=os.name == "posix")
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)  # a second one aborts the run's save, as for recipes.train itself
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                previous[signum] = signal.signal(signum, forward)
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise Interrupted(received[0])
+    return code
 
 
 def _checked_config(config: Path, overrides: list[str]) -> dict:

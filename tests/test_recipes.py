@@ -1077,7 +1077,7 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
         train_module.main(cmd[3:])
         return 0
 
-    monkeypatch.setattr("recipes.sweep.subprocess.call", call)
+    monkeypatch.setattr("recipes.sweep._train", call)
     rows = run_sweep([config], [1, 2], tmp_path / "sweep")
     assert len(calls) == 2 and [r["seed"] for r in rows] == [1, 2]
     assert all(r["status"] == "finished" and r["step"] == 4 for r in rows)

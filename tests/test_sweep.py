@@ -27,7 +27,7 @@ def launched(tmp_path, monkeypatch) -> list[list[str]]:
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     calls = []
-    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr("recipes.sweep._train", lambda cmd: calls.append(cmd) or 0)
     return calls
 
 
@@ -189,3 +189,47 @@ def test_the_summary_reports_R_at_the_best_evaluation_per_layer(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0])[-2:] == ["R_layer2", "R_layer10"]
     assert [(r["R_layer2"], r["R_layer10"]) for r in rows] == [("0.2", "0.6"), ("0.4", "0.8"), ("", ""), ("", "")]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_save(tmp_path, signum):
+    """SIGTERM to the sweep killed the sweep alone (its run trained on, unwatched), and Ctrl-C killed the
+    run 0.25 s into saving last.pt. Now the run, in a process group of its own, gets the signal from the
+    sweep, which waits for it and then stops with the signal's status."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from recipes.common import Interrupted
+
+    signum = getattr(signal, signum)
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    child = (f"import os, pathlib, signal, sys, time\n"
+             f"def stop(signum, frame):\n"
+             f"    time.sleep(0.5)  # a slow save\n"
+             f"    pathlib.Path({str(saved)!r}).write_text(str(signum))\n"
+             f"    sys.exit(128 + signum)\n"
+             f"signal.signal(signal.SIGTERM, stop)\n"
+             f"signal.signal(signal.SIGINT, stop)\n"
+             f"pathlib.Path({str(ready)!r}).write_text(str(os.getpgrp()))\n"
+             f"time.sleep(60)\n")
+
+    def send():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signum)  # to the sweep only, as `kill PID` does
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    threading.Thread(target=send, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(Interrupted) as stop:
+        sweep._train([sys.executable, "-c", child])
+    assert stop.value.signum == signum
+    assert saved.read_text() == str(int(signum))  # the run got the signal and finished its save first
+    assert int(ready.read_text()) != os.getpgrp()  # its own process group: a terminal's Ctrl-C reaches the sweep only
+    assert time.monotonic() - start < 30
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # restored
