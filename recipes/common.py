@@ -19,7 +19,7 @@ from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 
 __all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
-           "pick_device", "step_seed", "mean_ci95"]
+           "pick_device", "step_seed", "mean_ci95", "checkpoint_file"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -122,6 +122,18 @@ def save_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> None:
     if fabric.is_global_zero:
         os.replace(tmp, path)
     fabric.barrier()
+
+
+def checkpoint_file(run: str | Path, checkpoint: str | None) -> Path:
+    """The checkpoint a recipe reads: ``run/checkpoint`` (``best.pt`` by default) for a run directory,
+    ``run`` itself for a file. A ``checkpoint`` given with a file is an error: it would be ignored."""
+    run = Path(run)
+    if run.is_dir():
+        return run / (checkpoint or "best.pt")
+    if checkpoint is not None and run.is_file():
+        raise ValueError(f"--checkpoint: names a file inside a run directory, but {str(run)!r} is a checkpoint "
+                         "file itself; give the run directory with --checkpoint, or the file alone")
+    return run
 
 
 def load_run(checkpoint: str | Path, map_location="cpu"):

@@ -7,6 +7,9 @@ training context (``train.block_size``), each predicted from the start of its wi
 Bits per character divide the total by the number of characters the predicted tokens decode to
 (equal to bits per token for a character tokenizer). The corpus must be the text the run was trained
 on: a file changed since (its sha256, recorded in the checkpoint) is an error, not a score on other data.
+The results are added to ``evaluation.json`` beside the checkpoint, under its file name and step
+(``{"best.pt": {"step": 2000, "val": {...}}}``): evaluating other splits or checkpoints keeps the
+earlier results.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recipes.common import load_run, pick_device, run_cli
+from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 
@@ -91,15 +95,15 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
-    parser.add_argument("--checkpoint", default="best.pt", help="file name inside the run directory")
+    parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--splits", nargs="+", help="default: val, and test where the corpus has one")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
-    path = Path(args.run)
-    model, tokenizer, config, state = load_run(path / args.checkpoint if path.is_dir() else path)
+    checkpoint = checkpoint_file(args.run, args.checkpoint)
+    model, tokenizer, config, state = load_run(checkpoint)
     device = pick_device(args.device)
     model.to(device)
     corpus = load_corpus(config.data, tokenizer, state.get("corpus"))
@@ -116,9 +120,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         r = results[split]
         print(f"{split}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/token {r['bits_per_token']:.4f}  "
               f"bits/char {r['bits_per_char']:.4f}  ({r['tokens']:,} tokens)")
-    if path.is_dir():
-        (path / "evaluation.json").write_text(json.dumps(results, indent=2))
+    where = _record(checkpoint, state.get("progress", {}).get("step"), results)
+    print(f"wrote {where}")
     return results
+
+
+def _record(checkpoint: Path, step: int, results: dict) -> Path:
+    """Add ``results`` to ``evaluation.json`` beside the checkpoint, under its file name:
+    ``{"best.pt": {"step": 2000, "val": {...}, "test": {...}}, "last.pt": {...}}``. Splits evaluated
+    before for the same checkpoint at the same step are kept; a checkpoint rewritten since (another
+    step) starts its entry afresh."""
+    path = checkpoint.parent / "evaluation.json"
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # not ours, or cut short: replaced
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    entry = recorded.get(checkpoint.name)
+    if not isinstance(entry, dict) or entry.get("step") != step:
+        entry = {"step": step}
+    recorded[checkpoint.name] = entry | results
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(recorded, indent=2))
+    os.replace(tmp, path)  # a kill mid-write keeps the earlier results
+    return path
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from models import GPT
-from recipes.common import load_run, pick_device, run_cli
+from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
 
@@ -44,7 +44,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m recipes.generate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
-    parser.add_argument("--checkpoint", default="best.pt", help="file name inside the run directory")
+    parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.num_samples < 1:
         parser.error(f"--num-samples: must be at least 1, got {args.num_samples}")
     path = Path(args.run)
-    model, tokenizer, config, _ = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, _ = load_run(checkpoint_file(path, args.checkpoint))
     device = pick_device(args.device)
     # a GPT reads at most what it was trained on: positions beyond train.block_size never learned
     context = config.train.block_size if isinstance(model, GPT) else None

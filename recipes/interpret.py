@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
-from recipes.common import load_run, pick_device, run_cli
+from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import load_corpus
 from recipes.plots import plot_R_curves
@@ -61,7 +61,7 @@ def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m recipes.interpret", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
-    parser.add_argument("--checkpoint", default="best.pt", help="file name inside the run directory")
+    parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         if value < 1:
             parser.error(f"{flag}: must be at least 1, got {value}")
     path = Path(args.run)
-    model, tokenizer, config, state = load_run(path / args.checkpoint if path.is_dir() else path)
+    model, tokenizer, config, state = load_run(checkpoint_file(path, args.checkpoint))
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {str(out)!r} is a file, not a directory")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 # what --overwrite deletes of an earlier run in the same out_dir (glob patterns): everything that run
 # wrote there (train, evaluate and interpret) except config.yaml, which the new run writes again
 OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", "tensorboard/version_*",
-                   "evaluation.json", "interpret.json", "R_tokens.png", "R_steps.png")
+                   "evaluation.json", "evaluation.json.tmp", "interpret.json", "R_tokens.png", "R_steps.png")
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

@@ -1260,3 +1260,39 @@ def test_default_precision_is_bf16_mixed_on_gpu_and_fp32_on_cpu(monkeypatch, cud
     monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or "fabric")
     make_fabric(FabricConfig(accelerator=accelerator))
     assert seen["precision"] == expected
+
+
+def test_evaluate_keeps_every_result_under_its_checkpoint(trained, tmp_path, capsys):
+    """evaluation.json was rewritten with the last call's splits only (an earlier test split was lost),
+    never said which checkpoint it scored, and was not written for a checkpoint given as a file."""
+    from recipes import evaluate
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "evaluation.json").unlink(missing_ok=True)
+    step = torch.load(run / "best.pt", weights_only=False)["progress"]["step"]
+    earlier = {"loss": 1.0}
+    (run / "evaluation.json").write_text(json.dumps({"best.pt": {"step": step, "test": earlier},
+                                                     "old.pt": {"step": 3, "val": earlier}}))
+    best = evaluate.main([str(run)])["val"]
+    assert f"wrote {run / 'evaluation.json'}" in capsys.readouterr().out
+    last = evaluate.main([str(run / "last.pt")])["val"]  # a file: its folder's evaluation.json
+    recorded = json.loads((run / "evaluation.json").read_text())
+    assert recorded == {"best.pt": {"step": step, "test": earlier, "val": best},  # same step: test kept
+                        "old.pt": {"step": 3, "val": earlier},
+                        "last.pt": {"step": torch.load(run / "last.pt", weights_only=False)["progress"]["step"],
+                                    "val": last}}
+    recorded["best.pt"]["step"] = step - 1  # best.pt rewritten since: its old splits are not its scores
+    (run / "evaluation.json").write_text(json.dumps(recorded))
+    evaluate.main([str(run), "--checkpoint", "best.pt"])
+    assert json.loads((run / "evaluation.json").read_text())["best.pt"] == {"step": step, "val": best}
+
+
+def test_checkpoint_flag_with_a_checkpoint_file_is_an_error(trained, capsys):
+    """It was silently ignored (the file given was used)."""
+    from recipes import evaluate, generate, interpret
+    from recipes.common import run_cli
+    for module in (evaluate, generate, interpret):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda: module.main([str(trained / "last.pt"), "--checkpoint", "best.pt"]))
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --checkpoint: names a file inside")
