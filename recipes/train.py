@@ -74,7 +74,8 @@ def learning_rate(step: int, optim, max_iters: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML run config (see recipes/configs/)")
+    # required: without one, the defaults are the reference-size model (85 M parameters, hours on a CPU)
+    parser.add_argument("--config", required=True, help="YAML run config (see recipes/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an out_dir that holds a run (what that run wrote there is deleted: "

@@ -1153,11 +1153,15 @@ def test_overrides_may_stand_anywhere_on_the_command_line(tmp_path, monkeypatch)
                         overrides=["optim.lr=0.01", "train.max_iters=3"])
     monkeypatch.setattr(train_module, "train", lambda config, resume, overwrite: seen.update(config=config,
                                                                                              resume=resume))
-    train_module.main(["train.max_iters=3", "--resume", "seed=4", "model.d_model=96"])
+    (tmp_path / "empty.yaml").write_text("{}")
+    config = ["--config", str(tmp_path / "empty.yaml")]
+    train_module.main(["train.max_iters=3", *config, "--resume", "seed=4", "model.d_model=96"])
     assert seen["resume"] and (seen["config"].train.max_iters, seen["config"].seed) == (3, 4)
     assert seen["config"].model["d_model"] == 96
     with pytest.raises(ConfigError, match="override 'oops': expected key=value"):
-        train_module.main(["oops"])
+        train_module.main(["oops", *config])
+    with pytest.raises(SystemExit):  # without a config: the reference-size model, hours on a CPU
+        train_module.main(["train.max_iters=3"])
 
 
 @pytest.mark.parametrize("regularizer", [{"coherence_target": 0.0},  # ceiling mode
