@@ -87,7 +87,8 @@ class OptimConfig:
             check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]", self.min_lr)
         else:
             check(self.min_lr in (default_min_lr, self.lr), "min_lr", f"is only read with schedule: cosine (a "
-                  f"constant schedule stays at lr); remove it (default {default_min_lr}) or set it to lr",
+                  f"constant schedule stays at lr); remove it, or set it to its default "
+                  f"(optim.min_lr={default_min_lr}) or to lr",
                   self.min_lr)
         check(self.weight_decay >= 0, "weight_decay", "must be non-negative", self.weight_decay)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",

@@ -78,8 +78,10 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             ["--resume"] if resume else [])
         print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
         code = _train(cmd)
-        if code != 0 and (run_dir / "result.json").is_file():  # trained; failed after (e.g. its plots)
-            print(f"[sweep] {name} seed {seed}: finished, then exited with {code} (see above)", flush=True)
+        if code != 0 and (run_dir / "result.json").is_file():  # diverged, or trained and failed after (its plots)
+            status = _status(run_dir)
+            what = "diverged" if status == "diverged" else f"{status}, then exited with {code}"
+            print(f"[sweep] {name} seed {seed}: {what} (see above)", flush=True)
             continue
         if code == 2:
             raise ValueError(f"[sweep] {name} seed {seed}: recipes.train stopped on a mistake it printed "
@@ -103,6 +105,14 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         return not changed
 
     return summarise(out_dir, names, seeds, trained_alike)
+
+
+def _status(run_dir: Path) -> str:
+    """The status in a run's ``result.json`` (``"unknown"`` where it cannot be read)."""
+    try:
+        return str(json.loads((run_dir / "result.json").read_text()).get("status", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 def _train(cmd: list[str]) -> int:
@@ -221,7 +231,8 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
                 R_cells.append(f"{column[2:]} {R_mean:.3f}{_ci(R_half, 3)}{count}")
         statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
         runs = f"{len(counted)}" if len(counted) == len(mine) else f"{len(counted)} of {len(mine)}"
-        lines.append(f"| {name} | {runs} | {mean:.4f}{_ci(half, 4)} | {ppl} | {'; '.join(R_cells) or '–'} | "
+        loss = f"{mean:.4f}{_ci(half, 4)}" if counted else "–"  # not "nan": no run to average
+        lines.append(f"| {name} | {runs} | {loss} | {ppl} | {'; '.join(R_cells) or '–'} | "
                      f"{statuses} |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

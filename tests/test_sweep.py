@@ -61,7 +61,7 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
         (str(configs / f"{name}.yaml"), [f"name={name}", f"seed={seed}", f"out_dir={str(run_dir).format(name, seed)}"])
         for name in "ab" for seed in (1, 0)]
     assert all("train.max_iters=3" in c for c in launched)
-    assert "| a | 0 | nan | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+    assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 BAD_SWEEP_FILES = [
@@ -233,3 +233,20 @@ def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_sa
     assert int(ready.read_text()) != os.getpgrp()  # its own process group: a terminal's Ctrl-C reaches the sweep only
     assert time.monotonic() - start < 30
     assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # restored
+
+
+def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, monkeypatch, capsys):
+    """It was reported as "finished, then exited with 1", and its summary row showed "nan"."""
+    def diverge(cmd):
+        run_dir = Path(cmd[-1].partition("=")[2])
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "a", "train": {"max_iters": 2}}))
+        (run_dir / "result.json").write_text(json.dumps({"status": "diverged", "step": 1, "best_val_loss": None,
+                                                         "final_val_loss": None, "best_val_R": {}}))
+        return 1
+
+    monkeypatch.setattr("recipes.sweep._train", diverge)
+    sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+    out = capsys.readouterr().out
+    assert "[sweep] a seed 1: diverged (see above)" in out and "finished" not in out
+    assert "| a | 0 of 1 | – | – | – | diverged |" in (tmp_path / "out" / "summary.md").read_text()
