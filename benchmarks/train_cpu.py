@@ -201,7 +201,8 @@ def main() -> None:
         nanogpt_loop(args.data, args.iters, args.seed, args.nanogpt_loop)
         return
     if not Path(args.data).is_file():
-        sys.exit(f"--data: no such file {args.data!r} (tiny-shakespeare's input.txt)")
+        sys.exit(f"--data: no such file {args.data!r} (tiny-shakespeare's input.txt; the default is the "
+                 "development copy beside the checkout: pass --data PATH elsewhere)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; "
