@@ -131,9 +131,15 @@ class FabricConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"            # auto | ddp | fsdp | ... (Fabric's names)
-    precision: str | None = None
+    precision: str | int | None = None
+
+    #: Fabric's precision settings (lightning_fabric.connector._PRECISION_INPUT), checked before Fabric starts
+    PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+                  "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16)
 
     def __post_init__(self):
+        check(self.precision is None or self.precision in self.PRECISIONS, "precision",
+              f"must be one of Fabric's: {', '.join(map(str, self.PRECISIONS))}", self.precision)
         check(self.num_nodes >= 1, "num_nodes", "must be at least 1", self.num_nodes)
         check(not isinstance(self.devices, int) or self.devices >= 1 or self.devices == -1,
               "devices", "must be positive, -1 or a string such as 'auto'", self.devices)

@@ -89,6 +89,8 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("model.dropout=1.5", "model.dropout"),
     ("model.type=rnn", "model.type: expected one of"),
     ("fabric.precison=32", "fabric.precison: unknown key"),
+    ("fabric.precision=fp16", "fabric.precision: must be one of Fabric's: 32-true, bf16-mixed"),  # was Fabric's error
+    ("fabric.precision=8", "fabric.precision: must be one of Fabric's"),
     ("colour=blue", "colour: unknown key"),
     ("data.name=tinyshakespeare", "data.name: must be one of shakespeare, tiny-shakespeare"),
     ("data.bpe_vocab_size=1000", "data.bpe_vocab_size: applies only with tokenizer: bpe"),
@@ -108,6 +110,15 @@ def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
     with pytest.raises(ConfigError, match=message):
         parse_config(apply_overrides(values, override.split()))
+
+
+def test_fabric_precision_takes_lightnings_integers_too():
+    # 16 was "expected str, got 16", though Fabric takes it (as 16-mixed)
+    from lightning_fabric.connector import _PRECISION_INPUT
+    from recipes.config import FabricConfig
+    assert FabricConfig(precision=16).precision == 16
+    accepted = {value for group in _PRECISION_INPUT.__args__ for value in group.__args__}
+    assert set(FabricConfig.PRECISIONS) <= accepted  # nothing the installed Fabric would refuse
 
 
 def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, corpus_file):
