@@ -61,9 +61,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     device = pick_device(args.device)
     # a GPT reads at most what it was trained on: positions beyond train.block_size never learned
     context = config.train.block_size if isinstance(model, GPT) else None
-    texts = generate_text(model.to(device), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, num_samples=args.num_samples,
-                          seed=args.seed, use_cache=not args.no_cache, device=device, context=context)
+    try:
+        texts = generate_text(model.to(device), tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, num_samples=args.num_samples,
+                              seed=args.seed, use_cache=not args.no_cache, device=device, context=context)
+    except ValueError as err:  # named as the Python argument: "top_k: ..." -> "--top-k: ..."
+        name, sep, rest = str(err).partition(": ")
+        if sep and name in ("prompt", "max_new_tokens", "temperature", "top_k", "num_samples", "seed"):
+            raise ValueError(f"--{name.replace('_', '-')}: {rest}") from None
+        raise
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {i}")

@@ -989,8 +989,8 @@ def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus
         (["-m", "recipes.train", "--config", str(tmp_path / "missing.yaml")], "error: config: no such file"),
         (["-m", "recipes.train", "--config", str(config)], "error: out_dir: "),  # the baseline's run is there
         (["-m", "recipes.interpret", str(tmp_path / "run")], "error: model: has no phase layers"),
-        (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: max_new_tokens: expected"),
-        (["-m", "recipes.generate", str(trained), "--prompt", "\u00e9"], "error: prompt: Character"),
+        (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: --max-new-tokens: expected"),
+        (["-m", "recipes.generate", str(trained), "--prompt", "\u00e9"], "error: --prompt: Character"),
     ]:
         done = _run_recipe(args)
         assert done.returncode == 2, (args, done.stderr)
@@ -1012,8 +1012,9 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (evaluate, [str(trained), "--splits", "val", "nosuch"], "error: splits: the corpus 'text' has no split 'nosuch'"),
         (evaluate, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
         (interpret, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
-        (generate, [str(trained), "--temperature", "inf"], "error: temperature: expected a finite number"),
-        (generate, [str(trained), "--seed", str(2**70)], "error: seed: must be in [0, 2**64)"),
+        (generate, [str(trained), "--temperature", "inf"], "error: --temperature: expected a finite number"),
+        (generate, [str(trained), "--seed", str(2**70)], "error: --seed: must be in [0, 2**64)"),
+        (generate, [str(trained), "--top-k", "0"], "error: --top-k: "),  # named as its flag, not top_k
         (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
         (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
     ] + [(module, [str(tmp_path / name)], f"error: checkpoint: '{tmp_path / name}'")
