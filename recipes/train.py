@@ -468,6 +468,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
         group["lr"] = base * rate(scheduler.last_epoch)
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}" + "".join(
         f"; {key}: {_dotted(saved_config, key)} -> {_dotted(state['config'], key)}" for key in changed))
+    if not progress["eval_due"] and (progress["stopped"] or progress["step"] >= config.train.max_iters):
+        why = "stopped early (patience)" if progress["stopped"] else f"at train.max_iters={config.train.max_iters}"
+        fabric.print(f"nothing to train: the run is {why}; raise train.max_iters or train.patience to go on")
 
 
 def _out_of_patience(bad_evals: int, patience: int | None) -> bool:

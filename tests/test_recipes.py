@@ -428,7 +428,7 @@ def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch):
+def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch, capsys):
     # constant rate: 4 steps, then resumed to 8, is the 8-step run (batches and dropout depend on the step)
     def run(where, max_iters, **sections):
         return tiny(tmp_path / where, corpus_file, train={"max_iters": max_iters, "eval_interval": 2},
@@ -449,6 +449,9 @@ def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch):
         rates = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(f) if row["train/lr"]}
     assert rates == pytest.approx({s: learning_rate(s - 1, config.optim, 10) for s in range(5, 11)}, rel=1e-6)
     assert learning_rate(4, config.optim, 4) != pytest.approx(rates[5], rel=1e-3)  # not the old schedule's
+    capsys.readouterr()
+    assert train(parse_config(longer), resume=True)["step"] == 10  # again: said, not silent
+    assert "nothing to train: the run is at train.max_iters=10" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in train.block_size; resume with the "
                                          r"same config \(only train.max_iters, train.patience"):
         train(parse_config(apply_overrides(longer, ["train.block_size=8"])), resume=True)
