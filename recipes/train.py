@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -100,8 +101,47 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     A new run refuses an ``out_dir`` that already holds one (``last.pt``): rerunning a command
     without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes what that run
     wrote (checkpoints, ``result.json``, plots, logs, evaluations: ``OLD_RUN_OUTPUTS``) once the new
-    run is set up, and starts over.
+    run is set up, and starts over. While it trains, the run holds a lock on ``out_dir/.lock``: a
+    second process training into the same directory is an error (exit 2), not two runs writing one
+    set of files.
     """
+    with contextlib.ExitStack() as held:  # the run directory's lock, once taken
+        return _train(config, resume, overwrite, held)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path):
+    """An exclusive ``flock`` on ``run_dir/.lock`` (holding the owner's pid) while the run trains.
+    Where there is no ``flock`` (not POSIX, some network filesystems) the run trains unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise FileExistsError(f"out_dir: another process (pid {owner}) is training into {run_dir}; let it "
+                                  "end (or stop it) first, or give this run another name or out_dir") from None
+        except OSError:  # a filesystem without locks
+            locked = False
+        if locked:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> dict[str, Any]:
     from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 
     run_dir = config.run_dir
@@ -164,6 +204,7 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
+        held.enter_context(_run_lock(run_dir))  # before anything in it is deleted or written
         # overwrite, where a run was (last.pt or result.json; other directories keep their files):
         # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
         # plots, evaluations, log versions); always: no result.json of a shorter run while this one

@@ -1148,10 +1148,10 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     (alien / "config.yaml").unlink()  # nor one whose settings cannot be read
     assert run_sweep([config], [1], tmp_path / "sweep") == subset
     # a run that finished (result.json written) and then failed, e.g. in its plots, does not stop the sweep
-    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: (call(cmd), 2)[1])
+    monkeypatch.setattr("recipes.sweep._train", lambda cmd: (call(cmd), 2)[1])
     assert [r["seed"] for r in run_sweep([config], [4], tmp_path / "sweep") if r["config"] == "tiny"] == [1, 2, 4]
     # a config recipes.train rejects (exit 2) is not "rerun to resume"
-    monkeypatch.setattr("recipes.sweep.subprocess.call", lambda cmd: 2)
+    monkeypatch.setattr("recipes.sweep._train", lambda cmd: 2)
     with pytest.raises(ValueError, match="stopped on a mistake it printed above"):
         run_sweep([config], [3], tmp_path / "sweep")
 
@@ -1315,3 +1315,21 @@ def test_checkpoint_flag_with_a_checkpoint_file_is_an_error(trained, capsys):
             run_cli(lambda: module.main([str(trained / "last.pt"), "--checkpoint", "best.pt"]))
         assert stop.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --checkpoint: names a file inside")
+
+
+def test_a_second_process_cannot_train_into_a_run_directory_in_use(tmp_path, corpus_file):
+    """Nothing stopped two processes (two sweeps, a resume while the run still trained) from writing one
+    run's checkpoints, logs and result at once."""
+    import fcntl
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as held:  # another process's lock (flock: per open file, as across processes)
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match=r"out_dir: another process \(pid 4242\) is training into"):
+            train(parse_config(values))
+        assert not (run_dir / "config.yaml").exists()  # nothing written
+    assert train(parse_config(values))["status"] == "finished"  # once it is gone
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4  # released
