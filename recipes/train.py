@@ -199,24 +199,16 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     if resume:
         _resume(fabric, run_dir / "last.pt", state, config, corpus)
         progress = state["progress"]
+    failure = None
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
-        held.enter_context(_run_lock(run_dir))  # before anything in it is deleted or written
-        # overwrite, where a run was (last.pt or result.json; other directories keep their files):
-        # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
-        # plots, evaluations, log versions); always: no result.json of a shorter run while this one
-        # trains (a sweep would take it for done), no .tmp of a write cut short
-        old_run = overwrite and any((run_dir / name).is_file() for name in ("last.pt", "result.json"))
-        for pattern in (OLD_RUN_OUTPUTS if old_run else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
-            for path in run_dir.glob(pattern):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            _claim_run_dir(run_dir, config, overwrite, held)
+        except OSError as err:  # refused (another process trains there) or not writable
+            failure = err
+    if world > 1:  # every rank stops, not rank 0 alone (the others would wait in the first all-reduce)
+        failure = fabric.broadcast(failure, src=0)
+    if failure is not None:
+        raise failure
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
@@ -243,6 +235,28 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     for logger in fabric.loggers:  # CSV and TensorBoard
         logger.finalize("success")
     return result
+
+
+def _claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Create the run directory, lock it (:func:`_run_lock`, held until ``held`` closes), clear what must
+    not survive into the new run and write ``config.yaml``."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
+    held.enter_context(_run_lock(run_dir))  # before anything in it is deleted or written
+    # overwrite, where a run was (last.pt or result.json; other directories keep their files):
+    # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
+    # plots, evaluations, log versions); always: no result.json of a shorter run while this one
+    # trains (a sweep would take it for done), no .tmp of a write cut short
+    old_run = overwrite and any((run_dir / name).is_file() for name in ("last.pt", "result.json"))
+    for pattern in (OLD_RUN_OUTPUTS if old_run else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
+        for path in run_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized) -> str:
@@ -510,8 +524,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}" + "".join(
         f"; {key}: {_dotted(saved_config, key)} -> {_dotted(state['config'], key)}" for key in changed))
     if not progress["eval_due"] and (progress["stopped"] or progress["step"] >= config.train.max_iters):
-        why = "stopped early (patience)" if progress["stopped"] else f"at train.max_iters={config.train.max_iters}"
-        fabric.print(f"nothing to train: the run is {why}; raise train.max_iters or train.patience to go on")
+        why, knob = (("stopped early", "train.patience") if progress["stopped"]
+                     else (f"at train.max_iters={config.train.max_iters}", "train.max_iters"))
+        fabric.print(f"nothing to train: the run is {why}; raise {knob} to go on")
 
 
 def _out_of_patience(bad_evals: int, patience: int | None) -> bool:

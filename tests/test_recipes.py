@@ -1333,3 +1333,21 @@ def test_a_second_process_cannot_train_into_a_run_directory_in_use(tmp_path, cor
         assert not (run_dir / "config.yaml").exists()  # nothing written
     assert train(parse_config(values))["status"] == "finished"  # once it is gone
     assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4  # released
+
+
+def test_a_locked_run_directory_stops_every_ddp_rank(tmp_path, corpus_file):
+    """The lock is rank 0's: refused, it stopped alone and rank 1 crashed in its first all-reduce
+    ("Connection closed by peer"; with NCCL it would wait there)."""
+    import fcntl
+    values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "devices": 2, "precision": "32-true",
+                                                 "strategy": "ddp"}, train={"max_iters": 4})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(values))
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "another process (pid 4242)" in done.stderr.splitlines()[-1]
