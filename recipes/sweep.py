@@ -118,25 +118,36 @@ def _status(run_dir: Path) -> str:
 def _train(cmd: list[str]) -> int:
     """Run one ``recipes.train`` process to its end; return its exit status.
 
-    It runs in a process group of its own, so that a stop reaches it once, from the sweep: SIGINT
-    (Ctrl-C) and SIGTERM sent to the sweep are passed on to it, the sweep waits while it saves
-    ``last.pt`` and exits, then stops with the signal's status (130, 143) by raising
-    :class:`~recipes.common.Interrupted`. (Left to ``subprocess.call``, a SIGTERM killed the sweep alone
-    and left its run training, and Ctrl-C killed the run 0.25 s into saving ``last.pt``.)
+    It runs in a process group of its own (in the sweep's session), so that a stop reaches it once,
+    from the sweep: SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) sent to the sweep are
+    passed on to it, the sweep waits while it saves ``last.pt`` and exits, then stops with the
+    signal's status (130, 143, 129) by raising :class:`~recipes.common.Interrupted`. On Linux a sweep
+    killed outright (SIGKILL) sends it SIGTERM (``PR_SET_PDEATHSIG``), so it never trains on
+    unwatched. (Left to ``subprocess.call``, a SIGTERM killed the sweep alone and left its run
+    training, and Ctrl-C killed the run 0.25 s into saving ``last.pt``.)
     """
-    child = subprocess.Popen(cmd, start_new_session=os.name == "posix")
-    received = []
+    received, child = [], None
 
     def forward(signum, frame):
         received.append(signum)
-        child.send_signal(signum)  # a second one aborts the run's save, as for recipes.train itself
+        if child is not None:
+            child.send_signal(signum)  # a second one aborts the run's save, as for recipes.train itself
 
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in stops:
             if signal.getsignal(signum) not in (signal.SIG_IGN, None):
                 previous[signum] = signal.signal(signum, forward)
+    posix = os.name == "posix"
     try:
+        if posix:  # held back until `child` is set, then delivered to `forward`: none is lost or sent twice
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            child = subprocess.Popen(cmd, preexec_fn=(lambda: _as_sweep_child(stops)) if posix else None)
+        finally:
+            if posix:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         code = child.wait()
     finally:
         for signum, handler in previous.items():
@@ -144,6 +155,20 @@ def _train(cmd: list[str]) -> int:
     if received:
         raise Interrupted(received[0])
     return code
+
+
+def _as_sweep_child(stops: list[int]) -> None:
+    """In the forked training process, before it runs: its own process group (a terminal's Ctrl-C
+    reaches the sweep alone, which passes it on once), the stop signals unblocked, and on Linux
+    SIGTERM when the sweep dies."""
+    os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass  # no prctl: the run outlives a SIGKILLed sweep, as any child would
 
 
 def _checked_config(config: Path, overrides: list[str]) -> dict:

@@ -191,7 +191,7 @@ def test_the_summary_reports_R_at_the_best_evaluation_per_layer(tmp_path):
     assert [(r["R_layer2"], r["R_layer10"]) for r in rows] == [("0.2", "0.6"), ("0.4", "0.8"), ("", ""), ("", "")]
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_save(tmp_path, signum):
     """SIGTERM to the sweep killed the sweep alone (its run trained on, unwatched), and Ctrl-C killed the
     run 0.25 s into saving last.pt. Now the run, in a process group of its own, gets the signal from the
@@ -211,8 +211,8 @@ def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_sa
              f"    time.sleep(0.5)  # a slow save\n"
              f"    pathlib.Path({str(saved)!r}).write_text(str(signum))\n"
              f"    sys.exit(128 + signum)\n"
-             f"signal.signal(signal.SIGTERM, stop)\n"
-             f"signal.signal(signal.SIGINT, stop)\n"
+             f"for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+             f"    signal.signal(s, stop)\n"
              f"pathlib.Path({str(ready)!r}).write_text(str(os.getpgrp()))\n"
              f"time.sleep(60)\n")
 
@@ -250,3 +250,38 @@ def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, mo
     out = capsys.readouterr().out
     assert "[sweep] a seed 1: diverged (see above)" in out and "finished" not in out
     assert "| a | 0 of 1 | – | – | – | diverged |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_sweep_killed_outright_stops_its_training_process(tmp_path):
+    """Killed with SIGKILL (no handler runs), the sweep cannot pass a stop on: the run gets SIGTERM from the
+    kernel (Linux's parent-death signal) instead of training on unwatched, holding its run directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    child = (f"import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda s, f: (pathlib.Path({str(stopped)!r}).write_text('TERM'), "
+             f"sys.exit(143)))\n"
+             f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+             f"time.sleep(60)\n")
+    sweep_script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
+    parent = subprocess.Popen([sys.executable, "-c", sweep_script],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not stopped.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stopped.read_text() == "TERM"
+    finally:
+        parent.kill()
