@@ -34,12 +34,18 @@ def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     return value
 
 
+def check_device(name: str, x: Tensor, tensor: Tensor, owner: str = "module") -> None:
+    """``x`` must be on the device of the ``owner``'s ``tensor`` (their arithmetic would fail with a bare
+    device error), unless that is a CPU 0-d tensor (e.g. a scalar strength), which combines with any."""
+    if x.device != tensor.device and not (tensor.dim() == 0 and tensor.device.type == "cpu"):
+        raise ValueError(f"{name}: expected a tensor on the {owner}'s device {tensor.device} but got {x.device}")
+
+
 def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
-    """``x`` must be on the device of the module's ``weight`` and have its dtype (its matrix products
-    would fail with a bare device or dtype error), except under ``torch.autocast``, which casts their
-    inputs itself."""
-    if x.device != weight.device:
-        raise ValueError(f"{name}: expected a tensor on the module's device {weight.device} but got {x.device}")
+    """``x`` must be on the device of the module's ``weight`` (:func:`check_device`) and have its dtype
+    (its matrix products would fail with a bare dtype error), except under ``torch.autocast``, which
+    casts their inputs itself."""
+    check_device(name, x, weight)
     dtype = weight.dtype
     if x.dtype == dtype:
         return

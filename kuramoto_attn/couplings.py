@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_finite_tensor, broadcasts_to, check_axis, check_bool, check_broadcasts, check_int, check_mask, check_real, check_tensor
+from ._checks import (as_finite_tensor, broadcasts_to, check_axis, check_bool, check_broadcasts, check_device,
+                      check_int, check_mask, check_real, check_tensor)
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -97,10 +98,7 @@ class Coupling(nn.Module):
         """
         check_tensor("theta", theta)
         for tensor in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
-            # a 0-d tensor (a scalar strength) combines with θ on any device; the others would not
-            if tensor.dim() and tensor.device != theta.device:
-                raise ValueError(f"theta: expected a tensor on the coupling's device {tensor.device} "
-                                 f"but got {theta.device}")
+            check_device("theta", theta, tensor, owner="coupling")
         check_broadcasts("strength", self.strength.shape, theta.shape)
         term = self.interaction(theta, *args, **kwargs)
         # a wrong shape that broadcasts (e.g. a mean kept as (*, 1)) would pass silently in ω + term

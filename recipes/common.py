@@ -141,9 +141,7 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
 
     The model is in eval mode; ``state`` is the raw checkpoint dict (step, history, ...).
     """
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "best.pt"
+    checkpoint = checkpoint_file(checkpoint, None)  # a run directory: its best.pt
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r} "
                                 "(give a run directory or a .pt file written by recipes.train)")

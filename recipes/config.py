@@ -139,7 +139,7 @@ class FabricConfig:
 
     def __post_init__(self):
         check(self.precision is None or self.precision in self.PRECISIONS, "precision",
-              f"must be one of Fabric's: {', '.join(map(str, self.PRECISIONS))}", self.precision)
+              f"must be one of Fabric's: {', '.join(dict.fromkeys(map(str, self.PRECISIONS)))}", self.precision)
         check(self.num_nodes >= 1, "num_nodes", "must be at least 1", self.num_nodes)
         check(not isinstance(self.devices, int) or self.devices >= 1 or self.devices == -1,
               "devices", "must be positive, -1 or a string such as 'auto'", self.devices)

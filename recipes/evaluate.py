@@ -137,6 +137,8 @@ def _record(checkpoint: Path, step: int, results: dict) -> Path:
         recorded = {}
     if not isinstance(recorded, dict):
         recorded = {}
+    if recorded and all(isinstance(v, dict) and "loss" in v for v in recorded.values()):
+        recorded = {"unknown checkpoint": recorded}  # the flat {split: ...} of older versions, kept
     entry = recorded.get(checkpoint.name)
     if not isinstance(entry, dict) or entry.get("step") != step:
         entry = {"step": step}

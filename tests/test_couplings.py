@@ -298,6 +298,8 @@ def test_numpy_bools_are_accepted_as_flags():
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4).tolist()), "weights: expected a tensor"),
     (lambda th: GraphCoupling(torch.ones(4, 4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
     (lambda th: MeanFieldCoupling(torch.ones(4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
+    # a 0-d strength combines with θ on any device only from the CPU (one moved to a GPU does not)
+    (lambda th: MeanFieldCoupling(2.0).to("meta")(th), "^theta: expected a tensor on the coupling's device meta"),
 ])
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -1351,3 +1351,12 @@ def test_a_locked_run_directory_stops_every_ddp_rank(tmp_path, corpus_file):
         done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "another process (pid 4242)" in done.stderr.splitlines()[-1]
+
+
+def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
+    """The flat ``{split: {...}}`` of earlier versions would have read as checkpoints named "val" and "test"."""
+    from recipes.evaluate import _record
+    (tmp_path / "evaluation.json").write_text(json.dumps({"val": {"loss": 1.5}, "test": {"loss": 1.6}}))
+    _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}})
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {
+        "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}}, "best.pt": {"step": 7, "val": {"loss": 1.2}}}
