@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
         raise ValueError(f"prompt: {err}") from None
     if not ids:
         raise ValueError(f"prompt: {prompt!r} has no tokens; give some text (the command line's default is a newline)")
+    unknown = [w for w in prompt.split() if w not in tokenizer.index] if tokenizer.kind == "word" else []
+    if unknown:  # the model sees <unk> for them: say so, as a character vocabulary's error does
+        shown = ", ".join(map(repr, dict.fromkeys(unknown[:10])))
+        warnings.warn(f"prompt: {len(unknown)} word(s) not in the vocabulary read as {tokenizer.unk}: {shown}",
+                      stacklevel=2)
     if num_samples < 1:
         raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
     if not 0 <= seed < 2**64:  # what torch.Generator takes

@@ -1360,3 +1360,18 @@ def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
     _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}})
     assert json.loads((tmp_path / "evaluation.json").read_text()) == {
         "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}}, "best.pt": {"step": 7, "val": {"loss": 1.2}}}
+
+
+def test_generate_says_which_prompt_words_read_as_unk():
+    """A character outside the vocabulary is an error; a word was turned into <unk> without a word."""
+    import warnings
+    from recipes.data import WordTokenizer
+    tokenizer = WordTokenizer.from_text("the city of rome\n", add_unk=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=16, n_layers=1, n_heads=1, d_model=8)).eval()
+    with pytest.warns(UserWarning, match=r"prompt: 2 word\(s\) not in the vocabulary read as <unk>: 'zzz', 'qq'"):
+        text, = generate_text(model, tokenizer, "the zzz city qq", max_new_tokens=2)
+    assert text.startswith("the <unk> city <unk>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_text(model, tokenizer, "the city", max_new_tokens=2)
