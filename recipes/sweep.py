@@ -121,7 +121,8 @@ def _train(cmd: list[str]) -> int:
     It runs in a process group of its own (in the sweep's session), so that a stop reaches it once,
     from the sweep: SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) sent to the sweep are
     passed on to it, the sweep waits while it saves ``last.pt`` and exits, then stops with the
-    signal's status (130, 143, 129) by raising :class:`~recipes.common.Interrupted`. On Linux a sweep
+    signal's status (130, 143, 129) by raising :class:`~recipes.common.Interrupted`; Ctrl-Z (SIGTSTP)
+    suspends both, and they go on together. On Linux a sweep
     killed outright (SIGKILL) sends it SIGTERM (``PR_SET_PDEATHSIG``), so it never trains on
     unwatched. (Left to ``subprocess.call``, a SIGTERM killed the sweep alone and left its run
     training, and Ctrl-C killed the run 0.25 s into saving ``last.pt``.)
@@ -133,12 +134,24 @@ def _train(cmd: list[str]) -> int:
         if child is not None:
             child.send_signal(signum)  # a second one aborts the run's save, as for recipes.train itself
 
+    def suspend(signum, frame):  # Ctrl-Z: the run stops with the sweep, and goes on when it does
+        if child is not None:
+            child.send_signal(signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stopped here until the shell's SIGCONT (fg, bg)
+        signal.signal(signal.SIGTSTP, suspend)
+        if child is not None:
+            child.send_signal(signal.SIGCONT)
+
     stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    handlers = {signum: forward for signum in stops}
+    if hasattr(signal, "SIGTSTP"):
+        handlers[signal.SIGTSTP] = suspend
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in stops:
+        for signum, handler in handlers.items():
             if signal.getsignal(signum) not in (signal.SIG_IGN, None):
-                previous[signum] = signal.signal(signum, forward)
+                previous[signum] = signal.signal(signum, handler)
     posix = os.name == "posix"
     try:
         if posix:  # held back until `child` is set, then delivered to `forward`: none is lost or sent twice

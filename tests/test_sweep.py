@@ -285,3 +285,38 @@ def test_a_sweep_killed_outright_stops_its_training_process(tmp_path):
         assert stopped.read_text() == "TERM"
     finally:
         parent.kill()
+
+
+def test_ctrl_z_suspends_the_training_process_with_the_sweep(tmp_path):
+    """Ctrl-Z reaches the sweep's process group, not its run's: the run trained on while the sweep was stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ticks = tmp_path / "ticks"
+    child = (f"import time\n"
+             f"with open({str(ticks)!r}, 'a') as f:\n"
+             f"    for _ in range(600):\n"
+             f"        f.write('.'); f.flush(); time.sleep(0.02)\n")
+    sweep_script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
+    parent = subprocess.Popen([sys.executable, "-c", sweep_script],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def size_after(seconds):
+        time.sleep(seconds)
+        return ticks.stat().st_size if ticks.exists() else 0
+
+    try:
+        deadline = time.monotonic() + 30
+        while size_after(0.1) < 5 and time.monotonic() < deadline:
+            pass
+        parent.send_signal(signal.SIGTSTP)  # as the terminal does, to the sweep
+        stopped = size_after(0.5)
+        assert size_after(0.5) == stopped  # the run is suspended too
+        parent.send_signal(signal.SIGCONT)  # fg / bg
+        assert size_after(0.5) > stopped  # and goes on with the sweep
+    finally:
+        parent.kill()
+        parent.wait()
