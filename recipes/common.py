@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 
 __all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
-           "pick_device", "step_seed", "mean_ci95", "checkpoint_file"]
+           "pick_device", "step_seed", "mean_ci95", "checkpoint_file", "write_atomic"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -122,6 +123,21 @@ def save_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> None:
     if fabric.is_global_zero:
         os.replace(tmp, path)
     fabric.barrier()
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` (a name of its own: writers never share it),
+    then rename it over ``path``: a reader (a sweep deciding a run is done, a resume) sees the old
+    file or the new one, never a part, also when the writer is killed midway."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_file(run: str | Path, checkpoint: str | None) -> Path:

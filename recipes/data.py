@@ -665,8 +665,11 @@ def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> N
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
     try:
         _encode_into(staging, tokenizer, raw, meta)
-        shutil.rmtree(folder, ignore_errors=True)  # a stale or partial entry under the same key
-        os.replace(staging, folder)
+        # an entry appears complete, in one rename: one that exists now was built by another process
+        # meanwhile, and others may be reading it (replacing it removed their files under them)
+        if not (folder / "meta.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a partial entry (versions that wrote in place)
+            os.replace(staging, folder)
     except OSError:
         if not (folder / "meta.json").is_file():  # not another process's finished entry
             raise
@@ -723,6 +726,11 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     if corpus is not None:
         return corpus
     raw = read_raw()
+    if name != "shakespeare":  # the text read must be the text hashed into the key (not one still being written)
+        changed = [where for split, where in files.items() if _sha256_file(Path(where)) != shas[split]]
+        if changed:
+            raise ValueError(f"data: {', '.join(changed)} changed while it was read (still being written or "
+                             "replaced?); run again once it is complete")
     _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
                  {"settings": settings, "source_sha256": shas})
     return _load_cached(folder, settings, name, files)

@@ -15,16 +15,16 @@ earlier results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from recipes.common import checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import checkpoint_file, load_run, pick_device, run_cli, write_atomic
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 
@@ -131,22 +131,37 @@ def _record(checkpoint: Path, step: int, results: dict) -> Path:
     before for the same checkpoint at the same step are kept; a checkpoint rewritten since (another
     step) starts its entry afresh."""
     path = checkpoint.parent / "evaluation.json"
-    try:
-        recorded = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # not ours, or cut short: replaced
-        recorded = {}
-    if not isinstance(recorded, dict):
-        recorded = {}
-    if recorded and all(isinstance(v, dict) and "loss" in v for v in recorded.values()):
-        recorded = {"unknown checkpoint": recorded}  # the flat {split: ...} of older versions, kept
-    entry = recorded.get(checkpoint.name)
-    if not isinstance(entry, dict) or entry.get("step") != step:
-        entry = {"step": step}
-    recorded[checkpoint.name] = entry | results
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(recorded, indent=2))
-    os.replace(tmp, path)  # a kill mid-write keeps the earlier results
+    with _locked(path.with_name(path.name + ".lock")):  # two evaluations finishing together: both kept
+        try:
+            recorded = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:  # not ours, or cut short: replaced
+            recorded = {}
+        if not isinstance(recorded, dict):
+            recorded = {}
+        if recorded and all(isinstance(v, dict) and "loss" in v for v in recorded.values()):
+            recorded = {"unknown checkpoint": recorded}  # the flat {split: ...} of older versions, kept
+        entry = recorded.get(checkpoint.name)
+        if not isinstance(entry, dict) or entry.get("step") != step:
+            entry = {"step": step}
+        recorded[checkpoint.name] = entry | results
+        write_atomic(path, json.dumps(recorded, indent=2))  # a kill mid-write keeps the earlier results
     return path
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive ``flock`` on ``lock`` (waiting for it); none where there is no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks
+            pass
+        yield
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             runs.append((config, name, seed, run_dir, run_overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
     for config, name, seed, run_dir, run_overrides in runs:
-        resume = (run_dir / "last.pt").is_file()
-        if resume or (run_dir / "result.json").is_file():
+        resume, done = (run_dir / "last.pt").is_file(), _status(run_dir) != "unknown"
+        if resume or done:
             # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
             _check_same_settings(run_dir, config, run_overrides)
-        if (run_dir / "result.json").is_file():
+        if done:
             print(f"[sweep] {name} seed {seed}: done, skipped")
             continue
         cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
@@ -108,7 +108,8 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
 
 
 def _status(run_dir: Path) -> str:
-    """The status in a run's ``result.json`` (``"unknown"`` where it cannot be read)."""
+    """The status in a run's ``result.json``; ``"unknown"`` where there is none that can be read (not
+    done: a torn file, written by a version that wrote it in place, is trained again or resumed)."""
     try:
         return str(json.loads((run_dir / "result.json").read_text()).get("status", "unknown"))
     except (OSError, ValueError, AttributeError):
@@ -210,7 +211,11 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
 def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The dotted keys whose values in ``run_dir``'s ``config.yaml`` differ from ``wanted``, save what
     only changes what a run shows (``DISPLAY_KEYS``: logs, plots) and the keys in ``ignore``."""
-    done = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+    values = load_yaml(run_dir / "config.yaml")  # its errors name the file
+    try:
+        done = parse_saved_config(values).to_dict()
+    except ConfigError as err:  # e.g. torn by a kill mid-write (older versions wrote it in place)
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
     return [key for key in changed_keys(done, wanted) if key not in (*DISPLAY_KEYS, *ignore)]
 
 
@@ -238,7 +243,7 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
     for name in names:
         for seed in runs[name]:
             path = out_dir / name / f"seed{seed}" / "result.json"
-            if path.is_file():
+            if _status(path.parent) != "unknown":
                 r = json.loads(path.read_text())
                 rows.append({"config": name, "seed": seed, "status": r["status"], "step": r["step"],
                              "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"],

@@ -44,7 +44,8 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
-from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
+from recipes.common import (Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed,
+                            write_atomic)
 from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
                             split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 # what --overwrite deletes of an earlier run in the same out_dir (glob patterns): everything that run
 # wrote there (train, evaluate and interpret) except config.yaml, which the new run writes again
 OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", "tensorboard/version_*",
-                   "evaluation.json", "evaluation.json.tmp", "interpret.json", "R_tokens.png", "R_steps.png")
+                   "evaluation.json*", "interpret.json", "R_tokens.png", "R_steps.png")
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -147,9 +148,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     run_dir = config.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"out_dir: {str(run_dir)!r} is a file, not a directory")
-    if not resume and not overwrite and (run_dir / "last.pt").is_file():
-        raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
-                              "start over with --overwrite, or give this run another name or out_dir")
+    if not resume and not overwrite:
+        _refuse_a_run_in(run_dir)  # now, before the data; again once the directory is locked
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
@@ -202,7 +202,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     failure = None
     if fabric.is_global_zero:  # set up without an error: only now is an old run's state let go
         try:
-            _claim_run_dir(run_dir, config, overwrite, held)
+            _claim_run_dir(run_dir, config, resume, overwrite, held)
         except OSError as err:  # refused (another process trains there) or not writable
             failure = err
     if world > 1:  # every rank stops, not rank 0 alone (the others would wait in the first all-reduce)
@@ -237,7 +237,14 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     return result
 
 
-def _claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, held: contextlib.ExitStack) -> None:
+def _refuse_a_run_in(run_dir: Path) -> None:
+    if (run_dir / "last.pt").is_file():
+        raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
+                              "start over with --overwrite, or give this run another name or out_dir")
+
+
+def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool,
+                   held: contextlib.ExitStack) -> None:
     """Create the run directory, lock it (:func:`_run_lock`, held until ``held`` closes), clear what must
     not survive into the new run and write ``config.yaml``."""
     try:
@@ -245,6 +252,8 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, held: cont
     except OSError as err:
         raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
     held.enter_context(_run_lock(run_dir))  # before anything in it is deleted or written
+    if not resume and not overwrite:  # a run that another process finished since the first check
+        _refuse_a_run_in(run_dir)
     # overwrite, where a run was (last.pt or result.json; other directories keep their files):
     # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
     # plots, evaluations, log versions); always: no result.json of a shorter run while this one
@@ -256,7 +265,7 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, held: cont
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized) -> str:
@@ -450,7 +459,7 @@ def _write_result(fabric, config: RunConfig, progress: dict, status: str, messag
               "best_val_R": _layer_R(best), "final_val_R": _layer_R(evals[-1] if evals else None),
               "message": message}
     if fabric.is_global_zero:
-        (config.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        write_atomic(config.run_dir / "result.json", json.dumps(result, indent=2))  # a sweep reads it
     return result
 
 

@@ -599,3 +599,37 @@ def test_cache_invalidated_when_the_bpe_vocabulary_size_changes(tmp_path, text_f
     second = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=300, cache_dir=tmp_path)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
     assert first.tokenizer.to_dict() != second.tokenizer.to_dict()
+
+
+def test_an_entry_another_process_built_meanwhile_is_kept_not_replaced(tmp_path, text_file, monkeypatch):
+    """Two processes missing the cache together: the second replaced the first's finished entry, deleting
+    its files under a third process reading them (FileNotFoundError for val.bin)."""
+    cache = tmp_path / "cache"
+    first = prepare_corpus("text", path=text_file, cache_dir=cache)
+    (entry,) = cache.glob("text-char-*")
+    (entry / "reader-was-here").write_text("")  # stands for files another process has open
+    real_load, calls = data._load_cached, []
+
+    def load(folder, *args):  # this process missed the cache before the other had finished the entry
+        calls.append(folder)
+        return None if len(calls) == 1 else real_load(folder, *args)
+
+    monkeypatch.setattr(data, "_load_cached", load)
+    second = prepare_corpus("text", path=text_file, cache_dir=cache)
+    assert (entry / "reader-was-here").exists() and list(cache.iterdir()) == [entry]  # staging copy dropped
+    assert all(np.array_equal(second.splits[s], first.splits[s]) for s in first.splits)
+
+
+def test_a_source_that_changes_while_it_is_read_is_an_error(tmp_path, text_file, monkeypatch):
+    """The key held the sha256 of the text before, the entry the tokens of the text after: every later run
+    on the first text would have used the second, recording the first's sha256."""
+    real_read = data._read_text
+
+    def read_while_written(path):
+        path.write_text("all the world's a stage\n")  # another process rewrites it between hash and read
+        return real_read(path)
+
+    monkeypatch.setattr(data, "_read_text", read_while_written)
+    with pytest.raises(ValueError, match="changed while it was read"):
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    assert not list(tmp_path.glob("text-char-*"))  # nothing cached under the old text's key

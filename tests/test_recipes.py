@@ -1375,3 +1375,42 @@ def test_generate_says_which_prompt_words_read_as_unk():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate_text(model, tokenizer, "the city", max_new_tokens=2)
+
+
+def test_write_atomic_leaves_the_old_file_when_cut_short(tmp_path, monkeypatch):
+    from recipes.common import write_atomic
+    path = tmp_path / "result.json"
+    write_atomic(path, "old")
+    monkeypatch.setattr("recipes.common.os.replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_a_run_finished_by_another_process_meanwhile_is_refused_once_locked(tmp_path, corpus_file):
+    """The check for an earlier run came before the lock only: a run another process finished in between
+    (same name, or a slow corpus build here) was replaced without --overwrite, its plots and evaluations
+    left mixed with the new run's."""
+    import contextlib
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2})
+    train(parse_config(values))
+    with contextlib.ExitStack() as held, pytest.raises(FileExistsError, match="already holds a run"):
+        train_module._claim_run_dir(tmp_path / "run", parse_config(values), False, False, held)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "finished"  # untouched
+
+
+def test_two_evaluations_recording_at_once_keep_both(tmp_path):
+    """An unlocked read-modify-write with one shared temporary name lost one entry (or crashed) when two
+    evaluations finished together."""
+    import fcntl
+    import threading
+    from recipes.evaluate import _record
+    (tmp_path / "evaluation.json").write_text(json.dumps({"last.pt": {"step": 3, "val": {"loss": 2.0}}}))
+    with open(tmp_path / "evaluation.json.lock", "a") as other:  # another evaluation is recording
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=_record, args=(tmp_path / "best.pt", 3, {"val": {"loss": 1.0}}))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # waits for it
+    waiting.join(10)
+    assert set(json.loads((tmp_path / "evaluation.json").read_text())) == {"last.pt", "best.pt"}

@@ -320,3 +320,24 @@ def test_ctrl_z_suspends_the_training_process_with_the_sweep(tmp_path):
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_torn_result_json_is_not_taken_for_a_done_run(tmp_path, configs, launched):
+    """A result.json cut short (older versions wrote it in place; a kill midway) was "done, skipped" on
+    every rerun, and the summary then failed on it, naming no file."""
+    run_dir = tmp_path / "out" / "a" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "a", "train": {"max_iters": 2}}))
+    (run_dir / "result.json").write_text('{"name": "a", "seed": 1, "status": "fini')
+    sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+    assert len(launched) == 1  # trained again, not skipped
+    assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_torn_config_yaml_is_named(tmp_path, configs, launched):
+    run_dir = tmp_path / "out" / "a" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"")
+    (run_dir / "config.yaml").write_text("optim: 3\n")  # valid YAML, not a config: named too
+    with pytest.raises(ConfigError, match=f"^{run_dir / 'config.yaml'}: "):
+        sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
