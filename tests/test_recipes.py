@@ -1359,7 +1359,8 @@ def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
     (tmp_path / "evaluation.json").write_text(json.dumps({"val": {"loss": 1.5}, "test": {"loss": 1.6}}))
     _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}})
     assert json.loads((tmp_path / "evaluation.json").read_text()) == {
-        "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}}, "best.pt": {"step": 7, "val": {"loss": 1.2}}}
+        "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}},
+        "best.pt": {"step": 7, "val": {"loss": 1.2}}}
 
 
 def test_generate_says_which_prompt_words_read_as_unk():
