@@ -252,14 +252,28 @@ def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, mo
     assert "| a | 0 of 1 | – | – | – | diverged |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def start_sweep_of(child: str):
+    """A sweep process (``sweep._train``, from the checkout) whose training run is ``python -c child``."""
+    import os
+    import subprocess
+    import sys
+    script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-c", script], cwd=checkout)
+
+
+def wait_for(condition, seconds: float) -> bool:
+    import time
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def test_a_sweep_killed_outright_stops_its_training_process(tmp_path):
     """Killed with SIGKILL (no handler runs), the sweep cannot pass a stop on: the run gets SIGTERM from the
     kernel (Linux's parent-death signal) instead of training on unwatched, holding its run directory."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
@@ -269,30 +283,19 @@ def test_a_sweep_killed_outright_stops_its_training_process(tmp_path):
              f"sys.exit(143)))\n"
              f"pathlib.Path({str(ready)!r}).write_text('1')\n"
              f"time.sleep(60)\n")
-    sweep_script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
-    parent = subprocess.Popen([sys.executable, "-c", sweep_script],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parent = start_sweep_of(child)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists()
+        assert wait_for(ready.exists, 30)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while not stopped.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert stopped.read_text() == "TERM"
+        assert wait_for(stopped.exists, 10) and stopped.read_text() == "TERM"
     finally:
         parent.kill()
 
 
 def test_ctrl_z_suspends_the_training_process_with_the_sweep(tmp_path):
     """Ctrl-Z reaches the sweep's process group, not its run's: the run trained on while the sweep was stopped."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     ticks = tmp_path / "ticks"
@@ -300,18 +303,14 @@ def test_ctrl_z_suspends_the_training_process_with_the_sweep(tmp_path):
              f"with open({str(ticks)!r}, 'a') as f:\n"
              f"    for _ in range(600):\n"
              f"        f.write('.'); f.flush(); time.sleep(0.02)\n")
-    sweep_script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
-    parent = subprocess.Popen([sys.executable, "-c", sweep_script],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parent = start_sweep_of(child)
 
     def size_after(seconds):
         time.sleep(seconds)
         return ticks.stat().st_size if ticks.exists() else 0
 
     try:
-        deadline = time.monotonic() + 30
-        while size_after(0.1) < 5 and time.monotonic() < deadline:
-            pass
+        assert wait_for(lambda: size_after(0) >= 5, 30)
         parent.send_signal(signal.SIGTSTP)  # as the terminal does, to the sweep
         stopped = size_after(0.5)
         assert size_after(0.5) == stopped  # the run is suspended too
