@@ -7,9 +7,10 @@ training context (``train.block_size``), each predicted from the start of its wi
 Bits per character divide the total by the number of characters the predicted tokens decode to
 (equal to bits per token for a character tokenizer). The corpus must be the text the run was trained
 on: a file changed since (its sha256, recorded in the checkpoint) is an error, not a score on other data.
-The results are added to ``evaluation.json`` beside the checkpoint, under its file name and step
-(``{"best.pt": {"step": 2000, "val": {...}}}``): evaluating other splits or checkpoints keeps the
-earlier results.
+The results are added to ``evaluation.json`` beside the checkpoint, under its file name, step and
+which write of the file was read (``{"best.pt": {"step": 2000, "written": ..., "val": {...}}}``):
+evaluating other splits or checkpoints keeps the earlier results; a checkpoint replaced while it was
+evaluated (a run training there) is an error, not results recorded under the new file.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
     checkpoint = checkpoint_file(args.run, args.checkpoint)
+    written = _written(checkpoint)  # which write of the file is read (a training run may replace it)
     model, tokenizer, config, state = load_run(checkpoint)
     device = pick_device(args.device)
     model.to(device)
@@ -120,18 +122,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         r = results[split]
         print(f"{split}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/token {r['bits_per_token']:.4f}  "
               f"bits/char {r['bits_per_char']:.4f}  ({r['tokens']:,} tokens)")
-    where = _record(checkpoint, state.get("progress", {}).get("step"), results)
+    where = _record(checkpoint, state.get("progress", {}).get("step"), results, written)
     print(f"wrote {where}")
     return results
 
 
-def _record(checkpoint: Path, step: int, results: dict) -> Path:
+def _written(checkpoint: Path) -> str | None:
+    """Which write of the file this is: inode, modification time and size (a rewrite, an atomic
+    rename, gives another)."""
+    try:
+        st = checkpoint.stat()
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _record(checkpoint: Path, step: int, results: dict, written: str | None = None) -> Path:
     """Add ``results`` to ``evaluation.json`` beside the checkpoint, under its file name:
-    ``{"best.pt": {"step": 2000, "val": {...}, "test": {...}}, "last.pt": {...}}``. Splits evaluated
-    before for the same checkpoint at the same step are kept; a checkpoint rewritten since (another
-    step) starts its entry afresh."""
+    ``{"best.pt": {"step": 2000, "written": ..., "val": {...}, "test": {...}}, "last.pt": {...}}``.
+    Splits evaluated before for the same write of the checkpoint (``written``, see :func:`_written`)
+    are kept; a checkpoint rewritten since starts its entry afresh, and one rewritten while it was
+    evaluated (``written`` no longer its own) is an error: its results are not recorded under the
+    new file."""
     path = checkpoint.parent / "evaluation.json"
     with _locked(path.with_name(path.name + ".lock")):  # two evaluations finishing together: both kept
+        if written is not None and _written(checkpoint) != written:
+            raise ValueError(f"checkpoint: {checkpoint} was replaced while it was evaluated (a run training or "
+                             "starting over there?); the results above are the earlier file's and are not "
+                             "recorded: evaluate it again")
         try:
             recorded = json.loads(path.read_text()) if path.is_file() else {}
         except ValueError:  # not ours, or cut short: replaced
@@ -141,8 +159,8 @@ def _record(checkpoint: Path, step: int, results: dict) -> Path:
         if recorded and all(isinstance(v, dict) and "loss" in v for v in recorded.values()):
             recorded = {"unknown checkpoint": recorded}  # the flat {split: ...} of older versions, kept
         entry = recorded.get(checkpoint.name)
-        if not isinstance(entry, dict) or entry.get("step") != step:
-            entry = {"step": step}
+        if not isinstance(entry, dict) or entry.get("step") != step or entry.get("written") != written:
+            entry = {"step": step, "written": written}
         recorded[checkpoint.name] = entry | results
         write_atomic(path, json.dumps(recorded, indent=2))  # a kill mid-write keeps the earlier results
     return path

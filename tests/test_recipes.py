@@ -1289,21 +1289,44 @@ def test_evaluate_keeps_every_result_under_its_checkpoint(trained, tmp_path, cap
     shutil.copytree(trained, run)
     (run / "evaluation.json").unlink(missing_ok=True)
     step = torch.load(run / "best.pt", weights_only=False)["progress"]["step"]
+    best_file, last_file = evaluate._written(run / "best.pt"), evaluate._written(run / "last.pt")
     earlier = {"loss": 1.0}
-    (run / "evaluation.json").write_text(json.dumps({"best.pt": {"step": step, "test": earlier},
+    (run / "evaluation.json").write_text(json.dumps({"best.pt": {"step": step, "written": best_file, "test": earlier},
                                                      "old.pt": {"step": 3, "val": earlier}}))
     best = evaluate.main([str(run)])["val"]
     assert f"wrote {run / 'evaluation.json'}" in capsys.readouterr().out
     last = evaluate.main([str(run / "last.pt")])["val"]  # a file: its folder's evaluation.json
     recorded = json.loads((run / "evaluation.json").read_text())
-    assert recorded == {"best.pt": {"step": step, "test": earlier, "val": best},  # same step: test kept
+    last_step = torch.load(run / "last.pt", weights_only=False)["progress"]["step"]
+    assert recorded == {"best.pt": {"step": step, "written": best_file, "test": earlier, "val": best},  # test kept
                         "old.pt": {"step": 3, "val": earlier},
-                        "last.pt": {"step": torch.load(run / "last.pt", weights_only=False)["progress"]["step"],
-                                    "val": last}}
-    recorded["best.pt"]["step"] = step - 1  # best.pt rewritten since: its old splits are not its scores
+                        "last.pt": {"step": last_step, "written": last_file, "val": last}}
+    recorded["best.pt"]["written"] = "another write"  # best.pt rewritten since: its old splits are not its scores
     (run / "evaluation.json").write_text(json.dumps(recorded))
     evaluate.main([str(run), "--checkpoint", "best.pt"])
-    assert json.loads((run / "evaluation.json").read_text())["best.pt"] == {"step": step, "val": best}
+    assert json.loads((run / "evaluation.json").read_text())["best.pt"] == {"step": step, "written": best_file,
+                                                                            "val": best}
+
+
+def test_a_checkpoint_replaced_while_it_is_evaluated_is_not_recorded(trained, tmp_path, monkeypatch):
+    """A run starting over (--overwrite) while an evaluation ran: the old file's numbers were recorded
+    under the new best.pt (same step)."""
+    from recipes import evaluate
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    real_split = evaluate.evaluate_split
+
+    def evaluate_while_replaced(*args, **kwargs):
+        result = real_split(*args, **kwargs)
+        shutil.copy(run / "last.pt", run / "best.pt.new")
+        os.replace(run / "best.pt.new", run / "best.pt")  # what save_checkpoint does
+        return result
+
+    monkeypatch.setattr(evaluate, "evaluate_split", evaluate_while_replaced)
+    (run / "evaluation.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="was replaced while it was evaluated"):
+        evaluate.main([str(run)])
+    assert not (run / "evaluation.json").exists()
 
 
 def test_checkpoint_flag_with_a_checkpoint_file_is_an_error(trained, capsys):
@@ -1360,7 +1383,7 @@ def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
     _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}})
     assert json.loads((tmp_path / "evaluation.json").read_text()) == {
         "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}},
-        "best.pt": {"step": 7, "val": {"loss": 1.2}}}
+        "best.pt": {"step": 7, "written": None, "val": {"loss": 1.2}}}
 
 
 def test_generate_says_which_prompt_words_read_as_unk():
