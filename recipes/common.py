@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 
 __all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
-           "pick_device", "step_seed", "mean_ci95", "checkpoint_file", "write_atomic"]
+           "pick_device", "step_seed", "mean_ci95", "checkpoint_file", "write_atomic", "locked"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -123,6 +124,32 @@ def save_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> None:
     if fabric.is_global_zero:
         os.replace(tmp, path)
     fabric.barrier()
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, *, wait: bool = True):
+    """An exclusive ``flock`` on the file ``path`` while the block runs; yields the open file (the
+    holder may write itself into it), or None where there is no ``flock`` (not POSIX, some network
+    filesystems): the block then runs unlocked. Without ``wait``, a lock another process holds raises
+    ``BlockingIOError`` at once."""
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            holder = f
+        except BlockingIOError:
+            raise
+        except OSError:  # a filesystem without locks
+            holder = None
+        try:
+            yield holder
+        finally:
+            if holder is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -16,7 +16,6 @@ evaluated (a run training there) is an error, not results recorded under the new
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import warnings
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.common import checkpoint_file, load_run, pick_device, run_cli, write_atomic
+from recipes.common import checkpoint_file, load_run, locked, pick_device, run_cli, write_atomic
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 
@@ -145,7 +144,7 @@ def _record(checkpoint: Path, step: int, results: dict, written: str | None = No
     evaluated (``written`` no longer its own) is an error: its results are not recorded under the
     new file."""
     path = checkpoint.parent / "evaluation.json"
-    with _locked(path.with_name(path.name + ".lock")):  # two evaluations finishing together: both kept
+    with locked(path.with_name(path.name + ".lock")):  # two evaluations finishing together: both kept
         if written is not None and _written(checkpoint) != written:
             raise ValueError(f"checkpoint: {checkpoint} was replaced while it was evaluated (a run training or "
                              "starting over there?); the results above are the earlier file's and are not "
@@ -164,22 +163,6 @@ def _record(checkpoint: Path, step: int, results: dict, written: str | None = No
         recorded[checkpoint.name] = entry | results
         write_atomic(path, json.dumps(recorded, indent=2))  # a kill mid-write keeps the earlier results
     return path
-
-
-@contextlib.contextmanager
-def _locked(lock: Path):
-    """An exclusive ``flock`` on ``lock`` (waiting for it); none where there is no ``flock``."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without locks
-            pass
-        yield
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
-from recipes.common import (Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed,
-                            write_atomic)
+from recipes.common import (Interrupted, build_model, locked, make_fabric, param_groups, run_cli, save_checkpoint,
+                            step_seed, write_atomic)
 from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
                             split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
@@ -108,38 +108,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     """
     with contextlib.ExitStack() as held:  # the run directory's lock, once taken
         return _train(config, resume, overwrite, held)
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """An exclusive ``flock`` on ``run_dir/.lock`` (holding the owner's pid) while the run trains.
-    Where there is no ``flock`` (not POSIX, some network filesystems) the run trains unlocked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "?"
-            raise FileExistsError(f"out_dir: another process (pid {owner}) is training into {run_dir}; let it "
-                                  "end (or stop it) first, or give this run another name or out_dir") from None
-        except OSError:  # a filesystem without locks
-            locked = False
-        if locked:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -245,13 +213,24 @@ def _refuse_a_run_in(run_dir: Path) -> None:
 
 def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool,
                    held: contextlib.ExitStack) -> None:
-    """Create the run directory, lock it (:func:`_run_lock`, held until ``held`` closes), clear what must
-    not survive into the new run and write ``config.yaml``."""
+    """Create the run directory, lock it (``.lock``, holding this process's pid, held until ``held``
+    closes; unlocked where there is no ``flock``), clear what must not survive into the new run and
+    write ``config.yaml``."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(f"out_dir: cannot create the run directory {run_dir} ({err.strerror})") from err
-    held.enter_context(_run_lock(run_dir))  # before anything in it is deleted or written
+    try:  # before anything in it is deleted or written
+        lock = held.enter_context(locked(run_dir / ".lock", wait=False))
+    except BlockingIOError:
+        owner = (run_dir / ".lock").read_text().strip() or "?"
+        raise FileExistsError(f"out_dir: another process (pid {owner}) is training into {run_dir}; let it "
+                              "end (or stop it) first, or give this run another name or out_dir") from None
+    if lock is not None:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
     if not resume and not overwrite:  # a run that another process finished since the first check
         _refuse_a_run_in(run_dir)
     # overwrite, where a run was (last.pt or result.json; other directories keep their files):
