@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +16,10 @@ from models import MODELS
 from models.config import ConfigError
 from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
+from recipes.files import replace_durably
 
 __all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
-           "pick_device", "step_seed", "mean_ci95", "checkpoint_file", "write_atomic", "locked"]
+           "pick_device", "step_seed", "mean_ci95", "checkpoint_file"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -115,56 +113,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def save_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> None:
-    """``fabric.save`` to a temporary file, then an atomic rename: a kill mid-write leaves the
-    previous checkpoint at ``path`` intact."""
+    """``fabric.save`` to a temporary file, then an atomic rename, flushed to disk: a kill mid-write
+    (or a machine crash) leaves the previous checkpoint at ``path`` intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fabric.save(tmp, state)
     fabric.barrier()
     if fabric.is_global_zero:
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     fabric.barrier()
-
-
-@contextlib.contextmanager
-def locked(path: str | Path, *, wait: bool = True):
-    """An exclusive ``flock`` on the file ``path`` while the block runs; yields the open file (the
-    holder may write itself into it), or None where there is no ``flock`` (not POSIX, some network
-    filesystems): the block then runs unlocked. Without ``wait``, a lock another process holds raises
-    ``BlockingIOError`` at once."""
-    try:
-        import fcntl
-    except ImportError:
-        yield None
-        return
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            holder = f
-        except BlockingIOError:
-            raise
-        except OSError:  # a filesystem without locks
-            holder = None
-        try:
-            yield holder
-        finally:
-            if holder is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` (a name of its own: writers never share it),
-    then rename it over ``path``: a reader (a sweep deciding a run is done, a resume) sees the old
-    file or the new one, never a part, also when the writer is killed midway."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_file(run: str | Path, checkpoint: str | None) -> Path:

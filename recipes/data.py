@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from recipes.files import remove_abandoned, replace_durably, staging_path
 
 __all__ = [
     "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
@@ -423,22 +424,22 @@ def _sha256_file(path: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str | None) -> None:
-    """Download ``url`` to ``dest`` atomically (temp file + os.replace), verifying ``sha256``."""
+    """Download ``url`` to ``dest`` atomically (a staging file, then a rename), verifying ``sha256``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    remove_abandoned(dest.parent)  # downloads cut short by a kill
+    tmp = staging_path(dest)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+        with open(tmp, "xb") as f, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 f.write(block)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise ChecksumError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
                                f"{digest.hexdigest()}; the file was not kept")
-        os.replace(tmp, dest)
+        replace_durably(tmp, dest)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def _local_file(path: Path, remote: RemoteFile) -> Path | None:
@@ -662,14 +663,16 @@ def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> N
     except OSError as err:
         raise OSError(f"cache_dir: cannot create the corpus cache {folder.parent} ({err.strerror}); set "
                       f"data.cache_dir (or $KURAMOTO_ATTN_CACHE) to a writable folder") from err
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    remove_abandoned(folder.parent)  # builds cut short by a kill
+    staging = staging_path(folder)
+    staging.mkdir()  # mode 0777 less the umask, like the rest of the cache (others may read it)
     try:
         _encode_into(staging, tokenizer, raw, meta)
         # an entry appears complete, in one rename: one that exists now was built by another process
         # meanwhile, and others may be reading it (replacing it removed their files under them)
         if not (folder / "meta.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a partial entry (versions that wrote in place)
-            os.replace(staging, folder)
+            replace_durably(staging, folder)
     except OSError:
         if not (folder / "meta.json").is_file():  # not another process's finished entry
             raise

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.common import checkpoint_file, load_run, locked, pick_device, run_cli, write_atomic
+from recipes.common import checkpoint_file, load_run, pick_device, run_cli
+from recipes.files import locked, write_atomic
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 

@@ -44,8 +44,8 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
-from recipes.common import (Interrupted, build_model, locked, make_fabric, param_groups, run_cli, save_checkpoint,
-                            step_seed, write_atomic)
+from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
+from recipes.files import locked, write_atomic
 from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
                             split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus

@@ -21,7 +21,7 @@ OPTION_MEMBERS = re.compile(r"^(\s+):members:(.*(?:\n\1\s+\S.*)*)", re.M)
 #: the modules outside kuramoto_attn whose public names (``__all__``) the API reference documents
 DOCUMENTED_MODULES = ["models", "models.config", "models.gpt", "models.tpi_lm", "recipes.config", "recipes.data",
                       "recipes.train", "recipes.evaluate", "recipes.generate", "recipes.interpret", "recipes.sweep",
-                      "recipes.common", "recipes.plots"]
+                      "recipes.common", "recipes.files", "recipes.plots"]
 
 
 def documented_names() -> set[str]:

@@ -1401,16 +1401,6 @@ def test_generate_says_which_prompt_words_read_as_unk():
         generate_text(model, tokenizer, "the city", max_new_tokens=2)
 
 
-def test_write_atomic_leaves_the_old_file_when_cut_short(tmp_path, monkeypatch):
-    from recipes.common import write_atomic
-    path = tmp_path / "result.json"
-    write_atomic(path, "old")
-    monkeypatch.setattr("recipes.common.os.replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(path, "new")
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
-
-
 def test_a_run_finished_by_another_process_meanwhile_is_refused_once_locked(tmp_path, corpus_file):
     """The check for an earlier run came before the lock only: a run another process finished in between
     (same name, or a slow corpus build here) was replaced without --overwrite, its plots and evaluations
