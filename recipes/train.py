@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ def learning_rate(step: int, optim, max_iters: int) -> float:
         return optim.lr
     progress = min(1.0, (step - optim.warmup_iters) / (max_iters - optim.warmup_iters))
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+def _warn_warmup_outlasts_training(optim, max_iters: int) -> None:
+    """A run shorter than its warmup (e.g. a preset with ``train.max_iters`` lowered for a quick try)
+    never reaches ``lr`` nor decays: legitimate for a smoke test, a surprise in a real run."""
+    end = learning_rate(max_iters - 1, optim, max_iters)
+    after = "the cosine decay to optim.min_lr" if optim.schedule == "cosine" else "the constant rate"
+    warnings.warn(f"optim.warmup_iters={optim.warmup_iters} is not below train.max_iters={max_iters}: training "
+                  f"ends during the warmup, at a learning rate of {end:.3g} (optim.lr={optim.lr:g}); "
+                  f"{after} never starts", stacklevel=3)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -122,6 +133,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
     tc = config.train
+    if config.optim.warmup_iters >= tc.max_iters and fabric.is_global_zero:
+        _warn_warmup_outlasts_training(config.optim, tc.max_iters)
     world = fabric.world_size
     shards = world * tc.grad_accum  # every global batch is cut into this many equal micro-batches
     if tc.batch_size % shards:

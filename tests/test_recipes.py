@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -198,6 +199,19 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then never rises
     assert lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
     assert learning_rate(55, o, 100) == pytest.approx(0.55)           # cosine midpoint
+
+
+def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, corpus_file):
+    values = tiny(tmp_path, corpus_file, optim={"lr": 3e-3, "warmup_iters": 4},
+                  train={"max_iters": 3, "eval_interval": 3})
+    with pytest.warns(UserWarning, match=r"^optim.warmup_iters=4 is not below train.max_iters=3: training ends "
+                                         r"during the warmup, at a learning rate of 0.0018 \(optim.lr=0.003\); "
+                                         r"the cosine decay to optim.min_lr never starts$"):
+        train(parse_config(values))
+    values = tiny(tmp_path / "longer", corpus_file, optim={"warmup_iters": 2}, train={"max_iters": 3})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="optim.warmup_iters")
+        train(parse_config(values))
 
 
 def test_min_lr_with_the_constant_schedule_is_an_error_where_it_would_be_ignored():
@@ -1388,7 +1402,6 @@ def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
 
 def test_generate_says_which_prompt_words_read_as_unk():
     """A character outside the vocabulary is an error; a word was turned into <unk> without a word."""
-    import warnings
     from recipes.data import WordTokenizer
     tokenizer = WordTokenizer.from_text("the city of rome\n", add_unk=True)
     torch.manual_seed(0)
