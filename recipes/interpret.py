@@ -22,6 +22,7 @@ from kuramoto_attn import OrderParameter, order_parameter
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import load_corpus
+from recipes.files import write_atomic
 from recipes.plots import plot_R_curves
 
 __all__ = ["main", "phase_statistics", "random_phase_R"]
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {i} | {h} | {s['mean'][h]:.3f} | {s['std'][h]:.3f} | {s['min'][h]:.3f} | {s['max'][h]:.3f} |")
         report["layers"][str(i)] = {**s, "R_tokens": r["R_tokens"].cpu().tolist(),
                                     "R_steps": r["R_steps"].cpu().tolist()}
-    (out / "interpret.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "interpret.json", json.dumps(report, indent=2))
     token_curves = {f"layer {i}": {f"head {h}": list(enumerate(row)) for h, row in
                                    enumerate(r["R_tokens"].cpu().tolist())} for i, r in results.items()}
     step_curves = {f"layer {i}": {f"head {h}": list(enumerate(col)) for h, col in

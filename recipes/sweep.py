@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import numbers
@@ -42,6 +43,7 @@ from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
 from recipes.config import (DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, parse_saved_config,
                             split_overrides)
+from recipes.files import write_atomic
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
 
@@ -250,11 +252,12 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
                              **{f"R_{layer}": R for layer, R in r.get("best_val_R", {}).items()}})
     R_columns = sorted({key for r in rows for key in r if key.startswith("R_layer")},
                        key=lambda k: int(k[len("R_layer"):]))
-    with open(out_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["config", "seed", "status", "step", "best_val_loss",
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["config", "seed", "status", "step", "best_val_loss",
                                                "final_val_loss"] + R_columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out_dir / "summary.csv", table.getvalue())  # a kill mid-write keeps the last summary whole
     lines = ["| config | runs | best val loss (mean ± 95% CI) | val perplexity | val R at best, per phase layer | "
              "statuses |",
              "|:---|---:|---:|---:|:---|:---|"]
@@ -277,7 +280,7 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
         loss = f"{mean:.4f}{_ci(half, 4)}" if counted else "–"  # not "nan": no run to average
         lines.append(f"| {name} | {runs} | {loss} | {ppl} | {'; '.join(R_cells) or '–'} | "
                      f"{statuses} |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
 

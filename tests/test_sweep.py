@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 from pathlib import Path
 
@@ -189,6 +190,30 @@ def test_the_summary_reports_R_at_the_best_evaluation_per_layer(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0])[-2:] == ["R_layer2", "R_layer10"]
     assert [(r["R_layer2"], r["R_layer10"]) for r in rows] == [("0.2", "0.6"), ("0.4", "0.8"), ("", ""), ("", "")]
+
+
+@pytest.mark.parametrize("cut", ["summary.csv", "summary.md"])
+def test_a_summary_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch, cut):
+    run = tmp_path / "a" / "seed1"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"status": "finished", "step": 5, "best_val_loss": 1.0,
+                                                 "final_val_loss": 1.5}))
+    sweep.summarise(tmp_path, ["a"], [1])
+    before = {name: (tmp_path / name).read_text() for name in ("summary.md", "summary.csv")}
+    (run / "result.json").write_text(json.dumps({"status": "finished", "step": 9, "best_val_loss": 0.5,
+                                                 "final_val_loss": 0.7}))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == cut:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("recipes.files.os.replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        sweep.summarise(tmp_path, ["a"], [1])
+    assert (tmp_path / cut).read_text() == before[cut]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "summary.csv", "summary.md"]
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
