@@ -175,10 +175,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for (run seed, step, rank): dropout and noise depend on these only, so a resumed
-    run draws exactly what the uninterrupted one would have."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+def step_seed(seed: int, step: int, shard: int) -> int:
+    """A seed for (run seed, step, slice of the global batch): dropout and noise depend on these
+    only, so a resumed run draws exactly what the uninterrupted one would have, and a slice draws the
+    same whichever device (or micro-batch of a device) computes it."""
+    return int(np.random.SeedSequence([seed, step, shard]).generate_state(1)[0])
 
 
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom

@@ -304,6 +304,9 @@ def _merge(base: dict, top: dict) -> dict:
 
 #: settings that change only what a run shows (logs, progress bar, plots), never its result
 DISPLAY_KEYS = ("train.log_interval", "train.progress_bar", "train.plots")
+#: settings that change only how the global batch is computed (on how many devices, in how many
+#: micro-batches), not which batches or what is learned from them
+DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum")
 
 
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

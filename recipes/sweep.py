@@ -9,7 +9,7 @@ A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` an
 ``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
 time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>``: a run with a
 ``result.json`` is skipped (after checking it was trained with the same settings; those that only
-change what a run shows, such as the progress bar, may differ), one with a
+change what a run shows, such as the progress bar, or on how many devices, may differ), one with a
 ``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
 seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in the statuses,
@@ -41,8 +41,8 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml, parse_saved_config,
-                            split_overrides)
+from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml,
+                            parse_saved_config, split_overrides)
 from recipes.files import write_atomic
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
@@ -203,7 +203,8 @@ class SweepRunFailed(RuntimeError):
 
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
     """A finished or interrupted run is only reused for the settings it was trained with (those
-    that change only what a run shows, ``DISPLAY_KEYS``, may differ)."""
+    that change only what a run shows, ``DISPLAY_KEYS``, or on how many devices, ``DEVICE_KEYS``,
+    may differ)."""
     changed = _changed_settings(run_dir, load_config(config, overrides).to_dict())
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
@@ -212,13 +213,14 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> N
 
 def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The dotted keys whose values in ``run_dir``'s ``config.yaml`` differ from ``wanted``, save what
-    only changes what a run shows (``DISPLAY_KEYS``: logs, plots) and the keys in ``ignore``."""
+    only changes what a run shows (``DISPLAY_KEYS``: logs, plots) or on how many devices it trains
+    (``DEVICE_KEYS``: the same batches) and the keys in ``ignore``."""
     values = load_yaml(run_dir / "config.yaml")  # its errors name the file
     try:
         done = parse_saved_config(values).to_dict()
     except ConfigError as err:  # e.g. torn by a kill mid-write (older versions wrote it in place)
         raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
-    return [key for key in changed_keys(done, wanted) if key not in (*DISPLAY_KEYS, *ignore)]
+    return [key for key in changed_keys(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int],

@@ -10,14 +10,17 @@ the sha256 of the corpus's files; written atomically), ``logs/`` (CSV) and ``ten
 the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase layer and head on the
 validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
-rank). Ctrl-C or SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several
-processes, all stop before the next update and save together; a second Ctrl-C aborts); an evaluation
-it interrupted (or its checkpoints) is redone on resume, and an early-stopped run stays stopped
-(unless the resume raises ``train.patience``). A resume may change ``train.max_iters`` (train a
-finished run longer: the learning rate follows the new schedule from the next update), ``patience``,
-``log_interval``, ``progress_bar``, ``plots`` and ``out_dir`` (a moved run); any other change is
-refused, naming the key, and so is a corpus whose text changed since (a file with another sha256
-than the checkpoint records). ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+slice of the global batch), so it may also run on other devices: with devices × ``grad_accum``
+unchanged it stays exact, otherwise only the random draws (dropout, phase noise) differ. Ctrl-C or
+SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several processes, all stop
+before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
+its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
+raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
+the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
+``progress_bar``, ``plots``, ``out_dir`` (a moved run) and ``fabric.devices``, ``num_nodes``,
+``strategy`` and ``train.grad_accum``; any other change is refused, naming the key, and so is a
+corpus whose text changed since (a file with another sha256 than the checkpoint records).
+``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
 
@@ -46,10 +49,10 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.files import locked, write_atomic
-from recipes.config import (DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config, parse_saved_config,
-                            split_overrides)
+from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config,
+                            parse_saved_config, split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
+from recipes.files import locked, write_atomic
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
 
@@ -173,8 +176,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
 
     # eval_due: the evaluation after the last update has not been saved (redone on resume);
     # stopped: early stopping ended the run (a resume ends it again)
+    # shards: the global batch's slices (devices × grad_accum), each with its own random draws
     progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": [], "eval_due": False,
-                "stopped": False}
+                "stopped": False, "shards": world * tc.grad_accum}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
              "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(), "corpus": corpus.identity()}
     if resume:
@@ -278,11 +282,14 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
             if progress["step"] >= tc.max_iters:
                 return "finished"
             step = progress["step"]
-            torch.manual_seed(step_seed(config.seed, step, rank))
             total_loss, total_aux = 0.0, 0.0
             for micro in range(tc.grad_accum):
+                shard = micro * world + rank  # this micro-batch's slice of the global batch
+                # dropout and phase noise seeded per slice, as the batch is: N devices draw what one
+                # device with grad_accum N does (and a resume on other devices can stay exact)
+                torch.manual_seed(step_seed(config.seed, step, shard))
                 x, y = get_batch(train_data, tc.batch_size, tc.block_size, seed=config.seed, step=step,
-                                 rank=micro * world + rank, world_size=shards, device=fabric.device)
+                                 rank=shard, world_size=shards, device=fabric.device)
                 with fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
                     if regularized:  # diagnostics cost time: ask for them only for the coherence loss
                         _, loss, info = model(x, y, return_info=True)
@@ -478,9 +485,10 @@ def _flush_logs(fabric) -> None:
 
 
 #: what ``--resume`` may change: how long to train, when to stop early, what to show, where the run
-#: lives (a moved directory). Everything else (model, data, optimizer, batches) would make the
-#: resumed run a different experiment.
-RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir")
+#: lives (a moved directory), and on how many devices (the global batch stays the same: a job
+#: restarted on another allocation). Everything else (model, data, optimizer, batch size, precision)
+#: would make the resumed run a different experiment.
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", *DEVICE_KEYS)
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
@@ -511,7 +519,14 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
     if saved.get("precision"):
         fabric._precision.load_state_dict(saved["precision"])
+    shards = state["progress"]["shards"]
     state["progress"] = progress = {**state["progress"], **saved["progress"]}  # keys added since keep defaults
+    if progress.get("shards") != shards:
+        before = f"{progress['shards']} slices" if progress.get("shards") else "another split"
+        fabric.print(f"the global batch is split into {shards} slices (devices × train.grad_accum), not {before} as "
+                     "before: the same batches, but dropout and phase noise draw other numbers than the run "
+                     "would have (keep devices × grad_accum to resume exactly)")
+        progress["shards"] = shards
     if config.train.max_iters < progress["step"]:
         raise ValueError(f"train.max_iters: {config.train.max_iters} is below the step the run is at "
                          f"({progress['step']}); --resume can only train longer")

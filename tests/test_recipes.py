@@ -626,13 +626,14 @@ main(["--config", {str(config)!r}])
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
+    """The same global batch: 2 processes, or 1 with 2 micro-batches; dropout and phase noise too,
+    which are seeded per slice of the batch."""
     losses, R = {}, {}
     for devices in (1, 2):
         values = tiny(tmp_path / f"d{devices}", corpus_file,
-                      model={"dropout": 0.0, "phase_noise": 0.0},
                       fabric={"accelerator": "cpu", "devices": devices, "precision": "32-true",
                               "strategy": "ddp" if devices > 1 else "auto"},
-                      train={"max_iters": 6, "eval_interval": 3})
+                      train={"max_iters": 6, "eval_interval": 3, "grad_accum": 3 - devices})
         config = tmp_path / f"d{devices}.yaml"
         config.write_text(yaml.safe_dump(values))
         done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
@@ -644,6 +645,33 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     # R of the phase layer per head: each process's OrderParameter synced over both
     assert len(R[1]) == 2 * (1 + 2)  # two evaluations: the layer's mean and each of its 2 heads
     assert R[2] == pytest.approx(R[1], rel=1e-5)
+
+
+def test_a_run_resumed_on_two_processes_goes_on_exactly_as_on_one(tmp_path, corpus_file, capsys):
+    """A job restarted on another allocation: 1 process × grad_accum 2 resumed as 2 DDP processes ×
+    grad_accum 1 (the same slices of the same batches) ends with the uninterrupted run's weights."""
+    straight = tiny(tmp_path / "straight", corpus_file, train={"max_iters": 6, "eval_interval": 3, "grad_accum": 2})
+    train(parse_config(straight))
+    moved = tiny(tmp_path / "moved", corpus_file, train={"max_iters": 3, "eval_interval": 3, "grad_accum": 2})
+    train(parse_config(moved))
+    bigger = apply_overrides(moved, ["train.max_iters=6", "train.grad_accum=1", "fabric.devices=2",
+                                     "fabric.strategy=ddp"])
+    config = tmp_path / "moved.yaml"
+    config.write_text(yaml.safe_dump(bigger))
+    done = _run_recipe(["-m", "recipes.train", "--config", str(config), "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "slices" not in done.stdout
+    assert logged_losses(tmp_path / "moved" / "run") == pytest.approx(logged_losses(tmp_path / "straight" / "run"),
+                                                                     rel=1e-5, abs=1e-6)
+    a, b = weights(tmp_path / "straight" / "run"), weights(tmp_path / "moved" / "run")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # other slices: allowed, said
+    capsys.readouterr()
+    train(parse_config(apply_overrides(moved, ["train.max_iters=9", "train.grad_accum=1"])), resume=True)
+    assert ("split into 1 slices (devices × train.grad_accum), not 2 slices as before: the same batches, but "
+            "dropout and phase noise draw other numbers") in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in train.batch_size"):
+        train(parse_config(apply_overrides(moved, ["train.max_iters=12", "train.batch_size=8"])), resume=True)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -1130,6 +1158,9 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     # ... also when only what a run shows differs (logs, progress bar, plots)
     run_sweep([config], [1, 2], tmp_path / "sweep", ["train.progress_bar=true", "train.log_interval=3",
                                                      "train.plots=true"])
+    assert len(calls) == 2
+    # ... or on how many devices, in how many micro-batches (the same batches)
+    run_sweep([config], [1, 2], tmp_path / "sweep", ["fabric.devices=2", "fabric.strategy=ddp", "train.grad_accum=2"])
     assert len(calls) == 2
     with pytest.raises(ValueError, match=r"trained with other settings \(optim.lr\)"):
         run_sweep([config], [1, 2], tmp_path / "sweep", ["optim.lr=0.01"])  # not reused for other settings
