@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
-from recipes.files import locked, write_atomic
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
+from recipes.files import locked, write_atomic
 
 __all__ = ["main", "evaluate_split", "load_corpus"]
 
