@@ -22,7 +22,9 @@ For every head, each token ``i`` carries ``n`` oscillators:
    is a cumulative sum of :math:`e^{i\theta}` over tokens (O(t·n)); the attention coupling uses the
    layer's own attention weights at the current phases, as the ``[cos θ, sin θ]`` value columns of
    one SDPA call per evaluation (O(t·n) memory). Sign and normalisation follow
-   :mod:`kuramoto_attn.dynamics`: attractive for ``K > 0``.
+   :mod:`kuramoto_attn.dynamics`: attractive for ``K > 0``. Any other scheme is a
+   :class:`~kuramoto_attn.Coupling` module given as ``coupling``: then :math:`c = \mathrm{coupling}(\theta)`
+   with the phases laid out ``(b, h, t, n)`` (tokens on axis −2, oscillators on −1).
 3. **Phase-modulated attention**, one ``scaled_dot_product_attention`` call:
 
    .. math::
@@ -64,7 +66,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_bool, check_choice, check_input_like, check_int, check_real, check_tensor
 from ._euler_mean_field import euler_mean_field
-from .couplings import _pull
+from .couplings import Coupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
 from .order_params import order_parameter
 from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
@@ -176,9 +178,16 @@ class KuramotoAttention(nn.Module):
         steps: integration steps ``>= 1``.
         dt: step size ``> 0``.
         integrator: ``"euler"``, ``"heun"`` or ``"rk4"``.
-        coupling: ``"mean_field"`` (cumulative mean field over tokens) or ``"attention"`` (the
-            layer's softmax attention weights).
-        phase_lag: Sakaguchi lag ``α`` in radians.
+        coupling: ``"mean_field"`` (cumulative mean field over tokens), ``"attention"`` (the
+            layer's softmax attention weights), or a :class:`~kuramoto_attn.Coupling` module (your
+            own scheme, or e.g. ``MeanFieldCoupling(dim=-2, causal=True, harmonics=(1, 2))``): it is
+            called on the phases ``(b, h, t, n)``, with ``mask=`` ``(b, 1, t, 1)`` (True = valid)
+            when there is padding, and its term (its own strength and lag included) is scaled by the
+            layer's ``K`` per head; padded tokens get zero coupling. With ``causal=True`` it must not
+            mix later tokens into earlier ones (along tokens: ``causal=True``; across the
+            oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
+            tokens that is not causal is an error. Runs on the generic solver path; no ``cache``.
+        phase_lag: Sakaguchi lag ``α`` in radians (of a coupling module: its own ``phase_lag``).
         learnable_coupling: learn ``K`` per head (otherwise a fixed buffer).
         phase_noise: std of :class:`~kuramoto_attn.PhaseNoise` added after each step (training).
         freq_jitter: relative :class:`~kuramoto_attn.FrequencyJitter` of ``ω`` (training).
@@ -217,7 +226,7 @@ class KuramotoAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_oscillators: int = 32,
                  coupling_strength: float = 1.0, steps: int = 10, dt: float = 0.1,
-                 integrator: str = "euler", coupling: str = "mean_field", phase_lag: float = 0.0,
+                 integrator: str = "euler", coupling: str | Coupling = "mean_field", phase_lag: float = 0.0,
                  learnable_coupling: bool = True, phase_noise: float = 0.0, freq_jitter: float = 0.0,
                  dropout: float = 0.0, causal: bool = True, bias: bool = True,
                  coherence_target: float | None = None, coherence_weight: float = 0.1,
@@ -235,8 +244,8 @@ class KuramotoAttention(nn.Module):
         calls = []  # the solver's field evaluations per step (a cache holds a state for each)
         SOLVERS[integrator]().step(lambda theta: calls.append(0) or theta, torch.zeros(()), 0.0)
         self._stages = len(calls)
-        self.coupling = check_choice("coupling", coupling, COUPLINGS)
         self.phase_lag = check_real("phase_lag", phase_lag)
+        self.coupling = self._check_coupling(coupling, self.phase_lag, check_bool("causal", causal))
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
         self.causal = check_bool("causal", causal)
         bias = check_bool("bias", bias)
@@ -286,6 +295,28 @@ class KuramotoAttention(nn.Module):
         except ValueError as err:  # "band: ..."
             raise ValueError(f"coherence_{err}") from None
 
+    @staticmethod
+    def _check_coupling(coupling, phase_lag: float, causal: bool) -> str | Coupling:
+        if not isinstance(coupling, Coupling):
+            if not isinstance(coupling, str):
+                raise ValueError(f"coupling: expected one of {sorted(COUPLINGS)} or a kuramoto_attn.Coupling module "
+                                 f"but got {type(coupling).__name__}")
+            return check_choice("coupling", coupling, COUPLINGS)
+        name = type(coupling).__name__
+        if phase_lag != 0.0:  # two lags, one of them silently on top of the other
+            raise ValueError(f"phase_lag: with a coupling module, set the lag on the module ({name}.phase_lag), "
+                             f"not on the layer (got {phase_lag})")
+        parameters = list(inspect.signature(coupling.interaction).parameters.values())[1:]  # after theta
+        needed = [p.name for p in parameters if p.default is p.empty and p.name != "mask"
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if needed:
+            raise ValueError(f"coupling: {name}.interaction needs {', '.join(needed)}, which this layer cannot "
+                             "give (for the layer's own attention weights use coupling='attention')")
+        if isinstance(coupling, MeanFieldCoupling) and causal and not coupling.causal and coupling.dim in (-2, 2):
+            raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) with causal=False would let "
+                             "every token see later ones in a causal layer; give it causal=True")
+        return coupling
+
     #: use the fused Euler mean-field integration where it applies (False: the generic solver path)
     _fast_path = True
 
@@ -325,6 +356,9 @@ class KuramotoAttention(nn.Module):
         if valid is not None or (past and cache.valid is not None):
             new_valid = valid if valid is not None else x.new_ones(b, t, dtype=torch.bool)
             valid = new_valid if not past else torch.cat([self._cached_valid(cache, b), new_valid], dim=1)
+        if valid is not None and isinstance(self.coupling, Coupling) and not _takes_mask(self.coupling):
+            raise ValueError(f"key_padding_mask: the coupling {type(self.coupling).__name__}.interaction takes no "
+                             "mask, so padded tokens would couple to valid ones; give it a mask= argument")
         mask, is_causal = self._attention_mask(t, past, valid, x.device)
         run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None,
                     plain=_in_func_transform())
@@ -361,7 +395,7 @@ class KuramotoAttention(nn.Module):
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
         save_memory = torch.is_grad_enabled() and not run.record and not run.plain
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
-        step_run = replace(run, q=None, k=None, v=None) if self.coupling == "mean_field" else run
+        step_run = run if self.coupling == "attention" else replace(run, q=None, k=None, v=None)
         # read here and passed in, not read inside the checkpoints: under torch.compile, a float that
         # dynamo first meets inside one checkpoint and reuses in the next crashes it (torch 2.13,
         # pytorch/pytorch#193194) once a layer with other dt / phase_lag was compiled in the process
@@ -380,7 +414,12 @@ class KuramotoAttention(nn.Module):
     def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int, dt: float,
               phase_lag: float) -> Tensor:
         stage = count()
-        coupling = self._mean_field if self.coupling == "mean_field" else self._attention_field
+        if self.coupling == "mean_field":
+            coupling = self._mean_field
+        elif self.coupling == "attention":
+            coupling = self._attention_field
+        else:  # a Coupling module
+            coupling = self._module_field
 
         def field(phases: Tensor) -> Tensor:
             return omega + coupling(phases, run, (step, next(stage)), phase_lag)
@@ -426,6 +465,17 @@ class KuramotoAttention(nn.Module):
         if run.valid is not None:  # padded tokens get zero coupling, as in the mean field
             gain = gain * run.valid[:, None, None, -t:].to(theta.dtype)
         return pull * gain
+
+    def _module_field(self, theta: Tensor, run: _Pass, key: tuple, phase_lag: float) -> Tensor:
+        """``K · coupling(θ)`` ``(b, h, n, t)``, the module seeing the phases as ``(b, h, t, n)``."""
+        t = theta.shape[-1]
+        phases = theta.transpose(-1, -2)
+        if run.valid is None:
+            term = self.coupling(phases)
+        else:
+            valid = run.valid[:, None, -t:, None]  # (b, 1, t, 1)
+            term = self.coupling(phases, mask=valid) * valid.to(theta.dtype)  # padded tokens: none
+        return term.transpose(-1, -2) * self.strength.to(theta.dtype)
 
     # -------------------------------------------------------------- attention
     def _attend(self, run: _Pass, theta: Tensor, *, cos_sin: tuple | None = None, key: tuple | None = None,
@@ -518,6 +568,9 @@ class KuramotoAttention(nn.Module):
     def _check_cache(self, cache: KuramotoCache | None, b: int) -> int:
         if cache is None:
             return 0
+        if isinstance(self.coupling, Coupling):
+            raise ValueError(f"cache: incremental decoding needs a built-in coupling ('mean_field' or 'attention'), "
+                             f"not a {type(self.coupling).__name__} module")
         if not isinstance(cache, KuramotoCache):
             raise ValueError(f"cache: expected a KuramotoCache but got {type(cache).__name__}")
         if not self.causal:
@@ -550,9 +603,10 @@ class KuramotoAttention(nn.Module):
         cache.field_state = {key: _detach(value) for key, value in state.items()}
 
     def extra_repr(self) -> str:
+        coupling = repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
                 f"num_oscillators={self.num_oscillators}, steps={self.steps}, dt={self.dt}, "
-                f"integrator={self.integrator!r}, coupling={self.coupling!r}, "
+                f"integrator={self.integrator!r}, coupling={coupling}, "
                 f"phase_lag={self.phase_lag}, causal={self.causal}")
 
 
@@ -616,6 +670,11 @@ class _PhaseFeatures(torch.autograd.Function):
             torch.mul(feats[..., :n], grad_feats[..., n:], out=view)  # cos θ · ∂/∂ sin θ
             view.addcmul_(feats[..., n:], grad_feats[..., :n], value=-1.0)  # − sin θ · ∂/∂ cos θ
         return grads[0][..., :d], grads[1][..., :d], grads[2][..., :d], grad_theta, grad_weight
+
+
+def _takes_mask(coupling: Coupling) -> bool:
+    parameters = inspect.signature(coupling.interaction).parameters.values()
+    return any(p.name == "mask" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def _in_func_transform() -> bool:

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kuramoto_attn import KuramotoAttention, KuramotoCache, PhaseGPTAttention
+from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
+                           MeanFieldCoupling, PhaseGPTAttention)
 
 from helpers import generators
 
@@ -48,8 +49,11 @@ def naive_step(method, field, theta, dt):
     return theta + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def naive_forward(layer, x, valid=None):
-    """Every quantity from its definition, with (b, h, t, t, n) pairwise tensors and an explicit softmax."""
+def naive_forward(layer, x, valid=None, pair_term=None):
+    """Every quantity from its definition, with (b, h, t, t, n) pairwise tensors and an explicit softmax.
+
+    ``pair_term(diff)``: the coupling's term of each pair, ``diff[b, h, i, j, k] = θ_jk − θ_ik``, averaged
+    over the tokens ``j`` token ``i`` sees (a coupling module along the tokens); default ``sin(diff − α)``."""
     b, t, _ = x.shape
     h, n, d = layer.num_heads, layer.num_oscillators, layer.head_dim
     valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid
@@ -67,11 +71,12 @@ def naive_forward(layer, x, valid=None):
         return torch.softmax(logits, dim=-1)
 
     def field(th):
-        sines = torch.sin(th[:, :, None, :, :] - th[:, :, :, None, :] - alpha)  # [b, h, i, j, k]
-        if layer.coupling == "mean_field":
-            weights = allowed.double() / allowed.sum(-1, keepdim=True).clamp_min(1)
-        else:
+        diff = th[:, :, None, :, :] - th[:, :, :, None, :]  # [b, h, i, j, k]
+        sines = torch.sin(diff - alpha) if pair_term is None else pair_term(diff)
+        if layer.coupling == "attention":
             weights = attention_weights(th)
+        else:
+            weights = allowed.double() / allowed.sum(-1, keepdim=True).clamp_min(1)
         pull = (weights[..., None] * sines).sum(-2) * valid[:, None, :, None]
         return omega + K * pull
 
@@ -148,13 +153,16 @@ def test_grad_mode_path_matches_no_grad_path():
 
 
 # ------------------------------------------------------------------------------- causality
-@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("coupling", COUPLINGS + ("module",))
 @pytest.mark.parametrize("integrator", INTEGRATORS)
 @pytest.mark.parametrize("padded", [False, True])
 @settings(max_examples=3, deadline=None)
 @given(gen=generators, cut=st.integers(1, 7))
 def test_future_tokens_never_change_the_past(coupling, integrator, padded, gen, cut):
-    layer = make_layer(coupling=coupling, integrator=integrator)
+    if coupling == "module":  # a causal mean field with a second harmonic, as a Coupling module
+        layer = make_layer(coupling=harmonic_mean_field(), integrator=integrator, phase_lag=0.0)
+    else:
+        layer = make_layer(coupling=coupling, integrator=integrator)
     x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
     valid = left_padding(2, 8, gen) if padded else None
     x2 = x.clone()
@@ -746,3 +754,127 @@ def test_info_with_cache_and_padding_equals_full_forward(coupling):
     torch.testing.assert_close(info.R, (R_tok * w).sum(-1) / w.sum(-1).clamp_min(1), rtol=0, atol=1e-10)
     kept = R_tok.masked_select(valid[:, None, 5:])
     torch.testing.assert_close(info.coherence_loss, layer.coherence.penalty(kept), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ coupling modules
+def harmonic_mean_field(learnable=False):
+    """A causal mean field along the tokens with a second harmonic: no built-in coupling does this."""
+    return MeanFieldCoupling(strength=0.7, phase_lag=0.3, harmonics=(1, 2), dim=-2, causal=True, learnable=learnable)
+
+
+def harmonic_pairs(coupling):
+    """Its pair term for naive_forward: K_c (sin(Δ − α) + sin(2Δ − α))."""
+    return lambda diff: coupling.strength * (torch.sin(diff - 0.3) + torch.sin(2 * diff - 0.3))
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_coupling_module_along_the_tokens_matches_naive_reference(integrator, padded):
+    gen = torch.Generator().manual_seed(hash((integrator, padded)) % 2**31)
+    layer = make_layer(coupling=harmonic_mean_field(), integrator=integrator, phase_lag=0.0)
+    x = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 7, gen) if padded else None
+    with torch.no_grad():
+        y, info = layer(x, valid, return_info=True)
+        y_ref, theta_ref = naive_forward(layer, x, valid, pair_term=harmonic_pairs(layer.coupling))
+    keep = slice(None) if valid is None else valid
+    torch.testing.assert_close(y[keep], y_ref[keep], rtol=0, atol=1e-10)
+    torch.testing.assert_close(info.phases, theta_ref, rtol=0, atol=1e-10)
+
+
+def test_a_coupling_module_gets_gradients_like_the_naive_reference():
+    """Its learnable strength included, through the per-step checkpoints."""
+    gen = torch.Generator().manual_seed(4)
+    layer = make_layer(coupling=harmonic_mean_field(learnable=True), integrator="heun", phase_lag=0.0)
+    assert "coupling.strength" in dict(layer.named_parameters())
+    x = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid = left_padding(2, 6, gen)
+    probe = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64) * valid[..., None]
+    params = [x] + list(layer.parameters())
+    grads = torch.autograd.grad((layer(x, valid) * probe).sum(), params)
+    naive = naive_forward(layer, x, valid, pair_term=harmonic_pairs(layer.coupling))[0]
+    grads_ref = torch.autograd.grad((naive * probe).sum(), params)
+    for (name, _), grad, grad_ref in zip([("x", x)] + list(layer.named_parameters()), grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-9, msg=name)
+    named = dict(zip(["x"] + [name for name, _ in layer.named_parameters()], grads))
+    assert named["coupling.strength"].abs() > 0
+
+
+def test_the_built_in_mean_field_is_the_mean_field_module_along_the_tokens():
+    gen = torch.Generator().manual_seed(6)
+    built_in = make_layer(integrator="rk4", phase_lag=0.3)
+    module = make_layer(integrator="rk4", phase_lag=0.0,
+                        coupling=MeanFieldCoupling(phase_lag=0.3, dim=-2, causal=True))
+    module.load_state_dict(built_in.state_dict(), strict=False)  # all but the module's strength, 1
+    x = torch.randn(2, 6, 16, generator=gen, dtype=torch.float64)
+    for valid in (None, left_padding(2, 6, gen)):
+        with torch.no_grad():
+            keep = slice(None) if valid is None else valid
+            torch.testing.assert_close(module(x, valid)[keep], built_in(x, valid)[keep], rtol=0, atol=1e-12)
+
+
+def test_a_coupling_module_across_the_oscillators_of_each_token():
+    """A ring of oscillators within each token (GraphCoupling on the last axis), against Euler steps of
+    dθ_k/dt = ω_k + K_h Σ_l A_kl sin(θ_l − θ_k) written out here."""
+    gen = torch.Generator().manual_seed(8)
+    n = 4
+    ring = torch.zeros(n, n, dtype=torch.float64)
+    for k in range(n):
+        ring[k, (k + 1) % n] = ring[k, (k - 1) % n] = 1.0
+    layer = make_layer(num_oscillators=n, phase_lag=0.0, coupling=GraphCoupling(ring, strength=0.5))
+    x = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        _, info = layer(x, return_info=True)
+        theta = (math.pi * torch.tanh(layer.phase_proj(x))).view(2, 5, 2, n).transpose(1, 2)  # (b, h, t, n)
+        for _ in range(layer.steps):
+            pull = (ring * torch.sin(theta[..., None, :] - theta[..., :, None])).sum(-1)  # [.., k, l] = θ_l − θ_k
+            theta = theta + layer.dt * (layer.omega[:, None, :] + layer.strength * 0.5 * pull)
+    torch.testing.assert_close(info.phases, theta, rtol=0, atol=1e-12)
+
+
+class _Drift(Coupling):
+    """A constant pull that ignores its mask: the layer itself keeps it from padded tokens."""
+
+    def interaction(self, theta, mask=None):
+        return torch.ones_like(theta)
+
+
+def test_padded_tokens_get_no_coupling_from_a_module():
+    layer = make_layer(phase_lag=0.0, coupling=_Drift(strength=0.25))
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    valid = torch.tensor([[False, True, False, True]])
+    with torch.no_grad():
+        _, info = layer(x, valid, return_info=True)
+        theta0 = (math.pi * torch.tanh(layer.phase_proj(x))).view(1, 4, 2, 3).transpose(1, 2)
+    free = theta0 + layer.steps * layer.dt * layer.omega[:, None, :]
+    pulled = free + layer.steps * layer.dt * 0.25 * layer.strength.detach()
+    torch.testing.assert_close(info.phases, torch.where(valid[:, None, :, None], pulled, free), rtol=0, atol=1e-12)
+
+
+class _NeedsWeights(Coupling):
+    def interaction(self, theta, weights):
+        return weights * torch.sin(theta)
+
+
+def test_coupling_modules_the_layer_cannot_use_are_errors():
+    with pytest.raises(ValueError, match=r"^phase_lag: with a coupling module, set the lag on the module "
+                                         r"\(MeanFieldCoupling.phase_lag\)"):
+        make_layer(coupling=MeanFieldCoupling(dim=-2, causal=True), phase_lag=0.3)
+    for needs in (AttentionCoupling(), _NeedsWeights()):
+        with pytest.raises(ValueError, match=r"^coupling: \w+.interaction needs weights, which this layer cannot give"):
+            make_layer(coupling=needs, phase_lag=0.0)
+    with pytest.raises(ValueError, match=r"^coupling: MeanFieldCoupling along the tokens \(dim=-2\) with causal=False"):
+        make_layer(coupling=MeanFieldCoupling(dim=-2), phase_lag=0.0)
+    make_layer(coupling=MeanFieldCoupling(dim=-2), phase_lag=0.0, causal=False)  # a non-causal layer may
+    make_layer(coupling=MeanFieldCoupling(dim=-1), phase_lag=0.0)  # across the oscillators: causal
+    with pytest.raises(ValueError, match=r"^coupling: expected one of \['attention', 'mean_field'\] or a "
+                                         r"kuramoto_attn.Coupling module but got Identity"):
+        make_layer(coupling=torch.nn.Identity(), phase_lag=0.0)
+    layer = make_layer(coupling=harmonic_mean_field(), phase_lag=0.0)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^cache: incremental decoding needs a built-in coupling"):
+        layer(torch.randn(1, 3, 16, dtype=torch.float64), cache=KuramotoCache())
+    ring = make_layer(num_oscillators=4, phase_lag=0.0, coupling=GraphCoupling(torch.ones(4, 4)))
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^key_padding_mask: the coupling GraphCoupling.interaction takes no mask"):
+        ring(x, torch.tensor([[False, True, True]]))
+    assert ring(x).shape == x.shape  # without padding it runs
