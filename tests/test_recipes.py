@@ -664,7 +664,9 @@ def test_a_run_resumed_on_two_processes_goes_on_exactly_as_on_one(tmp_path, corp
     assert logged_losses(tmp_path / "moved" / "run") == pytest.approx(logged_losses(tmp_path / "straight" / "run"),
                                                                      rel=1e-5, abs=1e-6)
     a, b = weights(tmp_path / "straight" / "run"), weights(tmp_path / "moved" / "run")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    # rounding apart (2 processes, other thread counts; AdamW magnifies it where gradients are ~0): a
+    # different dropout mask moves weights by ~lr = 3e-3
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-5) for k in a)
     # other slices: allowed, said
     capsys.readouterr()
     train(parse_config(apply_overrides(moved, ["train.max_iters=9", "train.grad_accum=1"])), resume=True)
