@@ -737,6 +737,54 @@ def test_frequency_jitter_is_applied_in_training(coupling, integrator):
     torch.testing.assert_close(info.phases, expected, rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("coupling, integrator", [("mean_field", "euler"), ("mean_field", "rk4"),
+                                                  ("attention", "heun")])
+def test_phase_noise_acts_in_training_only(coupling, integrator):
+    """Eval: a layer with phase noise is the noiseless layer exactly, the fused Euler mean-field path
+    included. Training, with no coupling: the phases are the free rotation plus ``steps`` independent
+    draws of N(0, σ²) each, so they deviate by N(0, steps·σ²)."""
+    settings = dict(coupling=coupling, integrator=integrator, coupling_strength=0.0, learnable_coupling=False,
+                    steps=4, dt=0.25)
+    quiet, noisy = make_layer(**settings), make_layer(phase_noise=0.3, **settings)  # the same weights
+    x = torch.randn(4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y, info = quiet(x, return_info=True)
+        for _ in range(2):
+            y_eval, info_eval = noisy(x, return_info=True)
+            torch.testing.assert_close(y_eval, y, rtol=0, atol=0)
+            torch.testing.assert_close(info_eval.phases, info.phases, rtol=0, atol=0)
+        torch.manual_seed(0)
+        _, info_train = noisy.train()(x, return_info=True)
+    deviation = info_train.phases - info.phases  # 4 * 2 * 16 * 3 = 384 draws
+    assert deviation.mean().abs() < 0.1
+    assert deviation.std().item() == pytest.approx(0.3 * math.sqrt(4), rel=0.15)
+
+
+def test_a_bfloat16_layer_integrates_its_phases_in_float32():
+    """Phases are never integrated in half precision: a bf16 layer's phases are float32 and agree
+    with a float32 layer of the same (rounded) weights to the rounding of the bf16 projections."""
+    half = make_layer(dtype=torch.bfloat16, steps=6)
+    full = make_layer(dtype=torch.bfloat16, steps=6).float()
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(7)).bfloat16()
+    with torch.no_grad():
+        y, info = half(x, return_info=True)
+        _, info_ref = full(x.float(), return_info=True)
+    assert y.dtype == torch.bfloat16
+    assert info.phases.dtype == torch.float32 and info.R.dtype == torch.float32
+    torch.testing.assert_close(info.phases, info_ref.phases, rtol=0, atol=0.05)
+
+
+def test_initialisation_of_the_phase_parameters():
+    """As documented: ω ~ N(0, 0.1²) per head and oscillator, β = 1 per head, K = coupling_strength per head."""
+    torch.manual_seed(0)
+    layer = KuramotoAttention(d_model=64, num_heads=8, num_oscillators=32, coupling_strength=-0.7)
+    assert layer.omega.shape == (8, 32) and layer.beta.shape == (8,) and layer.strength.shape == (8, 1, 1)
+    assert torch.equal(layer.beta.detach(), torch.ones(8))
+    assert torch.equal(layer.strength.detach(), torch.full((8, 1, 1), -0.7))
+    assert abs(layer.omega.mean().item()) < 0.02  # 256 draws: standard error 0.006
+    assert layer.omega.std().item() == pytest.approx(0.1, rel=0.15)
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_info_with_cache_and_padding_equals_full_forward(coupling):
     gen = torch.Generator().manual_seed(12)
