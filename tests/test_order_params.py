@@ -135,6 +135,23 @@ def test_daido_matches_complex_mean_of_harmonic(values, m):
     assert R_m.item() == pytest.approx(naive_order_parameter([m * v for v in values])[0], abs=1e-11)
 
 
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), m=st.integers(1, 4), keepdim=st.booleans())
+def test_daido_takes_dim_weights_and_keepdim_as_order_parameter_does(data, n, m, keepdim):
+    """Harmonic m along dim 0 of (n, 3) phases with weights (n, 1): per column the weighted complex
+    mean of e^{imθ}, shaped as order_parameter's result (dim kept as length 1 with keepdim)."""
+    values = data.draw(st.lists(st.floats(-10, 10), min_size=3 * n, max_size=3 * n))
+    weights = data.draw(st.lists(st.floats(0.01, 5), min_size=n, max_size=n))
+    theta, w = torch.tensor(values, dtype=f64).view(n, 3), torch.tensor(weights, dtype=f64).view(n, 1)
+    R, psi = daido_order_parameter(theta, m, dim=0, weights=w, keepdim=keepdim)
+    assert R.shape == psi.shape == ((1, 3) if keepdim else (3,))
+    for c in range(3):
+        R_ref, psi_ref = naive_order_parameter((m * theta[:, c]).tolist(), weights)
+        assert R.flatten()[c].item() == pytest.approx(R_ref, abs=1e-11)
+        if R_ref > 1e-6:  # ψ is defined
+            assert math.cos(psi.flatten()[c].item() - psi_ref) == pytest.approx(1.0, abs=1e-9)
+
 def test_gradients_are_finite_even_at_zero_coherence():
     theta = (2 * math.pi * torch.arange(6, dtype=f64) / 6).requires_grad_()
     R, _ = order_parameter(theta)
