@@ -449,6 +449,33 @@ def test_every_phase_option_reaches_the_phase_layers():
     assert (attn.coherence.target, attn.coherence.weight, attn.coherence.mode) == (0.3, 0.2, "center")
 
 
+
+DROPOUT_CASES = {
+    "gpt": lambda p: tiny_gpt(dropout=p),
+    "gpt-attention": lambda p: phase_gpt("attention", dropout=p),
+    "tpi-window": lambda p: tiny_tpi(kernel="window", window=3, dropout=p),
+}
+
+
+@pytest.mark.parametrize("name", list(DROPOUT_CASES))
+def test_dropout_acts_in_training_only_and_generation_runs_in_eval(name):
+    """With dropout, eval mode is the dropout-free model exactly (the same weights), training mode
+    applies every Dropout module of the model, and generate runs in eval even from training mode."""
+    idx = tokens(2, 7)
+    plain, model = DROPOUT_CASES[name](0.0), DROPOUT_CASES[name](0.3)
+    expected = plain(idx)[0]
+    torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=0)
+    dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    called = set()
+    for module in dropouts:
+        module.register_forward_hook(lambda module, args, out: called.add(id(module)))
+    model.train()
+    assert not torch.allclose(model(idx)[0], expected)
+    assert called == {id(module) for module in dropouts}  # none is constructed and then skipped
+    kwargs = dict(temperature=0.0, use_cache=True)
+    assert torch.equal(model.generate(idx, 4, **kwargs), plain.generate(idx, 4, **kwargs))
+    assert model.training
+
 def test_tpilm_dropout_reaches_every_place():
     model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=1, dropout=0.2))
     block = model.blocks[0]
