@@ -278,6 +278,24 @@ def test_cached_forward_equals_uncached(name):
         torch.testing.assert_close(last.phase[2].phases, full_info.phase[2].phases[:, :, 10:])
 
 
+
+@pytest.mark.parametrize("name, other", [("gpt", lambda: phase_gpt()), ("gpt-mean_field", lambda: tiny_gpt()),
+                                         ("tpi-vector", lambda: tiny_tpi(n_layers=3))])
+def test_a_cache_of_another_batch_or_model_is_an_error(name, other):
+    """A cache filled for batch 2 and then fed batch 3, or one of a model with other layers, is a
+    ValueError naming the cache or state, not a bare shape error (or silently wrong logits)."""
+    model = MODEL_CASES[name]()
+    cache = model.new_cache()
+    model(tokens(2, 4), cache=cache)
+    with pytest.raises(ValueError, match="^(cache|state): .*batch size"):
+        model(tokens(3, 1), cache=cache)
+    foreign = other().new_cache()
+    other()(tokens(2, 4), cache=foreign)
+    with pytest.raises(ValueError, match="^cache: .*(another model|layers do not match)"):
+        model(tokens(2, 1), cache=foreign)
+    with pytest.raises(ValueError, match="^cache: expected a"):
+        model(tokens(2, 1), cache=[])
+
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 4)])
 def test_generate_with_cache_equals_without(name, temperature, top_k):
@@ -474,7 +492,7 @@ def test_dropout_acts_in_training_only_and_generation_runs_in_eval(name):
     assert called == {id(module) for module in dropouts}  # none is constructed and then skipped
     kwargs = dict(temperature=0.0, use_cache=True)
     assert torch.equal(model.generate(idx, 4, **kwargs), plain.generate(idx, 4, **kwargs))
-    assert model.training
+    assert model.training and not plain.training  # each mode restored
 
 def test_tpilm_dropout_reaches_every_place():
     model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=1, dropout=0.2))
