@@ -338,6 +338,17 @@ def test_sampling_follows_the_tempered_top_k_softmax(temperature, top_k):
     torch.testing.assert_close(frequency, expected, rtol=0, atol=0.01)  # standard error <= 0.0025
 
 
+
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):
+    """As the temperature goes to 0 sampling becomes greedy: logits / T overflows float32 here, which
+    must not give inf − inf = NaN probabilities (positive logits) or no finite logit at all (negative)."""
+    from models.sampling import sample_next
+    logits = torch.tensor([[2.0, 1.0, 3.0, -1.0], [-5.0, -2.0, -7.0, -3.0]]).repeat(50, 1)
+    draws = sample_next(logits, temperature, top_k, torch.Generator().manual_seed(0))
+    assert torch.equal(draws[:, 0], logits.argmax(-1))
+
 def test_greedy_generation_matches_argmax_of_forward():
     model = tiny_gpt()
     prompt = tokens(1, 4)
