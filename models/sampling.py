@@ -56,8 +56,10 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    # the largest logit moved to 0 first: a tiny temperature then sends the others to -inf, never inf - inf
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    # the largest logit moved to 0 first: a tiny temperature then sends the others to -inf, never inf - inf;
+    # it stays 0 where the temperature rounds to 0 in the logits' dtype (0 / 0 would be NaN)
+    shifted = logits - logits.max(-1, keepdim=True).values
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -339,7 +339,7 @@ def test_sampling_follows_the_tempered_top_k_softmax(temperature, top_k):
 
 
 
-@pytest.mark.parametrize("temperature", [1e-3, 1e-30])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300])  # 1e-300 is 0 in float32
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):
     """As the temperature goes to 0 sampling becomes greedy: logits / T overflows float32 here, which
