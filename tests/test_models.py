@@ -511,6 +511,15 @@ def test_tpilm_dropout_reaches_every_place():
     assert model.drop.p == 0.2 and block.memory.head[1].p == 0.2 and block.ffn[-1].p == 0.2
 
 
+
+def test_tpilm_head_is_tied_to_its_embedding_initialised_as_gpts():
+    torch.manual_seed(0)
+    model = TPILM(TPILMConfig(vocab_size=256, d_model=64, n_layers=1))
+    assert model.head.weight is model.tok_emb.weight
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)  # small logits at the start
+    logits, _ = model(tokens(2, 5))
+    assert logits.abs().max() < 1.0
+
 def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, max_seq_len=16, n_layers=4, n_heads=4, d_model=256,
