@@ -502,6 +502,20 @@ def test_phase_rates_are_not_rounded_to_bf16_under_autocast(query):
         assert got.dtype == torch.float64 and torch.equal(got, want)
 
 
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_a_bfloat16_module_computes_its_phase_rates_in_float32(query):
+    # a half-precision module upcasts its rate weights (biases included): its phases are those of the float32
+    # module with the same rounded weights, not sums of rates rounded to bf16 (an error growing with t)
+    memory = HolographicPhaseMemory(16, query=query).eval().bfloat16()
+    reference = HolographicPhaseMemory(16, query=query).eval()
+    reference.load_state_dict({key: value.float() for key, value in memory.state_dict().items()})
+    x = torch.randn(1, 2048, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad():
+        for got, want in zip(memory._phases(x, None), reference._phases(x.float(), None)):
+            assert got.dtype == torch.float64
+            assert torch.remainder(got - want + math.pi, 2 * math.pi).sub(math.pi).abs().max() < 1e-9
+
 @pytest.mark.parametrize("state", STATES)
 def test_a_float32_state_continues_bf16_input_under_autocast(state):
     # init_state's float32 state was rejected for the bf16 activations of autocast as "a state from a
