@@ -242,6 +242,23 @@ def test_incremental_decoding_with_padding(coupling):
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
 
 
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
+    """A prompt given without a mask is all valid: calls after it with a padding mask still count it."""
+    gen = torch.Generator().manual_seed(13)
+    layer = make_layer(coupling=coupling)
+    x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, 5], valid[1, 6:] = False, False
+    with torch.no_grad():
+        y_full = layer(x, valid)
+        cache = KuramotoCache()
+        y = [layer(x[:, :4], cache=cache)]
+        y += [layer(x[:, i:i + 1], valid[:, i:i + 1], cache=cache) for i in range(4, 6)]
+        y.append(layer(x[:, 6:], valid[:, 6:], cache=cache))
+    torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
+
 def test_cache_work_per_token_does_not_recompute_the_past():
     """Decoding token t feeds only the new token through the projections (O(t) attention only)."""
     layer = make_layer()
