@@ -716,6 +716,8 @@ def test_fused_euler_mean_field_without_grad_keeps_no_phases_per_step():
     phase_tensor = theta.numel() * 4
     assert allocated(12, True) - allocated(3, True) >= 9 * phase_tensor  # what the measure sees with grad
     assert allocated(12, False) - allocated(3, False) < phase_tensor
+    omega.requires_grad_(False)  # grad mode on but nothing to differentiate (a frozen layer): nothing kept either
+    assert allocated(12, True) - allocated(3, True) < phase_tensor
 
 
 def test_fused_euler_mean_field_backward_memory_grows_by_one_phase_tensor_per_step():
