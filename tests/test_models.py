@@ -349,6 +349,13 @@ def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):
     draws = sample_next(logits, temperature, top_k, torch.Generator().manual_seed(0))
     assert torch.equal(draws[:, 0], logits.argmax(-1))
 
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generating_no_tokens_returns_the_prompt(name, use_cache):
+    prompt = tokens(2, 5)
+    assert torch.equal(MODEL_CASES[name]().generate(prompt, 0, use_cache=use_cache), prompt)
+
 def test_greedy_generation_matches_argmax_of_forward():
     model = tiny_gpt()
     prompt = tokens(1, 4)
