@@ -460,6 +460,15 @@ def test_generate_reads_at_most_context_tokens(use_cache):
         assert torch.equal(out[:, i], model(out[:, max(0, i - 5):i])[0][:, -1].argmax(-1))
 
 
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_tpilm_generation_reads_the_whole_sequence_beyond_max_seq_len(use_cache):
+    # recurrent: max_seq_len is the training context only; every token is the argmax given all before it
+    model = tiny_tpi(max_seq_len=4)
+    out = model.generate(tokens(2, 6), 5, temperature=0, use_cache=use_cache)
+    for i in range(6, 11):
+        assert torch.equal(out[:, i], model(out[:, :i])[0][:, -1].argmax(-1))
+
 def test_numpy_numbers_are_accepted_as_settings():
     # e.g. a sweep over np.linspace: NumPy scalars are numbers (bools are not)
     model = GPT(GPTConfig.from_dict(dict(vocab_size=np.int64(VOCAB), max_seq_len=12, n_layers=2, n_heads=2,
