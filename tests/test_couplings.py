@@ -108,6 +108,18 @@ def test_graph_coupling_equals_pairwise_sum_and_mean_field():
     torch.testing.assert_close(all_to_all, MeanFieldCoupling(phase_lag=0.3)(theta), atol=1e-12, rtol=0)
 
 
+
+def test_weights_of_another_dtype_act_in_the_phases_dtype():
+    # e.g. a float32 adjacency (or attention weights) on float64 phases: the result is float64, computed
+    # from the weights cast once, as with float64 weights
+    gen = torch.Generator().manual_seed(4)
+    theta = random_phases(gen, 3, 5)
+    weights = torch.rand(5, 5, generator=gen)
+    expected = naive_weighted(theta, weights.double(), 0.2)
+    for got in (GraphCoupling(weights, phase_lag=0.2)(theta), AttentionCoupling(phase_lag=0.2, dim=-1)(theta, weights)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
 @settings(max_examples=25, deadline=None)
 @given(gen=generators, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
 def test_attention_coupling_equals_pairwise_sum_per_channel(gen, t, n, phase_lag):
