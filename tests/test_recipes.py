@@ -106,11 +106,36 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("out_dir=''", "out_dir: must not be empty"),  # was the working directory, which --overwrite cleared
     ("name=../x", "name: must be a plain directory name"),
     ("name=''", "name: must be a plain directory name"),
+    # every range the config promises, each refused by name (a mutation audit found them unchecked)
+    ("optim.min_lr=0.01", r"optim.min_lr: must be in \[0, lr\]"),  # above lr: the cosine would rise
+    ("optim.warmup_iters=-1", "optim.warmup_iters: must be non-negative"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay: must be non-negative"),
+    ("optim.betas=[0.9,1.0]", r"optim.betas: must be two numbers in \[0, 1\)"),
+    ("optim.eps=0", "optim.eps: must be positive"),
+    ("optim.grad_clip=0", "optim.grad_clip: must be positive or null"),
+    ("train.grad_accum=0", "train.grad_accum: must be at least 1"),
+    ("train.eval_interval=0", "train.eval_interval: must be at least 1"),
+    ("train.eval_iters=0", "train.eval_iters: must be at least 1"),
+    ("train.log_interval=0", "train.log_interval: must be at least 1"),
+    ("train.patience=0", "train.patience: must be at least 1 or null"),
+    ("data.val_fraction=1.0", r"data.val_fraction: must be in \(0, 1\)"),
+    ("fabric.num_nodes=0", "fabric.num_nodes: must be at least 1"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
     with pytest.raises(ConfigError, match=message):
         parse_config(apply_overrides(values, override.split()))
+
+
+def test_a_model_vocab_size_below_the_tokenizers_is_refused_and_one_above_pads(tmp_path, corpus_file):
+    vocab = len(set(corpus_file.read_text()))
+    with pytest.raises(ConfigError, match=rf"model.vocab_size: must be at least the tokenizer's vocabulary \({vocab}"):
+        train(parse_config(tiny(tmp_path, corpus_file, model={"vocab_size": vocab - 1})))
+    assert not (tmp_path / "run" / "last.pt").exists()
+    train(parse_config(tiny(tmp_path, corpus_file, model={"vocab_size": vocab + 5},
+                            train={"max_iters": 2, "eval_interval": 2})))
+    model, tokenizer, _, _ = load_run(tmp_path / "run")
+    assert model.config.vocab_size == vocab + 5 and tokenizer.vocab_size == vocab
 
 
 def test_fabric_precision_takes_lightnings_integers_too():
@@ -256,6 +281,20 @@ def test_param_groups_decay_only_linear_weights():
                 and not any(p is e.weight for e in model.modules() if isinstance(e, torch.nn.Embedding))
             assert (id(p) in decayed) == expect, (type(module).__name__, name)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_every_optim_setting_reaches_adamw(tmp_path, corpus_file):
+    # optim.weight_decay, betas and eps were checked by the config but never compared with what AdamW got
+    optim = {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "betas": [0.8, 0.95], "eps": 1e-6, "warmup_iters": 0}
+    train(parse_config(tiny(tmp_path, corpus_file, optim=optim, train={"max_iters": 2, "eval_interval": 2})))
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    decay, no_decay = state["optimizer"]["param_groups"]
+    model, *_ = load_run(tmp_path / "run" / "last.pt")
+    expected = param_groups(model, 0.05)
+    assert [len(g["params"]) for g in (decay, no_decay)] == [len(g["params"]) for g in expected]
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0  # none on biases, norms, embeddings
+    for group in (decay, no_decay):
+        assert tuple(group["betas"]) == (0.8, 0.95) and group["eps"] == 1e-6 and group["initial_lr"] == 2e-3
 
 
 def test_mean_ci95_matches_student_t():
@@ -1313,6 +1352,26 @@ def test_logged_validation_R_is_R_over_each_heads_oscillators(tmp_path, corpus_f
             R.append(torch.exp(1j * phases).mean(-1).abs())  # R per token and head, over the n oscillators
     per_head = torch.cat(R).mean((0, 2))
     assert [last[f"val_R/layer1/head{h}"] for h in range(2)] == pytest.approx(per_head.tolist(), abs=1e-6)
+
+
+def test_every_fabric_setting_reaches_fabric(monkeypatch):
+    import lightning_fabric
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    seen = {}
+    monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or "fabric")
+    make_fabric(FabricConfig(accelerator="cpu", devices=3, num_nodes=2, strategy="ddp", precision="64-true"))
+    assert {k: seen[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")} == {
+        "accelerator": "cpu", "devices": 3, "num_nodes": 2, "strategy": "ddp", "precision": "64-true"}
+
+
+def test_data_download_false_is_obeyed(tmp_path, corpus_file, monkeypatch):
+    # a known corpus missing from the cache, with downloads disabled: an error saying so, and no request
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("downloaded"))
+    values = tiny(tmp_path, corpus_file, data={"name": "tiny-shakespeare", "path": None, "download": False})
+    with pytest.raises(FileNotFoundError, match=r"downloads are disabled \(download=False\)"):
+        train(parse_config(values))
 
 
 @pytest.mark.parametrize("cuda, accelerator, expected", [(True, "auto", "bf16-mixed"), (True, "cuda", "bf16-mixed"),
