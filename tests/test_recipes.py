@@ -239,6 +239,20 @@ def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, 
         train(parse_config(values))
 
 
+def test_warmup_gives_every_update_a_positive_rate_and_the_examples_hold():
+    """Warmup from ``lr / (warmup_iters + 1)``: a rate of 0 at step 0 would waste the first update. The
+    docstring examples of recipes.train and recipes.common (outside pytest's doctest paths) run here."""
+    import doctest
+
+    from recipes import common
+    from recipes.config import OptimConfig
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=4)
+    assert [learning_rate(s, o, 20) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    for module in (train_module, common):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
 def test_min_lr_with_the_constant_schedule_is_an_error_where_it_would_be_ignored():
     with pytest.raises(ConfigError, match=r"^optim.min_lr: is only read with schedule: cosine"):
         load_config(None, ["optim.schedule=constant", "optim.min_lr=5e-4"])
