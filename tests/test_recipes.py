@@ -366,6 +366,21 @@ def test_a_phase_layer_with_one_head_logs_its_R(tmp_path, corpus_file):
     assert len(logged(run, "val_R/layer1/head")) == 2 and not logged(run, "val_R/layer1/head1")
 
 
+def test_logs_every_log_interval_and_evaluates_every_eval_interval_and_at_the_end(tmp_path, corpus_file):
+    # 7 steps, every 3rd: steps 3 and 6, and the last step (7) although it is no multiple of either
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 7, "eval_interval": 3, "log_interval": 3})
+    result = train(parse_config(values))
+    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    assert [h["step"] for h in history if "train_loss" in h] == [3, 6, 7]
+    evals = [h for h in history if "val_loss" in h]
+    assert [h["step"] for h in evals] == [3, 6, 7] and result["final_val_loss"] == evals[-1]["val_loss"]
+    assert all(h["val_ppl"] == pytest.approx(math.exp(h["val_loss"])) for h in evals)  # perplexity: e^loss
+    with open(next((tmp_path / "run" / "logs").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [3, 6, 7]
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [3, 6, 7]
+
+
 def test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved(tmp_path, corpus_file, monkeypatch):
     # 16-mixed on CPU, starting from a loss scale that overflows: the scaler skips those updates
     # (not a divergence) and halves its scale; the scale is saved and restored by --resume
@@ -1349,6 +1364,27 @@ def test_training_evaluates_on_the_validation_split(tmp_path, corpus_file, monke
     train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
     val = prepare_corpus("text", path=corpus_file, tokenizer="char", cache_dir=tmp_path / "cache").splits["val"]
     assert len(seen) == 2 and all(np.array_equal(s, val) for s in seen)
+
+
+def test_the_data_settings_and_eval_iters_make_the_run_and_its_evaluations(tmp_path, corpus_file, monkeypatch):
+    # each data key shapes the corpus trained on, and eval_iters the number of validation batches
+    seen, real = [], train_module.eval_batches
+    monkeypatch.setattr(train_module, "eval_batches", lambda data, batch_size, block_size, num_batches, **kwargs:
+                        seen.append((np.array(data), num_batches)) or real(data, batch_size, block_size, num_batches,
+                                                                           **kwargs))
+    data = {"tokenizer": "bpe", "bpe_vocab_size": 260, "val_fraction": 0.25}
+    train(parse_config(tiny(tmp_path, corpus_file, data=data, train={"max_iters": 2, "eval_interval": 2,
+                                                                     "eval_iters": 3})))
+    corpus = prepare_corpus("text", path=corpus_file, tokenizer="bpe", bpe_vocab_size=260, val_fraction=0.25,
+                            cache_dir=tmp_path / "cache")
+    assert corpus.tokenizer.vocab_size == 260
+    model, tokenizer, _, _ = load_run(tmp_path / "run" / "last.pt")
+    assert tokenizer.to_dict() == corpus.tokenizer.to_dict() and model.config.vocab_size == 260
+    (val, num_batches), = seen
+    assert num_batches == 3 and np.array_equal(val, corpus.splits["val"])
+    text = corpus_file.read_text()  # the last quarter of the text
+    assert tokenizer.decode(val) == text[len(tokenizer.decode(corpus.splits["train"])):]
+    assert len(tokenizer.decode(val)) == len(text) - int(len(text) * 0.75)
 
 
 def test_logged_validation_R_is_R_over_each_heads_oscillators(tmp_path, corpus_file):
