@@ -1337,6 +1337,28 @@ def test_step_seeds_are_distinct_per_step_and_rank():
     assert step_seed(3, 5, 1) == step_seed(3, 5, 1)
 
 
+def test_each_step_draws_its_own_batch_and_dropout_from_the_runs_seed(tmp_path, corpus_file, monkeypatch):
+    # the torch RNG (dropout, phase noise) is seeded per (seed, step, rank) before the step's forward passes
+    from recipes.common import step_seed
+    real_get_batch, drawn = train_module.get_batch, []
+
+    def get_batch(*args, step, **kwargs):
+        x, y = real_get_batch(*args, step=step, **kwargs)
+        drawn.append((step, torch.initial_seed(), x))
+        return x, y
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    batches = {}
+    for seed in (3, 4):
+        drawn.clear()
+        train(parse_config(tiny(tmp_path / str(seed), corpus_file, seed=seed, train={"max_iters": 3})))
+        assert [(step, rng) for step, rng, _ in drawn] == [(s, step_seed(seed, s, 0)) for s in range(3)]
+        batches[seed] = [x for *_, x in drawn]
+    assert len({step_seed(seed, s, 0) for seed in (3, 4) for s in range(3)}) == 6  # every step its own dropout
+    assert not any(torch.equal(a, b) for a, b in zip(batches[3], batches[3][1:]))  # another batch each step
+    assert not any(torch.equal(a, b) for a, b in zip(batches[3], batches[4]))  # and another for another seed
+
+
 def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_file, monkeypatch):
     real_build, calls = train_module.build_model, {"n": 0}
 
