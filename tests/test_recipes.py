@@ -574,6 +574,20 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path
     assert train(parse_config(values), resume=True)["step"] == 4
 
 
+def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_and_place(tmp_path, corpus_file):
+    # what the run trained with (batches, evaluations, optimizer, data, model, precision) stays that run's
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    for override in ("seed=4", "train.grad_accum=2", "train.eval_interval=1", "train.eval_iters=3",
+                     "optim.weight_decay=0.2", "model.dropout=0.2", "data.val_fraction=0.2"):
+        key = override.partition("=")[0]
+        with pytest.raises(ValueError, match=rf"differs from the checkpoint's in {re.escape(key)};"):
+            train(parse_config(apply_overrides(values, [override])), resume=True)
+    changed = apply_overrides(values, ["train.max_iters=3", "train.patience=2", "train.log_interval=2",
+                                       "train.progress_bar=true", "train.plots=true"])
+    assert train(parse_config(changed), resume=True)["step"] == 3
+
+
 def test_fused_adamw_is_used_and_matches_foreach(tmp_path, corpus_file):
     losses = {}
     for fused in (True, False):
