@@ -845,15 +845,19 @@ def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file):
     """grad_accum micro-batches of one step are the same sequences as the whole batch, each loss
     weighted by 1 / grad_accum: the same updates up to rounding."""
-    histories = {}
+    histories, norms = {}, {}
     for accum in (1, 2, 4):
         values = tiny(tmp_path / str(accum), corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
                       train={"max_iters": 6, "eval_interval": 3, "grad_accum": accum})
         train(parse_config(values))
         histories[accum] = logged_losses(tmp_path / str(accum) / "run")
+        with open(next((tmp_path / str(accum) / "run" / "logs").rglob("metrics.csv"))) as f:
+            norms[accum] = [float(row["train/grad_norm"]) for row in csv.DictReader(f) if row["train/grad_norm"]]
     assert len(histories[1]) == 6 + 2
     for accum in (2, 4):
         assert histories[accum] == pytest.approx(histories[1], rel=1e-5, abs=1e-6)
+        # the norm of the step's mean gradient, which grad_clip bounds (AdamW alone would hide a summed one)
+        assert norms[accum] == pytest.approx(norms[1], rel=1e-4)
     with pytest.raises(ValueError, match="train.batch_size: 4 is not divisible"):
         train(parse_config(tiny(tmp_path / "3", corpus_file, train={"grad_accum": 3})))
 
