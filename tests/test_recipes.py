@@ -888,6 +888,23 @@ def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
     assert r["ppl"] == pytest.approx(math.exp(r["loss"]))
 
 
+def test_evaluate_scores_each_split_asked_for_in_windows_of_the_training_block(tmp_path, corpus_file):
+    # block_size 8 under max_seq_len 16: the model is scored on the context it was trained on, and on the
+    # splits it was trained with (val_fraction 0.25: the last quarter of the text, not the default tenth)
+    train(parse_config(tiny(tmp_path, corpus_file, data={"val_fraction": 0.25},
+                            train={"block_size": 8, "max_iters": 2, "eval_interval": 2})))
+    results = evaluate_main([str(tmp_path / "run"), "--splits", "train", "val"])
+    model, tokenizer, config, _ = load_run(tmp_path / "run")
+    corpus = prepare_corpus("text", path=corpus_file, tokenizer="char", val_fraction=0.25, cache_dir=tmp_path / "cache")
+    for split in ("train", "val"):
+        expected = evaluate_split(model, corpus.splits[split], 8, tokenizer)
+        assert results[split] == pytest.approx(expected, rel=1e-6), split
+        assert results[split]["tokens"] == len(corpus.splits[split]) - 1
+    assert results["train"]["loss"] != pytest.approx(results["val"]["loss"], rel=1e-6)
+    assert evaluate_split(model, corpus.splits["val"], 16, tokenizer)["loss"] != pytest.approx(
+        results["val"]["loss"], rel=1e-6)  # the context matters: 16 would be another score
+
+
 def test_bits_per_char_counts_the_decoded_text_once_whatever_the_windows():
     from recipes.data import WordTokenizer
     text = "the cat sat on the mat\nand the dog sat too\n" * 5
