@@ -1028,6 +1028,38 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
             generate_text(model, tokenizer, prompt)
 
 
+def test_generate_samples_with_the_temperature_top_k_seed_and_count_asked_for(trained):
+    from recipes.generate import main
+    model, tokenizer, _, _ = load_run(trained)
+    idx = torch.tensor([tokenizer.encode("the ")])
+    with torch.no_grad():  # greedy by hand: the most likely next token, reading at most 16 tokens
+        for _ in range(20):
+            idx = torch.cat([idx, model(idx[:, -16:])[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    greedy = tokenizer.decode(idx[0].tolist())
+    assert generate_text(model, tokenizer, "the ", max_new_tokens=20, temperature=0) == [greedy]
+    assert generate_text(model, tokenizer, "the ", max_new_tokens=20, temperature=1.0, top_k=1) == [greedy]
+    hot = [generate_text(model, tokenizer, "the ", max_new_tokens=20, temperature=2.0, num_samples=3, seed=seed)
+           for seed in (1, 2)]
+    assert all(len(texts) == 3 and len(set(texts)) == 3 for texts in hot)  # three samples, each its own
+    assert hot[0] != hot[1] and greedy not in hot[0]  # another seed, other samples; hot is not greedy
+    # the command line passes its flags on
+    args = [str(trained), "--prompt", "the ", "--max-new-tokens", "20", "--device", "cpu"]
+    assert main(args + ["--temperature", "1", "--top-k", "1"]) == [greedy]
+    assert main(args + ["--temperature", "2", "--seed", "2", "--num-samples", "3"]) == hot[1]
+
+
+def test_generate_never_samples_the_padding_of_a_larger_embedding():
+    # a model.vocab_size above the tokenizer's pads the embedding: those ids decode to nothing
+    from recipes.data import CharTokenizer
+    tokenizer = CharTokenizer.from_text("abcd")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size + 200, max_seq_len=16, n_layers=1, n_heads=1,
+                          d_model=8)).eval()
+    # near uniform over 204 ids: 30 draws among the 4 real ones only by chance would be (4 / 204) ** 30
+    text, = generate_text(model, tokenizer, "ab", max_new_tokens=30, temperature=100.0, seed=3)
+    assert len(text) == 32 and set(text) <= set("abcd")
+
+
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     # rerunning a command without --resume used to start over and replace the run's checkpoints
     config = parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2}))
