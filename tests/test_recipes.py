@@ -1158,6 +1158,26 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     assert report["layers"]["1"]["mean"] == pytest.approx(R.mean((0, 2)).tolist(), abs=1e-6)
 
 
+def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillator_count(trained, tmp_path):
+    from recipes.data import eval_batches
+    from recipes.evaluate import load_corpus
+    from recipes.interpret import main, random_phase_R
+    model, _, config, _ = load_run(trained)
+    corpus = load_corpus(config.data)
+    report = main([str(trained), "--split", "train", "--batches", "1", "--batch-size", "2", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "interpret.json").read_text()) == report
+    for split in ("train", "val"):
+        stats = phase_statistics(model, eval_batches(corpus.splits[split], 2, 16, 1, seed=config.seed))[1]
+        means = pytest.approx(stats["stats"]["mean"].tolist(), abs=1e-6)
+        assert (report["layers"]["1"]["mean"] == means) == (split == "train"), split
+    assert np.shape(report["layers"]["1"]["R_tokens"]) == (2, 16)  # (heads, token positions)
+    assert np.shape(report["layers"]["1"]["R_steps"]) == (2 + 1, 2)  # (integration steps + 1, heads)
+    # the incoherent baseline of the run's own N = 4 oscillators; the mean R of N uniform phases for large N
+    assert report["random_phase_R"] == random_phase_R(4)
+    phases = torch.rand(4000, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 * math.pi
+    assert random_phase_R(256) == pytest.approx(torch.exp(1j * phases).mean(-1).abs().mean().item(), rel=0.03)
+
+
 def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus_file):
     baseline = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
     baseline["model"] = {k: v for k, v in baseline["model"].items()
