@@ -17,6 +17,7 @@ import yaml
 from models.config import ConfigError
 from recipes import sweep
 from recipes.common import run_cli
+from recipes.config import load_config
 
 
 @pytest.fixture
@@ -214,6 +215,31 @@ def test_a_summary_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch
         sweep.summarise(tmp_path, ["a"], [1])
     assert (tmp_path / cut).read_text() == before[cut]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "summary.csv", "summary.md"]
+
+
+def test_the_mean_counts_finished_and_early_stopped_runs_only(tmp_path):
+    # an early-stopped run is a complete result (its best.pt is the best it reached); a diverged one is not
+    for seed, (status, loss) in enumerate([("finished", 1.0), ("early_stopped", 1.2), ("diverged", 0.5)]):
+        run = tmp_path / "a" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": status, "step": 5, "best_val_loss": loss,
+                                                     "final_val_loss": loss, "best_val_R": {}}))
+    sweep.summarise(tmp_path, ["a"], [0, 1, 2])
+    mean, half = sweep.mean_ci95([1.0, 1.2])
+    assert (tmp_path / "summary.md").read_text().splitlines()[2] == (
+        f"| a | 2 of 3 | {mean:.4f} ± {half:.4f} | {math.exp(mean):.2f} | – | diverged, early_stopped, finished |")
+
+
+def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, launched):
+    out = tmp_path / "out"
+    interrupted = out / "a" / "seed1"
+    interrupted.mkdir(parents=True)
+    (interrupted / "last.pt").write_bytes(b"")  # only its existence is read here
+    settings = load_config(configs / "a.yaml", ["name=a", "seed=1", f"out_dir={interrupted}"])
+    (interrupted / "config.yaml").write_text(yaml.safe_dump(settings.to_dict()))
+    sweep.run_sweep([configs / "a.yaml"], [1, 2], out)
+    assert [(c[-2:] if c[-1] == "--resume" else c[-1:]) for c in launched] == [
+        [f"out_dir={interrupted}", "--resume"], [f"out_dir={out / 'a' / 'seed2'}"]]
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
