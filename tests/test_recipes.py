@@ -842,14 +842,29 @@ def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
             assert norms == pytest.approx([0.05] * 6, rel=1e-4)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus_file, monkeypatch):
     """grad_accum micro-batches of one step are the same sequences as the whole batch, each loss
     weighted by 1 / grad_accum: the same updates up to rounding."""
-    histories, norms = {}, {}
+    histories, norms, micro = {}, {}, []
+    real_get_batch = train_module.get_batch
+
+    def get_batch(*args, step, **kwargs):
+        x, y = real_get_batch(*args, step=step, **kwargs)
+        micro.append((step, x))
+        return x, y
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
     for accum in (1, 2, 4):
         values = tiny(tmp_path / str(accum), corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
                       train={"max_iters": 6, "eval_interval": 3, "grad_accum": accum})
+        micro.clear()
         train(parse_config(values))
+        # each micro-batch is its share of the step's batch (not the whole batch again: grad_accum × the memory)
+        batches = {step: torch.cat([x for s, x in micro if s == step]) for step in range(6)}
+        assert len(micro) == 6 * accum and all(x.shape[0] == 4 // accum for _, x in micro)
+        if accum == 1:
+            whole = batches
+        assert all(torch.equal(batches[step], whole[step]) for step in range(6))
         histories[accum] = logged_losses(tmp_path / str(accum) / "run")
         with open(next((tmp_path / str(accum) / "run" / "logs").rglob("metrics.csv"))) as f:
             norms[accum] = [float(row["train/grad_norm"]) for row in csv.DictReader(f) if row["train/grad_norm"]]
