@@ -297,6 +297,16 @@ def test_param_groups_decay_only_linear_weights():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_a_tied_weight_is_an_embedding_whichever_module_comes_first():
+    # GPT registers its embedding before the head; a model registering the head first must not decay it
+    head_first = torch.nn.ModuleDict({"head": torch.nn.Linear(8, 11, bias=False), "emb": torch.nn.Embedding(11, 8),
+                                      "proj": torch.nn.Linear(8, 8)})
+    head_first["head"].weight = head_first["emb"].weight
+    decay, no_decay = param_groups(head_first, 0.1)
+    assert [id(p) for p in decay["params"]] == [id(head_first["proj"].weight)]
+    assert {id(p) for p in no_decay["params"]} == {id(head_first["emb"].weight), id(head_first["proj"].bias)}
+
+
 def test_every_optim_setting_reaches_adamw(tmp_path, corpus_file):
     # optim.weight_decay, betas and eps were checked by the config but never compared with what AdamW got
     optim = {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "betas": [0.8, 0.95], "eps": 1e-6, "warmup_iters": 0}
