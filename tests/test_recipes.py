@@ -584,17 +584,17 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path
     assert train(parse_config(values), resume=True)["step"] == 4
 
 
-def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_and_place(tmp_path, corpus_file):
+def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_place_and_devices(tmp_path, corpus_file):
     # what the run trained with (batches, evaluations, optimizer, data, model, precision) stays that run's
     values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
     train(parse_config(values))
-    for override in ("seed=4", "train.grad_accum=2", "train.eval_interval=1", "train.eval_iters=3",
+    for override in ("seed=4", "train.batch_size=8", "train.eval_interval=1", "train.eval_iters=3",
                      "optim.weight_decay=0.2", "model.dropout=0.2", "data.val_fraction=0.2"):
         key = override.partition("=")[0]
         with pytest.raises(ValueError, match=rf"differs from the checkpoint's in {re.escape(key)};"):
             train(parse_config(apply_overrides(values, [override])), resume=True)
     changed = apply_overrides(values, ["train.max_iters=3", "train.patience=2", "train.log_interval=2",
-                                       "train.progress_bar=true", "train.plots=true"])
+                                       "train.progress_bar=true", "train.plots=true", "train.grad_accum=2"])
     assert train(parse_config(changed), resume=True)["step"] == 3
 
 
@@ -1450,7 +1450,7 @@ def test_step_seeds_are_distinct_per_step_and_rank():
 
 
 def test_each_step_draws_its_own_batch_and_dropout_from_the_runs_seed(tmp_path, corpus_file, monkeypatch):
-    # the torch RNG (dropout, phase noise) is seeded per (seed, step, rank) before the step's forward passes
+    # the torch RNG (dropout, phase noise) is seeded per (seed, step, slice of the batch) before each forward
     from recipes.common import step_seed
     real_get_batch, drawn = train_module.get_batch, []
 
@@ -1469,6 +1469,9 @@ def test_each_step_draws_its_own_batch_and_dropout_from_the_runs_seed(tmp_path, 
     assert len({step_seed(seed, s, 0) for seed in (3, 4) for s in range(3)}) == 6  # every step its own dropout
     assert not any(torch.equal(a, b) for a, b in zip(batches[3], batches[3][1:]))  # another batch each step
     assert not any(torch.equal(a, b) for a, b in zip(batches[3], batches[4]))  # and another for another seed
+    drawn.clear()  # two micro-batches: each slice its own seed, as on two devices
+    train(parse_config(tiny(tmp_path / "accum", corpus_file, seed=3, train={"max_iters": 2, "grad_accum": 2})))
+    assert [(step, rng) for step, rng, _ in drawn] == [(s, step_seed(3, s, m)) for s in range(2) for m in range(2)]
 
 
 def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_file, monkeypatch):
