@@ -192,6 +192,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
             failure = err
     if world > 1:  # every rank stops, not rank 0 alone (the others would wait in the first all-reduce)
         failure = fabric.broadcast(failure, src=0)
+        if failure is not None:  # all have it before rank 0 exits: a gloo receive from a closed peer fails
+            fabric.barrier()
     if failure is not None:
         raise failure
     fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
