@@ -245,9 +245,9 @@ class KuramotoAttention(nn.Module):
         SOLVERS[integrator]().step(lambda theta: calls.append(0) or theta, torch.zeros(()), 0.0)
         self._stages = len(calls)
         self.phase_lag = check_real("phase_lag", phase_lag)
-        self.coupling = self._check_coupling(coupling, self.phase_lag, check_bool("causal", causal))
-        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
         self.causal = check_bool("causal", causal)
+        self.coupling = self._check_coupling(coupling, self.phase_lag, self.causal)
+        self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
         bias = check_bool("bias", bias)
         h, n = num_heads, num_oscillators
 
