@@ -34,14 +34,18 @@ def _flush_folder(folder: str | Path) -> None:
         os.close(fd)
 
 
+def _flush_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def flush_tree(folder: str | Path) -> None:
     """Flush every file in ``folder`` (one level) and the folder itself, e.g. before renaming a
     staged folder into place."""
     folder = Path(folder)
     for entry in folder.iterdir():
         if entry.is_file():
-            with open(entry, "rb") as f:
-                os.fsync(f.fileno())
+            _flush_file(entry)
     _flush_folder(folder)
 
 
@@ -52,8 +56,7 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
     if tmp.is_dir():
         flush_tree(tmp)
     else:
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _flush_file(tmp)
     os.replace(tmp, path)
     _flush_folder(path.parent)
 

@@ -178,7 +178,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     # stopped: early stopping ended the run (a resume ends it again)
     # shards: the global batch's slices (devices × grad_accum), each with its own random draws
     progress = {"step": 0, "best_val": math.inf, "bad_evals": 0, "history": [], "eval_due": False,
-                "stopped": False, "shards": world * tc.grad_accum}
+                "stopped": False, "shards": shards}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress,
              "config": config.to_dict(), "tokenizer": corpus.tokenizer.to_dict(), "corpus": corpus.identity()}
     if resume:
