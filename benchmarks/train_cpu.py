@@ -19,8 +19,9 @@ checkpoint and plots included). Validation loss is reported twice: the run's own
 (20 batches, ±0.01–0.02) and the whole validation split (every token once, consecutive windows of
 64, the same function for all three), measured after the timed part. Because the whole-run wall
 time moves with other load on a shared machine, each run also reports its fastest stretch between
-two evaluations (ms per step over 250 steps and one evaluation). Prints one row per run, then per
-kind the mean ± 95% CI over seeds and the median ratios (per round).
+two evaluations (ms per step over 250 steps and one evaluation; runs of fewer than 500 iterations
+have no whole stretch and show "n/a" there). Prints one row per run, then per kind the mean ± 95%
+CI over seeds and the median ratios (per round).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def nanogpt_loop(data_path: str, iters: int, seed: int, save: str) -> None:
     def lr_at(it):
         if it < 100:
             return 1e-3 * (it + 1) / 101
+        if iters <= 100:  # a run no longer than the warmup: as recipes.train, no decay (and no 0 / 0)
+            return 1e-3
         ratio = (it - 100) / (iters - 100)
         return 1e-4 + 0.5 * (1 + math.cos(math.pi * ratio)) * (1e-3 - 1e-4)
 
@@ -157,7 +160,8 @@ def fastest_interval_ms(kind: str, path: Path, stdout: str) -> float:
     nanoGPT loop's printed stamps, or the wall times of the recipe's TensorBoard ``train/loss``
     points at those steps (logged just before each evaluation)."""
     if kind == "nanogpt-loop":
-        stamps = {int(s): float(t) for s, t in re.findall(r"step (\d+) at (\d+\.\d+)", stdout)}
+        stamps = {int(s): float(t) for s, t in re.findall(r"step (\d+) at (\d+\.\d+)", stdout)
+                  if int(s) % 250 == 0 and int(s) > 0}  # the recipe's stretches: from step 250 on
     else:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         events = EventAccumulator(str(next((path / "tensorboard").rglob("events.*"))))
@@ -167,6 +171,11 @@ def fastest_interval_ms(kind: str, path: Path, stdout: str) -> float:
     if len(steps) < 2:  # fewer than 500 iterations: no whole stretch
         return math.nan
     return min(1e3 * (stamps[b] - stamps[a]) / (b - a) for a, b in zip(steps, steps[1:]))
+
+
+def ms(value: float, spec: str = ".1f") -> str:
+    """A figure of the fastest-stretch columns: "n/a" for runs too short to have a stretch."""
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def full_val_loss(kind: str, path: Path, data_path: str) -> float:
@@ -190,7 +199,8 @@ def full_val_loss(kind: str, path: Path, data_path: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DATA), help="tiny-shakespeare input.txt")
-    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--iters", type=int, default=2000,
+                        help="training iterations (at least 500 for the fastest-stretch column)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default="/tmp/kuramoto-train-cpu", help="run and cache directory")
@@ -225,7 +235,7 @@ def main() -> None:
             fastest = fastest_interval_ms(kind, path, stdout)
             rows.append({"kind": kind, "seed": seed, "val_estimate": estimate, "wall_s": wall,
                          "fastest_ms_per_step": fastest, "path": path})
-            print(f"{kind} seed {seed}: {wall:.1f} s, fastest {fastest:.1f} ms/step, val estimate {estimate:.4f}",
+            print(f"{kind} seed {seed}: {wall:.1f} s, fastest {ms(fastest)} ms/step, val estimate {estimate:.4f}",
                   flush=True)
     torch.set_num_threads(args.threads)
     for row in rows:
@@ -235,7 +245,7 @@ def main() -> None:
     print("|:---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['kind']} | {r['seed']} | {r['val_estimate']:.4f} | {r['val_full']:.4f} | {r['wall_s']:.1f} "
-              f"| {r['fastest_ms_per_step']:.1f} |")
+              f"| {ms(r['fastest_ms_per_step'])} |")
     from recipes.common import mean_ci95
 
     def per_kind(key):
@@ -253,8 +263,8 @@ def main() -> None:
         ci = "" if math.isnan(half) else f" ± {half:.4f}"
         print(f"| {kind} | {mean:.4f}{ci} | {statistics.median(walls[kind]):.1f} | "
               f"{ratio(walls, kind, 'nanogpt-loop'):.2f} | {ratio(walls, kind, 'baseline'):.2f} | "
-              f"{statistics.median(fastest[kind]):.1f} | {ratio(fastest, kind, 'nanogpt-loop'):.2f} | "
-              f"{ratio(fastest, kind, 'baseline'):.2f} |")
+              f"{ms(statistics.median(fastest[kind]))} | {ms(ratio(fastest, kind, 'nanogpt-loop'), '.2f')} | "
+              f"{ms(ratio(fastest, kind, 'baseline'), '.2f')} |")
     print(json.dumps(rows))
 
 
