@@ -118,7 +118,8 @@ class KuramotoCache:
         field_state: per solver evaluation ``(step, stage)``: for the mean field the running sums
             ``(Σ cos θ, Σ sin θ)`` of shape ``(b, h, n, 1)`` and the valid count ``(b, 1, 1, 1)``; for
             the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
-            ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head).
+            ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head); for a
+            coupling module the past tokens' phases ``(b, h, s, n)`` at that evaluation.
 
     Example:
         >>> import torch
@@ -186,7 +187,10 @@ class KuramotoAttention(nn.Module):
             layer's ``K`` per head; padded tokens get zero coupling. With ``causal=True`` it must not
             mix later tokens into earlier ones (along tokens: ``causal=True``; across the
             oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
-            tokens that is not causal is an error. Runs on the generic solver path; no ``cache``.
+            tokens that is not causal is an error. Runs on the generic solver path. With a
+            ``cache``, the module sees the past tokens' phases at each evaluation followed by the new
+            tokens' (O(t) work per decoded token) and only the new tokens' terms are used: this
+            equals the full forward for a module that is causal along the tokens.
         phase_lag: Sakaguchi lag ``α`` in radians (of a coupling module: its own ``phase_lag``).
         learnable_coupling: learn ``K`` per head (otherwise a fixed buffer).
         phase_noise: std of :class:`~kuramoto_attn.PhaseNoise` added after each step (training).
@@ -467,15 +471,20 @@ class KuramotoAttention(nn.Module):
         return pull * gain
 
     def _module_field(self, theta: Tensor, run: _Pass, key: tuple, phase_lag: float) -> Tensor:
-        """``K · coupling(θ)`` ``(b, h, n, t)``, the module seeing the phases as ``(b, h, t, n)``."""
+        """``K · coupling(θ)`` ``(b, h, n, t)``, the module seeing the phases as ``(b, h, t, n)``
+        (after the cached tokens' phases at this evaluation, if any: only the new rows are kept)."""
         t = theta.shape[-1]
         phases = theta.transpose(-1, -2)
+        if run.cache is not None:
+            phases = torch.cat([run.cache.field_state[key].to(phases.dtype), phases], dim=-2)  # (b, h, s, n)
+        if run.record:  # every token's phases at this evaluation, for later tokens
+            run.new_state[key] = phases
         if run.valid is None:
             term = self.coupling(phases)
         else:
-            valid = run.valid[:, None, -t:, None]  # (b, 1, t, 1)
+            valid = run.valid[:, None, :, None]  # (b, 1, s, 1): the past tokens' too
             term = self.coupling(phases, mask=valid) * valid.to(theta.dtype)  # padded tokens: none
-        return term.transpose(-1, -2) * self.strength.to(theta.dtype)
+        return term[..., -t:, :].transpose(-1, -2) * self.strength.to(theta.dtype)
 
     # -------------------------------------------------------------- attention
     def _attend(self, run: _Pass, theta: Tensor, *, cos_sin: tuple | None = None, key: tuple | None = None,
@@ -568,9 +577,6 @@ class KuramotoAttention(nn.Module):
     def _check_cache(self, cache: KuramotoCache | None, b: int) -> int:
         if cache is None:
             return 0
-        if isinstance(self.coupling, Coupling):
-            raise ValueError(f"cache: incremental decoding needs a built-in coupling ('mean_field' or 'attention'), "
-                             f"not a {type(self.coupling).__name__} module")
         if not isinstance(cache, KuramotoCache):
             raise ValueError(f"cache: expected a KuramotoCache but got {type(cache).__name__}")
         if not self.causal:
@@ -583,9 +589,14 @@ class KuramotoAttention(nn.Module):
                              f"batch {b}, {self.num_heads} heads and width {e} (a cache of another layer?)")
         # one state per (step, stage): another integrator or step count has other keys
         keys = {(step, stage) for step in range(self.steps) for stage in range(self._stages)}
+        # the mean field keeps sums (a tuple); attention [cos θ, sin θ] (2n wide); a module θ (n wide)
+        mean_field = isinstance(self.coupling, str) and self.coupling == "mean_field"
+        width = 2 * self.num_oscillators if self.coupling == "attention" else self.num_oscillators
         if set(cache.field_state) != keys or any(
-                isinstance(state, tuple) != (self.coupling == "mean_field") for state in cache.field_state.values()):
-            raise ValueError(f"cache: holds no phase state for this layer's {self.coupling!r} coupling "
+                isinstance(state, tuple) != mean_field or (not mean_field and state.shape[-1] != width)
+                for state in cache.field_state.values()):
+            coupling = repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
+            raise ValueError(f"cache: holds no phase state for this layer's {coupling} coupling "
                              f"with {self.integrator!r} over {self.steps} steps (a cache of another layer?)")
         return cache.length
 

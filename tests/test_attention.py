@@ -211,11 +211,25 @@ def test_a_batch_of_padding_only_has_zero_coherence_loss():
 
 
 # ----------------------------------------------------------------------------------- cache
-@pytest.mark.parametrize("coupling", COUPLINGS)
+#: the built-in couplings, a Coupling module along the tokens (causal, second harmonic, its own lag) and
+#: one across the oscillators of each token (a ring: no mask, so not with padding)
+CACHED = COUPLINGS + ("module", "ring")
+
+
+def cache_layer(coupling, **kwargs):
+    if coupling == "module":
+        return make_layer(coupling=harmonic_mean_field(), phase_lag=0.0, **kwargs)
+    if coupling == "ring":
+        ring = torch.roll(torch.eye(3), 1, 0) + torch.roll(torch.eye(3), -1, 0)
+        return make_layer(coupling=GraphCoupling(ring, strength=0.5), phase_lag=0.0, **kwargs)
+    return make_layer(coupling=coupling, **kwargs)
+
+
+@pytest.mark.parametrize("coupling", CACHED)
 @pytest.mark.parametrize("integrator", INTEGRATORS)
 def test_incremental_decoding_equals_full_forward(coupling, integrator):
     gen = torch.Generator().manual_seed(11)
-    layer = make_layer(coupling=coupling, integrator=integrator, dtype=torch.float32)
+    layer = cache_layer(coupling, integrator=integrator, dtype=torch.float32)
     x = torch.randn(2, 12, 16, generator=gen)
     with torch.no_grad():
         y_full, info_full = layer(x, return_info=True)
@@ -228,10 +242,10 @@ def test_incremental_decoding_equals_full_forward(coupling, integrator):
     assert cache.length == 12
 
 
-@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("coupling", CACHED[:-1])
 def test_incremental_decoding_with_padding(coupling):
     gen = torch.Generator().manual_seed(12)
-    layer = make_layer(coupling=coupling)
+    layer = cache_layer(coupling)
     x = torch.randn(3, 9, 16, generator=gen, dtype=torch.float64)
     valid = left_padding(3, 9, gen)
     with torch.no_grad():
@@ -243,11 +257,11 @@ def test_incremental_decoding_with_padding(coupling):
 
 
 
-@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("coupling", CACHED[:-1])
 def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
     """A prompt given without a mask is all valid: calls after it with a padding mask still count it."""
     gen = torch.Generator().manual_seed(13)
-    layer = make_layer(coupling=coupling)
+    layer = cache_layer(coupling)
     x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[0, 5], valid[1, 6:] = False, False
@@ -609,6 +623,13 @@ def test_bad_forward_arguments():
         make_layer(dtype=torch.float32, integrator="heun")(x, cache=heun)
         with pytest.raises(ValueError, match="cache: holds no phase state"):  # Heun's states in an Euler layer
             layer(x[:, :1], cache=heun)
+        module, attention = KuramotoCache(), KuramotoCache()  # θ (n wide) and [cos θ, sin θ] (2n) states
+        cache_layer("module", dtype=torch.float32)(x, cache=module)
+        make_layer(dtype=torch.float32, coupling="attention")(x, cache=attention)
+        with pytest.raises(ValueError, match=r"^cache: holds no phase state for this layer's 'attention' coupling"):
+            make_layer(dtype=torch.float32, coupling="attention")(x[:, :1], cache=module)
+        with pytest.raises(ValueError, match=r"^cache: holds no phase state for this layer's MeanFieldCoupling"):
+            cache_layer("module", dtype=torch.float32)(x[:, :1], cache=attention)
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, causal=False)(x, cache=KuramotoCache())
         with pytest.raises(ValueError, match="^cache: holds keys of dtype torch.float32 but this call computes "
@@ -937,9 +958,6 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
     with pytest.raises(ValueError, match=r"^coupling: expected one of \['attention', 'mean_field'\] or a "
                                          r"kuramoto_attn.Coupling module but got Identity"):
         make_layer(coupling=torch.nn.Identity(), phase_lag=0.0)
-    layer = make_layer(coupling=harmonic_mean_field(), phase_lag=0.0)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"^cache: incremental decoding needs a built-in coupling"):
-        layer(torch.randn(1, 3, 16, dtype=torch.float64), cache=KuramotoCache())
     ring = make_layer(num_oscillators=4, phase_lag=0.0, coupling=GraphCoupling(torch.ones(4, 4)))
     x = torch.randn(1, 3, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"^key_padding_mask: the coupling GraphCoupling.interaction takes no mask"):
