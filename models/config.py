@@ -50,7 +50,8 @@ def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "",
 
     Args:
         cls: a dataclass type; field annotations drive the type checks (``int``, ``float``,
-            ``bool``, ``str``, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, nested dataclasses).
+            ``bool``, ``str``, ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``dict[K, V]``, nested
+            dataclasses).
         values: the mapping (``None`` means empty). Lists become tuples.
         where: dotted prefix used in error messages (``"model"``).
         aliases: other names accepted for a field (``{"n_sync_steps": "steps"}``); giving a
@@ -129,6 +130,11 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if origin is dict:  # keys and values converted by the hint's arguments (Any: as they are)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_hint, value_hint = args or (Any, Any)
+        return {_convert(k, key_hint, path): _convert(v, value_hint, _join(path, str(k))) for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")

@@ -26,16 +26,18 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kuramoto_attn import SOLVERS, KuramotoAttention, KuramotoCache, KuramotoInfo
+from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
+from kuramoto_attn.attention import COUPLINGS
 from kuramoto_attn._checks import check_bool, check_int
 
 from . import sampling
@@ -54,6 +56,18 @@ class GPTConfig:
     (set, they would be ignored: an error). ``d_ff=None`` becomes ``4 * d_model``; an int
     ``phase_layer_idx`` becomes a one-element tuple. ``use_phase_attention`` must agree with
     ``phase_layer_idx`` (true iff it is non-empty): a contradiction is an error, never ignored.
+
+    ``coupling`` is ``"mean_field"``, ``"attention"`` or the import path ``"package.module:Class"`` of a
+    :class:`~kuramoto_attn.Coupling` subclass (your own scheme), which each phase layer builds as
+    ``Class(**coupling_options)`` and gives to :class:`~kuramoto_attn.KuramotoAttention` (the module
+    is imported, so it must be importable wherever the config is read, e.g. a checkpoint loaded).
+    ``coupling_options`` is for such a class only:
+
+    >>> config = GPTConfig(n_layers=2, use_phase_attention=True, phase_layer_idx=1,
+    ...                    coupling="kuramoto_attn:MeanFieldCoupling",
+    ...                    coupling_options={"dim": -2, "causal": True, "harmonics": [1, 2]})
+    >>> GPT(config).blocks[1].attn.coupling
+    MeanFieldCoupling(strength=1.0, phase_lag=0, harmonics=(1, 2), dim=-2, causal=True)
     """
 
     vocab_size: int = 50304
@@ -71,7 +85,8 @@ class GPTConfig:
     steps: int = 10
     dt: float = 0.1
     integrator: str = "euler"  # a key of kuramoto_attn.SOLVERS (solvers registered there count)
-    coupling: Literal["mean_field", "attention"] = "mean_field"
+    coupling: str = "mean_field"  # or "package.module:Class", a kuramoto_attn.Coupling subclass
+    coupling_options: dict[str, Any] | None = None  # keyword arguments of that class
     phase_lag: float = 0.0
     learnable_coupling: bool = True
     phase_noise: float = 0.0
@@ -82,6 +97,25 @@ class GPTConfig:
     coherence_band: tuple[float, ...] | None = None
 
     ALIASES: typing.ClassVar[dict[str, str]] = {"phase_iterations": "steps", "n_sync_steps": "steps"}
+
+    def build_coupling(self) -> str | Coupling:
+        """What a phase layer gets as ``coupling``: the built-in's name, or a new module of the
+        configured class. Raises :class:`ConfigError` naming ``coupling`` or ``coupling_options``."""
+        if self.coupling in COUPLINGS:
+            return self.coupling
+        module_name, sep, name = self.coupling.partition(":")
+        check(bool(sep and module_name and name), "coupling",
+              f"expected one of {', '.join(map(repr, COUPLINGS))} or 'package.module:Class'", self.coupling)
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"coupling: cannot import {self.coupling!r} ({type(err).__name__}: {err})") from None
+        check(isinstance(cls, type) and issubclass(cls, Coupling), "coupling",
+              "must name a kuramoto_attn.Coupling subclass", self.coupling)
+        try:
+            return cls(**(self.coupling_options or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"coupling_options: {cls.__name__}(**coupling_options) failed: {err}") from None
 
     @classmethod
     def from_dict(cls, mapping, where: str = "model") -> GPTConfig:
@@ -108,6 +142,15 @@ class GPTConfig:
             check(0 <= self.coherence_target <= 1, "coherence_target", "must be in [0, 1]",
                   self.coherence_target)
         check(self.integrator in SOLVERS, "integrator", f"must be one of {tuple(SOLVERS)}", self.integrator)
+        if self.coupling in COUPLINGS:
+            check(self.coupling_options is None, "coupling_options",
+                  f"is for a Coupling class given as coupling, not the built-in {self.coupling!r}",
+                  self.coupling_options)
+        else:
+            try:  # the layer's own checks (phase_lag on the module, causality, needed arguments)
+                KuramotoAttention._check_coupling(self.build_coupling(), self.phase_lag, causal=True)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         try:  # which of target, band, weight and mode are read, as the layer checks it
             KuramotoAttention._coherence(self.coherence_target, self.coherence_weight, self.coherence_mode,
                                          self.coherence_band)
@@ -130,9 +173,9 @@ class GPTConfig:
 
 
 #: the options of the phase layers (KuramotoAttention's arguments), unused by a model without them
-PHASE_OPTIONS = ("num_oscillators", "coupling_strength", "steps", "dt", "integrator", "coupling", "phase_lag",
-                 "learnable_coupling", "phase_noise", "freq_jitter", "coherence_target", "coherence_weight",
-                 "coherence_mode", "coherence_band")
+PHASE_OPTIONS = ("num_oscillators", "coupling_strength", "steps", "dt", "integrator", "coupling",
+                 "coupling_options", "phase_lag", "learnable_coupling", "phase_noise", "freq_jitter",
+                 "coherence_target", "coherence_weight", "coherence_mode", "coherence_band")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 
 
@@ -220,7 +263,7 @@ class Block(nn.Module):
             c = config
             self.attn = KuramotoAttention(
                 c.d_model, c.n_heads, num_oscillators=c.num_oscillators, coupling_strength=c.coupling_strength,
-                steps=c.steps, dt=c.dt, integrator=c.integrator, coupling=c.coupling, phase_lag=c.phase_lag,
+                steps=c.steps, dt=c.dt, integrator=c.integrator, coupling=c.build_coupling(), phase_lag=c.phase_lag,
                 learnable_coupling=c.learnable_coupling, phase_noise=c.phase_noise, freq_jitter=c.freq_jitter,
                 dropout=c.dropout, causal=True, bias=c.bias, coherence_target=c.coherence_target,
                 coherence_weight=c.coherence_weight, coherence_mode=c.coherence_mode,

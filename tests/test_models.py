@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kuramoto_attn import KuramotoAttention, KuramotoInfo
+from kuramoto_attn import KuramotoAttention, KuramotoInfo, MeanFieldCoupling
 from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInfo
 from models.config import ConfigError, to_dict
 from models.gpt import CausalSelfAttention
@@ -36,6 +36,9 @@ MODEL_CASES = {
     "gpt": lambda: tiny_gpt(),
     "gpt-mean_field": lambda: phase_gpt("mean_field"),
     "gpt-attention": lambda: phase_gpt("attention", integrator="heun"),
+    # a Coupling class by import path: a causal mean field with a second harmonic and its own lag
+    "gpt-module": lambda: phase_gpt("kuramoto_attn:MeanFieldCoupling", coupling_options=dict(
+        dim=-2, causal=True, harmonics=[1, 2], phase_lag=0.2, strength=0.8)),
     "tpi-vector": lambda: tiny_tpi(),
     "tpi-matrix-decay": lambda: tiny_tpi(state="matrix", num_heads=2, kernel="decay", normalize="sqrt",
                                          query="decoupled", ffn_expansion=0),
@@ -58,6 +61,9 @@ def test_reference_yaml_keys_are_accepted():
     config = GPTConfig.from_dict(REFERENCE_YAML)
     assert config.phase_layer_idx == (2,) and config.steps == 10 and config.d_ff == 512
     assert GPTConfig.from_dict({**REFERENCE_YAML, "phase_layer_idx": 2}) == config  # an int is one layer
+    module = GPTConfig.from_dict({**REFERENCE_YAML, "coupling": "kuramoto_attn:MeanFieldCoupling",
+                                  "coupling_options": {"dim": -2, "causal": True, "harmonics": [1, 3]}})
+    assert GPTConfig.from_dict(to_dict(module)) == module  # as a checkpoint's config is read back
     no_alias = {k: v for k, v in REFERENCE_YAML.items() if k != "phase_iterations"}
     assert GPTConfig.from_dict({**no_alias, "n_sync_steps": 7}).steps == 7
     assert GPTConfig.from_dict(to_dict(config)) == config
@@ -91,6 +97,26 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"use_phase_attention": True}, "model.phase_layer_idx: must name at least one"),
     (GPTConfig, {"phase_layer_idx": [1]}, "model.phase_layer_idx: names phase layers but use_phase_attention"),
     (GPTConfig, {"steps": 3, "phase_iterations": 3}, "model.phase_iterations: given twice"),
+    *[(GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], **values}, message) for values, message in [
+        ({"coupling": "no_such_package_xyz:Ring"},
+         r"model.coupling: cannot import 'no_such_package_xyz:Ring' \(ModuleNotFoundError"),
+        ({"coupling": "kuramoto_attn:RingCoupling"}, r"model.coupling: cannot import .*\(AttributeError"),
+        ({"coupling": "kuramoto_attn:"}, r"model.coupling: expected one of 'mean_field', 'attention' or 'package"),
+        ({"coupling": "torch.nn:Linear"}, "model.coupling: must name a kuramoto_attn.Coupling subclass"),
+        ({"coupling": "kuramoto_attn:order_parameter"}, "model.coupling: must name a kuramoto_attn.Coupling"),
+        ({"coupling": "kuramoto_attn:AttentionCoupling"}, "model.coupling: AttentionCoupling.interaction needs"),
+        ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"dim": -2}},
+         r"model.coupling: MeanFieldCoupling along the tokens \(dim=-2\) with causal=False"),
+        ({"coupling": "kuramoto_attn:MeanFieldCoupling", "phase_lag": 0.3},
+         r"model.phase_lag: with a coupling module, set the lag on the module"),
+        ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"dims": -2}},
+         r"model.coupling_options: MeanFieldCoupling\(\*\*coupling_options\) failed: .*dims"),
+        ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": [-2]},
+         "model.coupling_options: expected a mapping"),
+        ({"coupling_options": {"dim": -2}}, "model.coupling_options: is for a Coupling class given as coupling, not "
+                                            "the built-in 'mean_field'"),
+    ]],
+    (GPTConfig, {"coupling": "kuramoto_attn:MeanFieldCoupling"}, "model.coupling: has no effect without phase layers"),
     (TPILMConfig, {"dim": 128}, "model.dim: unknown key"),
     (TPILMConfig, {"ffn_expansion": -1}, "model.ffn_expansion: must be >= 0"),
     (TPILMConfig, {"kernel": "gauss"}, "model.kernel: expected one of"),
@@ -492,6 +518,16 @@ def test_every_phase_option_reaches_the_phase_layers():
     assert "strength" in dict(attn.named_buffers()) and attn.strength.flatten().tolist() == pytest.approx([-0.7] * 2)
     assert (attn.phase_noise.sigma, attn.freq_jitter.relative, attn.dropout) == (0.02, 0.04, 0.15)
     assert (attn.coherence.target, attn.coherence.weight, attn.coherence.mode) == (0.3, 0.2, "center")
+
+
+def test_a_coupling_class_by_import_path_gives_each_phase_layer_its_own_module():
+    model = MODEL_CASES["gpt-module"]()
+    first, last = model.blocks[0].attn.coupling, model.blocks[2].attn.coupling
+    assert isinstance(first, MeanFieldCoupling) and first is not last
+    assert (first.dim, first.causal, first.harmonics, first.phase_lag, first.strength.item()) == (
+        -2, True, (1, 2), 0.2, pytest.approx(0.8))
+    names = [name for name, _ in model.named_buffers() if "coupling" in name]  # learnable=False: buffers
+    assert names == ["blocks.0.attn.coupling.strength", "blocks.2.attn.coupling.strength"]
 
 
 

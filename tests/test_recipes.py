@@ -1053,6 +1053,45 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
             generate_text(model, tokenizer, prompt)
 
 
+USER_COUPLING = '''
+import torch
+from kuramoto_attn import Coupling
+
+
+class NeighbourCoupling(Coupling):
+    """sin(θ_{k+r} − θ_k − α) between the oscillators of each token (so causal along the tokens)."""
+
+    def __init__(self, reach=1, **kwargs):
+        super().__init__(**kwargs)
+        self.reach = reach
+
+    def interaction(self, theta, mask=None):
+        return torch.sin(theta.roll(-self.reach, -1) - theta - self.phase_lag)
+'''
+
+
+def test_a_run_trains_evaluates_and_generates_with_a_users_coupling_class(tmp_path, corpus_file, monkeypatch):
+    """A researcher's own scheme, named by import path in the YAML (here a module on sys.path)."""
+    (tmp_path / "user_couplings_xyz.py").write_text(USER_COUPLING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    values = apply_overrides(tiny(tmp_path, corpus_file, train={"max_iters": 4}),
+                             ["model.coupling=user_couplings_xyz:NeighbourCoupling",
+                              "model.coupling_options.reach=2", "model.coupling_options.phase_lag=0.1"])
+    train(parse_config(values))
+    model, tokenizer, config, _ = load_run(tmp_path / "run" / "last.pt")
+    coupling = model.blocks[1].attn.coupling
+    assert type(coupling).__name__ == "NeighbourCoupling" and (coupling.reach, coupling.phase_lag) == (2, 0.1)
+    assert config.model["coupling_options"] == {"reach": 2, "phase_lag": 0.1}
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_k=5, num_samples=2, seed=5)
+    assert generate_text(model, tokenizer, "the ", **kwargs) == generate_text(model, tokenizer, "the ",
+                                                                               use_cache=False, **kwargs)
+    monkeypatch.delitem(sys.modules, "user_couplings_xyz")  # a process where it cannot be imported
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"^model.coupling: cannot import 'user_couplings_xyz:NeighbourCoupling' "
+                                          r"\(ModuleNotFoundError"):
+        load_run(tmp_path / "run" / "last.pt")
+
+
 def test_generate_samples_with_the_temperature_top_k_seed_and_count_asked_for(trained):
     from recipes.generate import main
     model, tokenizer, _, _ = load_run(trained)
