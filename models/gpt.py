@@ -147,8 +147,11 @@ class GPTConfig:
                   f"is for a Coupling class given as coupling, not the built-in {self.coupling!r}",
                   self.coupling_options)
         else:
-            try:  # the layer's own checks (phase_lag on the module, causality, needed arguments)
-                KuramotoAttention._check_coupling(self.build_coupling(), self.phase_lag, causal=True)
+            # the layer's own checks (phase_lag on the module, causality, needed arguments) on a module
+            # built for them alone: its initialisation must not use up random numbers of the model's
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    KuramotoAttention._check_coupling(self.build_coupling(), self.phase_lag, causal=True)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         try:  # which of target, band, weight and mode are read, as the layer checks it

@@ -1,13 +1,15 @@
 """models: GPT (PhaseGPT) and TPILM — configs, shapes, causality, losses, caches and generation."""
 
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kuramoto_attn import KuramotoAttention, KuramotoInfo, MeanFieldCoupling
+from kuramoto_attn import Coupling, KuramotoAttention, KuramotoInfo, MeanFieldCoupling
 from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInfo
 from models.config import ConfigError, to_dict
 from models.gpt import CausalSelfAttention
@@ -528,6 +530,35 @@ def test_a_coupling_class_by_import_path_gives_each_phase_layer_its_own_module()
         -2, True, (1, 2), 0.2, pytest.approx(0.8))
     names = [name for name, _ in model.named_buffers() if "coupling" in name]  # learnable=False: buffers
     assert names == ["blocks.0.attn.coupling.strength", "blocks.2.attn.coupling.strength"]
+
+
+class _RandomRing(Coupling):
+    """Random neighbour weights drawn at construction, from torch's global generator."""
+
+    def __init__(self, n=4, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("weights", torch.rand(n))
+
+    def interaction(self, theta, mask=None):
+        return self.weights * torch.sin(theta.roll(1, -1) - theta)
+
+
+def test_checking_a_coupling_class_leaves_the_models_random_numbers_alone(monkeypatch):
+    module = types.ModuleType("random_ring_xyz")
+    module.RandomRing = _RandomRing
+    monkeypatch.setitem(sys.modules, "random_ring_xyz", module)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    config = GPTConfig(vocab_size=VOCAB, max_seq_len=8, n_layers=2, n_heads=2, d_model=16, use_phase_attention=True,
+                       phase_layer_idx=[0, 1], num_oscillators=4, coupling="random_ring_xyz:RandomRing")
+    assert torch.equal(torch.get_rng_state(), state)  # the check built a module: on a forked generator
+    torch.manual_seed(5)
+    model = GPT(config)
+    torch.manual_seed(5)
+    again = GPT(GPTConfig.from_dict(to_dict(config)))
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(model.blocks[0].attn.coupling.weights, model.blocks[1].attn.coupling.weights)
 
 
 
