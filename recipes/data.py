@@ -706,7 +706,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         FileNotFoundError: the corpus file is not found and cannot be downloaded; the message
             says how to supply it (data.path=..., or where to place it).
         ChecksumError: a download (or a file in the cache) does not match its checksum.
-        ValueError: an unknown ``name`` or ``tokenizer``, or a bad ``val_fraction``.
+        ValueError: an unknown ``name`` or ``tokenizer``, or a bad ``val_fraction``; a cache entry
+            whose ``meta.json`` is damaged or records other settings.
     """
     if name not in CORPORA:
         raise ValueError(f"Expected `name` to be one of {sorted(CORPORA)} but got {name!r}")
@@ -736,7 +737,11 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
                              "replaced?); run again once it is complete")
     _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
                  {"settings": settings, "source_sha256": shas})
-    return _load_cached(folder, settings, name, files)
+    corpus = _load_cached(folder, settings, name, files)
+    if corpus is None:  # an entry there already, kept (others may read it), but not this corpus's
+        raise ValueError(f"cache_dir: the corpus cache entry {folder} has a damaged meta.json or one that records "
+                         "other settings; delete the folder and run again")
+    return corpus
 
 
 # ---------------------------------------------------------------------------------------------

@@ -743,3 +743,18 @@ def test_negative_step_and_num_batches_are_refused():
         eval_batches(_data(), 2, 8, -1, seed=0)
     assert list(eval_batches(_data(), 2, 8, 0, seed=0)) == []
 
+
+@pytest.mark.parametrize("damage", ["settings", "json"])
+def test_a_cache_entry_with_a_damaged_meta_json_is_an_error_not_none(tmp_path, text_file, damage):
+    # the entry is kept (another process may be reading it), so this corpus cannot be loaded from it:
+    # prepare_corpus returned None, an AttributeError further on
+    prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    (meta,) = tmp_path.glob("text-char-*/meta.json")
+    recorded = json.loads(meta.read_text())
+    recorded["settings"]["format"] = -1
+    meta.write_text(json.dumps(recorded) if damage == "settings" else meta.read_text()[:-9])
+    with pytest.raises(ValueError, match=r"cache_dir: .*text-char-\w+ has a damaged meta.json.*delete the folder"):
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    meta.unlink()  # an entry without one (cut short) is rebuilt
+    rebuilt = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    assert rebuilt.tokenizer.chars == sorted(set(text_file.read_text()))
