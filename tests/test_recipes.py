@@ -945,6 +945,44 @@ def test_bits_per_char_counts_the_decoded_text_once_whatever_the_windows():
         assert r["bits_per_char"] == pytest.approx((len(tokens) - 1) * math.log2(tokenizer.vocab_size) / chars)
 
 
+def test_evaluate_scores_val_and_test_by_default_where_the_corpus_has_both_and_each_split_once(tmp_path, capsys):
+    # a word-level corpus with its own test split (a small WikiText-2 stand-in): the default is val, then test
+    folder = tmp_path / "wt2"
+    folder.mkdir()
+    lines = " the cat sat on the mat . \n the dog ran @-@ away <unk> . \n"
+    for name, text in (("train.txt", lines * 20), ("valid.txt", lines * 3), ("test.txt", " the mat ran . \n" * 6)):
+        (folder / name).write_text(text)
+    train(parse_config(tiny(tmp_path, folder, data={"name": "wikitext-2", "path": str(folder), "tokenizer": None},
+                            optim={"warmup_iters": 0}, train={"max_iters": 2, "eval_interval": 2})))
+    run = tmp_path / "run"
+    results = evaluate_main([str(run), "--device", "cpu"])
+    assert list(results) == ["val", "test"]
+    assert [k for k in json.loads((run / "evaluation.json").read_text())["best.pt"] if k in results] == ["val", "test"]
+    model, tokenizer, config, _ = load_run(run)
+    corpus = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    for split in ("val", "test"):
+        assert results[split] == pytest.approx(evaluate_split(model, corpus.splits[split], 16, tokenizer), rel=1e-6)
+    assert results["test"]["tokens"] == 6 * 5 - 1 and results["val"]["tokens"] == 3 * 16 - 1
+    capsys.readouterr()
+    again = evaluate_main([str(run), "--splits", "test", "val", "test", "--device", "cpu"])  # each split once
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("val", "test"))]
+    assert list(again) == printed == ["test", "val"] and all(again[s] == pytest.approx(results[s]) for s in results)
+
+
+def test_perplexity_of_a_hopeless_model_is_capped_not_an_overflow():
+    # a diverged model's loss in the thousands: exp(loss) overflows a float; the bits stay exact
+    from recipes.data import CharTokenizer
+    tokenizer = CharTokenizer.from_text("ab")
+    tokens = np.array([0, 1] * 20)
+
+    def sure_of_the_wrong_token(idx):  # predicts its input again with logit 1e4; the next token is the other
+        return 1e4 * torch.nn.functional.one_hot(idx, 2).float(), None
+
+    r = evaluate_split(sure_of_the_wrong_token, tokens, 8, tokenizer)
+    assert r["loss"] == pytest.approx(1e4) and r["ppl"] == pytest.approx(math.exp(50.0))
+    assert r["bits_per_token"] == r["bits_per_char"] == pytest.approx(1e4 / math.log(2))
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["sha256", "before-sha256"])
 @pytest.mark.parametrize("recipe", ["evaluate", "interpret"])
 def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe,
