@@ -1,0 +1,77 @@
+"""recipes/plots.py: the curves handed to matplotlib, read back from the figures (not only that a PNG exists)."""
+
+from __future__ import annotations
+
+import pytest
+
+from recipes import plots
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the plot functions build, in order, kept open (they close each one after saving it)."""
+    plt = plots._pyplot()
+    close, kept = plt.close, []
+    monkeypatch.setattr(plt, "close", kept.append)
+    yield kept
+    for fig in kept:
+        close(fig)
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+HISTORY = [  # as recipes.train logs it: train losses every log_interval, evaluations with R per head and per layer
+    {"step": 1, "train_loss": 3.0},
+    {"step": 2, "train_loss": 2.5},
+    {"step": 2, "val_loss": 2.7, "val_ppl": 14.9, "val_R/layer10/head0": 0.9, "val_R/layer2": 0.3,
+     "val_R/layer2/head10": 0.6, "val_R/layer2/head0": 0.2, "val_R/layer2/head1": 0.4},
+    {"step": 3, "train_loss": 2.0},
+    {"step": 4, "val_loss": 2.2, "val_ppl": 9.0, "val_R/layer10/head0": 0.8, "val_R/layer2": 0.4,
+     "val_R/layer2/head10": 0.7, "val_R/layer2/head0": 0.25, "val_R/layer2/head1": 0.5},
+]
+
+
+def test_loss_plot_has_the_train_and_validation_losses_over_steps(tmp_path, figures):
+    written = plots.plot_history(HISTORY, tmp_path)
+    assert written == [tmp_path / "loss.png", tmp_path / "R.png"] and all(p.is_file() for p in written)
+    ax = figures[0].axes[0]
+    assert _lines(ax) == {"train": ([1, 2, 3], [3.0, 2.5, 2.0]), "validation": ([2, 4], [2.7, 2.2])}
+    assert ax.get_xlabel() == "step" and "nats/token" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+
+
+def test_R_plot_has_one_panel_per_phase_layer_and_one_line_per_head(tmp_path, figures):
+    plots.plot_history(HISTORY, tmp_path)
+    fig = figures[1]
+    assert [ax.get_title() for ax in fig.axes] == ["layer 2", "layer 10"]  # by layer number, not as text
+    layer2, layer10 = fig.axes
+    # the heads in number order, whatever the order logged; the layer's mean (val_R/layer2) is no line of its own
+    assert list(_lines(layer2)) == ["head 0", "head 1", "head 10"]
+    assert _lines(layer2) == {"head 0": ([2, 4], [0.2, 0.25]), "head 1": ([2, 4], [0.4, 0.5]),
+                              "head 10": ([2, 4], [0.6, 0.7])}
+    assert _lines(layer10) == {"head 0": ([2, 4], [0.9, 0.8])}
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "R"
+        assert ax.get_ylim() == pytest.approx((0, 1.02))  # R in [0, 1]: panels comparable at a glance
+
+
+def test_a_model_without_phase_layers_gets_no_R_plot(tmp_path, figures):
+    history = [{k: v for k, v in h.items() if not k.startswith("val_R")} for h in HISTORY]
+    assert plots.plot_history(history, tmp_path) == [tmp_path / "loss.png"]
+    assert len(figures) == 1 and not (tmp_path / "R.png").exists()
+
+
+def test_plot_R_curves_draws_each_panel_and_line_it_is_given(tmp_path, figures):
+    # as recipes.interpret hands it R over token positions, for two layers of four heads
+    curves = {f"layer {layer}": {f"head {h}": [(t, (layer + h + t) / 20) for t in range(5)] for h in range(4)}
+              for layer in (0, 2)}
+    assert plots.plot_R_curves(curves, tmp_path / "R_tokens.png", xlabel="token position t", title="R") == \
+        tmp_path / "R_tokens.png"
+    (fig,) = figures
+    assert fig.get_suptitle() == "R" and [ax.get_title() for ax in fig.axes] == ["layer 0", "layer 2"]
+    for ax, (panel, lines) in zip(fig.axes, curves.items()):
+        assert _lines(ax) == {label: ([t for t, _ in points], [r for _, r in points])
+                              for label, points in lines.items()}
+        assert ax.get_xlabel() == "token position t"
