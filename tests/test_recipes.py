@@ -391,6 +391,28 @@ def test_logs_every_log_interval_and_evaluates_every_eval_interval_and_at_the_en
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [3, 6, 7]
 
 
+def _bar_frames(err: str) -> list[tuple[int, int, str | None]]:
+    """(count, total, loss shown) of each frame tqdm wrote to stderr."""
+    frames = re.findall(r"\| *(\d+)/(\d+) \[[^\]]*?(?:loss=(\d+\.\d{4}))?\]", err)
+    return [(int(n), int(total), loss or None) for n, total, loss in frames]
+
+
+def test_the_progress_bar_counts_updates_to_max_iters_shows_the_logged_loss_and_resumes_where_it_was(
+        tmp_path, corpus_file, capsys):
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2, "log_interval": 2,
+                                                "progress_bar": True})
+    train(parse_config(values))
+    losses = {step: f"{loss:.4f}" for step, loss in zip(range(2, 7, 2), logged(tmp_path / "run", "train_loss"))}
+    frames = _bar_frames(capsys.readouterr().err)
+    assert frames[0] == (0, 4, None) and frames[-1] == (4, 4, losses[4])
+    assert {n for n, _, _ in frames} <= set(range(5))
+    assert {loss for _, _, loss in frames} <= {None, losses[2], losses[4]}
+    train(parse_config(apply_overrides(values, ["train.max_iters=6"])), resume=True)  # from step 4 on
+    losses = {step: f"{loss:.4f}" for step, loss in zip(range(2, 7, 2), logged(tmp_path / "run", "train_loss"))}
+    frames = _bar_frames(capsys.readouterr().err)
+    assert frames[0] == (4, 6, None) and frames[-1] == (6, 6, losses[6])
+
+
 def test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved(tmp_path, corpus_file, monkeypatch):
     # 16-mixed on CPU, starting from a loss scale that overflows: the scaler skips those updates
     # (not a divergence) and halves its scale; the scale is saved and restored by --resume
