@@ -758,3 +758,12 @@ def test_a_cache_entry_with_a_damaged_meta_json_is_an_error_not_none(tmp_path, t
     meta.unlink()  # an entry without one (cut short) is rebuilt
     rebuilt = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     assert rebuilt.tokenizer.chars == sorted(set(text_file.read_text()))
+
+
+@given(st.text(alphabet="ab\n", max_size=300), st.integers(1, 40))
+def test_bpe_training_chunks_are_the_text_cut_after_a_newline_near_every_size_characters(text, size):
+    # BPE learns no merge across a chunk boundary: the cuts fall just after a "\n", every ~size characters
+    chunks = list(data._chunks(text, size))
+    assert "".join(chunks) == text and all(chunks)
+    for chunk in chunks[:-1]:
+        assert chunk.endswith("\n") and len(chunk) > size and "\n" not in chunk[size:-1]
