@@ -590,7 +590,7 @@ class KuramotoAttention(nn.Module):
         # one state per (step, stage): another integrator or step count has other keys
         keys = {(step, stage) for step in range(self.steps) for stage in range(self._stages)}
         # the mean field keeps sums (a tuple); attention [cos θ, sin θ] (2n wide); a module θ (n wide)
-        mean_field = isinstance(self.coupling, str) and self.coupling == "mean_field"
+        mean_field = self.coupling == "mean_field"
         width = 2 * self.num_oscillators if self.coupling == "attention" else self.num_oscillators
         if set(cache.field_state) != keys or any(
                 isinstance(state, tuple) != mean_field or (not mean_field and state.shape[-1] != width)
