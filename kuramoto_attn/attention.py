@@ -595,8 +595,7 @@ class KuramotoAttention(nn.Module):
         if set(cache.field_state) != keys or any(
                 isinstance(state, tuple) != mean_field or (not mean_field and state.shape[-1] != width)
                 for state in cache.field_state.values()):
-            coupling = repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
-            raise ValueError(f"cache: holds no phase state for this layer's {coupling} coupling "
+            raise ValueError(f"cache: holds no phase state for this layer's {self._coupling_name} coupling "
                              f"with {self.integrator!r} over {self.steps} steps (a cache of another layer?)")
         return cache.length
 
@@ -613,11 +612,15 @@ class KuramotoAttention(nn.Module):
         cache.valid = None if valid is None else valid.detach()
         cache.field_state = {key: _detach(value) for key, value in state.items()}
 
+    @property
+    def _coupling_name(self) -> str:
+        """The built-in coupling's name quoted, or the coupling module's class (for messages)."""
+        return repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
+
     def extra_repr(self) -> str:
-        coupling = repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, "
                 f"num_oscillators={self.num_oscillators}, steps={self.steps}, dt={self.dt}, "
-                f"integrator={self.integrator!r}, coupling={coupling}, "
+                f"integrator={self.integrator!r}, coupling={self._coupling_name}, "
                 f"phase_lag={self.phase_lag}, causal={self.causal}")
 
 
