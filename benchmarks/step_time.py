@@ -3,7 +3,8 @@
 One step = forward with targets, ``loss.backward()``, ``AdamW.step()`` and ``zero_grad``; random
 tokens, fp32, dropout 0 (as in the baseline config of the PhaseGPT study: 4 layers, 4 heads,
 d_model 128, context 64, batch 12, vocab 65). Variants: the baseline; Kuramoto attention in layer 2
-(N = 32, 10 Euler steps, K = 1) with mean-field coupling; the same with attention coupling.
+(N = 32, K = 1, ``--steps`` Euler steps: 5 as in the Phase A presets) with mean-field coupling; the
+same with attention coupling.
 Median (and min) ms per step over ``--iters`` interleaved rounds after ``--warmup`` untimed ones, and
 the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operators for one variant instead.
 
@@ -13,7 +14,7 @@ first step, which compiles, is part of ``--warmup``), compared with the eager ba
 compiled (``benchmarks/_compiled_euler.py``, a prototype), after checking it against the
 library's path in float64.
 
-Run:  python benchmarks/step_time.py [--threads 2] [--iters 50] [--warmup 10] [--device cpu|cuda]
+Run:  python benchmarks/step_time.py [--threads 2] [--iters 50] [--warmup 10] [--device cpu|cuda] [--steps 5]
                                      [--variants baseline mean_field attention] [--compile]
                                      [--profile baseline|mean_field|attention] [--compiled-kernels]
 """
@@ -32,7 +33,7 @@ from kuramoto_attn._euler_mean_field import euler_mean_field  # noqa: E402
 from models import GPT, GPTConfig  # noqa: E402
 
 BASE = dict(vocab_size=65, max_seq_len=64, n_layers=4, n_heads=4, d_model=128, dropout=0.0)
-PHASE = dict(use_phase_attention=True, phase_layer_idx=(2,), num_oscillators=32, steps=10,
+PHASE = dict(use_phase_attention=True, phase_layer_idx=(2,), num_oscillators=32, steps=5,
              coupling_strength=1.0)
 VARIANTS = {
     "baseline": BASE,
@@ -97,6 +98,7 @@ def main():
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=PHASE["steps"], help="Euler steps of the phase layer")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")
@@ -105,9 +107,11 @@ def main():
                         help="also time the mean-field variant with its integration's step math compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    for name in ("mean_field", "attention"):
+        VARIANTS[name] = {**VARIANTS[name], "steps": args.steps}
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, median of {args.iters} steps after {args.warmup}")
+          f"batch {args.batch}, phase layer {args.steps} Euler steps, median of {args.iters} steps after {args.warmup}")
 
     if args.profile:
         step = make_step(VARIANTS[args.profile], device, args.batch)

@@ -25,7 +25,7 @@ from models import GPT, GPTConfig
 from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
-from recipes.config import apply_overrides, load_config, parse_config, parse_saved_config
+from recipes.config import apply_overrides, load_config, model_config, parse_config, parse_saved_config
 from recipes.data import prepare_corpus
 from recipes.evaluate import evaluate_split
 from recipes.evaluate import main as evaluate_main
@@ -214,6 +214,17 @@ def test_every_shipped_config_is_valid(path):
     config = load_config(path)
     if path.name != "base.yaml":
         assert config.name != "run", "every run config names its run"
+
+
+def test_phase_configs_integrate_as_the_reference_configs_say():
+    # the reference's Phase A files say n_sync_steps: 5 (its trainer ignored the key and ran 10);
+    # its Phase B files say phase_iterations: 10; dt 0.1 in both
+    configs = ROOT / "recipes" / "configs"
+    for pattern, steps in (("phase_a/**/*.yaml", 5), ("phase_b/**/*.yaml", 10)):
+        phase = [load_config(p).model for p in sorted(configs.glob(pattern)) if p.name != "sweep.yaml"]
+        phase = [m for m in phase if m.get("use_phase_attention")]
+        assert len(phase) >= 6
+        assert all(model_config(m).steps == steps and model_config(m).dt == 0.1 for m in phase)
 
 
 def test_learning_rate_schedule():
