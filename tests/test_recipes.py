@@ -224,7 +224,7 @@ def test_phase_configs_integrate_as_the_reference_configs_say():
         phase = [load_config(p).model for p in sorted(configs.glob(pattern)) if p.name != "sweep.yaml"]
         phase = [m for m in phase if m.get("use_phase_attention")]
         assert len(phase) >= 6
-        assert all(model_config(m).steps == steps and model_config(m).dt == 0.1 for m in phase)
+        assert all((c.steps, c.dt) == (steps, 0.1) for c in map(model_config, phase))
 
 
 def test_learning_rate_schedule():
