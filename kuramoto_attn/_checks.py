@@ -34,11 +34,11 @@ def check_tensor(name: str, value: Any, *, floating: bool = True) -> Tensor:
     return value
 
 
-def check_device(name: str, x: Tensor, tensor: Tensor, owner: str = "module") -> None:
+def check_device(name: str, x: Tensor, tensor: Tensor, owner: str = "the module") -> None:
     """``x`` must be on the device of the ``owner``'s ``tensor`` (their arithmetic would fail with a bare
     device error), unless that is a CPU 0-d tensor (e.g. a scalar strength), which combines with any."""
     if x.device != tensor.device and not (tensor.dim() == 0 and tensor.device.type == "cpu"):
-        raise ValueError(f"{name}: expected a tensor on the {owner}'s device {tensor.device} but got {x.device}")
+        raise ValueError(f"{name}: expected a tensor on {owner}'s device {tensor.device} but got {x.device}")
 
 
 def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
@@ -57,12 +57,15 @@ def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
         raise ValueError(f"{name}: expected the module's dtype {dtype} (or torch.autocast) but got {x.dtype}")
 
 
-def check_mask(name: str, mask: Any, shape: torch.Size) -> Tensor:
-    """A boolean mask (True = valid) that broadcasts to ``shape``."""
+def check_mask(name: str, mask: Any, like: Tensor) -> Tensor:
+    """A boolean mask (True = valid) on ``like``'s device that broadcasts to its shape."""
+    shape = like.shape
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or not broadcasts_to(mask.shape, shape):
         got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
         raise ValueError(f"{name}: expected a boolean tensor (True = valid) broadcasting to "
                          f"{tuple(shape)} but got {got}")
+    if mask.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on theta's device {like.device} but got {mask.device}")
     return mask
 
 

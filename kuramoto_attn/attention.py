@@ -342,7 +342,7 @@ class KuramotoAttention(nn.Module):
         """
         b, t = self._check_input(x)
         valid = self._check_mask(key_padding_mask, b, t, x.device)
-        past = self._check_cache(cache, b)
+        past = self._check_cache(cache, b, x.device)
         return_info = check_bool("return_info", return_info)
         h, n, d = self.num_heads, self.num_oscillators, self.head_dim
         # (b, t, 3 * h * d) -> 3 × (b, t, h, d) views: SDPA then returns (b, t, h, e) memory, so the
@@ -576,7 +576,7 @@ class KuramotoAttention(nn.Module):
                              f"(True = valid) but got {got}")
         return mask
 
-    def _check_cache(self, cache: KuramotoCache | None, b: int) -> int:
+    def _check_cache(self, cache: KuramotoCache | None, b: int, device: torch.device) -> int:
         if cache is None:
             return 0
         if not isinstance(cache, KuramotoCache):
@@ -585,6 +585,8 @@ class KuramotoAttention(nn.Module):
             raise ValueError("cache: incremental decoding needs a causal layer (causal=True)")
         if cache.keys is None:
             return 0
+        if cache.keys.device != device:
+            raise ValueError(f"cache: holds tensors on {cache.keys.device} but the input is on {device}")
         e = self.head_dim + 2 * self.num_oscillators
         if cache.keys.shape[0] != b or cache.keys.shape[1] != self.num_heads or cache.keys.shape[-1] != e:
             raise ValueError(f"cache: holds keys of shape {tuple(cache.keys.shape)}, which does not fit "

@@ -18,7 +18,6 @@ To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.intera
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -98,7 +97,7 @@ class Coupling(nn.Module):
         """
         check_tensor("theta", theta)
         for tensor in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
-            check_device("theta", theta, tensor, owner="coupling")
+            check_device("theta", theta, tensor, owner="the coupling")
         check_broadcasts("strength", self.strength.shape, theta.shape)
         term = self.interaction(theta, *args, **kwargs)
         # a wrong shape that broadcasts (e.g. a mean kept as (*, 1)) would pass silently in ω + term
@@ -109,7 +108,10 @@ class Coupling(nn.Module):
         return self.strength.to(theta.dtype) * term
 
     def extra_repr(self) -> str:
-        strength = self.strength.item() if self.strength.numel() == 1 else tuple(self.strength.shape)
+        if self.strength.device.type == "meta":  # deferred initialisation: no value to print yet
+            strength = f"<meta {tuple(self.strength.shape)}>"
+        else:
+            strength = self.strength.item() if self.strength.numel() == 1 else tuple(self.strength.shape)
         return f"strength={strength}, phase_lag={self.phase_lag:.4g}"
 
 
@@ -151,7 +153,7 @@ class MeanFieldCoupling(Coupling):
                  harmonics: Sequence[int] = (1,), dim: int = -1, causal: bool = False,
                  learnable: bool = False) -> None:
         super().__init__(strength, phase_lag, learnable)
-        if isinstance(harmonics, numbers.Integral) or len(harmonics) == 0:
+        if not isinstance(harmonics, Sequence) or isinstance(harmonics, str) or len(harmonics) == 0:
             raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
         self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
         self.dim = check_axis("dim", dim)
@@ -170,7 +172,7 @@ class MeanFieldCoupling(Coupling):
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         weight = None
         if mask is not None:
-            mask = check_mask("mask", mask, theta.shape)
+            mask = check_mask("mask", mask, theta)
             weight = mask.to(theta.dtype)
             theta = torch.where(mask, theta, 0.0)  # whatever padding holds (even NaN) never reaches the sums
         count = _count(theta, weight, dim, self.causal)
@@ -240,6 +242,7 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
     """
     check_tensor("theta", theta)
     check_tensor("weights", weights)
+    check_device("weights", weights, theta, owner="theta")
     phase_lag = check_real("phase_lag", phase_lag)  # a tensor would be detached by math.cos
     dim = check_axis("dim", dim, ndim=theta.dim())
     n = theta.shape[dim]

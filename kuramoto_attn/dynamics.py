@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_broadcasts, check_tensor, is_finite
+from ._checks import check_broadcasts, check_device, check_tensor, is_finite
 
 __all__ = ["KuramotoField", "wrap_phase"]
 
@@ -107,6 +107,7 @@ class KuramotoField(nn.Module):
         ``kwargs`` go to the coupling (e.g. a mask or per-call weights)."""
         check_tensor("theta", theta)
         check_broadcasts("omega", self.omega.shape, theta.shape)
+        check_device("theta", theta, self.omega, owner="the field")
         omega = self.omega.to(theta.dtype).expand_as(theta)
         if self.coupling is None:
             if args or kwargs:

@@ -679,11 +679,13 @@ class HolographicPhaseMemory(nn.Module):
             if got is not None and got.device != x.device:
                 raise ValueError(f"state: expected {field} on {x.device} (the input's) but got {got.device}")
         if len(state.buffer) != len(expected.buffer) or any(
-                got.shape != want.shape or got.device != x.device
+                not torch.is_tensor(got) or got.shape != want.shape or got.dtype != want.dtype or got.device != x.device
                 for got, want in zip(state.buffer, expected.buffer)):
-            raise ValueError(f"state: expected a window buffer of shapes "
-                             f"{[tuple(w.shape) for w in expected.buffer]} on {x.device} but got "
-                             f"{[tuple(g.shape) for g in state.buffer]} on {[str(g.device) for g in state.buffer]}")
+            wanted = [f"{tuple(w.shape)} {w.dtype}" for w in expected.buffer]
+            got = [f"{tuple(g.shape)} {g.dtype} on {g.device}" if torch.is_tensor(g) else type(g).__name__
+                   for g in state.buffer]
+            raise ValueError(f"state: expected a window buffer of {wanted} on {x.device} but got {got}")
+        check_int("state.position", state.position, low=0)
 
 
 class TPIBlock(nn.Module):

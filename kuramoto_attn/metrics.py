@@ -32,7 +32,7 @@ def _order_parameter_update(theta: Tensor, dim: int, group_dim: int | None, num_
     R = R.detach().to(torch.float64)
     valid = torch.ones_like(R, dtype=torch.bool)
     if mask is not None:
-        valid = check_mask("mask", mask, R.shape).expand_as(R)  # R: theta's shape, dim -> 1
+        valid = check_mask("mask", mask, R).expand_as(R)  # R: theta's shape, dim -> 1
     if group_dim is None:
         R, valid = R.reshape(1, -1), valid.reshape(1, -1)
     else:

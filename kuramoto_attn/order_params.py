@@ -13,10 +13,12 @@ Computed with real arithmetic (cos/sin sums), so it works under autocast and ``t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._checks import check_axis, check_bool, check_broadcasts, check_int, check_tensor
+from ._checks import check_axis, check_bool, check_broadcasts, check_device, check_int, check_tensor
 
 __all__ = ["daido_order_parameter", "order_parameter"]
 
@@ -57,6 +59,9 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)
     else:
         check_tensor("weights", weights, floating=False)
+        if weights.is_complex():  # a cast to real would drop the imaginary part
+            raise ValueError(f"weights: expected real non-negative values but got dtype {weights.dtype}")
+        check_device("weights", weights, theta, owner="theta")
         check_broadcasts("weights", weights.shape, theta.shape)
         weights = weights.to(theta.dtype)
         if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
@@ -68,7 +73,9 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total
     # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1
     R = torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin)), dim=0).clamp(max=1.0)
-    return R, torch.atan2(mean_sin, mean_cos)
+    psi = torch.atan2(mean_sin, mean_cos)
+    # atan2 gives -π for a mean sine of -0 (e.g. θ = -π); the documented range is (-π, π]
+    return R, torch.where(psi == -math.pi, math.pi, psi)
 
 
 def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor | None = None,

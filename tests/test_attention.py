@@ -632,6 +632,8 @@ def test_bad_forward_arguments():
             cache_layer("module", dtype=torch.float32)(x[:, :1], cache=attention)
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, causal=False)(x, cache=KuramotoCache())
+        with pytest.raises(ValueError, match="^cache: holds tensors on cpu but the input is on meta"):
+            make_layer(dtype=torch.float32).to("meta")(x[:, :1].to("meta"), cache=cache)
         with pytest.raises(ValueError, match="^cache: holds keys of dtype torch.float32 but this call computes "
                                              "torch.float64"):  # torch.cat would have promoted the past
             make_layer(dtype=torch.float64)(x[:, :1].double(), cache=cache)

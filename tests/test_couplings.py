@@ -288,6 +288,13 @@ def test_couplings_and_field_build_on_the_meta_device():
         modules = [MeanFieldCoupling(1.5), GraphCoupling(torch.ones(3, 3)), AttentionCoupling(learnable=True),
                    KuramotoField(torch.zeros(3), MeanFieldCoupling())]
     assert all(t.device.type == "meta" for m in modules for t in [*m.parameters(), *m.buffers()])
+    assert "strength=<meta ()>" in repr(modules[0])  # printing reads no value either
+
+
+@pytest.mark.parametrize("harmonics", [1, 1.0, None, "12", (), {1: 1}])
+def test_bad_harmonics_name_the_argument(harmonics):
+    with pytest.raises(ValueError, match="^harmonics: expected a non-empty sequence of integers"):
+        MeanFieldCoupling(harmonics=harmonics)
 
 
 def test_numpy_bools_are_accepted_as_flags():
@@ -312,6 +319,12 @@ def test_numpy_bools_are_accepted_as_flags():
     (lambda th: MeanFieldCoupling(torch.ones(4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
     # a 0-d strength combines with θ on any device only from the CPU (one moved to a GPU does not)
     (lambda th: MeanFieldCoupling(2.0).to("meta")(th), "^theta: expected a tensor on the coupling's device meta"),
+    # per-call masks and weights on another device than θ: was a bare device error
+    (lambda th: MeanFieldCoupling()(th.to("meta"), mask=torch.ones(4, dtype=torch.bool)),
+     "^mask: expected a tensor on theta's device meta but got cpu"),
+    (lambda th: AttentionCoupling(dim=-1)(th.to("meta"), torch.ones(4, 4)),
+     "^weights: expected a tensor on theta's device meta but got cpu"),
+    (lambda th: KuramotoField(torch.zeros(4))(th.to("meta")), "^theta: expected a tensor on the field's device cpu"),
 ])
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

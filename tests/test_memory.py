@@ -585,6 +585,13 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         memory(torch.zeros(2, 5, 4), memory.init_state(2, dtype=torch.float64))  # float64 state
     with pytest.raises(ValueError, match="^state: expected phase on cpu"):
         memory(torch.zeros(2, 5, 4), memory.init_state(2, device="meta"))
+    for position in (-5, 1.5, None):  # a negative position was taken as is; a float failed as an IndexError
+        with pytest.raises(ValueError, match="^state.position: expected an integer"):
+            memory(torch.zeros(2, 5, 4), memory.init_state(2)._replace(position=position))
+    window = HolographicPhaseMemory(4, kernel="window", window=3)
+    state = window.init_state(2)
+    with pytest.raises(ValueError, match="^state: expected a window buffer"):  # was a bare matmul dtype error
+        window.step(torch.zeros(2, 4), state._replace(buffer=tuple(b.double() for b in state.buffer)))
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
     with pytest.raises(ValueError, match="^device: expected a torch.device"):

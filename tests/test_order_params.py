@@ -27,6 +27,7 @@ def test_matches_the_complex_mean_and_lies_in_the_unit_interval(values):
     R, psi = order_parameter(torch.tensor(values, dtype=f64))
     R_ref, psi_ref = naive_order_parameter(values)
     assert 0.0 <= R.item() <= 1.0
+    assert -math.pi < psi.item() <= math.pi  # the documented range
     assert R.item() == pytest.approx(R_ref, abs=1e-12)
     if R_ref > 1e-6:  # ψ is undefined at R = 0
         assert math.cos(psi.item() - psi_ref) == pytest.approx(1.0, abs=1e-9)
@@ -50,6 +51,14 @@ def test_identical_phases_give_one(value, n):
     R, psi = order_parameter(torch.full((n,), value, dtype=f64))
     assert R.item() == pytest.approx(1.0, abs=1e-12)
     assert math.cos(psi.item() - value) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_psi_at_the_branch_cut_is_pi_not_minus_pi(dtype):
+    # atan2(-0, -1) = -π: a mean sine of -0 (θ = -π, or -π and π mixed) gave ψ = -π, outside (-π, π]
+    for values in ([-math.pi], [-math.pi, math.pi], [-math.pi, -math.pi]):
+        _, psi = order_parameter(torch.tensor(values, dtype=dtype))
+        assert psi.item() == pytest.approx(math.pi)
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 64])
@@ -174,6 +183,10 @@ def test_gradients_are_finite_even_at_zero_coherence():
     (lambda: order_parameter(torch.empty(3, 0), weights=torch.ones(3, 0)), "^theta: expected at least one"),
     (lambda: daido_order_parameter(torch.empty(2, 0), m=2), "^theta: expected at least one oscillator"),
     (lambda: order_parameter(torch.zeros(2, 3), keepdim=1), "^keepdim: expected True or False"),
+    # a cast to real would drop the imaginary part of the weights
+    (lambda: order_parameter(torch.zeros(3), weights=torch.tensor([1j, 1, 1])), "^weights: expected real"),
+    (lambda: order_parameter(torch.zeros(3, device="meta"), weights=torch.ones(3)),
+     "^weights: expected a tensor on theta's device meta but got cpu"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
