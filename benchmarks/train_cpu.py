@@ -44,6 +44,8 @@ from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from recipes.config import override  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 LAYERS, HEADS, WIDTH, CONTEXT, BATCH = 4, 4, 128, 64, 12
 
@@ -217,8 +219,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; "
           f"{args.iters} iterations on {args.data}, seeds {args.seeds}\n")
-    common = [f"train.max_iters={args.iters}", "data.name=tiny-shakespeare", f"data.path={args.data}",
-              f"data.cache_dir={out}/cache", "train.progress_bar=false"]
+    common = [f"train.max_iters={args.iters}", "data.name=tiny-shakespeare", override("data.path", args.data),
+              override("data.cache_dir", out / "cache"), "train.progress_bar=false"]
     kinds = {"nanogpt-loop": None, "baseline": "baseline", "winner": "layer7_32osc_K1"}
     rows = []
     for seed in args.seeds:
@@ -230,7 +232,7 @@ def main() -> None:
             else:
                 path = out / f"{preset}_seed{seed}"
                 cmd = [sys.executable, "-m", "recipes.train", "--config", f"recipes/configs/phase_a/cpu/{preset}.yaml",
-                       *common, f"seed={seed}", f"out_dir={path}", "--overwrite"]  # a fresh run each time
+                       *common, f"seed={seed}", override("out_dir", path), "--overwrite"]  # a fresh run each time
             estimate, wall, stdout = run(cmd, args.threads)
             fastest = fastest_interval_ms(kind, path, stdout)
             rows.append({"kind": kind, "seed": seed, "val_estimate": estimate, "wall_s": wall,

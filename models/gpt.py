@@ -112,6 +112,9 @@ class GPTConfig:
             raise ConfigError(f"coupling: cannot import {self.coupling!r} ({type(err).__name__}: {err})") from None
         check(isinstance(cls, type) and issubclass(cls, Coupling), "coupling",
               "must name a kuramoto_attn.Coupling subclass", self.coupling)
+        # the base class itself builds, and then fails in the first training step
+        check(cls.interaction is not Coupling.interaction, "coupling",
+              "must name a Coupling subclass that implements interaction(theta, ...)", self.coupling)
         try:
             return cls(**(self.coupling_options or {}))
         except (TypeError, ValueError) as err:

@@ -80,12 +80,17 @@ def make_fabric(config: FabricConfig, loggers=None):
         from lightning_fabric.strategies import FSDPStrategy
         strategy = FSDPStrategy(state_dict_type="full")
     try:
-        return Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                      strategy=strategy, precision=precision, loggers=loggers)
+        fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                        strategy=strategy, precision=precision, loggers=loggers)
     # e.g. no GPU for "gpu"; ImportError: a strategy or accelerator whose package is not installed (deepspeed, tpu)
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:
         settings = ", ".join(f"fabric.{k}={v}" for k, v in vars(config).items())
         raise ValueError(f"fabric: {err} ({settings})") from err
+    # Fabric swaps fp16 AMP on a CPU for bf16 with a warning only: the run would not be what its config says
+    if str(precision) in ("16", "16-mixed") and fabric._precision.precision != "16-mixed":
+        raise ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on "
+                         f"{fabric.device.type} use bf16-mixed or 32-true")
+    return fabric
 
 
 def build_model(model_section: dict, vocab_size: int) -> nn.Module:

@@ -21,6 +21,7 @@ Overrides are ``section.key=value`` strings whose value is parsed as YAML
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig", "load_config", "parse_config",
-           "parse_saved_config", "load_yaml", "apply_overrides", "split_overrides", "model_config", "changed_keys"]
+           "parse_saved_config", "load_yaml", "apply_overrides", "override", "split_overrides", "model_config",
+           "changed_keys", "changed_settings"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def override(key: str, value: Any) -> str:
+    """A ``key=value`` override that :func:`apply_overrides` reads back as ``value`` exactly: strings
+    (paths, names) are quoted, so that ``#`` (a YAML comment), ``: `` or a name such as ``1`` or
+    ``yes`` keep their meaning."""
+    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+
+
 _OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # section.key=value
 
 
@@ -307,6 +316,26 @@ DISPLAY_KEYS = ("train.log_interval", "train.progress_bar", "train.plots")
 #: settings that change only how the global batch is computed (on how many devices, in how many
 #: micro-batches), not which batches or what is learned from them
 DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum")
+
+
+def changed_settings(saved: dict, wanted: dict) -> list[str]:
+    """:func:`changed_keys` between two whole run configs (``RunConfig.to_dict()``), with each
+    ``model`` section compared as the model sees it: defaults filled in and aliases resolved (the
+    other sections are dataclasses, filled in already), so ``bias: true`` spelled out, or
+    ``n_sync_steps`` for ``steps``, is no change."""
+    given = set()  # model keys either config sets (by their canonical names)
+
+    def full(values: dict) -> dict:
+        model = values.get("model")
+        if not isinstance(model, dict):
+            return values
+        config = model_config(model)
+        aliases = getattr(config, "ALIASES", {})
+        given.update(f"model.{aliases.get(key, key)}" for key in model)
+        return {**values, "model": {"type": model.get("type", "gpt"), **to_dict(config)}}
+    changed = changed_keys(full(saved), full(wanted))
+    # a key neither sets follows from those they set (d_ff from d_model): those are the change
+    return [key for key in changed if not key.startswith("model.") or key in given]
 
 
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

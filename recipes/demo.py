@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name, ok, rule in (("--oscillators", args.oscillators >= 1, "at least 1"),
+                           ("--strength", True, "a number"),
                            ("--gamma", args.gamma >= 0, ">= 0"), ("--dt", args.dt > 0, "> 0"),
-                           ("--time", args.time >= args.dt, "at least one step (>= --dt)")):
+                           ("--time", args.time >= args.dt, "at least one step (>= --dt)"),
+                           ("--seed", 0 <= args.seed < 2**63, "in [0, 2**63)")):
         if not ok or not math.isfinite(getattr(args, name[2:])):
             parser.error(f"{name}: must be {rule} and finite, got {getattr(args, name[2:])}")
 

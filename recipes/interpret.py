@@ -4,9 +4,12 @@
 
 For every phase layer and head: mean / std / min / max of R (each R taken over one token's N
 oscillators of that head — angles are never averaged across heads), printed as a table next to
-the value random phases would give, and saved to ``interpret.json``. Two plots, a panel per phase
-layer and a line per head: ``R_tokens.png`` (R against the token position, averaged over the batch)
-and ``R_steps.png`` (R after each integration step).
+the value random phases would give, and saved to ``interpret.json`` (with the checkpoint, its step
+and the windows read). Two plots, a panel per phase layer and a line per head: ``R_tokens.png`` (R
+against the token position, averaged over the batch) and ``R_steps.png`` (R after each integration
+step). A checkpoint other than ``best.pt`` (``--checkpoint last.pt``, or a file given directly) writes
+``interpret-last.json``, ``R_tokens-last.png`` and ``R_steps-last.png`` (named after it), so that
+neither replaces the other's.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
         if value < 1:
             parser.error(f"{flag}: must be at least 1, got {value}")
     path = Path(args.run)
-    model, tokenizer, config, state = load_run(checkpoint_file(path, args.checkpoint))
+    checkpoint = checkpoint_file(path, args.checkpoint)
+    model, tokenizer, config, state = load_run(checkpoint)
+    suffix = "" if checkpoint.name == "best.pt" else f"-{checkpoint.stem}"  # one set of files per checkpoint
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {str(out)!r} is a file, not a directory")
@@ -91,23 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"R per head on {args.batches}×{args.batch_size} {args.split} windows of "
           f"{config.train.block_size} tokens (random phases: {random_phase_R(n):.3f})\n")
     print("| layer | head | mean | std | min | max |\n|---:|---:|---:|---:|---:|---:|")
-    report = {"random_phase_R": random_phase_R(n), "layers": {}}
+    report = {"checkpoint": checkpoint.name, "step": state.get("progress", {}).get("step"), "split": args.split,
+              "windows": args.batches * args.batch_size, "block_size": config.train.block_size,
+              "random_phase_R": random_phase_R(n), "layers": {}}
     for i, r in results.items():
         s = {k: v.cpu().tolist() for k, v in r["stats"].items()}
         for h in range(len(s["mean"])):
             print(f"| {i} | {h} | {s['mean'][h]:.3f} | {s['std'][h]:.3f} | {s['min'][h]:.3f} | {s['max'][h]:.3f} |")
         report["layers"][str(i)] = {**s, "R_tokens": r["R_tokens"].cpu().tolist(),
                                     "R_steps": r["R_steps"].cpu().tolist()}
-    write_atomic(out / "interpret.json", json.dumps(report, indent=2))
+    files = [out / f"interpret{suffix}.json", out / f"R_tokens{suffix}.png", out / f"R_steps{suffix}.png"]
+    write_atomic(files[0], json.dumps(report, indent=2))
     token_curves = {f"layer {i}": {f"head {h}": list(enumerate(row)) for h, row in
                                    enumerate(r["R_tokens"].cpu().tolist())} for i, r in results.items()}
     step_curves = {f"layer {i}": {f"head {h}": list(enumerate(col)) for h, col in
                                   enumerate(r["R_steps"].T.cpu().tolist())} for i, r in results.items()}
-    plot_R_curves(token_curves, out / "R_tokens.png", xlabel="token position t",
-                  title=f"R per head over tokens ({args.split})")
-    plot_R_curves(step_curves, out / "R_steps.png", xlabel="integration step",
-                  title=f"R per head over integration steps ({args.split})")
-    print(f"\nwrote {out / 'interpret.json'}, {out / 'R_tokens.png'}, {out / 'R_steps.png'}")
+    where = f"{args.split}, {checkpoint.name}"
+    plot_R_curves(token_curves, files[1], xlabel="token position t", title=f"R per head over tokens ({where})")
+    plot_R_curves(step_curves, files[2], xlabel="integration step",
+                  title=f"R per head over integration steps ({where})")
+    print(f"\nwrote {', '.join(map(str, files))}")
     return report
 
 

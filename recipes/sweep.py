@@ -41,8 +41,8 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, _one_line, changed_keys, load_config, load_yaml,
-                            parse_saved_config, split_overrides)
+from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, _one_line, changed_settings, load_config, load_yaml,
+                            override, parse_saved_config, split_overrides)
 from recipes.files import write_atomic
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
@@ -64,7 +64,7 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     for config, name in zip(configs, names):
         for seed in seeds:
             run_dir = out_dir / name / f"seed{seed}"
-            run_overrides = [*overrides, f"name={name}", f"seed={seed}", f"out_dir={run_dir}"]
+            run_overrides = [*overrides, override("name", name), override("seed", seed), override("out_dir", run_dir)]
             _checked_config(config, run_overrides)
             runs.append((config, name, seed, run_dir, run_overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         if code != 0 and not (run_dir / "result.json").is_file():
             raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
                                  f"resume it. Command: {' '.join(cmd)}")
-    settings = {name: load_config(config, [*overrides, f"name={name}"]).to_dict()
+    settings = {name: load_config(config, [*overrides, override("name", name)]).to_dict()
                 for config, name in zip(configs, names)}
 
     def trained_alike(name: str, run_dir: Path) -> bool:
@@ -220,7 +220,7 @@ def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ())
         done = parse_saved_config(values).to_dict()
     except ConfigError as err:  # e.g. torn by a kill mid-write (older versions wrote it in place)
         raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
-    return [key for key in changed_keys(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
+    return [key for key in changed_settings(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int],

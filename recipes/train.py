@@ -49,7 +49,7 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_keys, load_config, model_config,
+from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config, model_config,
                             parse_saved_config, split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 # what --overwrite deletes of an earlier run in the same out_dir (glob patterns): everything that run
 # wrote there (train, evaluate and interpret) except config.yaml, which the new run writes again
 OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", "tensorboard/version_*",
-                   "evaluation.json*", "interpret.json", "R_tokens.png", "R_steps.png")
+                   "evaluation.json*", "interpret*.json", "R_tokens*.png", "R_steps*.png")
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -213,21 +213,35 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     except TrainingDiverged as err:
         _write_result(fabric, config, progress, "diverged", str(err))
         _flush_logs(fabric)
+        _plot(fabric, config, progress)  # the curves up to the divergence: where one looks first
         raise
     result = _write_result(fabric, config, progress, status)
-    if fabric.is_global_zero:
-        if config.train.plots:
-            from recipes.plots import plot_history
-            plot_history(progress["history"], run_dir)
+    _plot(fabric, config, progress)
     for logger in fabric.loggers:  # CSV and TensorBoard
         logger.finalize("success")
     return result
 
 
+def _plot(fabric, config: RunConfig, progress: dict) -> None:
+    if fabric.is_global_zero and config.train.plots and progress["history"]:
+        from recipes.plots import plot_history
+        plot_history(progress["history"], config.run_dir)
+
+
+#: what marks a directory as holding a run: not only last.pt (a user may delete it to save space and
+#: keep best.pt; a run that diverged before its first checkpoint leaves only result.json)
+RUN_MARKERS = ("last.pt", "best.pt", "result.json", "evaluation.json", "interpret.json")
+
+
+def _run_outputs_in(run_dir: Path) -> list[str]:
+    return [name for name in RUN_MARKERS if (run_dir / name).is_file()]
+
+
 def _refuse_a_run_in(run_dir: Path) -> None:
-    if (run_dir / "last.pt").is_file():
-        raise FileExistsError(f"out_dir: {run_dir} already holds a run (last.pt); continue it with --resume, "
-                              "start over with --overwrite, or give this run another name or out_dir")
+    found = _run_outputs_in(run_dir)
+    if found:
+        raise FileExistsError(f"out_dir: {run_dir} already holds a run ({', '.join(found)}); continue it with "
+                              "--resume, start over with --overwrite, or give this run another name or out_dir")
 
 
 def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool,
@@ -252,11 +266,11 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bo
         lock.flush()
     if not resume and not overwrite:  # a run that another process finished since the first check
         _refuse_a_run_in(run_dir)
-    # overwrite, where a run was (last.pt or result.json; other directories keep their files):
+    # overwrite, where a run was (RUN_MARKERS; other directories keep their files):
     # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
     # plots, evaluations, log versions); always: no result.json of a shorter run while this one
     # trains (a sweep would take it for done), no .tmp of a write cut short
-    old_run = overwrite and any((run_dir / name).is_file() for name in ("last.pt", "result.json"))
+    old_run = overwrite and bool(_run_outputs_in(run_dir))
     for pattern in (OLD_RUN_OUTPUTS if old_run else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
         for path in run_dir.glob(pattern):
             if path.is_dir():
@@ -500,7 +514,7 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     # defaults filled in: keys added since are no change; settings that had no effect are dropped
     saved_config = parse_saved_config(header["config"]).to_dict()
-    changed = changed_keys(saved_config, state["config"])
+    changed = changed_settings(saved_config, state["config"])
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "

@@ -105,6 +105,8 @@ def test_reference_yaml_keys_are_accepted():
         ({"coupling": "kuramoto_attn:RingCoupling"}, r"model.coupling: cannot import .*\(AttributeError"),
         ({"coupling": "kuramoto_attn:"}, r"model.coupling: expected one of 'mean_field', 'attention' or 'package"),
         ({"coupling": "torch.nn:Linear"}, "model.coupling: must name a kuramoto_attn.Coupling subclass"),
+        # the abstract base built, then failed in the first step with a traceback
+        ({"coupling": "kuramoto_attn:Coupling"}, "model.coupling: must name a Coupling subclass that implements"),
         ({"coupling": "kuramoto_attn:order_parameter"}, "model.coupling: must name a kuramoto_attn.Coupling"),
         ({"coupling": "kuramoto_attn:AttentionCoupling"}, "model.coupling: AttentionCoupling.interaction needs"),
         ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"dim": -2}},

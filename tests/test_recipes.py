@@ -147,6 +147,17 @@ def test_fabric_precision_takes_lightnings_integers_too():
     assert set(FabricConfig.PRECISIONS) <= accepted  # nothing the installed Fabric would refuse
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", 16, "16"])
+def test_fp16_on_a_cpu_is_refused_not_swapped_for_bf16(precision):
+    # Fabric trained such a run in bf16-mixed after a warning, while config.yaml said 16-mixed
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    with pytest.raises(ValueError, match=rf"^fabric.precision: {precision} \(fp16 with loss scaling\) needs a GPU; "
+                                         "on cpu use bf16-mixed or 32-true"):
+        make_fabric(FabricConfig(accelerator="cpu", precision=precision))
+    assert make_fabric(FabricConfig(accelerator="cpu", precision="bf16-mixed"))._precision.precision == "bf16-mixed"
+
+
 def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file)
     for overrides in (["data.val_fraction=0.2"], ["data.tokenizer=bpe", "data.bpe_vocab_size=300"],
@@ -517,6 +528,11 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
         train(parse_config(apply_overrides(interrupted, ["optim.lr=0.1"])), resume=True)
     with pytest.raises(ValueError, match="differs from the checkpoint's in model.d_model"):
         train(parse_config(apply_overrides(interrupted, ["model.d_model=64"])), resume=True)
+    # the same model spelled otherwise (a default given, a layer index without its list, an alias for
+    # steps) is the same model: compared as given, it was refused
+    spelled = apply_overrides(interrupted, [f"model.bias={str(GPTConfig.bias).lower()}", "model.phase_layer_idx=1"])
+    spelled["model"]["n_sync_steps"] = spelled["model"].pop("steps")
+    assert train(parse_config(spelled), resume=True)["step"] == 12
 
 
 @pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])
@@ -703,8 +719,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
 
     monkeypatch.setattr(train_module, "build_model", build_model)
     with pytest.raises(TrainingDiverged, match="step 5: loss nan"):
-        train(parse_config(tiny(tmp_path, corpus_file)))
+        train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True})))
     run = tmp_path / "run"
+    assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -1200,10 +1217,20 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     config = parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2}))
     first = train(config)
     before = {name: (tmp_path / "run" / name).read_bytes() for name in ("last.pt", "best.pt", "result.json")}
-    with pytest.raises(FileExistsError, match=r"out_dir: .*run already holds a run \(last.pt\); continue it with "
-                                              r"--resume, start over with --overwrite"):
+    with pytest.raises(FileExistsError, match=r"out_dir: .*run already holds a run \(last.pt, best.pt, "
+                                              r"result.json\); continue it with --resume, start over with --overwrite"):
         train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2},
                                 optim={"lr": 1e6})))
+    assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
+    # last.pt deleted to save space (best.pt kept), or only result.json left (a run that diverged before
+    # its first checkpoint): still a run, which a plain rerun replaced
+    (tmp_path / "run" / "last.pt").rename(tmp_path / "last.pt")
+    for kept in ("best.pt", "result.json"):
+        with pytest.raises(FileExistsError, match=rf"already holds a run \({kept}"):
+            train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
+        (tmp_path / "run" / kept).rename(tmp_path / kept)
+    for name in before:
+        (tmp_path / name).rename(tmp_path / "run" / name)
     assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
     # --overwrite with a command that fails to set up deletes nothing
     with pytest.raises(ValueError, match="train.block_size"):
@@ -1291,6 +1318,15 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     report = main([str(trained), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
     assert (tmp_path / "R_tokens.png").is_file() and (tmp_path / "R_steps.png").is_file()
     assert report["layers"]["1"]["mean"] == pytest.approx(R.mean((0, 2)).tolist(), abs=1e-6)
+    best_step = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)["progress"]["step"]
+    assert (report["checkpoint"], report["step"], report["split"], report["windows"]) == ("best.pt", best_step, "val", 8)
+    # another checkpoint: its own files, named after it (it replaced best.pt's, which did not say whose they were)
+    best_files = {name: (tmp_path / name).read_bytes() for name in ("interpret.json", "R_tokens.png", "R_steps.png")}
+    last = main([str(trained), "--checkpoint", "last.pt", "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    assert (last["checkpoint"], last["step"]) == ("last.pt", 30)  # interpret.json would say last.pt if replaced
+    assert json.loads((tmp_path / "interpret-last.json").read_text()) == last
+    assert (tmp_path / "R_tokens-last.png").is_file() and (tmp_path / "R_steps-last.png").is_file()
+    assert best_files == {name: (tmp_path / name).read_bytes() for name in best_files}
 
 
 def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillator_count(trained, tmp_path):
@@ -1545,7 +1581,11 @@ def test_demo_reaches_kuramotos_steady_state(capsys):
     assert below["theory"] == 0.0 and below["steady"] < 0.1  # incoherent: R of order 1/√N
     assert "theory for N → ∞: 0.707" in capsys.readouterr().out
     for args, message in ((["--dt", "0"], "--dt: must be > 0"), (["--time", "0.01"], "--time: must be at least"),
-                          (["--oscillators", "0"], "--oscillators: must be at least 1")):
+                          (["--oscillators", "0"], "--oscillators: must be at least 1"),
+                          # named the library's argument ("strength:") or failed as an overflow before
+                          (["--strength", "nan"], "--strength: must be a number and finite"),
+                          (["--seed", "-1"], "--seed: must be in [0, 2**63)"),
+                          (["--seed", str(10**23)], "--seed: must be in [0, 2**63)")):
         with pytest.raises(SystemExit) as exit_info:
             main(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
     sweep.main([str(spec)])
     run_dir = tmp_path / "out" / "{}" / "seed{}"
     assert [(c[4], c[-3:]) for c in launched] == [
-        (str(configs / f"{name}.yaml"), [f"name={name}", f"seed={seed}", f"out_dir={str(run_dir).format(name, seed)}"])
+        (str(configs / f"{name}.yaml"), [f'name="{name}"', f"seed={seed}", f'out_dir="{str(run_dir).format(name, seed)}"'])
         for name in "ab" for seed in (1, 0)]
     assert all("train.max_iters=3" in c for c in launched)
     assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
@@ -152,6 +152,17 @@ def test_an_unknown_flag_is_reported_as_one_not_as_a_bad_override(configs, launc
     assert not launched
 
 
+def test_run_directories_and_names_reach_the_run_as_they_are(tmp_path, configs, launched):
+    """The sweep passed ``out_dir=PATH`` unquoted, which recipes.train reads as YAML: a path with " #"
+    was cut at the comment (the run trained outside the sweep's folder), and a config named ``1.yaml``
+    became the number 1."""
+    (configs / "1.yaml").write_text("train: {max_iters: 2}\n")
+    out = tmp_path / "out #x: y"
+    sweep.run_sweep([configs / "1.yaml"], [3], out)
+    config = load_config(launched[0][4], launched[0][5:])
+    assert config.name == "1" and config.run_dir == out / "1" / "seed3"
+
+
 def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, configs, launched):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"b.yaml: model.n_layer: unknown key"):
@@ -239,7 +250,7 @@ def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, 
     (interrupted / "config.yaml").write_text(yaml.safe_dump(settings.to_dict()))
     sweep.run_sweep([configs / "a.yaml"], [1, 2], out)
     assert [(c[-2:] if c[-1] == "--resume" else c[-1:]) for c in launched] == [
-        [f"out_dir={interrupted}", "--resume"], [f"out_dir={out / 'a' / 'seed2'}"]]
+        [f'out_dir="{interrupted}"', "--resume"], [f'out_dir="{out / "a" / "seed2"}"']]
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
@@ -289,7 +300,7 @@ def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_sa
 def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, monkeypatch, capsys):
     """It was reported as "finished, then exited with 1", and its summary row showed "nan"."""
     def diverge(cmd):
-        run_dir = Path(cmd[-1].partition("=")[2])
+        run_dir = Path(json.loads(cmd[-1].partition("=")[2]))  # out_dir="..."
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "a", "train": {"max_iters": 2}}))
         (run_dir / "result.json").write_text(json.dumps({"status": "diverged", "step": 1, "best_val_loss": None,
