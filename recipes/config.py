@@ -299,13 +299,15 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
     return parse_config(values)
 
 
-def _merge(base: dict, top: dict) -> dict:
+def _merge(base: dict, top: dict, sections: bool = True) -> dict:
     merged = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        elif value is None and isinstance(merged.get(key), dict):
-            continue  # a section left empty ("train:", its keys commented out) keeps the base's, as overrides do
+            merged[key] = _merge(merged[key], value, sections=False)
+        elif sections and value is None and isinstance(merged.get(key), dict):
+            # a section left empty ("train:", its keys commented out) keeps the base's, as overrides do;
+            # a setting inside one (model.coupling_options: null) is set to null, as an override sets it
+            continue
         else:
             merged[key] = value
     return merged

@@ -17,9 +17,10 @@ before the next update and save together; a second Ctrl-C aborts); an evaluation
 its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
-``progress_bar``, ``plots``, ``out_dir`` (a moved run) and ``fabric.devices``, ``num_nodes``,
-``strategy`` and ``train.grad_accum``; any other change is refused, naming the key, and so is a
-corpus whose text changed since (a file with another sha256 than the checkpoint records).
+``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path`` and ``data.cache_dir`` (a moved
+corpus) and ``fabric.devices``, ``num_nodes``, ``strategy`` and ``train.grad_accum``; any other change
+is refused, naming the key, and so is a corpus whose text changed since (a file with another sha256
+than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
@@ -501,10 +502,12 @@ def _flush_logs(fabric) -> None:
 
 
 #: what ``--resume`` may change: how long to train, when to stop early, what to show, where the run
-#: lives (a moved directory), and on how many devices (the global batch stays the same: a job
-#: restarted on another allocation). Everything else (model, data, optimizer, batch size, precision)
-#: would make the resumed run a different experiment.
-RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", *DEVICE_KEYS)
+#: and its corpus live (a moved directory, another machine: the corpus's text is checked by its
+#: sha256 instead), and on how many devices (the global batch stays the same: a job restarted on
+#: another allocation). Everything else (model, data, optimizer, batch size, precision) would make
+#: the resumed run a different experiment.
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", "data.path", "data.cache_dir",
+                     *DEVICE_KEYS)
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:

@@ -185,6 +185,14 @@ def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: c\ntrain:\n  # max_iters: 100\nmodel:\n")
     config = load_config(tmp_path / "child.yaml")
     assert config.train.max_iters == 7 and config.model["n_layers"] == 4
+    # ... but a null setting inside a section is null, as the same override makes it (the base's was kept)
+    options = {"use_phase_attention": True, "phase_layer_idx": [1], "coupling": "kuramoto_attn:MeanFieldCoupling",
+               "coupling_options": {"harmonics": [1, 2]}}
+    (tmp_path / "opts.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "model": options}))
+    (tmp_path / "cleared.yaml").write_text("extends: opts.yaml\nmodel:\n  coupling_options: null\n")
+    assert load_config(tmp_path / "opts.yaml").model["coupling_options"] == {"harmonics": [1, 2]}
+    assert load_config(tmp_path / "cleared.yaml").model["coupling_options"] is None
+    assert load_config(tmp_path / "opts.yaml", ["model.coupling_options=null"]).model["coupling_options"] is None
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends: a cycle"):
@@ -1076,6 +1084,13 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     # the same text: every recipe reads it, and a resume goes on
     interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu"])
     assert train(parse_config(_byte_run(tmp_path, corpus_file, 6)[0]), resume=True)["step"] == 6
+    # the same text moved elsewhere, with another cache (another machine): a resume goes on (it was refused)
+    moved = tmp_path / "elsewhere" / "moved.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(text.read_bytes())
+    values = _byte_run(tmp_path, corpus_file, 6)[0]
+    values["data"] = {**values["data"], "path": str(moved), "cache_dir": str(tmp_path / "other_cache")}
+    assert train(parse_config(values), resume=True)["step"] == 6
     evaluated = evaluate_main([str(run), "--device", "cpu"])
 
     text.write_text(WORDS[::-1] * 60)  # another text, as long, the same 256 tokens
