@@ -66,7 +66,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_bool, check_choice, check_input_like, check_int, check_real, check_tensor
 from ._euler_mean_field import euler_mean_field
-from .couplings import Coupling, MeanFieldCoupling, _pull
+from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
 from .order_params import order_parameter
 from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
@@ -187,7 +187,9 @@ class KuramotoAttention(nn.Module):
             layer's ``K`` per head; padded tokens get zero coupling. With ``causal=True`` it must not
             mix later tokens into earlier ones (along tokens: ``causal=True``; across the
             oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
-            tokens that is not causal is an error. Runs on the generic solver path. With a
+            tokens that is not causal, or a :class:`~kuramoto_attn.GraphCoupling` along them whose
+            weights are learnable or not lower-triangular, is an error (other modules are trusted).
+            Runs on the generic solver path. With a
             ``cache``, the module sees the past tokens' phases at each evaluation followed by the new
             tokens' (O(t) work per decoded token) and only the new tokens' terms are used: this
             equals the full forward for a module that is causal along the tokens.
@@ -319,6 +321,13 @@ class KuramotoAttention(nn.Module):
         if isinstance(coupling, MeanFieldCoupling) and causal and not coupling.causal and coupling.dim in (-2, 2):
             raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) with causal=False would let "
                              "every token see later ones in a causal layer; give it causal=True")
+        if isinstance(coupling, GraphCoupling) and causal and coupling.dim in (-2, 2):
+            # a graph over tokens couples token i to j > i wherever A[i, j] != 0; a learnable one may learn to
+            weights = coupling.weights
+            if isinstance(weights, nn.Parameter) or (weights.device.type != "meta" and torch.triu(weights, 1).any()):
+                raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) in a causal layer needs "
+                                 "fixed lower-triangular weights (A[i, j] = 0 for j > i); these would let tokens "
+                                 "see later ones")
         return coupling
 
     #: use the fused Euler mean-field integration where it applies (False: the generic solver path)

@@ -957,6 +957,17 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
         make_layer(coupling=MeanFieldCoupling(dim=-2), phase_lag=0.0)
     make_layer(coupling=MeanFieldCoupling(dim=-2), phase_lag=0.0, causal=False)  # a non-causal layer may
     make_layer(coupling=MeanFieldCoupling(dim=-1), phase_lag=0.0)  # across the oscillators: causal
+    # a graph over the tokens: only fixed lower-triangular weights keep a causal layer causal
+    for leaky in (torch.ones(5, 5) / 5, torch.nn.Parameter(torch.tril(torch.ones(5, 5)))):
+        with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens \(dim=-2\) in a causal "
+                                             "layer needs fixed lower-triangular weights"):
+            make_layer(coupling=GraphCoupling(leaky, dim=-2), phase_lag=0.0)
+    tril = make_layer(coupling=GraphCoupling(torch.tril(torch.ones(5, 5)) / 5, dim=-2), phase_lag=0.0)
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    edited = x.clone()
+    edited[:, 4] += 1.0  # the last token changes: the outputs before it must not
+    torch.testing.assert_close(tril(x)[:, :4], tril(edited)[:, :4], rtol=0, atol=0)
+    make_layer(coupling=GraphCoupling(torch.ones(5, 5) / 5, dim=-2), phase_lag=0.0, causal=False)
     with pytest.raises(ValueError, match=r"^coupling: expected one of \['attention', 'mean_field'\] or a "
                                          r"kuramoto_attn.Coupling module but got Identity"):
         make_layer(coupling=torch.nn.Identity(), phase_lag=0.0)
