@@ -622,7 +622,11 @@ def _build_tokenizer(level: str, raw: dict, bpe_vocab_size: int, corpus_level: s
         return ByteTokenizer()
     if level == "word":
         return WordTokenizer.from_text(raw["train"], add_unk=corpus_level != "word")
-    return BPETokenizer.train(raw["train"], bpe_vocab_size)
+    tokenizer = BPETokenizer.train(raw["train"], bpe_vocab_size)
+    if tokenizer.vocab_size < bpe_vocab_size:  # the text ran out of pairs to merge: say so
+        warnings.warn(f"data.bpe_vocab_size: the train split gives only {tokenizer.vocab_size:,} BPE tokens of "
+                      f"the {bpe_vocab_size:,} asked for; the vocabulary is {tokenizer.vocab_size:,}", stacklevel=3)
+    return tokenizer
 
 
 def _encode_into(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> None:

@@ -112,6 +112,16 @@ def test_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
 
+def test_a_bpe_vocabulary_smaller_than_asked_is_said(tmp_path):
+    # 100,000 merges asked of a few hundred characters: the smaller vocabulary was used without a word
+    text_file = tmp_path / "small.txt"
+    text_file.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    with pytest.warns(UserWarning, match=r"^data.bpe_vocab_size: the train split gives only \d+ BPE tokens of "
+                                         r"the 100,000 asked for"):
+        corpus = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=100_000, cache_dir=tmp_path)
+    assert 256 < corpus.tokenizer.vocab_size < 100_000
+
+
 def test_bpe_vocab_size_too_small_raises():
     with pytest.raises(ValueError, match="vocab_size"):
         BPETokenizer.train("abc", vocab_size=100)
@@ -585,6 +595,7 @@ def test_batches_of_other_seed_and_step_pairs_differ():
     assert not torch.equal(evaluation, batch[0, 0])  # evaluation draws from its own stream
 
 
+@pytest.mark.filterwarnings("ignore:data.bpe_vocab_size:UserWarning")  # a tiny text: fewer merges than asked
 def test_bpe_is_trained_on_the_train_split_only(tmp_path, text_file, monkeypatch):
     seen, train = [], BPETokenizer.train
     monkeypatch.setattr(BPETokenizer, "train", staticmethod(lambda text, size: seen.append(text) or train(text, size)))
