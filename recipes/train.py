@@ -209,6 +209,10 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         if not state.get("_in_update"):
             _save(fabric, run_dir / "last.pt", state)
             fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
+        else:  # weights half updated: not a state to save
+            kept = ("last.pt keeps the last saved state; continue with --resume" if (run_dir / "last.pt").is_file()
+                    else "no checkpoint was saved yet; train again to start over")
+            fabric.print(f"interrupted during update {progress['step'] + 1}: not saved ({kept})")
         _flush_logs(fabric)
         raise
     except TrainingDiverged as err:

@@ -543,6 +543,30 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert train(parse_config(spelled), resume=True)["step"] == 12
 
 
+def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file, monkeypatch, capsys):
+    # it exited 130 without a word: half-updated weights are not saved, and nothing said so
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (3, 9):  # update 3, before the first checkpoint (step 4); then update 6 of a new run
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    values = tiny(tmp_path, corpus_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values))
+    assert "interrupted during update 3: not saved (no checkpoint was saved yet; train again to start over)" in (
+        capsys.readouterr().out)
+    assert not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values), overwrite=True)
+    assert "interrupted during update 6: not saved (last.pt keeps the last saved state; continue with --resume)" in (
+        capsys.readouterr().out)
+    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 4
+
+
 @pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])
 def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_path, corpus_file, monkeypatch, where):
     straight = tiny(tmp_path / "a", corpus_file)
