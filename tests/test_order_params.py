@@ -53,6 +53,23 @@ def test_identical_phases_give_one(value, n):
     assert math.cos(psi.item() - value) == pytest.approx(1.0, abs=1e-9)
 
 
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 4), n=st.integers(1, 7), seed=st.integers(0, 2**16), per_row=st.booleans())
+def test_weighted_R_matches_the_complex_mean_for_broadcast_weights(b, n, seed, per_row):
+    # weights of shape (b, 1), one per row, broadcast along the population: the total must count n of them
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.rand(b, n, generator=gen, dtype=f64) * 2 * math.pi
+    shape = (b, 1) if per_row else (n,)
+    weights = torch.rand(shape, generator=gen, dtype=f64) + 0.1
+    R, psi = order_parameter(theta, dim=-1, weights=weights)
+    w = weights.expand_as(theta)
+    z = (w * torch.exp(1j * theta)).sum(-1) / w.sum(-1)
+    torch.testing.assert_close(R, z.abs().clamp(max=1.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cos(psi), torch.cos(z.angle()), rtol=0, atol=1e-9)
+    if per_row:  # a weight constant along the population is no weighting at all
+        torch.testing.assert_close(R, order_parameter(theta, dim=-1)[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 def test_psi_at_the_branch_cut_is_pi_not_minus_pi(dtype):
     # atan2(-0, -1) = -π: a mean sine of -0 (θ = -π, or -π and π mixed) gave ψ = -π, outside (-π, π]

@@ -543,6 +543,28 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert train(parse_config(spelled), resume=True)["step"] == 12
 
 
+def test_resume_restores_the_saved_torch_rng_state(tmp_path, corpus_file, monkeypatch):
+    # the checkpoint's RNG state must be the resumed run's, whatever state the resuming process starts in
+    values = tiny(tmp_path, corpus_file)
+    real_step_seed, seen = train_module.step_seed, []
+    real_get_batch = train_module.get_batch
+
+    def get_batch(*args, step, **kwargs):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_get_batch(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values))
+    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["rng"]["torch"]
+    torch.manual_seed(12345)  # the resuming process starts from another state
+    monkeypatch.setattr(train_module, "step_seed", lambda *a: (seen.append(torch.get_rng_state()), real_step_seed(*a))[1])
+    train(parse_config(values), resume=True)
+    assert torch.equal(seen[0], saved)
+
+
 def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file, monkeypatch, capsys):
     # it exited 130 without a word: half-updated weights are not saved, and nothing said so
     real_step, calls = torch.optim.AdamW.step, []
