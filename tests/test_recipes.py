@@ -481,9 +481,10 @@ def test_train_tpi_language_model(tmp_path, corpus_file):
     assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
 
 
-def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None) -> tuple[dict, dict]:
-    """Train with a Ctrl-C (or the signal ``signum``, sent to this process) at ``at_step``, then
-    ``--resume``: (the checkpoint the interrupt saved, the result)."""
+def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None,
+                          before_resume=lambda: None) -> tuple[dict, dict]:
+    """Train with a Ctrl-C (or the signal ``signum``, sent to this process) at ``at_step``, call
+    ``before_resume()``, then ``--resume``: (the checkpoint the interrupt saved, the result)."""
     real_get_batch = train_module.get_batch
 
     def get_batch(*args, step, **kwargs):
@@ -499,6 +500,7 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int |
     assert getattr(stop.value, "signum", None) == signum  # run_cli's exit status: 128 + signum (143 for SIGTERM)
     saved = torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    before_resume()
     return saved, train(parse_config(values), resume=True)
 
 
@@ -545,24 +547,15 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
 
 def test_resume_restores_the_saved_torch_rng_state(tmp_path, corpus_file, monkeypatch):
     # the checkpoint's RNG state must be the resumed run's, whatever state the resuming process starts in
-    values = tiny(tmp_path, corpus_file)
     real_step_seed, seen = train_module.step_seed, []
-    real_get_batch = train_module.get_batch
 
-    def get_batch(*args, step, **kwargs):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real_get_batch(*args, step=step, **kwargs)
+    def another_process():
+        torch.manual_seed(12345)
+        monkeypatch.setattr(train_module, "step_seed",
+                            lambda *a: (seen.append(torch.get_rng_state()), real_step_seed(*a))[1])
 
-    monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(parse_config(values))
-    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
-    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["rng"]["torch"]
-    torch.manual_seed(12345)  # the resuming process starts from another state
-    monkeypatch.setattr(train_module, "step_seed", lambda *a: (seen.append(torch.get_rng_state()), real_step_seed(*a))[1])
-    train(parse_config(values), resume=True)
-    assert torch.equal(seen[0], saved)
+    saved, _ = interrupt_then_resume(tiny(tmp_path, corpus_file), 7, monkeypatch, before_resume=another_process)
+    assert torch.equal(seen[0], saved["rng"]["torch"])
 
 
 def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file, monkeypatch, capsys):
