@@ -316,8 +316,8 @@ def _merge(base: dict, top: dict, sections: bool = True) -> dict:
 #: settings that change only what a run shows (logs, progress bar, plots), never its result
 DISPLAY_KEYS = ("train.log_interval", "train.progress_bar", "train.plots")
 #: settings that change only how the global batch is computed (on how many devices, in how many
-#: micro-batches), not which batches or what is learned from them
-DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum")
+#: micro-batches, compiled or not), not which batches or what is learned from them (float rounding aside)
+DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum", "train.compile")
 
 
 def changed_settings(saved: dict, wanted: dict) -> list[str]:

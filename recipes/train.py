@@ -18,9 +18,9 @@ its checkpoints) is redone on resume, and an early-stopped run stays stopped (un
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
 ``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path`` and ``data.cache_dir`` (a moved
-corpus) and ``fabric.devices``, ``num_nodes``, ``strategy`` and ``train.grad_accum``; any other change
-is refused, naming the key, and so is a corpus whose text changed since (a file with another sha256
-than the checkpoint records).
+corpus), and ``fabric.devices``, ``num_nodes``, ``strategy``, ``train.grad_accum`` and ``train.compile``;
+any other change is refused, naming the key, and so is a corpus whose text changed since (a file with
+another sha256 than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence.
