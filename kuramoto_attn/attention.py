@@ -322,7 +322,7 @@ class KuramotoAttention(nn.Module):
             raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) with causal=False would let "
                              "every token see later ones in a causal layer; give it causal=True")
         if isinstance(coupling, GraphCoupling) and causal and coupling.dim in (-2, 2):
-            # a graph over tokens couples token i to j > i wherever A[i, j] != 0; a learnable one may learn to
+            # a graph over tokens couples token i to j > i wherever A[i, j] != 0, which a learnable A may learn
             weights = coupling.weights
             if isinstance(weights, nn.Parameter) or (weights.device.type != "meta" and torch.triu(weights, 1).any()):
                 raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) in a causal layer needs "
