@@ -87,8 +87,8 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA device (benchmarks/train_cpu.py is the CPU one)")
-    if "baseline" not in args.configs:
-        args.configs = ["baseline", *args.configs]
+    # the ratios divide by the first config's time: the baseline, wherever (or whether) it was listed
+    args.configs = ["baseline", *dict.fromkeys(c for c in args.configs if c != "baseline")]
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.precision}, "
           f"compile {args.compile}, batch {args.batch}; {args.rounds} rounds x {args.steps} steps, "

@@ -494,7 +494,8 @@ def _layer_R(evaluation: dict | None) -> dict[str, float]:
 
 def _save(fabric, path: Path, state: dict[str, Any]) -> None:
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    extra = {"rng": rng, "precision": fabric._precision.state_dict()}  # fp16's loss scale (Fabric saves none)
+    # fp16's loss scale (Fabric saves none), and the precision trained in (fabric.precision null resolves per machine)
+    extra = {"rng": rng, "precision": fabric._precision.state_dict(), "trained_precision": fabric._precision.precision}
     save_checkpoint(fabric, path, {k: v for k, v in state.items() if not k.startswith("_")} | extra)
 
 
@@ -522,6 +523,13 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     # defaults filled in: keys added since are no change; settings that had no effect are dropped
     saved_config = parse_saved_config(header["config"]).to_dict()
     changed = changed_settings(saved_config, state["config"])
+    trained, now = header.get("trained_precision"), fabric._precision.precision  # recorded since 2026-12-04
+    if trained is not None:  # the precision trained in is compared, not the setting (null resolves per machine)
+        if trained != now:  # e.g. precision null: bf16-mixed on a GPU, 32-true on a CPU
+            raise ValueError(f"fabric.precision: the run trained in {trained} but would resume in {now} "
+                             f"(fabric.precision={config.fabric.precision}); set fabric.precision={trained} to "
+                             "resume it")
+        changed = [key for key in changed if key != "fabric.precision"]
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "

@@ -561,6 +561,26 @@ def test_resume_restores_the_saved_torch_rng_state(tmp_path, corpus_file, monkey
     assert torch.equal(seen[0], saved["rng"]["torch"])
 
 
+def test_a_resume_in_another_precision_than_the_run_trained_in_is_refused(tmp_path, corpus_file):
+    # fabric.precision null is bf16-mixed on a GPU and 32-true on a CPU: a run started on one and resumed on
+    # the other went on in the other precision without a word (the config said null both times)
+    values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "precision": None}, train={"max_iters": 4})
+    train(parse_config(values))
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["trained_precision"] == "32-true"
+    torch.save({**state, "trained_precision": "bf16-mixed"}, last)  # as if trained on a GPU
+    with pytest.raises(ValueError, match=r"^fabric.precision: the run trained in bf16-mixed but would resume in "
+                                         r"32-true \(fabric.precision=None\); set fabric.precision=bf16-mixed"):
+        train(parse_config(apply_overrides(values, ["train.max_iters=6"])), resume=True)
+    torch.save(state, last)
+    # null spelled out as what it resolved to is the same run; another precision is not
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=6", "fabric.precision=32-true"])),
+                 resume=True)["step"] == 6
+    with pytest.raises(ValueError, match=r"^fabric.precision: the run trained in 32-true but would resume in bf16-mixed"):
+        train(parse_config(apply_overrides(values, ["train.max_iters=8", "fabric.precision=bf16-mixed"])), resume=True)
+
+
 def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file, monkeypatch, capsys):
     # it exited 130 without a word: half-updated weights are not saved, and nothing said so
     real_step, calls = torch.optim.AdamW.step, []
