@@ -64,8 +64,7 @@ def check_mask(name: str, mask: Any, like: Tensor) -> Tensor:
         got = f"{mask.dtype} {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
         raise ValueError(f"{name}: expected a boolean tensor (True = valid) broadcasting to "
                          f"{tuple(shape)} but got {got}")
-    if mask.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on theta's device {like.device} but got {mask.device}")
+    check_device(name, mask, like, owner="theta")
     return mask
 
 
