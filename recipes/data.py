@@ -634,7 +634,12 @@ def _encode_into(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> N
     dtype = _dtype(tokenizer.vocab_size)
     lengths = {}
     for split, data in raw.items():
-        ids = tokenizer.encode_array(data)
+        try:
+            ids = tokenizer.encode_array(data)
+        except ValueError as err:  # e.g. a word of valid/test missing from train's vocabulary, which has no <unk>
+            raise ValueError(f"data ({split} split): {err}; the vocabulary is built from the train split "
+                             "(a local copy of a word-level corpus must be the published one, or use "
+                             "data.tokenizer=bpe or char)") from None
         ids.astype(dtype).tofile(folder / f"{split}.bin")
         lengths[split] = int(len(ids))
     meta = dict(meta, tokenizer=tokenizer.to_dict(), dtype=dtype.name, lengths=lengths)
@@ -721,6 +726,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         raise ValueError(f"Expected `tokenizer` to be None, 'char', 'byte', 'word' or 'bpe' but got {tokenizer!r}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"Expected `val_fraction` in (0, 1) but got {val_fraction}")
+    if level == "bpe" and bpe_vocab_size < 256:
+        raise ValueError(f"Expected `bpe_vocab_size` >= 256 (one token per byte) but got {bpe_vocab_size}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     read_raw, shas, files = _raw_splits(name, source, path, cache, download, level, val_fraction)
     # "local": files from data.path are trusted, the cache's copies were checked (enwik8: only as
@@ -756,6 +763,14 @@ def _generator(*entropy: int) -> torch.Generator:
     """A torch.Generator seeded from well-mixed non-negative integers (no collisions like seed+step)."""
     state = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def _check_seed(**values: int) -> None:
+    """Seeds and steps in [0, 2**32): the generator's entropy is a list of 32-bit words, and a larger
+    integer is split into several, which another (seed, step) pair also gives (a repeated batch)."""
+    for arg, value in values.items():
+        if not 0 <= value < 2**32:
+            raise ValueError(f"Expected `{arg}` in [0, 2**32) but got {value}")
 
 
 def _check_batch_args(data, batch_size: int, block_size: int, rank: int, world_size: int) -> None:
@@ -804,8 +819,7 @@ def get_batch(data: np.ndarray, batch_size: int, block_size: int, *, seed: int, 
         (torch.Size([4, 8]), True)
     """
     _check_batch_args(data, batch_size, block_size, rank, world_size)
-    if seed < 0 or step < 0:
-        raise ValueError(f"Expected `seed` and `step` >= 0 but got seed={seed}, step={step}")
+    _check_seed(seed=seed, step=step)
     return _rank_batch(data, batch_size, block_size, _generator(seed, step), rank, world_size, device)
 
 
@@ -822,8 +836,9 @@ def eval_batches(data: np.ndarray, batch_size: int, block_size: int, num_batches
         (3, True)
     """
     _check_batch_args(data, batch_size, block_size, rank, world_size)
-    if seed < 0 or num_batches < 0:
-        raise ValueError(f"Expected `seed` and `num_batches` >= 0 but got seed={seed}, num_batches={num_batches}")
+    _check_seed(seed=seed)
+    if num_batches < 0:
+        raise ValueError(f"Expected `num_batches` >= 0 but got {num_batches}")
     # a fixed tag: the same windows at every evaluation (it equals get_batch's stream at step
     # 0xE7A1 = 59297 only, which draws from the train split, not this one)
     generator = _generator(seed, 0xE7A1)

@@ -122,9 +122,23 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said(tmp_path):
     assert 256 < corpus.tokenizer.vocab_size < 100_000
 
 
-def test_bpe_vocab_size_too_small_raises():
+def test_bpe_vocab_size_too_small_raises(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         BPETokenizer.train("abc", vocab_size=100)
+    with pytest.raises(ValueError, match=r"^Expected `bpe_vocab_size` >= 256"):  # named vocab_size before
+        prepare_corpus("text", path=__file__, tokenizer="bpe", bpe_vocab_size=100, cache_dir=tmp_path)
+
+
+def test_a_word_missing_from_a_local_word_level_train_split_names_the_split(tmp_path):
+    # a local WikiText copy whose valid split has a word train lacks (the release has <unk> in train)
+    folder = tmp_path / "wt2"
+    folder.mkdir()
+    for name, text in (("train.txt", " the cat sat . \n"), ("valid.txt", " the zebra sat . \n"),
+                       ("test.txt", " the cat sat . \n")):
+        (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=r"^data \(val split\): Word 'zebra' is not in the vocabulary .*; the "
+                                         "vocabulary is built from the train split"):
+        prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
 
 
 @settings(max_examples=30, deadline=None)
@@ -481,7 +495,7 @@ def _data(n=500):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 8), st.integers(1, 32), st.integers(0, 2**40), st.integers(0, 10**6))
+@given(st.integers(1, 8), st.integers(1, 32), st.integers(0, 2**32 - 1), st.integers(0, 10**6))
 def test_get_batch_windows_and_targets(batch_size, block_size, seed, step):
     data_ = _data()
     x, y = get_batch(data_, batch_size, block_size, seed=seed, step=step)
@@ -499,7 +513,17 @@ def _find(data_, row):
     raise AssertionError("row is not a window of the data")
 
 
-@given(st.integers(0, 2**40), st.integers(0, 10**6))
+def test_seeds_and_steps_beyond_32_bits_are_refused():
+    # the generator's entropy is 32-bit words: seed 7 + (3 << 32) at step 0 drew seed 7's batch of step 3
+    data_ = np.arange(10_000, dtype=np.uint16)
+    for kwargs in (dict(seed=7 + (3 << 32), step=0), dict(seed=7, step=2**32), dict(seed=-1, step=0)):
+        with pytest.raises(ValueError, match=r"^Expected `(seed|step)` in \[0, 2\*\*32\)"):
+            get_batch(data_, 4, 8, **kwargs)
+    with pytest.raises(ValueError, match=r"^Expected `seed` in \[0, 2\*\*32\)"):
+        eval_batches(data_, 4, 8, 1, seed=2**32)
+
+
+@given(st.integers(0, 2**32 - 2), st.integers(0, 10**6))
 def test_get_batch_is_a_function_of_seed_and_step(seed, step):
     data_ = np.arange(10_000, dtype=np.uint16)
     a = get_batch(data_, 8, 16, seed=seed, step=step)
@@ -748,7 +772,7 @@ def test_a_single_file_corpus_takes_a_local_file_of_any_name(tmp_path):
 
 
 def test_negative_step_and_num_batches_are_refused():
-    with pytest.raises(ValueError, match="`seed` and `step` >= 0"):
+    with pytest.raises(ValueError, match=r"`step` in \[0, 2\*\*32\) but got -1"):
         get_batch(_data(), 2, 8, seed=0, step=-1)
     with pytest.raises(ValueError, match="`num_batches` >= 0"):
         eval_batches(_data(), 2, 8, -1, seed=0)

@@ -1019,6 +1019,10 @@ def trained(tmp_path_factory, corpus_file) -> Path:
 def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
     model, tokenizer, config, _ = load_run(trained)
     tokens = torch.randint(0, tokenizer.vocab_size, (50,)).numpy()
+    for bad in ({"block_size": 0}, {"block_size": -3}, {"batch_size": 0}):  # range() / division errors before
+        name, value = next(iter(bad.items()))
+        with pytest.raises(ValueError, match=rf"^{name}: expected an integer >= 1 but got {value}"):
+            evaluate_split(model, tokens, **{"block_size": 16, "tokenizer": tokenizer, "batch_size": 2, **bad})
     r = evaluate_split(model, tokens, 16, tokenizer, batch_size=2)
     nats, n = 0.0, 0
     with torch.no_grad():
