@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kuramoto_attn._checks import check_int
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
@@ -75,9 +75,8 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
     """
     if len(tokens) < 2:
         raise ValueError(f"tokens: need at least 2 tokens, got {len(tokens)}")
-    for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # range() failed
-            raise ValueError(f"{name}: expected an integer >= 1 but got {value!r}")
+    block_size = check_int("block_size", block_size, low=1)  # range() and a division failed on bad ones
+    batch_size = check_int("batch_size", batch_size, low=1)
     starts = range(0, len(tokens) - 1, block_size)
     full = [s for s in starts if s + block_size <= len(tokens) - 1]
     last = [[s] for s in starts if s + block_size > len(tokens) - 1]  # at most one, shorter window
