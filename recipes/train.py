@@ -233,13 +233,14 @@ def _plot(fabric, config: RunConfig, progress: dict) -> None:
         plot_history(progress["history"], config.run_dir)
 
 
-#: what marks a directory as holding a run: not only last.pt (a user may delete it to save space and
-#: keep best.pt; a run that diverged before its first checkpoint leaves only result.json)
-RUN_MARKERS = ("last.pt", "best.pt", "result.json", "evaluation.json", "interpret.json")
+#: what marks a directory as holding a run (glob patterns): not only last.pt (a user may delete it to
+#: save space and keep best.pt; a run that diverged before its first checkpoint leaves only
+#: result.json), and any report of interpret, whichever checkpoint it read (interpret-last.json)
+RUN_MARKERS = ("last.pt", "best.pt", "result.json", "evaluation.json", "interpret*.json")
 
 
 def _run_outputs_in(run_dir: Path) -> list[str]:
-    return [name for name in RUN_MARKERS if (run_dir / name).is_file()]
+    return [path.name for pattern in RUN_MARKERS for path in sorted(run_dir.glob(pattern)) if path.is_file()]
 
 
 def _refuse_a_run_in(run_dir: Path) -> None:

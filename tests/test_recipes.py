@@ -1310,6 +1310,11 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
         with pytest.raises(FileExistsError, match=rf"already holds a run \({kept}"):
             train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
         (tmp_path / "run" / kept).rename(tmp_path / kept)
+    # nor a directory holding only interpret's report of a checkpoint other than best.pt
+    (tmp_path / "run" / "interpret-last.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(interpret-last.json\)"):
+        train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
+    (tmp_path / "run" / "interpret-last.json").unlink()
     for name in before:
         (tmp_path / name).rename(tmp_path / "run" / name)
     assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
