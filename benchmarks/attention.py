@@ -12,8 +12,8 @@ oscillators, Euler, dt = 0.1, causal. For each T it measures, each in a fresh su
 
 Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch (as "over an
 import-only process"), measured with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so
-that RSS follows live tensor bytes; on CUDA torch.cuda.max_memory_allocated minus what the
-weights and input take. Time: median over --repeats of forward + backward, after one warm-up.
+that RSS follows live tensor bytes; on CUDA torch.cuda.max_memory_allocated minus what is allocated
+after one warm-up step (weights, input and cuBLAS's workspace). Time: median over --repeats of forward + backward, after one warm-up.
 
 Goals at T = 512, steps = 10 (ratios to vanilla in the same run): mean_field memory <= 2.5x and
 time <= 2.0x; attention memory <= 3.0x (its time reported per integration step); going from
@@ -108,10 +108,6 @@ def worker(spec):
     model = build(spec["kind"], spec["steps"]).to(device)
     x = torch.randn(spec["batch"], spec["T"], D_MODEL, device=device, requires_grad=True)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base_cuda = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
@@ -120,9 +116,14 @@ def worker(spec):
         model.zero_grad(set_to_none=True)
         x.grad = None
 
+    if cuda:  # the base after one step: it holds cuBLAS's workspace, which is not the layer's memory
+        step()
+        torch.cuda.synchronize(device)
+        base_cuda = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     ms = bench_ms(step, device, spec["repeats"])
     if cuda:
-        peak = torch.cuda.max_memory_allocated() - base_cuda
+        peak = torch.cuda.max_memory_allocated(device) - base_cuda
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     print(json.dumps({**spec, "ms": ms, "peak_mb": peak / 2**20}))
@@ -175,7 +176,8 @@ def main():
     if args.worker:
         return worker(json.loads(args.worker))
 
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device: {name}; torch {torch.__version__}; threads per worker: {args.threads or 'default'}; "
           f"bf16 autocast: {args.bf16}; B={args.batch}, d_model={D_MODEL}, H={HEADS}, N={OSC}")
     rows = []

@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks._timing import bench_ms  # noqa: E402
+from benchmarks._timing import bench_ms, sync  # noqa: E402
 import kuramoto_attn.attention as attention_module  # noqa: E402
 from kuramoto_attn._euler_mean_field import euler_mean_field  # noqa: E402
 from models import GPT, GPTConfig  # noqa: E402
@@ -117,10 +117,12 @@ def main():
         step = make_step(VARIANTS[args.profile], device, args.batch)
         for _ in range(args.warmup):
             step()
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile() as prof:  # CPU, and the GPU's kernels where there is one
             for _ in range(10):
                 step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            sync(device)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
         return
 
     # interleaved rounds (one step of each variant per round), so that load from other processes
