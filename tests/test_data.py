@@ -688,6 +688,46 @@ def test_split_is_the_floor_cut_of_a_contiguous_text(text, val_fraction):
     assert splits == {"train": text[:cut], "val": text[cut:]}
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet="ab \n", min_size=2, max_size=200), st.floats(0.01, 0.99))
+def test_word_level_split_cuts_at_a_line_or_else_a_space(text, val_fraction):
+    # word and BPE tokenizers: the cut moves forward from nanoGPT's to the next line start (or, where no
+    # line follows, the next whitespace), so that no word is split between train and val
+    splits = data._split_contiguous(text, val_fraction, whole_words=True)
+    floor = int(len(text) * (1 - val_fraction))
+    cut = len(splits["train"])
+    assert splits["train"] + splits["val"] == text and floor <= cut
+    rest = text[floor:]
+    if floor == 0 or text[floor - 1] == "\n":
+        assert cut == floor  # already at a line start
+    elif "\n" in rest[:-1]:
+        assert cut == floor + rest.index("\n") + 1 and splits["val"]  # the next line, never an empty val
+    elif any(c.isspace() for c in rest):
+        assert text[cut].isspace() and not any(c.isspace() for c in text[floor:cut])
+    else:
+        assert cut == floor  # one word to the end: nothing better to do
+
+
+def test_a_byte_order_mark_is_not_read_as_a_character(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello world\n".encode("utf-8"))
+    corpus = prepare_corpus("text", path=path, cache_dir=tmp_path / "cache", val_fraction=0.5)
+    assert "\ufeff" not in corpus.tokenizer.chars
+    assert corpus.tokenizer.decode(np.concatenate([corpus.splits["train"], corpus.splits["val"]])) == "hello world\n"
+
+
+def test_a_word_level_split_of_one_file_keeps_words_whole(tmp_path):
+    # the floor cut of this text falls inside "petty": train held "pet" and val started with "<unk>"
+    text = "tomorrow and tomorrow and tomorrow\ncreeps in this petty pace\nand tomorrow and\n"
+    path = tmp_path / "words.txt"
+    path.write_text(text)
+    assert text[:int(len(text) * 0.68)].endswith("this pet")
+    corpus = prepare_corpus("text", path=path, tokenizer="word", cache_dir=tmp_path / "cache", val_fraction=0.32)
+    val = corpus.tokenizer.decode(corpus.splits["val"])
+    assert "pet" not in corpus.tokenizer.words and "petty" in corpus.tokenizer.words
+    assert val.split() == ["and", "tomorrow", "and"]  # the next line, all known words
+
+
 def _plays(folder, plays):
     for name, markdown in plays.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -744,7 +784,7 @@ def test_a_word_corpus_vocabulary_is_its_train_words_and_eos_without_an_added_un
     text = tmp_path / "words.txt"  # ... while a text file read as words gets one (its val split has new words)
     text.write_text(train * 9 + " a zebra \n")
     words = prepare_corpus("text", path=text, tokenizer="word", cache_dir=tmp_path / "cache").tokenizer.words
-    head = text.read_text()[:int(len(text.read_text()) * 0.9)]
+    head = data._split_contiguous(text.read_text(), 0.1, whole_words=True)["train"]
     assert "zebra" not in head and words == WordTokenizer.from_text(head).words + ["<unk>"]
 
 
