@@ -799,10 +799,9 @@ def _check_batch_args(data, batch_size: int, block_size: int, rank: int, world_s
 def _windows(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     rows = np.stack([np.asarray(data[o:o + block_size + 1]) for o in offsets.tolist()])  # (b, t + 1)
     w = torch.from_numpy(rows.astype(np.int64))
-    x, y = w[:, :-1], w[:, 1:]
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    if torch.device(device).type == "cuda":  # one contiguous pinned block: an asynchronous copy (a
+        w = w.pin_memory().to(device, non_blocking=True)  # strided view would be staged through pageable memory)
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
 def _rank_batch(data, batch_size, block_size, generator, rank, world_size, device):
