@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
@@ -21,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from models import GPT, GPTConfig
+from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
@@ -1787,6 +1788,32 @@ def test_every_fabric_setting_reaches_fabric(monkeypatch):
     make_fabric(FabricConfig(accelerator="cpu", devices=3, num_nodes=2, strategy="ddp", precision="64-true"))
     assert {k: seen[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")} == {
         "accelerator": "cpu", "devices": 3, "num_nodes": 2, "strategy": "ddp", "precision": "64-true"}
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", None), ("16-mixed", None), ("32-true", torch.float32),
+                                              ("bf16-true", torch.bfloat16)])
+def test_fsdp_keeps_float32_weights_under_mixed_precision_and_shards_per_block(monkeypatch, precision, dtype):
+    # Fabric's FSDP mixed precision cast parameters and buffers (ω, β, K) to bf16, and wrapped the whole
+    # model as one unit (nothing sharded). FSDP needs a GPU: the strategy is checked as built, not run.
+    import lightning_fabric
+    from lightning_fabric.plugins.precision.fsdp import FSDPPrecision
+    from lightning_fabric.strategies import FSDPStrategy
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    seen, fabric = {}, argparse.Namespace(_precision=argparse.Namespace(precision=precision))
+    monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or fabric)
+    make_fabric(FabricConfig(accelerator="cuda", strategy="fsdp", precision=precision))
+    strategy = seen["strategy"]
+    assert isinstance(strategy, FSDPStrategy) and seen["precision"] == precision
+    strategy.precision = FSDPPrecision(precision)
+    mixed = strategy.mixed_precision_config  # what FSDP is given: None dtypes cast nothing
+    assert (mixed.param_dtype, mixed.buffer_dtype, mixed.reduce_dtype) == (dtype,) * 3
+    gpt = GPT(GPTConfig(vocab_size=20, n_layers=3, n_heads=2, d_model=16, max_seq_len=8, use_phase_attention=True,
+                        phase_layer_idx=[1], num_oscillators=4))
+    tpi = TPILM(TPILMConfig(vocab_size=20, n_layers=2, d_model=16, max_seq_len=8))
+    policy = strategy._fsdp_kwargs["auto_wrap_policy"]
+    for model, blocks in ((gpt, gpt.blocks), (tpi, tpi.blocks)):
+        assert set(policy._run_policy(model, set(), {})) == set(blocks)
 
 
 def test_data_download_false_is_obeyed(tmp_path, corpus_file, monkeypatch):
