@@ -4,13 +4,15 @@
                                    [--seeds 1337 1 2] [--threads 2]
 
 Three runs of nanoGPT's CPU configuration (4 layers, 4 heads, d_model 128, context 64, batch 12,
-lr 1e-3 → 1e-4 cosine, warmup 100, dropout 0, no biases, eval every 250 steps on 20 batches) on
-tiny-shakespeare with nanoGPT's 90/10 split, each in its own process, per seed:
+lr 1e-3, warmup 100, dropout 0, no biases, eval every 250 steps on 20 batches) on tiny-shakespeare
+with nanoGPT's 90/10 split, each in its own process, per seed:
 
 * ``nanogpt-loop``: a plain PyTorch loop written like nanoGPT's ``train.py`` (random windows,
-  AdamW with decay on every 2-D weight, ``loss.item()`` every step, train and val estimates at each
-  evaluation) around a nanoGPT-shaped model defined in this file — the time to beat;
-* ``recipes.train`` with ``phase_a/cpu/baseline.yaml``;
+  AdamW with decay 0.1 on every 2-D weight, betas (0.9, 0.99), cosine to 1e-4, clip 1.0,
+  ``loss.item()`` every step, train and val estimates at each evaluation) around a nanoGPT-shaped
+  model defined in this file — the time to beat;
+* ``recipes.train`` with ``phase_a/cpu/baseline.yaml`` (its own optimizer settings: see
+  ``phase_a/cpu/base.yaml``);
 * ``recipes.train`` with ``phase_a/cpu/layer7_32osc_K1.yaml`` (the "winner", one phase layer).
 
 The runs go in rounds (one of each per seed), so that load from other processes on a shared machine
