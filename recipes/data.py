@@ -567,8 +567,10 @@ def _split_contiguous(data, val_fraction: float, whole_words: bool = False) -> d
     cut = int(len(data) * (1 - val_fraction))
     if whole_words and 0 < cut < len(data) and data[cut - 1] != "\n":
         line = data.find("\n", cut) + 1
-        space = next((i for i in range(cut, len(data)) if data[i].isspace()), 0)
-        cut = line if 0 < line < len(data) else space or cut
+        if 0 < line < len(data):
+            cut = line
+        else:  # no line follows (or only an empty one): the next whitespace, if any
+            cut = next((i for i in range(cut, len(data)) if data[i].isspace()), cut)
     return {"train": data[:cut], "val": data[cut:]}
 
 
