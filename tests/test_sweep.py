@@ -285,16 +285,23 @@ def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_sa
         time.sleep(0.2)
         os.kill(os.getpid(), signum)  # to the sweep only, as `kill PID` does
 
+    # a shell's background job (`pytest &`) starts with SIGINT ignored, and the sweep leaves an ignored
+    # signal ignored (as recipes.train does): here the signal has its usual handler, as in a terminal
+    started = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     threading.Thread(target=send, daemon=True).start()
     start = time.monotonic()
-    with pytest.raises(Interrupted) as stop:
-        sweep._train([sys.executable, "-c", child])
+    try:
+        with pytest.raises(Interrupted) as stop:
+            sweep._train([sys.executable, "-c", child])
+    finally:
+        after = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        signal.signal(signum, started)
     assert stop.value.signum == signum
     assert saved.read_text() == str(int(signum))  # the run got the signal and finished its save first
     assert int(ready.read_text()) != os.getpgrp()  # its own process group: a terminal's Ctrl-C reaches the sweep only
     assert time.monotonic() - start < 30
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # restored
+    assert after == handlers  # restored
 
 
 def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, monkeypatch, capsys):
@@ -321,7 +328,9 @@ def start_sweep_of(child: str):
     import sys
     script = f"from recipes import sweep; sweep._train({[sys.executable, '-c', child]!r})"
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.Popen([sys.executable, "-c", script], cwd=checkout)
+    # its own process group, whose parent (this process) is in the same session: never an orphaned group,
+    # where the kernel discards stop signals (as for pytest run by a shell that has exited, e.g. `cmd &`)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=checkout, preexec_fn=os.setpgrp)
 
 
 def wait_for(condition, seconds: float) -> bool:
