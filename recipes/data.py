@@ -803,6 +803,8 @@ def _windows(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -
     w = torch.from_numpy(rows.astype(np.int64))
     if torch.device(device).type == "cuda":  # one contiguous pinned block: an asynchronous copy (a
         w = w.pin_memory().to(device, non_blocking=True)  # strided view would be staged through pageable memory)
+    else:
+        w = w.to(device)
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 

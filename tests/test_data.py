@@ -708,6 +708,14 @@ def test_word_level_split_cuts_at_a_line_or_else_a_space(text, val_fraction):
         assert cut == floor  # one word to the end: nothing better to do
 
 
+def test_batches_land_on_the_device_asked_for():
+    # every device, not only CUDA's pinned path (the meta device stands in for mps, xpu, ...)
+    data = np.arange(200, dtype=np.uint16)
+    for batch in (get_batch(data, 4, 8, seed=0, step=0, device="meta"),
+                  next(iter(eval_batches(data, 4, 8, 1, seed=0, device="meta")))):
+        assert all(t.device.type == "meta" and t.shape == (4, 8) and t.dtype == torch.int64 for t in batch)
+
+
 def test_a_byte_order_mark_is_not_read_as_a_character(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffhello world\n".encode("utf-8"))
