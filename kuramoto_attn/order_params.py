@@ -71,8 +71,9 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(theta.dtype).tiny)
         mean_cos = (cos_t * weights).sum(dim, keepdim=keepdim) / total
         mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total
-    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1
-    R = torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin)), dim=0).clamp(max=1.0)
+    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
+    # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower
+    R = torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin), dim=-1), dim=-1).clamp(max=1.0)
     psi = torch.atan2(mean_sin, mean_cos)
     # atan2 gives -π for a mean sine of -0 (e.g. θ = -π); the documented range is (-π, π]
     return R, torch.where(psi == -math.pi, math.pi, psi)
