@@ -9,8 +9,9 @@ A sweep file holds ``configs`` (paths relative to it), ``seeds``, ``out_dir`` an
 ``overrides`` (dotted strings applied to every run). Each run trains in its own process (one at a
 time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>``: a run with a
 ``result.json`` is skipped (after checking it was trained with the same settings; those that only
-change what a run shows, such as the progress bar, or on how many devices, may differ), one with a
-``last.pt`` is resumed. The summary goes to ``<out_dir>/summary.csv`` (every run) and
+change what a run shows, such as the progress bar, or on how many devices, may differ, and so may
+where the corpus lives, ``data.path`` and ``data.cache_dir``, when its text is the one the run's
+checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume`` checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and
 ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
 seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in the statuses,
 not averaged).
@@ -35,14 +36,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
+import torch
 import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, _one_line, changed_settings, load_config, load_yaml,
+from recipes.config import (DEVICE_KEYS, DataConfig, DISPLAY_KEYS, _one_line, changed_settings, load_config, load_yaml,
                             override, parse_saved_config, split_overrides)
+from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
 __all__ = ["main", "run_sweep", "summarise", "SweepRunFailed"]
@@ -68,11 +72,12 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             _checked_config(config, run_overrides)
             runs.append((config, name, seed, run_dir, run_overrides))
     out_dir.mkdir(parents=True, exist_ok=True)
+    corpora = _Corpora()
     for config, name, seed, run_dir, run_overrides in runs:
         resume, done = (run_dir / "last.pt").is_file(), _status(run_dir) != "unknown"
         if resume or done:
             # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
-            _check_same_settings(run_dir, config, run_overrides)
+            _check_same_settings(run_dir, config, run_overrides, corpora if done else None)
         if done:
             print(f"[sweep] {name} seed {seed}: done, skipped")
             continue
@@ -92,8 +97,8 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         if code != 0 and not (run_dir / "result.json").is_file():
             raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
                                  f"resume it. Command: {' '.join(cmd)}")
-    settings = {name: load_config(config, [*overrides, override("name", name)]).to_dict()
-                for config, name in zip(configs, names)}
+    run_configs = {name: load_config(config, [*overrides, override("name", name)]) for config, name in zip(configs, names)}
+    settings = {name: run_config.to_dict() for name, run_config in run_configs.items()}
 
     def trained_alike(name: str, run_dir: Path) -> bool:
         """Whether an earlier run of this sweep's config ``name`` has this sweep's settings."""
@@ -102,6 +107,13 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         except (OSError, ValueError) as err:  # ConfigError is a ValueError
             print(f"[sweep] {run_dir}: its config.yaml cannot be read ({err}), left out of the summary")
             return False
+        if changed and not set(changed) - set(DATA_LOCATION):
+            try:
+                corpora.check(run_dir, run_configs[name].data, changed)
+                return True
+            except (OSError, ValueError) as err:  # e.g. the corpus is not at data.path
+                print(f"{err}; left out of the summary")
+                return False
         if changed:
             print(f"[sweep] {run_dir}: trained with other settings ({', '.join(changed)}), left out of the summary")
         return not changed
@@ -201,14 +213,55 @@ class SweepRunFailed(RuntimeError):
     """A run of the sweep stopped without a result (e.g. killed); rerunning the sweep resumes it."""
 
 
-def _check_same_settings(run_dir: Path, config: Path, overrides: list[str]) -> None:
+#: where the corpus lives, not what it is: a run may have been trained with another data.path or
+#: data.cache_dir (a moved folder, another machine) when its text is the one the run records
+DATA_LOCATION = ("data.path", "data.cache_dir")
+
+
+def _check_same_settings(run_dir: Path, config: Path, overrides: list[str], corpora: _Corpora | None) -> None:
     """A finished or interrupted run is only reused for the settings it was trained with (those
     that change only what a run shows, ``DISPLAY_KEYS``, or on how many devices, ``DEVICE_KEYS``,
-    may differ)."""
-    changed = _changed_settings(run_dir, load_config(config, overrides).to_dict())
+    may differ). So may ``DATA_LOCATION``: for a finished run (``corpora`` given) when the corpus's
+    text is the one its checkpoint records; a resumed run is checked by ``recipes.train --resume``."""
+    wanted = load_config(config, overrides)
+    changed = _changed_settings(run_dir, wanted.to_dict())
+    if changed and not set(changed) - set(DATA_LOCATION):
+        if corpora is not None:
+            corpora.check(run_dir, wanted.data, changed)
+        return
     if changed:
         raise ValueError(f"[sweep] {run_dir} was trained with other settings ({', '.join(changed)}); "
                          "give the sweep another out_dir, or delete that run to train it again")
+
+
+class _Corpora:
+    """Checks that runs trained with another ``DATA_LOCATION`` read the text this sweep's settings
+    give (each corpus loaded once per sweep)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[DataConfig, Any] = {}  # frozen dataclasses: hashable
+
+    def check(self, run_dir: Path, data: DataConfig, changed: list[str]) -> None:
+        """Raise a ``ValueError`` naming ``run_dir`` unless its checkpoint records the sha256 of the
+        corpus that ``data`` gives (``changed``: the run's ``DATA_LOCATION`` keys that differ)."""
+        moved = f"[sweep] {run_dir} was trained with its corpus elsewhere ({', '.join(changed)})"
+        checkpoint = next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
+        if checkpoint is None:
+            raise ValueError(f"{moved} and has no checkpoint recording the corpus's sha256 to check its text "
+                             "against; give the sweep the data settings it was trained with, or delete that run")
+        try:  # mmap: the header only, not the weights
+            identity = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("corpus")
+        except Exception as err:  # a torn or foreign file: say which
+            raise ValueError(f"{moved} and its {checkpoint.name} cannot be read ({err})") from None
+        if identity is None:
+            raise ValueError(f"{moved} and its {checkpoint.name} records no sha256 of the corpus (written by an "
+                             "older version); give the sweep the data settings it was trained with")
+        if data not in self._loaded:
+            self._loaded[data] = load_corpus(data)
+        changes = self._loaded[data].changes_since(identity)
+        if changes:
+            raise ValueError(f"{moved}, and not on this text: {'; '.join(changes)}; give the sweep the "
+                             "corpus it was trained on, or another out_dir")
 
 
 def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -1577,6 +1577,25 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     # ... or on how many devices, in how many micro-batches (the same batches)
     run_sweep([config], [1, 2], tmp_path / "sweep", ["fabric.devices=2", "fabric.strategy=ddp", "train.grad_accum=2"])
     assert len(calls) == 2
+    # ... or where the corpus lives (a moved folder, another machine), when it is the text the runs record
+    moved = tmp_path / "moved" / "corpus.txt"
+    moved.parent.mkdir()
+    shutil.copy(corpus_file, moved)
+    elsewhere = [f"data.path={moved}", f"data.cache_dir={tmp_path / 'moved' / 'cache'}"]
+    assert run_sweep([config], [1, 2], tmp_path / "sweep", elsewhere) == rows  # skipped, and summarised
+    assert len(calls) == 2
+    moved.write_text(moved.read_text() + "Another line.\n")
+    with pytest.raises(ValueError, match=r"seed1 was trained with its corpus elsewhere \(data.cache_dir, data.path\), "
+                                         r"and not on this text: .*corpus.txt \(sha256 "):
+        run_sweep([config], [1, 2], tmp_path / "sweep", elsewhere)
+    best = tmp_path / "sweep" / "tiny" / "seed1" / "best.pt"  # a checkpoint without the corpus's record
+    best.rename(best.with_suffix(".kept"))
+    (tmp_path / "sweep" / "tiny" / "seed1" / "last.pt").rename(best.with_name("last.kept"))
+    with pytest.raises(ValueError, match="has no checkpoint recording the corpus's sha256"):
+        run_sweep([config], [1, 2], tmp_path / "sweep", elsewhere)
+    best.with_suffix(".kept").rename(best)
+    best.with_name("last.kept").rename(best.with_name("last.pt"))
+    assert len(calls) == 2
     with pytest.raises(ValueError, match=r"trained with other settings \(optim.lr\)"):
         run_sweep([config], [1, 2], tmp_path / "sweep", ["optim.lr=0.01"])  # not reused for other settings
     with pytest.raises(ValueError, match="seeds: must be distinct"):
