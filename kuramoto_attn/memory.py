@@ -73,6 +73,7 @@ rotated key features ``[k cos φ, k sin φ]``, ``f`` value channels per head, ``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -294,7 +295,10 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
-    with torch.autocast(x.device.type, enabled=False):
+    # (no autocast to leave on a device without one, e.g. meta: shape and FLOP estimates)
+    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+        else contextlib.nullcontext()
+    with off:
         if layer.weight.dtype in (torch.float32, torch.float64):  # the module's own call: its hooks run
             return layer(x.to(layer.weight.dtype)).to(torch.float64)
         # a half-precision module: its weights upcast (its forward hooks are not called)

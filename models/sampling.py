@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from kuramoto_attn._checks import check_int
+from kuramoto_attn._checks import check_bool, check_int
 
 
 def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[int, int]:
@@ -53,6 +53,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     """One token per row from ``logits`` ``(b, vocab)`` -> ``(b, 1)``; temperature 0 is greedy.
     Only ids below ``vocab_size`` are drawn (all when ``None``)."""
     if vocab_size is not None:
+        if vocab_size > logits.shape[-1]:  # a limit above the model's ids would limit nothing
+            raise ValueError(f"vocab_size: expected at most the model's {logits.shape[-1]} ids but got {vocab_size}")
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -88,6 +90,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
         raise ValueError(f"temperature: expected a finite number >= 0 but got {temperature!r}")
     top_k, vocab_size, context = (None if value is None else check_int(name, value, low=1) for name, value in
                                   (("top_k", top_k), ("vocab_size", vocab_size), ("context", context)))
+    use_cache = check_bool("use_cache", use_cache)
     was_training = model.training
     model.eval()
     try:

@@ -398,6 +398,8 @@ def test_greedy_generation_matches_argmax_of_forward():
     (dict(max_new_tokens=2, temperature=-0.5), "temperature"),
     (dict(max_new_tokens=2, top_k=0), "top_k"),
     (dict(max_new_tokens=2, vocab_size=0), "vocab_size"),
+    (dict(max_new_tokens=2, vocab_size=14), r"vocab_size: expected at most the model's 13 ids but got 14"),
+    (dict(max_new_tokens=2, use_cache="False"), "use_cache"),
     (dict(max_new_tokens=2, context=13), r"context: expected an integer in \[1, max_seq_len=12\]"),
     (dict(max_new_tokens=2, context=0), "context"),
     (dict(max_new_tokens=2.0), "max_new_tokens"),
@@ -615,3 +617,11 @@ def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     assert model.blocks[1].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
     # the phase layer keeps nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
     assert model.blocks[1].attn.phase_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector"])
+def test_models_run_on_the_meta_device(name):
+    # shapes and FLOPs estimated without memory: every layer, TPI's rates outside autocast included
+    model = MODEL_CASES[name]().float().to("meta")
+    logits, loss = model(tokens(2, 5).to("meta"), targets=tokens(2, 5).to("meta"))
+    assert logits.device.type == "meta" and logits.shape == (2, 5, VOCAB) and loss.shape == ()
