@@ -234,6 +234,9 @@ class CausalSelfAttention(nn.Module):
         mask, is_causal = None, t > 1
         if cache is not None:
             if cache.keys is not None:
+                if cache.keys.dtype != k.dtype:  # torch.cat would silently promote (KuramotoAttention refuses too)
+                    raise ValueError(f"cache: holds keys of dtype {cache.keys.dtype} but this call computes {k.dtype} "
+                                     "(a cache filled under another dtype or autocast setting)")
                 k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)  # (b, h, s, d)
                 past = k.shape[2] - t
                 if t > 1:  # new tokens see every past token and the new ones up to themselves

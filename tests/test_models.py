@@ -625,3 +625,17 @@ def test_models_run_on_the_meta_device(name):
     model = MODEL_CASES[name]().float().to("meta")
     logits, loss = model(tokens(2, 5).to("meta"), targets=tokens(2, 5).to("meta"))
     assert logits.device.type == "meta" and logits.shape == (2, 5, VOCAB) and loss.shape == ()
+
+
+def test_a_cache_filled_in_another_dtype_is_refused_before_any_layer_changes_it():
+    # the plain layers refuse it as the phase layers do: torch.cat would promote, and a refusal at a
+    # later layer would leave the earlier layers' caches one token longer than the others
+    model = phase_gpt(phase_layer_idx=(2,)).float()  # plain layers first
+    cache = model.new_cache()
+    model(tokens(2, 4), cache=cache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match="^cache: holds keys of dtype torch.float32 but this call computes torch.bfloat16"):
+        model(tokens(2, 1), cache=cache)
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+               for layer, (k, v) in zip(cache.layers, before))
