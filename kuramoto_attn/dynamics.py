@@ -48,10 +48,18 @@ def wrap_phase(theta: Tensor) -> Tensor:
         [3.141592653589793, 3.141592653589793, -1.5707963267948966]
     """
     check_tensor("theta", theta)
+    low_precision = theta.dtype in (torch.float16, torch.bfloat16)
+    # in half precision 2π itself rounds (to 6.28125 in bf16): wrap in float32, then round once
+    work = theta.float() if low_precision else theta
     # π − ((π − θ) mod 2π) lies in (−π, π]; wrapping θ + π directly would give [−π, π)
-    wrapped = math.pi - torch.remainder(math.pi - theta, 2 * math.pi)
+    wrapped = math.pi - torch.remainder(math.pi - work, 2 * math.pi)
     # rounding: for θ just above π, (π − θ) mod 2π can round up to 2π itself, giving −π
-    return torch.where(wrapped <= -math.pi, wrapped + 2 * math.pi, wrapped)
+    wrapped = torch.where(wrapped <= -math.pi, wrapped + 2 * math.pi, wrapped)
+    if not low_precision:
+        return wrapped
+    # a value near ±π may round beyond it: keep the nearest representable one inside (π rounds below π)
+    pi = torch.tensor(math.pi, dtype=theta.dtype).item()
+    return wrapped.to(theta.dtype).clamp(-pi, pi)
 
 
 class KuramotoField(nn.Module):

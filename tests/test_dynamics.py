@@ -214,6 +214,19 @@ def test_wrap_phase_range_and_equivalence(values):
     torch.testing.assert_close(wrap_phase(wrapped), wrapped, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wrap_phase_in_half_precision_is_the_wrapped_value_rounded_once(dtype):
+    # the inputs are exact in dtype: their wrap, rounded to dtype, is within one rounding of float64's
+    theta = (torch.linspace(-300, 300, 4001, dtype=f64)).to(dtype)
+    wrapped = wrap_phase(theta)
+    assert wrapped.dtype == dtype
+    assert ((wrapped.to(f64) > -math.pi) & (wrapped.to(f64) <= math.pi)).all()  # compared in float64, not dtype
+    exact = wrap_phase(theta.to(f64))
+    ulp = torch.finfo(dtype).eps * math.pi  # the spacing just below π: the largest in (−π, π]
+    assert (wrapped.to(f64) - exact).abs().max() <= ulp
+    assert torch.cos(wrapped.to(f64)).sub(torch.cos(theta.to(f64))).abs().max() <= ulp
+
+
 def test_wrap_phase_boundaries():
     theta = torch.tensor([math.pi, -math.pi, 3 * math.pi, 0.0], dtype=f64)
     assert wrap_phase(theta).tolist() == pytest.approx([math.pi, math.pi, math.pi, 0.0])
