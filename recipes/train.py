@@ -299,10 +299,10 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
         while True:
             if progress.get("eval_due"):
                 _evaluate_and_save(fabric, model, state, corpus.splits["val"], config)
+            if progress["step"] >= tc.max_iters:  # every step trained, even if patience ran out at the last
+                return "finished"
             if progress.get("stopped"):
                 return "early_stopped"
-            if progress["step"] >= tc.max_iters:
-                return "finished"
             step = progress["step"]
             total_loss, total_aux = 0.0, 0.0
             for micro in range(tc.grad_accum):
@@ -374,7 +374,7 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
     _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
     progress.update(new)  # one call: an interrupt finds the old or the new progress, never a mix
     _flush_logs(fabric)
-    if new["stopped"]:
+    if new["stopped"] and step < tc.max_iters:
         fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
 
 
@@ -564,6 +564,10 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                          f"({progress['step']}); --resume can only train longer")
     # as when it was saved, unless train.patience changed (more patience: an early-stopped run goes on)
     progress["stopped"] = _out_of_patience(progress["bad_evals"], config.train.patience)
+    # a run ends with an evaluation: also one resumed at a new train.max_iters, at a step it had not evaluated
+    evaluated = [h["step"] for h in progress["history"] if "val_loss" in h]
+    if progress["step"] == config.train.max_iters and evaluated[-1:] != [progress["step"]]:
+        progress["eval_due"] = True
     torch.set_rng_state(saved["rng"]["torch"])
     scheduler = state["scheduler"]
     # the loaded rate is the old schedule's: the next update already takes the new max_iters' rate
@@ -572,9 +576,11 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     fabric.print(f"resumed from {path} at step {saved['progress']['step']}" + "".join(
         f"; {key}: {_dotted(saved_config, key)} -> {_dotted(state['config'], key)}" for key in changed))
     if not progress["eval_due"] and (progress["stopped"] or progress["step"] >= config.train.max_iters):
-        why, knob = (("stopped early", "train.patience") if progress["stopped"]
-                     else (f"at train.max_iters={config.train.max_iters}", "train.max_iters"))
-        fabric.print(f"nothing to train: the run is {why}; raise {knob} to go on")
+        limits = ([(f"at train.max_iters={config.train.max_iters}", "train.max_iters")]
+                  if progress["step"] >= config.train.max_iters else []) + (
+                 [("out of patience", "train.patience")] if progress["stopped"] else [])
+        fabric.print(f"nothing to train: the run is {' and '.join(why for why, _ in limits)}; raise "
+                     f"{' and '.join(knob for _, knob in limits)} to go on")
 
 
 def _out_of_patience(bad_evals: int, patience: int | None) -> bool:

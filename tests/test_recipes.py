@@ -683,6 +683,48 @@ def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch, capsys):
     assert not (tmp_path / "c" / "run" / "result.json").exists()
 
 
+def test_a_run_resumed_to_end_at_the_step_it_was_interrupted_at_ends_with_an_evaluation(
+        tmp_path, corpus_file, monkeypatch, capsys):
+    # interrupted at step 7 (evaluations every 4), resumed with train.max_iters=7: the end is evaluated
+    values = tiny(tmp_path, corpus_file)
+    real_get_batch = train_module.get_batch
+
+    def get_batch(*args, step, **kwargs):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_get_batch(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values))
+    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    result = train(parse_config(apply_overrides(values, ["train.max_iters=7"])), resume=True)
+    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    assert [h["step"] for h in history if "val_loss" in h] == [4, 7]
+    assert result["status"] == "finished" and result["step"] == 7
+    assert result["final_val_loss"] == [h for h in history if "val_loss" in h][-1]["val_loss"]
+    assert "nothing to train" not in capsys.readouterr().out
+
+
+def test_patience_running_out_at_the_last_evaluation_is_a_finished_run(tmp_path, corpus_file, monkeypatch, capsys):
+    scripted = iter([3.0, 3.1, 3.2])  # the 2nd evaluation without improvement is the one at max_iters
+
+    def evaluate(*args, **kwargs):
+        return {"val/loss": next(scripted), "val/ppl": 1.0}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 6, "eval_interval": 2, "patience": 2})
+    result = train(parse_config(values))
+    assert result["status"] == "finished" and result["step"] == 6 and result["final_val_loss"] == 3.2
+    assert "early stopping" not in capsys.readouterr().out
+    # resumed to train longer, it stays stopped, and says which limits hold it
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=8"])), resume=True)["status"] == "early_stopped"
+    assert "nothing to train: the run is out of patience; raise train.patience to go on" in capsys.readouterr().out
+    assert train(parse_config(values), resume=True)["status"] == "finished"
+    assert ("nothing to train: the run is at train.max_iters=6 and out of patience; raise train.max_iters and "
+            "train.patience to go on") in capsys.readouterr().out
+
+
 def test_a_moved_run_resumes_from_its_new_directory(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
     train(parse_config(values))
