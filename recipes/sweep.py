@@ -224,7 +224,8 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str], corp
     may differ). So may ``DATA_LOCATION``: for a finished run (``corpora`` given) when the corpus's
     text is the one its checkpoint records; a resumed run is checked by ``recipes.train --resume``."""
     wanted = load_config(config, overrides)
-    changed = _changed_settings(run_dir, wanted.to_dict())
+    # out_dir is the folder looked at: spelled otherwise (relative, from elsewhere) or moved, it is this run
+    changed = _changed_settings(run_dir, wanted.to_dict(), ignore=("out_dir",))
     if changed and not set(changed) - set(DATA_LOCATION):
         if corpora is not None:
             corpora.check(run_dir, wanted.data, changed)

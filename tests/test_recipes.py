@@ -1619,6 +1619,12 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     # ... or on how many devices, in how many micro-batches (the same batches)
     run_sweep([config], [1, 2], tmp_path / "sweep", ["fabric.devices=2", "fabric.strategy=ddp", "train.grad_accum=2"])
     assert len(calls) == 2
+    # ... or in a sweep folder named otherwise (relative, from another working directory) or moved there
+    monkeypatch.chdir(tmp_path)
+    assert run_sweep([config], [1, 2], Path("sweep")) == rows and len(calls) == 2
+    shutil.copytree(tmp_path / "sweep", tmp_path / "moved_sweep")
+    assert [r["best_val_loss"] for r in run_sweep([config], [1, 2], tmp_path / "moved_sweep")] == [
+        r["best_val_loss"] for r in rows] and len(calls) == 2
     # ... or where the corpus lives (a moved folder, another machine), when it is the text the runs record
     moved = tmp_path / "moved" / "corpus.txt"
     moved.parent.mkdir()
