@@ -234,10 +234,21 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_one_line(err)}") from None
+        if not parents and leaf in _SECTIONS:
+            # a section given whole merges into the file's, as a file's sections do; one value instead
+            # ("optim=" is null) would silently reset it to the defaults
+            if not isinstance(value, dict):
+                raise ConfigError(f"override {item!r}: {leaf} is a section; set its keys ({leaf}.<key>=value)")
+            node[leaf] = _merge(node.get(leaf) or {}, value, sections=False)
+        else:
+            node[leaf] = value
     return values
+
+
+_SECTIONS = ("model", "data", "optim", "train", "fabric")  # RunConfig's sections
 
 
 def override(key: str, value: Any) -> str:

@@ -194,6 +194,15 @@ def test_yaml_extends_and_overrides(tmp_path):
     assert load_config(tmp_path / "opts.yaml").model["coupling_options"] == {"harmonics": [1, 2]}
     assert load_config(tmp_path / "cleared.yaml").model["coupling_options"] is None
     assert load_config(tmp_path / "opts.yaml", ["model.coupling_options=null"]).model["coupling_options"] is None
+    # a section given whole on the command line merges as a file's does; one value for it is refused
+    # ("optim=" reset the whole section to the defaults)
+    config = load_config(tmp_path / "top.yaml", ["model={d_model: 32}", "train={batch_size: 6}"])
+    assert config.model == {"type": "gpt", "n_layers": 2, "d_model": 32, "n_heads": 4}
+    assert config.train.max_iters == 7 and config.train.batch_size == 6
+    for item in ("optim=", "train=null", "model=3"):
+        section = item.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"override '{item}': {section} is a section; set its keys"):
+            load_config(tmp_path / "top.yaml", [item])
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends: a cycle"):
@@ -1523,6 +1532,10 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
          for module in (evaluate, interpret) for name in ("text.pt", "empty.pt", "dict.pt")]
     if not torch.cuda.is_available():
         cases.append((generate, [str(trained), "--device", "cuda"], "error: device: 'cuda' but no CUDA GPU"))
+    for kind, module in (("mps", generate), ("xpu", evaluate), ("xpu", interpret)):  # were tracebacks deep in torch
+        if not getattr(torch, kind).is_available():
+            cases.append((module, [str(trained), "--device", kind],
+                          f"error: device: '{kind}' but no {kind} device is available here"))
     for module, args, message in cases:
         with pytest.raises(SystemExit) as stop:
             run_cli(lambda: module.main(args))
