@@ -194,7 +194,20 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device: {name!r} but no CUDA GPU is available here; use cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type not in ("cpu", "cuda") and not _available(device):  # mps, xpu, ...: torch failed deep inside
+        raise ValueError(f"device: {name!r} but no {device.type} device is available here; use cpu or auto")
     return device
+
+
+def _available(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu, torch.mtia
+    if callable(getattr(backend, "is_available", None)):
+        return bool(backend.is_available())
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # RuntimeError, NotImplementedError, AssertionError ("not compiled with ..."): not here
+        return False
+    return True
 
 
 def step_seed(seed: int, step: int, shard: int) -> int:
