@@ -1,12 +1,14 @@
 """Evaluate a trained run on whole splits: loss, perplexity, bits per token and per character.
 
     python -m recipes.evaluate runs/layer7_32osc_K1_cpu [--checkpoint best.pt] [--splits val test]
+                               [--data-path PATH] [--cache-dir DIR]
 
 Every token of a split is predicted exactly once: the split is cut into consecutive windows of the
 training context (``train.block_size``), each predicted from the start of its window.
 Bits per character divide the total by the number of characters the predicted tokens decode to
 (equal to bits per token for a character tokenizer). The corpus must be the text the run was trained
 on: a file changed since (its sha256, recorded in the checkpoint) is an error, not a score on other data.
+A run moved to another machine finds its corpus with ``--data-path`` (and ``--cache-dir``).
 The results are added to ``evaluation.json`` beside the checkpoint, under its file name, step and
 which write of the file was read (``{"best.pt": {"step": 2000, "written": ..., "val": {...}}}``):
 evaluating other splits or checkpoints keeps the earlier results; a checkpoint replaced while it was
@@ -16,6 +18,7 @@ evaluated (a run training there) is an error, not results recorded under the new
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import warnings
@@ -30,7 +33,21 @@ from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
 
-__all__ = ["main", "evaluate_split", "load_corpus"]
+__all__ = ["main", "evaluate_split", "load_corpus", "add_data_location_flags", "with_data_location"]
+
+
+def add_data_location_flags(parser: argparse.ArgumentParser) -> None:
+    """``--data-path`` and ``--cache-dir``: where a run's corpus is now (a moved folder, another machine)."""
+    parser.add_argument("--data-path", help="the run's corpus file or folder, where it is now (default: the "
+                                            "run's data.path); its text must be the one the run recorded")
+    parser.add_argument("--cache-dir", help="the data cache to use (default: the run's data.cache_dir)")
+
+
+def with_data_location(data: DataConfig, args: argparse.Namespace) -> DataConfig:
+    """``data`` with the location ``--data-path`` / ``--cache-dir`` give (what the run recorded otherwise)."""
+    moved = {key: value for key, value in (("path", args.data_path), ("cache_dir", args.cache_dir))
+             if value is not None}
+    return dataclasses.replace(data, **moved) if moved else data
 
 
 def load_corpus(data: DataConfig, tokenizer=None, identity: dict | None = None):
@@ -103,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--splits", nargs="+", help="default: val, and test where the corpus has one")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    add_data_location_flags(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model, tokenizer, config, state = load_run(checkpoint)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data, tokenizer, state.get("corpus"))
+    corpus = load_corpus(with_data_location(config.data, args), tokenizer, state.get("corpus"))
     default = [split for split in ("val", "test") if split in corpus.splits]
     splits = list(dict.fromkeys(args.splits)) if args.splits else default  # each once, in the order given
     missing = [split for split in splits if split not in corpus.splits]

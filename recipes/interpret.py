@@ -1,6 +1,7 @@
 """Order-parameter statistics of a trained PhaseGPT run on real validation text.
 
     python -m recipes.interpret runs/layer7_32osc_K1_cpu [--split val] [--batches 8] [--batch-size 8]
+                                [--data-path PATH] [--cache-dir DIR]
 
 For every phase layer and head: mean / std / min / max of R (each R taken over one token's N
 oscillators of that head — angles are never averaged across heads), printed as a table next to
@@ -24,7 +25,7 @@ import torch
 from kuramoto_attn import OrderParameter, order_parameter
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
-from recipes.evaluate import load_corpus
+from recipes.evaluate import add_data_location_flags, load_corpus, with_data_location
 from recipes.files import write_atomic
 from recipes.plots import plot_R_curves
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
     parser.add_argument("--device", default="auto")
+    add_data_location_flags(parser)
     args = parser.parse_args(argv)
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(config.data, tokenizer, state.get("corpus"))  # the text the run was trained on
+    # the text the run was trained on, where it is now
+    corpus = load_corpus(with_data_location(config.data, args), tokenizer, state.get("corpus"))
     if args.split not in corpus.splits:
         parser.error(f"--split: the corpus has no {args.split!r} split (has {', '.join(corpus.splits)})")
     batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,

@@ -1229,6 +1229,13 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: data: the corpus is not") and err.count("\n") == 1
 
+    # the text the run was trained on, where it is now: evaluate and interpret read it there
+    assert evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved),
+                          "--cache-dir", str(tmp_path / "third_cache")]) == evaluated
+    interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu", "--data-path", str(moved)])
+    with pytest.raises(ValueError, match=f"^data: the corpus is not the text the run was trained on: {stale}"):
+        evaluate_main([str(run), "--device", "cpu", "--data-path", str(text)])
+
     text.write_bytes(corpus_file.read_bytes())  # restored: the run is whole again
     assert evaluate_main([str(run), "--device", "cpu"]) == evaluated
     assert train(parse_config(_byte_run(tmp_path, corpus_file, 8)[0]), resume=True)["step"] == 8
