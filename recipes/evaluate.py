@@ -33,7 +33,7 @@ from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
 
-__all__ = ["main", "evaluate_split", "load_corpus", "add_data_location_flags", "with_data_location"]
+__all__ = ["main", "evaluate_split", "load_corpus"]
 
 
 def add_data_location_flags(parser: argparse.ArgumentParser) -> None:
