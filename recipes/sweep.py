@@ -11,10 +11,10 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``result.json`` is skipped (after checking it was trained with the same settings; those that only
 change what a run shows, such as the progress bar, or on how many devices, may differ, and so may
 where the corpus lives, ``data.path`` and ``data.cache_dir``, when its text is the one the run's
-checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume`` checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and
-``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or early-stopped
-seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in the statuses,
-not averaged).
+checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume`` checks the
+corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
+config: mean ± 95% CI of the best val loss over the finished or early-stopped seeds, and of each
+phase layer's val R at that evaluation; diverged runs are listed in the statuses, not averaged).
 
 The settings (from the file or the flags) and every run's config are checked before anything is
 created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
@@ -36,16 +36,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DEVICE_KEYS, DataConfig, DISPLAY_KEYS, _one_line, changed_settings, load_config, load_yaml,
-                            override, parse_saved_config, split_overrides)
+from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, DataConfig, _one_line, changed_settings, load_config,
+                            load_yaml, override, parse_saved_config, split_overrides)
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
@@ -97,7 +97,8 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         if code != 0 and not (run_dir / "result.json").is_file():
             raise SweepRunFailed(f"[sweep] {name} seed {seed} failed (exit {code}); rerun the sweep to "
                                  f"resume it. Command: {' '.join(cmd)}")
-    run_configs = {name: load_config(config, [*overrides, override("name", name)]) for config, name in zip(configs, names)}
+    run_configs = {name: load_config(config, [*overrides, override("name", name)])
+                   for config, name in zip(configs, names)}
     settings = {name: run_config.to_dict() for name, run_config in run_configs.items()}
 
     def trained_alike(name: str, run_dir: Path) -> bool:
