@@ -491,10 +491,9 @@ def test_train_tpi_language_model(tmp_path, corpus_file):
     assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
 
 
-def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None,
-                          before_resume=lambda: None) -> tuple[dict, dict]:
-    """Train with a Ctrl-C (or the signal ``signum``, sent to this process) at ``at_step``, call
-    ``before_resume()``, then ``--resume``: (the checkpoint the interrupt saved, the result)."""
+def interrupt_at(values: dict, at_step: int, monkeypatch, signum: int | None = None, resume: bool = False) -> dict:
+    """Train (``--resume`` with ``resume``) with a Ctrl-C (or the signal ``signum``, sent to this
+    process) at ``at_step``: the checkpoint the interrupt saved."""
     real_get_batch = train_module.get_batch
 
     def get_batch(*args, step, **kwargs):
@@ -506,10 +505,17 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int |
 
     monkeypatch.setattr(train_module, "get_batch", get_batch)
     with pytest.raises(KeyboardInterrupt) as stop:
-        train(parse_config(values))
+        train(parse_config(values), resume=resume)
     assert getattr(stop.value, "signum", None) == signum  # run_cli's exit status: 128 + signum (143 for SIGTERM)
-    saved = torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    return torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
+
+
+def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None,
+                          before_resume=lambda: None) -> tuple[dict, dict]:
+    """:func:`interrupt_at`, then ``before_resume()`` and ``--resume``: (the checkpoint the interrupt
+    saved, the result)."""
+    saved = interrupt_at(values, at_step, monkeypatch, signum)
     before_resume()
     return saved, train(parse_config(values), resume=True)
 
@@ -679,16 +685,7 @@ def test_resume_may_train_longer(tmp_path, corpus_file, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"train.max_iters: 2 is below the step the run is at \(10\)"):
         train(parse_config(apply_overrides(longer, ["train.max_iters=2"])), resume=True)  # was "finished"
     # interrupted while training longer: the shorter run's result.json is gone (a sweep would skip the run)
-    real_get_batch = train_module.get_batch
-
-    def get_batch(*args, step, **kwargs):
-        if step == 12:
-            raise KeyboardInterrupt
-        return real_get_batch(*args, step=step, **kwargs)
-
-    monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(parse_config(apply_overrides(longer, ["train.max_iters=14"])), resume=True)
+    interrupt_at(apply_overrides(longer, ["train.max_iters=14"]), 12, monkeypatch, resume=True)
     assert not (tmp_path / "c" / "run" / "result.json").exists()
 
 
@@ -696,17 +693,7 @@ def test_a_run_resumed_to_end_at_the_step_it_was_interrupted_at_ends_with_an_eva
         tmp_path, corpus_file, monkeypatch, capsys):
     # interrupted at step 7 (evaluations every 4), resumed with train.max_iters=7: the end is evaluated
     values = tiny(tmp_path, corpus_file)
-    real_get_batch = train_module.get_batch
-
-    def get_batch(*args, step, **kwargs):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real_get_batch(*args, step=step, **kwargs)
-
-    monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(parse_config(values))
-    monkeypatch.setattr(train_module, "get_batch", real_get_batch)
+    interrupt_at(values, 7, monkeypatch)
     result = train(parse_config(apply_overrides(values, ["train.max_iters=7"])), resume=True)
     history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
     assert [h["step"] for h in history if "val_loss" in h] == [4, 7]
