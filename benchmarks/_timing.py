@@ -1,5 +1,6 @@
-"""Timing helper shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
+"""Timing and argument helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 
+import argparse
 import statistics
 import time
 
@@ -23,3 +24,14 @@ def bench_ms(fn, device, repeats, warmup=1):
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of 0 crashed the scripts late, or measured nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value

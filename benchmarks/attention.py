@@ -10,8 +10,8 @@ oscillators, Euler, dt = 0.1, causal. For each T it measures, each in a fresh su
                (B, H, T, T, N) tensors of phase differences, explicit softmax, every step kept for
                backward (only where its estimated memory fits under --naive-max-gb).
 
-Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch (as "over an
-import-only process"), measured with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so
+Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch and kuramoto_attn
+(as "over an import-only process"), measured with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_) so
 that RSS follows live tensor bytes; on CUDA torch.cuda.max_memory_allocated minus what is allocated
 after one warm-up step (weights, input and cuBLAS's workspace). Time: median over --repeats of forward + backward, after one warm-up.
 
@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import bench_ms
+from _timing import bench_ms, positive_int
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}
@@ -100,9 +99,16 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes():
+    """This process's peak RSS (VmHWM: of this program only; ``ru_maxrss`` starts at the parent's)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def worker(spec):
     """Measure one (kind, T, steps) in this fresh process; print a JSON line."""
-    base_rss = rss_bytes()  # after importing torch: the "import-only process"
+    import kuramoto_attn  # noqa: F401  (before the base: its imports are not the layer's memory)
+    base_rss = rss_bytes()  # after importing torch and the library: the "import-only process"
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model = build(spec["kind"], spec["steps"]).to(device)
@@ -125,7 +131,7 @@ def worker(spec):
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base_cuda
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        peak = peak_rss_bytes() - base_rss
     print(json.dumps({**spec, "ms": ms, "peak_mb": peak / 2**20}))
 
 
@@ -162,13 +168,14 @@ def naive_estimate_gb(batch, T, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: default)")
     parser.add_argument("--bf16", action="store_true", help="run under torch.autocast(bfloat16)")
     parser.add_argument("--naive-max-gb", type=float, default=8.0)
     parser.add_argument("--layers", nargs="+", default=["vanilla", "mean_field", "attention", "naive"],
+                        choices=["vanilla", "mean_field", "attention", "naive"],
                         help="which layers to run (vanilla is the baseline of the ratios)")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks._timing import bench_ms, sync  # noqa: E402
+from benchmarks._timing import bench_ms, positive_int, sync  # noqa: E402
 import kuramoto_attn.attention as attention_module  # noqa: E402
 from kuramoto_attn._euler_mean_field import euler_mean_field  # noqa: E402
 from models import GPT, GPTConfig  # noqa: E402
@@ -94,11 +94,11 @@ def check_integration(integration, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--iters", type=positive_int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=PHASE["steps"], help="Euler steps of the phase layer")
+    parser.add_argument("--batch", type=positive_int, default=12)
+    parser.add_argument("--steps", type=positive_int, default=PHASE["steps"], help="Euler steps of the phase layer")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")

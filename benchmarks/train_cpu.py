@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._timing import positive_int  # noqa: E402
 from recipes.config import override  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -203,10 +204,10 @@ def full_val_loss(kind: str, path: Path, data_path: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(DATA), help="tiny-shakespeare input.txt")
-    parser.add_argument("--iters", type=int, default=2000,
+    parser.add_argument("--iters", type=positive_int, default=2000,
                         help="training iterations (at least 500 for the fastest-stretch column)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337])
-    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
+    parser.add_argument("--threads", type=positive_int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default="/tmp/kuramoto-train-cpu", help="run and cache directory")
     parser.add_argument("--nanogpt-loop", metavar="SAVE", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=1337, help=argparse.SUPPRESS)
@@ -217,7 +218,8 @@ def main() -> None:
     if not Path(args.data).is_file():
         sys.exit(f"--data: no such file {args.data!r} (tiny-shakespeare's input.txt; the default is the "
                  "development copy beside the checkout: pass --data PATH elsewhere)")
-    out = Path(args.out)
+    # absolute: the runs start in the checkout (cwd=ROOT), not where this script was started
+    args.data, out = str(Path(args.data).resolve()), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; "
           f"{args.iters} iterations on {args.data}, seeds {args.seeds}\n")

@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._timing import positive_int  # noqa: E402
 from recipes.common import build_model, param_groups  # noqa: E402
 from recipes.config import load_config  # noqa: E402
 
@@ -79,10 +80,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true"])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=5, help="steps per config per round")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=5, help="steps per config per round")
+    parser.add_argument("--warmup", type=positive_int, default=5)  # >= 1: the peak excludes AdamW's state creation
+    parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
