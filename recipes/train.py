@@ -246,8 +246,9 @@ def _run_outputs_in(run_dir: Path) -> list[str]:
 def _refuse_a_run_in(run_dir: Path) -> None:
     found = _run_outputs_in(run_dir)
     if found:
-        raise FileExistsError(f"out_dir: {run_dir} already holds a run ({', '.join(found)}); continue it with "
-                              "--resume, start over with --overwrite, or give this run another name or out_dir")
+        go_on = "continue it with --resume, " if (run_dir / "last.pt").is_file() else ""  # none: nothing to resume
+        raise FileExistsError(f"out_dir: {run_dir} already holds a run ({', '.join(found)}); {go_on}start over "
+                              "with --overwrite, or give this run another name or out_dir")
 
 
 def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool,
@@ -518,6 +519,10 @@ RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_di
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
     if not path.is_file():
+        found = _run_outputs_in(path.parent)
+        if found:  # e.g. diverged at its first steps: a result, no checkpoint to go on from
+            raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}: the run there stopped before its "
+                                    f"first one ({', '.join(found)}); start it over with --overwrite")
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     # compare before loading the weights: a changed model would fail there with a size mismatch
     header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

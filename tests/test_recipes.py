@@ -1359,9 +1359,12 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     # last.pt deleted to save space (best.pt kept), or only result.json left (a run that diverged before
     # its first checkpoint): still a run, which a plain rerun replaced
     (tmp_path / "run" / "last.pt").rename(tmp_path / "last.pt")
-    for kept in ("best.pt", "result.json"):
-        with pytest.raises(FileExistsError, match=rf"already holds a run \({kept}"):
+    for kept in ("best.pt", "result.json"):  # nothing to resume: the message says start over, not --resume
+        with pytest.raises(FileExistsError, match=rf"already holds a run \({kept}.*\); start over with --overwrite"):
             train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
+        with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint at .*last.pt': the run there stopped "
+                                                    rf"before its first one \({kept}.*\); start it over with --overwrite"):
+            train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})), resume=True)
         (tmp_path / "run" / kept).rename(tmp_path / kept)
     # nor a directory holding only interpret's report of a checkpoint other than best.pt
     (tmp_path / "run" / "interpret-last.json").write_text("{}")
