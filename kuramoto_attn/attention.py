@@ -120,6 +120,7 @@ class KuramotoCache:
             the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
             ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head); for a
             coupling module the past tokens' phases ``(b, h, s, n)`` at that evaluation.
+        layer_id: ``id`` of the layer that filled it; another layer refuses it (give each layer its own).
 
     Example:
         >>> import torch
@@ -135,6 +136,8 @@ class KuramotoCache:
     values: Tensor | None = None
     valid: Tensor | None = None
     field_state: dict = field(default_factory=dict)
+    #: ``id`` of the layer that filled it: one cache shared by two layers would mix their tokens
+    layer_id: int | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -360,6 +363,9 @@ class KuramotoAttention(nn.Module):
         if past and cache.keys.dtype != q.dtype:  # torch.cat would silently promote the past tokens
             raise ValueError(f"cache: holds keys of dtype {cache.keys.dtype} but this call computes {q.dtype} "
                              "(a cache filled under another dtype or autocast setting)")
+        if past and cache.layer_id not in (None, id(self)):  # last: the checks above say more where they apply
+            raise ValueError("cache: filled by another KuramotoAttention layer (of the same shape); give each "
+                             "layer its own KuramotoCache")
         phase_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # phases never in half
         # (b, t, h * n) -> (b, h, n, t): the integration's layout; the cumulative mean field then
         # runs along the contiguous last axis (about 2.4x faster than along the tokens of (b, h, t, n))
@@ -384,7 +390,7 @@ class KuramotoAttention(nn.Module):
         y = self.out(out.transpose(1, 2).reshape(b, t, h * (d + 2 * n)))  # (b, h, t, e) -> (b, t, h * e)
 
         if cache is not None:
-            self._update_cache(cache, keys, values, valid, run.new_state)
+            self._update_cache(cache, keys, values, valid, run.new_state, id(self))
         if not return_info:
             return y
         return y, self._info(theta, valid, R_steps)
@@ -620,8 +626,9 @@ class KuramotoAttention(nn.Module):
 
     @staticmethod
     def _update_cache(cache: KuramotoCache, keys: Tensor, values: Tensor, valid: Tensor | None,
-                      state: dict) -> None:
+                      state: dict, layer_id: int) -> None:
         cache.keys, cache.values = keys.detach(), values.detach()
+        cache.layer_id = layer_id
         cache.valid = None if valid is None else valid.detach()
         cache.field_state = {key: _detach(value) for key, value in state.items()}
 

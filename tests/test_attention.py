@@ -616,6 +616,12 @@ def test_bad_forward_arguments():
             layer(torch.randn(3, 1, 16), cache=cache)  # another batch size
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, coupling="attention")(x[:, :1], cache=cache)  # another layer
+        # ... also one of the same shape: it would add its tokens to the other layer's (wrong outputs)
+        before = (cache.keys.clone(), cache.length)
+        with pytest.raises(ValueError, match=r"^cache: filled by another KuramotoAttention layer \(of the same "
+                                             r"shape\); give each layer its own KuramotoCache"):
+            make_layer(dtype=torch.float32)(x[:, :1], cache=cache)
+        assert torch.equal(cache.keys, before[0]) and cache.length == before[1]
         for other in (dict(integrator="heun"), dict(steps=2), dict(steps=4)):  # other (step, stage) states
             with pytest.raises(ValueError, match="cache: holds no phase state"):
                 make_layer(dtype=torch.float32, **other)(x[:, :1], cache=cache)
