@@ -9,8 +9,9 @@ the value random phases would give, and saved to ``interpret.json`` (with the ch
 and the windows read). Two plots, a panel per phase layer and a line per head: ``R_tokens.png`` (R
 against the token position, averaged over the batch) and ``R_steps.png`` (R after each integration
 step). A checkpoint other than ``best.pt`` (``--checkpoint last.pt``, or a file given directly) writes
-``interpret-last.json``, ``R_tokens-last.png`` and ``R_steps-last.png`` (named after it), so that
-neither replaces the other's.
+``interpret-last.json``, ``R_tokens-last.png`` and ``R_steps-last.png`` (named after it), and a split
+other than val adds its name (``interpret-test.json``, ``interpret-last-test.json``), so that none
+replaces another's.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(args.run)
     checkpoint = checkpoint_file(path, args.checkpoint)
     model, tokenizer, config, state = load_run(checkpoint)
-    suffix = "" if checkpoint.name == "best.pt" else f"-{checkpoint.stem}"  # one set of files per checkpoint
+    # one set of files per checkpoint and split: best.pt on val keeps the plain names
+    suffix = ("" if checkpoint.name == "best.pt" else f"-{checkpoint.stem}") + (
+        "" if args.split == "val" else f"-{args.split}")
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {str(out)!r} is a file, not a directory")

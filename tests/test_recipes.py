@@ -1469,6 +1469,11 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     assert json.loads((tmp_path / "interpret-last.json").read_text()) == last
     assert (tmp_path / "R_tokens-last.png").is_file() and (tmp_path / "R_steps-last.png").is_file()
     assert best_files == {name: (tmp_path / name).read_bytes() for name in best_files}
+    # another split: its own files too (--split train replaced val's)
+    train_split = main([str(trained), "--split", "train", "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "interpret-train.json").read_text()) == train_split
+    assert (tmp_path / "R_tokens-train.png").is_file() and (tmp_path / "R_steps-train.png").is_file()
+    assert best_files == {name: (tmp_path / name).read_bytes() for name in best_files}
 
 
 def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillator_count(trained, tmp_path):
@@ -1478,7 +1483,7 @@ def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillat
     model, _, config, _ = load_run(trained)
     corpus = load_corpus(config.data)
     report = main([str(trained), "--split", "train", "--batches", "1", "--batch-size", "2", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "interpret.json").read_text()) == report
+    assert json.loads((tmp_path / "interpret-train.json").read_text()) == report
     for split in ("train", "val"):
         stats = phase_statistics(model, eval_batches(corpus.splits[split], 2, 16, 1, seed=config.seed))[1]
         means = pytest.approx(stats["stats"]["mean"].tolist(), abs=1e-6)
