@@ -44,8 +44,8 @@ import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, DataConfig, _one_line, changed_settings, load_config,
-                            load_yaml, override, parse_saved_config, split_overrides)
+from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, _one_line, changed_settings,
+                            load_config, load_yaml, override, parse_saved_config, split_overrides)
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
@@ -212,11 +212,6 @@ def _checked_config(config: Path, overrides: list[str]) -> dict:
 
 class SweepRunFailed(RuntimeError):
     """A run of the sweep stopped without a result (e.g. killed); rerunning the sweep resumes it."""
-
-
-#: where the corpus lives, not what it is: a run may have been trained with another data.path or
-#: data.cache_dir (a moved folder, another machine) when its text is the one the run records
-DATA_LOCATION = ("data.path", "data.cache_dir")
 
 
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str], corpora: _Corpora | None) -> None:

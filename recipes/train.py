@@ -50,8 +50,8 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
-from recipes.config import (DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config, model_config,
-                            parse_saved_config, split_overrides)
+from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
+                            model_config, parse_saved_config, split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
 
@@ -513,8 +513,7 @@ def _flush_logs(fabric) -> None:
 #: sha256 instead), and on how many devices (the global batch stays the same: a job restarted on
 #: another allocation). Everything else (model, data, optimizer, batch size, precision) would make
 #: the resumed run a different experiment.
-RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", "data.path", "data.cache_dir",
-                     *DEVICE_KEYS)
+RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", *DATA_LOCATION, *DEVICE_KEYS)
 
 
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
