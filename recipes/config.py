@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -248,7 +248,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-_SECTIONS = ("model", "data", "optim", "train", "fabric")  # RunConfig's sections
+#: RunConfig's sections (model, data, optim, train, fabric): its fields that hold a mapping or dataclass
+_SECTIONS = tuple(f.name for f in fields(RunConfig) if f.default_factory is not MISSING)
 
 
 def override(key: str, value: Any) -> str:
