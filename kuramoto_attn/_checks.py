@@ -57,6 +57,14 @@ def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
         raise ValueError(f"{name}: expected the module's dtype {dtype} (or torch.autocast) but got {x.dtype}")
 
 
+def check_cache_dtype(cached: Tensor, computed: Tensor) -> None:
+    """A decoding cache's past keys ``cached`` must have the dtype this call computes: ``torch.cat``
+    would silently promote them (a cache filled under another dtype or autocast setting)."""
+    if cached.dtype != computed.dtype:
+        raise ValueError(f"cache: holds keys of dtype {cached.dtype} but this call computes {computed.dtype} "
+                         "(a cache filled under another dtype or autocast setting)")
+
+
 def check_mask(name: str, mask: Any, like: Tensor) -> Tensor:
     """A boolean mask (True = valid) on ``like``'s device that broadcasts to its shape."""
     shape = like.shape

@@ -64,7 +64,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_bool, check_choice, check_input_like, check_int, check_real, check_tensor
+from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_like, check_int, check_real,
+                      check_tensor)
 from ._euler_mean_field import euler_mean_field
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
@@ -360,9 +361,8 @@ class KuramotoAttention(nn.Module):
         # (b, t, 3 * h * d) -> 3 × (b, t, h, d) views: SDPA then returns (b, t, h, e) memory, so the
         # output projection needs no copy
         q, k, v = self.qkv(x).view(b, t, 3, h, d).unbind(2)
-        if past and cache.keys.dtype != q.dtype:  # torch.cat would silently promote the past tokens
-            raise ValueError(f"cache: holds keys of dtype {cache.keys.dtype} but this call computes {q.dtype} "
-                             "(a cache filled under another dtype or autocast setting)")
+        if past:
+            check_cache_dtype(cache.keys, q)
         if past and cache.layer_id not in (None, id(self)):  # last: the checks above say more where they apply
             raise ValueError("cache: filled by another KuramotoAttention layer (of the same shape); give each "
                              "layer its own KuramotoCache")

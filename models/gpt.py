@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
 from kuramoto_attn.attention import COUPLINGS
-from kuramoto_attn._checks import check_bool, check_int
+from kuramoto_attn._checks import check_bool, check_cache_dtype, check_int
 
 from . import sampling
 from .config import ConfigError, check, check_types, from_dict
@@ -234,9 +234,7 @@ class CausalSelfAttention(nn.Module):
         mask, is_causal = None, t > 1
         if cache is not None:
             if cache.keys is not None:
-                if cache.keys.dtype != k.dtype:  # torch.cat would silently promote (KuramotoAttention refuses too)
-                    raise ValueError(f"cache: holds keys of dtype {cache.keys.dtype} but this call computes {k.dtype} "
-                                     "(a cache filled under another dtype or autocast setting)")
+                check_cache_dtype(cache.keys, k)  # as KuramotoAttention: a refusal leaves every layer's cache as it was
                 k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)  # (b, h, s, d)
                 past = k.shape[2] - t
                 if t > 1:  # new tokens see every past token and the new ones up to themselves
