@@ -237,10 +237,13 @@ class _Corpora:
 
     def __init__(self) -> None:
         self._loaded: dict[DataConfig, Any] = {}  # frozen dataclasses: hashable
+        self._passed: set[tuple[Path, DataConfig]] = set()  # the summary asks again about the runs checked
 
     def check(self, run_dir: Path, data: DataConfig, changed: list[str]) -> None:
         """Raise a ``ValueError`` naming ``run_dir`` unless its checkpoint records the sha256 of the
         corpus that ``data`` gives (``changed``: the run's ``DATA_LOCATION`` keys that differ)."""
+        if (run_dir.resolve(), data) in self._passed:
+            return
         moved = f"[sweep] {run_dir} was trained with its corpus elsewhere ({', '.join(changed)})"
         checkpoint = next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
         if checkpoint is None:
@@ -259,6 +262,7 @@ class _Corpora:
         if changes:
             raise ValueError(f"{moved}, and not on this text: {'; '.join(changes)}; give the sweep the "
                              "corpus it was trained on, or another out_dir")
+        self._passed.add((run_dir.resolve(), data))
 
 
 def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
