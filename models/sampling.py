@@ -82,7 +82,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     it the prompt is prefilled once, then one token at a time; when the cache holds ``context``
     tokens it is refilled from the last ``context`` tokens, so both paths see the same inputs
     (learned positions make a sliding cache wrong). Runs under ``torch.no_grad()`` in eval mode and
-    restores the model's mode.
+    restores the mode of every submodule (one left in eval mode inside a training model stays so).
     """
     check_idx(idx)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
@@ -91,7 +91,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     top_k, vocab_size, context = (None if value is None else check_int(name, value, low=1) for name, value in
                                   (("top_k", top_k), ("vocab_size", vocab_size), ("context", context)))
     use_cache = check_bool("use_cache", use_cache)
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # not only the top level's
     model.eval()
     try:
         with torch.no_grad():
@@ -108,7 +108,8 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
                 next_token = sample_next(logits[:, -1], temperature, top_k, generator, vocab_size)  # (b, 1)
                 idx = torch.cat([idx, next_token], dim=1)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return idx
 
 

@@ -415,6 +415,16 @@ def test_generate_checks_arguments_and_restores_mode(kwargs, message):
         model.generate(torch.zeros(1, 3), 2)
 
 
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_generate_restores_every_submodule_mode(name):
+    model = MODEL_CASES[name]().train()
+    frozen = list(model.modules())[-1]  # e.g. a dropout or norm the user keeps in eval mode while training
+    frozen.eval()
+    modes = [m.training for m in model.modules()]
+    model.generate(tokens(1, 3), 2)
+    assert [m.training for m in model.modules()] == modes
+
+
 
 @pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
 def test_bad_targets_are_errors_naming_targets(name):
