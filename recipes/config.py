@@ -330,9 +330,10 @@ DISPLAY_KEYS = ("train.log_interval", "train.progress_bar", "train.plots")
 #: settings that change only how the global batch is computed (on how many devices, in how many
 #: micro-batches, compiled or not), not which batches or what is learned from them (float rounding aside)
 DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum", "train.compile")
-#: where the corpus lives, not what it is (a moved folder, another machine): a run may change these when
-#: its corpus's text is the one its checkpoint records (sha256)
-DATA_LOCATION = ("data.path", "data.cache_dir")
+#: where the corpus lives and whether it may be fetched, not what it is (a moved folder, another machine):
+#: a run may change these when its corpus's text is the one its checkpoint records (sha256). A run read
+#: from the cache with ``download: false`` then gets ``data.path``, where ``download`` must go
+DATA_LOCATION = ("data.path", "data.cache_dir", "data.download")
 
 
 def changed_settings(saved: dict, wanted: dict) -> list[str]:

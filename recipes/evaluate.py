@@ -48,6 +48,8 @@ def run_corpus(data: DataConfig, tokenizer, state: dict, args: argparse.Namespac
     say the corpus is now (where the run recorded it otherwise)."""
     moved = {key: value for key, value in (("path", args.data_path), ("cache_dir", args.cache_dir))
              if value is not None}
+    if args.data_path is not None:  # download applies only without a path: a run trained offline (false) may move
+        moved["download"] = DataConfig.download
     try:
         return load_corpus(dataclasses.replace(data, **moved), tokenizer, state.get("corpus"))
     except FileNotFoundError as err:

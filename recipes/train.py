@@ -17,8 +17,8 @@ before the next update and save together; a second Ctrl-C aborts); an evaluation
 its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
-``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path`` and ``data.cache_dir`` (a moved
-corpus), and ``fabric.devices``, ``num_nodes``, ``strategy``, ``train.grad_accum`` and ``train.compile``;
+``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path``, ``data.cache_dir`` and
+``data.download`` (a moved corpus), and ``fabric.devices``, ``num_nodes``, ``strategy``, ``train.grad_accum`` and ``train.compile``;
 any other change is refused, naming the key, and so is a corpus whose text changed since (a file with
 another sha256 than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16

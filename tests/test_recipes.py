@@ -1221,7 +1221,7 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     text.rename(text.with_suffix(".away"))
     for main in (evaluate_main, interpret_main):
         with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(text))}\) \(the run's corpus is not where it was trained: give --data-path "
-                                                      "where it is now\)$"):
+                                                      r"where it is now\)$"):
             main([str(run), "--device", "cpu"])
     text.with_suffix(".away").rename(text)
     assert evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved),
@@ -2073,3 +2073,35 @@ def test_two_evaluations_recording_at_once_keep_both(tmp_path):
         assert waiting.is_alive()  # waits for it
     waiting.join(10)
     assert set(json.loads((tmp_path / "evaluation.json").read_text())) == {"last.pt", "best.pt"}
+
+
+def test_a_run_trained_offline_from_the_cache_moves_with_its_corpus(tmp_path, corpus_file, monkeypatch):
+    # data.download=false (a known corpus read from the cache) is refused with data.path, and the moved
+    # run's config kept it: evaluate and interpret with --data-path, and a resume with data.path, were
+    # refused with no way round
+    from recipes import data
+    from recipes.interpret import main as interpret_main
+    remote = data.RemoteFile("https://example.invalid/input.txt", "input.txt",
+                             hashlib.sha256(corpus_file.read_bytes()).hexdigest())
+    monkeypatch.setitem(data.CORPORA, "tiny-shakespeare", data.CorpusSource("char", {"all": remote}))
+    cached = tmp_path / "cache" / "downloads" / "tiny-shakespeare" / "input.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(corpus_file.read_bytes())
+    offline = {"name": "tiny-shakespeare", "path": None, "download": False}
+    values = tiny(tmp_path, corpus_file, data=offline, train={"max_iters": 4})
+    train(parse_config(values))
+    run = tmp_path / "run"
+    evaluated = evaluate_main([str(run), "--device", "cpu"])
+
+    moved = tmp_path / "elsewhere" / "input.txt"
+    moved.parent.mkdir()
+    shutil.move(cached, moved)
+    shutil.rmtree(tmp_path / "cache")
+    assert evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved)]) == evaluated
+    interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu", "--data-path", str(moved)])
+    resumed = tiny(tmp_path, corpus_file, data={"name": "tiny-shakespeare", "path": str(moved)},
+                   train={"max_iters": 6})
+    assert train(parse_config(resumed), resume=True)["step"] == 6
+    moved.write_text(WORDS[::-1] * 60)  # another text there: still refused
+    with pytest.raises(ValueError, match="the corpus is not the text the run was trained on"):
+        evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved)])
