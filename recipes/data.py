@@ -480,7 +480,18 @@ def _read_enwik8(file: Path, local: bool) -> bytes:
     """The bytes of enwik8 (from the zip or the extracted file). A download (or cached copy) must
     have the published size and md5 of the extracted file; a local variant of another size only
     warns."""
-    data = zipfile.ZipFile(file).read("enwik8") if zipfile.is_zipfile(file) else file.read_bytes()
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+            if "enwik8" not in names:
+                raise ValueError(f"data.path: {file} is a zip without an 'enwik8' member (it holds "
+                                 f"{', '.join(map(repr, names[:5])) or 'nothing'}{', ...' if len(names) > 5 else ''}); "
+                                 "give the extracted file instead")
+            data = archive.read("enwik8")
+        if not data:
+            raise ValueError(f"data.path: {file}'s 'enwik8' member is empty")
+    else:
+        data = _read_bytes(file)
     remote = CORPORA["enwik8"].files["all"]
     size = remote.size
     if len(data) != size and not local:
@@ -613,9 +624,17 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
     if name == "enwik8":  # unzipped and md5-checked only to build the cache (its key holds the zip's sha256)
         return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas, where
     if "all" in files:
-        read = files["all"].read_bytes if level == "byte" else lambda: _read_text(files["all"])
-        return lambda: _split_contiguous(read(), val_fraction, whole_words), shas, where
-    return lambda: {split: _read_text(f) for split, f in files.items()}, shas, where
+        read = _read_bytes if level == "byte" else _read_text
+        return lambda: _split_contiguous(read(files["all"]), val_fraction, whole_words), shas, where
+    read = _read_bytes if level == "byte" else _read_text  # bytes as they are: no decoding, BOM or newline changes
+    return lambda: {split: read(f) for split, f in files.items()}, shas, where
+
+
+def _read_bytes(file: Path) -> bytes:
+    data = file.read_bytes()
+    if not data:  # as for text: an empty corpus is an error about the file, not about a split's length later
+        raise ValueError(f"data.path: {file} is empty")
+    return data
 
 
 def _read_text(file: Path) -> str:

@@ -579,11 +579,35 @@ def test_get_batch_on_a_memmap(tmp_path, text_file):
     assert x.shape == (4, 32) and int(x.max()) < corpus.tokenizer.vocab_size
 
 
-def test_an_empty_text_file_names_data_path(tmp_path):
-    # was "model.vocab_size: must be at least 1 (got 0)" once the empty vocabulary reached the model
+@pytest.mark.parametrize("tokenizer", ["char", "byte"])
+def test_an_empty_text_file_names_data_path(tmp_path, tokenizer):
+    # was "model.vocab_size: must be at least 1 (got 0)" once the empty vocabulary reached the model;
+    # read as bytes, "train.block_size: the train split has 0 tokens" after an empty cache entry
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"data.path: .*empty.txt is empty"):
-        prepare_corpus("text", path=tmp_path / "empty.txt", cache_dir=tmp_path / "cache")
+        prepare_corpus("text", path=tmp_path / "empty.txt", tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"data.path: .*empty.txt is empty"):
+        prepare_corpus("enwik8", path=tmp_path / "empty.txt", cache_dir=tmp_path / "cache")
+
+
+def test_an_enwik8_zip_without_its_member_names_data_path(tmp_path):
+    archive = tmp_path / "variant.zip"  # was a KeyError traceback
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("enwik8.txt", b"hello world " * 100)
+    with pytest.raises(ValueError, match=r"data.path: .*variant.zip is a zip without an 'enwik8' member "
+                                         r"\(it holds 'enwik8.txt'\); give the extracted file instead"):
+        prepare_corpus("enwik8", path=archive, cache_dir=tmp_path / "cache")
+
+
+def test_wikitext_read_as_bytes_is_its_bytes(tmp_path):
+    # the split files were decoded as UTF-8 (an error for other bytes, advising the byte tokenizer
+    # already set; a BOM and CRLF changed), unlike a single file read as bytes
+    folder = _fake_wikitext(tmp_path / "wt2")
+    raw = {"train": b"\xef\xbb\xbfthe cat\r\n" * 3, "val": b"caf\xe9\n", "test": b" a\r\n"}
+    for name, content in zip(("train.txt", "valid.txt", "test.txt"), raw.values()):
+        (folder / name).write_bytes(content)
+    corpus = prepare_corpus("wikitext-2", path=folder, tokenizer="byte", cache_dir=tmp_path / "cache")
+    assert {split: bytes(tokens.tolist()) for split, tokens in corpus.splits.items()} == raw
 
 
 # --- properties a mutation audit found unchecked ----------------------------------------------
