@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if missing:  # before anything is computed or written
         raise ValueError(f"splits: the corpus {corpus.name!r} has no split {', '.join(map(repr, missing))} "
                          f"(it has {', '.join(corpus.splits)})")
+    short = [f"{split!r} has {len(corpus.splits[split])}" for split in splits if len(corpus.splits[split]) < 2]
+    if short:  # also before anything is computed: the other splits' results would be lost
+        raise ValueError(f"splits: {'; '.join(short)} token(s), and at least 2 are needed to predict one; "
+                         "choose others with --splits")
     results = {}
     for split in splits:
         results[split] = evaluate_split(model, corpus.splits[split], config.train.block_size, tokenizer,

@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = run_corpus(config.data, tokenizer, state, args)
     if args.split not in corpus.splits:
         parser.error(f"--split: the corpus has no {args.split!r} split (has {', '.join(corpus.splits)})")
+    tokens, block_size = len(corpus.splits[args.split]), config.train.block_size
+    if tokens < block_size + 1:  # its windows are the run's training length
+        parser.error(f"--split: the {args.split} split has {tokens} tokens, fewer than the run's "
+                     f"train.block_size + 1 = {block_size + 1}")
     batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,
                            args.batches, seed=config.seed, device=device)
     results = phase_statistics(model, batches)

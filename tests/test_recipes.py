@@ -1132,6 +1132,31 @@ def test_evaluate_scores_val_and_test_by_default_where_the_corpus_has_both_and_e
     assert list(again) == printed == ["test", "val"] and all(again[s] == pytest.approx(results[s]) for s in results)
 
 
+def test_splits_too_short_for_evaluate_or_interpret_are_errors_naming_them(tmp_path, capsys):
+    # evaluate scored val, then failed on a 1-token test split with "tokens: need at least 2" (val's result
+    # lost); interpret failed with "Expected `data` to be 1-D with at least block_size + 1 ..."
+    from recipes.interpret import main as interpret_main
+    folder = tmp_path / "wt2"
+    folder.mkdir()
+    lines = " the cat sat on the mat . \n the dog ran @-@ away <unk> . \n"
+    for name, text in (("train.txt", lines * 20), ("valid.txt", lines * 3), ("test.txt", " \n")):
+        (folder / name).write_text(text)
+    train(parse_config(tiny(tmp_path, folder, data={"name": "wikitext-2", "path": str(folder), "tokenizer": None},
+                            optim={"warmup_iters": 0}, train={"max_iters": 2, "eval_interval": 2})))
+    run = tmp_path / "run"
+    before = (run / "evaluation.json").read_text() if (run / "evaluation.json").exists() else None
+    with pytest.raises(ValueError, match=r"^splits: 'test' has 1 token\(s\), and at least 2 are needed to predict "
+                                         r"one; choose others with --splits$"):
+        evaluate_main([str(run), "--device", "cpu"])
+    after = (run / "evaluation.json").read_text() if (run / "evaluation.json").exists() else None
+    assert after == before and "val:" not in capsys.readouterr().out  # nothing computed, nothing written
+    assert list(evaluate_main([str(run), "--splits", "val", "--device", "cpu"])) == ["val"]
+    with pytest.raises(SystemExit):
+        interpret_main([str(run), "--split", "test", "--device", "cpu"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --split: the test split has 1 tokens, fewer than the run's train.block_size + 1 = 17")
+
+
 def test_perplexity_of_a_hopeless_model_is_capped_not_an_overflow():
     # a diverged model's loss in the thousands: exp(loss) overflows a float; the bits stay exact
     from recipes.data import CharTokenizer
