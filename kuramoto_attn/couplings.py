@@ -180,8 +180,9 @@ class MeanFieldCoupling(Coupling):
         for m in self.harmonics:
             mtheta = theta if m == 1 else m * theta
             cos_t, sin_t = torch.cos(mtheta), torch.sin(mtheta)
-            mean_cos = _sum(cos_t if weight is None else cos_t * weight, dim, self.causal) / count
-            mean_sin = _sum(sin_t if weight is None else sin_t * weight, dim, self.causal) / count
+            # means (in [-1, 1]) back in theta's dtype; their sums are float32 at least (see _sum)
+            mean_cos = (_sum(cos_t if weight is None else cos_t * weight, dim, self.causal) / count).to(theta.dtype)
+            mean_sin = (_sum(sin_t if weight is None else sin_t * weight, dim, self.causal) / count).to(theta.dtype)
             term = _pull(mean_cos, mean_sin, cos_t, sin_t, self.phase_lag)
             out = term if out is None else out + term
         return out if weight is None else out * weight
@@ -202,17 +203,21 @@ def _pull(z_cos: Tensor, z_sin: Tensor, cos_t: Tensor, sin_t: Tensor, phase_lag:
 
 
 def _sum(x: Tensor, dim: int, causal: bool) -> Tensor:
-    return x.cumsum(dim) if causal else x.sum(dim, keepdim=True)
+    """(Cumulative) sum along ``dim``, in float32 at least: float16 overflows past 65504 elements."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.cumsum(dim, dtype=dtype) if causal else x.sum(dim, keepdim=True, dtype=dtype)
 
 
 def _count(theta: Tensor, weight: Tensor | None, dim: int, causal: bool) -> Tensor | float:
-    """How many (valid) elements each mean counts; at least 1 so empty prefixes give zero."""
+    """How many (valid) elements each mean counts, in float32 at least; at least 1 so empty
+    prefixes give zero."""
     if weight is None:
         if not causal:
             return float(theta.shape[dim])
         shape = [1] * theta.dim()
         shape[dim] = theta.shape[dim]
-        return torch.arange(1, theta.shape[dim] + 1, device=theta.device, dtype=theta.dtype).view(shape)
+        dtype = torch.promote_types(theta.dtype, torch.float32)
+        return torch.arange(1, theta.shape[dim] + 1, device=theta.device, dtype=dtype).view(shape)
     return _sum(weight.expand_as(theta), dim, causal).clamp_min(1.0)
 
 

@@ -55,7 +55,9 @@ between chunks that is itself computed by the same chunked scan over the chunk s
 rounding error grows like the logarithm of ``T`` rather than ``T``. The window never subtracts two
 prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
 straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0``, so
-nothing overflows for any ``γ ∈ [γ_{min}, 1]``.
+nothing overflows for any ``γ ∈ [γ_{min}, 1]``. The memory and the normaliser ``S_t`` are sums in the
+input's dtype: a model run in float16 (largest value 65504) overflows once they exceed it, e.g. with
+``kernel="unbounded"`` after tens of thousands of tokens; use bfloat16 or float32 for such lengths.
 
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and

@@ -63,14 +63,16 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
             raise ValueError(f"weights: expected real non-negative values but got dtype {weights.dtype}")
         check_device("weights", weights, theta, owner="theta")
         check_broadcasts("weights", weights.shape, theta.shape)
-        weights = weights.to(theta.dtype)
+        # weighted sums of half-precision phases in float32: float16's 65504 is reached by 100 weights of 1000
+        weights = weights.to(torch.promote_types(theta.dtype, torch.float32))
         if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
             raise ValueError("weights: expected finite non-negative values")
         theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
-        total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(theta.dtype).tiny)
-        mean_cos = (cos_t * weights).sum(dim, keepdim=keepdim) / total
-        mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total
+        total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(weights.dtype).tiny)
+        # the means lie in [-1, 1]: back in theta's dtype
+        mean_cos = ((cos_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
+        mean_sin = ((sin_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
     # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
     # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower
     R = torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin), dim=-1), dim=-1).clamp(max=1.0)

@@ -329,3 +329,16 @@ def test_numpy_bools_are_accepted_as_flags():
 def test_bad_call_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False), (True, True)])
+def test_mean_field_of_many_half_precision_phases_does_not_overflow(causal, masked):
+    # the sums (and the causal counts) ran in float16: past 65504 elements inf, and the term NaN or inf
+    n = 70_000
+    theta = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    mask = torch.ones(n, dtype=torch.bool) if masked else None
+    coupling = MeanFieldCoupling(causal=causal)
+    expected = coupling(theta, mask)
+    got = coupling(theta.half(), None if mask is None else mask)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() < 5e-3

@@ -208,3 +208,15 @@ def test_gradients_are_finite_even_at_zero_coherence():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_R_of_half_precision_phases_does_not_overflow(dtype):
+    # the weighted sums ran in float16: 100 weights of 1000 (or 70000 valid elements) summed to inf, R was
+    # NaN; a weight of 1e5 was cast to inf first and refused as "not finite"
+    theta = torch.full((100,), 0.3, dtype=dtype)
+    for t, w in ((theta, torch.full((100,), 1000.0)), (torch.zeros(3, dtype=dtype), torch.tensor([1e5, 1.0, 1.0])),
+                 (torch.zeros(70_000, dtype=dtype), torch.ones(70_000, dtype=torch.bool))):
+        R, psi = order_parameter(t, weights=w)
+        assert R.dtype == psi.dtype == dtype
+        assert float(R) == pytest.approx(1.0, abs=1e-2) and float(psi) == pytest.approx(float(t[0]), abs=1e-2)
