@@ -63,6 +63,8 @@ def _order_parameter_compute(total: Tensor, total_sq: Tensor, count: Tensor, low
     count = count.clamp_min(1.0)
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+    # E[R²] − mean² cancels: identical values left ~1e-8. Popoviciu: std <= (max − min) / 2 (0 when all equal)
+    std = torch.minimum(std, (high - low).clamp_min(0.0) / 2)
     nan = torch.full_like(mean, float("nan"))
     return {key: torch.where(empty, nan, value)
             for key, value in {"mean": mean, "std": std, "min": low, "max": high}.items()}

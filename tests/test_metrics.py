@@ -500,3 +500,13 @@ def test_bad_mask(mask):
 def test_bad_theta(theta):
     with pytest.raises(ValueError, match="^theta:"):
         OrderParameter(dim=-1).update(theta)
+
+
+def test_std_of_identical_values_is_zero():
+    # E[R²] − mean² left 1.5e-8 for seven batches of one value (min == max)
+    metric = OrderParameter()
+    theta = torch.tensor([0.0, 1.5904], dtype=torch.float64).expand(1000, 2)
+    for _ in range(7):
+        metric.update(theta)
+    stats = metric.compute()
+    assert float(stats["min"]) == float(stats["max"]) and float(stats["std"]) == 0.0
