@@ -53,6 +53,9 @@ class DataConfig:
         from recipes.data import CORPORA
 
         check(self.name in CORPORA, "name", f"must be one of {', '.join(CORPORA)}", self.name)
+        for key in ("path", "cache_dir"):  # "" would be the working directory, silently
+            value = getattr(self, key)
+            check(value is None or value.strip() != "", key, "must not be empty (null: none given)", value)
         source = CORPORA[self.name]
         check(self.name != "enwik8" or self.tokenizer in (None, "byte"), "tokenizer",
               "must be byte (or null) for enwik8", self.tokenizer)
@@ -201,7 +204,9 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: extends: a cycle ({' -> '.join(str(p) for p in (*_seen, path.resolve()))})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(values, dict):
@@ -242,7 +247,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             # ("optim=" is null) would silently reset it to the defaults
             if not isinstance(value, dict):
                 raise ConfigError(f"override {item!r}: {leaf} is a section; set its keys ({leaf}.<key>=value)")
-            node[leaf] = _merge(node.get(leaf) or {}, value, sections=False)
+            given = node.get(leaf)
+            if given is not None and not isinstance(given, dict):
+                raise ConfigError(f"{leaf}: expected a mapping of settings but the config file gives {given!r}")
+            node[leaf] = _merge(given or {}, value, sections=False)
         else:
             node[leaf] = value
     return values
@@ -299,8 +307,9 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
                           for key in ("data", "optim", "model"))
     if data.get("download") is False and not _reads_download(data.get("name", DataConfig.name), data.get("path")):
         del data["download"]  # nothing was to be downloaded
-    if optim.get("schedule") == "constant":
-        optim.pop("min_lr", None)  # read by the cosine schedule only
+    if optim.get("schedule") == "constant" and optim.get("min_lr") not in (OptimConfig.min_lr,
+                                                                          optim.get("lr", OptimConfig.lr)):
+        del optim["min_lr"]  # read by the cosine schedule only; the values the check accepts are kept as given
     if model.get("type") == "tpi" and model.get("num_heads", 1) != 1:
         from kuramoto_attn import HolographicPhaseMemory
         from models.tpi_lm import TPILMConfig

@@ -359,8 +359,9 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
     step = progress["step"]
     val = evaluate(fabric, model, val_data, config)
     if not math.isfinite(val["val/loss"]):
-        raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; "
-                               "last.pt / best.pt keep the last good state")
+        kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
+                else "no checkpoint has been written yet")
+        raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; {kept}")
     fabric.log_dict(val, step=step)
     layer_R = "".join(f", R {layer} {R:.3f}" for layer, R in _layer_R(val).items())
     fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
@@ -519,6 +520,10 @@ RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_di
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
     if not path.is_file():
         found = _run_outputs_in(path.parent)
+        if "best.pt" in found:  # last.pt deleted (to save space): the best one is a whole checkpoint too
+            raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}; the run's best.pt is there: copy it "
+                                    "to last.pt to go on from its step, or start over with --overwrite (which "
+                                    "deletes it)")
         if found:  # e.g. diverged at its first steps: a result, no checkpoint to go on from
             raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r}: the run there stopped before its "
                                     f"first one ({', '.join(found)}); start it over with --overwrite")

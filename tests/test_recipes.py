@@ -105,6 +105,8 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
     ("model.phase_layer_idx=[0", "override 'model.phase_layer_idx=\\[0': the value is not valid YAML"),
     ("out_dir=''", "out_dir: must not be empty"),  # was the working directory, which --overwrite cleared
+    ("data.path=''", "data.path: must not be empty"),  # was the working directory: its Markdown, or any file
+    ("data.cache_dir=''", "data.cache_dir: must not be empty"),  # the token cache went into the working directory
     ("name=../x", "name: must be a plain directory name"),
     ("name=''", "name: must be a plain directory name"),
     # every range the config promises, each refused by name (a mutation audit found them unchecked)
@@ -300,6 +302,31 @@ def test_min_lr_with_the_constant_schedule_is_an_error_where_it_would_be_ignored
         config = load_config(None, ["optim.schedule=constant", f"optim.min_lr={min_lr}"])
         assert {learning_rate(s, config.optim, 2000) for s in (100, 1000, 2000)} == {config.optim.lr}
     assert load_config(None, ["optim.schedule=constant", "optim.lr=5e-5"]).optim.lr == 5e-5  # below the default
+
+
+def test_a_constant_schedule_with_min_lr_at_lr_resumes(tmp_path, corpus_file):
+    # the saved config's min_lr was dropped (to the default) for a constant schedule, so a resume with the same
+    # config, min_lr = lr as the config's own message suggests, was refused as a change of optim.min_lr
+    def values(max_iters):
+        return tiny(tmp_path, corpus_file, optim={"lr": 3e-3, "min_lr": 3e-3, "schedule": "constant"},
+                    train={"max_iters": max_iters, "eval_interval": 2})
+    train(parse_config(values(2)))
+    assert train(parse_config(values(4)), resume=True)["step"] == 4
+
+
+def test_config_files_that_are_not_utf8_or_sections_that_are_not_mappings_are_errors_naming_them(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\u00e9\ntrain: {max_iters: 3}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(latin))}: not UTF-8 text"):  # named no file
+        load_config(latin)
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: latin.yaml\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(latin))}: not UTF-8 text"):
+        load_config(child)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: 5\n")  # was a TypeError traceback when the section was given whole
+    with pytest.raises(ConfigError, match=r"^train: expected a mapping of settings but the config file gives 5"):
+        load_config(bad, ["train={max_iters: 3}"])
 
 
 def test_runs_saved_with_settings_refused_since_still_load(tmp_path, corpus_file):
@@ -836,6 +863,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert json.loads((run / "result.json").read_text())["status"] == "diverged"
     assert list((run / "logs").rglob("metrics.csv"))  # the logs up to the divergence are kept
+
+
+@pytest.mark.parametrize("poisoned_eval, kept", [(1, "no checkpoint has been written yet"),
+                                                  (2, "last.pt / best.pt keep the last good state")])
+def test_a_nan_validation_loss_says_whether_a_checkpoint_was_kept(tmp_path, corpus_file, monkeypatch, poisoned_eval,
+                                                                 kept):
+    # at the first evaluation it claimed "last.pt / best.pt keep the last good state" with no checkpoint there
+    real_evaluate, calls = train_module.evaluate, {"n": 0}
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        out = real_evaluate(*args, **kwargs)
+        return dict(out, **{"val/loss": float("nan")}) if calls["n"] == poisoned_eval else out
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    step = 4 * poisoned_eval
+    with pytest.raises(TrainingDiverged, match=rf"^step {step}: validation loss nan is not finite; {kept}$"):
+        train(parse_config(tiny(tmp_path, corpus_file)))
+    assert (tmp_path / "run" / "last.pt").is_file() == (poisoned_eval > 1)
 
 
 def _run_recipe(args: list[str], **env) -> subprocess.CompletedProcess:
@@ -1387,8 +1433,11 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     for kept in ("best.pt", "result.json"):  # nothing to resume: the message says start over, not --resume
         with pytest.raises(FileExistsError, match=rf"already holds a run \({kept}.*\); start over with --overwrite"):
             train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})))
-        with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint at .*last.pt': the run there stopped "
-                                                    rf"before its first one \({kept}.*\); start it over with --overwrite"):
+        # with best.pt: a whole checkpoint to go on from (it said "stopped before its first one" and --overwrite)
+        stopped = (r"the run's best.pt is there: copy it to last.pt to go on from its step, or start over with "
+                   r"--overwrite \(which deletes it\)" if kept == "best.pt" else
+                   rf"the run there stopped before its first one \({kept}.*\); start it over with --overwrite")
+        with pytest.raises(FileNotFoundError, match=rf"--resume: no checkpoint at .*last.pt'[:;] {stopped}"):
             train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})), resume=True)
         (tmp_path / "run" / kept).rename(tmp_path / kept)
     # nor a directory holding only interpret's report of a checkpoint other than best.pt
