@@ -11,8 +11,8 @@ the end ``loss.png`` and, with phase layers, ``R.png`` (R of every phase layer a
 validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
 slice of the global batch), so it may also run on other devices: with devices × ``grad_accum``
-unchanged it stays exact, otherwise only the random draws (dropout, phase noise) differ. Ctrl-C or
-SIGTERM saves ``last.pt`` before exiting with status 130 or 143 (with several processes, all stop
+unchanged it stays exact, otherwise only the random draws (dropout, phase noise) differ. Ctrl-C,
+SIGTERM or SIGHUP saves ``last.pt`` before exiting with status 130, 143 or 129 (with several processes, all stop
 before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
 its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
@@ -418,7 +418,8 @@ def _interrupt_at_an_update(fabric, state: dict):
     the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
     inside a collective, would leave the others waiting in theirs (for gloo's 30 minutes). A second
     Ctrl-C interrupts at once. One process keeps Python's immediate KeyboardInterrupt. SIGTERM (a
-    scheduler's preemption, ``kill``) is handled as Ctrl-C, so ``last.pt`` is saved before exiting;
+    scheduler's preemption, ``kill``) and SIGHUP (a closed terminal) are handled as Ctrl-C, so
+    ``last.pt`` is saved before exiting;
     a signal the process was started to ignore stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -434,7 +435,10 @@ def _interrupt_at_an_update(fabric, state: dict):
     def stop(signum, frame):
         raise Interrupted(signum)
 
-    handlers = {signal.SIGTERM: stop} if fabric.world_size == 1 else {signal.SIGINT: mark, signal.SIGTERM: mark}
+    # SIGHUP (a closed terminal; recipes.sweep passes it on) as SIGTERM: it would kill the run without its save
+    ends = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    handlers = ({s: stop for s in ends} if fabric.world_size == 1
+                else {signal.SIGINT: mark, **{s: mark for s in ends}})
     previous = {}
     for signum, handler in handlers.items():
         # not over an ignored signal, nor over a handler installed outside Python (None: not restorable)

@@ -547,11 +547,12 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int |
     return saved, train(parse_config(values), resume=True)
 
 
-def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus_file, monkeypatch):
-    before = signal.getsignal(signal.SIGTERM)
-    saved, result = interrupt_then_resume(tiny(tmp_path / "b", corpus_file), 7, monkeypatch, signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP killed the run without its save
+def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus_file, monkeypatch, signum):
+    before = signal.getsignal(signum)
+    saved, result = interrupt_then_resume(tiny(tmp_path / "b", corpus_file), 7, monkeypatch, signum)
     assert saved["progress"]["step"] == 7 and result["status"] == "finished" and result["step"] == 12
-    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's handler is gone after training
+    assert signal.getsignal(signum) is before  # the trainer's handler is gone after training
     train(parse_config(tiny(tmp_path / "a", corpus_file)))  # uninterrupted: the same weights
     straight, resumed = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
