@@ -264,7 +264,8 @@ def override(key: str, value: Any) -> str:
     """A ``key=value`` override that :func:`apply_overrides` reads back as ``value`` exactly: strings
     (paths, names) are quoted, so that ``#`` (a YAML comment), ``: `` or a name such as ``1`` or
     ``yes`` keep their meaning."""
-    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+    # ensure_ascii=False: "\\ud835..." escapes of characters beyond the BMP come back from YAML as lone surrogates
+    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # section.key=value

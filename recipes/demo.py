@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'t':>6}  {'R':>6}")
     for step in range(0, steps + 1, max(1, steps // 20)):
         bar = "#" * round(40 * R[step].item())
-        print(f"{step * args.dt:6.1f}  {R[step].item():6.3f}  {bar}")
+        print(f"{step * args.dt:6g}  {R[step].item():6.3f}  {bar}")  # 6g: dt = 0.01 is not 0.0
     tail = R[-max(1, steps // 4):].mean().item()
     theory = math.sqrt(1 - 2 * args.gamma / args.strength) if args.strength > 2 * args.gamma else 0.0
     print(f"steady state: R = {tail:.3f} (mean over the last quarter); theory for N → ∞: {theory:.3f}")

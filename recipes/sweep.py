@@ -71,13 +71,16 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             run_overrides = [*overrides, override("name", name), override("seed", seed), override("out_dir", run_dir)]
             _checked_config(config, run_overrides)
             runs.append((config, name, seed, run_dir, run_overrides))
-    out_dir.mkdir(parents=True, exist_ok=True)
     corpora = _Corpora()
-    for config, name, seed, run_dir, run_overrides in runs:
+    found = []  # (resume, done) of each run
+    for config, name, seed, run_dir, run_overrides in runs:  # all of them before training any (hours later)
         resume, done = (run_dir / "last.pt").is_file(), _status(run_dir) != "unknown"
         if resume or done:
             # not only for a finished run: a resume may change train.max_iters, a sweep's runs may not
             _check_same_settings(run_dir, config, run_overrides, corpora if done else None)
+        found.append((resume, done))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (config, name, seed, run_dir, run_overrides), (resume, done) in zip(runs, found):
         if done:
             print(f"[sweep] {name} seed {seed}: done, skipped")
             continue
@@ -290,7 +293,9 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
     for path in out_dir.glob("*/seed*/result.json"):
         if path.parent.name[len("seed"):].isdigit():
             found.setdefault(path.parent.parent.name, set()).add(int(path.parent.name[len("seed"):]))
-    runs = {name: sorted(found.get(name, set())) for name in sorted(set(found) - set(names))}
+    # configs of earlier sweeps: the seeds trained as their first one was (one mean is one setting)
+    runs = {name: _alike_seeds(out_dir, name, sorted(found.get(name, set())))
+            for name in sorted(set(found) - set(names))}
     for name in names:
         earlier = sorted(found.get(name, set()) - set(seeds))
         if trained_alike is not None:
@@ -323,7 +328,7 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
         counted = [r for r in mine if r["status"] in COUNTED and r["best_val_loss"] is not None
                    and math.isfinite(r["best_val_loss"])]
         mean, half = mean_ci95([r["best_val_loss"] for r in counted])
-        ppl = f"{math.exp(mean):.2f}" if counted else "–"
+        ppl = (f"{math.exp(mean):.2f}" if mean < 700 else "inf") if counted else "–"  # exp overflows past 709
         R_cells = []
         for column in R_columns:
             values = [r[column] for r in counted if column in r]
@@ -334,11 +339,35 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
         statuses = ", ".join(sorted({r["status"] for r in mine})) or "not run"
         runs = f"{len(counted)}" if len(counted) == len(mine) else f"{len(counted)} of {len(mine)}"
         loss = f"{mean:.4f}{_ci(half, 4)}" if counted else "–"  # not "nan": no run to average
-        lines.append(f"| {name} | {runs} | {loss} | {ppl} | {'; '.join(R_cells) or '–'} | "
+        cell = " ".join(name.split()).replace("|", "\\|")  # a | or a line break would end the row
+        lines.append(f"| {cell} | {runs} | {loss} | {ppl} | {'; '.join(R_cells) or '–'} | "
                      f"{statuses} |")
     write_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def _alike_seeds(out_dir: Path, name: str, seeds: list[int]) -> list[int]:
+    """Of the ``seeds`` of a config that is not in this sweep, those trained with the settings of the
+    first one whose ``config.yaml`` reads; the others are left out of the summary, with a message. A
+    run whose ``config.yaml`` does not read is kept (nothing to compare)."""
+    reference, kept = None, []
+    for seed in seeds:
+        run_dir = out_dir / name / f"seed{seed}"
+        try:
+            if reference is None:
+                reference = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
+                changed = []
+            else:
+                changed = _changed_settings(run_dir, reference, ignore=_PER_RUN_KEYS)
+        except (OSError, ValueError):  # ConfigError is a ValueError
+            changed = []
+        if changed:
+            print(f"[sweep] {run_dir}: trained with other settings than {name}'s first seed ({', '.join(changed)}), "
+                  "left out of the summary")
+        else:
+            kept.append(seed)
+    return kept
 
 
 def _ci(half: float, digits: int) -> str:

@@ -411,3 +411,54 @@ def test_a_torn_config_yaml_is_named(tmp_path, configs, launched):
     (run_dir / "config.yaml").write_text("optim: 3\n")  # valid YAML, not a config: named too
     with pytest.raises(ConfigError, match=f"^{run_dir / 'config.yaml'}: "):
         sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+
+
+def _finished_run(run_dir: Path, config: Path, loss: float, overrides: list[str] = ()) -> None:
+    """A run folder as recipes.train leaves it: config.yaml (with ``overrides``) and result.json."""
+    run_dir.mkdir(parents=True)
+    values = load_config(config, [*overrides, f"out_dir={run_dir}"]).to_dict()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(values))
+    (run_dir / "result.json").write_text(json.dumps({"status": "finished", "step": 2, "best_val_loss": loss,
+                                                     "final_val_loss": loss}))
+
+
+def test_an_earlier_sweeps_config_is_summarised_over_the_seeds_trained_alike(tmp_path, configs, capsys):
+    # a config not in this sweep took every seed in its folder: runs of 2 and 6 iterations in one mean ± CI
+    out = tmp_path / "out"
+    _finished_run(out / "b" / "seed1", configs / "b.yaml", 1.0)
+    _finished_run(out / "b" / "seed2", configs / "b.yaml", 1.2)
+    _finished_run(out / "b" / "seed3", configs / "b.yaml", 0.5, ["train.max_iters=6"])
+    rows = sweep.summarise(out, ["a"], [1])
+    assert [(r["config"], r["seed"]) for r in rows] == [("b", 1), ("b", 2)]
+    assert "b/seed3: trained with other settings than b's first seed (train.max_iters)" in capsys.readouterr().out
+    mean, half = sweep.mean_ci95([1.0, 1.2])
+    assert f"| b | 2 | {mean:.4f} ± {half:.4f} |" in (out / "summary.md").read_text()
+
+
+def test_a_huge_loss_and_a_name_with_a_bar_keep_the_summary_whole(tmp_path):
+    # exp(14813284.0) raised OverflowError (and every rerun did again); a | in a name split its cell
+    for name, loss in (("lr|1e-3", 2.0), ("hot", 14813284.0)):
+        run = tmp_path / name / "seed1"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": "finished", "step": 5, "best_val_loss": loss,
+                                                     "final_val_loss": loss}))
+    sweep.summarise(tmp_path, ["lr|1e-3", "hot"], [1])
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[2] == f"| lr\\|1e-3 | 1 | 2.0000 | {math.exp(2.0):.2f} | – | finished |"
+    assert lines[3] == "| hot | 1 | 14813284.0000 | inf | – | finished |"
+
+
+def test_runs_trained_with_other_settings_are_found_before_anything_trains(tmp_path, configs, launched):
+    # the check came when the loop reached the run: b's seeds trained (hours), then the sweep stopped at a's
+    out = tmp_path / "out"
+    _finished_run(out / "a" / "seed1", configs / "a.yaml", 1.0, ["name=a", "seed=1", "train.max_iters=5"])
+    with pytest.raises(ValueError, match=r"a/seed1 was trained with other settings \(train.max_iters\)"):
+        sweep.run_sweep([configs / "b.yaml", configs / "a.yaml"], [1, 2], out)
+    assert not launched and not (out / "b").exists()
+
+
+def test_names_beyond_the_basic_plane_reach_the_run_as_they_are():
+    # json.dumps wrote "\ud835\udf05" for 𝜅, which YAML read back as two lone surrogates (an encoding error later)
+    from recipes.config import apply_overrides, override
+    for value in ("K𝜅1", "run😀", "café", 'quote " and # hash'):
+        assert apply_overrides({}, [override("name", value)])["name"] == value
