@@ -982,3 +982,24 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
     with pytest.raises(ValueError, match=r"^key_padding_mask: the coupling GraphCoupling.interaction takes no mask"):
         ring(x, torch.tensor([[False, True, True]]))
     assert ring(x).shape == x.shape  # without padding it runs
+
+
+def test_token_axis_couplings_given_with_a_positive_dim_are_checked_too():
+    # a coupling module sees phases (b, h, t, n): dim=2 is the token axis just as dim=-2 is
+    with pytest.raises(ValueError, match=r"^coupling: MeanFieldCoupling along the tokens \(dim=2\) with causal=False"):
+        make_layer(coupling=MeanFieldCoupling(dim=2), phase_lag=0.0)
+    with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens \(dim=2\) in a causal "
+                                         "layer needs fixed lower-triangular weights"):
+        make_layer(coupling=GraphCoupling(torch.ones(5, 5) / 5, dim=2), phase_lag=0.0)
+    make_layer(coupling=MeanFieldCoupling(dim=2, causal=True), phase_lag=0.0)  # causal along the tokens: fine
+
+
+def test_every_query_row_of_the_dense_attention_mask_allows_the_query_itself():
+    # padded queries (here before the first valid token, and a row of padding only) must keep one allowed
+    # key, else SDPA's softmax over an empty row is 0/0 on kernels without torch's "safe softmax"
+    layer = make_layer()
+    valid = torch.tensor([[False, False, True, True, True, True], [False] * 6])
+    for past, t in ((0, 6), (2, 4)):
+        mask, is_causal = layer._attention_mask(t, past, valid, torch.device("cpu"))
+        assert not is_causal and mask.shape == (2, 1, t, 6)
+        assert mask[..., torch.arange(t), past + torch.arange(t)].all()  # the diagonal (query = key)

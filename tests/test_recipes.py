@@ -2183,3 +2183,19 @@ def test_a_run_trained_offline_from_the_cache_moves_with_its_corpus(tmp_path, co
     moved.write_text(WORDS[::-1] * 60)  # another text there: still refused
     with pytest.raises(ValueError, match="the corpus is not the text the run was trained on"):
         evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved)])
+
+
+def test_logged_coherence_loss_is_the_step_mean_whatever_grad_accum(tmp_path, corpus_file):
+    """train/coherence_loss is the step's mean regularizer loss, as train/loss is: grad_accum cuts the
+    batch into equal micro-batches, so the logged value must not grow with it (a sum over them)."""
+    logged_aux = {}
+    for accum in (1, 2):
+        values = tiny(tmp_path / str(accum), corpus_file,
+                      model={"dropout": 0.0, "phase_noise": 0.0, "coherence_target": 0.0, "coherence_weight": 1.0},
+                      train={"max_iters": 3, "eval_interval": 3, "grad_accum": accum})
+        train(parse_config(values))
+        with open(next((tmp_path / str(accum) / "run" / "logs").rglob("metrics.csv"))) as f:
+            logged_aux[accum] = [float(row["train/coherence_loss"]) for row in csv.DictReader(f)
+                                 if row["train/coherence_loss"]]
+    assert len(logged_aux[1]) == 3 and all(v > 0 for v in logged_aux[1])
+    assert logged_aux[2] == pytest.approx(logged_aux[1], rel=1e-4)
