@@ -105,7 +105,8 @@ class TPIState(NamedTuple):
     """Recurrent state of a :class:`HolographicPhaseMemory` after ``position`` tokens.
 
     Attributes:
-        phase: key phase ``φ`` wrapped to ``[0, 2π)``, float64, ``(b, d)``.
+        phase: key phase ``φ`` wrapped to ``[0, 2π]`` (2π itself where a tiny negative phase rounds up),
+            float64, ``(b, d)``.
         query_phase: query phase ``φ^q`` (``"decoupled"``/``"constrained"`` queries), float64
             ``(b, d)``; ``None`` for the others (derived from ``phase``).
         memory: ``M`` as real numbers: vector state ``(b, h, 2c)`` = ``[Re M, Im M]``; matrix
@@ -671,9 +672,17 @@ class HolographicPhaseMemory(nn.Module):
         allowed = (x.dtype, self.omega.weight.dtype)
         dtype = state.memory.dtype if torch.is_tensor(state.memory) and state.memory.dtype in allowed else x.dtype
         expected = self.init_state(x.shape[0], device="meta", dtype=dtype)
-        if state.memory.shape[0] != x.shape[0]:
-            raise ValueError(f"state: expected batch size {x.shape[0]} (that of the input) "
-                             f"but got a state of batch size {state.memory.shape[0]}")
+        for field in ("phase", "query_phase", "memory", "norm"):  # types first: the checks below read shapes
+            got = getattr(state, field)
+            if got is not None and not torch.is_tensor(got):
+                raise ValueError(f"state: expected {field} to be a tensor (or None where the module keeps none) "
+                                 f"but got {type(got).__name__}")
+        if not isinstance(state.buffer, (tuple, list)):
+            raise ValueError(f"state: expected buffer to be a tuple of tensors (() without a window) but got "
+                             f"{type(state.buffer).__name__}")
+        if state.memory is None or state.memory.shape[0] != x.shape[0]:
+            got = "no memory" if state.memory is None else f"a state of batch size {state.memory.shape[0]}"
+            raise ValueError(f"state: expected batch size {x.shape[0]} (that of the input) but got {got}")
         for field in ("phase", "query_phase", "memory", "norm"):
             got, want = getattr(state, field), getattr(expected, field)
             if (got is None) != (want is None) or (

@@ -105,10 +105,19 @@ class TPILMInfo:
 @dataclass
 class TPICache:
     """Recurrent decoding state: one :class:`~kuramoto_attn.TPIState` per block (filled on first
-    use) and the ``length`` of tokens consumed. ``forward`` replaces the states in place."""
+    use) and the ``length`` of tokens consumed. ``forward`` replaces the states in place; with
+    ``kernel="window"`` a new state shares its predecessor's ring buffer, which a one-token
+    ``forward`` updates in place, so to branch (beam search, speculative decoding) continue each
+    branch from its own :meth:`clone`, never from copies of ``states``."""
 
     states: list[TPIState] = field(default_factory=list)
     length: int = 0
+
+    def clone(self) -> TPICache:
+        """A cache to branch from: the ring buffers copied (the other tensors are never written in
+        place, and stay shared)."""
+        return TPICache([state._replace(buffer=tuple(b.clone() for b in state.buffer)) for state in self.states],
+                        self.length)
 
 
 class TPILM(nn.Module):

@@ -592,6 +592,12 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
     state = window.init_state(2)
     with pytest.raises(ValueError, match="^state: expected a window buffer"):  # was a bare matmul dtype error
         window.step(torch.zeros(2, 4), state._replace(buffer=tuple(b.double() for b in state.buffer)))
+    plain = HolographicPhaseMemory(4)  # fields of the wrong type: were AttributeError / TypeError tracebacks
+    for field, bad, message in (("memory", None, "batch size 2 .*but got no memory"),
+                                ("norm", [0.0], "norm to be a tensor .*but got list"),
+                                ("buffer", None, "buffer to be a tuple of tensors .*but got NoneType")):
+        with pytest.raises(ValueError, match=f"^state: expected {message}"):
+            plain.step(torch.zeros(2, 4), plain.init_state(2)._replace(**{field: bad}))
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
     with pytest.raises(ValueError, match="^device: expected a torch.device"):

@@ -309,6 +309,26 @@ def test_cached_forward_equals_uncached(name):
 
 
 
+@pytest.mark.parametrize("kernel", ["window", "decay"])
+def test_branches_of_a_tpi_cache_clone_are_independent(kernel):
+    # a one-token forward writes the window kernel's ring buffer in place: two caches holding the same
+    # states (copied lists) corrupted each other silently; clone() copies the buffers
+    torch.manual_seed(0)
+    model = tiny_tpi(kernel=kernel, window=4) if kernel == "window" else tiny_tpi(kernel=kernel)
+    prompt, a = tokens(2, 6), tokens(2, 1)
+    b = (a + 1) % VOCAB
+    cache = model.new_cache()
+    model(prompt, cache=cache)
+    fork = cache.clone()
+    assert fork.length == cache.length == 6
+    model(a, cache=cache)
+    logits, _ = model(b, cache=fork)
+    expected, _ = model(torch.cat([prompt, b], 1))
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], rtol=1e-9, atol=1e-9)
+    logits, _ = model(b, cache=cache)  # the first branch goes on unharmed by the second
+    torch.testing.assert_close(logits[:, -1], model(torch.cat([prompt, a, b], 1))[0][:, -1], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name, other", [("gpt", lambda: phase_gpt()), ("gpt-mean_field", lambda: tiny_gpt()),
                                          ("tpi-vector", lambda: tiny_tpi(n_layers=3))])
 def test_a_cache_of_another_batch_or_model_is_an_error(name, other):
