@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,13 +44,16 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
 
     Mistakes the user can fix (a config error, a missing file or optional package, a bad argument:
     each message names what to change) print as one ``error:`` line with exit status 2, without a
-    traceback; Ctrl-C exits with status 130 after the recipe's own message (``recipes.train`` saves
+    traceback; output closed early (``| head``) exits quietly with status 141; Ctrl-C exits with status 130 after the recipe's own message (``recipes.train`` saves
     ``last.pt`` first), and a stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 +
     its number (143). The recipe's own expected ``failures`` (e.g. a diverged training run) print one
     ``error:`` line and exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
         main()
+    except BrokenPipeError:  # the output closed early (`| head`): nothing for the user to fix
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))
     except KeyboardInterrupt as stop:
         sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
     except (ConfigError, OSError, ValueError) as err:  # OSError: missing files, permissions, full disks
@@ -86,6 +90,12 @@ def make_fabric(config: FabricConfig, loggers=None):
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:
         settings = ", ".join(f"fabric.{k}={v}" for k, v in vars(config).items())
         raise ValueError(f"fabric: {err} ({settings})") from err
+    launcher = fabric._strategy.launcher
+    if launcher is not None and type(launcher).__name__ != "_SubprocessScriptLauncher":
+        # ddp_spawn, ddp_fork, ddp_notebook start their processes from a function passed to launch(); the
+        # recipes run as scripts, which Fabric's default launcher (ddp) starts once per process
+        raise ValueError(f"fabric.strategy: {config.strategy} starts its processes from a function, which the "
+                         "recipes do not use; use ddp (or fsdp on GPUs)")
     # Fabric swaps fp16 AMP on a CPU for bf16 with a warning only: the run would not be what its config says
     if str(precision) in ("16", "16-mixed") and fabric._precision.precision != "16-mixed":
         raise ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on "

@@ -1638,6 +1638,32 @@ def test_sampling_at_a_tiny_temperature_is_greedy():
         assert set(ids.tolist()) == {0, 2}  # the two tied largest logits, both drawn
 
 
+def test_output_closed_early_exits_quietly_with_sigpipes_status():
+    # `python -m recipes.evaluate RUN | head` printed "error: [Errno 32] Broken pipe" and exited with 2
+    child = ("from recipes.common import run_cli\n"
+             "def main():\n"
+             "    for i in range(100000):\n"
+             "        print('line', i)\n"
+             "run_cli(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_strategies_that_launch_a_function_are_a_config_error(strategy):
+    # they crashed in fabric.launch() with a TypeError traceback, exit 1
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    with pytest.raises(ValueError, match=rf"^fabric.strategy: {strategy} starts its processes from a function, "
+                                         "which the recipes do not use; use ddp"):
+        make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy=strategy))
+    assert make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy="ddp")).world_size == 2
+
+
 def test_run_cli_exit_statuses(capsys):
     from recipes.common import run_cli
 
