@@ -18,7 +18,8 @@ its checkpoints) is redone on resume, and an early-stopped run stays stopped (un
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
 ``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path``, ``data.cache_dir`` and
-``data.download`` (a moved corpus), and ``fabric.devices``, ``num_nodes``, ``strategy``, ``train.grad_accum`` and ``train.compile``;
+``data.download`` (a moved corpus), and ``fabric.devices``, ``num_nodes``, ``strategy`` (but not into ``fsdp``
+from another strategy), ``train.grad_accum`` and ``train.compile``;
 any other change is refused, naming the key, and so is a corpus whose text changed since (a file with
 another sha256 than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
@@ -521,6 +522,17 @@ def _flush_logs(fabric) -> None:
 RESUMABLE_CHANGES = ("train.max_iters", "train.patience", *DISPLAY_KEYS, "out_dir", *DATA_LOCATION, *DEVICE_KEYS)
 
 
+def _refuse_a_change_into_fsdp(saved_config: dict, config: RunConfig) -> None:
+    """A checkpoint not written under FSDP keys its optimizer state by position; Fabric's FSDP load
+    maps positions to parameters in ``model.parameters()`` order, but the optimizer numbers them by
+    group (decay first, see ``param_groups``): every parameter would get another's Adam moments."""
+    trained = str(saved_config.get("fabric", {}).get("strategy"))
+    if str(config.fabric.strategy).startswith("fsdp") and not trained.startswith("fsdp"):
+        raise ValueError(f"fabric.strategy: the run trained with {trained}, and its checkpoint cannot resume under "
+                         f"fsdp (its optimizer state is keyed by position, which FSDP's load would give to other "
+                         f"parameters); resume with fabric.strategy={trained} or ddp")
+
+
 def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus) -> None:
     if not path.is_file():
         found = _run_outputs_in(path.parent)
@@ -545,6 +557,7 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                              "resume it")
         changed = [key for key in changed if key != "fabric.precision"]
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
+    _refuse_a_change_into_fsdp(saved_config, config)
     if refused:
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "
                          f"resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change) "

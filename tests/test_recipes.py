@@ -2225,3 +2225,15 @@ def test_logged_coherence_loss_is_the_step_mean_whatever_grad_accum(tmp_path, co
                                  if row["train/coherence_loss"]]
     assert len(logged_aux[1]) == 3 and all(v > 0 for v in logged_aux[1])
     assert logged_aux[2] == pytest.approx(logged_aux[1], rel=1e-4)
+
+
+def test_a_resume_into_fsdp_from_another_strategy_is_refused():
+    # Fabric's FSDP load maps a position-keyed optimizer state by model.parameters() order, the optimizer
+    # numbers by group: each parameter got another's Adam moments (a segfault in fused Adam, or silently wrong)
+    from recipes.train import _refuse_a_change_into_fsdp
+    for trained in ("auto", "ddp"):
+        with pytest.raises(ValueError, match=rf"^fabric.strategy: the run trained with {trained}, and its checkpoint "
+                                             rf"cannot resume under fsdp .*resume with fabric.strategy={trained} or ddp"):
+            _refuse_a_change_into_fsdp({"fabric": {"strategy": trained}}, load_config(None, ["fabric.strategy=fsdp"]))
+    for trained, now in (("fsdp", "fsdp"), ("fsdp", "ddp"), ("auto", "ddp"), ("ddp", "auto")):
+        _refuse_a_change_into_fsdp({"fabric": {"strategy": trained}}, load_config(None, [f"fabric.strategy={now}"]))
