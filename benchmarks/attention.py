@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import bench_ms, positive_int
+from _timing import bench_ms, device_arg, positive_int
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}
@@ -108,6 +108,9 @@ def peak_rss_bytes():
 def worker(spec):
     """Measure one (kind, T, steps) in this fresh process; print a JSON line."""
     import kuramoto_attn  # noqa: F401  (before the base: its imports are not the layer's memory)
+    # torch.utils.checkpoint imports torch._dynamo (sympy, inductor: about 71 MB) at its first call: only the
+    # checkpointed layers (attention coupling) would count it
+    import torch._dynamo  # noqa: F401
     base_rss = rss_bytes()  # after importing torch and the library: the "import-only process"
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -167,7 +170,7 @@ def naive_estimate_gb(batch, T, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=3)
@@ -198,7 +201,7 @@ def main():
         base = None
         for kind, steps in runs:
             spec = dict(kind=kind, T=T, steps=steps, batch=args.batch, repeats=args.repeats,
-                        device=args.device, bf16=args.bf16)
+                        device=str(device), bf16=args.bf16)
             row = measure(spec, args.threads)
             if "error" in row:
                 print(f"| {T} | {kind} | {steps} | failed: {row['error']} | | | |")

@@ -21,7 +21,7 @@ import torch
 
 from kuramoto_attn import MeanFieldCoupling
 
-from _timing import bench_ms, positive_int
+from _timing import bench_ms, device_arg, positive_int
 
 B, H, N = 8, 12, 32
 STRENGTH, PHASE_LAG = 1.0, 0.3
@@ -49,7 +49,7 @@ def naive_coupling(theta, strength, phase_lag, causal):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--repeats", type=positive_int, default=20,
                         help="timed repeats (the slow naive path gets a fifth)")

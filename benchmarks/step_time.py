@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks._timing import bench_ms, positive_int, sync  # noqa: E402
+from benchmarks._timing import bench_ms, device_arg, non_negative_int, positive_int, sync  # noqa: E402
 import kuramoto_attn.attention as attention_module  # noqa: E402
 from kuramoto_attn._euler_mean_field import euler_mean_field  # noqa: E402
 from models import GPT, GPTConfig  # noqa: E402
@@ -96,16 +96,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--iters", type=positive_int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
     parser.add_argument("--batch", type=positive_int, default=12)
     parser.add_argument("--steps", type=positive_int, default=PHASE["steps"], help="Euler steps of the phase layer")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")
     parser.add_argument("--profile", choices=list(VARIANTS))
     parser.add_argument("--compiled-kernels", action="store_true",
                         help="also time the mean-field variant with its integration's step math compiled")
     args = parser.parse_args()
+    if (args.compile or args.compiled_kernels) and args.warmup < 1:  # the compiling step would be timed
+        parser.error("--warmup: at least 1 with --compile or --compiled-kernels (the first step compiles)")
     torch.set_num_threads(args.threads)
     for name in ("mean_field", "attention"):
         VARIANTS[name] = {**VARIANTS[name], "steps": args.steps}

@@ -38,7 +38,7 @@ from torch import nn
 import kuramoto_attn
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 
-from _timing import bench_ms, positive_int, sync
+from _timing import bench_ms, device_arg, positive_int, sync
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
 
@@ -309,8 +309,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["generation", "throughput", "mqar", "all"])
     parser.add_argument("--quick", action="store_true", help="settings for <= 10 minutes on 2 CPU cores")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mixers", nargs="+", default=None, help=f"MQAR mixers (default: all of {list(MIXERS)})")
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixers", nargs="+", choices=list(MIXERS), default=None,  # checked before any part runs
+                        help=f"MQAR mixers (default: all of {list(MIXERS)})")
     parser.add_argument("--steps", type=positive_int, default=None, help="MQAR training steps (overrides the setting)")
     parser.add_argument("--d-models", type=positive_int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
