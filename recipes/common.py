@@ -90,7 +90,7 @@ def make_fabric(config: FabricConfig, loggers=None):
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as err:
         settings = ", ".join(f"fabric.{k}={v}" for k, v in vars(config).items())
         raise ValueError(f"fabric: {err} ({settings})") from err
-    launcher = fabric._strategy.launcher
+    launcher = getattr(getattr(fabric, "_strategy", None), "launcher", None)
     if launcher is not None and type(launcher).__name__ != "_SubprocessScriptLauncher":
         # ddp_spawn, ddp_fork, ddp_notebook start their processes from a function passed to launch(); the
         # recipes run as scripts, which Fabric's default launcher (ddp) starts once per process
