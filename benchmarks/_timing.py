@@ -26,26 +26,22 @@ def bench_ms(fn, device, repeats, warmup=1):
     return 1e3 * statistics.median(times)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of 0 crashed the scripts late, or measured nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _int_at_least(low: int):
+    """argparse type: an integer >= ``low`` (a count of 0 crashed the scripts late, or measured
+    nothing; a negative warm-up shortened the timed rounds)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (e.g. warm-up rounds; a negative count shortened the timed ones)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
 
 
 def device_arg(text: str) -> torch.device:
