@@ -12,14 +12,15 @@ validation windows over training).
 ``--resume`` continues from ``last.pt`` exactly: batches and dropout depend only on (seed, step,
 slice of the global batch), so it may also run on other devices: with devices × ``grad_accum``
 unchanged it stays exact, otherwise only the random draws (dropout, phase noise) differ. Ctrl-C,
-SIGTERM or SIGHUP saves ``last.pt`` before exiting with status 130, 143 or 129 (with several processes, all stop
-before the next update and save together; a second Ctrl-C aborts); an evaluation it interrupted (or
+SIGTERM or SIGHUP saves ``last.pt`` before exiting with status 130, 143 or 129 (with several
+processes, all stop before the next update and save together; a second Ctrl-C aborts); an
+evaluation it interrupted (or
 its checkpoints) is redone on resume, and an early-stopped run stays stopped (unless the resume
 raises ``train.patience``). A resume may change ``train.max_iters`` (train a finished run longer:
 the learning rate follows the new schedule from the next update), ``patience``, ``log_interval``,
 ``progress_bar``, ``plots``, ``out_dir`` (a moved run), ``data.path``, ``data.cache_dir`` and
-``data.download`` (a moved corpus), and ``fabric.devices``, ``num_nodes``, ``strategy`` (but not into ``fsdp``
-from another strategy), ``train.grad_accum`` and ``train.compile``;
+``data.download`` (a moved corpus), and ``fabric.devices``, ``num_nodes``, ``strategy`` (but not
+into ``fsdp`` from another strategy), ``train.grad_accum`` and ``train.compile``;
 any other change is refused, naming the key, and so is a corpus whose text changed since (a file with
 another sha256 than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
@@ -557,11 +558,11 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                              "resume it")
         changed = [key for key in changed if key != "fabric.precision"]
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
-    _refuse_a_change_into_fsdp(saved_config, config)
     if refused:
         raise ValueError(f"--resume: the config differs from the checkpoint's in {', '.join(refused)}; "
                          f"resume with the same config (only {', '.join(RESUMABLE_CHANGES)} may change) "
                          "or start a new out_dir")
+    _refuse_a_change_into_fsdp(saved_config, config)
     if header.get("corpus") is None:  # written before checkpoints recorded it: the new ones will
         fabric.print(f"{path} records no sha256 of the corpus (written by an older version): only its "
                      "vocabulary is checked, not that its text is the one the run was trained on")
