@@ -192,7 +192,8 @@ class KuramotoAttention(nn.Module):
             mix later tokens into earlier ones (along tokens: ``causal=True``; across the
             oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
             tokens that is not causal, or a :class:`~kuramoto_attn.GraphCoupling` along them whose
-            weights are learnable or not lower-triangular, is an error (other modules are trusted).
+            weights are learnable or not lower-triangular, is an error, and so is either along the batch
+            axis (dim 0: it would couple the sequences of a batch); other modules are trusted.
             Runs on the generic solver path. With a
             ``cache``, the module sees the past tokens' phases at each evaluation followed by the new
             tokens' (O(t) work per decoded token) and only the new tokens' terms are used: this
@@ -322,6 +323,9 @@ class KuramotoAttention(nn.Module):
         if needed:
             raise ValueError(f"coupling: {name}.interaction needs {', '.join(needed)}, which this layer cannot "
                              "give (for the layer's own attention weights use coupling='attention')")
+        if isinstance(coupling, (MeanFieldCoupling, GraphCoupling)) and coupling.dim in (0, -4):
+            raise ValueError(f"coupling: {name} along dim={coupling.dim}, the batch axis of the phases (b, h, t, n), "
+                             "would couple different sequences; use dim=-2 (tokens) or -1 (oscillators)")
         if isinstance(coupling, MeanFieldCoupling) and causal and not coupling.causal and coupling.dim in (-2, 2):
             raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) with causal=False would let "
                              "every token see later ones in a causal layer; give it causal=True")

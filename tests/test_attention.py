@@ -1003,3 +1003,11 @@ def test_every_query_row_of_the_dense_attention_mask_allows_the_query_itself():
         mask, is_causal = layer._attention_mask(t, past, valid, torch.device("cpu"))
         assert not is_causal and mask.shape == (2, 1, t, 6)
         assert mask[..., torch.arange(t), past + torch.arange(t)].all()  # the diagonal (query = key)
+
+
+@pytest.mark.parametrize("dim", [0, -4])
+def test_a_coupling_along_the_batch_axis_is_refused(dim):
+    # MeanFieldCoupling(dim=0) coupled the sequences of a batch: one sample's output moved with another's
+    for coupling in (MeanFieldCoupling(dim=dim), GraphCoupling(torch.eye(2), dim=dim)):
+        with pytest.raises(ValueError, match=rf"^coupling: {type(coupling).__name__} along dim={dim}, the batch axis"):
+            make_layer(coupling=coupling, phase_lag=0.0)
