@@ -98,10 +98,12 @@ class CoherenceRegularizer(nn.Module):
         \text{band: } \lambda\, [\mathrm{relu}(lo - R)^2 + \mathrm{relu}(R - hi)^2].
 
     Args:
-        target: ``r*`` in ``[0, 1]`` (ceiling and center modes; an error in band mode).
+        target: ``r*`` in ``[0, 1]`` (ceiling and center modes; in band mode, a value other than the
+            default is an error).
         weight: ``λ >= 0``.
         mode: ``"ceiling"``, ``"center"`` or ``"band"``.
-        band: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (band mode; an error in the others).
+        band: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (band mode; in the others, a value other than
+            the default is an error).
         dim: the oscillator axis of the phases.
 
     Shapes:

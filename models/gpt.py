@@ -57,6 +57,13 @@ class GPTConfig:
     ``phase_layer_idx`` becomes a one-element tuple. ``use_phase_attention`` must agree with
     ``phase_layer_idx`` (true iff it is non-empty): a contradiction is an error, never ignored.
 
+    The sizes: ``vocab_size`` token ids, ``max_seq_len`` learned positions (the longest input),
+    ``n_layers`` blocks of ``n_heads`` heads over width ``d_model`` (divisible by ``n_heads``), MLP
+    width ``d_ff``; ``bias`` in the projections, the MLP and the LayerNorms (the tied output head has
+    none). ``dropout`` in ``[0, 1)`` applies to the embeddings, the attention weights (plain and phase
+    layers, as :class:`~kuramoto_attn.KuramotoAttention`'s ``dropout``), and the attention and MLP
+    outputs before they join the residual stream.
+
     ``coupling`` is ``"mean_field"``, ``"attention"`` or the import path ``"package.module:Class"`` of a
     :class:`~kuramoto_attn.Coupling` subclass (your own scheme), which each phase layer builds as
     ``Class(**coupling_options)`` and gives to :class:`~kuramoto_attn.KuramotoAttention` (the module
