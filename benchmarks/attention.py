@@ -12,7 +12,8 @@ oscillators, Euler, dt = 0.1, causal. For each T it measures, each in a fresh su
 
 Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch and kuramoto_attn
 (as "over an import-only process"), measured with glibc's mmap threshold pinned
-(MALLOC_MMAP_THRESHOLD_) so that RSS follows live tensor bytes; on CUDA torch.cuda.max_memory_allocated minus what is allocated
+(MALLOC_MMAP_THRESHOLD_) so that RSS follows live tensor bytes; on CUDA
+torch.cuda.max_memory_allocated minus what is allocated
 after one warm-up step (weights, input and cuBLAS's workspace). Time: median over --repeats of forward + backward, after one warm-up.
 
 Goals at T = 512, steps = 10 (ratios to vanilla in the same run): mean_field memory <= 2.5x and
@@ -186,7 +187,7 @@ def main():
     if args.worker:
         return worker(json.loads(args.worker))
 
-    device = torch.device(args.device)
+    device = args.device  # a torch.device (device_arg)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"device: {name}; torch {torch.__version__}; threads per worker: {args.threads or 'default'}; "
           f"bf16 autocast: {args.bf16}; B={args.batch}, d_model={D_MODEL}, H={HEADS}, N={OSC}")

@@ -111,7 +111,7 @@ def main():
     torch.set_num_threads(args.threads)
     for name in ("mean_field", "attention"):
         VARIANTS[name] = {**VARIANTS[name], "steps": args.steps}
-    device = torch.device(args.device)
+    device = args.device  # a torch.device (device_arg)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, phase layer {args.steps} Euler steps, median of {args.iters} steps after {args.warmup}")
 

@@ -318,7 +318,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
+    device = args.device  # a torch.device (device_arg)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads: {torch.get_num_threads()}, "
           f"settings: {'quick' if args.quick else 'full'}")

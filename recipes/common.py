@@ -46,8 +46,9 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     each message names what to change) print as one ``error:`` line with exit status 2, without a
     traceback; output closed early (``| head``) exits quietly with status 141; Ctrl-C exits with
     status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first), and a
-    stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143). The recipe's own expected ``failures`` (e.g. a diverged training run) print one
-    ``error:`` line and exit with status 1; anything else is a bug and keeps its traceback.
+    stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143). The
+    recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line and
+    exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
         main()

@@ -623,10 +623,9 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
                                 f"{remote.filename}")
     if name == "enwik8":  # unzipped and md5-checked only to build the cache (its key holds the zip's sha256)
         return lambda: _enwik8_splits(_read_enwik8(files["all"], local=path is not None)), shas, where
-    if "all" in files:
-        read = _read_bytes if level == "byte" else _read_text
-        return lambda: _split_contiguous(read(files["all"]), val_fraction, whole_words), shas, where
     read = _read_bytes if level == "byte" else _read_text  # bytes as they are: no decoding, BOM or newline changes
+    if "all" in files:
+        return lambda: _split_contiguous(read(files["all"]), val_fraction, whole_words), shas, where
     return lambda: {split: read(f) for split, f in files.items()}, shas, where
 
 

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     if tokens < block_size + 1:  # its windows are the run's training length
         parser.error(f"--split: the {args.split} split has {tokens} tokens, fewer than the run's "
                      f"train.block_size + 1 = {block_size + 1}")
-    batches = eval_batches(corpus.splits[args.split], args.batch_size, config.train.block_size,
-                           args.batches, seed=config.seed, device=device)
+    batches = eval_batches(corpus.splits[args.split], args.batch_size, block_size, args.batches,
+                           seed=config.seed, device=device)
     results = phase_statistics(model, batches)
 
     n = int(config.model.get("num_oscillators", 32))

@@ -11,8 +11,8 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``result.json`` is skipped (after checking it was trained with the same settings; those that only
 change what a run shows, such as the progress bar, or on how many devices, may differ, and so may
 where the corpus lives, ``data.path``, ``data.cache_dir`` and ``data.download``, when its text is
-the one the run's checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume`` checks the
-corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
+the one the run's checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume``
+checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
 config: mean ± 95% CI of the best val loss over the finished or early-stopped seeds, and of each
 phase layer's val R at that evaluation; diverged runs are listed in the statuses, not averaged).
 
