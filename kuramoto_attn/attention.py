@@ -329,13 +329,7 @@ class KuramotoAttention(nn.Module):
         if isinstance(coupling, MeanFieldCoupling) and causal and not coupling.causal and coupling.dim in (-2, 2):
             raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) with causal=False would let "
                              "every token see later ones in a causal layer; give it causal=True")
-        if isinstance(coupling, GraphCoupling) and causal and coupling.dim in (-2, 2):
-            # a graph over tokens couples token i to j > i wherever A[i, j] != 0, which a learnable A may learn
-            weights = coupling.weights
-            if isinstance(weights, nn.Parameter) or (weights.device.type != "meta" and torch.triu(weights, 1).any()):
-                raise ValueError(f"coupling: {name} along the tokens (dim={coupling.dim}) in a causal layer needs "
-                                 "fixed lower-triangular weights (A[i, j] = 0 for j > i); these would let tokens "
-                                 "see later ones")
+        _check_graph_causal(coupling, causal)
         return coupling
 
     #: use the fused Euler mean-field integration where it applies (False: the generic solver path)
@@ -384,6 +378,7 @@ class KuramotoAttention(nn.Module):
         if valid is not None and isinstance(self.coupling, Coupling) and not _takes_mask(self.coupling):
             raise ValueError(f"key_padding_mask: the coupling {type(self.coupling).__name__}.interaction takes no "
                              "mask, so padded tokens would couple to valid ones; give it a mask= argument")
+        _check_graph_causal(self.coupling, self.causal)  # its weights may have been loaded or edited since
         mask, is_causal = self._attention_mask(t, past, valid, x.device)
         run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None,
                     plain=_in_func_transform())
@@ -708,6 +703,19 @@ class _PhaseFeatures(torch.autograd.Function):
             torch.mul(feats[..., :n], grad_feats[..., n:], out=view)  # cos θ · ∂/∂ sin θ
             view.addcmul_(feats[..., n:], grad_feats[..., :n], value=-1.0)  # − sin θ · ∂/∂ cos θ
         return grads[0][..., :d], grads[1][..., :d], grads[2][..., :d], grad_theta, grad_weight
+
+
+def _check_graph_causal(coupling, causal: bool) -> None:
+    """A :class:`GraphCoupling` along the tokens of a causal layer must have fixed lower-triangular weights:
+    ``A[i, j] != 0`` for ``j > i`` couples token ``i`` to a later one (and a learnable ``A`` may learn that).
+    Checked at construction and again by every forward (weights may be loaded or edited in place since)."""
+    if not (isinstance(coupling, GraphCoupling) and causal and coupling.dim in (-2, 2)):
+        return
+    weights = coupling.weights
+    if isinstance(weights, nn.Parameter) or (weights.device.type != "meta" and torch.triu(weights, 1).any()):
+        raise ValueError(f"coupling: {type(coupling).__name__} along the tokens (dim={coupling.dim}) in a causal "
+                         "layer needs fixed lower-triangular weights (A[i, j] = 0 for j > i); these would let tokens "
+                         "see later ones")
 
 
 def _takes_mask(coupling: Coupling) -> bool:

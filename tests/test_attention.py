@@ -973,6 +973,17 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
     edited = x.clone()
     edited[:, 4] += 1.0  # the last token changes: the outputs before it must not
     torch.testing.assert_close(tril(x)[:, :4], tril(edited)[:, :4], rtol=0, atol=0)
+    # weights loaded or edited after construction are checked again by forward
+    state = {key: value.clone() for key, value in tril.state_dict().items()}
+    state["coupling.weights"] = torch.ones(5, 5) / 5
+    tril.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens \(dim=-2\) in a causal "):
+        tril(x)
+    tril.coupling.weights.copy_(torch.tril(torch.ones(5, 5)) / 5)
+    tril(x)  # lower-triangular again: it runs
+    tril.coupling.weights[1, 3] = 0.5  # an edit in place
+    with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens \(dim=-2\) in a causal "):
+        tril(x)
     make_layer(coupling=GraphCoupling(torch.ones(5, 5) / 5, dim=-2), phase_lag=0.0, causal=False)
     with pytest.raises(ValueError, match=r"^coupling: expected one of \['attention', 'mean_field'\] or a "
                                          r"kuramoto_attn.Coupling module but got Identity"):
