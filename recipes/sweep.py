@@ -15,6 +15,8 @@ the one the run's checkpoint records), one with a ``last.pt`` is resumed (``reci
 checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
 config: mean ± 95% CI of the best val loss over the finished or early-stopped seeds, and of each
 phase layer's val R at that evaluation; diverged runs are listed in the statuses, not averaged).
+A config of the sweep left without any finished or early-stopped seed (every one diverged) makes
+the sweep exit with status 1 once the summary is written.
 
 The settings (from the file or the flags) and every run's config are checked before anything is
 created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
@@ -122,7 +124,15 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
             print(f"[sweep] {run_dir}: trained with other settings ({', '.join(changed)}), left out of the summary")
         return not changed
 
-    return summarise(out_dir, names, seeds, trained_alike)
+    rows = summarise(out_dir, names, seeds, trained_alike)
+    # a config none of whose seeds has a result (every one diverged) is a hole in the study, not a
+    # success: the summary is written, then the sweep exits with status 1 (from the command line)
+    results = {name: [r for r in rows if r["config"] == name] for name in names}
+    empty = [name for name, mine in results.items() if mine and not any(_counted(r) for r in mine)]
+    if empty:
+        raise SweepRunFailed(f"[sweep] no finished run of {', '.join(empty)} (see the statuses in "
+                             f"{out_dir / 'summary.md'})")
+    return rows
 
 
 def _status(run_dir: Path) -> str:
@@ -214,7 +224,8 @@ def _checked_config(config: Path, overrides: list[str]) -> dict:
 
 
 class SweepRunFailed(RuntimeError):
-    """A run of the sweep stopped without a result (e.g. killed); rerunning the sweep resumes it."""
+    """A run of the sweep stopped without a result (e.g. killed; rerunning the sweep resumes it), or a
+    config of the sweep has no finished run (every seed diverged)."""
 
 
 def _check_same_settings(run_dir: Path, config: Path, overrides: list[str], corpora: _Corpora | None) -> None:
@@ -325,8 +336,7 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
     for name in names:
         mine = [r for r in rows if r["config"] == name]
         # a diverged run's best loss is from before it failed: listed in its status, not averaged
-        counted = [r for r in mine if r["status"] in COUNTED and r["best_val_loss"] is not None
-                   and math.isfinite(r["best_val_loss"])]
+        counted = [r for r in mine if _counted(r)]
         mean, half = mean_ci95([r["best_val_loss"] for r in counted])
         ppl = (f"{math.exp(mean):.2f}" if mean < 700 else "inf") if counted else "–"  # exp overflows past 709
         R_cells = []
@@ -345,6 +355,13 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
     write_atomic(out_dir / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def _counted(row: dict) -> bool:
+    """Whether a summary row's loss enters its config's mean: a finished or early-stopped run with a
+    finite best loss (a diverged run's best loss is from before it failed)."""
+    loss = row["best_val_loss"]
+    return row["status"] in COUNTED and loss is not None and math.isfinite(loss)
 
 
 def _alike_seeds(out_dir: Path, name: str, seeds: list[int]) -> list[int]:

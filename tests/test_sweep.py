@@ -315,10 +315,28 @@ def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, mo
         return 1
 
     monkeypatch.setattr("recipes.sweep._train", diverge)
-    sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+    # the config has no result at all: the summary is written, then the sweep fails (exit 1)
+    with pytest.raises(sweep.SweepRunFailed, match=r"^\[sweep\] no finished run of a \(see the statuses in "):
+        sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
     out = capsys.readouterr().out
     assert "[sweep] a seed 1: diverged (see above)" in out and "finished" not in out
     assert "| a | 0 of 1 | – | – | – | diverged |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_sweep_with_a_finished_seed_in_every_config_succeeds_beside_a_diverged_one(tmp_path, configs,
+                                                                                     monkeypatch):
+    def one_diverges(cmd):
+        run_dir = Path(json.loads(cmd[-1].partition("=")[2]))  # out_dir="..."
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": "a", "train": {"max_iters": 2}}))
+        status, loss = ("diverged", None) if run_dir.name == "seed1" else ("finished", 1.5)
+        (run_dir / "result.json").write_text(json.dumps({"status": status, "step": 2, "best_val_loss": loss,
+                                                         "final_val_loss": loss, "best_val_R": {}}))
+        return 1 if status == "diverged" else 0
+
+    monkeypatch.setattr("recipes.sweep._train", one_diverges)
+    rows = sweep.run_sweep([configs / "a.yaml"], [1, 2], tmp_path / "out")
+    assert [r["status"] for r in rows] == ["diverged", "finished"]
 
 
 def start_sweep_of(child: str):
