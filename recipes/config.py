@@ -322,9 +322,12 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
 
 
 def _merge(base: dict, top: dict, sections: bool = True) -> dict:
+    """``top`` over ``base``: sections (``sections=True``: the top level) merge key by key; a setting
+    inside one is replaced whole, a mapping too (``model.coupling_options``, one class's keyword
+    arguments: merged, the base's options would reach the class a file switches to)."""
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if sections and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value, sections=False)
         elif sections and value is None and isinstance(merged.get(key), dict):
             # a section left empty ("train:", its keys commented out) keeps the base's, as overrides do;

@@ -196,6 +196,15 @@ def test_yaml_extends_and_overrides(tmp_path):
     assert load_config(tmp_path / "opts.yaml").model["coupling_options"] == {"harmonics": [1, 2]}
     assert load_config(tmp_path / "cleared.yaml").model["coupling_options"] is None
     assert load_config(tmp_path / "opts.yaml", ["model.coupling_options=null"]).model["coupling_options"] is None
+    # a mapping setting is replaced whole: the base class's options do not reach the class a file switches to
+    switched = {"coupling": "kuramoto_attn:GraphCoupling", "coupling_options": {"weights": [[1.0]]}}
+    (tmp_path / "switched.yaml").write_text(yaml.safe_dump({"extends": "opts.yaml", "model": switched}))
+    assert load_config(tmp_path / "switched.yaml").model["coupling_options"] == {"weights": [[1.0]]}
+    assert load_config(tmp_path / "opts.yaml", ["model={coupling_options: {dim: -1}}"]).model[
+        "coupling_options"] == {"dim": -1}
+    # ... while an override of one option edits that option
+    assert load_config(tmp_path / "opts.yaml", ["model.coupling_options.dim=-1"]).model[
+        "coupling_options"] == {"harmonics": [1, 2], "dim": -1}
     # a section given whole on the command line merges as a file's does; one value for it is refused
     # ("optim=" reset the whole section to the defaults)
     config = load_config(tmp_path / "top.yaml", ["model={d_model: 32}", "train={batch_size: 6}"])
