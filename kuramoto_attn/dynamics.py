@@ -72,7 +72,10 @@ class KuramotoField(nn.Module):
     Args:
         omega: natural frequencies; must broadcast to the phases' shape without enlarging it
             (e.g. shape ``(n,)`` for phases ``(*, n)``). An ``nn.Parameter`` is registered as
-            a parameter (learnable frequencies), anything else as a buffer.
+            a parameter (learnable frequencies), anything else as a buffer. A buffer computed from
+            parameters (``2 * p``) keeps its autograd graph, as any module's would: gradients reach
+            ``p`` through one backward, and the field cannot be deep-copied; for frequencies
+            recomputed per call, make the field inside your module's ``forward``.
         coupling: a callable ``θ -> coupling term`` of θ's shape, typically a
             :class:`~kuramoto_attn.Coupling`; ``None`` for free rotation. Extra arguments of
             ``forward`` (e.g. :class:`~kuramoto_attn.AttentionCoupling`'s ``weights``) are passed
