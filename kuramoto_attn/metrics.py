@@ -144,6 +144,18 @@ class OrderParameter(Metric):
         self.low = torch.minimum(self.low, low)
         self.high = torch.maximum(self.high, high)
 
+    def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
+        """Add another ``OrderParameter``'s states (or a dict of them) to this one's. Their group
+        counts must match: states of another ``num_groups`` would broadcast onto every group."""
+        states = incoming_state.metric_state if isinstance(incoming_state, OrderParameter) else incoming_state
+        if isinstance(states, dict):
+            for name in self._defaults:
+                value, own = states.get(name), getattr(self, name)
+                if torch.is_tensor(value) and value.shape != own.shape:
+                    raise ValueError(f"incoming_state: expected {name} of shape {tuple(own.shape)} "
+                                     f"({self.num_groups} groups) but got {tuple(value.shape)}")
+        super().merge_state(incoming_state)
+
     def compute(self) -> dict[str, Tensor]:
         """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups, and
         for ``num_groups=1``: torchmetrics squeezes one-element results; ``.reshape(-1)`` gives ``(1,)``)."""

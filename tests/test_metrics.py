@@ -351,6 +351,23 @@ def test_merge_state_equals_one_metric_on_all_data():
     assert_stats_close(merged.compute(), per_group_stats(naive_R(torch.cat(rank0 + rank1)), 1))
 
 
+def test_merge_state_of_another_number_of_groups_is_rejected():
+    """Its states would broadcast: a pooled metric's totals added to every group, or a grouped
+    metric's turning a pooled one's state into per-group values."""
+    grouped, pooled = _metric_on(_split_data(7)[0]), OrderParameter(dim=-1)
+    pooled.update(torch.zeros(2, 3, 4))
+    before = {name: getattr(grouped, name).clone() for name in grouped._reductions}
+    with pytest.raises(ValueError, match="^incoming_state: expected total of shape"):
+        grouped.merge_state(pooled)
+    with pytest.raises(ValueError, match="^incoming_state: expected total of shape"):
+        pooled.merge_state(grouped)
+    with pytest.raises(ValueError, match="^incoming_state: expected total of shape"):
+        grouped.merge_state({name: getattr(pooled, name) for name in pooled._reductions})
+    for name, value in before.items():  # nothing merged
+        assert torch.equal(getattr(grouped, name), value), name
+    assert pooled.count.shape == (1,)
+
+
 def test_state_reductions_equal_one_metric_on_all_data():
     """Reduce gathered states with each state's own ``dist_reduce_fx``, as a real sync does."""
     rank0, rank1 = _split_data(8)
