@@ -83,7 +83,10 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     NumPy scalars count (``numbers.Real``); bools and tensors do not."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected a real number but got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
+        raise ValueError(f"{name}: expected a finite number but got an integer too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number but got {value}")
     if low is not None and (value <= low if low_open else value < low):
@@ -147,6 +150,8 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
             tensor = torch.tensor(float(value), dtype=torch.float64)
         else:
             tensor = torch.as_tensor(value).detach().clone()
+    except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
+        raise ValueError(f"{name}: expected finite values but got a number too large for a float") from None
     except (TypeError, RuntimeError, ValueError):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}") from None
     if tensor.is_complex():  # would be cast to real, silently dropping the imaginary part

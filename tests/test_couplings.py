@@ -241,6 +241,9 @@ def test_a_user_coupling_needs_one_method():
     (lambda: MeanFieldCoupling(strength=float("inf")), "strength"),
     (lambda: MeanFieldCoupling(strength="strong"), "strength"),
     (lambda: MeanFieldCoupling(strength=2j), "^strength: expected real values"),  # was cast to 0
+    (lambda: MeanFieldCoupling(strength=10**400), "^strength: expected finite"),  # was a bare OverflowError
+    (lambda: MeanFieldCoupling(strength=[1.0, 10**400]), "^strength: expected finite"),
+    (lambda: MeanFieldCoupling(phase_lag=10**400), "^phase_lag: expected a finite"),
     (lambda: GraphCoupling(torch.ones(2, 2, dtype=torch.complex64)), "^weights: expected real values"),
     (lambda: MeanFieldCoupling(phase_lag=float("nan")), "phase_lag"),
     (lambda: MeanFieldCoupling(harmonics=()), "harmonics"),

@@ -117,6 +117,7 @@ def test_a_new_solver_registers_by_name():
     ({"dt": -0.1}, "dt"),
     ({"dt": math.nan}, "dt"),
     ({"dt": "0.1"}, "dt"),
+    ({"dt": 10**400}, "^dt: expected a finite"),  # was a bare OverflowError
     ({"steps": 0}, "steps"),
     ({"steps": 2.5}, "steps"),
     ({"method": "dopri5"}, "method"),
