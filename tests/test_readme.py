@@ -6,8 +6,10 @@ import re
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # "name: (4, 128, 256)" at the start of a comment or after "; " (a name, attribute or index, then a
-# shape), or a bare "(2, 24)": the shape of what the statement assigns
-STATED_SHAPE = re.compile(r"(?:^|;)\s*(?:([A-Za-z_][\w.\[\]]*): )?\(([\d, ]+)\)")
+# shape); a bare "(2, 24)" or one after words ("parallel form: (4, 128, 256)"): the shape of what
+# the statement assigns
+STATED_SHAPE = re.compile(r"(?:^|;)\s*(?:([^:;()]+): )?\(([\d, ]+)\)")
+NAME = re.compile(r"[A-Za-z_][\w.\[\]]*")
 
 
 def test_readme_python_blocks_run_and_give_the_shapes_they_state():
@@ -20,7 +22,7 @@ def test_readme_python_blocks_run_and_give_the_shapes_they_state():
             exec(compile(ast.Module([statement], []), str(README), "exec"), namespace)
             comments = [line.partition("#")[2].strip() for line in lines[statement.lineno - 1:statement.end_lineno]]
             for name, shape in (found for comment in comments for found in STATED_SHAPE.findall(comment)):
-                if not name:  # a bare shape: that of the one name assigned
+                if not NAME.fullmatch(name):  # a bare or described shape: that of the one name assigned
                     (target,) = statement.targets
                     name = target.id
                 expected = tuple(int(size) for size in shape.split(","))
