@@ -54,10 +54,11 @@ tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside eac
 between chunks that is itself computed by the same chunked scan over the chunk summaries, so
 rounding error grows like the logarithm of ``T`` rather than ``T``. The window never subtracts two
 prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
-straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0``, so
-nothing overflows for any ``γ ∈ [γ_{min}, 1]``. The memory and the normaliser ``S_t`` are sums in the
-input's dtype: a model run in float16 (largest value 65504) overflows once they exceed it, e.g. with
-``kernel="unbounded"`` after tens of thousands of tokens; use bfloat16 or float32 for such lengths.
+straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0`` (exponents
+in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. The memory and the
+normaliser ``S_t`` are sums in the input's dtype: a model run in float16 (largest value 65504)
+overflows once they exceed it, e.g. with ``kernel="unbounded"`` after tens of thousands of tokens;
+use bfloat16 or float32 for such lengths.
 
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and
@@ -580,7 +581,10 @@ class HolographicPhaseMemory(nn.Module):
 
     def _kernel_spec(self) -> _Kernel:
         if self.kernel == "decay":
-            return _Kernel("decay", self._log_decay())
+            # exponents n·log γ in float32 at least: in float16 a lag past 65504, or log γ times the
+            # chunk summaries' C^k, overflows (inf · 0 = NaN), and bf16 rounds lags past 256
+            log_gamma = self._log_decay()
+            return _Kernel("decay", log_gamma.to(torch.promote_types(log_gamma.dtype, torch.float32)))
         return _Kernel(self.kernel, None, self.window)
 
     def _phases(self, x: Tensor, state: TPIState | None) -> tuple[Tensor, Tensor]:

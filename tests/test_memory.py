@@ -430,6 +430,42 @@ def test_long_sequence_float32_matches_float64(opts):
     assert error.max().item() <= 1e-5, error.max().item()
 
 
+@pytest.mark.parametrize("logit", [10.5, 20.0])
+def test_a_float16_decay_state_keeps_tokens_more_than_65504_back(logit):
+    # the matrix state's final memory weighted token s by γ^(T−1−s) with the lag cast to float16: lags
+    # past 65504 became inf, silently dropping those tokens (γ = 1 − 2.8e-5: they still weigh ~e^-2) or
+    # making the state NaN where γ rounds to 1 in float16 (inf · log γ = inf · 0), although no sum overflows
+    memory = HolographicPhaseMemory(2, kernel="decay", state="matrix").eval()
+    with torch.no_grad():
+        memory.decay_logit.fill_(logit)
+    memory = memory.half()
+    reference = HolographicPhaseMemory(2, kernel="decay", state="matrix").eval().double()
+    reference.load_state_dict({key: value.double() for key, value in memory.state_dict().items()})
+    x = (0.3 * torch.randn(1, 70000, 2, generator=torch.Generator().manual_seed(0))).half()
+    with torch.no_grad():
+        _, state = memory(x, memory.init_state(1))
+        _, want = reference(x.double(), reference.init_state(1))
+    scale = want.memory.abs().max().item()
+    torch.testing.assert_close(state.memory.double(), want.memory, rtol=0, atol=0.01 * scale)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_a_float16_decay_kernel_stays_finite_on_very_long_sequences(state):
+    # the chunk summaries' rates log γ · C^k were formed in float16: past T ≈ 64²·65 tokens (C = 64) they
+    # overflowed to −inf and the lag-0 weight exp(−inf · 0) was NaN, although with γ = 1/2 every sum is ≤ 2
+    memory = HolographicPhaseMemory(2, kernel="decay", state=state).eval()
+    with torch.no_grad():
+        memory.decay_logit.fill_(-5.0)  # γ = DECAY_MIN
+    memory = memory.half()
+    reference = HolographicPhaseMemory(2, kernel="decay", state=state).eval()
+    reference.load_state_dict({key: value.float() for key, value in memory.state_dict().items()})
+    x = torch.randn(1, 270000, 2, generator=torch.Generator().manual_seed(0)).half()
+    with torch.no_grad():
+        y, want = memory(x)[:, -4000:], reference(x.float())[:, -4000:]
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), want, rtol=0.02, atol=0.02)
+
+
 # ---------- gradients ----------
 
 
