@@ -53,11 +53,15 @@ def run_corpus(data: DataConfig, tokenizer, state: dict, args: argparse.Namespac
     try:
         return load_corpus(dataclasses.replace(data, **moved), tokenizer, state.get("corpus"))
     except FileNotFoundError as err:
-        if args.data_path is not None:
-            raise
+        if args.data_path is not None:  # the message names data.path, which these commands set with --data-path
+            raise FileNotFoundError(f"--data-path: {args.data_path} does not hold the run's corpus ({err})") from None
         # the message names data.path, a setting of training: say how these commands move it
         raise FileNotFoundError(f"{err} (the run's corpus is not where it was trained: give --data-path "
                                 "where it is now)") from None
+    except OSError as err:  # the cache: its message names data.cache_dir, which these commands set with --cache-dir
+        if args.cache_dir is not None and str(err).startswith("cache_dir:"):
+            raise OSError(f"--cache-dir: {args.cache_dir} cannot hold the corpus cache ({err})") from None
+        raise
 
 
 def load_corpus(data: DataConfig, tokenizer=None, identity: dict | None = None):

@@ -2220,6 +2220,23 @@ def test_a_run_trained_offline_from_the_cache_moves_with_its_corpus(tmp_path, co
         evaluate_main([str(run), "--device", "cpu", "--data-path", str(moved)])
 
 
+def test_data_location_flags_that_cannot_serve_are_errors_naming_the_flag(trained, tmp_path, capsys):
+    # the errors named data.path / cache_dir and said "set data.path=..." / "set data.cache_dir": settings
+    # of training, not these commands' flags
+    from recipes.common import run_cli
+    from recipes.interpret import main as interpret_main
+    missing, a_file = tmp_path / "nowhere.txt", tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for main in (evaluate_main, interpret_main):
+        for flags, message in (
+                (["--data-path", str(missing)], f"--data-path: {missing} does not hold the run's corpus ("),
+                (["--cache-dir", str(a_file)], f"--cache-dir: {a_file} cannot hold the corpus cache (")):
+            with pytest.raises(SystemExit) as stop:
+                run_cli(lambda: main([str(trained), "--device", "cpu", *flags]))
+            err = capsys.readouterr().err
+            assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+
+
 def test_logged_coherence_loss_is_the_step_mean_whatever_grad_accum(tmp_path, corpus_file):
     """train/coherence_loss is the step's mean regularizer loss, as train/loss is: grad_accum cuts the
     batch into equal micro-batches, so the logged value must not grow with it (a sum over them)."""
