@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from recipes.files import remove_abandoned, replace_durably, staging_path
+
 __all__ = ["plot_history", "plot_R_curves"]
 
 
@@ -13,6 +15,19 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written beside it and renamed over it: a kill mid-write keeps the
+    previous plot whole (as :func:`recipes.files.write_atomic` does for text)."""
+    remove_abandoned(path.parent)
+    tmp = staging_path(path)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")  # the staging name has no .png to infer it from
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
@@ -30,7 +45,7 @@ def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=120)
+    _save(fig, run_dir / "loss.png")
     plt.close(fig)
     written.append(run_dir / "loss.png")
 
@@ -67,6 +82,6 @@ def plot_R_curves(curves: dict[str, dict[str, list]], path: str | Path, *, xlabe
             ax.legend(fontsize=6, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, Path(path))
     plt.close(fig)
     return Path(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from recipes import plots
@@ -61,6 +63,33 @@ def test_a_model_without_phase_layers_gets_no_R_plot(tmp_path, figures):
     history = [{k: v for k, v in h.items() if not k.startswith("val_R")} for h in HISTORY]
     assert plots.plot_history(history, tmp_path) == [tmp_path / "loss.png"]
     assert len(figures) == 1 and not (tmp_path / "R.png").exists()
+
+
+def test_a_plot_interrupted_mid_write_keeps_the_previous_one_whole(tmp_path, monkeypatch):
+    # savefig wrote straight into R_tokens.png / loss.png: a kill (Ctrl-C) mid-write left a truncated PNG
+    # in place of the previous plot
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    curves = {"layer 0": {"head 0": [(0, 0.1), (1, 0.2)]}}
+    path = plots.plot_R_curves(curves, tmp_path / "R_tokens.png", xlabel="t", title="R")
+    plots.plot_history(HISTORY, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"R_tokens.png", "loss.png", "R.png"}
+
+    original = FigureCanvasAgg.print_png
+
+    def cut_short(self, target, **kwargs):  # half a PNG written, then the interrupt
+        if not isinstance(target, (str, os.PathLike)):  # matplotlib's own dry run into memory
+            return original(self, target, **{k: v for k, v in kwargs.items() if k in ("metadata", "pil_kwargs")})
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_R_curves(curves, path, xlabel="t", title="R")
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_history(HISTORY, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no part, no staging file left
 
 
 def test_plot_R_curves_draws_each_panel_and_line_it_is_given(tmp_path, figures):
