@@ -28,7 +28,7 @@ def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[in
     embedding's own device-side assert applies there), and a compiled graph would break."""
     if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
         got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
-        raise ValueError(f"{name}: expected an int64 tensor of token ids but got {got}")
+        raise ValueError(f"{name}: expected an int64 or int32 tensor of token ids but got {got}")
     if idx.dim() != 2 or 0 in idx.shape:
         raise ValueError(f"{name}: expected shape (batch >= 1, tokens >= 1) but got {tuple(idx.shape)}")
     if vocab_size is not None:

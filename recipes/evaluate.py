@@ -3,8 +3,9 @@
     python -m recipes.evaluate runs/layer7_32osc_K1_cpu [--checkpoint best.pt] [--splits val test]
                                [--data-path PATH] [--cache-dir DIR]
 
-Every token of a split is predicted exactly once: the split is cut into consecutive windows of the
-training context (``train.block_size``), each predicted from the start of its window.
+Every token of a split but its first (which has nothing before it) is predicted exactly once: the
+split is cut into consecutive windows of the training context (``train.block_size``), each predicted
+from the start of its window.
 Bits per character divide the total by the number of characters the predicted tokens decode to
 (equal to bits per token for a character tokenizer). The corpus must be the text the run was trained
 on: a file changed since (its sha256, recorded in the checkpoint) is an error, not a score on other data.

@@ -599,6 +599,11 @@ def test_bad_forward_arguments():
     for dtype in (torch.float64, torch.float16, torch.bfloat16):  # was a bare "mat1 and mat2" error
         with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32"):
             layer(x.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts float32 and half inputs, not float64
+        assert layer(x.to(torch.float16)).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32 but got float64, "
+                                             "which torch.autocast does not cast"):
+            layer(x.to(torch.float64))
     with pytest.raises(ValueError, match=r"^x: expected a tensor on the module's device cpu but got meta"):
         layer(x.to("meta"))
     for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool),

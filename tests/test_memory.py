@@ -668,6 +668,9 @@ def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
             block(torch.zeros(2, 5, 4, dtype=dtype))
         with pytest.raises(ValueError, match="^x_t: expected the module's dtype"):
             block.step(torch.zeros(2, 4, dtype=dtype), block.init_state(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # it does not cast float64 (a bare matmul error)
+        with pytest.raises(ValueError, match="^x: expected the module's dtype torch.float32 but got float64"):
+            memory(torch.zeros(2, 5, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="^x: expected a non-empty tensor"):
         TPIBlock(8)(torch.randn(2, 5, 4))  # was LayerNorm's error
     with pytest.raises(ValueError, match="^x_t: expected a non-empty tensor"):
