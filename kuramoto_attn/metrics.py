@@ -141,8 +141,9 @@ class OrderParameter(Metric):
         self.total += total
         self.total_sq += total_sq
         self.count += count
-        self.low = torch.minimum(self.low, low)
-        self.high = torch.maximum(self.high, high)
+        # in the states' dtype, as the sums above are (a float32 state met by float64 R stays float32)
+        self.low = torch.minimum(self.low, low.to(self.low.dtype))
+        self.high = torch.maximum(self.high, high.to(self.high.dtype))
 
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
         """Add another ``OrderParameter``'s states (or a dict of them) to this one's. Their group

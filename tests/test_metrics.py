@@ -274,6 +274,15 @@ def test_an_empty_batch_adds_nothing():
         torch.testing.assert_close(both.compute()[key], value)
 
 
+def test_states_keep_the_dtype_set_for_them():
+    """set_dtype(float32): every state stays float32 when float64 phases arrive (min and max became float64)."""
+    metric = OrderParameter(group_dim=0, num_groups=2)
+    metric.set_dtype(torch.float32)
+    metric.update(torch.rand(2, 3, 4, dtype=torch.float64))
+    assert {name: getattr(metric, name).dtype for name in metric._defaults} == dict.fromkeys(
+        ("total", "total_sq", "count", "low", "high"), torch.float32)
+
+
 def test_no_oscillators_rejected():
     metric = OrderParameter(dim=-1)
     for theta in (torch.empty(3, 0), torch.empty(0, 0)):  # R over zero oscillators is undefined
