@@ -45,11 +45,16 @@ non_negative_int = _int_at_least(0)
 
 
 def device_arg(text: str) -> torch.device:
-    """argparse type: a torch device this machine has (``cuda`` without a GPU was a traceback later)."""
+    """argparse type: a torch device this machine has, cpu or cuda (``cuda`` without a GPU, ``cuda:N``
+    past the last GPU, or another type such as ``mps`` or ``meta`` was a traceback later)."""
     try:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (the devices these scripts time), got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
     return device
