@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import bench_ms, device_arg, positive_int
+from _timing import bench_ms, device_arg, non_negative_int, positive_int
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}
@@ -175,7 +175,7 @@ def main():
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="OMP_NUM_THREADS of the workers (0: default)")
     parser.add_argument("--bf16", action="store_true", help="run under torch.autocast(bfloat16)")
     parser.add_argument("--naive-max-gb", type=float, default=8.0)
     parser.add_argument("--layers", nargs="+", default=["vanilla", "mean_field", "attention", "naive"],
