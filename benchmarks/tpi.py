@@ -273,6 +273,18 @@ def train_mqar(mixer, d_model, settings, device, seed):
     return accuracy
 
 
+def check_mqar_widths(widths, mixers):
+    """Exit naming --d-models if a mixer cannot take a width (heads of d // 32 channels must divide it,
+    RoPE needs an even head width): found before any part runs, not after the runs before it."""
+    for d_model in widths:
+        for mixer in mixers:
+            try:
+                with torch.no_grad():
+                    MIXERS[mixer](d_model)(torch.zeros(1, 4, d_model))
+            except (ValueError, RuntimeError) as err:
+                raise SystemExit(f"--d-models: {d_model} does not suit the {mixer} mixer ({err})") from None
+
+
 def run_mqar(args, device):
     if args.quick:
         settings = dict(d_models=[64], steps=200, batch=32, lr=3e-3, eval=256)
@@ -326,6 +338,8 @@ def main():
     start = time.perf_counter()
     results = {}
     parts = ["generation", "throughput", "mqar"] if args.part == "all" else [args.part]
+    if "mqar" in parts and args.d_models is not None:
+        check_mqar_widths(args.d_models, args.mixers or list(MIXERS))
     for part in parts:
         print(f"== {part} ==")
         results[part] = dict(generation=run_generation, throughput=run_throughput, mqar=run_mqar)[part](args, device)
