@@ -81,7 +81,11 @@ def from_dict(cls, values: Mapping[str, Any] | None, *, where: str = "",
     try:
         return cls(**kwargs)
     except ConfigError as err:  # add the prefix to range errors raised in __post_init__
-        raise ConfigError(_join(where, str(err))) from None
+        message = str(err)
+        name, sep, rest = message.partition(":")
+        if sep and given_as.get(name, name) != name:  # the key as given (an alias), not the field's name
+            message = f"{given_as[name]}{sep}{rest}"
+        raise ConfigError(_join(where, message)) from None
 
 
 def check_types(config) -> None:

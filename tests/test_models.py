@@ -99,6 +99,10 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"use_phase_attention": True}, "model.phase_layer_idx: must name at least one"),
     (GPTConfig, {"phase_layer_idx": [1]}, "model.phase_layer_idx: names phase layers but use_phase_attention"),
     (GPTConfig, {"steps": 3, "phase_iterations": 3}, "model.phase_iterations: given twice"),
+    # an error about an aliased key names the key as written (there is no model.steps in the file)
+    (GPTConfig, {"phase_iterations": 3}, r"^model.phase_iterations: has no effect without phase layers"),
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], "n_sync_steps": 0},
+     r"^model.n_sync_steps: must be at least 1"),
     *[(GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], **values}, message) for values, message in [
         ({"coupling": "no_such_package_xyz:Ring"},
          r"model.coupling: cannot import 'no_such_package_xyz:Ring' \(ModuleNotFoundError"),
