@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
@@ -240,6 +240,26 @@ def test_incremental_decoding_equals_full_forward(coupling, integrator):
     torch.testing.assert_close(torch.cat(chunks + [y_last], dim=1), y_full, rtol=0, atol=1e-5)
     torch.testing.assert_close(info_last.phases, info_full.phases[:, :, 9:], rtol=0, atol=1e-5)
     assert cache.length == 12
+
+
+@pytest.mark.parametrize("coupling", CACHED)
+@settings(max_examples=4, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6))
+@example(sizes=[1, 2, 3])  # a chunk after a single cached token; a chunk of 2 after the cache (no padding:
+@example(sizes=[3, 2, 1])  # each needs the dense causal mask, which SDPA's is_causal cannot express there)
+def test_incremental_decoding_in_chunks_of_any_size(coupling, sizes):
+    layer = cache_layer(coupling, integrator="heun")
+    x = torch.randn(2, sum(sizes), 16, generator=torch.Generator().manual_seed(len(sizes)), dtype=torch.float64)
+    with torch.no_grad():
+        y_full, info_full = layer(x, return_info=True)
+        cache, start, y, phases = KuramotoCache(), 0, [], []
+        for size in sizes:
+            out, info = layer(x[:, start:start + size], cache=cache, return_info=True)
+            y.append(out)
+            phases.append(info.phases)
+            start += size
+    torch.testing.assert_close(torch.cat(y, dim=1), y_full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat(phases, dim=2), info_full.phases, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("coupling", CACHED[:-1])
