@@ -421,6 +421,12 @@ class GPT(nn.Module):
         elif len(cache.layers) != len(self.blocks) or any(
                 isinstance(c, KuramotoCache) != block.phase for c, block in zip(cache.layers, self.blocks)):
             raise ValueError("cache: its layers do not match this model's (a cache of another model?)")
+        # a phase layer refuses another layer's cache itself, but only after the plain layers before it
+        # have added this call's tokens to theirs: checked here, before any layer changes its cache
+        if any(isinstance(c, KuramotoCache) and c.layer_id not in (None, id(block.attn))
+               for c, block in zip(cache.layers, self.blocks)):
+            raise ValueError("cache: filled by another model (of the same layers); give each model its own "
+                             "(see new_cache)")
         kv = next((c for c in cache.layers if isinstance(c, KVCache)), None)
         if kv is not None and kv.keys is not None and kv.keys.shape[0] != b:
             raise ValueError(f"cache: holds batch size {kv.keys.shape[0]} but idx has {b}")

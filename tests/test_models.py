@@ -661,6 +661,20 @@ def test_models_run_on_the_meta_device(name):
     assert logits.device.type == "meta" and logits.shape == (2, 5, VOCAB) and loss.shape == ()
 
 
+def test_a_cache_of_another_model_of_the_same_layers_is_refused_before_any_layer_changes_it():
+    # its phase layer refused it, after the plain layer before it had taken the new token: the cache,
+    # used on with its own model, then gave logits from one token too many in that layer
+    model, other = phase_gpt(phase_layer_idx=(2,)), phase_gpt(phase_layer_idx=(2,), seed=1)
+    idx = tokens(2, 6)
+    cache = model.new_cache()
+    model(idx[:, :4], cache=cache)
+    with pytest.raises(ValueError, match=r"^cache: filled by another model \(of the same layers\)"):
+        other(idx[:, 4:5], cache=cache)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [4, 4, 4]
+    logits, _ = model(idx[:, 4:], cache=cache)
+    torch.testing.assert_close(logits, model(idx)[0][:, 4:], rtol=1e-9, atol=1e-9)
+
+
 def test_a_cache_filled_in_another_dtype_is_refused_before_any_layer_changes_it():
     # the plain layers refuse it as the phase layers do: torch.cat would promote, and a refusal at a
     # later layer would leave the earlier layers' caches one token longer than the others
