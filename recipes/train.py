@@ -329,25 +329,29 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                                          error_if_nonfinite=False)
             _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", 0))
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
+            # the update's log entry, logged before it and added to the history with it (logged after it,
+            # an interrupt in between saved the step without its entry, in the history and the logs)
+            logged = None
+            if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
+                loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
+                metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
+                if torch.is_tensor(total_aux):
+                    metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
+                fabric.log_dict(metrics, step=step + 1)
+                logged = {"step": step + 1, "train_loss": loss_value}
             state["_in_update"] = True
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress["step"] = step = step + 1
             progress["eval_due"] = step % tc.eval_interval == 0 or step == tc.max_iters
+            if logged is not None:
+                progress["history"].append(logged)
             state["_in_update"] = False
             if bar is not None:
                 bar.update(1)
-
-            if step % tc.log_interval == 0 or step == tc.max_iters:
-                loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
-                metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
-                if torch.is_tensor(total_aux):
-                    metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
-                fabric.log_dict(metrics, step=step)
-                progress["history"].append({"step": step, "train_loss": loss_value})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                if logged is not None:
+                    bar.set_postfix(loss=f"{logged['train_loss']:.4f}")
     finally:
         if bar is not None:
             bar.close()

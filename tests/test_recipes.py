@@ -601,6 +601,28 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert train(parse_config(apply_overrides(interrupted, ["train.compile=true"])), resume=True)["step"] == 12
 
 
+def test_an_interrupt_while_a_step_is_logged_keeps_its_entry_after_resume(tmp_path, corpus_file, monkeypatch):
+    # the update was saved (step 7) but not its train loss, which the resumed run never logged again
+    from lightning_fabric import Fabric
+    train(parse_config(tiny(tmp_path / "a", corpus_file)))
+    real_log_dict, calls = Fabric.log_dict, []
+
+    def log_dict(self, metrics, step=None):
+        if step == 7 and "train/loss" in metrics and not calls:
+            calls.append(step)
+            raise KeyboardInterrupt
+        return real_log_dict(self, metrics, step=step)
+
+    monkeypatch.setattr(Fabric, "log_dict", log_dict)
+    values = tiny(tmp_path / "b", corpus_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(values))
+    assert calls == [7]
+    train(parse_config(values), resume=True)
+    history = [logged(tmp_path / run / "run", "train_loss") for run in "ab"]
+    assert len(history[0]) == 12 and history[0] == history[1]
+
+
 def test_resume_restores_the_saved_torch_rng_state(tmp_path, corpus_file, monkeypatch):
     # the checkpoint's RNG state must be the resumed run's, whatever state the resuming process starts in
     real_step_seed, seen = train_module.step_seed, []
