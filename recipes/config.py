@@ -190,8 +190,9 @@ def model_config(model: dict, vocab_size: int | None = None):
         raise ConfigError(f"model.type: expected one of {', '.join(map(repr, MODELS))}, got {kind!r}")
     if vocab_size is not None:
         given = values.setdefault("vocab_size", vocab_size)
-        check(isinstance(given, int) and given >= vocab_size, "model.vocab_size",
-              f"must be at least the tokenizer's vocabulary ({vocab_size})", given)
+        if isinstance(given, int) and not isinstance(given, bool):  # another type: the model config's error
+            check(given >= vocab_size, "model.vocab_size",
+                  f"must be at least the tokenizer's vocabulary ({vocab_size})", given)
     _, config_cls = MODELS[kind]
     return config_cls.from_dict(values, where="model")
 
@@ -286,8 +287,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
     """Validate a run config mapping (as read from YAML or stored in a checkpoint)."""
     config = from_dict(RunConfig, values)
-    # fail now, not after loading the data; the real vocabulary size is filled in later
-    model_config(config.model, vocab_size if vocab_size is not None else 1)
+    # fail now, not after loading the data; the real vocabulary size is filled in (and compared) later
+    model_config(config.model, vocab_size)
     return config
 
 

@@ -123,6 +123,10 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("train.patience=0", "train.patience: must be at least 1 or null"),
     ("data.val_fraction=1.0", r"data.val_fraction: must be in \(0, 1\)"),
     ("fabric.num_nodes=0", "fabric.num_nodes: must be at least 1"),
+    # before the data is read the tokenizer's vocabulary is unknown: it was said to be 1 ("must be at
+    # least the tokenizer's vocabulary (1)"), for a value of the wrong type too
+    ("model.vocab_size=0", r"^model.vocab_size: must be at least 1 \(got 0\)$"),
+    ("model.vocab_size=x", r"^model.vocab_size: expected an integer, got 'x'$"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
