@@ -21,6 +21,7 @@ Overrides are ``section.key=value`` strings whose value is parsed as YAML
 from __future__ import annotations
 
 import copy
+import math
 import json
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -205,12 +206,14 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: extends: a cycle ({' -> '.join(str(p) for p in (*_seen, path.resolve()))})")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
-    if not isinstance(values, dict):
+    if values is None:  # an empty file (or comments only): every setting from the base or the defaults
+        values = {}
+    if not isinstance(values, dict):  # also 0, false or []: not read as an empty config
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = values.pop("extends", None)
     if base is None:
@@ -265,8 +268,30 @@ def override(key: str, value: Any) -> str:
     """A ``key=value`` override that :func:`apply_overrides` reads back as ``value`` exactly: strings
     (paths, names) are quoted, so that ``#`` (a YAML comment), ``: `` or a name such as ``1`` or
     ``yes`` keep their meaning."""
-    # ensure_ascii=False: "\\ud835..." escapes of characters beyond the BMP come back from YAML as lone surrogates
-    return f"{key}={json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)}"
+    return f"{key}={_flow(value)}"
+
+
+def _flow(value: Any) -> str:
+    """``value`` as YAML flow text: JSON, except floats, which JSON writes as YAML reads strings
+    (``1e+20``, ``Infinity``: PyYAML's floats need a point, ``1.0e+20``, and spell ``.inf``, ``.nan``)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        mantissa, e, exponent = repr(value).partition("e")
+        return f"{mantissa}{'' if '.' in mantissa else '.0'}{e}{exponent}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_flow(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
+    # ensure_ascii=False: "\\ud835..." escapes of characters beyond the BMP come back from YAML as lone surrogates;
+    # escaped instead: what YAML refuses in a file (controls, lone surrogates) or folds as a line break
+    text = json.dumps(str(value) if isinstance(value, Path) else value, ensure_ascii=False)
+    return _NOT_YAML_TEXT.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_NOT_YAML_TEXT = re.compile("[^\t\n\r\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # section.key=value

@@ -108,7 +108,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     remove_abandoned(path.parent)
     tmp = staging_path(path)
     try:
-        with open(tmp, "x") as f:  # mode 0666 less the umask, as a plain open would give
+        with open(tmp, "x", encoding="utf-8") as f:  # mode 0666 less the umask, as a plain open would give
             f.write(text)
         replace_durably(tmp, path)
     except BaseException:

@@ -116,7 +116,8 @@ OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the contents of ``result.json``.
 
-    A new run refuses an ``out_dir`` that already holds one (``last.pt``): rerunning a command
+    A new run refuses an ``out_dir`` that already holds one (any of ``RUN_MARKERS``: ``last.pt``,
+    ``best.pt``, ``result.json``, ``evaluation.json``, ``interpret*.json``): rerunning a command
     without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes what that run
     wrote (checkpoints, ``result.json``, plots, logs, evaluations: ``OLD_RUN_OUTPUTS``) once the new
     run is set up, and starts over. While it trains, the run holds a lock on ``out_dir/.lock``: a

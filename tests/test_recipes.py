@@ -222,6 +222,12 @@ def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends: a cycle"):
         load_config(tmp_path / "a.yaml")
+    for text in ("0\n", "false\n", "[]\n", "- 1\n"):  # 0, false and [] read as an empty config (the defaults)
+        (tmp_path / "scalar.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="scalar.yaml: expected a mapping at the top level"):
+            load_config(tmp_path / "scalar.yaml")
+    (tmp_path / "comments.yaml").write_text("# nothing set: every setting its default\n")
+    assert load_config(tmp_path / "comments.yaml").train.max_iters == load_config(tmp_path / "empty.yaml").train.max_iters
     (tmp_path / "bad.yaml").write_text("train: {max_iters: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(tmp_path / "bad.yaml")
