@@ -1,8 +1,10 @@
 """Timing and argument helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``)."""
 
 import argparse
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,6 +44,26 @@ def _int_at_least(low: int):
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a negative or nan limit silently turned a layer off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def json_path(text: str) -> Path:
+    """argparse type: a file to write the results to, in a folder that exists (checked before the
+    runs: the results were lost when the write failed at the end)."""
+    path = Path(text)
+    if path.is_dir() or not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: expected a file in an existing folder")
+    return path
 
 
 def device_arg(text: str) -> torch.device:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import bench_ms, device_arg, non_negative_int, positive_int
+from _timing import bench_ms, device_arg, json_path, non_negative_float, non_negative_int, positive_int
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}
@@ -143,7 +143,8 @@ def run_worker(spec, env):
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
-        return {**spec, "error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+        lines = out.stderr.strip().splitlines()
+        return {**spec, "error": lines[-1] if lines else f"failed (exit {out.returncode})"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -177,11 +178,11 @@ def main():
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=non_negative_int, default=0, help="OMP_NUM_THREADS of the workers (0: default)")
     parser.add_argument("--bf16", action="store_true", help="run under torch.autocast(bfloat16)")
-    parser.add_argument("--naive-max-gb", type=float, default=8.0)
+    parser.add_argument("--naive-max-gb", type=non_negative_float, default=8.0)
     parser.add_argument("--layers", nargs="+", default=["vanilla", "mean_field", "attention", "naive"],
                         choices=["vanilla", "mean_field", "attention", "naive"],
                         help="which layers to run (vanilla is the baseline of the ratios)")
-    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--json", type=json_path, help="write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -21,7 +21,7 @@ import torch
 
 from kuramoto_attn import MeanFieldCoupling
 
-from _timing import bench_ms, device_arg, positive_int
+from _timing import bench_ms, device_arg, json_path, positive_int
 
 B, H, N = 8, 12, 32
 STRENGTH, PHASE_LAG = 1.0, 0.3
@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--repeats", type=positive_int, default=20,
                         help="timed repeats (the slow naive path gets a fifth)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the rows as JSON to this path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

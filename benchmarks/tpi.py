@@ -38,7 +38,7 @@ from torch import nn
 import kuramoto_attn
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 
-from _timing import bench_ms, device_arg, positive_int, sync
+from _timing import bench_ms, device_arg, json_path, positive_int, sync
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
 
@@ -326,7 +326,7 @@ def main():
                         help=f"MQAR mixers (default: all of {list(MIXERS)})")
     parser.add_argument("--steps", type=positive_int, default=None, help="MQAR training steps (overrides the setting)")
     parser.add_argument("--d-models", type=positive_int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
-    parser.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the results as JSON to this path")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
