@@ -231,7 +231,7 @@ def test_state_after_forward_matches_state_after_steps():
                 _, state = memory.step(x[:, i], state)
         for got, want in zip(parallel[:4], state[:4]):
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-        assert all(0 <= p < 2 * math.pi for p in parallel.phase.flatten().tolist())  # wrapped
+        assert all(0 <= p <= 2 * math.pi for p in parallel.phase.flatten().tolist())  # wrapped to [0, 2π]
 
 
 # ---------- limits and invariants ----------
