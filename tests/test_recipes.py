@@ -287,6 +287,14 @@ def test_learning_rate_schedule():
     assert learning_rate(55, o, 100) == pytest.approx(0.55)           # cosine midpoint
 
 
+def test_a_warmup_as_long_as_training_ends_at_lr_without_a_zero_length_decay():
+    # the scheduler asks for the rate at step max_iters after the last update: with warmup_iters ==
+    # max_iters the cosine's length is 0, and the rate is lr (not a division by zero)
+    from recipes.config import OptimConfig
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
+    assert [learning_rate(s, o, 10) for s in (9, 10)] == [pytest.approx(10 / 11), 1.0]
+
+
 def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, optim={"lr": 3e-3, "warmup_iters": 4},
                   train={"max_iters": 3, "eval_interval": 3})
