@@ -242,6 +242,18 @@ def test_the_mean_counts_finished_and_early_stopped_runs_only(tmp_path):
         f"| a | 2 of 3 | {mean:.4f} ± {half:.4f} | {math.exp(mean):.2f} | – | diverged, early_stopped, finished |")
 
 
+def test_a_counted_status_without_a_finite_best_loss_is_listed_not_averaged(tmp_path):
+    # e.g. a result.json written by hand or by an older version: no loss (null) or NaN is not a number to average
+    for seed, (status, loss) in enumerate([("finished", 1.0), ("finished", None), ("early_stopped", math.nan)]):
+        run = tmp_path / "a" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": status, "step": 5, "best_val_loss": loss,
+                                                     "final_val_loss": loss, "best_val_R": {}}))
+    sweep.summarise(tmp_path, ["a"], [0, 1, 2])
+    assert (tmp_path / "summary.md").read_text().splitlines()[2] == (
+        f"| a | 1 of 3 | 1.0000 | {math.exp(1.0):.2f} | – | early_stopped, finished |")
+
+
 def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, launched):
     out = tmp_path / "out"
     interrupted = out / "a" / "seed1"
