@@ -145,6 +145,20 @@ def test_parallel_equals_naive_reference(gen, opts, t):
         torch.testing.assert_close(memory(x), naive_memory(memory, x), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("bias", [-10.0, -20.0])
+@pytest.mark.parametrize("normalize", ["sum", "sqrt"])
+@pytest.mark.parametrize("state", STATES)
+def test_small_normalisers_are_clamped_at_norm_eps_only(state, normalize, bias):
+    # magnitudes m = 5σ(−10) ≈ 2e-4 (S_t < 1e-2: divided as is) and 5σ(−20) ≈ 1e-8 (S_t < NORM_EPS: clamped);
+    # random inputs almost never give S_t < 1, so the draws above cannot tell where the clamp is
+    memory = build(dict(state=state, normalize=normalize, magnitude="sigmoid", kernel="decay", num_heads=2))
+    with torch.no_grad():
+        memory.magnitude_proj.weight.zero_()
+        memory.magnitude_proj.bias.fill_(bias)
+        x = randn(torch.Generator().manual_seed(2), 2, 9, 4)
+        torch.testing.assert_close(memory(x), naive_memory(memory, x), atol=1e-10, rtol=1e-10)
+
+
 def test_matrix_state_with_many_chunks_and_long_window():
     """Several recursion levels of the chunked scan (T/C = 25 chunks, window spanning 4 chunks)."""
     gen = torch.Generator().manual_seed(3)
