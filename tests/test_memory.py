@@ -566,6 +566,19 @@ def test_a_bfloat16_module_computes_its_phase_rates_in_float32(query):
             assert got.dtype == torch.float64
             assert torch.remainder(got - want + math.pi, 2 * math.pi).sub(math.pi).abs().max() < 1e-9
 
+def test_a_bfloat16_module_takes_cos_and_sin_in_float32():
+    # phases in [0, 2π] rounded to bf16 (spacing 2^-5 near 2π) before cos/sin err by up to ~0.016; taken in
+    # float32 and then rounded to bf16, cos and sin err by at most half an ulp of bf16 below 1 (2^-9)
+    memory = HolographicPhaseMemory(16, query="decoupled").eval().bfloat16()
+    x = torch.randn(1, 256, 16, generator=torch.Generator().manual_seed(7)).bfloat16()
+    with torch.no_grad():
+        phase, query_phase = memory._phases(x, None)
+        cos_q, sin_q = memory._tokens(x, phase, query_phase).read
+    for got, f in ((cos_q, torch.cos), (sin_q, torch.sin)):
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - f(query_phase).view_as(got)).abs().max().item() <= 2 ** -9 + 1e-6
+
+
 @pytest.mark.parametrize("state", STATES)
 def test_a_float32_state_continues_bf16_input_under_autocast(state):
     # init_state's float32 state was rejected for the bf16 activations of autocast as "a state from a
