@@ -313,6 +313,19 @@ def test_cached_forward_equals_uncached(name):
 
 
 
+def test_a_tpi_cache_emptied_of_its_states_counts_from_zero():
+    # states are filled on first use: a cache whose states were cleared starts again at the first token,
+    # and its length counts from 0 (not on from the tokens of the states it no longer holds)
+    model = tiny_tpi()
+    idx = tokens(2, 5)
+    cache = model.new_cache()
+    model(idx, cache=cache)
+    cache.states.clear()
+    logits, _ = model(idx[:, :3], cache=cache)
+    assert cache.length == 3
+    torch.testing.assert_close(logits, model(idx[:, :3])[0], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("kernel", ["window", "decay"])
 def test_branches_of_a_tpi_cache_clone_are_independent(kernel):
     # a one-token forward writes the window kernel's ring buffer in place: two caches holding the same
