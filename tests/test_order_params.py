@@ -53,6 +53,19 @@ def test_identical_phases_give_one(value, n):
     assert math.cos(psi.item() - value) == pytest.approx(1.0, abs=1e-9)
 
 
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_R_of_identical_phases_never_rounds_above_one(dtype, weighted):
+    """Identical phases: R is 1 up to rounding, which never takes it past the documented 1 (a mean
+    cos/sin pair of norm 1 + ulp, e.g. three float32 phases 2.912038...)."""
+    values = torch.linspace(-math.pi, math.pi, 4001, dtype=f64)
+    for n in (2, 3, 5, 7):
+        theta = values[:, None].expand(-1, n).to(dtype)
+        R, _ = order_parameter(theta, weights=torch.ones(n) if weighted else None)
+        assert R.dtype == dtype and R.max().item() <= 1.0
+        torch.testing.assert_close(R, torch.ones_like(R))
+
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 4), n=st.integers(1, 7), seed=st.integers(0, 2**16), per_row=st.booleans())
 def test_weighted_R_matches_the_complex_mean_for_broadcast_weights(b, n, seed, per_row):
