@@ -743,6 +743,25 @@ def test_fused_euler_mean_field_gradcheck(causal, padded):
     assert torch.autograd.gradcheck(run, (theta, omega, strength))
 
 
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_fused_euler_mean_field_gradient_of_one_input_alone(which):
+    """Only one of phases, ω, K requires a gradient (e.g. frozen ω and a fixed input, learnable K):
+    the fused integration still keeps the phases for the backward and its gradient is right."""
+    from kuramoto_attn._euler_mean_field import euler_mean_field
+
+    gen = torch.Generator().manual_seed(15)
+    inputs = [torch.randn(2, 2, 3, 5, generator=gen, dtype=torch.float64),
+              torch.randn(2, 3, 1, generator=gen, dtype=torch.float64),
+              torch.tensor([1.5, -0.8], dtype=torch.float64).view(2, 1, 1)]
+    weight = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 0]], dtype=torch.float64)[:, None, None, :]
+
+    def run(x):
+        args = [x if k == which else inputs[k] for k in range(3)]
+        return euler_mean_field(*args, weight, steps=3, dt=0.3, phase_lag=0.4, causal=True)
+
+    assert torch.autograd.gradcheck(run, (inputs[which].clone().requires_grad_(),))
+
 def test_fused_euler_mean_field_without_grad_keeps_no_phases_per_step():
     """Under no_grad (evaluation, generation) the fused path gives the same phases from two work
     tensors: what it allocates does not grow with the steps (it kept every step's phases before)."""
