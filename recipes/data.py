@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes.files import remove_abandoned, replace_durably, staging_path
+from recipes.files import remove_abandoned, replace_durably, staged, staging_path
 
 __all__ = [
     "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
@@ -426,9 +426,7 @@ def _sha256_file(path: Path) -> str:
 def download(url: str, dest: Path, sha256: str | None) -> None:
     """Download ``url`` to ``dest`` atomically (a staging file, then a rename), verifying ``sha256``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(dest.parent)  # downloads cut short by a kill
-    tmp = staging_path(dest)
-    try:
+    with staged(dest) as tmp:  # also removes downloads cut short by a kill
         digest = hashlib.sha256()
         with open(tmp, "xb") as f, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
@@ -437,9 +435,6 @@ def download(url: str, dest: Path, sha256: str | None) -> None:
         if sha256 is not None and digest.hexdigest() != sha256:
             raise ChecksumError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
                                f"{digest.hexdigest()}; the file was not kept")
-        replace_durably(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _local_file(path: Path, remote: RemoteFile) -> Path | None:

@@ -16,7 +16,7 @@ import shutil
 import socket
 from pathlib import Path
 
-__all__ = ["write_atomic", "replace_durably", "flush_tree", "staging_path", "remove_abandoned", "locked"]
+__all__ = ["write_atomic", "staged", "replace_durably", "flush_tree", "staging_path", "remove_abandoned", "locked"]
 
 
 def _flush_folder(folder: str | Path) -> None:
@@ -100,20 +100,28 @@ def _running(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a file of its own beside ``path`` (:func:`staging_path`), then
-    :func:`replace_durably` it over ``path``: a reader (a sweep deciding a run is done, a resume)
-    sees the old file or the new one, never a part, also when the writer is killed midway."""
+@contextlib.contextmanager
+def staged(path: str | Path):
+    """Yield a :func:`staging_path` beside ``path`` for the block to write; when the block ends without
+    an error, :func:`replace_durably` it over ``path``, else remove it. A reader of ``path`` sees the
+    old file or the new one, never a part, also when the writer is killed midway (what a kill leaves
+    behind, the next call's :func:`remove_abandoned` removes)."""
     path = Path(path)
     remove_abandoned(path.parent)
     tmp = staging_path(path)
     try:
-        with open(tmp, "x", encoding="utf-8") as f:  # mode 0666 less the umask, as a plain open would give
-            f.write(text)
+        yield tmp
         replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`staged`: a reader (a sweep deciding a run is done, a
+    resume) sees the old file or the new one, never a part, also when the writer is killed midway."""
+    with staged(path) as tmp, open(tmp, "x", encoding="utf-8") as f:  # mode 0666 less the umask, as open gives
+        f.write(text)
 
 
 @contextlib.contextmanager

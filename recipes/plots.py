@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from recipes.files import remove_abandoned, replace_durably, staging_path
+from recipes.files import staged
 
 __all__ = ["plot_history", "plot_R_curves"]
 
@@ -18,16 +18,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    """``fig`` as a PNG at ``path``, written beside it and renamed over it: a kill mid-write keeps the
-    previous plot whole (as :func:`recipes.files.write_atomic` does for text)."""
-    remove_abandoned(path.parent)
-    tmp = staging_path(path)
-    try:
+    """``fig`` as a PNG at ``path``, through :func:`recipes.files.staged`: a kill mid-write keeps the
+    previous plot whole."""
+    with staged(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")  # the staging name has no .png to infer it from
-        replace_durably(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
