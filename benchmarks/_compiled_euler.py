@@ -2,7 +2,7 @@
 ``kuramoto_attn/_euler_mean_field.py`` with each step's math (forward, and the reverse step with
 its vector-Jacobian product) written out of place and compiled by ``torch.compile``, so that
 inductor fuses the elementwise work between the cumulative sums. Same formulas and same saved
-tensors (one phase tensor per step) as the library's path; phase noise and ``on_step`` as there.
+tensors (one phase tensor per step) as the library's path; phase noise and ``on_trig`` as there.
 
 Not part of the library: it needs a C++ compiler (CPU) or Triton (GPU) at run time and costs a
 compilation per shape. It is here to measure whether fusing the integration pays.
@@ -69,7 +69,7 @@ def _kernel(fn):
 
 class _CompiledEulerMeanField(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, theta0, omega, strength, weight, steps, dt, phase_lag, causal, noise, on_step):
+    def forward(ctx, theta0, omega, strength, weight, steps, dt, phase_lag, causal, noise, on_trig):
         dtype, t = theta0.dtype, theta0.shape[-1]
         dt_gain = _gain(strength.to(dtype), weight, t, causal, theta0) * dt
         dt_omega = omega.to(dtype) * dt
@@ -78,11 +78,11 @@ class _CompiledEulerMeanField(torch.autograd.Function):
         states, theta = [], theta0
         for _ in range(steps):
             states.append(theta)
+            if on_trig is not None:
+                on_trig(torch.cos(theta), torch.sin(theta))
             theta = step(theta, dt_omega, dt_gain, weight, causal, *lag)
             if noise:
                 theta = theta + noise * torch.randn_like(theta)
-            if on_step is not None:
-                on_step(theta)
         ctx.save_for_backward(torch.stack(states), omega, strength, weight)
         ctx.config = (dt, phase_lag, causal)
         return theta
@@ -110,7 +110,7 @@ class _CompiledEulerMeanField(torch.autograd.Function):
 
 
 def compiled_euler_mean_field(theta0, omega, strength, weight, *, steps, dt, phase_lag, causal, noise=0.0,
-                              on_step=None):
+                              on_trig=None):
     """Drop-in for ``kuramoto_attn._euler_mean_field.euler_mean_field``."""
     return _CompiledEulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal, noise,
-                                         on_step)
+                                         on_trig)

@@ -43,7 +43,7 @@ class _EulerMeanField(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None,
                 steps: int, dt: float, phase_lag: float, causal: bool, noise: float,
-                on_step: Callable[[Tensor], None] | None, keep: bool) -> Tensor:
+                on_trig: Callable[[Tensor, Tensor], None] | None, keep: bool) -> Tensor:
         dtype = theta0.dtype
         t = theta0.shape[-1]
         dt_gain = _gain(strength.to(dtype), weight, t, causal, theta0) * dt  # dt K w / count
@@ -61,12 +61,12 @@ class _EulerMeanField(torch.autograd.Function):
         bufs = _Buffers(theta0, weight, causal, phase_lag)
         for theta, theta_next in zip(inputs, targets):
             pull = bufs.pull(theta)  # S' cos θ − C' sin θ
+            if on_trig is not None:
+                on_trig(bufs.cos, bufs.sin)
             torch.add(theta, dt_omega, out=theta_next)
             theta_next.addcmul_(pull, dt_gain)
             if noise:
                 theta_next.add_(noise * torch.randn_like(theta_next))
-            if on_step is not None:
-                on_step(theta_next)
         if keep:
             ctx.save_for_backward(states, omega, strength, weight)
         ctx.config = (dt, phase_lag, causal)
@@ -192,7 +192,7 @@ class _Buffers:
 
 def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None, *,
                      steps: int, dt: float, phase_lag: float, causal: bool, noise: float = 0.0,
-                     on_step: Callable[[Tensor], None] | None = None) -> Tensor:
+                     on_trig: Callable[[Tensor, Tensor], None] | None = None) -> Tensor:
     """Phases ``(b, h, n, t)`` after ``steps`` Euler steps of the mean-field Kuramoto field.
 
     Args:
@@ -201,11 +201,12 @@ def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Te
         strength: ``K`` broadcastable to ``theta0`` (e.g. ``(h, 1, 1)``).
         weight: valid weight ``(b, 1, 1, t)`` (1 valid, 0 padded), or None when all are valid.
         noise: std of the Gaussian noise added after each step (0: none).
-        on_step: called with the phases after each step (detached), e.g. to record R. The tensor is
-            valid during the call only (without gradient it is a work buffer reused two steps later):
-            clone it to keep it.
+        on_trig: called with ``(cos θ, sin θ)`` ``(b, h, n, t)`` of each step's input phases
+            ``θ⁰ … θ^{steps−1}`` (detached, noise of the steps before included), e.g. to record R
+            without computing them again. They are work buffers, valid during the call only: clone
+            them to keep them.
     """
     # a backward will come: keep every step's input phases (not under no_grad / inference_mode)
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in (theta0, omega, strength))
     return _EulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal,
-                                 noise, on_step, keep)
+                                 noise, on_trig, keep)

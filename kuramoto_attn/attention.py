@@ -69,7 +69,7 @@ from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_l
 from ._euler_mean_field import euler_mean_field
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
-from .order_params import order_parameter
+from .order_params import _resultant_length
 from .regularizers import CoherenceRegularizer, FrequencyJitter, PhaseNoise
 
 __all__ = ["KuramotoAttention", "KuramotoCache", "KuramotoInfo", "PhaseGPTAttention"]
@@ -396,8 +396,9 @@ class KuramotoAttention(nn.Module):
 
     # ------------------------------------------------------------ integration
     def _integrate(self, theta: Tensor, omega: Tensor, run: _Pass, record_R: bool) -> tuple[Tensor, list]:
-        """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head after each (if ``record_R``)."""
-        R_steps = [_order(theta.detach(), run.valid)[0]] if record_R else []
+        """Phases ``(b, h, n, t)`` after ``steps`` steps, and R per head of each step's input phases
+        ``θ⁰ … θ^{steps−1}`` (if ``record_R``; :meth:`_info` adds the final phases' R)."""
+        R_steps = []
         if self._fast_path and self.integrator == "euler" and self.coupling == "mean_field" \
                 and run.cache is None and not run.record and not run.plain and not torch.compiler.is_compiling():
             # fused Euler steps with a hand-written backward: same values, far fewer autograd ops.
@@ -406,10 +407,12 @@ class KuramotoAttention(nn.Module):
             t = theta.shape[-1]
             weight = None if run.valid is None else run.valid[:, None, None, -t:].to(theta.dtype)
             noise = self.phase_noise.sigma if self.phase_noise.training else 0.0
-            on_step = (lambda phases: R_steps.append(_order(phases, run.valid)[0])) if record_R else None
+            # R from the cos θ, sin θ each step computes anyway: no trigonometry of its own
+            on_trig = (lambda cos_t, sin_t: R_steps.append(_order_of(cos_t, sin_t, run.valid)[0])) \
+                if record_R else None
             theta = euler_mean_field(theta, omega, self.strength, weight, steps=self.steps, dt=self.dt,
                                      phase_lag=self.phase_lag, causal=self.causal, noise=noise,
-                                     on_step=on_step)
+                                     on_trig=on_trig)
             return theta, R_steps
         solver = SOLVERS[self.integrator]()
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
@@ -421,14 +424,14 @@ class KuramotoAttention(nn.Module):
         # pytorch/pytorch#193194) once a layer with other dt / phase_lag was compiled in the process
         dt, phase_lag = float(self.dt), float(self.phase_lag)
         for step in range(self.steps):
+            if record_R:
+                R_steps.append(_order(theta.detach(), run.valid)[0])
             if save_memory:
                 theta = checkpoint(self._step, solver, theta, omega, step_run, step, dt, phase_lag,
                                    use_reentrant=False)
             else:
                 theta = self._step(solver, theta, omega, run, step, dt, phase_lag)
             theta = self.phase_noise(theta)
-            if record_R:
-                R_steps.append(_order(theta.detach(), run.valid)[0])
         return theta, R_steps
 
     def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int, dt: float,
@@ -565,10 +568,11 @@ class KuramotoAttention(nn.Module):
 
     # ------------------------------------------------------------ diagnostics
     def _info(self, theta: Tensor, valid: Tensor | None, R_steps: list) -> KuramotoInfo:
+        """``R_steps``: R of each step's input phases; the final phases' R completes it."""
         R, R_tok = _order(theta, valid)
         kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
         loss = None if self.coherence is None else self.coherence.penalty(kept)
-        return KuramotoInfo(phases=theta.transpose(-1, -2), R=R, R_steps=torch.stack(R_steps),
+        return KuramotoInfo(phases=theta.transpose(-1, -2), R=R, R_steps=torch.stack(R_steps + [R.detach()]),
                             coherence_loss=loss)
 
     # ----------------------------------------------------------------- checks
@@ -734,11 +738,17 @@ def _in_func_transform() -> bool:
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """From phases ``(b, h, n, t)``: R per head ``(b, h)`` (mean over valid tokens) and per token
-    ``(b, h, t)``, each over the oscillators of one head."""
-    R_tok, _ = order_parameter(theta, dim=-2)  # per head and token: never averaged across heads
+    ``(b, h, t)``, each over the oscillators of one head (:func:`~kuramoto_attn.order_parameter`
+    along ``n``, without the angle)."""
+    return _order_of(torch.cos(theta), torch.sin(theta), valid)
+
+
+def _order_of(cos_t: Tensor, sin_t: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`_order` from ``cos θ`` and ``sin θ`` ``(b, h, n, t)``."""
+    R_tok = _resultant_length(cos_t.mean(-2), sin_t.mean(-2))  # per head and token: never averaged across heads
     if valid is None:
         return R_tok.mean(-1), R_tok
-    weight = valid[:, None, -theta.shape[-1]:].to(R_tok.dtype)  # (b, 1, t)
+    weight = valid[:, None, -R_tok.shape[-1]:].to(R_tok.dtype)  # (b, 1, t)
     return (R_tok * weight).sum(-1) / weight.sum(-1).clamp_min(1.0), R_tok
 
 

@@ -73,9 +73,7 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         # the means lie in [-1, 1]: back in theta's dtype
         mean_cos = ((cos_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
         mean_sin = ((sin_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
-    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
-    # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower
-    R = torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin), dim=-1), dim=-1).clamp(max=1.0)
+    R = _resultant_length(mean_cos, mean_sin)
     psi = torch.atan2(mean_sin, mean_cos)
     # atan2 gives -π for a mean sine of -0 (e.g. θ = -π); the documented range is (-π, π]
     return R, torch.where(psi == -math.pi, math.pi, psi)
@@ -103,3 +101,10 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
     m = check_int("m", m, low=1)
     check_tensor("theta", theta)
     return order_parameter(m * theta, dim=dim, weights=weights, keepdim=keepdim)
+
+
+def _resultant_length(mean_cos: Tensor, mean_sin: Tensor) -> Tensor:
+    """``R = |(mean cos θ, mean sin θ)|`` in ``[0, 1]``, elementwise over the two means (same shape)."""
+    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
+    # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower
+    return torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin), dim=-1), dim=-1).clamp(max=1.0)

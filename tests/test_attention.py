@@ -333,6 +333,30 @@ def test_R_is_taken_per_head_over_oscillators():
     torch.testing.assert_close(info.R, (per_token * w).sum(-1) / w.sum(-1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("integrator, fast", [("euler", True), ("euler", False), ("heun", False)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_R_steps_are_R_after_each_number_of_steps(integrator, fast, padded):
+    """``R_steps[k]`` is the R of the phases after ``k`` steps: the same layer run for ``k`` steps
+    gives it as its final ``R`` (fused Euler path, which reuses the steps' cos/sin, and generic path)."""
+    gen = torch.Generator().manual_seed(5)
+    layer = make_layer(integrator=integrator, steps=4)
+    layer._fast_path = fast
+    x = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    valid = left_padding(3, 7, gen) if padded else None
+    with torch.no_grad():
+        _, info = layer(x, valid, return_info=True)
+        assert info.R_steps.shape == (5, 3, 2)
+        for k in range(1, 5):
+            layer.steps = k
+            _, info_k = layer(x, valid, return_info=True)
+            torch.testing.assert_close(info.R_steps[k], info_k.R, rtol=0, atol=1e-12, msg=f"step {k}")
+        theta0 = (math.pi * torch.tanh(layer.phase_proj(x))).view(3, 7, 2, 3).transpose(1, 2)
+        per_token = torch.exp(1j * theta0).mean(-1).abs()  # (b, h, t)
+        w = torch.ones(3, 1, 7, dtype=torch.float64) if valid is None else valid[:, None, :].double()
+        torch.testing.assert_close(info.R_steps[0], (per_token * w).sum(-1) / w.sum(-1), rtol=0, atol=1e-12)
+    assert (info.R_steps[0] - info.R_steps[-1]).abs().max() > 1e-3  # the steps moved R: a real check
+
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("integrator", INTEGRATORS)
 def test_zero_strength_phases_evolve_freely(coupling, integrator):
