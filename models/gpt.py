@@ -214,6 +214,9 @@ class KVCache:
 
     keys: Tensor | None = None
     values: Tensor | None = None
+    #: ``id`` of the layer that filled it (as :class:`~kuramoto_attn.KuramotoCache`'s): another model's
+    #: layer refuses it, where it would silently attend over the first model's keys and values
+    layer_id: int | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -249,7 +252,7 @@ class CausalSelfAttention(nn.Module):
                     mask, is_causal = torch.arange(past + t, device=x.device) <= rows, False
                 else:
                     is_causal = False
-            cache.keys, cache.values = k.detach(), v.detach()
+            cache.keys, cache.values, cache.layer_id = k.detach(), v.detach(), id(self)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, self.d_model))  # (b, h, t, d) -> (b, t, h·d)
@@ -423,8 +426,8 @@ class GPT(nn.Module):
             raise ValueError("cache: its layers do not match this model's (a cache of another model?)")
         # a phase layer refuses another layer's cache itself, but only after the plain layers before it
         # have added this call's tokens to theirs: checked here, before any layer changes its cache
-        if any(isinstance(c, KuramotoCache) and c.layer_id not in (None, id(block.attn))
-               for c, block in zip(cache.layers, self.blocks)):
+        # (and here only for the plain layers, which would otherwise take another model's keys and values)
+        if any(c.layer_id not in (None, id(block.attn)) for c, block in zip(cache.layers, self.blocks)):
             raise ValueError("cache: filled by another model (of the same layers); give each model its own "
                              "(see new_cache)")
         kv = next((c for c in cache.layers if isinstance(c, KVCache)), None)

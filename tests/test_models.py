@@ -674,10 +674,13 @@ def test_models_run_on_the_meta_device(name):
     assert logits.device.type == "meta" and logits.shape == (2, 5, VOCAB) and loss.shape == ()
 
 
-def test_a_cache_of_another_model_of_the_same_layers_is_refused_before_any_layer_changes_it():
+@pytest.mark.parametrize("make", [lambda seed: phase_gpt(phase_layer_idx=(2,), seed=seed),
+                                  lambda seed: tiny_gpt(seed=seed)], ids=["phase", "plain"])
+def test_a_cache_of_another_model_of_the_same_layers_is_refused_before_any_layer_changes_it(make):
     # its phase layer refused it, after the plain layer before it had taken the new token: the cache,
-    # used on with its own model, then gave logits from one token too many in that layer
-    model, other = phase_gpt(phase_layer_idx=(2,)), phase_gpt(phase_layer_idx=(2,), seed=1)
+    # used on with its own model, then gave logits from one token too many in that layer; a model of
+    # plain layers only took it silently and attended over the first model's keys and values
+    model, other = make(0), make(1)
     idx = tokens(2, 6)
     cache = model.new_cache()
     model(idx[:, :4], cache=cache)
