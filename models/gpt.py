@@ -425,7 +425,8 @@ class GPT(nn.Module):
             cache.layers = [KuramotoCache() if block.phase else KVCache() for block in self.blocks]
             cache.length = 0
         elif len(cache.layers) != len(self.blocks) or any(
-                isinstance(c, KuramotoCache) != block.phase for c, block in zip(cache.layers, self.blocks)):
+                not isinstance(c, KuramotoCache if block.phase else KVCache)
+                for c, block in zip(cache.layers, self.blocks)):
             raise ValueError("cache: its layers do not match this model's (a cache of another model?)")
         # a phase layer refuses another layer's cache itself, but only after the plain layers before it
         # have added this call's tokens to theirs: checked here, before any layer changes its cache

@@ -383,6 +383,10 @@ def test_a_cache_of_another_batch_or_model_is_an_error(name, other):
         model(tokens(2, 1), cache=foreign)
     with pytest.raises(ValueError, match="^cache: expected a"):
         model(tokens(2, 1), cache=[])
+    if isinstance(model, GPT):  # a plain layer took anything but a KVCache for no cache, silently
+        cache.layers = [None] * len(cache.layers)
+        with pytest.raises(ValueError, match="^cache: its layers do not match this model's"):
+            model(tokens(2, 1), cache=cache)
 
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 @pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 4)])
