@@ -153,9 +153,13 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
             value = float(value)  # "3e-4": PyYAML (YAML 1.1) reads it as a string
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
+            raise ConfigError(f"{path}: expected a finite number, got an integer too large for a float") from None
         if not math.isfinite(value):
             raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")

@@ -149,6 +149,8 @@ def test_config_errors_name_the_key(cls, values, message):
     (GPTConfig, {"phase_layer_idx": True}, "phase_layer_idx: expected int | tuple"),
     (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [0.0]}, "phase_layer_idx: expected int | tuple"),
     (GPTConfig, {"coupling_strength": float("nan")}, "coupling_strength: expected a finite number"),
+    # an OverflowError from math.isfinite, naming nothing
+    (GPTConfig, {"dt": 10 ** 400}, "dt: expected a finite number, got an integer too large for a float"),
     (GPTConfig, {"coupling": "graph"}, "coupling: expected one of"),
     (TPILMConfig, {"d_model": True}, "d_model: expected an integer"),
     (TPILMConfig, {"ffn_expansion": 1.5}, "ffn_expansion: expected an integer"),
