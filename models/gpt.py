@@ -367,7 +367,7 @@ class GPT(nn.Module):
         b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
         sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
         return_info = check_bool("return_info", return_info)
-        past = self._check_cache(cache, b)
+        past = self._check_cache(cache, b, idx.device)
         if past + t > self.config.max_seq_len:
             raise ValueError(f"idx: {past} cached + {t} new tokens exceed max_seq_len={self.config.max_seq_len}")
         pos = torch.arange(past, past + t, device=idx.device)
@@ -415,7 +415,7 @@ class GPT(nn.Module):
                                  use_cache=use_cache, generator=generator, context=context,
                                  vocab_size=vocab_size)
 
-    def _check_cache(self, cache: GPTCache | None, b: int) -> int:
+    def _check_cache(self, cache: GPTCache | None, b: int, device: torch.device) -> int:
         """Tokens already in ``cache`` (0 without one); fills an empty cache with per-layer caches."""
         if cache is None:
             return 0
@@ -437,6 +437,8 @@ class GPT(nn.Module):
         kv = next((c for c in cache.layers if isinstance(c, KVCache)), None)
         if kv is not None and kv.keys is not None and kv.keys.shape[0] != b:
             raise ValueError(f"cache: holds batch size {kv.keys.shape[0]} but idx has {b}")
+        if kv is not None and kv.keys is not None and kv.keys.device != device:  # as the phase layers check it
+            raise ValueError(f"cache: holds tensors on {kv.keys.device} but idx is on {device}")
         return cache.length
 
     def _init_weights(self) -> None:

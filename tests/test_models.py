@@ -718,6 +718,16 @@ def test_a_cache_of_another_model_of_the_same_layers_is_refused_before_any_layer
     torch.testing.assert_close(logits, model(idx)[0][:, 4:], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("phase_layers", [(), (2,)])
+def test_a_gpt_cache_on_another_device_is_an_error_naming_the_cache(phase_layers):
+    # the plain layers' torch.cat raised a bare RuntimeError (the phase layers name the cache)
+    model = phase_gpt(phase_layer_idx=phase_layers) if phase_layers else tiny_gpt()
+    cache = model.new_cache()
+    model(tokens(2, 4), cache=cache)
+    with pytest.raises(ValueError, match="^cache: holds tensors on cpu but idx is on meta"):
+        model.to("meta")(tokens(2, 1).to("meta"), cache=cache)
+
+
 def test_a_cache_filled_in_another_dtype_is_refused_before_any_layer_changes_it():
     # the plain layers refuse it as the phase layers do: torch.cat would promote, and a refusal at a
     # later layer would leave the earlier layers' caches one token longer than the others
