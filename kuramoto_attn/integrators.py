@@ -123,7 +123,7 @@ def integrate(
     r"""Integrate ``dθ/dt = field(θ)`` from ``theta0`` for ``steps`` fixed steps of size ``dt``.
 
     Args:
-        field: a callable ``θ -> dθ/dt`` returning θ's shape, e.g. a
+        field: a callable ``θ -> dθ/dt`` returning a tensor of θ's shape, dtype and device, e.g. a
             :class:`~kuramoto_attn.KuramotoField`.
         theta0: initial phases, floating point, any shape ``(*)``.
         dt: step size, a finite number ``> 0``.
@@ -137,8 +137,8 @@ def integrate(
 
     Raises:
         ValueError: naming the argument, for a ``field`` that is not callable, a non-tensor
-            ``theta0``, ``dt <= 0``, ``steps < 1``, an unknown ``method``, or a field that returns the
-            wrong shape.
+            ``theta0``, ``dt <= 0``, ``steps < 1``, an unknown ``method``, or a field that returns
+            something other than a tensor of θ's shape, dtype and device (checked on the first step).
 
     Example:
         >>> import torch
@@ -156,16 +156,20 @@ def integrate(
     return_trajectory = check_bool("return_trajectory", return_trajectory)
 
     def checked_field(theta: Tensor) -> Tensor:
+        # on the first step only (cheap): later steps start again from phases of theta0's shape, dtype, device
         out = field(theta)
-        if not torch.is_tensor(out) or out.shape != theta.shape:
-            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise ValueError(f"field: expected dθ/dt of shape {tuple(theta.shape)} but got {got}")
+        if not torch.is_tensor(out) or (out.shape, out.dtype, out.device) != (theta.shape, theta.dtype,
+                                                                               theta.device):
+            got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if torch.is_tensor(out)
+                   else type(out).__name__)
+            raise ValueError(f"field: expected dθ/dt of theta's shape {tuple(theta.shape)}, dtype {theta.dtype} "
+                             f"and device {theta.device} but got {got}")
         return out
 
     theta = theta0
     trajectory = [theta0]
-    for _ in range(steps):
-        theta = solver.step(checked_field, theta, dt)
+    for step in range(steps):
+        theta = solver.step(checked_field if step == 0 else field, theta, dt)
         if return_trajectory:
             trajectory.append(theta)
     return torch.stack(trajectory) if return_trajectory else theta

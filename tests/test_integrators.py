@@ -144,6 +144,20 @@ def test_bad_theta0_and_field_output_are_named():
         integrate("euler", torch.zeros(3), dt=0.1, steps=1)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [
+    lambda th: torch.ones_like(th, dtype=torch.float64),  # silently made the state float64
+    lambda th: torch.ones_like(th, dtype=torch.float16),
+    lambda th: torch.ones_like(th, dtype=torch.long),
+    lambda th: torch.ones_like(th, device="meta"),  # a bare device error deep in the solver
+    lambda th: torch.ones(1, 3),  # broadcasts against (2, 3)
+    lambda th: th.tolist(),
+], ids=["float64", "float16", "long", "device", "shape", "list"])
+def test_field_returning_another_dtype_device_or_shape_is_named(method, bad):
+    with pytest.raises(ValueError, match=r"^field: expected dθ/dt of theta's shape \(2, 3\), dtype torch.float32"):
+        integrate(bad, torch.zeros(2, 3), dt=0.1, steps=2, method=method)
+
+
 def test_mismatched_omega_shape_is_named():
     field = KuramotoField(torch.zeros(4), MeanFieldCoupling())
     with pytest.raises(ValueError, match="omega"):
