@@ -143,8 +143,11 @@ def run_worker(spec, env):
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
+        status = f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
+        if out.stderr.strip():  # the whole tail here; its last line (the exception) goes in the table
+            print(f"worker {spec} failed ({status}); its stderr ends:\n{out.stderr[-3000:]}", file=sys.stderr)
         lines = out.stderr.strip().splitlines()
-        return {**spec, "error": lines[-1] if lines else f"failed (exit {out.returncode})"}
+        return {**spec, "error": f"{lines[-1].strip() if lines else 'no stderr'} ({status})"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -161,7 +164,10 @@ def measure(spec, threads):
     row = run_worker(spec, env)
     if spec["device"] == "cpu" and "error" not in row:
         memory = run_worker({**spec, "repeats": 1}, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"})
-        row = {**row, "peak_mb": memory.get("peak_mb", float("nan"))}
+        if "error" in memory:  # keep the time; the row fails with the memory worker's reason
+            row = {**row, "peak_mb": float("nan"), "error": f"memory worker: {memory['error']}"}
+        else:
+            row = {**row, "peak_mb": memory["peak_mb"]}
     return row
 
 
@@ -206,7 +212,10 @@ def main():
                         device=str(device), bf16=args.bf16)
             row = measure(spec, args.threads)
             if "error" in row:
-                print(f"| {T} | {kind} | {steps} | failed: {row['error']} | | | |")
+                if "ms" in row:  # timed, but the memory worker failed
+                    print(f"| {T} | {kind} | {steps} | {row['ms']:.1f} | failed: {row['error']} | | |")
+                else:
+                    print(f"| {T} | {kind} | {steps} | failed: {row['error']} | | | |")
                 rows.append(row)
                 continue
             base = row if kind == "vanilla" else base
