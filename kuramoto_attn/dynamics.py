@@ -124,4 +124,10 @@ class KuramotoField(nn.Module):
             if args or kwargs:
                 raise ValueError("coupling: None (free rotation) takes no extra arguments")
             return omega.clone()  # never a view of the ω buffer (a caller may update it in place)
-        return omega + self.coupling(theta, *args, **kwargs)
+        term = self.coupling(theta, *args, **kwargs)
+        # a plain callable's term of another shape that broadcasts (e.g. a mean kept as (*, 1)) would
+        # pass silently in ω + term (a Coupling checks its own)
+        if not torch.is_tensor(term) or term.shape != theta.shape:
+            got = tuple(term.shape) if torch.is_tensor(term) else type(term).__name__
+            raise ValueError(f"coupling: returned {got}, expected a tensor of theta's shape {tuple(theta.shape)}")
+        return omega + term

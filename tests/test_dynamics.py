@@ -186,6 +186,17 @@ def test_field_returns_a_new_tensor_and_checks_theta():
         field(torch.zeros(2), mask=torch.ones(2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("coupling, got", [
+    (lambda th: torch.sin(th).mean(-1, keepdim=True), r"\(3, 1\)"),  # broadcast silently in ω + term
+    (lambda th: torch.sin(th)[0], r"\(4,\)"),
+    (lambda th: 0.5, "float"),
+])
+def test_a_callable_coupling_of_another_shape_is_named(coupling, got):
+    field = KuramotoField(torch.zeros(4), coupling)
+    with pytest.raises(ValueError, match=rf"^coupling: returned {got}, expected a tensor of theta's shape \(3, 4\)"):
+        field(torch.rand(3, 4))
+
+
 def test_field_passes_extra_arguments_to_its_coupling():
     # per-call weights and masks reach the coupling; bound with functools.partial, the field
     # integrates with them and its module keeps the coupling's learnable strength
