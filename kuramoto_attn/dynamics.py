@@ -119,7 +119,8 @@ class KuramotoField(nn.Module):
         check_tensor("theta", theta)
         check_broadcasts("omega", self.omega.shape, theta.shape)
         check_device("theta", theta, self.omega, owner="the field")
-        omega = self.omega.to(theta.dtype).expand_as(theta)
+        # to theta's device too: a 0-d CPU ω passes check_device, but expanded it no longer combines
+        omega = self.omega.to(theta.device, theta.dtype).expand_as(theta)
         if self.coupling is None:
             if args or kwargs:
                 raise ValueError("coupling: None (free rotation) takes no extra arguments")

@@ -186,6 +186,15 @@ def test_field_returns_a_new_tensor_and_checks_theta():
         field(torch.zeros(2), mask=torch.ones(2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("coupling", [None, MeanFieldCoupling(2.0)])
+def test_a_scalar_cpu_omega_follows_the_phases_device(coupling):
+    # a 0-d CPU ω passes the device check (it combines with any device) but was expanded on the CPU:
+    # free rotation returned CPU rates for phases elsewhere, a coupling gave a bare device error
+    # (the meta device stands in for a GPU)
+    field = KuramotoField(torch.tensor(1.5), coupling)
+    assert field(torch.zeros(2, 3, device="meta")).device.type == "meta"
+
+
 @pytest.mark.parametrize("coupling, got", [
     (lambda th: torch.sin(th).mean(-1, keepdim=True), r"\(3, 1\)"),  # broadcast silently in ω + term
     (lambda th: torch.sin(th)[0], r"\(4,\)"),
