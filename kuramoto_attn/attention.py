@@ -250,7 +250,9 @@ class KuramotoAttention(nn.Module):
         self.head_dim = d_model // num_heads
         self.num_oscillators = check_int("num_oscillators", num_oscillators, low=1)
         self.steps = check_int("steps", steps, low=1)
-        self.dt = check_real("dt", dt, low=0.0, low_open=True)
+        # the phases' arithmetic runs in the parameters' dtype: a larger number is inf there (NaN outputs)
+        largest = torch.finfo(torch.get_default_dtype()).max
+        self.dt = check_real("dt", dt, low=0.0, low_open=True, high=largest)
         self.integrator = check_choice("integrator", integrator, SOLVERS)
         calls = []  # the solver's field evaluations per step (a cache holds a state for each)
         SOLVERS[integrator]().step(lambda theta: calls.append(0) or theta, torch.zeros(()), 0.0)
@@ -267,15 +269,14 @@ class KuramotoAttention(nn.Module):
         self.out = nn.Linear(h * (self.head_dim + 2 * n), d_model, bias=bias)
         self.omega = nn.Parameter(0.1 * torch.randn(h, n))
         self.beta = nn.Parameter(torch.ones(h))
-        largest = torch.finfo(torch.get_default_dtype()).max  # the parameter's dtype
         strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength, low=-largest,
                                                      high=largest))
         if check_bool("learnable_coupling", learnable_coupling):
             self.strength = nn.Parameter(strength)
         else:
             self.register_buffer("strength", strength)
-        self.phase_noise = PhaseNoise(check_real("phase_noise", phase_noise, low=0.0))
-        self.freq_jitter = FrequencyJitter(check_real("freq_jitter", freq_jitter, low=0.0))
+        self.phase_noise = PhaseNoise(check_real("phase_noise", phase_noise, low=0.0, high=largest))
+        self.freq_jitter = FrequencyJitter(check_real("freq_jitter", freq_jitter, low=0.0, high=largest))
         self.coherence = self._coherence(coherence_target, coherence_weight, coherence_mode, coherence_band)
 
     @staticmethod

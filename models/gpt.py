@@ -146,9 +146,10 @@ class GPTConfig:
               self.d_model)
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
         check(self.dt > 0, "dt", "must be positive", self.dt)
-        largest = torch.finfo(torch.get_default_dtype()).max  # the layers' K is a parameter of that dtype
-        check(abs(self.coupling_strength) <= largest, "coupling_strength",
-              f"must be within ±{largest:.4g} (the largest {torch.get_default_dtype()})", self.coupling_strength)
+        largest = torch.finfo(torch.get_default_dtype()).max  # the phase layers compute in that dtype
+        for name in ("coupling_strength", "dt", "phase_noise", "freq_jitter"):
+            check(abs(getattr(self, name)) <= largest, name,
+                  f"must be within ±{largest:.4g} (the largest {torch.get_default_dtype()})", getattr(self, name))
         for name in ("phase_noise", "freq_jitter", "coherence_weight"):
             check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         if self.coherence_target is not None:

@@ -595,6 +595,10 @@ def test_phasegpt_preset_and_overrides():
     (dict(steps=0), "steps"),
     (dict(dt=0.0), "dt"),
     (dict(dt=-0.1), "dt"),
+    # beyond float32's range: inf in the phases' arithmetic, NaN outputs
+    (dict(dt=1e39), "dt"),
+    (dict(phase_noise=1e39), "phase_noise"),
+    (dict(freq_jitter=1e39), "freq_jitter"),
     (dict(coupling="graph"), "coupling"),
     (dict(integrator="midpoint"), "integrator"),
     (dict(dropout=1.5), "dropout"),

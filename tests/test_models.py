@@ -93,9 +93,11 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"d_model": 100, "n_heads": 3}, "model.d_model: must be a multiple of n_heads"),
     (GPTConfig, {"dropout": 1.0}, "model.dropout: must be in"),
     (GPTConfig, {"dt": 0.0}, "model.dt: must be positive"),
-    # the phase layers' K is a float32 parameter: the config took it, the model then refused it
-    *[(GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], "coupling_strength": k},
-       r"model.coupling_strength: must be within ±3.403e\+38") for k in (1e39, -1e39)],
+    # the phase layers compute in float32: the config took these, the model then refused them
+    *[(GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], key: k},
+       rf"model.{key}: must be within ±3.403e\+38") for key, k in (("coupling_strength", 1e39),
+                                                                    ("coupling_strength", -1e39), ("dt", 1e39),
+                                                                    ("phase_noise", 1e39), ("freq_jitter", 1e39))],
     (GPTConfig, {"coherence_target": 1.5}, "model.coherence_target: must be in"),
     (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [12]}, "model.phase_layer_idx: layer indices"),
     (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1, 1]}, "model.phase_layer_idx: has repeated"),
