@@ -412,6 +412,7 @@ class GPT(nn.Module):
             raise ValueError(f"context: expected an integer in [1, max_seq_len={self.config.max_seq_len}] "
                              f"but got {context!r}")
         sampling.check_idx(idx, vocab_size=self.config.vocab_size)  # the whole prompt, whatever the model reads
+        sampling.check_vocab_limit(vocab_size, self.config.vocab_size)  # before any step: even with no new tokens
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=context,
                                  vocab_size=vocab_size)

@@ -53,8 +53,7 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     """One token per row from ``logits`` ``(b, vocab)`` -> ``(b, 1)``; temperature 0 is greedy.
     Only ids below ``vocab_size`` are drawn (all when ``None``)."""
     if vocab_size is not None:
-        if vocab_size > logits.shape[-1]:  # a limit above the model's ids would limit nothing
-            raise ValueError(f"vocab_size: expected at most the model's {logits.shape[-1]} ids but got {vocab_size}")
+        check_vocab_limit(vocab_size, logits.shape[-1])
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -67,6 +66,13 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def check_vocab_limit(vocab_size: int | None, model_vocab_size: int) -> None:
+    """``vocab_size`` (a limit on the sampled ids, or None) is at most the model's number of ids."""
+    if vocab_size is not None and check_int("vocab_size", vocab_size, low=1) > model_vocab_size:
+        # a limit above the model's ids would limit nothing
+        raise ValueError(f"vocab_size: expected at most the model's {model_vocab_size} ids but got {vocab_size}")
 
 
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -216,6 +216,7 @@ class TPILM(nn.Module):
         together).
         """
         sampling.check_idx(idx, vocab_size=self.config.vocab_size)  # the whole prompt, whatever the model reads
+        sampling.check_vocab_limit(vocab_size, self.config.vocab_size)  # before any step: even with no new tokens
         return sampling.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                  use_cache=use_cache, generator=generator, context=None,
                                  vocab_size=vocab_size)

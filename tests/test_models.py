@@ -452,6 +452,14 @@ def test_generating_no_tokens_returns_the_prompt(name, use_cache):
     prompt = tokens(2, 5)
     assert torch.equal(MODEL_CASES[name]().generate(prompt, 0, use_cache=use_cache), prompt)
 
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_a_vocab_limit_above_the_model_is_refused_even_for_no_new_tokens(name):
+    model = MODEL_CASES[name]()
+    with pytest.raises(ValueError, match="vocab_size: expected at most the model's"):
+        model.generate(tokens(2, 5), 0, vocab_size=10**6)
+
+
 def test_greedy_generation_matches_argmax_of_forward():
     model = tiny_gpt()
     prompt = tokens(1, 4)
