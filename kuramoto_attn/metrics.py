@@ -147,7 +147,9 @@ class OrderParameter(Metric):
 
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
         """Add another ``OrderParameter``'s states (or a dict of them) to this one's. Their group
-        counts must match: states of another ``num_groups`` would broadcast onto every group."""
+        counts must match: states of another ``num_groups`` would broadcast onto every group. A result
+        cached by an earlier :meth:`compute` is dropped (torchmetrics' own ``merge_state`` kept it, so
+        ``compute`` went on returning the statistics from before the merge)."""
         states = incoming_state.metric_state if isinstance(incoming_state, OrderParameter) else incoming_state
         if isinstance(states, dict):
             for name in self._defaults:
@@ -156,6 +158,7 @@ class OrderParameter(Metric):
                     raise ValueError(f"incoming_state: expected {name} of shape {tuple(own.shape)} "
                                      f"({self.num_groups} groups) but got {tuple(value.shape)}")
         super().merge_state(incoming_state)
+        self._computed = None  # as update does: the states changed
 
     def compute(self) -> dict[str, Tensor]:
         """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups, and

@@ -360,6 +360,20 @@ def test_merge_state_equals_one_metric_on_all_data():
     assert_stats_close(merged.compute(), per_group_stats(naive_R(torch.cat(rank0 + rank1)), 1))
 
 
+def test_compute_after_merge_state_includes_the_merged_data():
+    """A compute() before the merge cached its result: the merge must not leave it in place."""
+    rank0, rank1 = _split_data(7)
+    merged = _metric_on(rank0)
+    merged.compute()
+    merged.merge_state(_metric_on(rank1))
+    assert_stats_close(merged.compute(), per_group_stats(naive_R(torch.cat(rank0 + rank1)), 1))
+    as_dict = _metric_on(rank0)
+    as_dict.compute()
+    other = _metric_on(rank1)
+    as_dict.merge_state({name: getattr(other, name) for name in other._reductions})
+    assert_stats_close(as_dict.compute(), per_group_stats(naive_R(torch.cat(rank0 + rank1)), 1))
+
+
 def test_merge_state_of_another_number_of_groups_is_rejected():
     """Its states would broadcast: a pooled metric's totals added to every group, or a grouped
     metric's turning a pooled one's state into per-group values."""
