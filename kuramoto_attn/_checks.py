@@ -50,7 +50,8 @@ def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
     if x.dtype == dtype:
         return
     try:
-        autocast = torch.is_autocast_enabled(x.device.type)
+        # a device without autocast (e.g. meta: shape and FLOP estimates) makes is_autocast_enabled raise
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4 takes no device type
         autocast = torch.is_autocast_enabled() if x.device.type == "cuda" else torch.is_autocast_cpu_enabled()
     if not autocast:

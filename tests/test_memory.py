@@ -712,6 +712,17 @@ def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
         assert block(torch.randn(2, 5, 4, dtype=torch.bfloat16)).shape == (2, 5, 4)
 
 
+def test_input_of_another_dtype_on_a_device_without_autocast_is_named():
+    # on meta (shape and FLOP estimates) the autocast query itself raised a bare RuntimeError
+    with torch.device("meta"):
+        memory = HolographicPhaseMemory(4, kernel="decay", state="matrix", num_heads=2)
+    assert memory(torch.empty(2, 5, 4, device="meta")).shape == (2, 5, 4)
+    with pytest.raises(ValueError, match="^x: expected the module's dtype torch.float32 .*but got torch.bfloat16"):
+        memory(torch.empty(2, 5, 4, device="meta", dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="^x_t: expected the module's dtype torch.float32"):
+        memory.step(torch.empty(2, 4, device="meta", dtype=torch.float64), memory.init_state(2))
+
+
 def test_phase_rate_layers_are_called_as_modules():
     # their forward hooks run (activation capture, pruning, parameter gathering), with or without autocast
     memory = HolographicPhaseMemory(8, query="constrained").eval()
