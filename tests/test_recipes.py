@@ -26,7 +26,7 @@ from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
 from recipes import train as train_module
 from recipes.common import Interrupted, load_run, mean_ci95, param_groups
-from recipes.config import apply_overrides, load_config, model_config, parse_config, parse_saved_config
+from recipes.config import apply_overrides, load_config, load_yaml, model_config, parse_config, parse_saved_config
 from recipes.data import prepare_corpus
 from recipes.evaluate import evaluate_split
 from recipes.evaluate import main as evaluate_main
@@ -231,6 +231,22 @@ def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {max_iters: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_key_given_twice_in_a_config_file_or_override_is_an_error_not_the_last_one_kept(tmp_path):
+    # PyYAML keeps the last of two equal keys silently: a second train: section replaced the first
+    # whole (its max_iters and batch_size fell back to the defaults), a repeated setting hid the other
+    (tmp_path / "twice.yaml").write_text("train:\n  max_iters: 100\n  batch_size: 8\ntrain:\n  eval_interval: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: .*the key 'train' twice \(first on line 1\)"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "setting.yaml").write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0.1\n  lr: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"setting.yaml: .*the key 'lr' twice \(first on line 2\)"):
+        load_config(tmp_path / "setting.yaml")
+    with pytest.raises(ConfigError, match=r"override 'train=\{max_iters: 1, max_iters: 2\}': .*'max_iters' twice"):
+        load_config(None, ["train={max_iters: 1, max_iters: 2}"])
+    # a key a YAML merge (<<) brings in may be set again: that is what the merge is for
+    (tmp_path / "anchored.yaml").write_text("base: &b {max_iters: 3, batch_size: 4}\ntrain:\n  <<: *b\n  max_iters: 5\n")
+    assert load_yaml(tmp_path / "anchored.yaml")["train"] == {"max_iters": 5, "batch_size": 4}
 
 
 def test_fabric_settings_it_rejects_are_errors_naming_the_section(tmp_path, corpus_file):
