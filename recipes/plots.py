@@ -24,6 +24,11 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png")  # the staging name has no .png to infer it from
 
 
+def _one_point_marker(points) -> dict:
+    """A line of one point draws nothing (no segment): a marker for it (one evaluation, one logged loss)."""
+    return {"marker": "o", "ms": 3} if len(points) == 1 else {}
+
+
 def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
     """``loss.png`` (train and validation loss over steps) and, for models with phase layers,
     ``R.png`` (validation R of every phase layer, one line per head, over training steps)."""
@@ -33,7 +38,7 @@ def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
     val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot(*zip(*train), label="train", lw=1)
+        ax.plot(*zip(*train), label="train", lw=1, **_one_point_marker(train))
     if val:
         ax.plot(*zip(*val), "o-", label="validation", ms=3)
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
@@ -70,7 +75,7 @@ def plot_R_curves(curves: dict[str, dict[str, list]], path: str | Path, *, xlabe
     for ax, (panel, lines) in zip(axes[0], curves.items()):
         for label, points in lines.items():
             xs, ys = zip(*points) if points else ((), ())
-            ax.plot(xs, ys, lw=1, label=label)
+            ax.plot(xs, ys, lw=1, label=label, **_one_point_marker(points))
         ax.set(xlabel=xlabel, ylabel="R", title=panel, ylim=(0, 1.02))
         if len(lines) <= 12:
             ax.legend(fontsize=6, ncol=2)

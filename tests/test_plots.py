@@ -59,6 +59,35 @@ def test_R_plot_has_one_panel_per_phase_layer_and_one_line_per_head(tmp_path, fi
         assert ax.get_ylim() == pytest.approx((0, 1.02))  # R in [0, 1]: panels comparable at a glance
 
 
+def _inked(fig, ax, line) -> int:
+    """How many pixels of ``ax`` (its legend aside, whose sample is drawn for any line) are in ``line``'s colour."""
+    import matplotlib.colors
+    import numpy as np
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent()
+    top, bottom = fig.canvas.get_width_height()[1] - int(box.y1), fig.canvas.get_width_height()[1] - int(box.y0)
+    inside = rgb[top:bottom, int(box.x0):int(box.x1)]
+    colour = np.array(matplotlib.colors.to_rgb(line.get_color())) * 255
+    return int((np.abs(inside - colour).max(axis=-1) < 40).sum())
+
+
+def test_a_curve_of_one_point_is_drawn(tmp_path, figures):
+    # one logged train loss (log_interval >= max_iters) and one evaluation (eval_interval >= max_iters):
+    # a line of one point without a marker drew nothing, an empty R.png and a loss.png without its train loss
+    history = [{"step": 12, "train_loss": 2.0},
+               {"step": 12, "val_loss": 2.1, "val_R/layer1/head0": 0.4, "val_R/layer1/head1": 0.7}]
+    plots.plot_history(history, tmp_path)
+    loss, R = figures
+    for fig in (loss, R):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                assert len(line.get_xdata()) == 1
+                assert _inked(fig, ax, line) > 0, line.get_label()
+
+
 def test_a_model_without_phase_layers_gets_no_R_plot(tmp_path, figures):
     history = [{k: v for k, v in h.items() if not k.startswith("val_R")} for h in HISTORY]
     assert plots.plot_history(history, tmp_path) == [tmp_path / "loss.png"]
