@@ -419,8 +419,9 @@ def changed_settings(saved: dict, wanted: dict) -> list[str]:
         given.update(f"model.{aliases.get(key, key)}" for key in model)
         return {**values, "model": {"type": model.get("type", "gpt"), **to_dict(config)}}
     changed = changed_keys(full(saved), full(wanted))
-    # a key neither sets follows from those they set (d_ff from d_model): those are the change
-    return [key for key in changed if not key.startswith("model.") or key in given]
+    # a key neither sets follows from those they set (d_ff from d_model): those are the change; a key
+    # inside a mapping setting (model.coupling_options.phase_lag) is a change of that setting
+    return [key for key in changed if not key.startswith("model.") or ".".join(key.split(".")[:2]) in given]
 
 
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

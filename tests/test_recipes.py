@@ -849,6 +849,21 @@ def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_plac
     assert train(parse_config(changed), resume=True)["step"] == 3
 
 
+def test_resume_refuses_a_change_inside_a_mapping_setting_of_the_model(tmp_path, corpus_file):
+    # changed_settings dropped every model key it did not find among the keys either config sets, and
+    # model.coupling_options.phase_lag is none of them (model.coupling_options is): the resume went on
+    # with another coupling, and did not even name the change
+    options = {"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"phase_lag": 0.0}}
+    values = tiny(tmp_path, corpus_file, model={**tiny(tmp_path, corpus_file)["model"], **options},
+                  train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    for override, key in (("model.coupling_options.phase_lag=1.0", "model.coupling_options.phase_lag"),
+                          ("model.coupling_options.harmonics=[1, 2]", "model.coupling_options.harmonics")):
+        with pytest.raises(ValueError, match=rf"differs from the checkpoint's in {re.escape(key)};"):
+            train(parse_config(apply_overrides(values, [override, "train.max_iters=4"])), resume=True)
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=3"])), resume=True)["step"] == 3
+
+
 def test_fused_adamw_is_used_and_matches_foreach(tmp_path, corpus_file):
     losses = {}
     for fused in (True, False):
