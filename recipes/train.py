@@ -124,6 +124,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     second process training into the same directory is an error (exit 2), not two runs writing one
     set of files.
     """
+    if resume and overwrite:  # --overwrite would delete the checkpoints the resume continues from
+        raise ValueError("resume and overwrite: give one of them (resume continues the run in out_dir, "
+                         "overwrite deletes it and starts over)")
     with contextlib.ExitStack() as held:  # the run directory's lock, once taken
         return _train(config, resume, overwrite, held)
 

@@ -1529,6 +1529,11 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
     for name in before:
         (tmp_path / name).rename(tmp_path / "run" / name)
     assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
+    # train(resume=True, overwrite=True) (the command line refuses both flags) resumed from last.pt,
+    # then deleted it, best.pt and the logs as an old run's, and wrote a result of the run it had lost
+    with pytest.raises(ValueError, match="resume and overwrite: give one of them"):
+        train(config, resume=True, overwrite=True)
+    assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
     # --overwrite with a command that fails to set up deletes nothing
     with pytest.raises(ValueError, match="train.block_size"):
         train(parse_config(tiny(tmp_path, corpus_file, train={"block_size": 17})), overwrite=True)
