@@ -1003,6 +1003,24 @@ main(["--config", {str(config)!r}])
     assert json.loads((run / "result.json").read_text())["step"] == 12
 
 
+def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
+    # an empty or cut-short last.pt (a copy of best.pt, as the error for a missing one suggests, cut
+    # short) was a RuntimeError about torch.save's zipfile option, with a traceback on the command line
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    run, whole = tmp_path / "run", (tmp_path / "run" / "best.pt").read_bytes()
+    for text in (b"", whole[:len(whole) // 2], b"not a checkpoint"):
+        (run / "last.pt").write_bytes(text)
+        with pytest.raises(ValueError, match=r"--resume: '.*last.pt' cannot be read \(.*\); restore it, or start "
+                                             r"over with --overwrite"):
+            train(parse_config(values), resume=True)
+    torch.save({"model": {}}, run / "last.pt")  # a torch file, but not a run's checkpoint
+    with pytest.raises(ValueError, match=r"--resume: '.*last.pt' is not a checkpoint written by recipes.train"):
+        train(parse_config(values), resume=True)
+    (run / "last.pt").write_bytes(whole)
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=3"])), resume=True)["step"] == 3
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     """The same global batch: 2 processes, or 1 with 2 micro-batches; dropout and phase noise too,
     which are seeded per slice of the batch."""
