@@ -113,6 +113,14 @@ def test_sweep_file_mistakes_are_one_error_line_before_anything_is_created(tmp_p
     assert not launched and not (tmp_path / "out").exists() and not any((tmp_path / "cwd").iterdir())
 
 
+def test_a_key_given_twice_in_the_sweep_file_is_an_error(tmp_path, configs, launched, capsys):
+    """PyYAML keeps the last of two equal keys silently: here the seeds 1 and 2 would never run."""
+    (configs / "sweep.yaml").write_text(f"configs: [a.yaml]\nout_dir: {tmp_path / 'out'}\nseeds: [1, 2]\nseeds: [3]\n")
+    error = cli_error([str(configs / "sweep.yaml")], capsys)
+    assert "not valid YAML" in error and "found the key 'seeds' twice (first on line 3)" in error, error
+    assert not launched and not (tmp_path / "out").exists()
+
+
 def test_a_missing_sweep_file_is_named(tmp_path, launched, capsys):
     assert cli_error([str(tmp_path / "nope.yaml")], capsys) == f"error: sweep: no such file '{tmp_path / 'nope.yaml'}'"
 
