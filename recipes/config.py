@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import json
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -57,6 +58,8 @@ class DataConfig:
         for key in ("path", "cache_dir"):  # "" would be the working directory, silently
             value = getattr(self, key)
             check(value is None or value.strip() != "", key, "must not be empty (null: none given)", value)
+            if value is not None:  # no shell expands ~ inside a YAML file or after data.path=
+                object.__setattr__(self, key, os.path.expanduser(value))
         source = CORPORA[self.name]
         check(self.name != "enwik8" or self.tokenizer in (None, "byte"), "tokenizer",
               "must be byte (or null) for enwik8", self.tokenizer)
@@ -170,6 +173,8 @@ class RunConfig:
         check(self.name.strip() not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
               "name", "must be a plain directory name (or set out_dir)", self.name)
         check(self.out_dir is None or self.out_dir.strip() != "", "out_dir", "must not be empty", self.out_dir)
+        if self.out_dir is not None:  # no shell expands ~ inside a YAML file or after out_dir=
+            object.__setattr__(self, "out_dir", os.path.expanduser(self.out_dir))
 
     @property
     def run_dir(self) -> Path:

@@ -134,6 +134,17 @@ def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
         parse_config(apply_overrides(values, override.split()))
 
 
+def test_a_home_folder_tilde_in_a_config_path_is_expanded(tmp_path, corpus_file, monkeypatch):
+    """No shell expands ``~`` in a YAML file or after ``out_dir=``: it made a folder named ``~``."""
+    home = corpus_file.parent
+    monkeypatch.setenv("HOME", str(home))
+    values = apply_overrides(tiny(tmp_path, corpus_file), ["out_dir=~/runs/x", "data.cache_dir=~/cache",
+                                                           f"data.path=~/{corpus_file.name}"])
+    config = parse_config(values)
+    assert config.run_dir == home / "runs" / "x"
+    assert config.data.cache_dir == str(home / "cache") and config.data.path == str(corpus_file)
+
+
 def test_a_model_vocab_size_below_the_tokenizers_is_refused_and_one_above_pads(tmp_path, corpus_file):
     vocab = len(set(corpus_file.read_text()))
     with pytest.raises(ConfigError, match=rf"model.vocab_size: must be at least the tokenizer's vocabulary \({vocab}"):
