@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
     if out.exists() and not out.is_dir():
         parser.error(f"--out: {str(out)!r} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(args.device)
     model.to(device)
     # the text the run was trained on, where it is now
@@ -115,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {i} | {h} | {s['mean'][h]:.3f} | {s['std'][h]:.3f} | {s['min'][h]:.3f} | {s['max'][h]:.3f} |")
         report["layers"][str(i)] = {**s, "R_tokens": r["R_tokens"].cpu().tolist(),
                                     "R_steps": r["R_steps"].cpu().tolist()}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot be interpreted leaves no folder
     files = [out / f"interpret{suffix}.json", out / f"R_tokens{suffix}.png", out / f"R_steps{suffix}.png"]
     write_atomic(files[0], json.dumps(report, indent=2))
     token_curves = {f"layer {i}": {f"head {h}": list(enumerate(row)) for h, row in

@@ -1697,13 +1697,15 @@ def test_command_line_errors_print_one_line_and_exit_2(trained, tmp_path, corpus
         (["-m", "recipes.train", "--config", str(config), "train.max_iter=5"], "error: train.max_iter: unknown key"),
         (["-m", "recipes.train", "--config", str(tmp_path / "missing.yaml")], "error: config: no such file"),
         (["-m", "recipes.train", "--config", str(config)], "error: out_dir: "),  # the baseline's run is there
-        (["-m", "recipes.interpret", str(tmp_path / "run")], "error: model: has no phase layers"),
+        (["-m", "recipes.interpret", str(tmp_path / "run"), "--out", str(tmp_path / "stats")],
+         "error: model: has no phase layers"),
         (["-m", "recipes.generate", str(trained), "--max-new-tokens", "-1"], "error: --max-new-tokens: expected"),
         (["-m", "recipes.generate", str(trained), "--prompt", "\u00e9"], "error: --prompt: Character"),
     ]:
         done = _run_recipe(args)
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in done.stderr
+    assert not (tmp_path / "stats").exists()  # interpret made its output folder before it could fail
 
 
 
