@@ -48,17 +48,22 @@ map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's
 round them to bf16: an error that the sum makes grow with ``t``), ``φ`` is accumulated in
 **float64** and wrapped to ``[0, 2π]`` (an exception to the library's no-wrapping rule: only
 ``e^{iφ}`` is ever used, which is 2π-periodic, and the gradient of the wrap is 1) before
-``cos``/``sin`` are taken (in float32 at least, then cast to the input's dtype); recurrent states
-carry the wrapped phase in float64. The sums over tokens are computed in chunks of ``chunk_size``
+``cos``/``sin`` are taken (in float32 at least, then cast to the dtype of the sums below); recurrent
+states carry the wrapped phase in float64. The sums over tokens are computed in chunks of ``chunk_size``
 tokens (a RetNet/GLA-style chunked scan): a masked ``C × C`` product inside each chunk, and a carry
 between chunks that is itself computed by the same chunked scan over the chunk summaries, so
 rounding error grows like the logarithm of ``T`` rather than ``T``. The window never subtracts two
 prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
 straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0`` (exponents
-in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. The memory and the
-normaliser ``S_t`` are sums in the input's dtype: a model run in float16 (largest value 65504)
-overflows once they exceed it, e.g. with ``kernel="unbounded"`` after tens of thousands of tokens;
-use bfloat16 or float32 for such lengths.
+in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. Without a state,
+``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype: a model run in
+float16 (largest value 65504) overflows once they exceed it, e.g. with ``kernel="unbounded"`` after
+tens of thousands of tokens; use bfloat16 or float32 for such lengths. With a state, :meth:`step`
+and ``forward(x, state)`` sum in the state's dtype, which :meth:`~HolographicPhaseMemory.init_state`
+makes the parameters' dtype promoted to float32 at least: a bfloat16 or float16 module casts each
+token's contribution to float32, keeps memory, ``S_t`` and the window's buffer in float32 (in
+bfloat16 a running sum of ones would stop growing at 256, in float16 at 2048) and casts the
+normalised read back to the input's dtype before the output head.
 
 **Recurrent form.** :meth:`HolographicPhaseMemory.step` does O(1) work per token (independent of
 the position; the window kernel's state holds a ring buffer of the last ``W`` contributions and
@@ -112,7 +117,8 @@ class TPIState(NamedTuple):
             ``(b, d)``; ``None`` for the others (derived from ``phase``).
         memory: ``M`` as real numbers: vector state ``(b, h, 2c)`` = ``[Re M, Im M]``; matrix
             state ``(b, h, 2c, c)`` with rows ``[Re, Im]`` of the rotated key axis.
-        norm: ``S = Σ w(t − s) m_s``, ``(b, h)``.
+        norm: ``S = Σ w(t − s) m_s``, ``(b, h)``; ``memory``, ``norm`` and ``buffer`` have the state's
+            dtype (:meth:`HolographicPhaseMemory.init_state`'s: float32 at least by default).
         buffer: window kernel only, the last ``W`` contributions in a ring (slot = position mod W):
             vector ``(u (b, W, h, 2c), m (b, W, h))``, matrix ``(key (b, W, h, 2c),
             value (b, W, h, c), m (b, W, h))``; ``()`` for the other kernels.
@@ -425,12 +431,17 @@ class HolographicPhaseMemory(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> TPIState:
-        """The empty state (no tokens seen), on the parameters' device and dtype by default.
+        """The empty state (no tokens seen), on the parameters' device by default.
 
         Args:
             batch_size: ``b``.
             device: the state's device.
-            dtype: the dtype of the memory (phases are always float64).
+            dtype: the dtype of the memory, the normaliser and the window buffer, in which
+                :meth:`step` and ``forward(x, state)`` accumulate (phases are always float64).
+                Default: the parameters' dtype promoted to float32 at least (a bfloat16 or
+                float16 module sums in float32: in bfloat16 a running sum of ones stops growing
+                at 256). A state is accepted in that dtype or in the parameters' or the input's
+                own dtype (a half one then sums in half precision).
 
         Returns:
             A :class:`TPIState` with ``position == 0``.
@@ -443,7 +454,7 @@ class HolographicPhaseMemory(nn.Module):
             device = ref.device if device is None else torch.device(device)
         except (TypeError, RuntimeError):
             raise ValueError(f"device: expected a torch.device or its name but got {device!r}") from None
-        dtype = ref.dtype if dtype is None else dtype
+        dtype = torch.promote_types(ref.dtype, torch.float32) if dtype is None else dtype
         d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
         phase = torch.zeros(b, d, dtype=torch.float64, device=device)
         query_phase = phase.clone() if self.query in ("decoupled", "constrained") else None
@@ -471,7 +482,9 @@ class HolographicPhaseMemory(nn.Module):
         if state is not None:
             self._check_state(state, x)
         phase, query_phase = self._phases(x, state)
-        tokens = self._tokens(x, phase, query_phase)
+        # with a state, the sums are in the state's dtype (float32 for a half-precision module)
+        acc = x.dtype if state is None else state.memory.dtype
+        tokens = self._tokens(x, phase, query_phase, acc)
         write, m, read = tokens.write, tokens.m, tokens.read
         kernel, chunk = self._kernel_spec(), self.chunk_size
         init_memory = init_norm = None
@@ -497,7 +510,7 @@ class HolographicPhaseMemory(nn.Module):
         if self.normalize != "none" or state is not None:
             init = init_norm[..., None] if init_norm is not None else None
             norm = _kernel_sum(m[..., None], kernel, chunk, init)[..., 0]  # (b, prefix + t, h)
-        y = self._output(r, None if norm is None else norm[:, prefix:])
+        y = self._output(r, None if norm is None else norm[:, prefix:], x.dtype if acc != x.dtype else None)
         if state is None:
             return y
         if self.state_type == "vector":
@@ -536,7 +549,8 @@ class HolographicPhaseMemory(nn.Module):
         x = x_t[:, None]  # (b, d) -> (b, 1, d)
         self._check_state(state, x)
         phase, query_phase = self._phases(x, state)
-        tokens = self._tokens(x, phase, query_phase)
+        acc = state.memory.dtype  # the sums' dtype (float32 for a half-precision module's init_state)
+        tokens = self._tokens(x, phase, query_phase, acc)
         write = tuple(w[:, 0] for w in tokens.write)
         m = tokens.m[:, 0]  # (b, h)
         new = write[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", *write)
@@ -546,13 +560,13 @@ class HolographicPhaseMemory(nn.Module):
             gamma = self._decay_power(1)  # (h,); 1 for the unbounded kernel
             expand = gamma.view(-1, *[1] * (state.memory.dim() - 2))
             memory, norm = expand * state.memory + new, gamma * state.norm + m
+        memory, norm = memory.to(state.memory.dtype), norm.to(state.norm.dtype)  # as in forward
         if self.state_type == "vector":
             r = self._read_vector(memory[:, None], *tokens.read)
         else:
             r = torch.einsum("bhre,bhef->bhrf", tokens.read[0][:, 0], memory)[:, None]  # (b, 1, h, 2, c)
-        y = self._output(r, norm[:, None])[:, 0]
+        y = self._output(r, norm[:, None], x.dtype if acc != x.dtype else None)[:, 0]
         query_end = query_phase[:, -1] if state.query_phase is not None else None
-        memory, norm = memory.to(state.memory.dtype), norm.to(state.norm.dtype)  # as in forward
         return y, TPIState(phase[:, -1], query_end, memory, norm, state.buffer, state.position + 1)
 
     def extra_repr(self) -> str:
@@ -574,9 +588,10 @@ class HolographicPhaseMemory(nn.Module):
         return F.logsigmoid(self.decay_logit).clamp_min(math.log(DECAY_MIN))
 
     def _decay_power(self, n: int) -> Tensor:
-        """``γ^n`` per head, ``(h,)``; ones for the unbounded and window kernels."""
+        """``γ^n`` per head, ``(h,)`` (float32 at least, as the parallel form's); ones for the unbounded
+        and window kernels."""
         if self.kernel == "decay":
-            return (self._log_decay() * n).exp()
+            return (self._kernel_spec().log_gamma * n).exp()
         return self.omega.weight.new_ones(self.num_heads)
 
     def _kernel_spec(self) -> _Kernel:
@@ -603,24 +618,28 @@ class HolographicPhaseMemory(nn.Module):
         delta = self.constrained_scale * torch.tanh(_phase_rate(self.query_delta, x))
         return phase, _accumulate(query_start, omega + delta)
 
-    def _tokens(self, x: Tensor, phase: Tensor, query_phase: Tensor) -> _Tokens:
+    def _tokens(self, x: Tensor, phase: Tensor, query_phase: Tensor, dtype: torch.dtype | None = None) -> _Tokens:
+        """The tokens in ``dtype`` (default ``x``'s; a state's float32 for a half-precision module)."""
         b, t, d = x.shape
         h, c = self.num_heads, d // self.num_heads
+        dtype = x.dtype if dtype is None else dtype
+        # projections are computed in the module's dtype, then cast (only where dtype is not x's)
+        cast = (lambda z: z.to(dtype)) if dtype != x.dtype else (lambda z: z)
         # wrapped phases lose nothing in float32; at least float32 so half precisions rotate accurately
-        trig = torch.promote_types(x.dtype, torch.float32)
+        trig = torch.promote_types(dtype, torch.float32)
         phase, query_phase = phase.to(trig), query_phase.to(trig)
-        cos_k, sin_k = (f(phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))  # (b, t, d) -> (b, t, h, c)
-        cos_q, sin_q = (f(query_phase).to(x.dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))
+        cos_k, sin_k = (f(phase).to(dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))  # (b, t, d) -> (b, t, h, c)
+        cos_q, sin_q = (f(query_phase).to(dtype).view(b, t, h, c) for f in (torch.cos, torch.sin))
         if self.magnitude_proj is None:
-            m = x.new_ones(b, t, h)
+            m = x.new_ones(b, t, h, dtype=dtype)
         else:
-            m = MAGNITUDE_SCALE * torch.sigmoid(self.magnitude_proj(x))  # (b, t, h)
+            m = cast(MAGNITUDE_SCALE * torch.sigmoid(self.magnitude_proj(x)))  # (b, t, h)
         if self.state_type == "vector":
-            value = x.view(b, t, h, c) * m[..., None]  # (b, t, d) -> (b, t, h, c)
+            value = cast(x).view(b, t, h, c) * m[..., None]  # (b, t, d) -> (b, t, h, c)
             return _Tokens((torch.cat([value * cos_k, value * sin_k], -1),), (cos_q, sin_q), m)
-        k = self.k_proj(x).view(b, t, h, c)  # (b, t, d) -> (b, t, h, c)
-        q = self.q_proj(x).view(b, t, h, c) * c ** -0.5
-        v = self.v_proj(x).view(b, t, h, c) * m[..., None]
+        k = cast(self.k_proj(x)).view(b, t, h, c)  # (b, t, d) -> (b, t, h, c)
+        q = cast(self.q_proj(x)).view(b, t, h, c) * c ** -0.5
+        v = cast(self.v_proj(x)).view(b, t, h, c) * m[..., None]
         key = torch.cat([k * cos_k, k * sin_k], -1)  # (b, t, h, 2c)
         qc, qs = q * cos_q, q * sin_q
         # Re and Im of (q e^{iφq})^H (k e^{iφ}) as dot products with [k cos φ, k sin φ]
@@ -633,15 +652,16 @@ class HolographicPhaseMemory(nn.Module):
         re, im = memory.chunk(2, -1)
         return torch.stack([re * cos_q + im * sin_q, im * cos_q - re * sin_q], 3)
 
-    def _output(self, r: Tensor, norm: Tensor | None) -> Tensor:
-        """Normalise ``r`` (b, t, h, 2, c) by ``S`` (b, t, h), features ``[Re r, Im r]``, head."""
+    def _output(self, r: Tensor, norm: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
+        """Normalise ``r`` (b, t, h, 2, c) by ``S`` (b, t, h), features ``[Re r, Im r]`` (cast to
+        ``dtype``, the input's, when given), head."""
         if self.normalize == "sum":
             r = r / norm.clamp_min(NORM_EPS)[..., None, None]
         elif self.normalize == "sqrt":
             r = r / norm.clamp_min(NORM_EPS).sqrt()[..., None, None]
         b, t = r.shape[:2]
         features = r.transpose(2, 3).reshape(b, t, 2 * self.d_model)  # (b, t, h, 2, c) -> (b, t, 2d)
-        return self.head(features)
+        return self.head(features if dtype is None else features.to(dtype))
 
     def _window_step(self, state: TPIState, write: tuple[Tensor, ...], m: Tensor, new: Tensor):
         """Ring-buffer update: add the new contribution, drop the one leaving the window."""
@@ -671,10 +691,13 @@ class HolographicPhaseMemory(nn.Module):
     def _check_state(self, state, x: Tensor) -> None:
         if not isinstance(state, TPIState):
             raise ValueError(f"state: expected a TPIState (see init_state) but got {type(state).__name__}")
-        # the memory's dtype: the input's, or the parameters' (init_state's default; under autocast
-        # x may be bf16 while the state stays float32)
-        allowed = (x.dtype, self.omega.weight.dtype)
-        dtype = state.memory.dtype if torch.is_tensor(state.memory) and state.memory.dtype in allowed else x.dtype
+        # the memory's dtype: the input's or the parameters', or either promoted to float32 (init_state's
+        # default: a half-precision module's sums are float32; under autocast x may be bf16 while the
+        # state stays float32)
+        allowed = {dt for base in (x.dtype, self.omega.weight.dtype)
+                   for dt in (base, torch.promote_types(base, torch.float32))}
+        dtype = state.memory.dtype if torch.is_tensor(state.memory) and state.memory.dtype in allowed \
+            else torch.promote_types(x.dtype, torch.float32)
         expected = self.init_state(x.shape[0], device="meta", dtype=dtype)
         for field in ("phase", "query_phase", "memory", "norm"):  # types first: the checks below read shapes
             got = getattr(state, field)

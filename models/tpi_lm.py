@@ -225,7 +225,8 @@ class TPILM(nn.Module):
         if not isinstance(cache, TPICache):
             raise ValueError(f"cache: expected a TPICache (see new_cache) but got {type(cache).__name__}")
         if not cache.states:
-            cache.states = [block.init_state(x.shape[0], device=x.device, dtype=x.dtype) for block in self.blocks]
+            # the layers' default state dtype: float32 at least (a bf16 model's sums would stop growing at 256)
+            cache.states = [block.init_state(x.shape[0], device=x.device) for block in self.blocks]
             cache.length = 0
         elif len(cache.states) != len(self.blocks):
             raise ValueError(f"cache: holds {len(cache.states)} layer states but the model has "

@@ -594,6 +594,60 @@ def test_a_float32_state_continues_bf16_input_under_autocast(state):
     torch.testing.assert_close(y_step.float(), y[:, 0].float(), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("dtype, t", [(torch.bfloat16, 600), (torch.float16, 2400)])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("state", STATES)
+def test_a_half_precision_module_keeps_its_recurrent_sums_in_float32(dtype, t, kernel, state):
+    # step summed memory and S_t in the module's half dtype: a running sum of ones stuck at 256 in bf16
+    # (2048 in float16) and the decay rate rounded to 1; past those the outputs were 3-144 eps off the
+    # module's own parallel form, and as far off the float32 module (now under 1 eps)
+    opts = dict(kernel=kernel, state=state, normalize="sqrt")
+    if kernel == "window":
+        opts["window"] = t * 5 // 8  # one recompute from the buffer, then sums that drop old tokens
+    if state == "matrix" or kernel == "decay":
+        opts["num_heads"] = 2
+    half = HolographicPhaseMemory(8, **opts).eval()
+    if kernel == "decay":
+        with torch.no_grad():
+            half.decay_logit.fill_(8.0)  # γ = 1 − 3.4e-4: a memory of ~3000 tokens
+    half = half.to(dtype)
+    reference = HolographicPhaseMemory(8, **opts).eval()
+    reference.load_state_dict({key: value.float() for key, value in half.state_dict().items()})
+    x = torch.randn(1, t, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        y_steps, stepped = run_steps(half, x, half.init_state(1))
+        y_state, after = half(x, half.init_state(1))
+        y_half, y_float = half(x), reference(x.float())
+    eps = torch.finfo(dtype).eps
+
+    def error(got, want):  # relative, over the positions past 256 (where a bf16 sum of ones stuck)
+        return ((got.float() - want.float())[:, 256:].norm() / want.float()[:, 256:].norm()).item() / eps
+
+    assert error(y_steps, y_half) < 1.5  # the parallel form's own rounding: up to ~0.9 eps
+    assert error(y_steps, y_float) < 1.0  # ~0.3 eps
+    assert error(y_state, y_float) < 1.0
+    assert y_steps.dtype == y_state.dtype == dtype
+    for s in (stepped, after):
+        assert s.memory.dtype == s.norm.dtype == torch.float32 and all(b.dtype == torch.float32 for b in s.buffer)
+    torch.testing.assert_close(stepped.norm, after.norm, rtol=1e-5, atol=0)
+
+
+def test_a_half_precision_module_accepts_float32_and_its_own_dtype_states():
+    # init_state's float32 default, or an explicit bf16 state (which sums in bf16); another dtype is refused
+    memory = HolographicPhaseMemory(4, kernel="window", window=3).bfloat16()
+    x = torch.randn(2, 5, 4).bfloat16()
+    assert memory.init_state(2).memory.dtype == torch.float32
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            y, after = memory(x, memory.init_state(2, dtype=dtype))
+            y_t, stepped = memory.step(x[:, 0], memory.init_state(2, dtype=dtype))
+        assert y.dtype == y_t.dtype == torch.bfloat16
+        assert after.memory.dtype == stepped.norm.dtype == stepped.buffer[0].dtype == dtype
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(ValueError, match="^state: expected memory .* torch.float32 for this module"):
+            memory.step(x[:, 0], memory.init_state(2, dtype=dtype))
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(window=0), "window"),
     (dict(query="rotary"), "query"),
