@@ -64,15 +64,20 @@ from recipes.train import learning_rate
 def _resolve_short_python_refs(app, env, node, contnode):
     """Resolve a Python cross-reference that names an object by a path other than the one it is
     documented under (e.g. ``kuramoto_attn.couplings.Coupling`` for ``kuramoto_attn.Coupling``,
-    or ``TPIState`` from inside :mod:`kuramoto_attn`), when exactly one documented object has
-    that last name component."""
+    ``TPIState`` from inside :mod:`kuramoto_attn`, ``ConfigError`` from :mod:`models.gpt`), when
+    exactly one documented object has that last name component (the library's own first).
+    Aliases do not count: a class documented as ``kuramoto_attn.KuramotoAttention`` is also
+    recorded under its defining module, ``kuramoto_attn.attention.KuramotoAttention``, and the
+    same object twice is no ambiguity."""
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"].lstrip(".~")
     last = target.rsplit(".", 1)[-1]
     domain = env.get_domain("py")
-    matches = [name for name in domain.objects
-               if name.rsplit(".", 1)[-1] == last and name.startswith("kuramoto_attn")]
+    matches = [name for name, entry in domain.objects.items()
+               if name.rsplit(".", 1)[-1] == last and not getattr(entry, "aliased", False)]
+    # the library's own objects first (models and recipes reuse names such as main, step, train)
+    matches = [name for name in matches if name.startswith("kuramoto_attn")] or matches
     # a method or attribute name (e.g. "step") is ambiguous across classes: prefer a match that
     # shares the class part of the target, else give up unless it is unique
     if len(matches) > 1 and "." in target:

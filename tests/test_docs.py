@@ -4,10 +4,14 @@ Cheap checks on the ``.rst`` sources and docstrings; building the docs (``python
 README.md) is a separate CI step.
 """
 
+import collections
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import re
+import sys
+import types
 
 import pytest
 
@@ -51,6 +55,37 @@ def documented_names() -> set[str]:
 def test_docs_sources_exist():
     assert (DOCS / "conf.py").is_file()
     assert (DOCS / "index.rst").is_file()
+
+
+def test_short_cross_references_resolve_past_aliases_and_outside_the_library(monkeypatch):
+    """conf.py's fallback for ``:class:`KuramotoAttention```-style references. Sphinx records a class
+    documented as ``kuramoto_attn.KuramotoAttention`` a second time, aliased, under its defining module:
+    counted as two objects, the reference from models.gpt's docstring was left unresolved (plain text,
+    no link), and so was ``ConfigError`` (documented in models.config, outside kuramoto_attn)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # conf.py puts the checkout on it
+    spec = importlib.util.spec_from_file_location("docs_conf", DOCS / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    entry = collections.namedtuple("Entry", "aliased")
+    objects = {"kuramoto_attn.KuramotoAttention": entry(False),
+               "kuramoto_attn.attention.KuramotoAttention": entry(True),  # the same class
+               "models.config.ConfigError": entry(False),
+               "kuramoto_attn.HolographicPhaseMemory.step": entry(False),
+               "kuramoto_attn.FixedStepSolver.step": entry(False),
+               "models.gpt.GPT.generate": entry(False), "models.tpi_lm.TPILM.generate": entry(False)}
+    domain = types.SimpleNamespace(objects=objects, resolve_xref=lambda *args: args[4])  # the name chosen
+    env = types.SimpleNamespace(get_domain=lambda name: domain)
+    app = types.SimpleNamespace(builder=None)
+
+    def resolve(target, refdomain="py"):
+        return conf._resolve_short_python_refs(app, env, {"refdomain": refdomain, "reftarget": target,
+                                                          "refdoc": "api/models"}, None)
+
+    assert resolve("KuramotoAttention") == "kuramoto_attn.KuramotoAttention"
+    assert resolve("~ConfigError") == "models.config.ConfigError"
+    assert resolve("kuramoto_attn.memory.HolographicPhaseMemory.step") == "kuramoto_attn.HolographicPhaseMemory.step"
+    assert resolve("generate") is None  # two documented objects: no guess
+    assert resolve("KuramotoAttention", refdomain="std") is None
 
 
 @pytest.mark.parametrize("name", kuramoto_attn.__all__)
