@@ -100,7 +100,11 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
     """
     m = check_int("m", m, low=1)
     check_tensor("theta", theta)
-    return order_parameter(m * theta, dim=dim, weights=weights, keepdim=keepdim)
+    # m·θ in at least float32: in half precision it rounds (bfloat16 θ ≈ 100, m = 3: to a step of
+    # 2 rad) or overflows to inf (float16 θ > 65504 / m: R_m was NaN); the results in theta's dtype
+    wide = torch.promote_types(theta.dtype, torch.float32)
+    R, psi = order_parameter(m * theta.to(wide), dim=dim, weights=weights, keepdim=keepdim)
+    return R.to(theta.dtype), psi.to(theta.dtype)
 
 
 def _resultant_length(mean_cos: Tensor, mean_sin: Tensor) -> Tensor:

@@ -175,6 +175,21 @@ def test_daido_matches_complex_mean_of_harmonic(values, m):
 
 
 
+@pytest.mark.parametrize("dtype, values, m", [
+    (torch.float16, [30000.0, 30000.0, 30016.0], 3),  # m·θ beyond float16's 65504: inf, R_m was NaN
+    (torch.bfloat16, [100.0, 100.5, 101.0, 101.5], 3),  # m·θ rounded to bfloat16's step of 2 there
+    (torch.float16, [1000.0, 1000.5, 1001.0, 1001.5], 3),  # and to float16's
+])
+def test_daido_of_half_precision_phases_is_that_of_their_values(dtype, values, m):
+    """R_m of half-precision phases is R_m of the values they hold (complex128 reference), in their dtype."""
+    theta = torch.tensor(values, dtype=dtype)
+    R_m, psi_m = daido_order_parameter(theta, m=m)
+    assert R_m.dtype == psi_m.dtype == dtype
+    R_ref, psi_ref = naive_order_parameter((m * theta.double()).tolist())
+    assert float(R_m) == pytest.approx(R_ref, abs=1e-2)
+    assert math.cos(float(psi_m) - psi_ref) == pytest.approx(1.0, abs=1e-2)
+
+
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), n=st.integers(1, 6), m=st.integers(1, 4), keepdim=st.booleans())
 def test_daido_takes_dim_weights_and_keepdim_as_order_parameter_does(data, n, m, keepdim):
