@@ -63,8 +63,12 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
             raise ValueError(f"weights: expected real non-negative values but got dtype {weights.dtype}")
         check_device("weights", weights, theta, owner="theta")
         check_broadcasts("weights", weights.shape, theta.shape)
-        # weighted sums of half-precision phases in float32: float16's 65504 is reached by 100 weights of 1000
-        weights = weights.to(torch.promote_types(theta.dtype, torch.float32))
+        # weighted sums of half-precision phases in float32: float16's 65504 is reached by 100 weights of 1000;
+        # and never below the weights' own floating dtype (float64 weights of 1e-50 were 0 in float32: R = 0)
+        wide = torch.promote_types(theta.dtype, torch.float32)
+        if weights.is_floating_point():
+            wide = torch.promote_types(wide, weights.dtype)
+        weights = weights.to(wide)
         if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
             raise ValueError("weights: expected finite non-negative values")
         theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count

@@ -138,6 +138,18 @@ def test_weights_match_the_weighted_complex_mean(data, n):
     assert R.item() == pytest.approx(naive_order_parameter(values, weights)[0], abs=1e-12)
 
 
+def test_float64_weights_of_float32_phases_keep_their_range():
+    """float64 weights outside float32's range: 1e-50 each (0 in float32: R was 0, not 1) and 1e39
+    (inf in float32: refused as not finite) weigh as they are; R keeps theta's dtype."""
+    theta = torch.tensor([0.3, 0.3, 1.9])
+    for weights, expected in (([1e-50, 1e-50, 0.0], 1.0), ([1e39, 1e39, 0.0], 1.0), ([1e39, 1.0, 1e39], None)):
+        R, psi = order_parameter(theta, weights=torch.tensor(weights, dtype=f64))
+        assert R.dtype == psi.dtype == torch.float32
+        R_ref, psi_ref = naive_order_parameter(theta.tolist(), weights)
+        assert float(R) == pytest.approx(R_ref if expected is None else expected, abs=1e-6)
+        assert math.cos(float(psi) - psi_ref) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_boolean_mask_as_weights_selects_elements():
     theta = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=f64)
     mask = torch.tensor([[True, False, True, False]])
