@@ -44,7 +44,7 @@ def check_device(name: str, x: Tensor, tensor: Tensor, owner: str = "the module"
 def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
     """``x`` must be on the device of the module's ``weight`` (:func:`check_device`) and have its dtype
     (its matrix products would fail with a bare dtype error), except under ``torch.autocast``, which
-    casts their inputs itself (float64 ones excepted: autocast leaves them as they are)."""
+    casts their inputs itself (float64 inputs and weights excepted: autocast leaves them as they are)."""
     check_device(name, x, weight)
     dtype = weight.dtype
     if x.dtype == dtype:
@@ -59,6 +59,9 @@ def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
     if x.dtype == torch.float64:
         raise ValueError(f"{name}: expected the module's dtype {dtype} but got float64, which torch.autocast "
                          "does not cast")
+    if dtype == torch.float64:  # autocast casts the input but never the float64 weights
+        raise ValueError(f"{name}: expected the module's dtype torch.float64 but got {x.dtype}; torch.autocast "
+                         "does not cast a float64 module's weights")
 
 
 def check_cache_dtype(cached: Tensor, computed: Tensor) -> None:

@@ -652,6 +652,9 @@ def test_bad_forward_arguments():
         with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float32 but got float64, "
                                              "which torch.autocast does not cast"):
             layer(x.to(torch.float64))
+        with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float64 but got torch.float32; "
+                                             "torch.autocast does not cast a float64 module's weights"):
+            make_layer()(x)  # a float64 layer: was a bare "mat1 and mat2" error
     with pytest.raises(ValueError, match=r"^x: expected a tensor on the module's device cpu but got meta"):
         layer(x.to("meta"))
     for mask in (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 5), torch.ones(1, 5, dtype=torch.bool),
