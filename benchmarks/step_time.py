@@ -6,7 +6,8 @@ d_model 128, context 64, batch 12, vocab 65). Variants: the baseline; Kuramoto a
 (N = 32, K = 1, ``--steps`` Euler steps: 5 as in the Phase A presets) with mean-field coupling; the
 same with attention coupling.
 Median (and min) ms per step over ``--iters`` interleaved rounds after ``--warmup`` untimed ones, and
-the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operators for one variant instead.
+the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operators for one variant
+instead (eager, 10 steps after ``--warmup``; not with ``--compile`` or ``--compiled-kernels``).
 
 ``--compile`` adds a copy of each variant under ``torch.compile`` (default inductor backend; the
 first step, which compiles, is part of ``--warmup``), compared with the eager baseline.
@@ -106,14 +107,17 @@ def main():
     parser.add_argument("--compiled-kernels", action="store_true",
                         help="also time the mean-field variant with its integration's step math compiled")
     args = parser.parse_args()
+    if args.profile and (args.compile or args.compiled_kernels):  # it profiles the eager variant only
+        parser.error("--profile: not with --compile or --compiled-kernels (it profiles the eager variant)")
     if (args.compile or args.compiled_kernels) and args.warmup < 1:  # the compiling step would be timed
         parser.error("--warmup: at least 1 with --compile or --compiled-kernels (the first step compiles)")
     torch.set_num_threads(args.threads)
     for name in ("mean_field", "attention"):
         VARIANTS[name] = {**VARIANTS[name], "steps": args.steps}
     device = args.device  # a torch.device (device_arg)
+    timed = "profile of 10 steps" if args.profile else f"median of {args.iters} steps"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, phase layer {args.steps} Euler steps, median of {args.iters} steps after {args.warmup}")
+          f"batch {args.batch}, phase layer {args.steps} Euler steps, {timed} after {args.warmup}")
 
     if args.profile:
         step = make_step(VARIANTS[args.profile], device, args.batch)
