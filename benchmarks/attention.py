@@ -10,8 +10,9 @@ oscillators, Euler, dt = 0.1, causal. For each T it measures, each in a fresh su
                (B, H, T, T, N) tensors of phase differences, explicit softmax, every step kept for
                backward (only where its estimated memory fits under --naive-max-gb).
 
-Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch and kuramoto_attn
-(as "over an import-only process"), measured with glibc's mmap threshold pinned
+Peak memory: on CPU the peak RSS of a worker minus its RSS after importing torch, kuramoto_attn and
+torch._dynamo (which torch.utils.checkpoint imports at its first call; as "over an import-only
+process"), measured with glibc's mmap threshold pinned
 (MALLOC_MMAP_THRESHOLD_) so that RSS follows live tensor bytes; on CUDA
 torch.cuda.max_memory_allocated minus what is allocated
 after one warm-up step (weights, input and cuBLAS's workspace). Time: median over --repeats of forward + backward, after one warm-up.
