@@ -580,6 +580,36 @@ def test_a_bfloat16_module_takes_cos_and_sin_in_float32():
 
 
 @pytest.mark.parametrize("state", STATES)
+def test_a_bfloat16_modules_float32_tokens_are_not_rounded_to_bf16(state):
+    # a state's float32 sums get float32 tokens: cos/sin, magnitudes and the scaled query are not rounded to
+    # bf16 on the way (only the projections themselves are bf16, as the module computes them); c = 8, so
+    # q · c^-1/2 is not exact in bf16
+    torch.manual_seed(8)
+    memory = HolographicPhaseMemory(24, query="decoupled", magnitude="sigmoid", state=state, num_heads=3)
+    memory = memory.eval().bfloat16()
+    x = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(8)).bfloat16()
+    b, t, h, c = 2, 40, 3, 8
+    with torch.no_grad():
+        phase, query_phase = memory._phases(x, None)
+        tokens = memory._tokens(x, phase, query_phase, torch.float32)
+        m = (5 * torch.sigmoid(memory.magnitude_proj(x))).double()  # (b, t, h)
+        project = {name: getattr(memory, name)(x).double().view(b, t, h, c)
+                   for name in ("k_proj", "q_proj", "v_proj")} if state == "matrix" else {}
+    cos_k, sin_k, cos_q, sin_q = (f(p).view(b, t, h, c) for p in (phase, query_phase) for f in (torch.cos, torch.sin))
+    if state == "vector":
+        value = x.double().view(b, t, h, c) * m[..., None]
+        want = (torch.cat([value * cos_k, value * sin_k], -1),), (cos_q, sin_q)
+    else:
+        k, q = project["k_proj"], project["q_proj"] * c ** -0.5
+        qc, qs = q * cos_q, q * sin_q
+        query = torch.stack([torch.cat([qc, qs], -1), torch.cat([-qs, qc], -1)], 3)
+        want = (torch.cat([k * cos_k, k * sin_k], -1), project["v_proj"] * m[..., None]), (query,)
+    for got, expected in zip([*tokens.write, *tokens.read, tokens.m], [*want[0], *want[1], m]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)  # bf16 errs by ~4e-3
+
+
+@pytest.mark.parametrize("state", STATES)
 def test_a_float32_state_continues_bf16_input_under_autocast(state):
     # init_state's float32 state was rejected for the bf16 activations of autocast as "a state from a
     # different configuration"; only a bf16 state passed, which sums the memory in bf16
