@@ -357,6 +357,20 @@ def test_R_steps_are_R_after_each_number_of_steps(integrator, fast, padded):
     assert (info.R_steps[0] - info.R_steps[-1]).abs().max() > 1e-3  # the steps moved R: a real check
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_R_steps_are_detached_while_R_keeps_its_gradient(fast):
+    # KuramotoInfo documents R_steps as detached: the final entry (the final phases' R) is R.detach(),
+    # so a loss built on R_steps never backpropagates through the integration
+    layer = make_layer(steps=3)
+    layer._fast_path = fast
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64, requires_grad=True)
+    _, info = layer(x, return_info=True)
+    assert info.R.requires_grad and not info.R_steps.requires_grad
+    with torch.no_grad():
+        _, reference = layer(x, return_info=True)
+    torch.testing.assert_close(info.R_steps, reference.R_steps, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("integrator", INTEGRATORS)
 def test_zero_strength_phases_evolve_freely(coupling, integrator):
