@@ -471,6 +471,17 @@ def test_a_vocab_limit_above_the_model_is_refused_even_for_no_new_tokens(name):
     model = MODEL_CASES[name]()
     with pytest.raises(ValueError, match="vocab_size: expected at most the model's"):
         model.generate(tokens(2, 5), 0, vocab_size=10**6)
+    with pytest.raises(ValueError, match="^vocab_size: expected an integer"):  # not a bare TypeError from "13" > 13
+        model.generate(tokens(2, 5), 0, vocab_size="13")
+
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_a_vocab_limit_of_all_the_models_ids_limits_nothing(name):
+    model = MODEL_CASES[name]()
+    prompt, vocab = tokens(2, 3), model.config.vocab_size
+    want = model.generate(prompt, 4, generator=torch.Generator().manual_seed(3))
+    got = model.generate(prompt, 4, vocab_size=vocab, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
 
 
 def test_greedy_generation_matches_argmax_of_forward():
