@@ -86,6 +86,10 @@ def test_a_curve_of_one_point_is_drawn(tmp_path, figures):
             for line in ax.get_lines():
                 assert len(line.get_xdata()) == 1
                 assert _inked(fig, ax, line) > 0, line.get_label()
+                assert line.get_marker() == "o"
+    # a line of more points keeps no marker (R_tokens draws one point per token)
+    plots.plot_R_curves({"layer 0": {"head 0": [(0, 0.1), (1, 0.2)]}}, tmp_path / "R_tokens.png", xlabel="t", title="R")
+    assert [line.get_marker() for line in figures[-1].axes[0].get_lines()] == ["None"]
 
 
 def test_a_model_without_phase_layers_gets_no_R_plot(tmp_path, figures):
