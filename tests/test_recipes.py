@@ -258,6 +258,12 @@ def test_a_key_given_twice_in_a_config_file_or_override_is_an_error_not_the_last
     # a key a YAML merge (<<) brings in may be set again: that is what the merge is for
     (tmp_path / "anchored.yaml").write_text("base: &b {max_iters: 3, batch_size: 4}\ntrain:\n  <<: *b\n  max_iters: 5\n")
     assert load_yaml(tmp_path / "anchored.yaml")["train"] == {"max_iters": 5, "batch_size": 4}
+    # an unhashable key stays PyYAML's own error (the duplicate check skips it), not a bare TypeError
+    (tmp_path / "unhashable.yaml").write_text("train:\n  [1, 2]: 3\n")
+    with pytest.raises(ConfigError, match=r"unhashable.yaml: not valid YAML: .*found unhashable key"):
+        load_config(tmp_path / "unhashable.yaml")
+    with pytest.raises(ConfigError, match=r"override 'train=\{\[1\]: 2\}': the value is not valid YAML: .*unhashable"):
+        load_config(None, ["train={[1]: 2}"])
 
 
 def test_fabric_settings_it_rejects_are_errors_naming_the_section(tmp_path, corpus_file):
@@ -1025,8 +1031,22 @@ def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
         with pytest.raises(ValueError, match=r"--resume: '.*last.pt' cannot be read \(.*\); restore it, or start "
                                              r"over with --overwrite"):
             train(parse_config(values), resume=True)
-    torch.save({"model": {}}, run / "last.pt")  # a torch file, but not a run's checkpoint
-    with pytest.raises(ValueError, match=r"--resume: '.*last.pt' is not a checkpoint written by recipes.train"):
+    for other in ({"model": {}}, [1, 2]):  # torch files, but not a run's checkpoint
+        torch.save(other, run / "last.pt")
+        with pytest.raises(ValueError, match=r"--resume: '.*last.pt' is not a checkpoint written by recipes.train"):
+            train(parse_config(values), resume=True)
+    # a torch file whose pickle names a class that no longer exists (a module renamed since): not a
+    # RuntimeError like the others, still the same error naming the file
+    import sys
+    import types
+    gone = types.ModuleType("a_module_removed_since")
+    gone.Gone = type("Gone", (), {"__module__": "a_module_removed_since"})
+    sys.modules["a_module_removed_since"] = gone
+    try:
+        torch.save({"model": gone.Gone()}, run / "last.pt")
+    finally:
+        del sys.modules["a_module_removed_since"]
+    with pytest.raises(ValueError, match=r"--resume: '.*last.pt' cannot be read \(ModuleNotFoundError: "):
         train(parse_config(values), resume=True)
     (run / "last.pt").write_bytes(whole)
     assert train(parse_config(apply_overrides(values, ["train.max_iters=3"])), resume=True)["step"] == 3
