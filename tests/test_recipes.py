@@ -310,6 +310,95 @@ def test_phase_configs_integrate_as_the_reference_configs_say():
         assert all((c.steps, c.dt) == (steps, 0.1) for c in map(model_config, phase))
 
 
+# the issue's Phase A study: (reference phase layers, oscillators, K) per config; baseline: no phase layer
+PHASE_A = {"baseline": None, "layer7_32osc_K1": ([7], 32, 1.0), "layer6_32osc_K1": ([6], 32, 1.0),
+           "layer6_16osc_K1": ([6], 16, 1.0), "layer6_32osc_K2": ([6], 32, 2.0),
+           "layer6_64osc_K1": ([6], 64, 1.0), "layers6_7_32osc_K1": ([6, 7], 32, 1.0),
+           "layers4_7_32osc_K1": ([4, 7], 32, 1.0)}
+
+
+def _cpu_layers(layers: list[int]) -> list[int]:
+    """phase_a/cpu/base.yaml's mapping from 12 to 4 layers: i -> i // 3; a pair that lands on one
+    layer keeps two layers ([6, 7] -> [2, 3])."""
+    mapped = sorted({i // 3 for i in layers})
+    return mapped if len(mapped) == len(layers) else [mapped[0] + k for k in range(len(layers))]
+
+
+def _effective(path: Path) -> tuple:
+    """A config's settings after ``extends``, as the recipes read them (model: its dataclass)."""
+    config = load_config(path)
+    return config, model_config(config.model)
+
+
+@pytest.mark.parametrize("name", PHASE_A)
+def test_phase_a_configs_are_the_reference_study_at_both_sizes(name):
+    configs = ROOT / "recipes" / "configs" / "phase_a"
+    spec = PHASE_A[name]
+    for path, cpu in ((configs / f"{name}.yaml", False), (configs / "cpu" / f"{name}.yaml", True)):
+        config, model = _effective(path)
+        assert config.name == name + ("_cpu" if cpu else "")
+        o, t = config.optim, config.train
+        if cpu:  # nanoGPT's CPU configuration (the optimizer beyond lr and warmup: see cpu/base.yaml)
+            assert (model.n_layers, model.n_heads, model.d_model, model.d_ff, model.max_seq_len) == (4, 4, 128, 512, 64)
+            assert (model.dropout, model.bias, t.batch_size, t.block_size, t.max_iters) == (0.0, False, 12, 64, 2000)
+            assert (o.lr, o.warmup_iters, o.schedule, config.fabric.accelerator) == (1e-3, 100, "cosine", "cpu")
+        else:  # the reference size
+            assert (model.n_layers, model.n_heads, model.d_model, model.d_ff, model.max_seq_len) == (12, 12, 768, 3072, 512)
+            assert (model.dropout, model.bias, t.batch_size, t.block_size, t.grad_accum) == (0.1, True, 32, 512, 1)
+            assert (o.lr, o.weight_decay, o.warmup_iters, o.schedule, o.grad_clip) == (3e-4, 0.1, 100, "cosine", 1.0)
+        assert model.use_phase_attention == (spec is not None)
+        if spec is not None:
+            layers, oscillators, strength = spec
+            assert list(model.phase_layer_idx) == (_cpu_layers(layers) if cpu else layers)
+            assert (model.num_oscillators, model.coupling_strength, model.dt, model.steps) == (oscillators, strength, 0.1, 5)
+            assert (model.coupling, model.integrator, model.phase_noise, model.freq_jitter,
+                    model.coherence_target) == ("mean_field", "euler", 0.0, 0.0, None)
+
+
+def test_phase_b_and_tpi_configs_are_the_reference_study():
+    configs = ROOT / "recipes" / "configs"
+    controls = {"wt2_baseline": None, "wt2_kpc_soft": (0.5, 0.0, 0.0, None), "wt2_kpc_mid": (0.75, 0.0, 0.0, None),
+                "wt2_kpc_diverse": (0.75, 0.03, 0.02, 0.45)}
+    for name, spec in controls.items():
+        for path, cpu in ((configs / "phase_b" / f"{name}.yaml", False), (configs / "phase_b" / "cpu" / f"{name}.yaml", True)):
+            config, model = _effective(path)
+            o, t = config.optim, config.train
+            assert config.name == name + ("_cpu" if cpu else "") and config.data.name == "wikitext-2"
+            assert (o.weight_decay, o.schedule, o.grad_clip, t.patience) == (0.01, "cosine", 1.0, 5)
+            if cpu:
+                assert (model.n_layers, model.d_model, model.max_seq_len, t.batch_size, t.max_iters) == (4, 128, 64, 12, 2000)
+            else:
+                assert (model.n_layers, model.n_heads, model.d_model, model.d_ff, model.max_seq_len,
+                        model.dropout) == (12, 12, 768, 3072, 512, 0.1)
+                assert (t.batch_size, t.block_size, o.lr, o.warmup_iters, o.min_lr) == (8, 512, 3e-4, 500, 1e-5)
+            assert model.use_phase_attention == (spec is not None)
+            if spec is not None:
+                assert list(model.phase_layer_idx) == ([2] if cpu else [7])
+                assert (model.num_oscillators, model.steps, model.dt) == (32, 10, 0.1)
+                assert (model.coupling_strength, model.phase_noise, model.freq_jitter, model.coherence_target) == spec
+                if spec[3] is not None:
+                    assert (model.coherence_weight, model.coherence_mode) == (0.1, "ceiling")
+    config, model = _effective(configs / "tpi" / "char.yaml")
+    assert (model.d_model, model.n_layers, model.max_seq_len, config.train.block_size) == (128, 8, 256, 256)
+    assert (config.optim.lr, config.optim.grad_clip) == (3e-3, 1.0)
+    config, model = _effective(configs / "tpi" / "char_cpu.yaml")
+    assert (model.d_model, model.n_layers, model.max_seq_len, config.train.block_size) == (128, 4, 64, 64)
+    assert (config.train.batch_size, config.train.max_iters, config.fabric.accelerator) == (12, 2000, "cpu")
+
+
+@pytest.mark.parametrize("sweep", sorted((ROOT / "recipes" / "configs").rglob("sweep.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "recipes" / "configs")))
+def test_each_shipped_sweep_runs_every_config_of_its_folder_once_under_distinct_names(sweep):
+    spec = yaml.safe_load(sweep.read_text())
+    runs = sorted(p.name for p in sweep.parent.glob("*.yaml") if p.name not in ("base.yaml", "sweep.yaml"))
+    assert sorted(spec["configs"]) == runs
+    names = [load_config(sweep.parent / c).name for c in spec["configs"]]
+    assert len(set(names)) == len(names)
+    assert len(set(spec["seeds"])) == len(spec["seeds"]) >= 3
+    others = [yaml.safe_load(s.read_text())["out_dir"] for s in (ROOT / "recipes" / "configs").rglob("sweep.yaml")]
+    assert others.count(spec["out_dir"]) == 1
+
+
 def test_learning_rate_schedule():
     from recipes.config import OptimConfig
     o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
