@@ -83,7 +83,8 @@ def make_fabric(config: FabricConfig, loggers=None):
     precision = config.precision or ("bf16-mixed" if gpu else "32-true")
     strategy = config.strategy
     if strategy == "fsdp":
-        strategy = fsdp_strategy(str(precision))
+        # Fabric's aliases: 16 and bf16 are its 16-mixed and bf16-mixed
+        strategy = fsdp_strategy({"16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision)))
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                         strategy=strategy, precision=precision, loggers=loggers)

@@ -2209,21 +2209,25 @@ def test_every_fabric_setting_reaches_fabric(monkeypatch):
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", None), ("16-mixed", None), ("32-true", torch.float32),
-                                              ("bf16-true", torch.bfloat16)])
+                                              ("bf16-true", torch.bfloat16),
+                                              # Fabric's aliases of the mixed ones (they cast ω, β, K to 16 bits)
+                                              ("bf16", None), ("16", None), (16, None)])
 def test_fsdp_keeps_float32_weights_under_mixed_precision_and_shards_per_block(monkeypatch, precision, dtype):
     # Fabric's FSDP mixed precision cast parameters and buffers (ω, β, K) to bf16, and wrapped the whole
     # model as one unit (nothing sharded). FSDP needs a GPU: the strategy is checked as built, not run.
     import lightning_fabric
+    from lightning_fabric.connector import _convert_precision_to_unified_args
     from lightning_fabric.plugins.precision.fsdp import FSDPPrecision
     from lightning_fabric.strategies import FSDPStrategy
     from recipes.common import make_fabric
     from recipes.config import FabricConfig
-    seen, fabric = {}, argparse.Namespace(_precision=argparse.Namespace(precision=precision))
+    unified = _convert_precision_to_unified_args(precision)  # what Fabric makes of it
+    seen, fabric = {}, argparse.Namespace(_precision=argparse.Namespace(precision=unified))
     monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or fabric)
     make_fabric(FabricConfig(accelerator="cuda", strategy="fsdp", precision=precision))
     strategy = seen["strategy"]
     assert isinstance(strategy, FSDPStrategy) and seen["precision"] == precision
-    strategy.precision = FSDPPrecision(precision)
+    strategy.precision = FSDPPrecision(unified)
     mixed = strategy.mixed_precision_config  # what FSDP is given: None dtypes cast nothing
     assert (mixed.param_dtype, mixed.buffer_dtype, mixed.reduce_dtype) == (dtype,) * 3
     gpt = GPT(GPTConfig(vocab_size=20, n_layers=3, n_heads=2, d_model=16, max_seq_len=8, use_phase_attention=True,
