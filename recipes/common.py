@@ -73,8 +73,8 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
 def make_fabric(config: FabricConfig, loggers=None):
     """A ``Fabric`` from the config: bf16-mixed on GPU and fp32 on CPU unless ``precision`` is set.
 
-    ``strategy: fsdp`` (see :func:`fsdp_strategy`) uses full (single-file) state dicts so checkpoints
-    stay one atomic file.
+    ``strategy: fsdp`` and ``fsdp_cpu_offload`` (see :func:`fsdp_strategy`) use full (single-file)
+    state dicts so checkpoints stay one atomic file.
     """
     from lightning_fabric import Fabric
     from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -82,9 +82,10 @@ def make_fabric(config: FabricConfig, loggers=None):
     gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
     precision = config.precision or ("bf16-mixed" if gpu else "32-true")
     strategy = config.strategy
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp_cpu_offload"):  # Fabric's FSDP names
         # Fabric's aliases: 16 and bf16 are its 16-mixed and bf16-mixed
-        strategy = fsdp_strategy({"16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision)))
+        strategy = fsdp_strategy({"16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision)),
+                                 cpu_offload=strategy == "fsdp_cpu_offload")
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                         strategy=strategy, precision=precision, loggers=loggers)
@@ -105,9 +106,10 @@ def make_fabric(config: FabricConfig, loggers=None):
     return fabric
 
 
-def fsdp_strategy(precision: str):
+def fsdp_strategy(precision: str, cpu_offload: bool = False):
     """Fabric's FSDP with one shard unit per block and, under a ``*-mixed`` precision, what DDP does:
     float32 weights, buffers and gradient reduction, with autocast computing the matmuls in 16 bits.
+    ``cpu_offload``: parameters and gradients kept on the CPU between uses (``fsdp_cpu_offload``).
 
     (Fabric's own FSDP mixed precision casts parameters *and buffers* to 16 bits: ω, β, K and the TPI
     rates would compute from rounded weights, unlike the same run under DDP; and without a wrap
@@ -119,7 +121,8 @@ def fsdp_strategy(precision: str):
     from kuramoto_attn import TPIBlock
     from models.gpt import Block
     keep_dtypes = MixedPrecision() if "mixed" in precision else None  # None dtypes: FSDP casts nothing
-    return FSDPStrategy(state_dict_type="full", mixed_precision=keep_dtypes, auto_wrap_policy={Block, TPIBlock})
+    return FSDPStrategy(state_dict_type="full", mixed_precision=keep_dtypes, auto_wrap_policy={Block, TPIBlock},
+                        cpu_offload=cpu_offload)
 
 
 def build_model(model_section: dict, vocab_size: int) -> nn.Module:

@@ -2238,6 +2238,29 @@ def test_fsdp_keeps_float32_weights_under_mixed_precision_and_shards_per_block(m
         assert set(policy._run_policy(model, set(), {})) == set(blocks)
 
 
+def test_fsdp_cpu_offload_is_the_recipes_fsdp_with_its_parameters_offloaded(monkeypatch):
+    # Fabric's other FSDP name went to Fabric as a string: sharded state dicts (a checkpoint folder, which
+    # the second save could not rename over the first, and load_run cannot read), buffers cast to bf16
+    # and the whole model one unit
+    import lightning_fabric
+    from lightning_fabric.plugins.precision.fsdp import FSDPPrecision
+    from lightning_fabric.strategies import FSDPStrategy
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    seen, fabric = {}, argparse.Namespace(_precision=argparse.Namespace(precision="bf16-mixed"))
+    monkeypatch.setattr(lightning_fabric, "Fabric", lambda **kwargs: seen.update(kwargs) or fabric)
+    for name, offloaded in (("fsdp_cpu_offload", True), ("fsdp", False)):
+        make_fabric(FabricConfig(accelerator="cuda", strategy=name, precision="bf16-mixed"))
+        strategy = seen["strategy"]
+        assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+        assert strategy.cpu_offload.offload_params is offloaded
+        strategy.precision = FSDPPrecision("bf16-mixed")
+        mixed = strategy.mixed_precision_config
+        assert (mixed.param_dtype, mixed.buffer_dtype, mixed.reduce_dtype) == (None, None, None)
+        gpt = GPT(GPTConfig(vocab_size=20, n_layers=2, n_heads=2, d_model=16, max_seq_len=8))
+        assert set(strategy._fsdp_kwargs["auto_wrap_policy"]._run_policy(gpt, set(), {})) == set(gpt.blocks)
+
+
 def test_data_download_false_is_obeyed(tmp_path, corpus_file, monkeypatch):
     # a known corpus missing from the cache, with downloads disabled: an error saying so, and no request
     import urllib.request
