@@ -166,6 +166,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
 
     fabric.seed_everything(config.seed)  # same initial weights on every rank
     model = build_model(config.model, corpus.tokenizer.vocab_size)
+    parameters = _count(model)  # now: under FSDP, each rank's parameters are views of its shard
     # Fabric compiles again after wrapping (DDP) and saves the uncompiled module: same checkpoints
     model = fabric.setup_module(torch.compile(model) if tc.compile else model)
     if config.optim.fused and getattr(fabric._precision, "scaler", None) is not None:
@@ -203,7 +204,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
             fabric.barrier()
     if failure is not None:
         raise failure
-    fabric.print(f"{config.name}: {_count(model):,} parameters, {len(corpus.splits['train']):,} "
+    fabric.print(f"{config.name}: {parameters:,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
     try:

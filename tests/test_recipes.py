@@ -2261,6 +2261,24 @@ def test_fsdp_cpu_offload_is_the_recipes_fsdp_with_its_parameters_offloaded(monk
         assert set(strategy._fsdp_kwargs["auto_wrap_policy"]._run_policy(gpt, set(), {})) == set(gpt.blocks)
 
 
+def test_the_parameter_count_printed_is_the_models_not_one_ranks_shard(tmp_path, corpus_file, monkeypatch, capsys):
+    # under FSDP (use_orig_params) each rank's parameters are views of its shard once set up: on 2 GPUs the
+    # count printed was about half the model's. FSDP needs a GPU: setup_module's wrapper shows a shard here.
+    from lightning_fabric import Fabric
+    real_setup = Fabric.setup_module
+
+    def setup_sharded(self, module, *args, **kwargs):
+        wrapped = real_setup(self, module, *args, **kwargs)
+        shard = list(wrapped.parameters())[::2]
+        object.__setattr__(wrapped, "parameters", lambda recurse=True: iter(shard))
+        return wrapped
+
+    monkeypatch.setattr(Fabric, "setup_module", setup_sharded)
+    train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})))
+    model, _, _, _ = load_run(tmp_path / "run")
+    assert f"tiny: {sum(p.numel() for p in model.parameters()):,} parameters, " in capsys.readouterr().out
+
+
 def test_data_download_false_is_obeyed(tmp_path, corpus_file, monkeypatch):
     # a known corpus missing from the cache, with downloads disabled: an error saying so, and no request
     import urllib.request
