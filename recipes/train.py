@@ -148,8 +148,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     world = fabric.world_size
     shards = world * tc.grad_accum  # every global batch is cut into this many equal micro-batches
     if tc.batch_size % shards:
-        raise ValueError(f"train.batch_size: {tc.batch_size} is not divisible by devices × grad_accum "
-                         f"= {world} × {tc.grad_accum}")
+        raise ValueError(f"train.batch_size: {tc.batch_size} is not divisible by processes × train.grad_accum "
+                         f"= {world} × {tc.grad_accum} (processes: fabric.devices × fabric.num_nodes)")
 
     with fabric.rank_zero_first():
         d = config.data

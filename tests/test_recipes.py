@@ -272,6 +272,14 @@ def test_fabric_settings_it_rejects_are_errors_naming_the_section(tmp_path, corp
         train(parse_config(values))
 
 
+def test_a_batch_size_the_processes_and_micro_batches_cannot_share_is_an_error_naming_the_keys(tmp_path, corpus_file):
+    # it said "devices × grad_accum = 2 × 1" for fabric.devices=1 on 2 nodes: the processes, from devices and num_nodes
+    with pytest.raises(ValueError, match=r"^train.batch_size: 4 is not divisible by processes × train.grad_accum "
+                                         r"= 1 × 3 \(processes: fabric.devices × fabric.num_nodes\)"):
+        train(parse_config(tiny(tmp_path, corpus_file, train={"grad_accum": 3})))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_folders_and_missing_packages_are_errors_naming_the_setting(tmp_path, corpus_file):
     blocker = tmp_path / "a_file"  # no folder can be made under a file
     blocker.write_text("")
