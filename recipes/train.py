@@ -226,6 +226,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         _write_result(fabric, config, progress, "diverged", str(err))
         _flush_logs(fabric)
         _plot(fabric, config, progress)  # the curves up to the divergence: where one looks first
+        if world > 1:  # every rank diverged together; Fabric's launcher kills rank 0 once another exits with an
+            fabric.barrier()  # error: the others exit only after rank 0 has written its result and plots
         raise
     result = _write_result(fabric, config, progress, status)
     _plot(fabric, config, progress)

@@ -1238,6 +1238,41 @@ run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
     assert logged_losses(run) == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
 
 
+def test_a_ddp_run_that_diverges_keeps_rank_0s_plots_and_exit_status(tmp_path, corpus_file):
+    # Fabric's launcher SIGKILLs rank 0 once a child exits with an error: rank 1 left at once, and rank 0 was
+    # killed while it plotted (no loss.png, exit status 137). Its check (every 5 s) made quick here, the plots slow.
+    values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "devices": 2, "precision": "32-true",
+                                                 "strategy": "ddp"},
+                  train={"max_iters": 8, "eval_interval": 2, "plots": True})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(values))
+    script = tmp_path / "diverge.py"
+    script.write_text(f"""
+import time, torch
+import recipes.plots, recipes.train as train_module
+from lightning_fabric.strategies.launchers import subprocess_script
+observer = subprocess_script._ChildProcessObserver.__init__
+subprocess_script._ChildProcessObserver.__init__ = (
+    lambda self, main_pid, child_processes, sleep_period=5: observer(self, main_pid, child_processes, 0.05))
+real_check = train_module._check_finite
+def check(fabric, loss, norm, step, *args):
+    return real_check(fabric, torch.tensor(float("nan")) if step == 3 else loss, norm, step, *args)
+train_module._check_finite = check
+real_plot = recipes.plots.plot_history
+def plot(*args, **kwargs):
+    time.sleep(1.0)  # a long run's plots
+    return real_plot(*args, **kwargs)
+recipes.plots.plot_history = plot
+from recipes.common import run_cli
+run_cli(lambda: train_module.main(["--config", {str(config)!r}]), failures=(train_module.TrainingDiverged,))
+""")
+    done = _run_recipe([str(script)])
+    assert done.returncode == 1 and "error: step 3: loss nan" in done.stderr, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+    assert (run / "loss.png").is_file() and (run / "R.png").is_file()
+
+
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, corpus_file, monkeypatch):
     scripted = iter([3.0, 2.5, 2.6, 2.5, 2.7, 1.0])  # 2.5 again is no improvement
     calls = iter(range(100))
