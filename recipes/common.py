@@ -82,6 +82,9 @@ def make_fabric(config: FabricConfig, loggers=None):
     gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
     precision = config.precision or ("bf16-mixed" if gpu else "32-true")
     strategy = config.strategy
+    if strategy == "dp":  # DataParallel gathers the devices' losses into a vector, which backward cannot take
+        raise ValueError("fabric.strategy: dp (torch's DataParallel, one process) is not supported by the recipes; "
+                         "use ddp (Fabric launches one process per device)")
     if strategy in ("fsdp", "fsdp_cpu_offload"):  # Fabric's FSDP names
         # Fabric's aliases: 16 and bf16 are its 16-mixed and bf16-mixed
         strategy = fsdp_strategy({"16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision)),
@@ -209,6 +212,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device: {name!r} but no CUDA GPU is available here; use cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "meta":  # it holds no data: the run failed deep inside, with a traceback
+        raise ValueError(f"device: {name!r} holds no data; use cpu, cuda or auto")
     if device.type not in ("cpu", "cuda") and not _available(device):  # mps, xpu, ...: torch failed deep inside
         raise ValueError(f"device: {name!r} but no {device.type} device is available here; use cpu or auto")
     return device

@@ -1875,6 +1875,7 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (evaluate, [str(trained), "--splits", "val", "nosuch"], "error: splits: the corpus 'text' has no split 'nosuch'"),
         (evaluate, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
         (interpret, [str(trained), "--device", "bogus"], "error: device: 'bogus' is not a device"),
+        (evaluate, [str(trained), "--device", "meta"], "error: device: 'meta' holds no data"),  # a traceback before
         (generate, [str(trained), "--temperature", "inf"], "error: --temperature: expected a finite number"),
         (generate, [str(trained), "--seed", str(2**70)], "error: --seed: must be in [0, 2**64)"),
         (generate, [str(trained), "--top-k", "0"], "error: --top-k: "),  # named as its flag, not top_k
@@ -1930,6 +1931,9 @@ def test_strategies_that_launch_a_function_are_a_config_error(strategy):
                                          "which the recipes do not use; use ddp"):
         make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy=strategy))
     assert make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy="ddp")).world_size == 2
+    # DataParallel: on GPUs its gathered losses were a vector that backward refused (on a CPU Fabric swapped it)
+    with pytest.raises(ValueError, match=r"^fabric.strategy: dp \(torch's DataParallel, one process\) is not supported"):
+        make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy="dp"))
 
 
 def test_run_cli_exit_statuses(capsys):
