@@ -125,6 +125,7 @@ def test_training_on_gpu_defaults_to_bf16_mixed_learns_and_resumes(tmp_path, mon
     state = torch.load(tmp_path / "a" / "run" / "last.pt", map_location="cpu", weights_only=False)
     first = next(h["train_loss"] for h in state["progress"]["history"] if "train_loss" in h)
     assert result["status"] == "finished" and result["final_val_loss"] < first - 0.5
+    assert state["trained_precision"] == "bf16-mixed"  # what precision null resolves to on a GPU
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
     model, _, config, _ = load_run(tmp_path / "a" / "run")
     assert config.fabric.precision is None and next(model.parameters()).device.type == "cpu"
