@@ -41,8 +41,8 @@ def relative_error(a, b):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_float64_on_gpu_equals_cpu(coupling, integrator, padded, training):
-    """Output, phases and every gradient; training mode takes the checkpointed (and, for Euler mean
-    field, the fused) integration."""
+    """Output, phases and every gradient, through the checkpointed integration (for Euler mean field
+    the fused one), which grad mode takes in train and eval mode alike."""
     gen = torch.Generator().manual_seed(7)
     layer = make_layer(coupling=coupling, integrator=integrator).train(training)
     x = torch.randn(3, 9, 16, generator=gen, dtype=torch.float64)
