@@ -571,8 +571,10 @@ class KuramotoAttention(nn.Module):
     def _info(self, theta: Tensor, valid: Tensor | None, R_steps: list) -> KuramotoInfo:
         """``R_steps``: R of each step's input phases; the final phases' R completes it."""
         R, R_tok = _order(theta, valid)
-        kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
-        loss = None if self.coherence is None else self.coherence.penalty(kept)
+        loss = None
+        if self.coherence is not None:  # masked_select only when needed: on a GPU it waits for the device
+            kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
+            loss = self.coherence.penalty(kept)
         return KuramotoInfo(phases=theta.transpose(-1, -2), R=R, R_steps=torch.stack(R_steps + [R.detach()]),
                             coherence_loss=loss)
 

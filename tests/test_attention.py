@@ -333,6 +333,15 @@ def test_R_is_taken_per_head_over_oscillators():
     torch.testing.assert_close(info.R, (per_token * w).sum(-1) / w.sum(-1), rtol=0, atol=1e-12)
 
 
+def test_info_with_padding_runs_on_the_meta_device_without_a_regularizer():
+    """Shape and FLOP estimates on meta: the padded tokens' R was selected (masked_select, which meta
+    cannot run, and which waits for a GPU) even with no coherence loss to compute from it."""
+    layer = make_layer(dtype=torch.float32).to("meta")
+    _, info = layer(torch.randn(3, 9, 16, device="meta"), torch.ones(3, 9, dtype=torch.bool, device="meta"),
+                    return_info=True)
+    assert info.R.shape == (3, 2) and info.R_steps.shape == (4, 3, 2) and info.coherence_loss is None
+
+
 @pytest.mark.parametrize("integrator, fast", [("euler", True), ("euler", False), ("heun", False)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_R_steps_are_R_after_each_number_of_steps(integrator, fast, padded):
