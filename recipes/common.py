@@ -183,6 +183,12 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     """
     checkpoint = checkpoint_file(checkpoint, None)  # a run directory: its best.pt
     if not checkpoint.is_file():
+        others = sorted(p.name for p in checkpoint.parent.glob("*.pt")) if checkpoint.parent.is_dir() else []
+        if others:  # a run without best.pt yet (interrupted before its first evaluation), or a misspelt name
+            pick = next((name for name in ("best.pt", "last.pt") if name in others), others[0])
+            when = " (a run writes best.pt at its first evaluation)" if checkpoint.name == "best.pt" else ""
+            raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r}{when}; that directory holds "
+                                    f"{', '.join(others)}: give the run directory with --checkpoint {pick}")
         raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r} "
                                 "(give a run directory or a .pt file written by recipes.train)")
     try:

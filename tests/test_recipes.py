@@ -1899,6 +1899,32 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
     assert list(evaluate.main([str(trained)])) == ["val"]
 
 
+def test_a_run_without_best_pt_names_the_checkpoints_it_holds(trained, tmp_path, capsys):
+    # a run interrupted before its first evaluation holds last.pt only: the error said "give a run directory"
+    import shutil
+    from recipes import evaluate, generate, interpret
+    from recipes.common import run_cli
+    run = tmp_path / "interrupted"
+    run.mkdir()
+    shutil.copy(trained / "last.pt", run / "last.pt")
+    for module, args, message in [
+        (generate, [str(run)], f"error: checkpoint: no such file '{run / 'best.pt'}' (a run writes best.pt at its "
+                               "first evaluation); that directory holds last.pt: give the run directory with "
+                               "--checkpoint last.pt"),
+        (evaluate, [str(run)], "that directory holds last.pt: give the run directory with --checkpoint last.pt"),
+        (interpret, [str(run)], "that directory holds last.pt: give the run directory with --checkpoint last.pt"),
+        (generate, [str(trained), "--checkpoint", "bst.pt"],
+         f"no such file '{trained / 'bst.pt'}'; that directory holds best.pt, last.pt: give the run directory with "
+         "--checkpoint best.pt"),
+        (generate, [str(tmp_path / "empty")], "(give a run directory or a .pt file written by recipes.train)"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda: module.main(args))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and message in err[-1] and len(err) == 1, (args, err)
+    generate.main([str(run), "--checkpoint", "last.pt", "--max-new-tokens", "2"])  # the fix it names works
+
+
 def test_sampling_at_a_tiny_temperature_is_greedy():
     from models.sampling import sample_next
     logits = torch.tensor([[2.0, 1.0, 2.0, -1.0]]).expand(400, -1)
