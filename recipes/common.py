@@ -191,19 +191,28 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
                                     f"{', '.join(others)}: give the run directory with --checkpoint {pick}")
         raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r} "
                                 "(give a run directory or a .pt file written by recipes.train)")
-    try:
-        state = torch.load(checkpoint, map_location=map_location, weights_only=False)
-    except Exception as err:  # not a torch file, truncated, empty: pickle, zip and OS errors alike
-        raise ValueError(f"checkpoint: {str(checkpoint)!r} cannot be read ({type(err).__name__}: {err}); "
-                         "give a .pt file written by recipes.train") from err
-    if not isinstance(state, dict) or not {"model", "config", "tokenizer"} <= state.keys():
-        raise ValueError(f"checkpoint: {str(checkpoint)!r} is not a checkpoint written by recipes.train "
-                         "(no model, config and tokenizer in it)")
+    state = read_checkpoint(checkpoint, "checkpoint", ("model", "config", "tokenizer"),
+                            "give a .pt file written by recipes.train", map_location=map_location)
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     config = parse_saved_config(state["config"])
     model = build_model(config.model, tokenizer.vocab_size)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, config, state
+
+
+def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, **load_options) -> dict:
+    """The mapping saved at ``path`` by recipes.train, holding ``keys``; anything else (empty, cut short,
+    not a torch file, another object) is a ValueError starting ``name:`` and ending with ``advice``."""
+    load_options.setdefault("map_location", "cpu")
+    try:
+        state = torch.load(path, weights_only=False, **load_options)
+    except Exception as err:  # not a torch file, truncated, empty: pickle, zip and OS errors alike
+        raise ValueError(f"{name}: {str(path)!r} cannot be read ({type(err).__name__}: {err}); {advice}") from err
+    if not isinstance(state, dict) or not set(keys) <= state.keys():
+        listed = ", ".join(keys[:-1]) + " and " + keys[-1]
+        raise ValueError(f"{name}: {str(path)!r} is not a checkpoint written by recipes.train (no {listed} in it); "
+                         f"{advice}")
+    return state
 
 
 def pick_device(name: str = "auto") -> torch.device:

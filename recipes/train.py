@@ -51,7 +51,8 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
-from recipes.common import Interrupted, build_model, make_fabric, param_groups, run_cli, save_checkpoint, step_seed
+from recipes.common import (Interrupted, build_model, make_fabric, param_groups, read_checkpoint, run_cli,
+                            save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
                             model_config, parse_saved_config, split_overrides)
 from recipes.data import eval_batches, get_batch, prepare_corpus
@@ -557,14 +558,8 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                                     f"first one ({', '.join(found)}); start it over with --overwrite")
         raise FileNotFoundError(f"--resume: no checkpoint at {str(path)!r} (train without --resume first)")
     # compare before loading the weights: a changed model would fail there with a size mismatch
-    try:
-        header = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # empty, truncated (a copy cut short), not a torch file: pickle, zip and OS errors
-        raise ValueError(f"--resume: {str(path)!r} cannot be read ({type(err).__name__}: {err}); restore it, "
-                         "or start over with --overwrite") from err
-    if not isinstance(header, dict) or not {"model", "config", "tokenizer", "progress"} <= header.keys():
-        raise ValueError(f"--resume: {str(path)!r} is not a checkpoint written by recipes.train (no model, "
-                         "config, tokenizer and progress in it); restore it, or start over with --overwrite")
+    header = read_checkpoint(path, "--resume", ("model", "config", "tokenizer", "progress"),
+                             "restore it, or start over with --overwrite", mmap=True)
     # defaults filled in: keys added since are no change; settings that had no effect are dropped
     saved_config = parse_saved_config(header["config"]).to_dict()
     changed = changed_settings(saved_config, state["config"])
