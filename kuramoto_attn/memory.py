@@ -688,9 +688,11 @@ class HolographicPhaseMemory(nn.Module):
         check_input_like(name, x, self.omega.weight)
         return x.shape[0], x.shape[1]
 
-    def _check_state(self, state, x: Tensor) -> None:
+    def _check_state(self, state, x: Tensor, name: str = "state") -> None:
+        """``state`` fits this module and ``x``; errors start with ``name`` (the argument as the caller
+        knows it, e.g. a model's ``cache: states[i]``)."""
         if not isinstance(state, TPIState):
-            raise ValueError(f"state: expected a TPIState (see init_state) but got {type(state).__name__}")
+            raise ValueError(f"{name}: expected a TPIState (see init_state) but got {type(state).__name__}")
         # the memory's dtype: the input's or the parameters', or either promoted to float32 (init_state's
         # default: a half-precision module's sums are float32; under autocast x may be bf16 while the
         # state stays float32)
@@ -702,32 +704,32 @@ class HolographicPhaseMemory(nn.Module):
         for field in ("phase", "query_phase", "memory", "norm"):  # types first: the checks below read shapes
             got = getattr(state, field)
             if got is not None and not torch.is_tensor(got):
-                raise ValueError(f"state: expected {field} to be a tensor (or None where the module keeps none) "
+                raise ValueError(f"{name}: expected {field} to be a tensor (or None where the module keeps none) "
                                  f"but got {type(got).__name__}")
         if not isinstance(state.buffer, (tuple, list)):
-            raise ValueError(f"state: expected buffer to be a tuple of tensors (() without a window) but got "
+            raise ValueError(f"{name}: expected buffer to be a tuple of tensors (() without a window) but got "
                              f"{type(state.buffer).__name__}")
         if state.memory is None or state.memory.shape[0] != x.shape[0]:
             got = "no memory" if state.memory is None else f"a state of batch size {state.memory.shape[0]}"
-            raise ValueError(f"state: expected batch size {x.shape[0]} (that of the input) but got {got}")
+            raise ValueError(f"{name}: expected batch size {x.shape[0]} (that of the input) but got {got}")
         for field in ("phase", "query_phase", "memory", "norm"):
             got, want = getattr(state, field), getattr(expected, field)
             if (got is None) != (want is None) or (
                     got is not None and (got.shape != want.shape or got.dtype != want.dtype)):
                 describe = "None" if got is None else f"{tuple(got.shape)} {got.dtype}"
                 wanted = "None" if want is None else f"{tuple(want.shape)} {want.dtype}"
-                raise ValueError(f"state: expected {field} {wanted} for this module and input "
+                raise ValueError(f"{name}: expected {field} {wanted} for this module and input "
                                  f"but got {describe} (a state from a different configuration?)")
             if got is not None and got.device != x.device:
-                raise ValueError(f"state: expected {field} on {x.device} (the input's) but got {got.device}")
+                raise ValueError(f"{name}: expected {field} on {x.device} (the input's) but got {got.device}")
         if len(state.buffer) != len(expected.buffer) or any(
                 not torch.is_tensor(got) or got.shape != want.shape or got.dtype != want.dtype or got.device != x.device
                 for got, want in zip(state.buffer, expected.buffer)):
             wanted = [f"{tuple(w.shape)} {w.dtype}" for w in expected.buffer]
             got = [f"{tuple(g.shape)} {g.dtype} on {g.device}" if torch.is_tensor(g) else type(g).__name__
                    for g in state.buffer]
-            raise ValueError(f"state: expected a window buffer of {wanted} on {x.device} but got {got}")
-        check_int("state.position", state.position, low=0)
+            raise ValueError(f"{name}: expected a window buffer of {wanted} on {x.device} but got {got}")
+        check_int(f"{name}.position", state.position, low=0)
 
 
 class TPIBlock(nn.Module):

@@ -231,14 +231,7 @@ class TPILM(nn.Module):
         elif len(cache.states) != len(self.blocks):
             raise ValueError(f"cache: holds {len(cache.states)} layer states but the model has "
                              f"{len(self.blocks)} layers (a cache of another model?)")
-        # each layer's own check names its argument "state": here the user's is the cache, and every
-        # state is checked before any layer replaces its own
+        # every state is checked before any layer replaces its own, each named as the user gave it
         for i, (block, state) in enumerate(zip(self.blocks, cache.states)):
-            try:
-                block.memory._check_state(state, x)
-            except ValueError as err:
-                message = str(err)
-                if message.startswith("state"):
-                    message = f"states[{i}]{message[len('state'):]}"
-                raise ValueError(f"cache: {message}") from None
+            block.memory._check_state(state, x, name=f"cache: states[{i}]")
         return cache.states
