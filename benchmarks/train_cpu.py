@@ -220,7 +220,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="tiny-shakespeare input.txt")
     parser.add_argument("--iters", type=positive_int, default=2000,
                         help="training iterations (at least 500 for the fastest-stretch column)")
-    parser.add_argument("--seeds", type=seed_arg, nargs="+", default=[1337], help="seeds in [0, 2**32), one round each")
+    parser.add_argument("--seeds", type=seed_arg, nargs="+", default=[1337],
+                        help="distinct seeds in [0, 2**32), one round each")
     parser.add_argument("--threads", type=positive_int, default=2, help="OMP_NUM_THREADS of every run")
     parser.add_argument("--out", default="/tmp/kuramoto-train-cpu", help="run and cache directory")
     parser.add_argument("--nanogpt-loop", metavar="SAVE", help=argparse.SUPPRESS)
@@ -229,6 +230,9 @@ def main() -> None:
     if args.nanogpt_loop:
         nanogpt_loop(args.data, args.iters, args.seed, args.nanogpt_loop)
         return
+    if len(set(args.seeds)) < len(args.seeds):  # a seed's runs share their paths: the second round replaced
+        # the first's, and both rows (the whole split's loss of the same saved model) counted in the CI
+        parser.error(f"--seeds: each seed at most once (the runs of a seed share their output paths), got {args.seeds}")
     if not Path(args.data).is_file():
         sys.exit(f"--data: no such file {args.data!r} (tiny-shakespeare's input.txt; the default is the "
                  "development copy beside the checkout: pass --data PATH elsewhere)")
