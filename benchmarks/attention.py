@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import bench_ms, device_arg, json_path, non_negative_float, non_negative_int, positive_int
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
+from benchmarks._timing import (bench_ms, device_arg, json_path, non_negative_float,  # noqa: E402
+                                non_negative_int, positive_int)
 
 D_MODEL, HEADS, OSC, DT = 768, 12, 32, 0.1
 GOALS = {"mean_field_memory": 2.5, "mean_field_time": 2.0, "attention_memory": 3.0, "steps_memory": 0.3}

@@ -16,12 +16,14 @@ Run:  python benchmarks/coupling.py [--device cpu] [--lengths 128 256 512] [--re
 import argparse
 import copy
 import json
+import os
+import sys
 
 import torch
 
-from kuramoto_attn import MeanFieldCoupling
-
-from _timing import bench_ms, device_arg, json_path, positive_int
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
+from benchmarks._timing import bench_ms, device_arg, json_path, positive_int  # noqa: E402
+from kuramoto_attn import MeanFieldCoupling  # noqa: E402
 
 B, H, N = 8, 12, 32
 STRENGTH, PHASE_LAG = 1.0, 0.3

@@ -29,16 +29,18 @@ Run:  python benchmarks/tpi.py {generation,throughput,mqar,all} [--quick] [--dev
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kuramoto_attn
-from kuramoto_attn import HolographicPhaseMemory, TPIBlock
-
-from _timing import bench_ms, device_arg, json_path, positive_int, sync
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
+import kuramoto_attn  # noqa: E402
+from benchmarks._timing import bench_ms, device_arg, json_path, positive_int, sync  # noqa: E402
+from kuramoto_attn import HolographicPhaseMemory, TPIBlock  # noqa: E402
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
 
