@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
 import kuramoto_attn  # noqa: E402
-from benchmarks._timing import bench_ms, device_arg, json_path, positive_int, sync  # noqa: E402
+from benchmarks._timing import _int_at_least, bench_ms, device_arg, json_path, positive_int, sync  # noqa: E402
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock  # noqa: E402
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
@@ -326,7 +326,11 @@ def main():
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixers", nargs="+", choices=list(MIXERS), default=None,  # checked before any part runs
                         help=f"MQAR mixers (default: all of {list(MIXERS)})")
-    parser.add_argument("--steps", type=positive_int, default=None, help="MQAR training steps (overrides the setting)")
+    # OneCycleLR's warm-up ends at step 0.1 * steps - 1: at 10 steps it has no length (ZeroDivisionError), under 10
+    # it is skipped, and a single step trained at the schedule's final lr (lr / 2.5e5)
+    parser.add_argument("--steps", type=_int_at_least(11), default=None,
+                        help="MQAR training steps, at least 11: the one-cycle schedule warms up from step 0 "
+                             "(overrides the setting)")
     parser.add_argument("--d-models", type=positive_int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the results as JSON to this path")
     parser.add_argument("--seed", type=int, default=0)
