@@ -46,6 +46,15 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed in [0, 2**63 - 1) (a script that also seeds with ``seed + 1`` overflowed
+    torch.Generator's signed 64 bits only when it got there, after the parts before it had run)."""
+    value = non_negative_int(text)
+    if value >= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer below 2**63 - 1, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0 (a negative or nan limit silently turned a layer off)."""
     try:

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
 import kuramoto_attn  # noqa: E402
-from benchmarks._timing import _int_at_least, bench_ms, device_arg, json_path, positive_int, sync  # noqa: E402
+from benchmarks._timing import _int_at_least, bench_ms, device_arg, json_path, positive_int, seed_int, sync  # noqa: E402
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock  # noqa: E402
 
 # ---------- mixers: factory(d_model) -> module mapping x (b, t, d) -> (b, t, d) ----------
@@ -333,7 +333,7 @@ def main():
                              "(overrides the setting)")
     parser.add_argument("--d-models", type=positive_int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the results as JSON to this path")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args()
 
     device = args.device  # a torch.device (device_arg)
