@@ -18,13 +18,20 @@ from .order_params import order_parameter
 __all__ = ["CoherenceRegularizer", "FrequencyJitter", "PhaseNoise"]
 
 
+def _largest() -> float:
+    """The largest finite value of the default dtype: a scale beyond it is inf in the tensors'
+    arithmetic (float32's, also bf16's and float16's compute type), so inf or NaN results."""
+    return torch.finfo(torch.get_default_dtype()).max
+
+
 class PhaseNoise(nn.Module):
     r"""Add Gaussian noise to phases in training mode: :math:`\theta + \sigma \xi`, :math:`\xi \sim N(0, 1)`.
 
     Identity in eval mode or with ``sigma = 0``.
 
     Args:
-        sigma: noise standard deviation in radians, ``>= 0``.
+        sigma: noise standard deviation in radians, ``>= 0`` and finite in the default dtype
+            (float32: at most ~3.4e38; a larger one is inf there, giving inf or NaN phases).
 
     Shapes:
         * input ``theta``: ``(*)``; output: same.
@@ -38,7 +45,7 @@ class PhaseNoise(nn.Module):
 
     def __init__(self, sigma: float = 0.03) -> None:
         super().__init__()
-        self.sigma = check_real("sigma", sigma, low=0.0)
+        self.sigma = check_real("sigma", sigma, low=0.0, high=_largest())
 
     def forward(self, theta: Tensor) -> Tensor:
         """``theta`` ``(*)`` plus noise (training mode), same shape."""
@@ -58,7 +65,8 @@ class FrequencyJitter(nn.Module):
     Identity in eval mode or with ``relative = 0``.
 
     Args:
-        relative: standard deviation of the relative jitter, ``>= 0``.
+        relative: standard deviation of the relative jitter, ``>= 0`` and finite in the default
+            dtype (as ``PhaseNoise``'s ``sigma``).
 
     Shapes:
         * input ``omega``: ``(*)``; output: same.
@@ -72,7 +80,7 @@ class FrequencyJitter(nn.Module):
 
     def __init__(self, relative: float = 0.02) -> None:
         super().__init__()
-        self.relative = check_real("relative", relative, low=0.0)
+        self.relative = check_real("relative", relative, low=0.0, high=_largest())
 
     def forward(self, omega: Tensor) -> Tensor:
         """``omega`` ``(*)`` jittered (training mode), same shape."""
@@ -100,7 +108,7 @@ class CoherenceRegularizer(nn.Module):
     Args:
         target: ``r*`` in ``[0, 1]`` (ceiling and center modes; in band mode, a value other than the
             default is an error).
-        weight: ``λ >= 0``.
+        weight: ``λ >= 0``, finite in the default dtype (as ``PhaseNoise``'s ``sigma``).
         mode: ``"ceiling"``, ``"center"`` or ``"band"``.
         band: ``(lo, hi)`` with ``0 <= lo <= hi <= 1`` (band mode; in the others, a value other than
             the default is an error).
@@ -123,7 +131,7 @@ class CoherenceRegularizer(nn.Module):
                  band: tuple[float, float] = BAND, dim: int = -1) -> None:
         super().__init__()
         self.target = check_real("target", target, low=0.0, high=1.0)
-        self.weight = check_real("weight", weight, low=0.0)
+        self.weight = check_real("weight", weight, low=0.0, high=_largest())
         self.mode = check_choice("mode", mode, self.MODES)
         if not isinstance(band, (tuple, list)) or len(band) != 2:
             raise ValueError(f"band: expected a pair (lo, hi) but got {band!r}")

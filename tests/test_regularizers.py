@@ -283,13 +283,13 @@ def test_gradient_step_reduces_R_above_ceiling(gen, rows, n, spread, target):
 # ---------- argument checks ----------
 
 
-@pytest.mark.parametrize("sigma", [-0.1, -1, float("nan"), float("inf"), "0.1", None, True])
+@pytest.mark.parametrize("sigma", [-0.1, -1, float("nan"), float("inf"), 1e39, "0.1", None, True])
 def test_phase_noise_bad_sigma(sigma):
     with pytest.raises(ValueError, match="^sigma:"):
         PhaseNoise(sigma=sigma)
 
 
-@pytest.mark.parametrize("relative", [-0.01, float("nan"), float("-inf"), "0.02", True])
+@pytest.mark.parametrize("relative", [-0.01, float("nan"), float("-inf"), 1e39, "0.02", True])
 def test_frequency_jitter_bad_relative(relative):
     with pytest.raises(ValueError, match="^relative:"):
         FrequencyJitter(relative=relative)
@@ -301,10 +301,22 @@ def test_coherence_bad_target(target):
         CoherenceRegularizer(target=target)
 
 
-@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf"), "1"])
+@pytest.mark.parametrize("weight", [-0.1, float("nan"), float("inf"), 1e39, "1"])
 def test_coherence_bad_weight(weight):
     with pytest.raises(ValueError, match="^weight:"):
         CoherenceRegularizer(weight=weight)
+
+
+def test_scales_beyond_float32_are_named_and_its_largest_accepted():
+    """1e39 is inf in float32 (sigma = 1e39 gave inf phases, weight = 1e39 a NaN loss, silently); the
+    bound is the default dtype's largest value, as KuramotoAttention's dt / phase_noise / freq_jitter."""
+    for make, name in ((lambda v: PhaseNoise(sigma=v), "sigma"), (lambda v: FrequencyJitter(relative=v), "relative"),
+                       (lambda v: CoherenceRegularizer(weight=v), "weight")):
+        with pytest.raises(ValueError, match=rf"^{name}: expected a value <= 3.40\d*e\+38 but got 1e\+39"):
+            make(1e39)
+        assert getattr(make(torch.finfo(torch.float32).max), name) == torch.finfo(torch.float32).max
+    theta = torch.rand(2, 64) * 2 * math.pi  # R well below the default target: a 0 loss, not NaN
+    assert CoherenceRegularizer(weight=torch.finfo(torch.float32).max)(theta).item() == 0.0
 
 
 @pytest.mark.parametrize("mode", ["floor", "Ceiling", "", None])
