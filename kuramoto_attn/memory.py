@@ -514,7 +514,7 @@ class HolographicPhaseMemory(nn.Module):
         if state is None:
             return y
         if self.state_type == "vector":
-            final_memory = memory[:, -1]
+            final_memory = memory[:, -1].clone()  # a copy: a view would keep every token's sums alive
         else:
             final_memory = _final_memory(write[0], write[1], kernel, chunk)
             if init_memory is not None:
@@ -525,10 +525,11 @@ class HolographicPhaseMemory(nn.Module):
             shift = position % self.window
             buffer = tuple(w[:, -self.window:].roll(shift, 1).to(old.dtype)
                            for w, old in zip(write + (m,), state.buffer))
-        query_end = query_phase[:, -1] if state.query_phase is not None else None
+        # the last token's values copied: views would keep the whole (b, t, ...) tensors alive in the state
+        query_end = query_phase[:, -1].clone() if state.query_phase is not None else None
         # the state keeps its dtype (under autocast the window kernel's sums come back in bf16)
-        return y, TPIState(phase[:, -1], query_end, final_memory.to(state.memory.dtype),
-                           norm[:, -1].to(state.norm.dtype), buffer, position)
+        return y, TPIState(phase[:, -1].clone(), query_end, final_memory.to(state.memory.dtype),
+                           norm[:, -1].clone().to(state.norm.dtype), buffer, position)
 
     def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
         """The recurrent form: one token, O(1) work (independent of the position).

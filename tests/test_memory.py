@@ -248,6 +248,19 @@ def test_state_after_forward_matches_state_after_steps():
         assert all(0 <= p <= 2 * math.pi for p in parallel.phase.flatten().tolist())  # wrapped to [0, 2π]
 
 
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_state_from_forward_holds_only_its_own_values(kernel, state):
+    """forward(x, state)'s state is compact: its phases, memory and S_t were views of the last token of
+    (b, t, ...) tensors, keeping the whole sequence's phases and sums alive (here 500 times the state)."""
+    memory = build(dict(kernel=kernel, window=3, query="decoupled", state=state, normalize="sum"))  # φ^q too
+    with torch.no_grad():
+        _, new = memory(torch.randn(2, 500, 4, dtype=torch.float64), memory.init_state(2))
+    tensors = [new.phase, new.query_phase, new.memory, new.norm, *new.buffer]
+    for tensor in tensors:
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 # ---------- limits and invariants ----------
 
 
