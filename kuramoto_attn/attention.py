@@ -283,7 +283,7 @@ class KuramotoAttention(nn.Module):
     def _coherence(target, weight, mode, band) -> CoherenceRegularizer | None:
         """The regularizer (None without a target or band), checked so that errors name this layer's
         arguments: the target is read in ceiling and center modes, the band in band mode only."""
-        weight = check_real("coherence_weight", weight, low=0.0)
+        weight = check_real("coherence_weight", weight, low=0.0, high=torch.finfo(torch.get_default_dtype()).max)
         mode = check_choice("coherence_mode", mode, CoherenceRegularizer.MODES)
         if target is None and band is None:  # a weight or mode given for no regularizer is a mistake
             defaults = inspect.signature(KuramotoAttention).parameters

@@ -628,6 +628,8 @@ def test_phasegpt_preset_and_overrides():
     (dict(coherence_target=1.5), "coherence_target"),
     (dict(coherence_target=0.4, coherence_mode="floor"), "coherence_mode"),
     (dict(coherence_target=0.4, coherence_weight=-1.0), "coherence_weight"),
+    (dict(coherence_target=0.4, coherence_weight=1e39), "^coherence_weight: expected a value <="),
+    (dict(coherence_band=(0.2, 0.6), coherence_mode="band", coherence_weight=1e39), "^coherence_weight: expected"),
     (dict(phase_noise=-0.1), "phase_noise"),
     (dict(freq_jitter=float("nan")), "freq_jitter"),
     (dict(coupling_strength=float("inf")), "coupling_strength"),
