@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models import GPT
+from models import GPT, TPILM
 from recipes.common import checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
@@ -23,7 +23,9 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
                   device="cpu", context: int | None = None) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (prompt included), decoded. Only the
     tokenizer's ids are sampled, also when the model's embedding is padded beyond them.
-    ``context``: the most tokens a GPT reads (its training block size; None: ``max_seq_len``)."""
+    ``context``: the most tokens a GPT reads (its training block size; None: ``max_seq_len``).
+    A TPI model reads the whole sequence (it is recurrent: no window to crop to), so it takes
+    ``context=None`` only; any other value is a ValueError."""
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as err:  # a character or word outside the vocabulary
@@ -39,9 +41,12 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
         raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
     if not 0 <= seed < 2**64:  # what torch.Generator takes
         raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+    if context is not None and isinstance(model, TPILM):
+        raise ValueError(f"context: a {type(model).__name__} reads the whole sequence (it is recurrent: no "
+                         f"window to crop to); give None, not {context!r}")
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    crop = {} if context is None else {"context": context}  # TPILM reads everything (recurrent)
+    crop = {} if context is None else {"context": context}  # TPILM takes none (checked above)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                          use_cache=use_cache, generator=generator, vocab_size=tokenizer.vocab_size, **crop)
     return [tokenizer.decode(row.tolist()) for row in out]

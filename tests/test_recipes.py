@@ -671,8 +671,11 @@ def test_train_tpi_language_model(tmp_path, corpus_file):
     first_train = logged(tmp_path / "run", "train_loss")[0]
     assert result["status"] == "finished" and result["final_val_loss"] < first_train - 0.3
     assert logged(tmp_path / "run", "val_loss") and not logged(tmp_path / "run", "val_R")  # no oscillators, no R
-    model, _, config, _ = load_run(tmp_path / "run")
+    model, tokenizer, config, _ = load_run(tmp_path / "run")
     assert config.model["type"] == "tpi" and type(model).__name__ == "TPILM"
+    from recipes.generate import main  # the command line gives a TPI run no context: it reads everything
+    assert main([str(tmp_path / "run"), "--prompt", "the ", "--max-new-tokens", "20", "--temperature", "0"]) == \
+        generate_text(model, tokenizer, "the ", max_new_tokens=20, temperature=0)
 
 
 def interrupt_at(values: dict, at_step: int, monkeypatch, signum: int | None = None, resume: bool = False) -> dict:
@@ -1677,6 +1680,19 @@ def test_generate_never_samples_the_padding_of_a_larger_embedding():
     # near uniform over 204 ids: 30 draws among the 4 real ones only by chance would be (4 / 204) ** 30
     text, = generate_text(model, tokenizer, "ab", max_new_tokens=30, temperature=100.0, seed=3)
     assert len(text) == 32 and set(text) <= set("abcd")
+
+
+def test_generate_with_a_context_is_a_clear_error_for_a_tpi_model_which_reads_everything():
+    # TPILM.generate takes no context (the model is recurrent): that was a raw TypeError
+    from models import TPILM, TPILMConfig
+    from recipes.data import CharTokenizer
+    tokenizer = CharTokenizer.from_text("abcd")
+    torch.manual_seed(0)
+    model = TPILM(TPILMConfig(vocab_size=tokenizer.vocab_size, d_model=8, n_layers=1, max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match=r"^context: a TPILM reads the whole sequence .*give None, not 8"):
+        generate_text(model, tokenizer, "ab", max_new_tokens=4, context=8)
+    text, = generate_text(model, tokenizer, "ab", max_new_tokens=20, temperature=0, context=None)
+    assert len(text) == 22 and text.startswith("ab")
 
 
 def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
