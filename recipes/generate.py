@@ -26,6 +26,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
     ``context``: the most tokens a GPT reads (its training block size; None: ``max_seq_len``).
     A TPI model reads the whole sequence (it is recurrent: no window to crop to), so it takes
     ``context=None`` only; any other value is a ValueError."""
+    try:  # a lone surrogate: bytes that are not UTF-8, as Python reads them from a command line
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # else "surrogates not allowed" from a codec, or a TypeError from BPE
+        raise ValueError(f"prompt: holds {prompt[err.start]!r} at position {err.start}, which is not a character "
+                         "(bytes that are not UTF-8?); give UTF-8 text") from None
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as err:  # a character or word outside the vocabulary

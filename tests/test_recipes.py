@@ -1611,6 +1611,24 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
             generate_text(model, tokenizer, prompt)
 
 
+@pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
+def test_generate_refuses_a_prompt_of_bytes_that_are_not_utf8(kind, trained):
+    # `--prompt $'\xff'`: Python reads the byte as the lone surrogate '\udcff' (surrogateescape); the
+    # tokenizers failed with a codec's "surrogates not allowed", BPE's TypeError, or <unk> (word)
+    from recipes.data import BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer
+    from recipes.generate import main
+    text = "the cat sat on the mat\n" * 5
+    tokenizer = {"char": CharTokenizer.from_text(text), "byte": ByteTokenizer(),
+                 "word": WordTokenizer.from_text(text, add_unk=True),
+                 "bpe": BPETokenizer.train(text, vocab_size=256)}[kind]
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=16, n_layers=1, n_heads=1, d_model=8)).eval()
+    prompt = "the " + b"\xff".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match=r"^prompt: holds '\\udcff' at position 4, which is not a character"):
+        generate_text(model, tokenizer, prompt, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^--prompt: holds '\\udcff' at position 4"):  # named as the flag
+        main([str(trained), "--prompt", prompt, "--max-new-tokens", "2", "--device", "cpu"])
+
+
 USER_COUPLING = '''
 import torch
 from kuramoto_attn import Coupling
