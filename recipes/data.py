@@ -48,7 +48,8 @@ __all__ = [
     "ChecksumError",
 ]
 
-CACHE_FORMAT = 3  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line)
+CACHE_FORMAT = 4  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line;
+# 4: a word-level file's last line ends in "<eos>" also without a final newline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +581,16 @@ def _split_contiguous(data, val_fraction: float, whole_words: bool = False) -> d
     return {"train": data[:cut], "val": data[cut:]}
 
 
+def _close_last_lines(raw: dict[str, str], cut: bool) -> dict[str, str]:
+    """The splits, with a newline after each file's last line that lacks one, so that the word
+    tokenizer ends it with ``"<eos>"`` like every other line (word_language_model reads a file line by
+    line, each line's words + ``["<eos>"]``, its last one too). ``cut``: the splits were cut from one
+    file, so the train split ends where val begins (mid-line only when no line follows the cut) and
+    only val ends the file."""
+    return {split: text + "\n" if text and not text.endswith("\n") and not (cut and split == "train") else text
+            for split, text in raw.items()}
+
+
 def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, download: bool) -> dict[str, Path]:
     """The corpus's files by split ("all" for a single file): local, cached or downloaded."""
     if name == "text":
@@ -771,6 +782,8 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     if corpus is not None:
         return corpus
     raw = read_raw()
+    if level == "word":
+        raw = _close_last_lines(raw, cut="all" in shas)
     if name != "shakespeare":  # the text read must be the text hashed into the key (not one still being written)
         changed = [where for split, where in files.items() if _sha256_file(Path(where)) != shas[split]]
         if changed:

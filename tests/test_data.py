@@ -328,6 +328,37 @@ def test_wikitext_from_local_folder(tmp_path, names):
     assert tok.decode(corpus.splits["test"]) == "\nthe cat ran .\n"
 
 
+def _word_language_model_ids(text, tok):
+    """The reference's tokenization of a file: ``for line in f``, each line's words + ["<eos>"]."""
+    return [tok.index.get(w, tok.index.get("<unk>")) for line in io.StringIO(text) for w in line.split() + ["<eos>"]]
+
+
+def test_a_word_corpus_files_last_line_without_a_newline_ends_in_eos_like_every_line(tmp_path, monkeypatch):
+    # the last line of a file without a final newline got no "<eos>", unlike the reference and every other line
+    folder = _fake_wikitext(tmp_path / "wt2")
+    for name, text in zip(("train.txt", "valid.txt", "test.txt"), WIKI.values()):
+        (folder / name).write_text(text.rstrip("\n"))
+    # an entry cached by the version that gave no "<eos>" (the same settings, the format before) is not reused
+    with monkeypatch.context() as old:
+        old.setattr(data, "CACHE_FORMAT", 3)
+        old.setattr(data, "_close_last_lines", lambda raw, cut: raw, raising=False)
+        stale = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+        assert stale.tokenizer.words[stale.splits["val"][-1]] != "<eos>"
+    corpus = prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
+    tok = corpus.tokenizer
+    for split, name in (("train", "train.txt"), ("val", "valid.txt"), ("test", "test.txt")):
+        assert corpus.splits[split].tolist() == _word_language_model_ids((folder / name).read_text(), tok)
+        assert tok.words[corpus.splits[split][-1]] == "<eos>"
+    # one file read as words: its val split ends the file; the train split ends where val begins
+    text = tmp_path / "words.txt"
+    text.write_text(" the cat sat on the mat . \n the dog ran . \n" * 9 + " a zebra")
+    words = prepare_corpus("text", path=text, tokenizer="word", cache_dir=tmp_path / "cache")
+    head = data._split_contiguous(text.read_text(), 0.1, whole_words=True)["train"]
+    assert words.splits["train"].tolist() == words.tokenizer.encode(head)
+    assert words.tokenizer.words[words.splits["val"][-1]] == "<eos>"
+    assert words.splits["val"].tolist() == _word_language_model_ids(text.read_text()[len(head):], words.tokenizer)
+
+
 def test_wikitext_bpe(tmp_path):
     folder = _fake_wikitext(tmp_path / "wt2")
     corpus = prepare_corpus("wikitext-2", path=folder, tokenizer="bpe", bpe_vocab_size=260, cache_dir=tmp_path)
