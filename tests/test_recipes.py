@@ -966,6 +966,19 @@ def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_plac
     assert train(parse_config(changed), resume=True)["step"] == 3
 
 
+def test_resume_takes_a_null_tokenizer_as_the_corpuss_own_level(tmp_path, corpus_file):
+    # data.tokenizer null reads a text corpus as characters, the same tokens as char: it was refused as a change
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})  # tokenizer: char
+    train(parse_config(values))
+    assert train(parse_config(apply_overrides(values, ["data.tokenizer=null", "train.max_iters=3"])),
+                 resume=True)["step"] == 3  # char, resumed with null
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["config"]["data"]
+    assert saved["tokenizer"] is None  # the resumed run's config was saved: null, resumed with char next
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in data.tokenizer;"):  # another level
+        train(parse_config(apply_overrides(values, ["data.tokenizer=byte", "train.max_iters=5"])), resume=True)
+
+
 def test_resume_refuses_a_change_inside_a_mapping_setting_of_the_model(tmp_path, corpus_file):
     # changed_settings dropped every model key it did not find among the keys either config sets, and
     # model.coupling_options.phase_lag is none of them (model.coupling_options is): the resume went on
