@@ -412,10 +412,17 @@ def changed_settings(saved: dict, wanted: dict) -> list[str]:
     """:func:`changed_keys` between two whole run configs (``RunConfig.to_dict()``), with each
     ``model`` section compared as the model sees it: defaults filled in and aliases resolved (the
     other sections are dataclasses, filled in already), so ``bias: true`` spelled out, or
-    ``n_sync_steps`` for ``steps``, is no change."""
+    ``n_sync_steps`` for ``steps``, is no change; nor is ``data.tokenizer`` null against the
+    corpus's own level (``char`` for a text corpus)."""
+    from recipes.data import CORPORA
+
     given = set()  # model keys either config sets (by their canonical names)
 
     def full(values: dict) -> dict:
+        data = values.get("data")
+        if isinstance(data, dict) and data.get("tokenizer") is None and data.get("name") in CORPORA:
+            # null reads the corpus at its own level (prepare_corpus): the same tokens as naming that level
+            values = {**values, "data": {**data, "tokenizer": CORPORA[data["name"]].level}}
         model = values.get("model")
         if not isinstance(model, dict):
             return values

@@ -55,7 +55,7 @@ from recipes.common import (Interrupted, build_model, make_fabric, param_groups,
                             save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
                             model_config, parse_saved_config, split_overrides)
-from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
+from recipes.data import eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
@@ -563,8 +563,6 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     # defaults filled in: keys added since are no change; settings that had no effect are dropped
     saved_config = parse_saved_config(header["config"]).to_dict()
     changed = changed_settings(saved_config, state["config"])
-    if "data.tokenizer" in changed and _level(saved_config["data"]) == _level(state["config"]["data"]):
-        changed.remove("data.tokenizer")  # null is the corpus's own level (e.g. char): the same tokens
     trained, now = header.get("trained_precision"), fabric._precision.precision  # recorded since 2026-12-04
     if trained is not None:  # the precision trained in is compared, not the setting (null resolves per machine)
         if trained != now:  # e.g. precision null: bf16-mixed on a GPU, 32-true on a CPU
@@ -623,11 +621,6 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                  [("out of patience", "train.patience")] if progress["stopped"] else [])
         fabric.print(f"nothing to train: the run is {' and '.join(why for why, _ in limits)}; raise "
                      f"{' and '.join(knob for _, knob in limits)} to go on")
-
-
-def _level(data: dict) -> str:
-    """The tokenizer a ``data`` section reads its corpus with (null: the corpus's own, as in prepare_corpus)."""
-    return data["tokenizer"] or CORPORA[data["name"]].level
 
 
 def _out_of_patience(bad_evals: int, patience: int | None) -> bool:

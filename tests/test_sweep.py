@@ -496,6 +496,18 @@ def test_runs_trained_with_other_settings_are_found_before_anything_trains(tmp_p
     assert not launched and not (out / "b").exists()
 
 
+def test_a_null_tokenizer_and_the_corpuss_own_level_are_the_same_settings(tmp_path, configs, launched):
+    # a run trained with data.tokenizer char (the embedded corpus's level) was "trained with other settings"
+    # than a config leaving it null, which reads the same characters
+    out = tmp_path / "out"
+    _finished_run(out / "a" / "seed1", configs / "a.yaml", 1.0, ["name=a", "seed=1", "data.tokenizer=char"])
+    sweep.run_sweep([configs / "a.yaml"], [1], out)
+    assert not launched  # finished with the same settings: skipped
+    _finished_run(out / "a" / "seed2", configs / "a.yaml", 1.0, ["name=a", "seed=2", "data.tokenizer=byte"])
+    with pytest.raises(ValueError, match=r"a/seed2 was trained with other settings \(data.tokenizer\)"):
+        sweep.run_sweep([configs / "a.yaml"], [2], out)
+
+
 def test_names_beyond_the_basic_plane_reach_the_run_as_they_are():
     # json.dumps wrote "\ud835\udf05" for 𝜅, which YAML read back as two lone surrogates (an encoding error later)
     from recipes.config import apply_overrides, override
