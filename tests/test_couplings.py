@@ -74,6 +74,17 @@ def test_mean_field_along_tokens_with_broadcast_mask(causal):
     torch.testing.assert_close(coupling(poisoned, mask=mask), got, atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mean_field_along_tokens_without_mask(causal):
+    """(b, h, t, n) coupled along t (dim=-2) with no mask: each token's mean counts the t (or i + 1)
+    tokens of its own channel, not the n channels (t != n here)."""
+    gen = torch.Generator().manual_seed(9)
+    theta = random_phases(gen, 2, 3, 7, 4)
+    coupling = MeanFieldCoupling(1.5, phase_lag=0.2, harmonics=(1, 2), dim=-2, causal=causal)
+    expected = naive_mean_field(theta.transpose(-1, -2), 1.5, 0.2, (1, 2), causal).transpose(-1, -2)
+    torch.testing.assert_close(coupling(theta), expected, atol=1e-10, rtol=0)
+
 def test_causal_mean_field_ignores_the_future():
     gen = torch.Generator().manual_seed(1)
     theta = random_phases(gen, 2, 10)
