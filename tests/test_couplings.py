@@ -131,6 +131,17 @@ def test_weights_of_another_dtype_act_in_the_phases_dtype():
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
+def test_a_strength_of_another_dtype_acts_in_the_phases_dtype():
+    # per-head float64 strengths on float32 phases: the term stays float32 (integrate refuses a field
+    # that changes the state's dtype), as it does for a 0-d strength
+    gen = torch.Generator().manual_seed(10)
+    theta = random_phases(gen, 2, 3, 5).float()
+    strength = torch.tensor([0.5, 1.0, -2.0], dtype=torch.float64).view(3, 1)
+    got = MeanFieldCoupling(strength)(theta)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, (strength * MeanFieldCoupling()(theta.double())).float())
+
+
 @settings(max_examples=25, deadline=None)
 @given(gen=generators, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
 def test_attention_coupling_equals_pairwise_sum_per_channel(gen, t, n, phase_lag):
@@ -202,6 +213,8 @@ def test_learnable_strength_is_a_parameter_and_gets_gradients():
     assert coupling.strength.grad is not None and torch.isfinite(coupling.strength.grad).all()
     assert coupling.strength.grad.abs().sum() > 0
     assert list(MeanFieldCoupling(2.0).parameters()) == []  # fixed strength is a buffer
+    # a learnable number is a parameter of the default dtype (the buffer keeps the number's float64)
+    assert MeanFieldCoupling(2.0, learnable=True).strength.dtype == torch.get_default_dtype()
     shared = torch.nn.Parameter(torch.tensor(0.5))
     assert MeanFieldCoupling(shared).strength is shared and GraphCoupling(torch.eye(2), shared).strength is shared
     assert "strength" in MeanFieldCoupling(2.0).state_dict()
@@ -296,6 +309,17 @@ def test_graph_coupling_trains_a_parameter_adjacency_and_copies_a_plain_tensor()
     assert "weights" in dict(copied.named_buffers()) and not copied.weights.requires_grad
 
 
+def test_a_plain_strength_or_adjacency_is_copied_not_aliased():
+    """The documented copy: changing the caller's tensor afterwards leaves the coupling as built."""
+    strength, adjacency = torch.ones(2, 1), torch.ones(3, 3)
+    mean_field, graph = MeanFieldCoupling(strength), GraphCoupling(adjacency)
+    theta = random_phases(torch.Generator().manual_seed(11), 2, 3).float()
+    before = mean_field(theta), graph(theta)
+    strength.mul_(5.0)
+    adjacency.zero_()
+    torch.testing.assert_close((mean_field(theta), graph(theta)), before, atol=0, rtol=0)
+
+
 def test_couplings_and_field_build_on_the_meta_device():
     """Deferred initialisation (``with torch.device("meta")``): the finiteness checks read no values there."""
     with torch.device("meta"):
@@ -303,6 +327,11 @@ def test_couplings_and_field_build_on_the_meta_device():
                    KuramotoField(torch.zeros(3), MeanFieldCoupling())]
     assert all(t.device.type == "meta" for m in modules for t in [*m.parameters(), *m.buffers()])
     assert "strength=<meta ()>" in repr(modules[0])  # printing reads no value either
+
+
+def test_repr_prints_a_scalar_strength_and_the_shape_of_others():
+    assert "MeanFieldCoupling(strength=2.5, phase_lag=0.3," in repr(MeanFieldCoupling(2.5, phase_lag=0.3))
+    assert "strength=(3, 1, 1)," in repr(MeanFieldCoupling(torch.ones(3, 1, 1)))
 
 
 @pytest.mark.parametrize("harmonics", [1, 1.0, None, "12", (), {1: 1}])
@@ -331,6 +360,11 @@ def test_numpy_bools_are_accepted_as_flags():
     (lambda th: weighted_sine_coupling(th, torch.ones(4, 4).tolist()), "weights: expected a tensor"),
     (lambda th: GraphCoupling(torch.ones(4, 4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
     (lambda th: MeanFieldCoupling(torch.ones(4))(th.to("meta")), "^theta: expected a tensor on the coupling's device"),
+    # a learnable strength or adjacency is a parameter, not a buffer: checked the same
+    (lambda th: MeanFieldCoupling(torch.ones(4), learnable=True)(th.to("meta")),
+     "^theta: expected a tensor on the coupling's device"),
+    (lambda th: GraphCoupling(torch.nn.Parameter(torch.ones(4, 4)))(th.to("meta")),
+     "^theta: expected a tensor on the coupling's device"),
     # a 0-d strength combines with θ on any device only from the CPU (one moved to a GPU does not)
     (lambda th: MeanFieldCoupling(2.0).to("meta")(th), "^theta: expected a tensor on the coupling's device meta"),
     # per-call masks and weights on another device than θ: was a bare device error
