@@ -166,7 +166,7 @@ def test_mismatched_omega_shape_is_named():
         integrate(KuramotoField(torch.zeros(2, 1, 3)), torch.zeros(2, 3), dt=0.1, steps=1)  # would enlarge θ
     with pytest.raises(ValueError, match="omega"):
         KuramotoField(torch.tensor([0.0, math.inf]))
-    for bad in ("abc", [0.0, "x"], None):
+    for bad in ("abc", [0.0, "x"], None, torch.tensor([1, 2]), torch.tensor([1j])):
         with pytest.raises(ValueError, match="^omega:"):
             KuramotoField(bad)
 
