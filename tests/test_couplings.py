@@ -167,6 +167,17 @@ def test_causal_attention_weights_give_causal_coupling():
     assert not torch.allclose(coupling(theta, weights)[:, :, 4:], coupling(changed, weights)[:, :, 4:])  # it did reach
 
 
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 4), (2, 3, 5, 0)], ids=["empty_batch", "no_channels"])
+def test_couplings_of_an_empty_batch_or_no_channels_are_empty(shape):
+    # nothing to couple is an empty term of theta's shape (a reshape to (*, n, -1) cannot infer the
+    # channel count of an empty tensor)
+    theta = torch.zeros(shape)
+    weights = torch.ones(*shape[:2], 5, 5)
+    for got in (AttentionCoupling()(theta, weights), GraphCoupling(torch.ones(5, 5), dim=-2)(theta),
+                MeanFieldCoupling(dim=-2, causal=True)(theta)):
+        assert got.shape == shape
+
 # ---------- properties of the coupling term ----------
 
 
