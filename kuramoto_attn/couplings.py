@@ -39,7 +39,8 @@ class Coupling(nn.Module):
         strength: coupling strength ``K``: a finite number, or a tensor that broadcasts to the
             phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
         phase_lag: the Sakaguchi lag ``α`` in radians (finite).
-        learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer). An
+        learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer): of the default
+            dtype for a number, of the tensor's dtype for a floating tensor. An
             ``nn.Parameter`` passed as ``strength`` is used as it is (e.g. shared between layers);
             any other tensor is copied into the buffer, detached (no gradient reaches it: pass
             a ``Parameter``, or compute ``K`` in your ``forward`` and scale ``interaction``).
@@ -63,8 +64,10 @@ class Coupling(nn.Module):
         learnable = check_bool("learnable", learnable)
         if isinstance(strength, nn.Parameter):  # the caller's parameter, shared or trained as given
             self.strength = strength
-        elif learnable:
-            self.strength = nn.Parameter(strength_tensor.to(torch.get_default_dtype()))
+        elif learnable:  # a number (or integer tensor) in the default dtype, as nn modules make their weights;
+            # a floating tensor keeps its dtype, as nn.Parameter(tensor) does (float64 is not rounded)
+            floating = torch.is_tensor(strength) and strength.is_floating_point()
+            self.strength = nn.Parameter(strength_tensor if floating else strength_tensor.to(torch.get_default_dtype()))
         else:
             # a Python number stays float64; forward casts to the phases' dtype
             self.register_buffer("strength", strength_tensor)

@@ -226,6 +226,11 @@ def test_learnable_strength_is_a_parameter_and_gets_gradients():
     assert list(MeanFieldCoupling(2.0).parameters()) == []  # fixed strength is a buffer
     # a learnable number is a parameter of the default dtype (the buffer keeps the number's float64)
     assert MeanFieldCoupling(2.0, learnable=True).strength.dtype == torch.get_default_dtype()
+    # a floating tensor keeps its dtype, as nn.Parameter(tensor) does: float64 was rounded to float32
+    exact = torch.tensor(1.3, dtype=torch.float64)
+    assert MeanFieldCoupling(exact, learnable=True).strength.dtype == torch.float64
+    assert MeanFieldCoupling(exact, learnable=True).strength.item() == 1.3
+    assert MeanFieldCoupling(torch.tensor(2), learnable=True).strength.dtype == torch.get_default_dtype()
     shared = torch.nn.Parameter(torch.tensor(0.5))
     assert MeanFieldCoupling(shared).strength is shared and GraphCoupling(torch.eye(2), shared).strength is shared
     assert "strength" in MeanFieldCoupling(2.0).state_dict()
