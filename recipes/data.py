@@ -762,7 +762,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
     if name not in CORPORA:
         raise ValueError(f"Expected `name` to be one of {sorted(CORPORA)} but got {name!r}")
     source = CORPORA[name]
-    level = tokenizer or source.level
+    level = source.level if tokenizer is None else tokenizer  # "" is no tokenizer's name, not None
     if level not in ("char", "byte", "word", "bpe"):
         raise ValueError(f"Expected `tokenizer` to be None, 'char', 'byte', 'word' or 'bpe' but got {tokenizer!r}")
     if not 0 < val_fraction < 1:

@@ -483,6 +483,8 @@ def test_bad_arguments(tmp_path, text_file):
         prepare_corpus("penn-treebank", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="`tokenizer`"):
         prepare_corpus("text", path=text_file, tokenizer="morse", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="`tokenizer`"):  # was read as None: the corpus's own level
+        prepare_corpus("text", path=text_file, tokenizer="", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="`val_fraction`"):
         prepare_corpus("text", path=text_file, val_fraction=1.0, cache_dir=tmp_path)
 
