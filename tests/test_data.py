@@ -62,6 +62,13 @@ def test_char_unknown_character_raises():
         CharTokenizer.from_text("abc").encode("abz")
 
 
+@pytest.mark.parametrize("chars", [["b", "a"], ["a", "a", "b"], ["ab", "c"], [""]])
+def test_char_tokenizer_refuses_a_vocabulary_not_of_sorted_distinct_characters(chars):
+    # encode_array's binary search needs them sorted and distinct; a longer "character" is never met
+    with pytest.raises(ValueError, match="`chars`"):
+        CharTokenizer(chars)
+
+
 @given(st.text())
 def test_byte_round_trip(text):
     tok = ByteTokenizer()
@@ -92,6 +99,10 @@ def test_word_unknown_without_unk_raises():
     with pytest.raises(ValueError, match="zebra"):
         WordTokenizer.from_text("a b\n").encode("a zebra\n")
     assert WordTokenizer.from_text("a b\n", add_unk=True).encode("zebra\n") == [3, 0]
+    # a text that holds "<unk>" already keeps its own (one entry), and a vocabulary must be distinct words
+    assert WordTokenizer.from_text("a <unk>\n", add_unk=True).words == ["<eos>", "<unk>", "a"]
+    with pytest.raises(ValueError, match="distinct"):
+        WordTokenizer(["a", "<eos>", "a"])
 
 
 @pytest.fixture(scope="module")
