@@ -597,6 +597,10 @@ def test_get_batch_bad_arguments():
         get_batch(np.arange(8, dtype=np.uint16), 2, 8, seed=0, step=0)
     with pytest.raises(ValueError, match="seed"):
         get_batch(_data(), 2, 8, seed=-1, step=0)
+    with pytest.raises(ValueError, match="`block_size` >= 1"):  # windows of no tokens, not an empty batch
+        get_batch(_data(), 2, 0, seed=0, step=0)
+    with pytest.raises(ValueError, match="1-D"):  # rows of a 2-D array are not windows of one token stream
+        get_batch(_data().reshape(50, 10), 2, 8, seed=0, step=0)
 
 
 def test_get_batch_smallest_split_uses_the_only_window():
