@@ -151,6 +151,19 @@ def test_staging_left_by_a_killed_process_of_this_host_is_removed(tmp_path):
     assert not half_file.exists()
 
 
+def test_staging_of_a_process_it_may_not_signal_is_kept(tmp_path, monkeypatch):
+    # os.kill(pid, 0) refused (EPERM): another user's process holds that pid and runs, so its build stays
+    staging = _staging_of(tmp_path / "entry", _dead_pid())
+    staging.mkdir()
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "kill", kill)
+    remove_abandoned(tmp_path)
+    assert staging.is_dir()
+
+
 def test_building_a_corpus_entry_removes_what_a_killed_build_left(tmp_path, text_file):
     prepare_corpus("text", path=text_file, cache_dir=tmp_path / "cache")
     entry, = (tmp_path / "cache").iterdir()
