@@ -100,7 +100,10 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("data.name=enwik8 data.tokenizer=char", "data.tokenizer: must be byte"),
     ("data.download=false", "data.download: applies only to a known corpus read without data.path"),  # text
     ("data.name=shakespeare data.path=null data.download=false", "data.download: applies only to a known"),
+    ("data.name=tiny-shakespeare data.download=false", "data.download: applies only to a known"),  # with data.path
+    ("data.tokenizer=bpe data.bpe_vocab_size=255", "data.bpe_vocab_size: must be at least 256"),
     ("seed=-1", r"seed: must be in \[0, 2\*\*32\)"),
+    ("seed=4294967296", r"seed: must be in \[0, 2\*\*32\)"),
     ("optim.lr=.inf", "optim.lr: expected a finite number"),
     ("optim.weight_decay=.nan", "optim.weight_decay: expected a finite number"),
     ("model.phase_layer_idx=[0", "override 'model.phase_layer_idx=\\[0': the value is not valid YAML"),
@@ -109,6 +112,8 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("data.cache_dir=''", "data.cache_dir: must not be empty"),  # the token cache went into the working directory
     ("name=../x", "name: must be a plain directory name"),
     ("name=''", "name: must be a plain directory name"),
+    ("name=..", "name: must be a plain directory name"),
+    ("name=a\\b", "name: must be a plain directory name"),
     # every range the config promises, each refused by name (a mutation audit found them unchecked)
     ("optim.min_lr=0.01", r"optim.min_lr: must be in \[0, lr\]"),  # above lr: the cosine would rise
     ("optim.warmup_iters=-1", "optim.warmup_iters: must be non-negative"),
@@ -132,6 +137,22 @@ def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
     with pytest.raises(ConfigError, match=message):
         parse_config(apply_overrides(values, override.split()))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["seed=0"], ["seed=4294967295"], ["optim.min_lr=3.0e-3"], ["optim.min_lr=0"], ["optim.warmup_iters=0"],
+    ["optim.betas=[0, 0]"], ["train.patience=1"], ["data.tokenizer=bpe", "data.bpe_vocab_size=256"],
+])
+def test_the_ends_of_each_promised_range_are_accepted(tmp_path, corpus_file, overrides):
+    # the other side of test_config_errors_name_the_key: each bound the messages state is inclusive or
+    # exclusive as they say (optim.min_lr=3.0e-3 is tiny's lr: the cosine ends where it starts)
+    values = apply_overrides(tiny(tmp_path, corpus_file), overrides)
+    config = parse_config(values)
+    for item in overrides:
+        section, _, key = item.partition("=")[0].rpartition(".")
+        value = yaml.safe_load(item.partition("=")[2])
+        got = getattr(getattr(config, section) if section else config, key)
+        assert got == (tuple(value) if isinstance(value, list) else value)
 
 
 def test_a_home_folder_tilde_in_a_config_path_is_expanded(tmp_path, corpus_file, monkeypatch):
