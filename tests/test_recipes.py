@@ -265,6 +265,14 @@ def test_yaml_extends_and_overrides(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_an_override_of_a_float_reads_back_that_float_whatever_its_sign_or_size():
+    from recipes.config import override
+    for value in (float("inf"), float("-inf"), 1e20, -1e-300, -0.0, 5e-324, -2.5):
+        back = apply_overrides({}, [override("optim.lr", value)])["optim"]["lr"]
+        assert type(back) is float and back == value and math.copysign(1, back) == math.copysign(1, value)
+    assert math.isnan(apply_overrides({}, [override("optim.lr", float("nan"))])["optim"]["lr"])
+
+
 def test_a_key_given_twice_in_a_config_file_or_override_is_an_error_not_the_last_one_kept(tmp_path):
     # PyYAML keeps the last of two equal keys silently: a second train: section replaced the first
     # whole (its max_iters and batch_size fell back to the defaults), a repeated setting hid the other
@@ -505,6 +513,10 @@ def test_config_files_that_are_not_utf8_or_sections_that_are_not_mappings_are_er
     bad.write_text("name: x\ntrain: 5\n")  # was a TypeError traceback when the section was given whole
     with pytest.raises(ConfigError, match=r"^train: expected a mapping of settings but the config file gives 5"):
         load_config(bad, ["train={max_iters: 3}"])
+    listed = tmp_path / "listed.yaml"  # a path is one string, not a list of bases (a TypeError traceback)
+    listed.write_text("extends: [latin.yaml, bad.yaml]\n")
+    with pytest.raises(ConfigError, match=r"listed.yaml: extends: expected a path, got \['latin.yaml', 'bad.yaml'\]"):
+        load_config(listed)
 
 
 def test_runs_saved_with_settings_refused_since_still_load(tmp_path, corpus_file):
@@ -998,6 +1010,16 @@ def test_resume_takes_a_null_tokenizer_as_the_corpuss_own_level(tmp_path, corpus
     assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in data.tokenizer;"):  # another level
         train(parse_config(apply_overrides(values, ["data.tokenizer=byte", "train.max_iters=5"])), resume=True)
+
+
+def test_changed_settings_are_the_model_keys_set_by_their_canonical_names_not_what_follows_from_them():
+    from recipes.config import RunConfig, changed_settings
+    model = {"type": "gpt", "n_layers": 2, "n_heads": 4, "use_phase_attention": True, "phase_layer_idx": [0]}
+    saved = RunConfig(model={**model, "d_model": 64, "n_sync_steps": 3}).to_dict()
+    wanted = RunConfig(model={**model, "d_model": 32, "n_sync_steps": 5}).to_dict()
+    # d_ff follows from d_model (not a change of its own); n_sync_steps is steps, and changed
+    assert changed_settings(saved, wanted) == ["model.d_model", "model.steps"]
+    assert changed_settings(saved, RunConfig(model={**model, "d_model": 64, "steps": 3}).to_dict()) == []
 
 
 def test_resume_refuses_a_change_inside_a_mapping_setting_of_the_model(tmp_path, corpus_file):
