@@ -1,7 +1,7 @@
 """models.config.from_dict: every key used or rejected by name; types and ranges checked."""
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -34,6 +34,29 @@ def test_builds_nested_and_converts_lists():
                             "inner": {"steps": 4, "mode": "b"}}
     assert from_dict(Outer, to_dict(cfg)) == cfg
     assert from_dict(Outer, {"lr": "3e-4"}).lr == 3e-4  # YAML 1.1 (PyYAML) leaves 3e-4 a string
+    assert from_dict(Outer, {"lr": ".5e3"}).lr == 500.0  # ... and .5e3 (its floats need a signed exponent)
+    assert from_dict(Outer, {"inner": Inner(steps=4)}).inner == Inner(steps=4)  # a section built already
+
+
+@dataclass(frozen=True)
+class Mapped:
+    weights: dict[str, float] = field(default_factory=dict)
+    options: dict[str, Any] | None = None  # as model.coupling_options: keyword arguments of a class
+    size: int | str = 1                      # as fabric.devices: a union without None
+    derived: int = field(default=0, init=False)
+
+
+def test_mappings_unions_and_fields_outside_init_are_checked_by_the_hint():
+    cfg = from_dict(Mapped, {"weights": {"a": 1, "b": "2e-1"}, "options": {"k": [1, "x"]}})
+    assert cfg.weights == {"a": 1.0, "b": 0.2} and all(type(v) is float for v in cfg.weights.values())
+    assert cfg.options == {"k": [1, "x"]}  # Any: as given
+    for values, message in (({"weights": {"a": "x"}}, "cfg.weights.a: expected a number"),
+                            ({"weights": [1.0]}, "cfg.weights: expected a mapping"),
+                            ({"options": {1: 2}}, "cfg.options: expected str, got 1"),  # no keyword argument
+                            ({"size": None}, r"cfg.size: expected int \| str, got None"),
+                            ({"derived": 1}, "cfg.derived: unknown key")):  # not an argument of the class
+        with pytest.raises(ConfigError, match=message):
+            from_dict(Mapped, values, where="cfg")
 
 
 @pytest.mark.parametrize("values, message", [
