@@ -356,6 +356,26 @@ def test_decay_rate_is_clamped():
     assert 0.9 < HolographicPhaseMemory(4, kernel="decay").decay_rate().item() < 1.0  # initial ~1 − 1/16
 
 
+def test_initial_decay_rates_span_memories_of_16_to_256_tokens():
+    # γ_h = 1 − 2^−a with a evenly from 4 to 8 over the heads (the one head of the test above only saw a = 4)
+    rates = HolographicPhaseMemory(8, kernel="decay", num_heads=4).decay_rate().double()
+    torch.testing.assert_close(rates, 1 - 2.0 ** -torch.tensor([4.0, 16 / 3, 20 / 3, 8.0], dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("expansion", [1, 3])
+def test_output_head_is_the_documented_one_with_its_dropout_in_place(expansion):
+    # the naive references run with dropout off: only the layers' order tells where the dropout acts
+    memory = HolographicPhaseMemory(4, expansion=expansion, dropout=0.25)
+    layers = [(type(layer), getattr(layer, "in_features", None), getattr(layer, "out_features", None),
+               getattr(layer, "p", None)) for layer in memory.head]
+    if expansion == 1:  # Linear(2d, d) → Dropout
+        assert layers == [(torch.nn.Linear, 8, 4, None), (torch.nn.Dropout, None, None, 0.25)]
+    else:  # Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)
+        assert layers == [(torch.nn.Linear, 8, 12, None), (torch.nn.GELU, None, None, None),
+                          (torch.nn.Dropout, None, None, 0.25), (torch.nn.Linear, 12, 4, None)]
+
+
 @settings(max_examples=30, deadline=None)
 @given(gen=generators, opts=options, t=st.integers(2, 14), data=st.data())
 def test_causality(gen, opts, t, data):
