@@ -209,6 +209,28 @@ def test_recurrent_equals_parallel_float32(gen, opts, t, data):
             torch.testing.assert_close(s2.memory, state.memory, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(gen=generators, opts=options, t=st.integers(2, 14), data=st.data())
+def test_a_state_from_a_continued_forward_continues_right(gen, opts, t, data):
+    """forward(x) == three forward segments, each continuing the previous one's state, then a step: the
+    test above only continues states that a forward made from init_state (position 0, where the window's
+    ring slots of a forward's state coincide with its last tokens' order)."""
+    memory = build(opts)
+    x = randn(gen, 2, t + 1, 4)
+    a = data.draw(st.integers(1, t - 1))
+    b = data.draw(st.integers(a + 1, t))
+    with torch.no_grad():
+        full = memory(x)
+        state, outs = memory.init_state(2), []
+        for segment in (x[:, :a], x[:, a:b], x[:, b:t]):
+            if segment.shape[1]:
+                y, state = memory(segment, state)
+                outs.append(y)
+        y_t, state = memory.step(x[:, t], state)
+    assert state.position == t + 1
+    torch.testing.assert_close(torch.cat(outs + [y_t[:, None]], 1), full, atol=1e-10, rtol=1e-10)
+
+
 def test_window_ring_buffer_does_not_drift():
     """Many steps (the running sum is rebuilt from the buffer every W steps) match the parallel form."""
     gen = torch.Generator().manual_seed(4)
