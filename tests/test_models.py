@@ -137,6 +137,7 @@ def test_reference_yaml_keys_are_accepted():
     (TPILMConfig, {"query": "offset", "constrained_scale": 3.0}, "model.constrained_scale: is only read with query"),
     (TPILMConfig, {"d_model": 10, "num_heads": 4}, "model.num_heads: must divide"),
     (TPILMConfig, {"num_heads": 2}, "model.num_heads: is only read with state: matrix"),  # vector state: no effect
+    (TPILMConfig, {"dropout": 1.0}, r"model.dropout: must be in \[0, 1\)"),
 ])
 def test_config_errors_name_the_key(cls, values, message):
     with pytest.raises(ConfigError, match=message):
@@ -705,6 +706,20 @@ def test_tpilm_dropout_reaches_every_place():
     block = model.blocks[0]
     assert model.drop.p == 0.2 and block.memory.head[1].p == 0.2 and block.ffn[-1].p == 0.2
 
+
+
+def test_every_tpi_option_reaches_the_memory_and_the_blocks():
+    # every option away from its default (constrained_scale 0: the bound >= 0 is inclusive)
+    values = dict(query="constrained", constrained_scale=0.0, kernel="window", window=5, magnitude="sigmoid",
+                  normalize="sqrt", state="matrix", num_heads=2, expansion=3, chunk_size=7)
+    model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=2, ffn_expansion=3, dropout=0.1, **values))
+    for block in model.blocks:
+        memory = block.memory
+        assert {name: getattr(memory, "state_type" if name == "state" else name) for name in values} == values
+        assert memory.dropout == 0.1 and block.ffn[0].out_features == 24 and block.ffn[-1].p == 0.1
+    # no FFN: the dropout still reaches the embedding and the memory's head, and the blocks take none
+    model = TPILM(TPILMConfig(vocab_size=11, d_model=8, n_layers=1, ffn_expansion=0, dropout=0.2))
+    assert model.blocks[0].ffn is None and model.drop.p == 0.2 and model.blocks[0].memory.head[1].p == 0.2
 
 
 def test_tpilm_head_is_tied_to_its_embedding_initialised_as_gpts():
