@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kuramoto_attn import Coupling, KuramotoAttention, KuramotoInfo, MeanFieldCoupling
+from kuramoto_attn import Coupling, HolographicPhaseMemory, KuramotoAttention, KuramotoInfo, MeanFieldCoupling
 from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInfo
 from models.config import ConfigError, to_dict
 from models.gpt import CausalSelfAttention
@@ -334,6 +334,22 @@ def test_a_tpi_cache_emptied_of_its_states_counts_from_zero():
     torch.testing.assert_close(logits, model(idx[:, :3])[0], rtol=1e-9, atol=1e-9)
 
 
+def test_a_one_token_tpi_cache_forward_takes_the_recurrent_step(monkeypatch):
+    # as documented: one new token takes each layer's O(1) step, several the parallel form (the two agree to
+    # rounding, so the logits alone cannot tell which ran)
+    model, calls = tiny_tpi(), []
+    step = HolographicPhaseMemory.step
+    monkeypatch.setattr(HolographicPhaseMemory, "step", lambda self, *args: calls.append("step") or step(self, *args))
+    for block in model.blocks:
+        block.memory.register_forward_hook(lambda module, args, out: calls.append("forward"))
+    cache = model.new_cache()
+    model(tokens(2, 3), cache=cache)
+    assert calls == ["forward"] * 2
+    calls.clear()
+    model(tokens(2, 1), cache=cache)
+    assert calls == ["step"] * 2
+
+
 def test_a_bfloat16_tpi_cache_keeps_float32_states():
     # the cache's states took the activations' dtype: in a bf16-true model the layers' running sums stuck
     # at 256 (and γ rounded to 1): cached logits past token 256 were ~30% off the uncached ones (now ~2%)
@@ -378,6 +394,9 @@ def test_a_bad_tpi_cache_is_an_error_naming_the_cache_before_any_layer_changes_i
     tiny_tpi(state="matrix")(tokens(2, 4), cache=foreign)
     with pytest.raises(ValueError, match=r"^cache: states\[0\]: expected memory .*different configuration"):
         model(tokens(2, t), cache=foreign)
+    deeper = tiny_tpi(n_layers=3)  # a cache of fewer layers than the model (the test below: more)
+    with pytest.raises(ValueError, match=r"^cache: holds 2 layer states but the model has 3 layers"):
+        deeper(tokens(2, t), cache=cache)
     cache.states[1] = cache.states[1]._replace(position=-1)
     before = list(cache.states)
     with pytest.raises(ValueError, match=r"^cache: states\[1\]\.position: expected"):
