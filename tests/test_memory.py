@@ -876,6 +876,23 @@ def test_phase_rate_layers_are_called_as_modules():
 
 
 @pytest.mark.parametrize("state", ["vector", "matrix"])
+def test_window_step_recovers_the_normaliser_from_cancellation(state):
+    # as below for S_t: token 0 has m = 5, the others m ≈ 3e-5, so the running sum 5 + Σ m − 5 keeps an error
+    # of an ulp of 5 (~5e-7, ~0.4% of S_t) for good unless S_t too is rebuilt from the buffer
+    memory = build(dict(kernel="window", window=3, state=state, num_heads=2, magnitude="sigmoid", normalize="sum"),
+                   dtype=torch.float32, d=4)
+    x = torch.randn(1, 14, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0] = 1e3
+    with torch.no_grad():
+        memory.magnitude_proj.weight.zero_()
+        memory.magnitude_proj.weight[:, 0] = 1.0
+        memory.magnitude_proj.bias.fill_(-12.0)
+        steps, _ = run_steps(memory, x, memory.init_state(1))
+        parallel = memory(x)
+    torch.testing.assert_close(steps[:, 6:], parallel[:, 6:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("state", ["vector", "matrix"])
 def test_window_step_recovers_from_cancellation(state):
     memory = build(dict(kernel="window", window=3, state=state, num_heads=2), dtype=torch.float32, d=4)
     x = torch.randn(1, 14, 4, generator=torch.Generator().manual_seed(0))
