@@ -629,6 +629,18 @@ def test_tpilm_generation_reads_the_whole_sequence_beyond_max_seq_len(use_cache)
     for i in range(6, 11):
         assert torch.equal(out[:, i], model(out[:, :i])[0][:, -1].argmax(-1))
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_tpilm_generate_passes_top_k_and_use_cache_on(use_cache):
+    # top_k = 1 samples the argmax at any temperature; without the cache every forward reads the whole
+    # sequence and is given no cache (the two ways agree, so the tokens alone cannot tell which ran)
+    model, prompt, caches = tiny_tpi(), tokens(2, 4), []
+    model.register_forward_pre_hook(lambda module, args, kwargs: caches.append(kwargs.get("cache")), with_kwargs=True)
+    out = model.generate(prompt, 5, temperature=2.0, top_k=1, use_cache=use_cache,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, model.generate(prompt, 5, temperature=0, use_cache=use_cache))
+    assert len(caches) == 10 and all((cache is not None) == use_cache for cache in caches)
+
+
 def test_numpy_numbers_are_accepted_as_settings():
     # e.g. a sweep over np.linspace: NumPy scalars are numbers (bools are not)
     model = GPT(GPTConfig.from_dict(dict(vocab_size=np.int64(VOCAB), max_seq_len=12, n_layers=2, n_heads=2,
