@@ -2023,6 +2023,31 @@ def test_sampling_at_a_tiny_temperature_is_greedy():
         assert set(ids.tolist()) == {0, 2}  # the two tied largest logits, both drawn
 
 
+def test_a_top_k_above_the_ids_sampled_from_keeps_them_all():
+    # top_k beyond the vocabulary (or beyond a vocab_size limit) limits nothing: it is no error
+    from models.sampling import sample_next
+    logits = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    for top_k, vocab_size in ((7, None), (100, None), (5, 4)):
+        draws = [sample_next(logits, 0.8, k, torch.Generator().manual_seed(1), vocab_size) for k in (top_k, None)]
+        assert torch.equal(draws[0], draws[1]), (top_k, vocab_size)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3)])
+def test_an_empty_prompt_or_batch_is_an_error_naming_idx(shape):
+    # neither a batch of no rows nor a prompt of no tokens has anything to read: an error naming idx,
+    # not aminmax's "cannot compute aminmax over an empty dimension" from deep in the id check
+    from models.sampling import check_idx
+    empty = torch.zeros(shape, dtype=torch.long)
+    message = rf"^idx: expected shape \(batch >= 1, tokens >= 1\) but got {re.escape(str(shape))}$"
+    with pytest.raises(ValueError, match=message):
+        check_idx(empty, vocab_size=4)
+    for model in (GPT(GPTConfig(vocab_size=4, max_seq_len=8, n_layers=1, n_heads=1, d_model=8)),
+                  TPILM(TPILMConfig(vocab_size=4, d_model=8, n_layers=1, max_seq_len=8))):
+        for call in (lambda: model(empty), lambda: model.generate(empty, 2)):
+            with pytest.raises(ValueError, match=message):
+                call()
+
+
 def test_output_closed_early_exits_quietly_with_sigpipes_status():
     # `python -m recipes.evaluate RUN | head` printed "error: [Errno 32] Broken pipe" and exited with 2
     child = ("from recipes.common import run_cli\n"
