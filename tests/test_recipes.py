@@ -1665,6 +1665,9 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
                             ("", "prompt: '' has no tokens")):
         with pytest.raises(ValueError, match=message):
             generate_text(model, tokenizer, prompt)
+    for count in (0, -1):  # an error naming the argument (0 rows of prompt were an error naming idx)
+        with pytest.raises(ValueError, match=rf"^num_samples: must be at least 1, got {count}$"):
+            generate_text(model, tokenizer, "the ", num_samples=count)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
@@ -2603,6 +2606,8 @@ def test_generate_says_which_prompt_words_read_as_unk():
     with pytest.warns(UserWarning, match=r"prompt: 2 word\(s\) not in the vocabulary read as <unk>: 'zzz', 'qq'"):
         text, = generate_text(model, tokenizer, "the zzz city qq", max_new_tokens=2)
     assert text.startswith("the <unk> city <unk>")
+    with pytest.warns(UserWarning, match=r"prompt: 3 word\(s\) not in the vocabulary read as <unk>: 'zzz', 'qq'$"):
+        generate_text(model, tokenizer, "zzz the zzz qq", max_new_tokens=2)  # each word named once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate_text(model, tokenizer, "the city", max_new_tokens=2)
