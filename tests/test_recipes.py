@@ -1429,6 +1429,9 @@ def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
         name, value = next(iter(bad.items()))
         with pytest.raises(ValueError, match=rf"^{name}: expected an integer >= 1 but got {value}"):
             evaluate_split(model, tokens, **{"block_size": 16, "tokenizer": tokenizer, "batch_size": 2, **bad})
+    for short in (tokens[:1], tokens[:0]):  # nothing to predict: a 0/0 loss before
+        with pytest.raises(ValueError, match=rf"^tokens: need at least 2 tokens, got {len(short)}$"):
+            evaluate_split(model, short, 16, tokenizer)
     r = evaluate_split(model, tokens, 16, tokenizer, batch_size=2)
     nats, n = 0.0, 0
     with torch.no_grad():
@@ -1558,6 +1561,17 @@ def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, 
         main([str(tmp_path / "moved.pt"), "--device", "cpu"])
 
 
+def test_a_corpus_of_as_many_characters_but_other_ones_is_refused_without_a_sha256(corpus_file, tmp_path):
+    # a checkpoint from before the sha256 was recorded: the vocabulary itself is compared, not only its size
+    from recipes.config import DataConfig
+    from recipes.evaluate import load_corpus
+    tokenizer = prepare_corpus("text", path=corpus_file, tokenizer="char", cache_dir=tmp_path / "cache").tokenizer
+    changed = tmp_path / "text.txt"  # "q" gone, "Z" new: as many characters
+    changed.write_text(corpus_file.read_text().replace("q", "Z"))
+    data = DataConfig(name="text", path=str(changed), tokenizer="char", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=rf"no longer has the vocabulary .* \({tokenizer.vocab_size} tokens, but "
+                                         r"other ones\)"), pytest.warns(UserWarning, match="only its vocabulary"):
+        load_corpus(data, tokenizer)
 def _byte_run(tmp_path: Path, corpus_file: Path, max_iters: int = 4) -> tuple[dict, Path]:
     """A byte-level run's config on its own copy of the corpus (its vocabulary is every byte, whatever the text)."""
     text = tmp_path / "bytes.txt"
@@ -2595,6 +2609,35 @@ def test_evaluate_keeps_an_older_flat_evaluation_json_apart(tmp_path):
     assert json.loads((tmp_path / "evaluation.json").read_text()) == {
         "unknown checkpoint": {"val": {"loss": 1.5}, "test": {"loss": 1.6}},
         "best.pt": {"step": 7, "written": None, "val": {"loss": 1.2}}}
+    for foreign in ("[1, 2]", "[]", '"text"'):  # JSON, but not a mapping of checkpoints: replaced
+        (tmp_path / "evaluation.json").write_text(foreign)
+        _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}})
+        assert json.loads((tmp_path / "evaluation.json").read_text()) == {
+            "best.pt": {"step": 7, "written": None, "val": {"loss": 1.2}}}
+
+
+def test_a_checkpoint_rewritten_in_place_is_another_write(tmp_path):
+    # same inode, same size: only the modification time tells the rewrite (a copy over the file, cp best.pt)
+    from recipes.evaluate import _written
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"one checkpoint")
+    before, stat = _written(path), path.stat()
+    path.write_bytes(b"two checkpoint")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later write, whatever the clock's grain
+    assert path.stat().st_ino == stat.st_ino and _written(path) != before
+    assert _written(tmp_path / "missing.pt") is None
+
+
+def test_a_split_evaluated_again_records_its_new_result(tmp_path):
+    # the same write of a checkpoint scored again (e.g. with another batch size or device): its latest
+    # numbers replace the earlier ones, and the other splits' stay
+    from recipes.evaluate import _record, _written
+    (tmp_path / "best.pt").write_bytes(b"a checkpoint")
+    written = _written(tmp_path / "best.pt")
+    _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.2}, "test": {"loss": 1.6}}, written)
+    _record(tmp_path / "best.pt", 7, {"val": {"loss": 1.1}}, written)
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {
+        "best.pt": {"step": 7, "written": written, "val": {"loss": 1.1}, "test": {"loss": 1.6}}}
 
 
 def test_generate_says_which_prompt_words_read_as_unk():
@@ -2690,6 +2733,27 @@ def test_data_location_flags_that_cannot_serve_are_errors_naming_the_flag(traine
             err = capsys.readouterr().err
             assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {message}"), err
 
+
+def test_an_error_reading_the_corpus_is_not_blamed_on_the_cache_dir_flag(tmp_path, monkeypatch):
+    # only the cache's own errors (named cache_dir) are --cache-dir's: a failing disk under the corpus is not
+    import argparse
+    from recipes import evaluate
+    from recipes.config import DataConfig
+
+    def failing(message):
+        def load_corpus(data, tokenizer=None, identity=None):
+            raise OSError(message)
+        return load_corpus
+
+    args = argparse.Namespace(data_path=None, cache_dir=str(tmp_path / "cache"))
+    data = DataConfig(name="text", path=str(tmp_path / "text.txt"))
+    monkeypatch.setattr(evaluate, "load_corpus", failing("[Errno 5] Input/output error: 'text.txt'"))
+    with pytest.raises(OSError, match=r"^\[Errno 5\] Input/output error: 'text.txt'$"):
+        evaluate.run_corpus(data, None, {}, args)
+    monkeypatch.setattr(evaluate, "load_corpus", failing("cache_dir: cannot write there"))
+    with pytest.raises(OSError, match=rf"^--cache-dir: {re.escape(args.cache_dir)} cannot hold the corpus cache "
+                                      r"\(cache_dir: cannot write there\)$"):
+        evaluate.run_corpus(data, None, {}, args)
 
 def test_logged_coherence_loss_is_the_step_mean_whatever_grad_accum(tmp_path, corpus_file):
     """train/coherence_loss is the step's mean regularizer loss, as train/loss is: grad_accum cuts the
