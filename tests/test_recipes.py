@@ -1527,6 +1527,23 @@ def test_splits_too_short_for_evaluate_or_interpret_are_errors_naming_them(tmp_p
         "error: --split: the test split has 1 tokens, fewer than the run's train.block_size + 1 = 17")
 
 
+def test_interpret_refuses_a_split_of_exactly_the_training_block(tmp_path, capsys):
+    # a window is block_size + 1 tokens (the inputs and their next tokens): block_size tokens hold none, and
+    # eval_batches' own error ("Expected `data` to be 1-D with at least block_size + 1 ...") named no flag
+    from recipes.interpret import main as interpret_main
+    folder = tmp_path / "wt2"
+    folder.mkdir()
+    lines = " the cat sat on the mat . \n the dog ran @-@ away <unk> . \n"  # 16 tokens with the two <eos>
+    for name, text in (("train.txt", lines * 20), ("valid.txt", lines * 3), ("test.txt", lines)):
+        (folder / name).write_text(text)
+    train(parse_config(tiny(tmp_path, folder, data={"name": "wikitext-2", "path": str(folder), "tokenizer": None},
+                            optim={"warmup_iters": 0}, train={"max_iters": 2, "eval_interval": 2})))
+    with pytest.raises(SystemExit):
+        interpret_main([str(tmp_path / "run"), "--split", "test", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --split: the test split has 16 tokens, fewer than the run's train.block_size + 1 = 17")
+    assert not (tmp_path / "out").exists()
+
 def test_perplexity_of_a_hopeless_model_is_capped_not_an_overflow():
     # a diverged model's loss in the thousands: exp(loss) overflows a float; the bits stay exact
     from recipes.data import CharTokenizer
@@ -1924,6 +1941,20 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     assert best_files == {name: (tmp_path / name).read_bytes() for name in best_files}
 
 
+def test_interpret_plots_a_line_per_head_over_tokens_and_over_integration_steps(trained, tmp_path, monkeypatch):
+    from recipes import interpret
+    plotted = []
+    monkeypatch.setattr(interpret, "plot_R_curves",
+                        lambda curves, path, **kwargs: plotted.append((curves, Path(path).name, kwargs["xlabel"])))
+    report = interpret.main([str(trained), "--batches", "1", "--batch-size", "2", "--out", str(tmp_path)])
+    R_tokens, R_steps = report["layers"]["1"]["R_tokens"], report["layers"]["1"]["R_steps"]  # (h, t), (steps + 1, h)
+    assert np.shape(R_steps) == (3, 2)
+    assert plotted == [
+        ({"layer 1": {f"head {h}": list(enumerate(R_tokens[h])) for h in range(2)}}, "R_tokens.png",
+         "token position t"),
+        ({"layer 1": {f"head {h}": [(k, R[h]) for k, R in enumerate(R_steps)] for h in range(2)}}, "R_steps.png",
+         "integration step")]
+
 def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillator_count(trained, tmp_path):
     from recipes.data import eval_batches
     from recipes.evaluate import load_corpus
@@ -1988,6 +2019,8 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (generate, [str(trained), "--top-k", "0"], "error: --top-k: "),  # named as its flag, not top_k
         (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
         (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
+        (interpret, [str(trained), "--batches", "0"], "--batches: must be at least 1, got 0"),  # an empty report
+        (interpret, [str(trained), "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
     ] + [(module, [str(tmp_path / name)], f"error: checkpoint: '{tmp_path / name}'")
          for module in (evaluate, interpret) for name in ("text.pt", "empty.pt", "dict.pt")]
     if not torch.cuda.is_available():
