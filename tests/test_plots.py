@@ -81,6 +81,7 @@ def test_a_curve_of_one_point_is_drawn(tmp_path, figures):
                {"step": 12, "val_loss": 2.1, "val_R/layer1/head0": 0.4, "val_R/layer1/head1": 0.7}]
     plots.plot_history(history, tmp_path)
     loss, R = figures
+    assert list(_lines(loss.axes[0])) == ["train", "validation"] and list(_lines(R.axes[0])) == ["head 0", "head 1"]
     for fig in (loss, R):
         for ax in fig.axes:
             for line in ax.get_lines():
@@ -123,6 +124,17 @@ def test_a_plot_interrupted_mid_write_keeps_the_previous_one_whole(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         plots.plot_history(HISTORY, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no part, no staging file left
+
+
+@pytest.mark.parametrize("heads, legend", [(12, True), (13, False)])
+def test_a_panel_has_a_legend_of_its_heads_up_to_twelve(tmp_path, figures, heads, legend):
+    # more labels than that would cover the curves
+    curves = {"layer 0": {f"head {h}": [(0, 0.1), (1, 0.2)] for h in range(heads)}}
+    plots.plot_R_curves(curves, tmp_path / "R.png", xlabel="t", title="R")
+    (ax,) = figures[0].axes
+    assert (ax.get_legend() is not None) == legend
+    if legend:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == list(curves["layer 0"])
 
 
 def test_plot_R_curves_draws_each_panel_and_line_it_is_given(tmp_path, figures):
