@@ -2218,6 +2218,13 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     elsewhere = [f"data.path={moved}", f"data.cache_dir={tmp_path / 'moved' / 'cache'}"]
     assert run_sweep([config], [1, 2], tmp_path / "sweep", elsewhere) == rows  # skipped, and summarised
     assert len(calls) == 2
+    # ... also a seed of an earlier sweep (not one of this sweep's): summarised with the others
+    assert run_sweep([config], [1], tmp_path / "sweep", elsewhere) == rows
+    best = tmp_path / "sweep" / "tiny" / "seed1" / "best.pt"  # deleted to save space: last.pt records the corpus
+    best.rename(best.with_suffix(".kept"))
+    assert run_sweep([config], [1, 2], tmp_path / "sweep", elsewhere) == rows
+    best.with_suffix(".kept").rename(best)
+    assert len(calls) == 2
     moved.write_text(moved.read_text() + "Another line.\n")
     with pytest.raises(ValueError, match=r"seed1 was trained with its corpus elsewhere \(data.cache_dir, data.path\), "
                                          r"and not on this text: .*corpus.txt \(sha256 "):

@@ -67,6 +67,17 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
     assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_the_command_lines_seeds_out_and_overrides_win_over_the_sweep_files(tmp_path, configs, launched):
+    spec = configs / "sweep.yaml"
+    spec.write_text("configs: [a.yaml]\nseeds: [1, 2]\noverrides: [train.max_iters=3]\n"
+                    f"out_dir: {tmp_path / 'file_out'}\n")
+    sweep.main([str(spec), "--seeds", "5", "--out", str(tmp_path / "flag_out"), "train.max_iters=4"])
+    assert len(launched) == 1
+    config = load_config(launched[0][4], launched[0][5:])
+    assert (config.seed, config.train.max_iters, config.run_dir) == (5, 4, tmp_path / "flag_out" / "a" / "seed5")
+    assert not (tmp_path / "file_out").exists()
+
+
 BAD_SWEEP_FILES = [
     # tracebacks before
     ("seeds: 5", "seeds: expected a non-empty list of integers in [0, 2**32), got 5"),
@@ -182,6 +193,9 @@ def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, c
     (configs / "b.yaml").write_text(yaml.safe_dump({"name": ["b"]}))  # not a name: neither hashed nor a folder
     with pytest.raises(ConfigError, match=r"b.yaml: name: expected str, got \['b'\]"):
         sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], out)
+    (configs / "b.yaml").write_text(yaml.safe_dump({"name": "a"}))  # both would train into out/a/seed1
+    with pytest.raises(ValueError, match=r"^configs: run names must be distinct, got \['a', 'a'\]$"):
+        sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], out)
     assert not launched and not out.exists()
 
 
@@ -260,6 +274,17 @@ def test_a_counted_status_without_a_finite_best_loss_is_listed_not_averaged(tmp_
     sweep.summarise(tmp_path, ["a"], [0, 1, 2])
     assert (tmp_path / "summary.md").read_text().splitlines()[2] == (
         f"| a | 1 of 3 | 1.0000 | {math.exp(1.0):.2f} | – | early_stopped, finished |")
+
+
+def test_folders_other_than_seed_numbers_are_not_runs_of_the_summary(tmp_path):
+    # a folder a user named seed_old or seedling beside the runs: int("_old") crashed the summary
+    for folder in ("seed1", "seed_old", "seedling", "seed"):
+        run = tmp_path / "a" / folder
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": "finished", "step": 5, "best_val_loss": 1.0,
+                                                     "final_val_loss": 1.0}))
+    rows = sweep.summarise(tmp_path, ["a"], [1])
+    assert [(r["config"], r["seed"]) for r in rows] == [("a", 1)]
 
 
 def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, launched):
@@ -441,6 +466,9 @@ def test_a_torn_result_json_is_not_taken_for_a_done_run(tmp_path, configs, launc
     sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
     assert len(launched) == 1  # trained again, not skipped
     assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+    (run_dir / "result.json").write_text('["finished"]')  # JSON, but not a result: not done either
+    sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+    assert len(launched) == 2
 
 
 def test_a_torn_config_yaml_is_named(tmp_path, configs, launched):
