@@ -818,6 +818,22 @@ def test_fused_euler_mean_field_gradient_of_one_input_alone(which):
 
     assert torch.autograd.gradcheck(run, (inputs[which].clone().requires_grad_(),))
 
+
+def test_fused_euler_mean_field_backward_leaves_the_incoming_gradient_alone():
+    """The hand-written backward accumulates in a copy: a caller's grad_outputs tensor is not overwritten."""
+    from kuramoto_attn._euler_mean_field import euler_mean_field
+
+    gen = torch.Generator().manual_seed(16)
+    theta = torch.randn(2, 2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    omega = torch.randn(2, 3, 1, generator=gen, dtype=torch.float64)
+    strength = torch.tensor([1.5, -0.8], dtype=torch.float64).view(2, 1, 1)
+    probe = torch.randn(2, 2, 3, 5, generator=gen, dtype=torch.float64)
+    before = probe.clone()
+    for causal in (True, False):
+        out = euler_mean_field(theta, omega, strength, None, steps=3, dt=0.3, phase_lag=0.4, causal=causal)
+        torch.autograd.grad(out, theta, probe)
+        assert torch.equal(probe, before)
+
 def test_fused_euler_mean_field_without_grad_keeps_no_phases_per_step():
     """Under no_grad (evaluation, generation) the fused path gives the same phases from two work
     tensors: what it allocates does not grow with the steps (it kept every step's phases before)."""
