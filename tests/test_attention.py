@@ -293,6 +293,23 @@ def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
         y.append(layer(x[:, 6:], valid[:, 6:], cache=cache))
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
 
+@pytest.mark.parametrize("coupling", CACHED[:-1])
+def test_incremental_decoding_without_a_mask_after_a_padded_prompt(coupling):
+    """Calls without a mask after a padded prompt: their tokens are valid, the prompt's padding still counts."""
+    gen = torch.Generator().manual_seed(14)
+    layer = cache_layer(coupling)
+    x = torch.randn(2, 8, 16, generator=gen, dtype=torch.float64)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, :2], valid[1, 3] = False, False
+    with torch.no_grad():
+        y_full = layer(x, valid)
+        cache = KuramotoCache()
+        y = [layer(x[:, :5], valid[:, :5], cache=cache)]
+        y += [layer(x[:, i:i + 1], cache=cache) for i in range(5, 7)]
+        y.append(layer(x[:, 7:], cache=cache))
+    torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
+
+
 def test_cache_work_per_token_does_not_recompute_the_past():
     """Decoding token t feeds only the new token through the projections (O(t) attention only)."""
     layer = make_layer()
@@ -695,6 +712,11 @@ def test_bad_forward_arguments():
         layer(x, cache=cache)
         with pytest.raises(ValueError, match="cache"):
             layer(torch.randn(3, 1, 16), cache=cache)  # another batch size
+        # keys as wide (4 + 2·5 = 8 + 2·3) from 2 heads in a layer of 4, in a cache with no layer_id (built by hand)
+        by_hand = KuramotoCache(keys=cache.keys, values=cache.values, field_state=cache.field_state)
+        with pytest.raises(ValueError, match=r"^cache: holds keys of shape \(2, 2, 5, 14\), which does not fit "
+                                             r"batch 2, 4 heads and width 14"):
+            KuramotoAttention(16, 4, num_oscillators=5, steps=3)(x[:, :1], cache=by_hand)
         with pytest.raises(ValueError, match="cache"):
             make_layer(dtype=torch.float32, coupling="attention")(x[:, :1], cache=cache)  # another layer
         # ... also one of the same shape: it would add its tokens to the other layer's (wrong outputs)
