@@ -1073,8 +1073,16 @@ class _Drift(Coupling):
         return torch.ones_like(theta)
 
 
-def test_padded_tokens_get_no_coupling_from_a_module():
-    layer = make_layer(phase_lag=0.0, coupling=_Drift(strength=0.25))
+class _DriftKwargs(_Drift):
+    """The same, taking its mask through ``**kwargs``."""
+
+    def interaction(self, theta, **kwargs):
+        return torch.ones_like(theta)
+
+
+@pytest.mark.parametrize("drift", [_Drift, _DriftKwargs])
+def test_padded_tokens_get_no_coupling_from_a_module(drift):
+    layer = make_layer(phase_lag=0.0, coupling=drift(strength=0.25))
     x = torch.randn(1, 4, 16, dtype=torch.float64)
     valid = torch.tensor([[False, True, False, True]])
     with torch.no_grad():
@@ -1102,7 +1110,9 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
     make_layer(coupling=MeanFieldCoupling(dim=-2), phase_lag=0.0, causal=False)  # a non-causal layer may
     make_layer(coupling=MeanFieldCoupling(dim=-1), phase_lag=0.0)  # across the oscillators: causal
     # a graph over the tokens: only fixed lower-triangular weights keep a causal layer causal
-    for leaky in (torch.ones(5, 5) / 5, torch.nn.Parameter(torch.tril(torch.ones(5, 5)))):
+    # (one coupling to the next token is enough to leak)
+    for leaky in (torch.ones(5, 5) / 5, torch.triu(torch.ones(5, 5), 1) - torch.triu(torch.ones(5, 5), 2),
+                  torch.nn.Parameter(torch.tril(torch.ones(5, 5)))):
         with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens \(dim=-2\) in a causal "
                                              "layer needs fixed lower-triangular weights"):
             make_layer(coupling=GraphCoupling(leaky, dim=-2), phase_lag=0.0)
