@@ -92,6 +92,7 @@ def test_reference_yaml_keys_are_accepted():
     (GPTConfig, {"n_heads": 0}, "model.n_heads: must be at least 1"),
     (GPTConfig, {"d_model": 100, "n_heads": 3}, "model.d_model: must be a multiple of n_heads"),
     (GPTConfig, {"dropout": 1.0}, "model.dropout: must be in"),
+    (GPTConfig, {"dropout": -0.1}, "model.dropout: must be in"),
     (GPTConfig, {"dt": 0.0}, "model.dt: must be positive"),
     # the phase layers compute in float32: the config took these, the model then refused them
     *[(GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1], key: k},
@@ -100,6 +101,8 @@ def test_reference_yaml_keys_are_accepted():
                                                                     ("phase_noise", 1e39), ("freq_jitter", 1e39))],
     (GPTConfig, {"coherence_target": 1.5}, "model.coherence_target: must be in"),
     (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [12]}, "model.phase_layer_idx: layer indices"),
+    # a negative index named no layer: use_phase_attention true, and no phase layer at all
+    (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [-1]}, "model.phase_layer_idx: layer indices"),
     (GPTConfig, {"use_phase_attention": True, "phase_layer_idx": [1, 1]}, "model.phase_layer_idx: has repeated"),
     (GPTConfig, {"use_phase_attention": True}, "model.phase_layer_idx: must name at least one"),
     (GPTConfig, {"phase_layer_idx": [1]}, "model.phase_layer_idx: names phase layers but use_phase_attention"),
@@ -124,6 +127,9 @@ def test_reference_yaml_keys_are_accepted():
          r"model.phase_lag: with a coupling module, set the lag on the module"),
         ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"dims": -2}},
          r"model.coupling_options: MeanFieldCoupling\(\*\*coupling_options\) failed: .*dims"),
+        # a ValueError of the class's own checks names coupling_options too, not only the class's argument
+        ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": {"harmonics": [0]}},
+         r"model.coupling_options: MeanFieldCoupling\(\*\*coupling_options\) failed: harmonics"),
         ({"coupling": "kuramoto_attn:MeanFieldCoupling", "coupling_options": [-2]},
          "model.coupling_options: expected a mapping"),
         ({"coupling_options": {"dim": -2}}, "model.coupling_options: is for a Coupling class given as coupling, not "
@@ -143,6 +149,15 @@ def test_config_errors_name_the_key(cls, values, message):
     with pytest.raises(ConfigError, match=message):
         cls.from_dict(values)
 
+
+
+def test_config_bounds_are_inclusive_where_documented():
+    # coherence_target in [0, 1]; coupling_strength within ±(the largest float32), both ends included
+    largest = torch.finfo(torch.float32).max
+    for values in (dict(coherence_target=1.0), dict(coherence_target=0.0), dict(coupling_strength=largest),
+                   dict(coupling_strength=-largest), dict(dt=largest)):
+        config = GPTConfig(vocab_size=VOCAB, n_layers=2, use_phase_attention=True, phase_layer_idx=[1], **values)
+        assert all(getattr(config, key) == value for key, value in values.items())
 
 
 @pytest.mark.parametrize("cls, values, message", [
