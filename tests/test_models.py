@@ -269,6 +269,11 @@ def test_baseline_gpt_equals_a_naive_float64_transformer(bias):
     idx = tokens(2, 9)
     torch.testing.assert_close(model(idx)[0], naive_gpt_logits(model, idx), rtol=1e-10, atol=1e-10)
 
+def test_a_gpt_without_bias_has_no_bias_anywhere():
+    # the naive reference adds a bias only where the model has one: it cannot tell a stray one
+    model = phase_gpt(bias=False)
+    assert [name for name, _ in model.named_parameters() if "bias" in name] == []
+
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 def test_causal(name):
     model = MODEL_CASES[name]()
@@ -334,6 +339,27 @@ def test_cached_forward_equals_uncached(name):
         _, _, last = model(idx[:, 10:], cache=cache, return_info=True)
         torch.testing.assert_close(last.phase[2].phases, full_info.phase[2].phases[:, :, 10:])
 
+
+
+def test_a_gpt_cache_emptied_of_its_layers_counts_from_zero():
+    # as a TPI cache emptied of its states: the layers are filled on first use, the length restarts at 0
+    model, idx = tiny_gpt(), tokens(2, 5)
+    cache = model.new_cache()
+    model(idx, cache=cache)
+    cache.layers.clear()
+    logits, _ = model(idx, cache=cache)
+    assert cache.length == 5
+    torch.testing.assert_close(logits, model(idx)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_a_gpt_cache_filled_with_gradients_on_holds_no_graph():
+    # training-mode decoding: the next step attends over the cached keys and values as constants, so
+    # a backward through it does not run into the previous step's graph (already freed)
+    model = phase_gpt(phase_layer_idx=(2,))
+    idx, cache = tokens(2, 6), model.new_cache()
+    model(idx[:, :4], cache=cache)[0].sum().backward()
+    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in cache.layers[:2])
+    model(idx[:, 4:], cache=cache)[0].sum().backward()
 
 
 def test_a_tpi_cache_emptied_of_its_states_counts_from_zero():
@@ -436,6 +462,11 @@ def test_a_cache_of_another_batch_or_model_is_an_error(name, other):
     with pytest.raises(ValueError, match="^cache: expected a"):
         model(tokens(2, 1), cache=[])
     if isinstance(model, GPT):  # a plain layer took anything but a KVCache for no cache, silently
+        short = model.new_cache()  # one layer fewer: the model ran only the layers that had a cache
+        model(tokens(2, 4), cache=short)
+        short.layers.pop()
+        with pytest.raises(ValueError, match="^cache: its layers do not match this model's"):
+            model(tokens(2, 1), cache=short)
         cache.layers = [None] * len(cache.layers)
         with pytest.raises(ValueError, match="^cache: its layers do not match this model's"):
             model(tokens(2, 1), cache=cache)
@@ -630,6 +661,8 @@ def test_generate_reads_at_most_context_tokens(use_cache):
     # context below max_seq_len (a model trained on shorter blocks): every token is the argmax
     # of the model on the last `context` tokens only, cached or not
     model = phase_gpt()
+    full = model.generate(tokens(2, 3), 12, temperature=0, use_cache=use_cache, context=12)  # the largest
+    assert torch.equal(full, model.generate(tokens(2, 3), 12, temperature=0, use_cache=use_cache))
     out = model.generate(tokens(2, 3), 9, temperature=0, use_cache=use_cache, context=np.int64(5))
     for i in range(3, 12):
         assert torch.equal(out[:, i], model(out[:, max(0, i - 5):i])[0][:, -1].argmax(-1))
@@ -784,6 +817,9 @@ def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
     assert model.blocks[1].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+               and not name.startswith("blocks.1.attn")]
+    assert len(linears) == 4 * 4 - 2 and not any(m.bias.any() for m in linears)  # zero biases
     # the phase layer keeps nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)): std 1/sqrt(3 fan_in)
     assert model.blocks[1].attn.phase_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)
 
