@@ -1357,6 +1357,20 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert more["status"] == "finished" and more["step"] == 12 and more["best_val_loss"] == 1.0
 
 
+def test_an_improvement_restarts_the_count_of_evaluations_without_one(tmp_path, corpus_file, monkeypatch):
+    # patience counts the evaluations since the last improvement, not every one without improvement
+    scripted = iter([3.0, 3.1, 2.0, 2.1, 2.2, 2.3])
+
+    def evaluate(*args, **kwargs):
+        return {"val/loss": next(scripted), "val/ppl": 1.0}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 12, "eval_interval": 2, "patience": 2})
+    result = train(parse_config(values))
+    assert result["status"] == "early_stopped" and result["step"] == 10  # 2.1, 2.2 after the 2.0 at step 6
+    assert result["best_val_loss"] == 2.0 and result["final_val_loss"] == 2.2
+
+
 def test_gradients_are_clipped_to_grad_clip(tmp_path, corpus_file, monkeypatch):
     norms = []
 
