@@ -1108,34 +1108,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    with pytest.raises(TrainingDiverged, match="step 5: loss nan"):
+    with pytest.raises(TrainingDiverged, match="step 5: loss nan") as diverged:
         train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True})))
     run = tmp_path / "run"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "diverged" and result["message"] == str(diverged.value)  # why, for a sweep's reader
     assert list((run / "logs").rglob("metrics.csv"))  # the logs up to the divergence are kept
 
 
-@pytest.mark.parametrize("poisoned_eval, kept", [(1, "no checkpoint has been written yet"),
-                                                  (2, "last.pt / best.pt keep the last good state")])
+@pytest.mark.parametrize("poisoned_eval, value, kept", [(1, "nan", "no checkpoint has been written yet"),
+                                                         (2, "nan", "last.pt / best.pt keep the last good state"),
+                                                         (2, "inf", "last.pt / best.pt keep the last good state")])
 def test_a_nan_validation_loss_says_whether_a_checkpoint_was_kept(tmp_path, corpus_file, monkeypatch, poisoned_eval,
-                                                                 kept):
+                                                                 value, kept):
     # at the first evaluation it claimed "last.pt / best.pt keep the last good state" with no checkpoint there
     real_evaluate, calls = train_module.evaluate, {"n": 0}
 
     def evaluate(*args, **kwargs):
         calls["n"] += 1
         out = real_evaluate(*args, **kwargs)
-        return dict(out, **{"val/loss": float("nan")}) if calls["n"] == poisoned_eval else out
+        return dict(out, **{"val/loss": float(value)}) if calls["n"] == poisoned_eval else out
 
     monkeypatch.setattr(train_module, "evaluate", evaluate)
     step = 4 * poisoned_eval
-    with pytest.raises(TrainingDiverged, match=rf"^step {step}: validation loss nan is not finite; {kept}$"):
+    with pytest.raises(TrainingDiverged, match=rf"^step {step}: validation loss {value} is not finite; {kept}$"):
         train(parse_config(tiny(tmp_path, corpus_file)))
     assert (tmp_path / "run" / "last.pt").is_file() == (poisoned_eval > 1)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    if poisoned_eval == 1:  # no evaluation recorded: no losses nor R (not the inf best_val starts at)
+        assert (result["best_val_loss"], result["final_val_loss"], result["best_val_R"], result["final_val_R"]) == (
+            None, None, {}, {})
 
 
 def _run_recipe(args: list[str], **env) -> subprocess.CompletedProcess:
@@ -2406,6 +2412,30 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_pat
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert state["progress"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("precision, hints", [("32-true", "a lower optim.lr or optim.grad_clip"),
+                                              ("bf16-mixed", "a lower optim.lr, optim.grad_clip or "
+                                                             "fabric.precision=32-true")])
+def test_a_divergence_before_the_first_checkpoint_says_when_it_comes_and_what_to_try(
+        tmp_path, corpus_file, monkeypatch, precision, hints):
+    # a run shorter than eval_interval writes its first checkpoint at its end, max_iters; fp32 is a hint only
+    # to a run in another precision
+    real_build = train_module.build_model
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: (output[0], output[1] * float("nan"), *output[2:])
+                                    if module.training else None)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "precision": precision},
+                  train={"max_iters": 3, "eval_interval": 4})
+    with pytest.raises(TrainingDiverged, match=rf"^step 0: loss nan, gradient norm nan is not finite; stopped before "
+                                               rf"the update, no checkpoint yet \(the first is written at step 3\)\. "
+                                               rf"Try {hints}\.$"):
+        train(parse_config(values))
 
 
 def test_training_evaluates_on_the_validation_split(tmp_path, corpus_file, monkeypatch):
