@@ -985,6 +985,20 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path
     assert train(parse_config(values), resume=True)["step"] == 4
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_progress_key_was_added(tmp_path, corpus_file, capsys):
+    # the keys progress gained since (slices, an evaluation due, stopped early) take their defaults
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
+    train(parse_config(values))
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("shards", "eval_due", "stopped"):
+        del state["progress"][key]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=6"])), resume=True)["step"] == 6
+    assert "slices" not in capsys.readouterr().out
+
+
 def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_place_and_devices(tmp_path, corpus_file):
     # what the run trained with (batches, evaluations, optimizer, data, model, precision) stays that run's
     values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
@@ -1694,6 +1708,21 @@ def test_a_checkpoint_without_a_corpus_record_still_evaluates_and_resumes(tmp_pa
     assert "records no sha256 of the corpus (written by an older version)" in capsys.readouterr().out
     sha = hashlib.sha256(text.read_bytes()).hexdigest()  # recorded from now on
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["corpus"] == {"sources": {"all": sha}}
+
+
+def test_a_checkpoint_without_a_corpus_record_refuses_a_corpus_with_another_vocabulary(tmp_path, corpus_file):
+    # without the sha256, the tokenizer is all a resume can compare: a text with other characters is refused
+    text = tmp_path / "chars.txt"
+    text.write_bytes(corpus_file.read_bytes())
+    values = tiny(tmp_path, text, train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    path = tmp_path / "run" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    del state["corpus"]  # as written before checkpoints recorded the corpus
+    torch.save(state, path)
+    text.write_text(text.read_text() + "XYZ\n")
+    with pytest.raises(ValueError, match=r"^--resume: the tokenizer differs from the checkpoint's"):
+        train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)
 
 
 def test_a_split_shorter_than_the_context_fails_before_training(tmp_path):
