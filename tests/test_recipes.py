@@ -444,6 +444,7 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then never rises
     assert lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
     assert learning_rate(55, o, 100) == pytest.approx(0.55)           # cosine midpoint
+    assert {learning_rate(s, o, 100) for s in (101, 150, 300)} == {lrs[100]}  # stays at min_lr past the end
 
 
 def test_a_warmup_as_long_as_training_ends_at_lr_without_a_zero_length_decay():
