@@ -276,7 +276,6 @@ def test_incremental_decoding_with_padding(coupling):
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
 
 
-
 @pytest.mark.parametrize("coupling", CACHED[:-1])
 def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
     """A prompt given without a mask is all valid: calls after it with a padding mask still count it."""
@@ -292,6 +291,7 @@ def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
         y += [layer(x[:, i:i + 1], valid[:, i:i + 1], cache=cache) for i in range(4, 6)]
         y.append(layer(x[:, 6:], valid[:, 6:], cache=cache))
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
+
 
 @pytest.mark.parametrize("coupling", CACHED[:-1])
 def test_incremental_decoding_without_a_mask_after_a_padded_prompt(coupling):
