@@ -238,6 +238,8 @@ def main() -> None:
                  "development copy beside the checkout: pass --data PATH elsewhere)")
     # absolute: the runs start in the checkout (cwd=ROOT), not where this script was started
     args.data, out = str(Path(args.data).resolve()), Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {str(out)!r} is a file, not a directory (runs and the corpus cache go there)")
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; "
           f"{args.iters} iterations on {args.data}, seeds {args.seeds}\n")
