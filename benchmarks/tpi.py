@@ -335,6 +335,9 @@ def main():
     parser.add_argument("--json", type=json_path, default=None, help="also write the results as JSON to this path")
     parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args()
+    for flag, values in (("--mixers", args.mixers), ("--d-models", args.d_models)):
+        if values is not None and len(set(values)) < len(values):  # the same model trained twice, two rows
+            parser.error(f"{flag}: each value at most once, got {values}")
 
     device = args.device  # a torch.device (device_arg)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
