@@ -11,6 +11,13 @@ import torch
 from torch import Tensor
 
 
+def largest_value() -> float:
+    """The largest finite value of the default dtype, which modules compute their phases in: a
+    scale beyond it is inf there (inf or NaN results). float32's also bounds bf16's and float16's
+    compute type."""
+    return torch.finfo(torch.get_default_dtype()).max
+
+
 def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
     # plain Python: torch.broadcast_shapes costs about as much as the coupling itself

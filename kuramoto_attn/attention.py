@@ -65,7 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_like, check_int, check_real,
-                      check_tensor)
+                      check_tensor, largest_value)
 from ._euler_mean_field import euler_mean_field
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
@@ -251,7 +251,7 @@ class KuramotoAttention(nn.Module):
         self.num_oscillators = check_int("num_oscillators", num_oscillators, low=1)
         self.steps = check_int("steps", steps, low=1)
         # the phases' arithmetic runs in the parameters' dtype: a larger number is inf there (NaN outputs)
-        largest = torch.finfo(torch.get_default_dtype()).max
+        largest = largest_value()
         self.dt = check_real("dt", dt, low=0.0, low_open=True, high=largest)
         self.integrator = check_choice("integrator", integrator, SOLVERS)
         calls = []  # the solver's field evaluations per step (a cache holds a state for each)
@@ -283,7 +283,7 @@ class KuramotoAttention(nn.Module):
     def _coherence(target, weight, mode, band) -> CoherenceRegularizer | None:
         """The regularizer (None without a target or band), checked so that errors name this layer's
         arguments: the target is read in ceiling and center modes, the band in band mode only."""
-        weight = check_real("coherence_weight", weight, low=0.0, high=torch.finfo(torch.get_default_dtype()).max)
+        weight = check_real("coherence_weight", weight, low=0.0, high=largest_value())
         mode = check_choice("coherence_mode", mode, CoherenceRegularizer.MODES)
         if target is None and band is None:  # a weight or mode given for no regularizer is a mistake
             defaults = inspect.signature(KuramotoAttention).parameters

@@ -12,16 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_axis, check_choice, check_real, check_tensor
+from ._checks import check_axis, check_choice, check_real, check_tensor, largest_value
 from .order_params import order_parameter
 
 __all__ = ["CoherenceRegularizer", "FrequencyJitter", "PhaseNoise"]
-
-
-def _largest() -> float:
-    """The largest finite value of the default dtype: a scale beyond it is inf in the tensors'
-    arithmetic (float32's, also bf16's and float16's compute type), so inf or NaN results."""
-    return torch.finfo(torch.get_default_dtype()).max
 
 
 class PhaseNoise(nn.Module):
@@ -45,7 +39,7 @@ class PhaseNoise(nn.Module):
 
     def __init__(self, sigma: float = 0.03) -> None:
         super().__init__()
-        self.sigma = check_real("sigma", sigma, low=0.0, high=_largest())
+        self.sigma = check_real("sigma", sigma, low=0.0, high=largest_value())
 
     def forward(self, theta: Tensor) -> Tensor:
         """``theta`` ``(*)`` plus noise (training mode), same shape."""
@@ -80,7 +74,7 @@ class FrequencyJitter(nn.Module):
 
     def __init__(self, relative: float = 0.02) -> None:
         super().__init__()
-        self.relative = check_real("relative", relative, low=0.0, high=_largest())
+        self.relative = check_real("relative", relative, low=0.0, high=largest_value())
 
     def forward(self, omega: Tensor) -> Tensor:
         """``omega`` ``(*)`` jittered (training mode), same shape."""
@@ -131,7 +125,7 @@ class CoherenceRegularizer(nn.Module):
                  band: tuple[float, float] = BAND, dim: int = -1) -> None:
         super().__init__()
         self.target = check_real("target", target, low=0.0, high=1.0)
-        self.weight = check_real("weight", weight, low=0.0, high=_largest())
+        self.weight = check_real("weight", weight, low=0.0, high=largest_value())
         self.mode = check_choice("mode", mode, self.MODES)
         if not isinstance(band, (tuple, list)) or len(band) != 2:
             raise ValueError(f"band: expected a pair (lo, hi) but got {band!r}")

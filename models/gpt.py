@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
 from kuramoto_attn.attention import COUPLINGS
-from kuramoto_attn._checks import check_bool, check_cache_dtype, check_int
+from kuramoto_attn._checks import check_bool, check_cache_dtype, check_int, largest_value
 
 from . import sampling
 from .config import ConfigError, check, check_types, from_dict
@@ -146,7 +146,7 @@ class GPTConfig:
               self.d_model)
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
         check(self.dt > 0, "dt", "must be positive", self.dt)
-        largest = torch.finfo(torch.get_default_dtype()).max  # the phase layers compute in that dtype
+        largest = largest_value()  # the phase layers compute in the default dtype
         for name in ("coupling_strength", "dt", "phase_noise", "freq_jitter"):
             check(abs(getattr(self, name)) <= largest, name,
                   f"must be within ±{largest:.4g} (the largest {torch.get_default_dtype()})", getattr(self, name))
