@@ -48,8 +48,9 @@ __all__ = [
     "ChecksumError",
 ]
 
-CACHE_FORMAT = 4  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line;
-# 4: a word-level file's last line ends in "<eos>" also without a final newline)
+CACHE_FORMAT = 5  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line;
+# 4: a word-level file's last line ends in "<eos>" also without a final newline; 5: the word
+# vocabulary counts "<eos>" as encode emits it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +127,6 @@ class ByteTokenizer:
         return {"kind": self.kind}
 
 
-def _lines(text: str) -> list[str]:
-    """Lines as iterating over a file yields them: split on "\\n", no empty piece after a final one."""
-    lines = text.split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
-
-
 class WordTokenizer:
     """Whitespace-separated words → ids, each line ending in ``"<eos>"`` (PyTorch's
     word_language_model convention for the tokenized WikiText release); a text's last line without
@@ -162,7 +157,10 @@ class WordTokenizer:
     @classmethod
     def from_text(cls, text: str, *, add_unk: bool = False) -> "WordTokenizer":
         """Vocabulary of ``text``; ``add_unk`` appends ``"<unk>"`` when the text has none."""
-        counts = collections.Counter(w for line in _lines(text) for w in line.split() + [cls.eos])
+        counts = collections.Counter(text.split())
+        # one "<eos>" per "\n", as encode emits them (a last line without one, e.g. a train split cut
+        # inside the file's last line, has none); the vocabulary holds "<eos>" even at count 0
+        counts[cls.eos] += text.count("\n")
         words = sorted(counts, key=lambda w: (-counts[w], w))
         if add_unk and cls.unk not in counts:
             words.append(cls.unk)

