@@ -102,6 +102,14 @@ def make_fabric(config: FabricConfig, loggers=None):
         # recipes run as scripts, which Fabric's default launcher (ddp) starts once per process
         raise ValueError(f"fabric.strategy: {config.strategy} starts its processes from a function, which the "
                          "recipes do not use; use ddp (or fsdp on GPUs)")
+    environment = getattr(getattr(fabric, "_strategy", None), "cluster_environment", None)
+    if config.num_nodes > 1 and type(environment).__name__ == "LightningEnvironment" \
+            and not {"NODE_RANK", "GROUP_RANK", "MASTER_ADDR"} & os.environ.keys():
+        # no cluster launcher (SLURM, torchrun) and no node settings: init would wait for the other
+        # nodes' processes until the process group's timeout (30 minutes), then fail
+        raise ValueError(f"fabric.num_nodes: {config.num_nodes} nodes need their processes started on every node: "
+                         "under SLURM (srun) or torchrun (or `fabric run --num-nodes N --node-rank R --main-address "
+                         "HOST`), or with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
     # Fabric swaps fp16 AMP on a CPU for bf16 with a warning only: the run would not be what its config says
     if str(precision) in ("16", "16-mixed") and fabric._precision.precision != "16-mixed":
         raise ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on "

@@ -2527,6 +2527,24 @@ def test_every_fabric_setting_reaches_fabric(monkeypatch):
         "accelerator": "cpu", "devices": 3, "num_nodes": 2, "strategy": "ddp", "precision": "64-true"}
 
 
+@pytest.mark.parametrize("launched", [None, "NODE_RANK", "MASTER_ADDR"])
+def test_several_nodes_without_a_launcher_or_node_settings_are_an_error_not_a_wait(monkeypatch, launched):
+    # it waited for the other nodes' processes until the process group's timeout (30 minutes)
+    from recipes.common import make_fabric
+    from recipes.config import FabricConfig
+    for name in ("NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    if launched:
+        monkeypatch.setenv(launched, "0" if launched == "NODE_RANK" else "127.0.0.1")
+    config = FabricConfig(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp")
+    if launched is None:
+        with pytest.raises(ValueError, match="^fabric.num_nodes: 2 nodes need their processes started on every node"):
+            make_fabric(config)
+    else:  # a node started by hand: Fabric's own environment reads these
+        assert make_fabric(config).world_size == 2
+    assert make_fabric(FabricConfig(accelerator="cpu", devices=1, num_nodes=1)).world_size == 1
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", None), ("16-mixed", None), ("32-true", torch.float32),
                                               ("bf16-true", torch.bfloat16),
                                               # Fabric's aliases of the mixed ones (they cast ω, β, K to 16 bits)
