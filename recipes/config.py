@@ -35,7 +35,7 @@ from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig", "load_config", "parse_config",
-           "parse_saved_config", "load_yaml", "apply_overrides", "override", "split_overrides", "model_config",
+           "parse_saved_config", "load_yaml", "read_yaml", "apply_overrides", "override", "split_overrides", "model_config",
            "changed_keys", "changed_settings"]
 
 
@@ -203,6 +203,17 @@ def model_config(model: dict, vocab_size: int | None = None):
     return config_cls.from_dict(values, where="model")
 
 
+def read_yaml(path: Path) -> Any:
+    """The value of a UTF-8 YAML file (None when empty; safe loading, a key given twice in one mapping
+    refused); a file that is not UTF-8 or not valid YAML is a ConfigError naming it, on one line."""
+    try:
+        return _load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+
+
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file as a mapping, with ``extends:`` (a path relative to the file) merged underneath."""
     path = Path(path)
@@ -210,12 +221,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise FileNotFoundError(f"config: no such file {str(path)!r}")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: extends: a cycle ({' -> '.join(str(p) for p in (*_seen, path.resolve()))})")
-    try:
-        values = _load_yaml_text(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    values = read_yaml(path)
     if values is None:  # an empty file (or comments only): every setting from the base or the defaults
         values = {}
     if not isinstance(values, dict):  # also 0, false or []: not read as an empty config

@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, run_cli
-from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, _load_yaml_text, _one_line,
-                            changed_settings, load_config, load_yaml, override, parse_saved_config, split_overrides)
+from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
+                            load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
@@ -398,10 +397,7 @@ def _read_sweep(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep: no such file {str(path)!r}")
-    try:
-        spec = _load_yaml_text(path.read_text())  # a key given twice is an error, not the last one kept
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    spec = read_yaml(path)  # a key given twice is an error, not the last one kept
     if spec is None:  # an empty file
         spec = {}
     if not isinstance(spec, dict):

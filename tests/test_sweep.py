@@ -89,6 +89,7 @@ BAD_SWEEP_FILES = [
     ("overrides: [{a: 1}]", "overrides: expected key=value strings, e.g. train.max_iters=100, got {'a': 1}"),
     ("out_dir: [a]", "out_dir: expected a directory path, got ['a']"),
     ("configs: [a.yaml", "sweep.yaml: not valid YAML: "),
+    ("configs: [caf\xe9.yaml]", "sweep.yaml: not UTF-8 text (invalid continuation byte at byte 13)"),
     # misleading before (a string iterated per character, a list or scalar read as keys)
     ("configs: a.yaml", "configs: expected a non-empty list of config paths, got 'a.yaml'"),
     ("overrides: train.max_iters=2", "overrides: expected a list of key=value strings, got 'train.max_iters=2'"),
@@ -115,10 +116,11 @@ BAD_SWEEP_FILES = [
 @pytest.mark.parametrize("text, message", BAD_SWEEP_FILES, ids=[t or "empty" for t, _ in BAD_SWEEP_FILES])
 def test_sweep_file_mistakes_are_one_error_line_before_anything_is_created(tmp_path, configs, launched, capsys,
                                                                         text, message):
-    values = yaml.safe_load(text) if text != "configs: [a.yaml" else None
+    values = yaml.safe_load(text) if text not in ("configs: [a.yaml", "configs: [caf\xe9.yaml]") else None
     if isinstance(values, dict):  # a valid sweep but for the key under test
         text = yaml.safe_dump({"configs": ["a.yaml"], "out_dir": str(tmp_path / "out"), **values})
-    (configs / "sweep.yaml").write_text(text)
+    # latin-1: a file saved in another encoding (it was read in the locale's, or a UnicodeDecodeError traceback)
+    (configs / "sweep.yaml").write_bytes(text.encode("latin-1"))
     error = cli_error([str(configs / "sweep.yaml")], capsys)
     assert error.startswith(f"error: {message}") or error.startswith(f"error: {configs / message}"), error
     assert not launched and not (tmp_path / "out").exists() and not any((tmp_path / "cwd").iterdir())
