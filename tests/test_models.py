@@ -485,6 +485,18 @@ def test_generate_with_cache_equals_without(name, temperature, top_k):
 
 
 @pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector"])
+def test_generate_samples_at_temperature_1_and_from_every_token_by_default(name, monkeypatch):
+    # the documented defaults (temperature=1.0, top_k=None) reach each step's sampling; at
+    # initialisation the logits are too flat for the tokens alone to tell 1.0 from e.g. 0.9
+    from models import sampling
+    seen, sample_next = [], sampling.sample_next
+    monkeypatch.setattr(sampling, "sample_next", lambda logits, temperature, top_k, *args:
+                        seen.append((temperature, top_k)) or sample_next(logits, temperature, top_k, *args))
+    MODEL_CASES[name]().generate(tokens(1, 3), 4)
+    assert seen == [(1.0, None)] * 4
+
+
+@pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_samples_only_ids_below_vocab_size(name, use_cache):
     # a tokenizer of 4 ids under an embedding padded to VOCAB = 13: never sample a padding id
