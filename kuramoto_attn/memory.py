@@ -58,8 +58,9 @@ straddling lags through masked blocks), and the decay only forms powers ``γ^n``
 in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. Without a state,
 ``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype: a model run in
 float16 (largest value 65504) overflows once they exceed it, e.g. with ``kernel="unbounded"`` after
-tens of thousands of tokens; use bfloat16 or float32 for such lengths. With a state, :meth:`step`
-and ``forward(x, state)`` sum in the state's dtype, which :meth:`~HolographicPhaseMemory.init_state`
+tens of thousands of tokens; use bfloat16 or float32 for such lengths. With a state,
+:meth:`~HolographicPhaseMemory.step` and ``forward(x, state)`` sum in the state's dtype, which
+:meth:`~HolographicPhaseMemory.init_state`
 makes the parameters' dtype promoted to float32 at least: a bfloat16 or float16 module casts each
 token's contribution to float32, keeps memory, ``S_t`` and the window's buffer in float32 (in
 bfloat16 a running sum of ones would stop growing at 256, in float16 at 2048) and casts the
