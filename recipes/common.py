@@ -191,8 +191,11 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     """
     checkpoint = checkpoint_file(checkpoint, None)  # a run directory: its best.pt
     if not checkpoint.is_file():
-        others = sorted(p.name for p in checkpoint.parent.glob("*.pt")) if checkpoint.parent.is_dir() else []
-        if others:  # a run without best.pt yet (interrupted before its first evaluation), or a misspelt name
+        # a .pt name: a run without best.pt yet (interrupted before its first evaluation), or a misspelt
+        # file; any other missing path (e.g. a misspelt run directory) says nothing of its folder's files
+        others = sorted(p.name for p in checkpoint.parent.glob("*.pt")) \
+            if checkpoint.suffix == ".pt" and checkpoint.parent.is_dir() else []
+        if others:
             pick = next((name for name in ("best.pt", "last.pt") if name in others), others[0])
             when = " (a run writes best.pt at its first evaluation)" if checkpoint.name == "best.pt" else ""
             raise FileNotFoundError(f"checkpoint: no such file {str(checkpoint)!r}{when}; that directory holds "

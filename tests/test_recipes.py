@@ -2107,6 +2107,9 @@ def test_a_run_without_best_pt_names_the_checkpoints_it_holds(trained, tmp_path,
          f"no such file '{trained / 'bst.pt'}'; that directory holds best.pt, last.pt: give the run directory with "
          "--checkpoint best.pt"),
         (generate, [str(tmp_path / "empty")], "(give a run directory or a .pt file written by recipes.train)"),
+        # a misspelt run directory beside checkpoint files: it suggested --checkpoint with one of them
+        (generate, [str(run / "interupted")], f"error: checkpoint: no such file '{run / 'interupted'}' (give a run "
+                                              "directory or a .pt file written by recipes.train)"),
     ]:
         with pytest.raises(SystemExit) as stop:
             run_cli(lambda: module.main(args))
