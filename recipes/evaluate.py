@@ -13,7 +13,9 @@ A run moved to another machine finds its corpus with ``--data-path`` (and ``--ca
 The results are added to ``evaluation.json`` beside the checkpoint, under its file name, step and
 which write of the file was read (``{"best.pt": {"step": 2000, "written": ..., "val": {...}}}``):
 evaluating other splits or checkpoints keeps the earlier results; a checkpoint replaced while it was
-evaluated (a run training there) is an error, not results recorded under the new file.
+evaluated (a run training there) is an error, not results recorded under the new file. Two
+evaluations of one run write ``evaluation.json`` in turn: each holds a lock on the empty file
+``evaluation.json.lock`` beside it, which stays (deleting it while one waits would let a third in).
 """
 
 from __future__ import annotations
