@@ -324,6 +324,10 @@ class KuramotoAttention(nn.Module):
         if needed:
             raise ValueError(f"coupling: {name}.interaction needs {', '.join(needed)}, which this layer cannot "
                              "give (for the layer's own attention weights use coupling='attention')")
+        if any(p.name == "mask" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in parameters):  # the layer calls it without a mask when nothing is padded
+            raise ValueError(f"coupling: {name}.interaction needs mask, which this layer gives only with padding; "
+                             "give it a default (mask=None: no padding)")
         if isinstance(coupling, (MeanFieldCoupling, GraphCoupling)) and coupling.dim in (0, -4):
             raise ValueError(f"coupling: {name} along dim={coupling.dim}, the batch axis of the phases (b, h, t, n), "
                              "would couple different sequences; use dim=-2 (tokens) or -1 (oscillators)")

@@ -1143,6 +1143,18 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
     assert ring(x).shape == x.shape  # without padding it runs
 
 
+class _NeedsMask(Coupling):
+    def interaction(self, theta, mask):
+        return torch.sin(theta) * mask
+
+
+def test_a_coupling_module_whose_mask_has_no_default_is_refused():
+    # the layer passes mask= only when something is padded: unpadded, it was a bare TypeError in forward
+    with pytest.raises(ValueError, match=r"^coupling: _NeedsMask.interaction needs mask, which this layer gives "
+                                         r"only with padding; give it a default \(mask=None"):
+        make_layer(coupling=_NeedsMask(), phase_lag=0.0)
+
+
 def test_token_axis_couplings_given_with_a_positive_dim_are_checked_too():
     # a coupling module sees phases (b, h, t, n): dim=2 is the token axis just as dim=-2 is
     with pytest.raises(ValueError, match=r"^coupling: MeanFieldCoupling along the tokens \(dim=2\) with causal=False"):
