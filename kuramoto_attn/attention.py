@@ -188,14 +188,16 @@ class KuramotoAttention(nn.Module):
             own scheme, or e.g. ``MeanFieldCoupling(dim=-2, causal=True, harmonics=(1, 2))``): it is
             called on the phases ``(b, h, t, n)``, with ``mask=`` ``(b, 1, t, 1)`` (True = valid)
             when there is padding, and its term (its own strength and lag included) is scaled by the
-            layer's ``K`` per head; padded tokens get zero coupling. With ``causal=True`` it must not
+            layer's ``K`` per head; padded tokens get zero coupling (the layer zeroes their own term;
+            a module along the tokens must itself use ``mask`` to keep them from pulling valid tokens:
+            one that ignores it lets padding change the valid outputs). With ``causal=True`` it must not
             mix later tokens into earlier ones (along tokens: ``causal=True``; across the
             oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
             tokens that is not causal, or a :class:`~kuramoto_attn.GraphCoupling` along them whose
             weights are learnable or not lower-triangular, is an error, and so is either along the batch
             axis (dim 0: it would couple the sequences of a batch); other modules are trusted.
             Runs on the generic solver path. With a
-            ``cache``, the module sees the past tokens' phases at each evaluation followed by the new
+            ``cache``, the module sees the past tokens' phases (and mask) at each evaluation followed by the new
             tokens' (O(t) work per decoded token) and only the new tokens' terms are used: this
             equals the full forward for a module that is causal along the tokens.
         phase_lag: Sakaguchi lag ``α`` in radians (of a coupling module: its own ``phase_lag``).
