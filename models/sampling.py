@@ -60,10 +60,12 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     # the largest logit moved to 0 first: a tiny temperature then sends the others to -inf, never inf - inf;
     # it stays 0 where the temperature rounds to 0 in the logits' dtype (0 / 0 would be NaN)
     shifted = logits - logits.max(-1, keepdim=True).values
+    if top_k is not None:  # chosen before tempering: a huge temperature rounds every logit to 0, all tied
+        kth = torch.topk(shifted, min(top_k, shifted.shape[-1])).values[:, -1:]  # (b, 1)
+        dropped = shifted < kth
     logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(dropped, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 

@@ -537,6 +537,17 @@ def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):
     assert torch.equal(draws[:, 0], logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1e300), (torch.bfloat16, 1e39), (torch.float16, 1e9)])
+def test_top_k_holds_at_a_huge_temperature(dtype, temperature):
+    """top_k picks the k largest logits whatever the temperature: tempering rounds the logits here
+    to 0 (T overflows the dtype, or the quotients underflow), which must not tie every id with the kth."""
+    from models.sampling import sample_next
+    logits = torch.tensor([[3.0, 1.0, 0.0, 2.0]], dtype=dtype).expand(2000, -1)
+    assert (sample_next(logits, temperature, 1, torch.Generator().manual_seed(0)) == 0).all()
+    draws = sample_next(logits, temperature, 2, torch.Generator().manual_seed(0)).flatten()
+    assert set(draws.tolist()) == {0, 3}  # both kept, at the huge temperature's (near-)uniform odds
+
+
 @pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generating_no_tokens_returns_the_prompt(name, use_cache):
