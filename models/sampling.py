@@ -114,7 +114,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
                 else:
                     logits, _ = model(idx[:, -1:], cache=cache)  # the newest token only
                 next_token = sample_next(logits[:, -1], temperature, top_k, generator, vocab_size)  # (b, 1)
-                idx = torch.cat([idx, next_token], dim=1)
+                idx = torch.cat([idx, next_token.to(idx.dtype)], dim=1)  # an int32 prompt stays int32
     finally:
         for module, training in modes:
             module.training = training

@@ -556,6 +556,16 @@ def test_generating_no_tokens_returns_the_prompt(name, use_cache):
 
 
 @pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_keeps_an_int32_prompts_dtype(name, use_cache):
+    # int32 ids are accepted: the tokens are appended to them, as with no new tokens (not promoted to int64)
+    model, prompt = MODEL_CASES[name](), tokens(2, 5)
+    out = model.generate(prompt.int(), 4, temperature=0, use_cache=use_cache)
+    assert out.dtype == torch.int32
+    assert torch.equal(out, model.generate(prompt, 4, temperature=0, use_cache=use_cache).int())
+
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
 def test_a_vocab_limit_above_the_model_is_refused_even_for_no_new_tokens(name):
     model = MODEL_CASES[name]()
     with pytest.raises(ValueError, match="vocab_size: expected at most the model's"):
