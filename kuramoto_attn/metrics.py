@@ -145,6 +145,23 @@ class OrderParameter(Metric):
         self.low = torch.minimum(self.low, low.to(self.low.dtype))
         self.high = torch.maximum(self.high, high.to(self.high.dtype))
 
+    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
+        """As torchmetrics' ``forward``: the statistics of this batch alone, which are also added to the
+        accumulated ones. Input that :meth:`update` refuses leaves the metric as it was: torchmetrics
+        resets the states before that update and restores them only after it, so a refused batch lost
+        everything accumulated (and left the metric set not to sync on :meth:`compute`)."""
+        saved = {name: getattr(self, name).clone() for name in self._defaults}
+        for name in ("_update_count", "_computed", "_forward_cache", "_cache", "_is_synced", "_to_sync",
+                     "_should_unsync", "_enable_grad", "compute_on_cpu"):
+            if hasattr(self, name):  # torchmetrics' internals: not every version has each
+                saved[name] = getattr(self, name)
+        try:
+            return super().forward(*args, **kwargs)
+        except Exception:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            raise
+
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
         """Add another ``OrderParameter``'s states (or a dict of them) to this one's. Their group
         counts must match: states of another ``num_groups`` would broadcast onto every group. A result

@@ -310,6 +310,30 @@ def test_forward_returns_batch_stats_and_accumulates():
     assert_stats_close(metric.compute(), per_group_stats(naive_R(torch.cat(batches)), group_dim=1))
 
 
+@pytest.mark.parametrize("dist_sync_on_step", [False, True])
+@pytest.mark.parametrize("bad_call", [
+    lambda metric: metric(torch.zeros(2, 3, 3, 6)),                                # 3 groups, not 2
+    lambda metric: metric(torch.zeros(2, 2, 3, 6), mask=torch.ones(2, 1, 3, 1)),   # not boolean
+    lambda metric: metric(torch.zeros(2, 2, 3, 6, dtype=torch.int64)),
+])
+def test_forward_of_refused_input_keeps_what_was_accumulated(bad_call, dist_sync_on_step):
+    """torchmetrics' forward resets the states before its update: a refused batch wiped them (and
+    left the metric set not to sync on compute)."""
+    gen = torch.Generator().manual_seed(6)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=2, dist_sync_on_step=dist_sync_on_step)
+    batches = [clustered_phases(gen, (2, 2, 3, 6), spread) for spread in (0.1, 3.0)]
+    metric(batches[0])
+    before = {name: getattr(metric, name).clone() for name in metric._defaults}
+    to_sync = metric._to_sync
+    with pytest.raises(ValueError):
+        bad_call(metric)
+    for name, value in before.items():
+        assert torch.equal(getattr(metric, name), value), name
+    assert metric._to_sync == to_sync and metric._update_count == 1
+    metric(batches[1])
+    assert_stats_close(metric.compute(), per_group_stats(naive_R(torch.cat(batches)), group_dim=1))
+
+
 @pytest.mark.parametrize("num_groups", [2, 3])
 def test_grouped_results_have_group_axis(num_groups):
     metric = OrderParameter(dim=-1, group_dim=0, num_groups=num_groups)
