@@ -73,7 +73,12 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
             raise ValueError("weights: expected finite non-negative values")
         theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
-        total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(torch.finfo(weights.dtype).tiny)
+        # the mean is unchanged by scaling a group's weights: by their largest, the sums neither overflow
+        # (float32 weights of 2e38 gave inf / inf: R = NaN) nor are tiny (weights of 1e-40 were divided
+        # by a clamp, R ≈ 0.03 for equal phases); a group with any weight has total >= 1, one without 0
+        scale = weights.expand_as(theta).amax(dim, keepdim=True)
+        weights = weights / torch.where(scale > 0, scale, 1.0)
+        total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(1.0)
         # the means lie in [-1, 1]: back in theta's dtype
         mean_cos = ((cos_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
         mean_sin = ((sin_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)

@@ -150,6 +150,28 @@ def test_float64_weights_of_float32_phases_keep_their_range():
         assert math.cos(float(psi) - psi_ref) == pytest.approx(1.0, abs=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(-10, 10), min_size=1, max_size=8), data=st.data(),
+       dtype=st.sampled_from([torch.float32, f64]))
+def test_weights_at_the_ends_of_their_range_weigh_as_their_ratios(values, data, dtype):
+    """R and ψ depend only on the ratios of a group's weights: finite ones whose sum overflows
+    (float32: 2e38 each gave R = NaN) or tiny ones (float32 1e-40 gave R ≈ 0.03 for equal phases)
+    weigh as the ratios do, against the float64 complex mean of the unscaled weights."""
+    n = len(values)
+    ratios = data.draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=n, max_size=n))
+    ratios[data.draw(st.integers(0, n - 1))] = 1.0  # at least one weight
+    info = torch.finfo(dtype)
+    scale = data.draw(st.sampled_from([info.max / 2, info.max, info.tiny / 64, info.tiny, 1.0]))
+    weights = torch.tensor(ratios, dtype=f64).mul(scale).to(dtype)
+    assert torch.isfinite(weights).all()
+    R, psi = order_parameter(torch.tensor(values, dtype=dtype), weights=weights)
+    R_ref, psi_ref = naive_order_parameter(values, ratios)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float(R) == pytest.approx(R_ref, abs=tol)
+    if R_ref > 1e-3:
+        assert math.cos(float(psi) - psi_ref) == pytest.approx(1.0, abs=tol)
+
+
 def test_boolean_mask_as_weights_selects_elements():
     theta = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=f64)
     mask = torch.tensor([[True, False, True, False]])
