@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from ._checks import check_axis, check_int, check_mask, check_tensor
+from ._checks import check_axis, check_device, check_int, check_mask, check_tensor
 from .order_params import order_parameter
 
 __all__ = ["OrderParameter"]
@@ -164,14 +164,20 @@ class OrderParameter(Metric):
 
     def merge_state(self, incoming_state: dict[str, Tensor] | Metric) -> None:
         """Add another ``OrderParameter``'s states (or a dict of them) to this one's. Their group
-        counts must match: states of another ``num_groups`` would broadcast onto every group. A result
-        cached by an earlier :meth:`compute` is dropped (torchmetrics' own ``merge_state`` kept it, so
-        ``compute`` went on returning the statistics from before the merge)."""
+        counts must match: states of another ``num_groups`` would broadcast onto every group. A dict
+        must hold every state as a tensor on this metric's device; a refused merge merges nothing
+        (torchmetrics merges state by state, so one missing or bad state left the others merged). A
+        result cached by an earlier :meth:`compute` is dropped (torchmetrics' own ``merge_state`` kept
+        it, so ``compute`` went on returning the statistics from before the merge)."""
         states = incoming_state.metric_state if isinstance(incoming_state, OrderParameter) else incoming_state
         if isinstance(states, dict):
             for name in self._defaults:
                 value, own = states.get(name), getattr(self, name)
-                if torch.is_tensor(value) and value.shape != own.shape:
+                if not torch.is_tensor(value):
+                    raise ValueError(f"incoming_state: expected the state {name} as a tensor but got "
+                                     f"{type(value).__name__}")
+                check_device(f"incoming_state: {name}", value, own, owner="the metric")
+                if value.shape != own.shape:
                     raise ValueError(f"incoming_state: expected {name} of shape {tuple(own.shape)} "
                                      f"({self.num_groups} groups) but got {tuple(value.shape)}")
         super().merge_state(incoming_state)

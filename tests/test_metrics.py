@@ -415,6 +415,27 @@ def test_merge_state_of_another_number_of_groups_is_rejected():
     assert pooled.count.shape == (1,)
 
 
+@pytest.mark.parametrize("spoil", ["missing", "list", "device"])
+def test_a_refused_merge_state_merges_nothing(spoil):
+    """torchmetrics merges state by state: a dict lacking ``high`` (or holding it as a list, or on
+    another device) left total, total_sq, count and low merged and high not."""
+    rank0, rank1 = _split_data(7)
+    metric, other = _metric_on(rank0), _metric_on(rank1)
+    states = {name: getattr(other, name) for name in other._reductions}
+    if spoil == "missing":
+        del states["high"]
+    elif spoil == "list":
+        states["high"] = states["high"].tolist()
+    else:
+        states["high"] = states["high"].to("meta")
+    before = {name: getattr(metric, name).clone() for name in metric._reductions}
+    with pytest.raises(ValueError, match="^incoming_state: .*high"):
+        metric.merge_state(states)
+    for name, value in before.items():
+        assert torch.equal(getattr(metric, name), value), name
+    assert_stats_close(metric.compute(), per_group_stats(naive_R(torch.cat(rank0)), 1))
+
+
 def test_state_reductions_equal_one_metric_on_all_data():
     """Reduce gathered states with each state's own ``dist_reduce_fx``, as a real sync does."""
     rank0, rank1 = _split_data(8)
