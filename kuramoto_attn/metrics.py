@@ -87,6 +87,10 @@ class OrderParameter(Metric):
           each of shape ``(num_groups,)``, or ``()`` without ``group_dim``. As for every
           torchmetrics metric, a one-element result is squeezed: ``num_groups=1`` gives ``()``.
 
+    In a :class:`torchmetrics.MetricCollection`, build it with ``compute_groups=False`` when it holds
+    OrderParameters of different ``dim`` or ``group_dim``: the collection merges metrics of one class
+    whose states are equal after the first update, and then updates only one of them.
+
     Example:
         >>> import torch
         >>> metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
