@@ -16,7 +16,8 @@ causal), ``w`` the valid weight and ``(S', C')`` the sums rotated by the phase l
 The forward loop runs without autograd and keeps the input phases of every step (one phase tensor
 per step, as the checkpointed generic path does; none when no gradient is needed); the backward
 runs the steps in reverse with the analytic vector-Jacobian product, recomputing each step's
-trigonometry, in preallocated buffers.
+trigonometry, in preallocated buffers (causal: plus the flipped copies of a reverse cumulative sum, the
+sums over later tokens ``Σ_{k≥i}``, summed from the last token so that they keep their digits).
 With ``G`` the gradient of the step's output and ``u = dt·G·g``:
 
 .. math::
@@ -116,9 +117,11 @@ class _EulerMeanField(torch.autograd.Function):
             # through the sums: w cos θ Σ_{k>i} u cos(θ+α) + w sin θ Σ_{k>i} u sin(θ+α) (all k if not causal)
             torch.mul(bufs.cs, u, out=uv)
             if causal:
-                torch.cumsum(uv, -1, out=later)
-                total = later[..., -1:].clone()
-                torch.sub(total, later, out=later)  # total − cumsum: no flipped copies
+                # a reverse cumulative sum, from the last token: total − cumsum would cancel (u ∝ 1/count
+                # is largest at the first tokens, so the later tokens' short sums lost their digits)
+                torch.cumsum(uv.flip(-1), -1, out=later)  # Σ_{k≥i}, tokens last to first
+                later.copy_(later.flip(-1))  # (flip copies first)
+                later.sub_(uv)  # Σ_{k>i}
             else:
                 torch.sum(uv, -1, keepdim=True, out=later)
             if phase_lag != 0.0:

@@ -841,6 +841,41 @@ def test_fused_euler_mean_field_gradient_of_one_input_alone(which):
     assert torch.autograd.gradcheck(run, (inputs[which].clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_euler_mean_field_gradients_of_late_tokens_stay_accurate(padded):
+    """In float32 over 4096 tokens, with the gradient of the first tokens large (their gain K/count is the
+    largest), the later tokens' phase gradients still match a float64 reference to float32 rounding of
+    their own size: the backward's sums over later tokens are summed from the last token (formed as
+    total − cumsum they carried an error of the first tokens' size, ~400x theirs here)."""
+    from kuramoto_attn._euler_mean_field import euler_mean_field
+
+    gen = torch.Generator().manual_seed(17)
+    t, steps, dt = 4096, 2, 0.1
+    theta = (2 * torch.rand(1, 1, 4, t, generator=gen, dtype=torch.float64) - 1) * math.pi
+    omega = 0.1 * torch.randn(1, 4, 1, generator=gen, dtype=torch.float64)
+    strength = torch.full((1, 1, 1), 10.0, dtype=torch.float64)
+    probe = torch.randn(1, 1, 4, t, generator=gen, dtype=torch.float64)
+    probe[..., :8] *= 1e3
+    weight = (torch.arange(t) < 3 * t // 4).to(torch.float64).view(1, 1, 1, t) if padded else None
+
+    def reference(th, om, k):  # float64 autograd through the cumulative mean field
+        w = torch.ones(t, dtype=torch.float64) if weight is None else weight
+        gain = k * w / w.cumsum(-1).clamp_min(1.0)
+        for _ in range(steps):
+            sums_cos, sums_sin = (torch.cos(th) * w).cumsum(-1), (torch.sin(th) * w).cumsum(-1)
+            th = th + dt * (om + gain * (sums_sin * torch.cos(th) - sums_cos * torch.sin(th)))
+        return th
+
+    inputs = [z.clone().requires_grad_() for z in (theta, omega, strength)]
+    expected = torch.autograd.grad(reference(*inputs), inputs[0], probe)[0][..., t // 2:]
+    inputs = [z.float().requires_grad_() for z in (theta, omega, strength)]
+    w32 = None if weight is None else weight.float()
+    out = euler_mean_field(*inputs, w32, steps=steps, dt=dt, phase_lag=0.0, causal=True)
+    got = torch.autograd.grad(out, inputs[0], probe.float())[0][..., t // 2:]
+    scale = expected.abs().max()
+    torch.testing.assert_close(got.double() / scale, expected / scale, rtol=0, atol=1e-6)
+
+
 def test_fused_euler_mean_field_backward_leaves_the_incoming_gradient_alone():
     """The hand-written backward accumulates in a copy: a caller's grad_outputs tensor is not overwritten."""
     from kuramoto_attn._euler_mean_field import euler_mean_field
