@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's package
-from benchmarks._timing import bench_ms, device_arg, json_path, positive_int  # noqa: E402
+from benchmarks._timing import bench_ms, device_arg, json_path, positive_int, seed_int  # noqa: E402
 from kuramoto_attn import MeanFieldCoupling  # noqa: E402
 
 B, H, N = 8, 12, 32
@@ -56,7 +56,7 @@ def main():
     parser.add_argument("--repeats", type=positive_int, default=20,
                         help="timed repeats (the slow naive path gets a fifth)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the rows as JSON to this path")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args()
 
     device = args.device  # a torch.device (device_arg)
