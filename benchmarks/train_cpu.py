@@ -1,7 +1,7 @@
 """Phase A CPU presets against a nanoGPT-style training loop, side by side on this machine.
 
     python benchmarks/train_cpu.py [--data ../shared/data/tinyshakespeare/input.txt] [--iters 2000]
-                                   [--seeds 1337 1 2] [--threads 2]
+                                   [--seeds 1337 ...] [--threads 2] [--out /tmp/kuramoto-train-cpu]
 
 Three runs of nanoGPT's CPU configuration (4 layers, 4 heads, d_model 128, context 64, batch 12,
 lr 1e-3, warmup 100, dropout 0, no biases, eval every 250 steps on 20 batches) on tiny-shakespeare
