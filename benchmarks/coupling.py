@@ -10,7 +10,8 @@ For each T and causal setting it prints the median wall time of both (float32), 
 and the max abs difference in float32 (and in float64, on one batch element).
 Goal: >= 50x faster at T=512 and agreement to 1e-5.
 
-Run:  python benchmarks/coupling.py [--device cpu] [--lengths 128 256 512] [--repeats 20] [--json out.json]
+Run:  python benchmarks/coupling.py [--device cpu|cuda] [--lengths 128 256 512] [--repeats 20] [--json out.json]
+                                    [--seed 0]
 """
 
 import argparse

@@ -16,7 +16,7 @@ compiled (``benchmarks/_compiled_euler.py``, a prototype), after checking it aga
 library's path in float64.
 
 Run:  python benchmarks/step_time.py [--threads 2] [--iters 50] [--warmup 10] [--device cpu|cuda] [--steps 5]
-                                     [--variants baseline mean_field attention] [--compile]
+                                     [--batch 12] [--variants baseline mean_field attention] [--compile]
                                      [--profile baseline|mean_field|attention] [--compiled-kernels]
 """
 
