@@ -303,6 +303,13 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
     return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
 
 
+def _autocast_off(x: Tensor):
+    """A context disabling autocast on ``x``'s device (nothing to disable on one without it, e.g. meta)."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
@@ -487,6 +494,8 @@ class HolographicPhaseMemory(nn.Module):
         acc = x.dtype if state is None else state.memory.dtype
         tokens = self._tokens(x, phase, query_phase, acc)
         write, m, read = tokens.write, tokens.m, tokens.read
+        if state is not None:  # under autocast the projections come back in its dtype
+            write, m, read = tuple(w.to(acc) for w in write), m.to(acc), tuple(r.to(acc) for r in read)
         kernel, chunk = self._kernel_spec(), self.chunk_size
         init_memory = init_norm = None
         prefix = 0
@@ -502,22 +511,25 @@ class HolographicPhaseMemory(nn.Module):
         elif state is not None:
             init_memory, init_norm = state.memory, state.norm
 
-        if self.state_type == "vector":
-            memory = _kernel_sum(write[0], kernel, chunk, init_memory)  # (b, prefix + t, h, 2c)
-            r = self._read_vector(memory[:, prefix:], *read)
-        else:
-            r = _kernel_attention(read[0], write[0], write[1], kernel, chunk, init_memory)[:, prefix:]
-        norm = None
-        if self.normalize != "none" or state is not None:
-            init = init_norm[..., None] if init_norm is not None else None
-            norm = _kernel_sum(m[..., None], kernel, chunk, init)[..., 0]  # (b, prefix + t, h)
+        # with a state, its dtype's sums outside autocast (whose float16 products overflow S_t past 65504)
+        with _autocast_off(x) if state is not None else contextlib.nullcontext():
+            if self.state_type == "vector":
+                memory = _kernel_sum(write[0], kernel, chunk, init_memory)  # (b, prefix + t, h, 2c)
+                r = self._read_vector(memory[:, prefix:], *read)
+            else:
+                r = _kernel_attention(read[0], write[0], write[1], kernel, chunk, init_memory)[:, prefix:]
+            norm = None
+            if self.normalize != "none" or state is not None:
+                init = init_norm[..., None] if init_norm is not None else None
+                norm = _kernel_sum(m[..., None], kernel, chunk, init)[..., 0]  # (b, prefix + t, h)
         y = self._output(r, None if norm is None else norm[:, prefix:], x.dtype if acc != x.dtype else None)
         if state is None:
             return y
         if self.state_type == "vector":
             final_memory = memory[:, -1].clone()  # a copy: a view would keep every token's sums alive
         else:
-            final_memory = _final_memory(write[0], write[1], kernel, chunk)
+            with _autocast_off(x):
+                final_memory = _final_memory(write[0], write[1], kernel, chunk)
             if init_memory is not None:
                 final_memory = final_memory + init_memory * self._decay_power(t)[:, None, None]
         position = state.position + t
@@ -528,7 +540,7 @@ class HolographicPhaseMemory(nn.Module):
                            for w, old in zip(write + (m,), state.buffer))
         # the last token's values copied: views would keep the whole (b, t, ...) tensors alive in the state
         query_end = query_phase[:, -1].clone() if state.query_phase is not None else None
-        # the state keeps its dtype (under autocast the window kernel's sums come back in bf16)
+        # the state keeps its dtype
         return y, TPIState(phase[:, -1].clone(), query_end, final_memory.to(state.memory.dtype),
                            norm[:, -1].clone().to(state.norm.dtype), buffer, position)
 

@@ -679,6 +679,27 @@ def test_a_float32_state_continues_bf16_input_under_autocast(state):
     torch.testing.assert_close(y_step.float(), y[:, 0].float(), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("state", STATES)
+def test_a_float32_state_sums_in_float32_under_float16_autocast(state):
+    # forward(x, state)'s chunked products ran in autocast's float16: the carried S_t (here 5 per token)
+    # overflowed to inf (past 4·64² tokens), silently zeroing every later read and the state's normaliser, and
+    # the memory was rounded to float16 (~3e-3), although the state is float32 (step's sums are)
+    memory = build(dict(magnitude="sigmoid", normalize="sum", state=state, num_heads=2), dtype=torch.float32)
+    with torch.no_grad():
+        memory.magnitude_proj.bias.fill_(30.0)  # m = 5
+    x = torch.randn(1, 20000, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, want = memory(x, memory.init_state(1))
+        with torch.autocast("cpu", dtype=torch.float16):
+            y_autocast, got = memory(x, memory.init_state(1))
+    assert got.memory.dtype == got.norm.dtype == torch.float32
+    torch.testing.assert_close(got.norm, want.norm, rtol=1e-5, atol=0)
+    assert torch.isfinite(got.memory).all()
+    if state == "vector":  # the written x e^{iφ} are float32 here (the matrix state's k, v: float16 projections)
+        torch.testing.assert_close(got.memory, want.memory, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(y_autocast[:, -100:].float(), y[:, -100:], rtol=0.01, atol=0.01)
+
+
 @pytest.mark.parametrize("dtype, t", [(torch.bfloat16, 600), (torch.float16, 2400)])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("state", STATES)
