@@ -313,10 +313,7 @@ def _autocast_off(x: Tensor):
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
-    # (no autocast to leave on a device without one, e.g. meta: shape and FLOP estimates)
-    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
-        else contextlib.nullcontext()
-    with off:
+    with _autocast_off(x):  # (none on a device without autocast, e.g. meta: shape and FLOP estimates)
         if layer.weight.dtype in (torch.float32, torch.float64):  # the module's own call: its hooks run
             return layer(x.to(layer.weight.dtype)).to(torch.float64)
         # a half-precision module: its weights upcast (its forward hooks are not called)
