@@ -56,9 +56,10 @@ rounding error grows like the logarithm of ``T`` rather than ``T``. The window n
 prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
 straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0`` (exponents
 in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. Without a state,
-``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype: a model run in
-float16 (largest value 65504) overflows once they exceed it, e.g. with ``kernel="unbounded"`` after
-tens of thousands of tokens; use bfloat16 or float32 for such lengths. With a state,
+``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype (under autocast, in
+autocast's: its products come back in it): a model run in float16 (largest value 65504), or under
+float16 autocast, overflows once they exceed it, e.g. with ``kernel="unbounded"`` after tens of
+thousands of tokens; use bfloat16 or float32 for such lengths. With a state (also under autocast),
 :meth:`~HolographicPhaseMemory.step` and ``forward(x, state)`` sum in the state's dtype, which
 :meth:`~HolographicPhaseMemory.init_state`
 makes the parameters' dtype promoted to float32 at least: a bfloat16 or float16 module casts each
