@@ -35,8 +35,8 @@ from models import MODELS
 from models.config import ConfigError, check, from_dict, to_dict
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "FabricConfig", "RunConfig", "load_config", "parse_config",
-           "parse_saved_config", "load_yaml", "read_yaml", "apply_overrides", "override", "split_overrides", "model_config",
-           "changed_keys", "changed_settings"]
+           "parse_saved_config", "load_yaml", "read_yaml", "apply_overrides", "override", "split_overrides",
+           "model_config", "changed_keys", "changed_settings"]
 
 
 @dataclass(frozen=True)
