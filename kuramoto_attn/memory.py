@@ -462,7 +462,10 @@ class HolographicPhaseMemory(nn.Module):
             raise ValueError(f"device: expected a torch.device or its name but got {device!r}") from None
         dtype = torch.promote_types(ref.dtype, torch.float32) if dtype is None else dtype
         d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
-        phase = torch.zeros(b, d, dtype=torch.float64, device=device)
+        try:
+            phase = torch.zeros(b, d, dtype=torch.float64, device=device)
+        except (AssertionError, RuntimeError) as err:  # e.g. cuda in a CPU-only build: torch's bare assert
+            raise ValueError(f"device: {device} is not available here ({err})") from None
         query_phase = phase.clone() if self.query in ("decoupled", "constrained") else None
         shape = (b, h, 2 * c) if self.state_type == "vector" else (b, h, 2 * c, c)
         buffer: tuple[Tensor, ...] = ()

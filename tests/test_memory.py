@@ -825,6 +825,9 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         memory.init_state(0)
     with pytest.raises(ValueError, match="^device: expected a torch.device"):
         memory.init_state(2, device="nope")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"^device: {missing} is not available here"):  # a bare AssertionError
+        memory.init_state(2, device=missing)
     with pytest.raises(ValueError, match="^x: expected a tensor on the module's device cpu but got meta"):
         memory(torch.zeros(2, 5, 4, device="meta"))
     with pytest.raises(ValueError, match="^x_t: expected a tensor on the module's device"):
