@@ -225,8 +225,10 @@ def main():
             row["time_ratio"] = row["ms"] / base["ms"] if base else float("nan")
             row["memory_ratio"] = row["peak_mb"] / base["peak_mb"] if base else float("nan")
             rows.append(row)
+            ratios = [f"{r:.2f}x" if math.isfinite(r) else "–" for r in (row["time_ratio"], row["memory_ratio"])]
+            # "–" without vanilla in --layers (the ratios' baseline), or where it failed: "nanx" before
             print(f"| {T} | {kind} | {steps} | {row['ms']:.1f} | {row['peak_mb']:.0f} | "
-                  f"{row['time_ratio']:.2f}x | {row['memory_ratio']:.2f}x |", flush=True)
+                  f"{ratios[0]} | {ratios[1]} |", flush=True)
         summarise(rows, T)
     if args.json:
         with open(args.json, "w") as f:
