@@ -500,7 +500,8 @@ class KuramotoAttention(nn.Module):
         """``K · coupling(θ)`` ``(b, h, n, t)``, the module seeing the phases as ``(b, h, t, n)``
         (after the cached tokens' phases at this evaluation, if any: only the new rows are kept)."""
         t = theta.shape[-1]
-        phases = theta.transpose(-1, -2)
+        # contiguous, as they are after the cache's concatenation: a module may view() them either way
+        phases = theta.transpose(-1, -2).contiguous()
         if run.cache is not None:
             phases = torch.cat([run.cache.field_state[key].to(phases.dtype), phases], dim=-2)  # (b, h, s, n)
         if run.record:  # every token's phases at this evaluation, for later tokens

@@ -1128,6 +1128,25 @@ def test_padded_tokens_get_no_coupling_from_a_module(drift):
     torch.testing.assert_close(info.phases, torch.where(valid[:, None, :, None], pulled, free), rtol=0, atol=1e-12)
 
 
+class _Flattening(Coupling):
+    """Uses ``theta.view``, which needs contiguous phases: a pull of each oscillator to the first one."""
+
+    def interaction(self, theta):
+        flat = theta.view(-1, theta.shape[-1])
+        return torch.sin(flat[:, :1] - flat).view(theta.shape)
+
+
+def test_a_coupling_module_gets_contiguous_phases_with_and_without_a_cache():
+    # without a cache the phases were a transposed view, so view() failed with torch's own error
+    layer = make_layer(phase_lag=0.0, coupling=_Flattening(strength=0.5))
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        whole = layer(x)
+        cache = KuramotoCache()
+        steps = [layer(x[:, i:i + 1], cache=cache) for i in range(5)]
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=0, atol=1e-12)
+
+
 class _NeedsWeights(Coupling):
     def interaction(self, theta, weights):
         return weights * torch.sin(theta)
