@@ -187,6 +187,19 @@ class OrderParameter(Metric):
         super().merge_state(incoming_state)
         self._computed = None  # as update does: the states changed
 
+    def _apply(self, fn, exclude_state=()):
+        """Moves the states with the module but keeps their dtype, unless :meth:`set_dtype` asks. torchmetrics
+        keeps it for ``.half()``, ``.float()`` and ``.double()`` but not for ``.to(dtype)``, so e.g. a model's
+        ``.to(torch.bfloat16)`` made the float64 sums bfloat16 (a count that stopped at 256)."""
+        if self._dtype_convert:
+            return super()._apply(fn, exclude_state)
+
+        def same_dtype(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)  # not rounded first
+
+        return super()._apply(same_dtype, exclude_state)
+
     def compute(self) -> dict[str, Tensor]:
         """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups, and
         for ``num_groups=1``: torchmetrics squeezes one-element results; ``.reshape(-1)`` gives ``(1,)``)."""

@@ -283,6 +283,26 @@ def test_states_keep_the_dtype_set_for_them():
         ("total", "total_sq", "count", "low", "high"), torch.float32)
 
 
+def test_a_modules_to_dtype_keeps_the_float64_states():
+    """``.to(torch.bfloat16)`` (e.g. of a model holding the metric) made the sums bfloat16: counts stopped at 256
+    and R's mean rounded. The states keep float64 and their digits; set_dtype still converts them."""
+    metric = OrderParameter(dim=-1)
+    theta = torch.rand(300, 8, dtype=torch.float64)
+    metric.update(theta[:100])
+    before = {name: getattr(metric, name).clone() for name in metric._defaults}
+    holder = torch.nn.Module()
+    holder.metric = metric
+    holder.to(torch.bfloat16)
+    for name, value in before.items():
+        assert getattr(metric, name).dtype == torch.float64 and torch.equal(getattr(metric, name), value), name
+    metric.update(theta[100:])
+    assert metric.count.item() == 300
+    expected = order_parameter(theta, dim=-1)[0]
+    torch.testing.assert_close(metric.compute()["mean"], expected.mean(), rtol=0, atol=1e-12)
+    metric.set_dtype(torch.float32)
+    assert all(getattr(metric, name).dtype == torch.float32 for name in metric._defaults)
+
+
 def test_no_oscillators_rejected():
     metric = OrderParameter(dim=-1)
     for theta in (torch.empty(3, 0), torch.empty(0, 0)):  # R over zero oscillators is undefined
