@@ -733,8 +733,13 @@ class HolographicPhaseMemory(nn.Module):
                     got is not None and (got.shape != want.shape or got.dtype != want.dtype)):
                 describe = "None" if got is None else f"{tuple(got.shape)} {got.dtype}"
                 wanted = "None" if want is None else f"{tuple(want.shape)} {want.dtype}"
+                if got is not None and want is not None and got.shape == want.shape:  # the dtype alone
+                    dtypes = ", ".join(sorted(str(dt) for dt in allowed))
+                    why = f"a state of this module and input is one of {dtypes}, as init_state(dtype=...) sets it"
+                else:
+                    why = "a state from a different configuration?"
                 raise ValueError(f"{name}: expected {field} {wanted} for this module and input "
-                                 f"but got {describe} (a state from a different configuration?)")
+                                 f"but got {describe} ({why})")
             if got is not None and got.device != x.device:
                 raise ValueError(f"{name}: expected {field} on {x.device} (the input's) but got {got.device}")
         if len(state.buffer) != len(expected.buffer) or any(

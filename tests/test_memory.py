@@ -679,6 +679,16 @@ def test_a_float32_state_continues_bf16_input_under_autocast(state):
     torch.testing.assert_close(y_step.float(), y[:, 0].float(), rtol=0.02, atol=0.02)
 
 
+def test_a_state_of_another_dtype_is_an_error_naming_the_dtypes_allowed():
+    # it read "(a state from a different configuration?)" although only the dtype was wrong
+    memory = build(dict(num_heads=2), dtype=torch.float32, d=8)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"^state: expected memory .* torch.float32 for this module and input but "
+                                         r"got .* torch.float16 \(a state of this module and input is one of "
+                                         r"torch.float32, as init_state\(dtype=...\) sets it\)$"):
+        memory(x, memory.init_state(2, dtype=torch.float16))
+
+
 @pytest.mark.parametrize("state", STATES)
 def test_a_float32_state_sums_in_float32_under_float16_autocast(state):
     # forward(x, state)'s chunked products ran in autocast's float16: the carried S_t (here 5 per token)
