@@ -461,20 +461,27 @@ class HolographicPhaseMemory(nn.Module):
         except (TypeError, RuntimeError):
             raise ValueError(f"device: expected a torch.device or its name but got {device!r}") from None
         dtype = torch.promote_types(ref.dtype, torch.float32) if dtype is None else dtype
-        d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
+        shapes = self._state_shapes(b)
         try:
-            phase = torch.zeros(b, d, dtype=torch.float64, device=device)
+            phase = torch.zeros(shapes["phase"], dtype=torch.float64, device=device)
         except (AssertionError, RuntimeError) as err:  # e.g. cuda in a CPU-only build: torch's bare assert
             raise ValueError(f"device: {device} is not available here ({err})") from None
-        query_phase = phase.clone() if self.query in ("decoupled", "constrained") else None
-        shape = (b, h, 2 * c) if self.state_type == "vector" else (b, h, 2 * c, c)
-        buffer: tuple[Tensor, ...] = ()
+        query_phase = None if shapes["query_phase"] is None else phase.clone()
+        buffer = tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes["buffer"])
+        return TPIState(phase, query_phase, torch.zeros(shapes["memory"], dtype=dtype, device=device),
+                        torch.zeros(shapes["norm"], dtype=dtype, device=device), buffer, 0)
+
+    def _state_shapes(self, b: int) -> dict:
+        """The shapes of a state of batch size ``b``: phases (float64), memory, normaliser and window buffer."""
+        d, h, c = self.d_model, self.num_heads, self.d_model // self.num_heads
+        buffer = []
         if self.kernel == "window":
             W = self.window
             writes = [(b, W, h, 2 * c)] if self.state_type == "vector" else [(b, W, h, 2 * c), (b, W, h, c)]
-            buffer = tuple(torch.zeros(s, dtype=dtype, device=device) for s in writes + [(b, W, h)])
-        return TPIState(phase, query_phase, torch.zeros(shape, dtype=dtype, device=device),
-                        torch.zeros(b, h, dtype=dtype, device=device), buffer, 0)
+            buffer = writes + [(b, W, h)]
+        return {"phase": (b, d), "query_phase": (b, d) if self.query in ("decoupled", "constrained") else None,
+                "memory": (b, h, 2 * c) if self.state_type == "vector" else (b, h, 2 * c, c),
+                "norm": (b, h), "buffer": buffer}
 
     def forward(self, x: Tensor, state: TPIState | None = None):
         """The parallel (chunked) form.
@@ -715,7 +722,13 @@ class HolographicPhaseMemory(nn.Module):
                    for dt in (base, torch.promote_types(base, torch.float32))}
         dtype = state.memory.dtype if torch.is_tensor(state.memory) and state.memory.dtype in allowed \
             else torch.promote_types(x.dtype, torch.float32)
-        expected = self.init_state(x.shape[0], device="meta", dtype=dtype)
+        # (shape, dtype) of each field, from the shapes alone: making init_state's tensors took most of
+        # this check's time, which every decoded token spends
+        shapes = self._state_shapes(x.shape[0])
+        expected = {field: None if shapes[field] is None else (torch.Size(shapes[field]), field_dtype)
+                    for field, field_dtype in (("phase", torch.float64), ("query_phase", torch.float64),
+                                               ("memory", dtype), ("norm", dtype))}
+        expected_buffer = [(torch.Size(shape), dtype) for shape in shapes["buffer"]]
         for field in ("phase", "query_phase", "memory", "norm"):  # types first: the checks below read shapes
             got = getattr(state, field)
             if got is not None and not torch.is_tensor(got):
@@ -728,24 +741,25 @@ class HolographicPhaseMemory(nn.Module):
             got = "no memory" if state.memory is None else f"a state of batch size {state.memory.shape[0]}"
             raise ValueError(f"{name}: expected batch size {x.shape[0]} (that of the input) but got {got}")
         for field in ("phase", "query_phase", "memory", "norm"):
-            got, want = getattr(state, field), getattr(expected, field)
+            got, want = getattr(state, field), expected[field]
             if (got is None) != (want is None) or (
-                    got is not None and (got.shape != want.shape or got.dtype != want.dtype)):
+                    got is not None and (got.shape != want[0] or got.dtype != want[1])):
                 describe = "None" if got is None else f"{tuple(got.shape)} {got.dtype}"
-                wanted = "None" if want is None else f"{tuple(want.shape)} {want.dtype}"
-                if got is not None and want is not None and got.shape == want.shape:  # the dtype alone
+                wanted = "None" if want is None else f"{tuple(want[0])} {want[1]}"
+                if got is not None and want is not None and got.shape == want[0]:  # the dtype alone
                     dtypes = ", ".join(sorted(str(dt) for dt in allowed))
-                    why = f"a state of this module and input is one of {dtypes}, as init_state(dtype=...) sets it"
+                    why = "a state's phases are float64" if field.endswith("phase") else \
+                        f"a state of this module and input is one of {dtypes}, as init_state(dtype=...) sets it"
                 else:
                     why = "a state from a different configuration?"
                 raise ValueError(f"{name}: expected {field} {wanted} for this module and input "
                                  f"but got {describe} ({why})")
             if got is not None and got.device != x.device:
                 raise ValueError(f"{name}: expected {field} on {x.device} (the input's) but got {got.device}")
-        if len(state.buffer) != len(expected.buffer) or any(
-                not torch.is_tensor(got) or got.shape != want.shape or got.dtype != want.dtype or got.device != x.device
-                for got, want in zip(state.buffer, expected.buffer)):
-            wanted = [f"{tuple(w.shape)} {w.dtype}" for w in expected.buffer]
+        if len(state.buffer) != len(expected_buffer) or any(
+                not torch.is_tensor(got) or got.shape != want[0] or got.dtype != want[1] or got.device != x.device
+                for got, want in zip(state.buffer, expected_buffer)):
+            wanted = [f"{tuple(shape)} {dtype}" for shape, dtype in expected_buffer]
             got = [f"{tuple(g.shape)} {g.dtype} on {g.device}" if torch.is_tensor(g) else type(g).__name__
                    for g in state.buffer]
             raise ValueError(f"{name}: expected a window buffer of {wanted} on {x.device} but got {got}")

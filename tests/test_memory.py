@@ -831,6 +831,15 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
                                 ("buffer", None, "buffer to be a tuple of tensors .*but got NoneType")):
         with pytest.raises(ValueError, match=f"^state: expected {message}"):
             plain.step(torch.zeros(2, 4), plain.init_state(2)._replace(**{field: bad}))
+    state = memory.init_state(2)
+    for changed, message in ((dict(query_phase=None), r"query_phase \(2, 4\) torch.float64 .*but got None \(a state "
+                                                      r"from a different configuration\?\)"),
+                             (dict(phase=state.phase.float()), r"phase \(2, 4\) torch.float64 .*but got \(2, 4\) "
+                                                               r"torch.float32 \(a state's phases are float64\)"),
+                             (dict(memory=state.memory[..., :2]), r"memory \(2, 1, 8\) torch.float32 .*but got "
+                                                                  r"\(2, 1, 2\) torch.float32 \(a state from")):
+        with pytest.raises(ValueError, match=f"^state: expected {message}"):
+            memory(torch.zeros(2, 5, 4), state._replace(**changed))
     with pytest.raises(ValueError, match="^batch_size:"):
         memory.init_state(0)
     with pytest.raises(ValueError, match="^device: expected a torch.device"):
