@@ -56,10 +56,10 @@ rounding error grows like the logarithm of ``T`` rather than ``T``. The window n
 prefix sums (chunk lags wholly inside the window go through chunk summaries, the at most two
 straddling lags through masked blocks), and the decay only forms powers ``γ^n``, ``n ≥ 0`` (exponents
 in float32 at least), so nothing overflows for any ``γ ∈ [γ_{min}, 1]``. Without a state,
-``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype (under autocast, in
-autocast's: its products come back in it): a model run in float16 (largest value 65504), or under
-float16 autocast, overflows once they exceed it, e.g. with ``kernel="unbounded"`` after tens of
-thousands of tokens; use bfloat16 or float32 for such lengths. With a state (also under autocast),
+``forward(x)`` sums the memory and the normaliser ``S_t`` in the input's dtype (under bfloat16 autocast,
+in autocast's: its products come back in it), except float16 (an input, or autocast's), whose sums
+would overflow (largest value 65504; ``S_t`` with ``kernel="unbounded"`` passes it after tens of
+thousands of tokens): those are float32, outside autocast. With a state (also under autocast),
 :meth:`~HolographicPhaseMemory.step` and ``forward(x, state)`` sum in the state's dtype, which
 :meth:`~HolographicPhaseMemory.init_state`
 makes the parameters' dtype promoted to float32 at least: a bfloat16 or float16 module casts each
@@ -311,6 +311,14 @@ def _autocast_off(x: Tensor):
     return contextlib.nullcontext()
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s device's lower-precision ops in, or None when it is off there."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
@@ -498,11 +506,16 @@ class HolographicPhaseMemory(nn.Module):
         if state is not None:
             self._check_state(state, x)
         phase, query_phase = self._phases(x, state)
-        # with a state, the sums are in the state's dtype (float32 for a half-precision module)
-        acc = x.dtype if state is None else state.memory.dtype
+        # with a state, the sums are in the state's dtype (float32 for a half-precision module); in float16 (a
+        # float16 input, or float16 autocast) in float32 outside autocast: float16 sums overflowed S_t past
+        # 65504, which silently zeroed every later read
+        float16 = x.dtype == torch.float16 or _autocast_dtype(x) == torch.float16
+        acc = state.memory.dtype if state is not None else \
+            torch.promote_types(x.dtype, torch.float32) if float16 else x.dtype
+        outside_autocast = state is not None or float16
         tokens = self._tokens(x, phase, query_phase, acc)
         write, m, read = tokens.write, tokens.m, tokens.read
-        if state is not None:  # under autocast the projections come back in its dtype
+        if outside_autocast:  # under autocast the projections come back in its dtype
             write, m, read = tuple(w.to(acc) for w in write), m.to(acc), tuple(r.to(acc) for r in read)
         kernel, chunk = self._kernel_spec(), self.chunk_size
         init_memory = init_norm = None
@@ -519,8 +532,7 @@ class HolographicPhaseMemory(nn.Module):
         elif state is not None:
             init_memory, init_norm = state.memory, state.norm
 
-        # with a state, its dtype's sums outside autocast (whose float16 products overflow S_t past 65504)
-        with _autocast_off(x) if state is not None else contextlib.nullcontext():
+        with _autocast_off(x) if outside_autocast else contextlib.nullcontext():
             if self.state_type == "vector":
                 memory = _kernel_sum(write[0], kernel, chunk, init_memory)  # (b, prefix + t, h, 2c)
                 r = self._read_vector(memory[:, prefix:], *read)

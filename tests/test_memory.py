@@ -1,6 +1,7 @@
 """HolographicPhaseMemory / TPIBlock against naive float64 references, recurrent vs parallel,
 limits (ω = 0, window ≥ T, γ → 1), causality, long-sequence precision, and argument checks."""
 
+import copy
 import math
 
 import pytest
@@ -677,6 +678,31 @@ def test_a_float32_state_continues_bf16_input_under_autocast(state):
     assert after.memory.dtype == stepped.memory.dtype == torch.float32
     torch.testing.assert_close(y_state.float(), y.float(), rtol=0.02, atol=0.02)
     torch.testing.assert_close(y_step.float(), y[:, 0].float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_the_stateless_forward_sums_in_float32_for_float16(state):
+    # forward(x) summed in float16 (under float16 autocast, or in a float16 model): S_t (here 5 per token)
+    # overflowed to inf past 65504 / 5 tokens, silently zeroing every later read (only the docstring said so)
+    memory = build(dict(magnitude="sigmoid", normalize="sum", state=state, num_heads=2), dtype=torch.float32)
+    with torch.no_grad():
+        memory.magnitude_proj.bias.fill_(30.0)  # m = 5
+        memory.omega.weight.zero_()  # phases stay 0: the reads are means of the inputs' projections, of order 1
+        if memory.omega.bias is not None:
+            memory.omega.bias.zero_()
+    x = 0.5 + 0.1 * torch.randn(1, 20000, 4, generator=torch.Generator().manual_seed(3))
+    half = copy.deepcopy(memory).half()  # a float16 model: the same, against float32 with its rounded weights
+    rounded = copy.deepcopy(half).float()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            y_autocast = memory(x)
+        y_half = half(x.half())
+        for got, model, inputs in ((y_autocast, memory, x), (y_half, rounded, x.half().float())):
+            empty = model.head(torch.zeros(1, 8))  # the output of a zero read: what an infinite S_t gave
+            read = model(inputs)[:, -100:] - empty
+            assert read.abs().mean() > 0.01  # the reads are not negligible: the comparison below means something
+            assert got.dtype == torch.float16  # the projections and the output are still float16 (~1e-3)
+            torch.testing.assert_close(got[:, -100:].float() - empty, read, rtol=0.02, atol=0.002)
 
 
 def test_a_state_of_another_dtype_is_an_error_naming_the_dtypes_allowed():
