@@ -57,6 +57,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
         logits = logits[:, :vocab_size]
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
+    # float32 at least (a bf16 / float16 model's logits): tempering and softmax in bf16 erred by ~2^-8
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # the largest logit moved to 0 first: a tiny temperature then sends the others to -inf, never inf - inf;
     # it stays 0 where the temperature rounds to 0 in the logits' dtype (0 / 0 would be NaN)
     shifted = logits - logits.max(-1, keepdim=True).values

@@ -526,6 +526,20 @@ def test_sampling_follows_the_tempered_top_k_softmax(temperature, top_k):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_sampled_from_a_float32_softmax(dtype, monkeypatch):
+    # tempering and softmax ran in the logits' dtype: bf16 probabilities erred by ~2^-8 (here 1e-3)
+    from models.sampling import sample_next
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *args, **kwargs:
+                        seen.append(probs) or multinomial(probs, *args, **kwargs))
+    logits = torch.tensor([[0.0, -1.0, -2.5, 1.25]], dtype=dtype)  # exact in both dtypes
+    sample_next(logits, 3.0, None, torch.Generator().manual_seed(0))
+    expected = torch.softmax(logits.double() / 3.0, -1)
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0].double(), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300])  # 1e-300 is 0 in float32
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):
