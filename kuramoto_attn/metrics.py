@@ -198,7 +198,10 @@ class OrderParameter(Metric):
             moved = fn(tensor)
             return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)  # not rounded first
 
-        return super()._apply(same_dtype, exclude_state)
+        dtype = self._dtype  # torchmetrics sets it from what fn makes of a float32 tensor: it stays as well
+        this = super()._apply(same_dtype, exclude_state)
+        this._dtype = dtype
+        return this
 
     def compute(self) -> dict[str, Tensor]:
         """``{"mean", "std", "min", "max"}`` of R, each ``(num_groups,)`` (``()`` without groups, and

@@ -292,7 +292,9 @@ def test_a_modules_to_dtype_keeps_the_float64_states():
     before = {name: getattr(metric, name).clone() for name in metric._defaults}
     holder = torch.nn.Module()
     holder.metric = metric
+    dtype = metric.dtype
     holder.to(torch.bfloat16)
+    assert metric.dtype == dtype
     for name, value in before.items():
         assert getattr(metric, name).dtype == torch.float64 and torch.equal(getattr(metric, name), value), name
     metric.update(theta[100:])
