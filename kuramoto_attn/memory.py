@@ -585,20 +585,24 @@ class HolographicPhaseMemory(nn.Module):
         phase, query_phase = self._phases(x, state)
         acc = state.memory.dtype  # the sums' dtype (float32 for a half-precision module's init_state)
         tokens = self._tokens(x, phase, query_phase, acc)
-        write = tuple(w[:, 0] for w in tokens.write)
-        m = tokens.m[:, 0]  # (b, h)
-        new = write[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", *write)
-        if self.kernel == "window":
-            memory, norm = self._window_step(state, write, m, new)
-        else:
-            gamma = self._decay_power(1)  # (h,); 1 for the unbounded kernel
-            expand = gamma.view(-1, *[1] * (state.memory.dim() - 2))
-            memory, norm = expand * state.memory + new, gamma * state.norm + m
-        memory, norm = memory.to(state.memory.dtype), norm.to(state.norm.dtype)  # as in forward
-        if self.state_type == "vector":
-            r = self._read_vector(memory[:, None], *tokens.read)
-        else:
-            r = torch.einsum("bhre,bhef->bhrf", tokens.read[0][:, 0], memory)[:, None]  # (b, 1, h, 2, c)
+        # as forward(x, state): the projections (autocast's dtype under autocast) cast to the state's dtype, and the
+        # products with the memory outside autocast (float16 autocast turned a memory past 65504 into inf)
+        write = tuple(w[:, 0].to(acc) for w in tokens.write)
+        m = tokens.m[:, 0].to(acc)  # (b, h)
+        read = tuple(r.to(acc) for r in tokens.read)
+        with _autocast_off(x):
+            new = write[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", *write)
+            if self.kernel == "window":
+                memory, norm = self._window_step(state, write, m, new)
+            else:
+                gamma = self._decay_power(1)  # (h,); 1 for the unbounded kernel
+                expand = gamma.view(-1, *[1] * (state.memory.dim() - 2))
+                memory, norm = expand * state.memory + new, gamma * state.norm + m
+            memory, norm = memory.to(state.memory.dtype), norm.to(state.norm.dtype)  # as in forward
+            if self.state_type == "vector":
+                r = self._read_vector(memory[:, None], *read)
+            else:
+                r = torch.einsum("bhre,bhef->bhrf", read[0][:, 0], memory)[:, None]  # (b, 1, h, 2, c)
         y = self._output(r, norm[:, None], x.dtype if acc != x.dtype else None)[:, 0]
         query_end = query_phase[:, -1] if state.query_phase is not None else None
         return y, TPIState(phase[:, -1], query_end, memory, norm, state.buffer, state.position + 1)

@@ -736,6 +736,36 @@ def test_a_float32_state_sums_in_float32_under_float16_autocast(state):
         torch.testing.assert_close(y_autocast[:, -100:].float(), y[:, -100:], rtol=0.01, atol=0.01)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("state", STATES)
+def test_step_reads_a_float32_state_in_float32_under_float16_autocast(state, kernel):
+    # step's matrix read (q · M) and outer products ran in autocast's float16: a float32 memory past 65504 became
+    # inf and the output NaN, while forward(x, state) under the same autocast read it in float32
+    opts = dict(magnitude="sigmoid", normalize="sum", state=state, num_heads=2, kernel=kernel, window=20000)
+    memory = build(opts, dtype=torch.float32)
+    with torch.no_grad():
+        memory.magnitude_proj.bias.fill_(30.0)  # m = 5
+        memory.omega.weight.zero_()  # phases stay 0: the writes add up (the memory grows like t)
+        memory.omega.bias.zero_()
+        if kernel == "decay":
+            memory.decay_logit.fill_(30.0)  # γ = 1 (to float32)
+    x = 2.0 + 0.1 * torch.randn(1, 20001, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, prompt = memory(x[:, :-1], memory.init_state(1))
+        assert prompt.memory.abs().max() > 2 * 65504  # past float16's range
+        want, after = memory.step(x[:, -1], prompt)
+        for dtype in (torch.float16, torch.bfloat16):
+            copied = prompt._replace(buffer=tuple(b.clone() for b in prompt.buffer))  # step writes the ring in place
+            with torch.autocast("cpu", dtype=dtype):
+                got, got_after = memory.step(x[:, -1], copied)
+                copied = prompt._replace(buffer=tuple(b.clone() for b in prompt.buffer))
+                forward, _ = memory(x[:, -1:], copied)
+            assert got.dtype == dtype and got_after.memory.dtype == torch.float32
+            torch.testing.assert_close(got, forward[:, 0], rtol=0, atol=0)  # the same sums as forward(x, state)
+            torch.testing.assert_close(got_after.memory, after.memory, rtol=1e-3, atol=0)
+            torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("dtype, t", [(torch.bfloat16, 600), (torch.float16, 2400)])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("state", STATES)
