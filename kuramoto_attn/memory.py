@@ -765,6 +765,7 @@ class HolographicPhaseMemory(nn.Module):
                 if got is not None and want is not None and got.shape == want[0]:  # the dtype alone
                     dtypes = ", ".join(sorted(str(dt) for dt in allowed))
                     why = "a state's phases are float64" if field.endswith("phase") else \
+                        "a state's norm has its memory's dtype, as init_state sets it" if got.dtype in allowed else \
                         f"a state of this module and input is one of {dtypes}, as init_state(dtype=...) sets it"
                 else:
                     why = "a state from a different configuration?"

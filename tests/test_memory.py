@@ -713,6 +713,13 @@ def test_a_state_of_another_dtype_is_an_error_naming_the_dtypes_allowed():
                                          r"got .* torch.float16 \(a state of this module and input is one of "
                                          r"torch.float32, as init_state\(dtype=...\) sets it\)$"):
         memory(x, memory.init_state(2, dtype=torch.float16))
+    # a float16 norm beside a float32 memory: float16 is one of the dtypes allowed, so naming them contradicted itself
+    half = build(dict(num_heads=2), dtype=torch.float16, d=8)
+    state = half.init_state(2)
+    with pytest.raises(ValueError, match=r"^state: expected norm \(2, 1\) torch.float32 for this module and input but "
+                                         r"got \(2, 1\) torch.float16 \(a state's norm has its memory's dtype, as "
+                                         r"init_state sets it\)$"):
+        half(x.half(), state._replace(norm=state.norm.half()))
 
 
 @pytest.mark.parametrize("state", STATES)
