@@ -25,7 +25,9 @@ any other change is refused, naming the key, and so is a corpus whose text chang
 another sha256 than the checkpoint records).
 ``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
-and the updates its scaler skips on overflow are not divergence.
+and the updates its scaler skips on overflow are not divergence. float16 weights
+(``fabric.precision=16-true``) need an ``optim.eps`` that float16 holds (e.g. ``1e-4``; the default
+``1e-8`` rounds to 0, and AdamW then divides 0 by 0).
 
 More devices: ``fabric.devices=4 fabric.strategy=ddp`` (Fabric launches the processes);
 several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun).
@@ -170,6 +172,11 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     parameters = _count(model)  # now: under FSDP, each rank's parameters are views of its shard
     # Fabric compiles again after wrapping (DDP) and saves the uncompiled module: same checkpoints
     model = fabric.setup_module(torch.compile(model) if tc.compile else model)
+    if fabric._precision.precision == "16-true" and float(torch.tensor(config.optim.eps, dtype=torch.float16)) == 0:
+        # float16 weights: AdamW's state and update are float16 too, and a parameter whose gradient is 0 gets 0 / 0
+        raise ValueError(f"optim.eps: {config.optim.eps:g} rounds to 0 in float16 (fabric.precision=16-true), so AdamW "
+                         "divides 0 by 0 for a parameter without gradient and the loss turns NaN within a few steps; "
+                         "set optim.eps=1e-4 or use fabric.precision=bf16-true or 32-true")
     if config.optim.fused and getattr(fabric._precision, "scaler", None) is not None:
         raise ValueError(f"optim.fused: with fabric.precision={fabric._precision.precision} (loss scaling) Fabric "
                          "cannot clip the gradients of fused AdamW; set optim.fused=false")

@@ -671,6 +671,17 @@ def test_the_progress_bar_counts_updates_to_max_iters_shows_the_logged_loss_and_
     assert frames[0] == (4, 6, None) and frames[-1] == (6, 6, losses[6])
 
 
+def test_float16_weights_with_an_eps_that_rounds_to_0_are_refused_before_training(tmp_path, corpus_file):
+    # fabric.precision=16-true with AdamW's default eps 1e-8 (0 in float16) diverged at step 4 or 5, with a
+    # message suggesting a lower learning rate; an eps float16 holds trains
+    values = tiny(tmp_path, corpus_file, fabric={"precision": "16-true"}, optim={"eps": 1e-8})
+    with pytest.raises(ValueError, match=r"^optim.eps: 1e-08 rounds to 0 in float16 \(fabric.precision=16-true\)"):
+        train(parse_config(values))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was claimed
+    values["optim"]["eps"] = 1e-4
+    assert train(parse_config(values))["status"] == "finished"
+
+
 def test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved(tmp_path, corpus_file, monkeypatch):
     # 16-mixed on CPU, starting from a loss scale that overflows: the scaler skips those updates
     # (not a divergence) and halves its scale; the scale is saved and restored by --resume
