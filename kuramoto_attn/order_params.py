@@ -94,7 +94,8 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
 
     Args:
         theta: phases ``(*, n, *)`` with the population at ``dim``.
-        m: harmonic, an integer ``>= 1`` (``m = 1`` is :func:`order_parameter`).
+        m: harmonic, an integer ``>= 1`` (``m = 1`` is :func:`order_parameter`), at most the largest
+            value of the dtype ``m·θ`` is computed in (``theta``'s, at least float32).
         dim, weights, keepdim: as in :func:`order_parameter`.
 
     Returns:
@@ -112,7 +113,12 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
     # m·θ in at least float32: in half precision it rounds (bfloat16 θ ≈ 100, m = 3: to a step of
     # 2 rad) or overflows to inf (float16 θ > 65504 / m: R_m was NaN); the results in theta's dtype
     wide = torch.promote_types(theta.dtype, torch.float32)
-    R, psi = order_parameter(m * theta.to(wide), dim=dim, weights=weights, keepdim=keepdim)
+    # beyond wide's largest value m·θ is inf (R_m NaN); a Python int past 2**64 was an OverflowError
+    largest = torch.finfo(wide).max
+    if m > largest:
+        raise ValueError(f"m: expected at most {largest:.6g} (the largest {wide} value: m·θ is computed "
+                         "there) but got a larger integer")
+    R, psi = order_parameter(float(m) * theta.to(wide), dim=dim, weights=weights, keepdim=keepdim)
     return R.to(theta.dtype), psi.to(theta.dtype)
 
 

@@ -224,6 +224,14 @@ def test_daido_of_half_precision_phases_is_that_of_their_values(dtype, values, m
     assert math.cos(float(psi_m) - psi_ref) == pytest.approx(1.0, abs=1e-2)
 
 
+def test_daido_of_an_integer_harmonic_past_int64_is_computed():
+    # an int past 2**64 was torch's OverflowError (not a ValueError naming m); within float32's range it
+    # is a harmonic as any other: identical phases give R_m = 1
+    for theta in (torch.zeros(3, dtype=torch.float16), torch.full((2,), math.pi / 2, dtype=f64)):
+        R_m, psi_m = daido_order_parameter(theta, m=2 ** 66)
+        assert R_m.dtype == theta.dtype and float(R_m) == pytest.approx(1.0, abs=1e-3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), n=st.integers(1, 6), m=st.integers(1, 4), keepdim=st.booleans())
 def test_daido_takes_dim_weights_and_keepdim_as_order_parameter_does(data, n, m, keepdim):
@@ -256,6 +264,9 @@ def test_gradients_are_finite_even_at_zero_coherence():
     (lambda: order_parameter(torch.zeros(3), weights=-torch.ones(3)), "weights"),
     (lambda: order_parameter(torch.zeros(3), weights=torch.tensor([1.0, math.inf, 1.0])), "^weights: expected finite"),
     (lambda: daido_order_parameter(torch.zeros(3), m=0), "m"),
+    # m·θ is inf beyond float32's largest value (R_m was NaN); an int past 2**64 was torch's OverflowError
+    (lambda: daido_order_parameter(torch.ones(3), m=10 ** 39), r"^m: expected at most 3.40282e\+38"),
+    (lambda: daido_order_parameter(torch.ones(3, dtype=f64), m=10 ** 400), r"^m: expected at most 1.79769e\+308"),
     (lambda: order_parameter(torch.empty(0)), "^theta: expected at least one oscillator"),
     (lambda: order_parameter(torch.empty(3, 0)), "^theta: expected at least one oscillator"),
     (lambda: order_parameter(torch.empty(0, 3), dim=0), "^theta: expected at least one oscillator"),
