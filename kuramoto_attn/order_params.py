@@ -125,5 +125,9 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
 def _resultant_length(mean_cos: Tensor, mean_sin: Tensor) -> Tensor:
     """``R = |(mean cos θ, mean sin θ)|`` in ``[0, 1]``, elementwise over the two means (same shape)."""
     # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
-    # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower
-    return torch.linalg.vector_norm(torch.stack((mean_cos, mean_sin), dim=-1), dim=-1).clamp(max=1.0)
+    # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower. Written into one
+    # tensor, not torch.stack: under autocast to the other half dtype (float16 means, bfloat16 autocast)
+    # stack raised "Unexpected floating ScalarType in at::autocast::prioritize"
+    pair = mean_cos.new_empty((*mean_cos.shape, 2))
+    pair[..., 0], pair[..., 1] = mean_cos, mean_sin
+    return torch.linalg.vector_norm(pair, dim=-1).clamp(max=1.0)

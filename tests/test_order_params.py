@@ -66,6 +66,23 @@ def test_R_of_identical_phases_never_rounds_above_one(dtype, weighted):
         assert R.dtype == dtype and R.max().item() <= 1.0
         torch.testing.assert_close(R, torch.ones_like(R))
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                             (torch.float32, torch.bfloat16), (f64, torch.float16)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_R_under_cpu_autocast_is_that_of_the_phases_in_their_dtype(dtype, autocast, weighted):
+    """Phases of one half dtype under autocast to the other raised torch.stack's "Unexpected floating
+    ScalarType in at::autocast::prioritize"; R, ψ and the gradient keep the phases' dtype."""
+    theta = torch.tensor([[0.1, 0.4, 0.2], [1.0, 2.0, 3.0]], dtype=dtype, requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 0.5]) if weighted else None
+    with torch.autocast("cpu", dtype=autocast):
+        R, psi = order_parameter(theta, weights=weights)
+    R.sum().backward()
+    assert R.dtype == psi.dtype == theta.grad.dtype == dtype and torch.isfinite(theta.grad).all()
+    for row in range(2):
+        R_ref, psi_ref = naive_order_parameter(theta[row].tolist(), None if weights is None else weights.tolist())
+        assert R[row].item() == pytest.approx(R_ref, abs=1e-2)
+        assert math.cos(psi[row].item() - psi_ref) == pytest.approx(1.0, abs=1e-3)
+
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 4), n=st.integers(1, 7), seed=st.integers(0, 2**16), per_row=st.booleans())
 def test_weighted_R_matches_the_complex_mean_for_broadcast_weights(b, n, seed, per_row):
