@@ -126,9 +126,13 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of ``logits`` ``(..., v)`` against ``targets`` ``(...)`` over the targets
     that are not ``-1`` (ignored). When every target is ignored the loss is 0, with a zero gradient:
-    ``F.cross_entropy``'s mean would be 0/0 = NaN there, which a training loop takes for divergence."""
-    total = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
+    ``F.cross_entropy``'s mean would be 0/0 = NaN there, which a training loop takes for divergence.
+    The sum is taken in float32 at least, the loss returned in ``F.cross_entropy``'s dtype (the logits',
+    float32 under autocast): a float16 sum passed 65504 (e.g. 16384 tokens at ln(50304) nats each) and
+    the loss was inf."""
+    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")  # (b·t,)
+    total = losses.sum(dtype=torch.promote_types(losses.dtype, torch.float32))
+    return (total / (targets != -1).sum().clamp(min=1)).to(losses.dtype)
 
 
 def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:
