@@ -136,7 +136,7 @@ def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:
-    """``targets`` is None or an int64 tensor of ``idx``'s shape ``(b, t)``; with ``vocab_size``
+    """``targets`` is None or an int64 tensor of ``idx``'s shape ``(b, t)`` on its device; with ``vocab_size``
     (CPU only, as :func:`check_idx`), its ids are in ``[0, vocab_size)`` or ``-1`` (ignored)."""
     if targets is None:
         return
@@ -145,5 +145,7 @@ def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> 
         raise ValueError(f"targets: expected the shape of idx {tuple(idx.shape)} but got {got}")
     if targets.dtype != torch.int64:  # what cross_entropy takes
         raise ValueError(f"targets: expected int64 token ids (-1 = ignored) but got {targets.dtype}")
+    if targets.device != idx.device:  # the loss raised a bare device error
+        raise ValueError(f"targets: expected a tensor on idx's device {idx.device} but got {targets.device}")
     if vocab_size is not None:
         _check_ids(targets, "targets", vocab_size, lowest=-1)

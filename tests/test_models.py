@@ -663,7 +663,9 @@ def test_bad_targets_are_errors_naming_targets(name):
     model, idx = MODEL_CASES[name](), tokens(2, 5)
     for bad, message in ((tokens(2, 4), r"targets: expected the shape of idx \(2, 5\) but got \(2, 4\)"),
                          (idx.double(), "targets: expected int64 token ids"),
-                         (idx.tolist(), "targets: expected the shape of idx")):
+                         (idx.tolist(), "targets: expected the shape of idx"),
+                         # the loss raised a bare RuntimeError (e.g. targets left on the CPU for a GPU batch)
+                         (idx.to("meta"), "^targets: expected a tensor on idx's device cpu but got meta")):
         with pytest.raises(ValueError, match=message):
             model(idx, bad)
     with pytest.raises(ValueError, match="^return_info: expected True or False"):
