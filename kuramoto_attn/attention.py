@@ -580,8 +580,15 @@ class KuramotoAttention(nn.Module):
         R, R_tok = _order(theta, valid)
         loss = None
         if self.coherence is not None:  # masked_select only when needed: on a GPU it waits for the device
-            kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
-            loss = self.coherence.penalty(kept)
+            if valid is not None and _in_func_transform():
+                # vmap has no rule for masked_select over a batched mask (per-sample gradients with padding):
+                # each token's own penalty, averaged over the valid ones (0 for none, as penalty gives)
+                weight = valid[:, None, -theta.shape[-1]:].expand_as(R_tok).to(R_tok.dtype)
+                per_token = torch.vmap(self.coherence.penalty)(R_tok.reshape(-1, 1)).view_as(R_tok)
+                loss = (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+            else:
+                kept = R_tok if valid is None else R_tok.masked_select(valid[:, None, -theta.shape[-1]:])
+                loss = self.coherence.penalty(kept)
         return KuramotoInfo(phases=theta.transpose(-1, -2), R=R, R_steps=torch.stack(R_steps + [R.detach()]),
                             coherence_loss=loss)
 

@@ -601,6 +601,35 @@ def test_torch_func_transforms_match_autograd(coupling, integrator):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["ceiling", "center", "band"])
+def test_per_sample_gradients_of_the_coherence_loss_with_padding(mode):
+    """Per-sample gradients (``vmap`` of ``grad``) with a padding mask per sample and the coherence loss:
+    its valid tokens were picked with masked_select, which vmap cannot run over a batched mask (a
+    RuntimeError). They equal plain autograd on each sample, one of them padding only (loss 0)."""
+    from torch.func import functional_call, grad, vmap
+
+    kwargs = dict(coherence_band=(0.2, 0.4)) if mode == "band" else dict(coherence_target=0.3)
+    layer = make_layer(coherence_mode=mode, coherence_weight=0.7, **kwargs)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[0, :2] = valid[2] = False
+
+    def loss(params, x, valid):
+        y, info = functional_call(layer, params, (x[None], valid[None]), dict(return_info=True))
+        return 10 * info.coherence_loss + y.pow(2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, valid)
+    losses = vmap(loss, in_dims=(None, 0, 0))(params, x, valid)
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        expected = loss(dict(layer.named_parameters()), x[i], valid[i])
+        expected.backward()
+        torch.testing.assert_close(losses[i], expected.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close({name: g[i] for name, g in per_sample.items()},
+                                   {name: p.grad for name, p in layer.named_parameters()}, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_bf16_autocast_runs_close_to_fp32(coupling):
     layer = make_layer(dtype=torch.float32, coupling=coupling)
