@@ -17,6 +17,7 @@ To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.intera
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -263,10 +264,15 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
                          f"but got {tuple(weights.shape[:-2])}")
     # (*, n, *c) -> (*, n, c): trailing channels become matmul columns
     flat = theta.reshape(*lead, n, math.prod(theta.shape[dim + 1:]))
-    cos_t, sin_t = torch.cos(flat), torch.sin(flat)
-    weights = weights.to(theta.dtype)
-    pull_cos, pull_sin = weights @ cos_t, weights @ sin_t  # Re and Im of (A e^{iθ})
-    return _pull(pull_cos, pull_sin, cos_t, sin_t, phase_lag).reshape(theta.shape)
+    # the products in float32 at least and outside autocast (as _sum's): in float16 their sums overflowed
+    # past 65504 (inf, then NaN phases) where the float32 result is finite
+    acc = torch.promote_types(theta.dtype, torch.float32)
+    cos_t, sin_t = torch.cos(flat).to(acc), torch.sin(flat).to(acc)
+    weights = weights.to(acc)
+    device = theta.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
+        pull_cos, pull_sin = weights @ cos_t, weights @ sin_t  # Re and Im of (A e^{iθ})
+    return _pull(pull_cos, pull_sin, cos_t, sin_t, phase_lag).to(theta.dtype).reshape(theta.shape)
 
 
 class GraphCoupling(Coupling):

@@ -395,6 +395,26 @@ def test_bad_call_names_the_argument(call, match):
         call(torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("half", ["float16 phases", "float16 autocast"])
+def test_weighted_sums_past_65504_do_not_overflow_in_half_precision(half):
+    # Σ_j A_ij e^{iθ_j} reaches 10^5 here while the term, Σ_j A_ij sin(θ_j − θ_i − α), stays within float16's
+    # range: the products ran in float16 (of the phases, or autocast's on float32 phases) and gave inf
+    n = 1000
+    weights = 100.0 * torch.tril(torch.ones(n, n))
+    theta = (0.5 + 0.2 * torch.rand(n, 2, generator=torch.Generator().manual_seed(0))).half().float()  # float16's
+    expected = naive_weighted(theta.double().T, weights.double(), 0.3).T  # channels first for the reference
+    assert expected.abs().max() < 6e4
+    if half == "float16 phases":
+        got = GraphCoupling(weights, phase_lag=0.3, dim=0)(theta.half())
+        assert got.dtype == torch.float16
+    else:
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = GraphCoupling(weights, phase_lag=0.3, dim=0)(theta)
+        assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False), (True, True)])
 def test_mean_field_of_many_half_precision_phases_does_not_overflow(causal, masked):
     # the sums (and the causal counts) ran in float16: past 65504 elements inf, and the term NaN or inf
