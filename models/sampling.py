@@ -130,9 +130,11 @@ def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
     The sum is taken in float32 at least, the loss returned in ``F.cross_entropy``'s dtype (the logits',
     float32 under autocast): a float16 sum passed 65504 (e.g. 16384 tokens at ln(50304) nats each) and
     the loss was inf."""
-    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction="none")  # (b·t,)
-    total = losses.sum(dtype=torch.promote_types(losses.dtype, torch.float32))
-    return (total / (targets != -1).sum().clamp(min=1)).to(losses.dtype)
+    logits, targets, count = logits.flatten(0, -2), targets.flatten(), (targets != -1).sum().clamp(min=1)
+    if logits.dtype not in (torch.float16, torch.bfloat16):  # float32 / float64: cross_entropy's own sum
+        return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / count
+    losses = F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")  # (b·t,)
+    return (losses.sum(dtype=torch.float32) / count).to(losses.dtype)
 
 
 def check_targets(targets, idx: torch.Tensor, vocab_size: int | None = None) -> None:
