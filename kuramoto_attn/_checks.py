@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
@@ -180,3 +181,12 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
 def is_finite(tensor: Tensor) -> bool:
     """Whether every value is finite; True on the meta device (deferred initialisation: no values)."""
     return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())
+
+
+def autocast_off(x: Tensor):
+    """A context disabling autocast on ``x``'s device (nothing to disable on one without it, e.g. meta):
+    for sums that must not run in autocast's half precision, and ops it cannot take (``torch.stack`` of
+    float16 under bfloat16 autocast raised "Unexpected floating ScalarType")."""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

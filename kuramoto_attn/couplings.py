@@ -17,15 +17,14 @@ To add a scheme, subclass :class:`Coupling` and implement :meth:`Coupling.intera
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import (as_finite_tensor, broadcasts_to, check_axis, check_bool, check_broadcasts, check_device,
-                      check_int, check_mask, check_real, check_tensor)
+from ._checks import (as_finite_tensor, autocast_off, broadcasts_to, check_axis, check_bool, check_broadcasts,
+                      check_device, check_int, check_mask, check_real, check_tensor)
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -269,8 +268,7 @@ def weighted_sine_coupling(theta: Tensor, weights: Tensor, phase_lag: float = 0.
     acc = torch.promote_types(theta.dtype, torch.float32)
     cos_t, sin_t = torch.cos(flat).to(acc), torch.sin(flat).to(acc)
     weights = weights.to(acc)
-    device = theta.device.type
-    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
+    with autocast_off(theta):
         pull_cos, pull_sin = weights @ cos_t, weights @ sin_t  # Re and Im of (A e^{iθ})
     return _pull(pull_cos, pull_sin, cos_t, sin_t, phase_lag).to(theta.dtype).reshape(theta.shape)
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_bool, check_choice, check_int, check_real, check_tensor
+from ._checks import autocast_off, check_bool, check_choice, check_int, check_real, check_tensor
 
 __all__ = ["SOLVERS", "Euler", "FixedStepSolver", "Heun", "RK4", "integrate"]
 
@@ -172,4 +172,7 @@ def integrate(
         theta = solver.step(checked_field if step == 0 else field, theta, dt)
         if return_trajectory:
             trajectory.append(theta)
-    return torch.stack(trajectory) if return_trajectory else theta
+    if not return_trajectory:
+        return theta
+    with autocast_off(theta):  # torch.stack of float16 under bfloat16 autocast (or the reverse) raised
+        return torch.stack(trajectory)

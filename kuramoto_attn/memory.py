@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_input_like, check_int, check_real, check_tensor
+from ._checks import autocast_off, check_choice, check_input_like, check_int, check_real, check_tensor
 
 __all__ = ["DECAY_MIN", "NORM_EPS", "HolographicPhaseMemory", "TPIBlock", "TPIState"]
 
@@ -304,13 +304,6 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
     return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
 
 
-def _autocast_off(x: Tensor):
-    """A context disabling autocast on ``x``'s device (nothing to disable on one without it, e.g. meta)."""
-    if torch.amp.is_autocast_available(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast runs ``x``'s device's lower-precision ops in, or None when it is off there."""
     device = x.device.type
@@ -322,7 +315,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
-    with _autocast_off(x):  # (none on a device without autocast, e.g. meta: shape and FLOP estimates)
+    with autocast_off(x):  # (none on a device without autocast, e.g. meta: shape and FLOP estimates)
         if layer.weight.dtype in (torch.float32, torch.float64):  # the module's own call: its hooks run
             return layer(x.to(layer.weight.dtype)).to(torch.float64)
         # a half-precision module: its weights upcast (its forward hooks are not called)
@@ -532,7 +525,7 @@ class HolographicPhaseMemory(nn.Module):
         elif state is not None:
             init_memory, init_norm = state.memory, state.norm
 
-        with _autocast_off(x) if outside_autocast else contextlib.nullcontext():
+        with autocast_off(x) if outside_autocast else contextlib.nullcontext():
             if self.state_type == "vector":
                 memory = _kernel_sum(write[0], kernel, chunk, init_memory)  # (b, prefix + t, h, 2c)
                 r = self._read_vector(memory[:, prefix:], *read)
@@ -548,7 +541,7 @@ class HolographicPhaseMemory(nn.Module):
         if self.state_type == "vector":
             final_memory = memory[:, -1].clone()  # a copy: a view would keep every token's sums alive
         else:
-            with _autocast_off(x):
+            with autocast_off(x):
                 final_memory = _final_memory(write[0], write[1], kernel, chunk)
             if init_memory is not None:
                 final_memory = final_memory + init_memory * self._decay_power(t)[:, None, None]
@@ -590,7 +583,7 @@ class HolographicPhaseMemory(nn.Module):
         write = tuple(w[:, 0].to(acc) for w in tokens.write)
         m = tokens.m[:, 0].to(acc)  # (b, h)
         read = tuple(r.to(acc) for r in tokens.read)
-        with _autocast_off(x):
+        with autocast_off(x):
             new = write[0] if self.state_type == "vector" else torch.einsum("bhe,bhf->bhef", *write)
             if self.kernel == "window":
                 memory, norm = self._window_step(state, write, m, new)

@@ -62,6 +62,18 @@ def test_trajectory_has_theta0_first_and_ends_at_the_result(method):
                                atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("phases, autocast", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_a_trajectory_of_one_half_dtype_under_autocast_to_the_other(phases, autocast):
+    # torch.stack of the trajectory raised "Unexpected floating ScalarType in at::autocast::prioritize"
+    field = KuramotoField(torch.zeros(4), MeanFieldCoupling())
+    theta0 = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)).to(phases)
+    with torch.autocast("cpu", dtype=autocast):
+        trajectory = integrate(field, theta0, dt=0.1, steps=3, return_trajectory=True)
+        end = integrate(field, theta0, dt=0.1, steps=3)
+    assert trajectory.shape == (4, 2, 4) and trajectory.dtype == phases
+    assert torch.equal(trajectory[0], theta0) and torch.equal(trajectory[-1], end)
+
+
 def test_phases_are_never_wrapped():
     field = KuramotoField(torch.tensor([10.0], dtype=torch.float64))
     got = integrate(field, torch.zeros(1, dtype=torch.float64), dt=0.1, steps=10)
