@@ -1,5 +1,6 @@
 """models: GPT (PhaseGPT) and TPILM — configs, shapes, causality, losses, caches and generation."""
 
+import copy
 import math
 import sys
 import types
@@ -900,6 +901,22 @@ def test_models_run_on_the_meta_device(name):
     model = MODEL_CASES[name]().float().to("meta")
     logits, loss = model(tokens(2, 5).to("meta"), targets=tokens(2, 5).to("meta"))
     assert logits.device.type == "meta" and logits.shape == (2, 5, VOCAB) and loss.shape == ()
+
+
+def test_a_tpi_cache_of_another_model_of_the_same_layers_is_refused():
+    # it was taken silently: the other model continued the first model's states (as GPT's plain layers did)
+    model, other = tiny_tpi(seed=0), tiny_tpi(seed=1)
+    idx = tokens(2, 6)
+    cache = model.new_cache()
+    model(idx[:, :4], cache=cache)
+    for foreign in (other, copy.deepcopy(model)):  # a copy too: its weights may have been changed since
+        with pytest.raises(ValueError, match=r"^cache: filled by another model \(of the same layers\)"):
+            foreign(idx[:, 4:5], cache=cache)
+        with pytest.raises(ValueError, match=r"^cache: filled by another model \(of the same layers\)"):
+            foreign(idx[:, 4:5], cache=cache.clone())  # a branch keeps its owner
+    assert cache.length == 4
+    logits, _ = model(idx[:, 4:], cache=cache)
+    torch.testing.assert_close(logits, model(idx)[0][:, 4:], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("make", [lambda seed: phase_gpt(phase_layer_idx=(2,), seed=seed),
