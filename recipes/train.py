@@ -53,6 +53,7 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
+from models.sampling import next_token_loss
 from recipes.common import (Interrupted, build_model, make_fabric, param_groups, read_checkpoint, run_cli,
                             save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
@@ -416,8 +417,10 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
                            rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
     for x_rank, y_rank in batches:
         for x, y in zip(x_rank.chunk(tc.grad_accum), y_rank.chunk(tc.grad_accum)):  # equal sizes
-            _, loss, info = model(x, y, return_info=True)
-            losses.append(loss.float())
+            logits, _, info = model(x, y, return_info=True)
+            # from the logits, in float32: the model's loss is in its own dtype (bf16-true: a bfloat16 number,
+            # 1/32 apart from 4 to 8, which best.pt and patience compared)
+            losses.append(next_token_loss(logits.float(), y))
             for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
                 if i not in metrics:
                     heads = layer_info.phases.shape[1]  # phases (b, h, t, n)

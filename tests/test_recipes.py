@@ -2530,6 +2530,30 @@ def test_logged_validation_R_is_R_over_each_heads_oscillators(tmp_path, corpus_f
     assert [last[f"val_R/layer1/head{h}"] for h in range(2)] == pytest.approx(per_head.tolist(), abs=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_the_validation_loss_of_half_precision_weights_is_the_float32_mean_of_its_logits_losses(
+        tmp_path, corpus_file, precision):
+    # under bf16-true the model's loss is a bfloat16 number (spacing 1/64 near 3, 1/32 from 4 to 8): the
+    # logged val loss, best.pt and patience compared means of those (a word-level run logged 5.6875 at every
+    # evaluation while its float32 loss fell, and stopped early on the "equal" losses)
+    from recipes.common import build_model, make_fabric
+    from recipes.data import eval_batches
+    config = parse_config(tiny(tmp_path, corpus_file, fabric={"precision": precision}))
+    corpus = prepare_corpus("text", path=corpus_file, tokenizer="char", cache_dir=tmp_path / "cache")
+    fabric = make_fabric(config.fabric)
+    torch.manual_seed(0)
+    model = fabric.setup_module(build_model(config.model, corpus.tokenizer.vocab_size))
+    got = train_module.evaluate(fabric, model, corpus.splits["val"], config)["val/loss"]
+    nats, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in eval_batches(corpus.splits["val"], 4, 16, 2, seed=config.seed):
+            logits = model(x)[0].double()  # the model's logits (in its dtype), summed in float64
+            nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    assert got == pytest.approx(nats / count, abs=1e-5)
+
+
 def test_every_fabric_setting_reaches_fabric(monkeypatch):
     import lightning_fabric
     from recipes.common import make_fabric
