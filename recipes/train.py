@@ -493,7 +493,7 @@ def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int 
         kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
                 else f"no checkpoint yet (the first is written at step {first})")
         hints = ["a lower optim.lr", "optim.grad_clip"]
-        if fabric._precision.precision != "32-true":
+        if fabric._precision.precision not in ("32-true", "64-true"):  # not to a run in float64 already
             hints.append("fabric.precision=32-true")
         raise TrainingDiverged(f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not "
                                f"finite; stopped before the update, {kept}. Try {', '.join(hints[:-1])} "

@@ -2459,12 +2459,13 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_pat
 
 
 @pytest.mark.parametrize("precision, hints", [("32-true", "a lower optim.lr or optim.grad_clip"),
+                                              ("64-true", "a lower optim.lr or optim.grad_clip"),
                                               ("bf16-mixed", "a lower optim.lr, optim.grad_clip or "
                                                              "fabric.precision=32-true")])
 def test_a_divergence_before_the_first_checkpoint_says_when_it_comes_and_what_to_try(
         tmp_path, corpus_file, monkeypatch, precision, hints):
     # a run shorter than eval_interval writes its first checkpoint at its end, max_iters; fp32 is a hint only
-    # to a run in another precision
+    # to a run in a lower precision (a float64 run was told to try float32)
     real_build = train_module.build_model
 
     def build_model(*args, **kwargs):
