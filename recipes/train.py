@@ -417,7 +417,7 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
                            rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
     for x_rank, y_rank in batches:
         for x, y in zip(x_rank.chunk(tc.grad_accum), y_rank.chunk(tc.grad_accum)):  # equal sizes
-            logits, _, info = model(x, y, return_info=True)
+            logits, _, info = model(x, return_info=True)  # no targets: the model's loss would go unused
             # from the logits, in float32: the model's loss is in its own dtype (bf16-true: a bfloat16 number,
             # 1/32 apart from 4 to 8, which best.pt and patience compared)
             losses.append(next_token_loss(logits.float(), y))
