@@ -187,7 +187,8 @@ def checkpoint_file(run: str | Path, checkpoint: str | None) -> Path:
 def load_run(checkpoint: str | Path, map_location="cpu"):
     """``(model, tokenizer, config, state)`` from a checkpoint written by ``recipes.train``.
 
-    The model is in eval mode; ``state`` is the raw checkpoint dict (step, history, ...).
+    The model is in eval mode, in float32, or in float64 for a run trained in ``64-true``; ``state`` is
+    the raw checkpoint dict (step, history, ...).
     """
     checkpoint = checkpoint_file(checkpoint, None)  # a run directory: its best.pt
     if not checkpoint.is_file():
@@ -207,6 +208,8 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     tokenizer = tokenizer_from_dict(state["tokenizer"])
     config = parse_saved_config(state["config"])
     model = build_model(config.model, tokenizer.vocab_size)
+    if state.get("trained_precision") == "64-true":  # else load_state_dict rounds the weights into float32
+        model = model.double()
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, config, state
 

@@ -177,6 +177,16 @@ def test_a_model_vocab_size_below_the_tokenizers_is_refused_and_one_above_pads(t
     assert model.config.vocab_size == vocab + 5 and tokenizer.vocab_size == vocab
 
 
+def test_a_64_true_run_is_loaded_in_float64(tmp_path, corpus_file):
+    # load_run built a float32 model, and load_state_dict rounded the float64 weights into it
+    train(parse_config(tiny(tmp_path, corpus_file, fabric={"precision": "64-true"},
+                            train={"max_iters": 2, "eval_interval": 2})))
+    model, *_, state = load_run(tmp_path / "run")
+    saved = state["model"]
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float64
+
+
 def test_fabric_precision_takes_lightnings_integers_too():
     # 16 was "expected str, got 16", though Fabric takes it (as 16-mixed)
     from lightning_fabric.connector import _PRECISION_INPUT
