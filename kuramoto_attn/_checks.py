@@ -57,12 +57,7 @@ def check_input_like(name: str, x: Tensor, weight: Tensor) -> None:
     dtype = weight.dtype
     if x.dtype == dtype:
         return
-    try:
-        # a device without autocast (e.g. meta: shape and FLOP estimates) makes is_autocast_enabled raise
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4 takes no device type
-        autocast = torch.is_autocast_enabled() if x.device.type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not autocast:
+    if autocast_dtype(x) is None:
         raise ValueError(f"{name}: expected the module's dtype {dtype} (or torch.autocast) but got {x.dtype}")
     if x.dtype == torch.float64:
         raise ValueError(f"{name}: expected the module's dtype {dtype} but got float64, which torch.autocast "
@@ -181,6 +176,15 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
 def is_finite(tensor: Tensor) -> bool:
     """Whether every value is finite; True on the meta device (deferred initialisation: no values)."""
     return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs ``x``'s device's lower-precision ops in, or None when it is off there (or the
+    device has none, e.g. meta: shape and FLOP estimates, where ``is_autocast_enabled`` would raise)."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def autocast_off(x: Tensor):

@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import autocast_off, check_choice, check_input_like, check_int, check_real, check_tensor
+from ._checks import autocast_dtype, autocast_off, check_choice, check_input_like, check_int, check_real, check_tensor
 
 __all__ = ["DECAY_MIN", "NORM_EPS", "HolographicPhaseMemory", "TPIBlock", "TPIState"]
 
@@ -304,14 +304,6 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
     return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs ``x``'s device's lower-precision ops in, or None when it is off there."""
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 def _phase_rate(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)`` in float64, computed in at least float32 and outside autocast: the rates are
     summed over tokens, so rounding them to bf16 (as autocast would) gives a phase error growing with t."""
@@ -502,7 +494,7 @@ class HolographicPhaseMemory(nn.Module):
         # with a state, the sums are in the state's dtype (float32 for a half-precision module); in float16 (a
         # float16 input, or float16 autocast) in float32 outside autocast: float16 sums overflowed S_t past
         # 65504, which silently zeroed every later read
-        float16 = x.dtype == torch.float16 or _autocast_dtype(x) == torch.float16
+        float16 = x.dtype == torch.float16 or autocast_dtype(x) == torch.float16
         acc = state.memory.dtype if state is not None else \
             torch.promote_types(x.dtype, torch.float32) if float16 else x.dtype
         outside_autocast = state is not None or float16
