@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
 from kuramoto_attn.attention import COUPLINGS
-from kuramoto_attn._checks import check_bool, check_cache_dtype, check_int, largest_value
+from kuramoto_attn._checks import check_bool, check_cache_dtype, check_device, check_int, largest_value
 
 from . import sampling
 from .config import ConfigError, check, check_types, from_dict
@@ -366,6 +366,7 @@ class GPT(nn.Module):
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
         b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
+        check_device("idx", idx, self.tok_emb.weight, owner="the model")  # the embedding's error names no argument
         sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
         return_info = check_bool("return_info", return_info)
         past = self._check_cache(cache, b, idx.device)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
-from kuramoto_attn._checks import check_bool
+from kuramoto_attn._checks import check_bool, check_device
 from kuramoto_attn.memory import TPIState
 
 from . import sampling
@@ -181,6 +181,7 @@ class TPILM(nn.Module):
             ``(logits, loss)`` or ``(logits, loss, info)``.
         """
         b, t = sampling.check_idx(idx, vocab_size=self.config.vocab_size)
+        check_device("idx", idx, self.tok_emb.weight, owner="the model")  # the embedding's error names no argument
         sampling.check_targets(targets, idx, vocab_size=self.config.vocab_size)
         return_info = check_bool("return_info", return_info)
         x = self.drop(self.tok_emb(idx))  # (b, t, d_model)

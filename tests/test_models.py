@@ -895,6 +895,16 @@ def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     assert model.blocks[1].attn.phase_proj.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)
 
 
+@pytest.mark.parametrize("name", ["gpt", "gpt-mean_field", "tpi-vector"])
+def test_idx_on_another_device_than_the_model_is_an_error_naming_idx(name):
+    # the embedding's device error named no argument (and a meta model took CPU ids silently)
+    model = MODEL_CASES[name]().float().to("meta")
+    with pytest.raises(ValueError, match=r"^idx: expected a tensor on the model's device meta but got cpu"):
+        model(tokens(2, 5))
+    with pytest.raises(ValueError, match=r"^idx: expected a tensor on the model's device meta but got cpu"):
+        model.generate(tokens(1, 3), 2)
+
+
 @pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-vector"])
 def test_models_run_on_the_meta_device(name):
     # shapes and FLOPs estimated without memory: every layer, TPI's rates outside autocast included
