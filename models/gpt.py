@@ -245,7 +245,9 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         h, d = self.n_heads, self.d_model // self.n_heads
         q, k, v = self.qkv(x).view(b, t, 3, h, d).transpose(1, 3).unbind(2)  # 3 × (b, h, t, d)
-        mask, is_causal = None, t > 1
+        # True if ... else False, not t > 1: under torch.compile with a dynamic length that is a SymBool, which
+        # SDPA refuses (a graph break that ran the whole model uncompiled)
+        mask, is_causal = None, True if t > 1 else False
         if cache is not None:
             if cache.keys is not None:
                 check_cache_dtype(cache.keys, k)  # as KuramotoAttention: a refusal leaves every layer's cache as it was

@@ -307,6 +307,16 @@ def test_causal(name):
     assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
+def test_the_plain_attention_traces_into_one_graph_with_a_symbolic_length():
+    """``is_causal`` must be a bool: ``t > 1`` on a dynamic length is a SymBool, which SDPA rejects, so
+    torch.compile broke the graph there and ran the whole model's forward uncompiled once the length changed."""
+    model = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=16, n_layers=1, n_heads=2, d_model=8, dropout=0.0))
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for t in (5, 1, 7):
+        idx = tokens(2, t)
+        torch.testing.assert_close(compiled(idx)[0], model(idx)[0])
+
+
 def test_info_per_phase_layer_and_coherence_loss():
     model = phase_gpt()
     idx = tokens(3, 6)
