@@ -1,6 +1,6 @@
 r"""Coupling schemes: the interaction term of the Kuramoto vector field.
 
-Every coupling is an ``nn.Module`` whose ``forward(theta, ...)`` returns a tensor of θ's shape,
+Every coupling is an ``nn.Module`` whose ``forward(theta, ...)`` returns a tensor of θ's shape and dtype,
 
 .. math::
 
@@ -96,7 +96,7 @@ class Coupling(nn.Module):
             **kwargs: passed to :meth:`interaction`.
 
         Returns:
-            The coupling term, shape of ``theta``.
+            The coupling term, shape and dtype of ``theta``.
         """
         check_tensor("theta", theta)
         for tensor in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
@@ -108,7 +108,9 @@ class Coupling(nn.Module):
             got = tuple(term.shape) if torch.is_tensor(term) else type(term).__name__
             raise ValueError(f"interaction: {type(self).__name__}.interaction returned {got}, expected "
                              f"theta's shape {tuple(theta.shape)}")
-        return self.strength.to(theta.dtype) * term
+        # in θ's dtype: a term promoted by the scheme (a float64 tensor of its own, a matmul under autocast)
+        # would otherwise change the phases' dtype in ω + term, and every step after
+        return (self.strength.to(theta.dtype) * term).to(theta.dtype)
 
     def extra_repr(self) -> str:
         if self.strength.device.type == "meta":  # deferred initialisation: no value to print yet

@@ -1176,6 +1176,26 @@ def test_a_coupling_module_gets_contiguous_phases_with_and_without_a_cache():
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=0, atol=1e-12)
 
 
+class _Float64Drift(Coupling):
+    """A constant pull computed in float64 whatever the phases' dtype."""
+
+    def interaction(self, theta, mask=None):
+        return torch.ones(theta.shape, dtype=torch.float64)
+
+
+def test_a_coupling_module_that_promotes_its_term_leaves_the_phases_dtype():
+    # its float64 term made the float32 layer integrate, and return its phases, in float64
+    layer = make_layer(phase_lag=0.0, coupling=_Float64Drift(strength=0.25)).float()
+    x = torch.randn(2, 5, 16)
+    y, info = layer(x, return_info=True)
+    assert y.dtype == info.phases.dtype == torch.float32
+    with torch.no_grad():
+        cache = KuramotoCache()
+        steps = [layer(x[:, i:i + 1], cache=cache) for i in range(5)]
+    assert cache.keys.dtype == torch.float32
+    torch.testing.assert_close(torch.cat(steps, 1), y.detach(), rtol=0, atol=1e-5)
+
+
 class _NeedsWeights(Coupling):
     def interaction(self, theta, weights):
         return weights * torch.sin(theta)

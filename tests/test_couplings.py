@@ -314,6 +314,24 @@ def test_interaction_of_another_shape_is_an_error_even_where_it_broadcasts():
         integrate(KuramotoField(torch.zeros(3), MeanPull()), torch.rand(2, 3), dt=0.1, steps=2)
 
 
+class _Float64Pull(Coupling):
+    """A scheme whose term comes out in float64 whatever θ's dtype (a float64 constant of its own)."""
+
+    def interaction(self, theta):
+        return torch.sin(theta).double() * torch.ones((), dtype=torch.float64)
+
+
+def test_the_term_has_the_phases_dtype_even_where_the_scheme_promotes_it():
+    """In θ's dtype: a float64 term made ω + term, and so every later step, float64 (and the
+    layer's phases and output with it) without a word."""
+    theta = torch.rand(2, 3)
+    term = _Float64Pull(strength=0.5)(theta)
+    assert term.dtype == torch.float32
+    torch.testing.assert_close(term, 0.5 * torch.sin(theta))
+    phases = integrate(KuramotoField(torch.zeros(3), _Float64Pull()), theta, dt=0.1, steps=2)
+    assert phases.dtype == torch.float32
+
+
 def test_graph_coupling_trains_a_parameter_adjacency_and_copies_a_plain_tensor():
     adjacency = torch.nn.Parameter(torch.rand(4, 4))
     coupling = GraphCoupling(adjacency)
