@@ -445,7 +445,7 @@ class HolographicPhaseMemory(nn.Module):
         Returns:
             A :class:`TPIState` with ``position == 0``.
         """
-        b = check_int("batch_size", batch_size, low=1)
+        b = check_int("batch_size", batch_size, low=0)  # 0 too, as the forward takes batch 0
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype: expected a floating-point torch.dtype but got {dtype!r}")
         ref = self.omega.weight
@@ -705,9 +705,10 @@ class HolographicPhaseMemory(nn.Module):
     def _check_input(self, name: str, x, ndim: int) -> tuple[int, int]:
         check_tensor(name, x)
         want = "(b, t, d)" if ndim == 3 else "(b, d)"
-        if x.dim() != ndim or x.shape[-1] != self.d_model or 0 in x.shape:
-            raise ValueError(f"{name}: expected a non-empty tensor of shape {want} with "
-                             f"d={self.d_model} but got {tuple(x.shape)}")
+        # batch 0 passes, as in torch's layers and KuramotoAttention; no tokens is an error
+        if x.dim() != ndim or x.shape[-1] != self.d_model or (ndim == 3 and x.shape[1] == 0):
+            raise ValueError(f"{name}: expected a tensor of shape {want} with "
+                             f"{'t >= 1 and ' if ndim == 3 else ''}d={self.d_model} but got {tuple(x.shape)}")
         check_input_like(name, x, self.omega.weight)
         return x.shape[0], x.shape[1]
 

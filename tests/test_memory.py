@@ -904,7 +904,7 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         with pytest.raises(ValueError, match=f"^state: expected {message}"):
             memory(torch.zeros(2, 5, 4), state._replace(**changed))
     with pytest.raises(ValueError, match="^batch_size:"):
-        memory.init_state(0)
+        memory.init_state(-1)
     with pytest.raises(ValueError, match="^device: expected a torch.device"):
         memory.init_state(2, device="nope")
     missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
@@ -929,6 +929,25 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
     assert isinstance(memory.init_state(1), TPIState)
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(kernel="window", window=3), dict(kernel="decay", num_heads=2),
+                                      dict(state="matrix", num_heads=2, query="decoupled", magnitude="sigmoid",
+                                           normalize="sqrt")])
+def test_batch_zero_runs_as_in_torch_layers(settings):
+    """An empty batch (e.g. a shard or an expert that got no sequences) passes, as through ``nn.Linear`` and
+    ``KuramotoAttention``: it was refused as "non-empty" while an empty token axis is what cannot be read."""
+    memory = HolographicPhaseMemory(8, **settings)
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    y = memory(x)
+    assert y.shape == (0, 5, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and all(p.grad is None or not p.grad.any() for p in memory.parameters())
+    y, state = memory(x, memory.init_state(0))
+    assert y.shape == (0, 5, 8) and state.position == 5 and state.memory.shape[0] == 0
+    y, state = memory.step(torch.randn(0, 8), state)
+    assert y.shape == (0, 8) and state.position == 6
+    assert TPIBlock(8, HolographicPhaseMemory(8, **settings))(torch.randn(0, 5, 8)).shape == (0, 5, 8)
+
+
 def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
     memory, block = HolographicPhaseMemory(4, kernel="window", window=3), TPIBlock(4)  # float32
     for dtype in (torch.float64, torch.float16, torch.bfloat16):
@@ -943,9 +962,11 @@ def test_input_of_another_dtype_and_non_float_state_dtype_are_named():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # it does not cast float64 (a bare matmul error)
         with pytest.raises(ValueError, match="^x: expected the module's dtype torch.float32 but got float64"):
             memory(torch.zeros(2, 5, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="^x: expected a non-empty tensor"):
+    with pytest.raises(ValueError, match=r"^x: expected a tensor of shape \(b, t, d\) with t >= 1 and d=8 but"):
         TPIBlock(8)(torch.randn(2, 5, 4))  # was LayerNorm's error
-    with pytest.raises(ValueError, match="^x_t: expected a non-empty tensor"):
+    with pytest.raises(ValueError, match=r"^x: expected a tensor of shape \(b, t, d\) with t >= 1"):
+        TPIBlock(8)(torch.randn(2, 0, 8))
+    with pytest.raises(ValueError, match=r"^x_t: expected a tensor of shape \(b, d\) with d=8 but"):
         TPIBlock(8).step(torch.randn(2, 4), TPIBlock(8).init_state(2))
     for dtype in (torch.long, torch.bool, torch.complex64, "float32"):
         with pytest.raises(ValueError, match="^dtype: expected a floating-point"):
