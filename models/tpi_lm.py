@@ -108,7 +108,8 @@ class TPICache:
     use) and the ``length`` of tokens consumed. ``forward`` replaces the states in place; with
     ``kernel="window"`` a new state shares its predecessor's ring buffer, which a one-token
     ``forward`` updates in place, so to branch (beam search, speculative decoding) continue each
-    branch from its own :meth:`clone`, never from copies of ``states``."""
+    branch from its own :meth:`clone`, never from copies of ``states``. The states hold no autograd
+    graph (as a :class:`~models.gpt.GPTCache`'s keys and values): a backward stops at the cached tokens."""
 
     states: list[TPIState] = field(default_factory=list)
     length: int = 0
@@ -192,10 +193,13 @@ class TPILM(nn.Module):
             states = self._check_cache(cache, x)
             for i, (block, state) in enumerate(zip(self.blocks, states)):
                 if t == 1:
-                    y, states[i] = block.step(x[:, 0], state)
+                    y, state = block.step(x[:, 0], state)
                     x = y[:, None]  # (b, d) -> (b, 1, d)
                 else:
-                    x, states[i] = block(x, state)
+                    x, state = block(x, state)
+                # detached, as GPT's cache: a state holding this call's graph made the next call's backward run
+                # into it (already freed: an error), kept every earlier call's graph alive, and could not be deepcopied
+                states[i] = _detach(state)
             cache.length += t
         logits = self.head(self.ln_f(x))  # (b, t, v)
         loss = None
@@ -242,3 +246,9 @@ class TPILM(nn.Module):
             raise ValueError("cache: filled by another model (of the same layers); give each model its own "
                              "(see new_cache)")
         return cache.states
+
+
+def _detach(state: TPIState) -> TPIState:
+    return state._replace(phase=state.phase.detach(), memory=state.memory.detach(), norm=state.norm.detach(),
+                          query_phase=None if state.query_phase is None else state.query_phase.detach(),
+                          buffer=tuple(b.detach() for b in state.buffer))

@@ -394,6 +394,23 @@ def test_a_gpt_cache_filled_with_gradients_on_holds_no_graph():
     model(idx[:, 4:], cache=cache)[0].sum().backward()
 
 
+
+@pytest.mark.parametrize("kernel", ["unbounded", "window", "decay"])
+def test_a_tpi_cache_filled_with_gradients_on_holds_no_graph(kernel):
+    # as GPT's: states keeping each call's graph made the next call's backward run into the previous one's
+    # (already freed: an error), kept the graph of every decoded token alive, and could not be deepcopied
+    model = tiny_tpi(kernel=kernel, window=3) if kernel == "window" else tiny_tpi(kernel=kernel)
+    idx, cache = tokens(2, 7), model.new_cache()
+    model(idx[:, :4], cache=cache)[0].sum().backward()
+    assert not any(tensor.requires_grad for state in cache.states
+                   for tensor in (state.phase, state.memory, state.norm, *state.buffer))
+    copied = copy.deepcopy(cache)
+    for t in (slice(4, 5), slice(5, 7)):  # the one-token step, then the parallel form
+        logits, _ = model(idx[:, t], cache=cache)
+        logits.sum().backward()
+        torch.testing.assert_close(model(idx[:, t], cache=copied)[0], logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits, model(idx)[0][:, 5:], rtol=1e-9, atol=1e-9)
+
 def test_a_tpi_cache_emptied_of_its_states_counts_from_zero():
     # states are filled on first use: a cache whose states were cleared starts again at the first token,
     # and its length counts from 0 (not on from the tokens of the states it no longer holds)
@@ -889,6 +906,7 @@ def test_tpilm_head_is_tied_to_its_embedding_initialised_as_gpts():
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)  # small logits at the start
     logits, _ = model(tokens(2, 5))
     assert logits.abs().max() < 1.0
+
 
 def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     torch.manual_seed(0)
