@@ -41,6 +41,7 @@ from kuramoto_attn.attention import COUPLINGS
 from kuramoto_attn._checks import check_bool, check_cache_dtype, check_device, check_int, largest_value
 
 from . import sampling
+from ._tied import apply_tied, tie_after_load
 from .config import ConfigError, check, check_types, from_dict
 
 __all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "KVCache"]
@@ -335,12 +336,16 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        tie_after_load(self)  # load_state_dict(assign=True) keeps it tied, as _apply does (models/_tied.py)
         self._init_weights()
 
     @property
     def phase_layers(self) -> tuple[int, ...]:
         """Indices of the layers with Kuramoto attention, ascending."""
         return tuple(i for i, block in enumerate(self.blocks) if block.phase)
+
+    def _apply(self, fn, recurse=True):
+        return apply_tied(self, super()._apply, fn, recurse)  # to_empty, .to("meta"): the head kept tied
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters; without the position embedding by default (nanoGPT's count: the

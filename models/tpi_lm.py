@@ -33,6 +33,7 @@ from kuramoto_attn._checks import check_bool, check_device
 from kuramoto_attn.memory import TPIState
 
 from . import sampling
+from ._tied import apply_tied, tie_after_load
 from .config import ConfigError, check, check_types, from_dict
 
 __all__ = ["TPICache", "TPILM", "TPILMConfig", "TPILMInfo"]
@@ -154,8 +155,12 @@ class TPILM(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        tie_after_load(self)  # load_state_dict(assign=True) keeps it tied, as _apply does (models/_tied.py)
         # N(0, 0.02) as in GPT: the tied head then starts with small logits; blocks keep their init
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
+
+    def _apply(self, fn, recurse=True):
+        return apply_tied(self, super()._apply, fn, recurse)  # to_empty, .to("meta"): the head kept tied
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters (there is no position embedding, so ``non_embedding`` changes

@@ -908,6 +908,30 @@ def test_tpilm_head_is_tied_to_its_embedding_initialised_as_gpts():
     assert logits.abs().max() < 1.0
 
 
+@pytest.mark.parametrize("name", ["gpt-mean_field", "tpi-window"])
+def test_the_head_stays_tied_to_the_embedding_when_built_on_the_meta_device(name):
+    # to_empty (and .to("meta")) gave the head and the embedding a new Parameter each, load_state_dict(assign=True)
+    # a tensor each: loaded, the model computed the same, but trained the head apart from the embedding
+    trained = MODEL_CASES[name]()
+    state, idx = trained.state_dict(), tokens(2, 5)
+    with torch.device("meta"):
+        empty, assigned = MODEL_CASES[name](), MODEL_CASES[name]()
+    empty.to_empty(device="cpu").load_state_dict(state)
+    assigned.load_state_dict(state, assign=True)
+    moved = MODEL_CASES[name]().to("meta")
+    for model in (empty, assigned, moved):
+        assert model.head.weight is model.tok_emb.weight
+        assert model.num_params(non_embedding=False) == trained.num_params(non_embedding=False)
+    for model in (empty, assigned):
+        torch.testing.assert_close(model(idx)[0], trained(idx)[0], rtol=0, atol=0)
+        model(idx)[0].sum().backward()
+        assert model.head.weight.grad is model.tok_emb.weight.grad  # one gradient: the head's and the embedding's
+    untied, replaced = MODEL_CASES[name](), MODEL_CASES[name]()
+    untied.head.weight = torch.nn.Parameter(untied.tok_emb.weight.detach().clone())  # untied on purpose: left so
+    assert untied.to(torch.float32).head.weight is not untied.tok_emb.weight
+    replaced.head = torch.nn.Identity()  # a head of the user's, without a weight
+    assert isinstance(replaced.to(torch.float32).head, torch.nn.Identity)
+
 def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, max_seq_len=16, n_layers=4, n_heads=4, d_model=256,
