@@ -320,6 +320,23 @@ def _accumulate(phase0: Tensor, omega: Tensor) -> Tensor:
     return torch.remainder(phase0[:, None] + omega.to(torch.float64).cumsum(1), TWO_PI)
 
 
+def _outside_inference(state: TPIState) -> TPIState:
+    """``state``, its tensors made under ``torch.inference_mode`` copied when it is used outside it (e.g. a prompt
+    read under inference mode, then decoded under ``no_grad`` or with gradients): torch refuses to write them in
+    place there (the window's ring buffer) or to save them for backward (the decay's ``γ · M``)."""
+    if torch.is_inference_mode_enabled():
+        return state
+    tensors = (state.phase, state.query_phase, state.memory, state.norm, *state.buffer)
+    if not any(tensor is not None and tensor.is_inference() for tensor in tensors):
+        return state
+
+    def copy(tensor):
+        return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+    return state._replace(phase=copy(state.phase), query_phase=copy(state.query_phase), memory=copy(state.memory),
+                          norm=copy(state.norm), buffer=tuple(copy(buf) for buf in state.buffer))
+
+
 class _Tokens(NamedTuple):
     """Per-token quantities: what each token writes, how it reads, and its magnitude."""
 
@@ -490,6 +507,7 @@ class HolographicPhaseMemory(nn.Module):
         b, t = self._check_input("x", x, 3)
         if state is not None:
             self._check_state(state, x)
+            state = _outside_inference(state)
         phase, query_phase = self._phases(x, state)
         # with a state, the sums are in the state's dtype (float32 for a half-precision module); in float16 (a
         # float16 input, or float16 autocast) in float32 outside autocast: float16 sums overflowed S_t past
@@ -555,7 +573,8 @@ class HolographicPhaseMemory(nn.Module):
         With ``kernel="window"`` the new contribution is written into the state's ring buffer in
         place (no O(W) copy), so the state passed in must not be reused afterwards; to branch from
         one state (e.g. beam search), step from a copy of its buffer:
-        ``state._replace(buffer=tuple(b.clone() for b in state.buffer))``.
+        ``state._replace(buffer=tuple(b.clone() for b in state.buffer))``. A state made under
+        ``torch.inference_mode`` and used outside it is copied first (as by ``forward``).
 
         Args:
             x_t: ``(b, d)``.
@@ -567,6 +586,7 @@ class HolographicPhaseMemory(nn.Module):
         self._check_input("x_t", x_t, 2)
         x = x_t[:, None]  # (b, d) -> (b, 1, d)
         self._check_state(state, x)
+        state = _outside_inference(state)
         phase, query_phase = self._phases(x, state)
         acc = state.memory.dtype  # the sums' dtype (float32 for a half-precision module's init_state)
         tokens = self._tokens(x, phase, query_phase, acc)

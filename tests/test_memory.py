@@ -256,6 +256,31 @@ def test_step_is_differentiable_through_the_window_buffer():
     torch.testing.assert_close(x.grad, parallel.grad, atol=1e-5, rtol=1e-5)
 
 
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_state_made_under_inference_mode_continues_outside_it(kernel, parallel):
+    # a prompt read under torch.inference_mode, then decoded under no_grad or with gradients: torch refused the
+    # window's in-place ring-buffer write, and to save the decay's γ · M (inference tensors) for backward
+    memory = build(dict(kernel=kernel, window=3, query="decoupled", state="matrix", normalize="sum"))
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    full = memory(x)
+    for mode in (torch.no_grad, torch.enable_grad):
+        with torch.inference_mode():
+            _, state = memory(x[:, :3], memory.init_state(2))
+        with mode():
+            if parallel:
+                _, state = memory(x[:, 3:5], state)
+            else:
+                for i in (3, 4):
+                    _, state = memory.step(x[:, i], state)
+            y_t, state = memory.step(x[:, 5], state)
+        torch.testing.assert_close(y_t, full[:, 5], rtol=1e-12, atol=1e-12)
+        if mode is torch.enable_grad:
+            y_t.sum().backward()
+            assert memory.omega.weight.grad is not None
+
 def test_state_after_forward_matches_state_after_steps():
     gen = torch.Generator().manual_seed(5)
     for kernel in KERNELS:
