@@ -19,9 +19,12 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     """``fig`` as a PNG at ``path``, through :func:`recipes.files.staged`: a kill mid-write keeps the
-    previous plot whole."""
-    with staged(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")  # the staging name has no .png to infer it from
+    previous plot whole. The figure is closed either way."""
+    try:
+        with staged(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")  # the staging name has no .png to infer it from
+    finally:  # pyplot holds every open figure: one that failed to save stayed in memory for good
+        _pyplot().close(fig)
 
 
 def _one_point_marker(points) -> dict:
@@ -45,7 +48,6 @@ def plot_history(history: list[dict], run_dir: str | Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     _save(fig, run_dir / "loss.png")
-    plt.close(fig)
     written.append(run_dir / "loss.png")
 
     heads: dict[int, dict[int, list]] = {}  # layer -> head -> [(step, R)]
@@ -82,5 +84,4 @@ def plot_R_curves(curves: dict[str, dict[str, list]], path: str | Path, *, xlabe
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, Path(path))
-    plt.close(fig)
     return Path(path)

@@ -119,11 +119,14 @@ def test_a_plot_interrupted_mid_write_keeps_the_previous_one_whole(tmp_path, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FigureCanvasAgg, "print_png", cut_short)
+    open_figures = plots._pyplot().get_fignums()
     with pytest.raises(KeyboardInterrupt):
         plots.plot_R_curves(curves, path, xlabel="t", title="R")
     with pytest.raises(KeyboardInterrupt):
         plots.plot_history(HISTORY, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no part, no staging file left
+    # and no figure left open: pyplot kept the two that failed to save for the rest of the process
+    assert plots._pyplot().get_fignums() == open_figures
 
 
 @pytest.mark.parametrize("heads, legend", [(12, True), (13, False)])
