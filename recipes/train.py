@@ -216,6 +216,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     fabric.print(f"{config.name}: {parameters:,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 
+    status = None
     try:
         # asked of the model, whichever settings (a target, or a band in band mode) gave it one
         regularized = any(isinstance(module, CoherenceRegularizer) for module in model.modules())
@@ -238,10 +239,10 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         if world > 1:  # every rank diverged together; Fabric's launcher kills rank 0 once another exits with an
             fabric.barrier()  # error: the others exit only after rank 0 has written its result and plots
         raise
+    finally:
+        _close_logs(fabric, failed=status is None)
     result = _write_result(fabric, config, progress, status)
     _plot(fabric, config, progress)
-    for logger in fabric.loggers:  # CSV and TensorBoard
-        logger.finalize("success")
     return result
 
 
@@ -535,6 +536,14 @@ def _flush_logs(fabric) -> None:
     # and at finalize: flush with every checkpoint, so an interrupted run keeps its logs
     for logger in fabric.loggers:
         logger.save()
+
+
+def _close_logs(fabric, failed: bool) -> None:
+    # however the run ends: TensorBoard's event file and its writer thread were closed only by a run that
+    # finished (each that raised left one more running in the process), and the CSV log is written out
+    for logger in fabric.loggers:
+        with contextlib.suppress(Exception) if failed else contextlib.nullcontext():  # the run's own error
+            logger.finalize("failed" if failed else "success")                      # is the one to report
 
 
 #: what ``--resume`` may change: how long to train, when to stop early, what to show, where the run

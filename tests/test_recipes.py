@@ -807,6 +807,32 @@ def test_resume_after_interrupt_is_exact(tmp_path, corpus_file, monkeypatch):
     assert train(parse_config(apply_overrides(interrupted, ["train.compile=true"])), resume=True)["step"] == 12
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), TrainingDiverged("step 7: loss nan"), OSError("disk full")])
+def test_a_run_that_raises_closes_its_logs(tmp_path, corpus_file, monkeypatch, stop):
+    """TensorBoard's event file and its writer thread were closed only by a run that finished: each run that
+    raised left one more thread running (and the file open) in the process, and an error other than a stop or
+    a divergence lost the CSV log's steps since the last checkpoint."""
+    import threading
+
+    def writers():
+        return {t for t in threading.enumerate() if "tensorboard" in type(t).__module__.lower()}
+
+    real_get_batch, before = train_module.get_batch, writers()
+
+    def get_batch(*args, step, **kwargs):
+        if step == 7:  # the 8th update, after 7 logged train losses and no evaluation (whose checkpoint flushes)
+            raise stop
+        return real_get_batch(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(type(stop)):
+        train(parse_config(tiny(tmp_path, corpus_file, train={"eval_interval": 100})))
+    assert writers() == before
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]] == list(range(1, 8))
+    assert list((tmp_path / "run" / "tensorboard" / "version_0").glob("events.*"))
+
+
 def test_an_interrupt_while_a_step_is_logged_keeps_its_entry_after_resume(tmp_path, corpus_file, monkeypatch):
     # the update was saved (step 7) but not its train loss, which the resumed run never logged again
     from lightning_fabric import Fabric
