@@ -134,6 +134,12 @@ class TPIState(NamedTuple):
     buffer: tuple[Tensor, ...]
     position: int
 
+    def _map(self, fn) -> TPIState:
+        """The state with ``fn`` applied to each of its tensors (``query_phase`` may be ``None``)."""
+        return self._replace(phase=fn(self.phase), memory=fn(self.memory), norm=fn(self.norm),
+                             query_phase=None if self.query_phase is None else fn(self.query_phase),
+                             buffer=tuple(fn(b) for b in self.buffer))
+
 
 # ---------- kernels and the chunked scan ----------
 
@@ -330,11 +336,7 @@ def _outside_inference(state: TPIState) -> TPIState:
     if not any(tensor is not None and tensor.is_inference() for tensor in tensors):
         return state
 
-    def copy(tensor):
-        return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
-
-    return state._replace(phase=copy(state.phase), query_phase=copy(state.query_phase), memory=copy(state.memory),
-                          norm=copy(state.norm), buffer=tuple(copy(buf) for buf in state.buffer))
+    return state._map(lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
 class _Tokens(NamedTuple):

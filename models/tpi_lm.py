@@ -204,7 +204,7 @@ class TPILM(nn.Module):
                     x, state = block(x, state)
                 # detached, as GPT's cache: a state holding this call's graph made the next call's backward run
                 # into it (already freed: an error), kept every earlier call's graph alive, and could not be deepcopied
-                states[i] = _detach(state)
+                states[i] = state._map(Tensor.detach)
             cache.length += t
         logits = self.head(self.ln_f(x))  # (b, t, v)
         loss = None
@@ -251,9 +251,3 @@ class TPILM(nn.Module):
             raise ValueError("cache: filled by another model (of the same layers); give each model its own "
                              "(see new_cache)")
         return cache.states
-
-
-def _detach(state: TPIState) -> TPIState:
-    return state._replace(phase=state.phase.detach(), memory=state.memory.detach(), norm=state.norm.detach(),
-                          query_phase=None if state.query_phase is None else state.query_phase.detach(),
-                          buffer=tuple(b.detach() for b in state.buffer))
