@@ -26,6 +26,9 @@ With ``G`` the gradient of the step's output and ``u = dt·G·g``:
         + w_i \cos\theta_i \sum_{k \ge i} u_k \cos(\theta_k + \alpha)
         + w_i \sin\theta_i \sum_{k \ge i} u_k \sin(\theta_k + \alpha).
 
+It is computed as ``θ̄ = G + cos θ · A_c + sin θ · A_s`` with ``A = w L − u (C', S')`` and ``L`` the two
+rotated sums: three elementwise operations on ``(2, b, h, n, t)`` after the sums.
+
 Phase noise (training) is additive after each step: drawn in the forward loop from the global RNG
 in the same order as :class:`~kuramoto_attn.PhaseNoise` would, its gradient is the identity.
 """
@@ -50,17 +53,12 @@ class _EulerMeanField(torch.autograd.Function):
         dt_gain = _gain(strength.to(dtype), weight, t, causal, theta0) * dt  # dt K w / count
         dt_omega = omega.to(dtype) * dt
         out = torch.empty_like(theta0)
-        if keep:
-            states = theta0.new_empty((steps,) + tuple(theta0.shape))  # the input phases of every step
-            states[0].copy_(theta0)
-            inputs = states.unbind(0)
-            targets = list(inputs[1:]) + [out]
-        else:  # nothing to save for a backward: two work tensors in turn, memory independent of steps
-            work = theta0.new_empty((min(steps - 1, 2),) + tuple(theta0.shape)).unbind(0)
-            inputs = [theta0] + [work[k % 2] for k in range(steps - 1)]
-            targets = [work[k % 2] for k in range(steps - 1)] + [out]
+        # the input phases of the steps after the first: every one kept for a backward (θ⁰ is saved as it
+        # is), else two work tensors in turn, memory independent of steps
+        work = theta0.new_empty((steps - 1 if keep else min(steps - 1, 2),) + tuple(theta0.shape))
+        mids = [work[k if keep else k % 2] for k in range(steps - 1)]
         bufs = _Buffers(theta0, weight, causal, phase_lag)
-        for theta, theta_next in zip(inputs, targets):
+        for theta, theta_next in zip([theta0, *mids], [*mids, out]):
             pull = bufs.pull(theta)  # S' cos θ − C' sin θ
             if on_trig is not None:
                 on_trig(bufs.cos, bufs.sin)
@@ -69,68 +67,56 @@ class _EulerMeanField(torch.autograd.Function):
             if noise:
                 theta_next.add_(noise * torch.randn_like(theta_next))
         if keep:
-            ctx.save_for_backward(states, omega, strength, weight)
+            ctx.save_for_backward(theta0, work, omega, strength, weight)
         ctx.config = (dt, phase_lag, causal)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        states, omega, strength, weight = ctx.saved_tensors
+        theta0, work, omega, strength, weight = ctx.saved_tensors
         dt, phase_lag, causal = ctx.config
         need_theta, need_omega, need_strength = ctx.needs_input_grad[:3]
-        dtype = states.dtype
-        t = states.shape[-1]
+        dtype = theta0.dtype
+        t = theta0.shape[-1]
         K = strength.to(dtype)
-        per_count = _gain(torch.ones_like(K), weight, t, causal, states[0])  # w / count
+        per_count = _gain(torch.ones_like(K), weight, t, causal, theta0)  # w / count
         dt_gain = per_count * K * dt
-        bufs = _Buffers(states[0], weight, causal, phase_lag)
+        bufs = _Buffers(theta0, weight, causal, phase_lag)
         grad = grad_out.to(dtype).contiguous().clone()
         omega_acc = torch.zeros_like(grad) if need_omega else None
         strength_acc = torch.zeros_like(grad) if need_strength else None
         u = torch.empty_like(grad)
-        tmp = torch.empty_like(grad)
-        uv = torch.empty_like(bufs.cs)  # (2, ...): u cos θ, u sin θ
-        later = torch.empty_like(bufs.sums)  # their sums over later tokens (all tokens if not causal)
-        later_c, later_s = later.unbind(0)
-        cos_a, sin_a = math.cos(phase_lag), math.sin(phase_lag)
-        if phase_lag != 0.0:
-            rotated = torch.empty_like(later)
-            rot_c, rot_s = rotated.unbind(0)
-        else:
-            rot_c, rot_s = later_c, later_s
-        w_cos_a = cos_a if weight is None else weight * cos_a
-        for theta in reversed(states.unbind(0)):
-            pull = bufs.pull(theta)  # also fills cos, sin (weighted) and the rotated sums S', C'
+        later = torch.empty_like(bufs.cs)  # (Σ_{k≥i} u cos θ_k, Σ_{k≥i} u sin θ_k) (all k if not causal), then A
+        total = None if causal else torch.empty_like(bufs.sums)
+        rotated = None if phase_lag == 0.0 else torch.empty_like(later if causal else total)
+        for theta in reversed([theta0, *work.unbind(0)]):
+            pull = bufs.pull(theta)  # also fills cos, sin (weighted) and the rotated sums (C', S')
             if omega_acc is not None:
                 omega_acc.add_(grad)
             if strength_acc is not None:
                 strength_acc.addcmul_(grad, pull)
             torch.mul(grad, dt_gain, out=u)
-            # own term: −u (S' sin θ + C' cos θ); causal: plus the k = i term of the sums below,
-            # w u (cos θ cos(θ+α) + sin θ sin(θ+α)) = w u cos α
-            torch.mul(bufs.S_rot, bufs.sin, out=tmp)
-            tmp.addcmul_(bufs.C_rot, bufs.cos)
-            if causal:
-                tmp.sub_(w_cos_a)
-            grad.addcmul_(u, tmp, value=-1.0)
-            # through the sums: w cos θ Σ_{k>i} u cos(θ+α) + w sin θ Σ_{k>i} u sin(θ+α) (all k if not causal)
-            torch.mul(bufs.cs, u, out=uv)
+            torch.mul(bufs.cs, u, out=later)
             if causal:
                 # a reverse cumulative sum, from the last token: total − cumsum would cancel (u ∝ 1/count
                 # is largest at the first tokens, so the later tokens' short sums lost their digits)
-                torch.cumsum(uv.flip(-1), -1, out=later)  # Σ_{k≥i}, tokens last to first
-                later.copy_(later.flip(-1))  # (flip copies first)
-                later.sub_(uv)  # Σ_{k>i}
+                torch.cumsum(later.flip(-1), -1, out=later)  # tokens last to first (flip copies first)
+                later.copy_(later.flip(-1))
+                sums = later
             else:
-                torch.sum(uv, -1, keepdim=True, out=later)
-            if phase_lag != 0.0:
-                torch.mul(later_c, cos_a, out=rot_c)
-                rot_c.add_(later_s, alpha=-sin_a)
-                torch.mul(later_s, cos_a, out=rot_s)
-                rot_s.add_(later_c, alpha=sin_a)
-            grad.addcmul_(bufs.cos_w, rot_c)
-            grad.addcmul_(bufs.sin_w, rot_s)
+                sums = torch.sum(later, -1, keepdim=True, out=total)
+            if phase_lag != 0.0:  # (Σ u cos(θ+α), Σ u sin(θ+α))
+                sums = _rotate(sums, phase_lag, out=rotated)
+            # A = w L − u (C', S'), so that θ̄ = G + cos θ A_c + sin θ A_s: the own term is
+            # −u (S' sin θ + C' cos θ), the sums' is w (cos θ L_c + sin θ L_s), their k = i terms included
+            if weight is not None:
+                torch.mul(sums, weight, out=later)
+            elif sums is not later:
+                later.copy_(sums)  # (not causal: broadcast over the tokens)
+            later.addcmul_(bufs.sums_rot, u, value=-1.0)
+            grad.addcmul_(bufs.cos, later[0])
+            grad.addcmul_(bufs.sin, later[1])
         grad_omega = grad_strength = None
         if omega_acc is not None:
             grad_omega = (omega_acc.sum_to_size(omega.shape) * dt).to(omega.dtype)
@@ -160,7 +146,6 @@ class _Buffers:
 
     def __init__(self, like: Tensor, weight: Tensor | None, causal: bool, phase_lag: float) -> None:
         self.weight, self.causal, self.phase_lag = weight, causal, phase_lag
-        self.cos_a, self.sin_a = math.cos(phase_lag), math.sin(phase_lag)
         self.cs = like.new_empty((2,) + tuple(like.shape))
         self.cos, self.sin = self.cs.unbind(0)
         self.csw = self.cs if weight is None else torch.empty_like(self.cs)
@@ -168,10 +153,8 @@ class _Buffers:
         shape = self.cs.shape if causal else self.cs.shape[:-1] + (1,)
         self.sums = like.new_empty(shape)
         self.C, self.S = self.sums.unbind(0)
-        if phase_lag != 0.0:
-            self.C_rot, self.S_rot = torch.empty_like(self.sums).unbind(0)
-        else:
-            self.C_rot, self.S_rot = self.C, self.S
+        self.sums_rot = self.sums if phase_lag == 0.0 else torch.empty_like(self.sums)  # (C', S')
+        self.C_rot, self.S_rot = self.sums_rot.unbind(0)
         self.out = torch.empty_like(like)
 
     def pull(self, theta: Tensor) -> Tensor:
@@ -184,13 +167,20 @@ class _Buffers:
         else:
             torch.sum(self.csw, -1, keepdim=True, out=self.sums)
         if self.phase_lag != 0.0:  # C' = C cos α + S sin α, S' = S cos α − C sin α
-            torch.mul(self.C, self.cos_a, out=self.C_rot)
-            self.C_rot.add_(self.S, alpha=self.sin_a)
-            torch.mul(self.S, self.cos_a, out=self.S_rot)
-            self.S_rot.add_(self.C, alpha=-self.sin_a)
+            _rotate(self.sums, -self.phase_lag, out=self.sums_rot)
         torch.mul(self.S_rot, self.cos, out=self.out)
         self.out.addcmul_(self.C_rot, self.sin, value=-1.0)
         return self.out
+
+
+def _rotate(pair: Tensor, angle: float, out: Tensor) -> Tensor:
+    """``(c cos a − s sin a, s cos a + c sin a)`` of a ``(2, ...)`` pair ``(c, s)``, into ``out``."""
+    c, s = pair.unbind(0)
+    out_c, out_s = out.unbind(0)
+    torch.mul(pair, math.cos(angle), out=out)
+    out_c.add_(s, alpha=-math.sin(angle))
+    out_s.add_(c, alpha=math.sin(angle))
+    return out
 
 
 def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Tensor | None, *,
