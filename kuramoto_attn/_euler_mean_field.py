@@ -27,7 +27,7 @@ With ``G`` the gradient of the step's output and ``u = dt·G·g``:
         + w_i \sin\theta_i \sum_{k \ge i} u_k \sin(\theta_k + \alpha).
 
 It is computed as ``θ̄ = G + cos θ · A_c + sin θ · A_s`` with ``A = w L − u (C', S')`` and ``L`` the two
-rotated sums: three elementwise operations on ``(2, b, h, n, t)`` after the sums.
+rotated sums over ``k ≥ i``: after the sums, one multiply-add on ``(2, b, h, n, t)`` and two into ``θ̄``.
 
 Phase noise (training) is additive after each step: drawn in the forward loop from the global RNG
 in the same order as :class:`~kuramoto_attn.PhaseNoise` would, its gradient is the identity.
