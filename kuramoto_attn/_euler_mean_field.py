@@ -91,11 +91,12 @@ class _EulerMeanField(torch.autograd.Function):
         total = None if causal else torch.empty_like(bufs.sums)
         rotated = None if phase_lag == 0.0 else torch.empty_like(later if causal else total)
         for theta in reversed([theta0, *work.unbind(0)]):
-            pull = bufs.pull(theta)  # also fills cos, sin (weighted) and the rotated sums (C', S')
+            if strength_acc is not None:  # the pull is needed for K's gradient only
+                strength_acc.addcmul_(grad, bufs.pull(theta))  # (fills cos, sin, the (rotated) sums too)
+            else:
+                bufs.fill(theta)
             if omega_acc is not None:
                 omega_acc.add_(grad)
-            if strength_acc is not None:
-                strength_acc.addcmul_(grad, pull)
             torch.mul(grad, dt_gain, out=u)
             torch.mul(bufs.cs, u, out=later)
             if causal:
@@ -156,6 +157,13 @@ class _Buffers:
         self.out = torch.empty_like(like)
 
     def pull(self, theta: Tensor) -> Tensor:
+        self.fill(theta)
+        torch.mul(self.S_rot, self.cos, out=self.out)
+        self.out.addcmul_(self.C_rot, self.sin, value=-1.0)
+        return self.out
+
+    def fill(self, theta: Tensor) -> None:
+        """cos θ, sin θ (and weighted), their sums and the rotated sums; not the pull."""
         torch.cos(theta, out=self.cos)
         torch.sin(theta, out=self.sin)
         if self.weight is not None:
@@ -166,13 +174,11 @@ class _Buffers:
             torch.sum(self.csw, -1, keepdim=True, out=self.sums)
         if self.phase_lag != 0.0:  # C' = C cos α + S sin α, S' = S cos α − C sin α
             _rotate(self.sums, -self.phase_lag, out=self.sums_rot)
-        torch.mul(self.S_rot, self.cos, out=self.out)
-        self.out.addcmul_(self.C_rot, self.sin, value=-1.0)
-        return self.out
 
 
 def _rotate(pair: Tensor, angle: float, out: Tensor) -> Tensor:
-    """``(c cos a − s sin a, s cos a + c sin a)`` of a ``(2, ...)`` pair ``(c, s)``, into ``out``."""
+    """``(c cos a − s sin a, s cos a + c sin a)`` of a ``(2, ...)`` pair ``(c, s)``, into ``out`` (not ``pair``
+    itself: its halves are read after ``out`` is written)."""
     c, s = pair.unbind(0)
     out_c, out_s = out.unbind(0)
     torch.mul(pair, math.cos(angle), out=out)
