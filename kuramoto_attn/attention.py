@@ -271,8 +271,8 @@ class KuramotoAttention(nn.Module):
         self.out = nn.Linear(h * (self.head_dim + 2 * n), d_model, bias=bias)
         self.omega = nn.Parameter(0.1 * torch.randn(h, n))
         self.beta = nn.Parameter(torch.ones(h))
-        strength = torch.full((h, 1, 1), check_real("coupling_strength", coupling_strength, low=-largest,
-                                                     high=largest))
+        self._initial_strength = check_real("coupling_strength", coupling_strength, low=-largest, high=largest)
+        strength = torch.full((h, 1, 1), self._initial_strength)
         if check_bool("learnable_coupling", learnable_coupling):
             self.strength = nn.Parameter(strength)
         else:
@@ -280,6 +280,22 @@ class KuramotoAttention(nn.Module):
         self.phase_noise = PhaseNoise(check_real("phase_noise", phase_noise, low=0.0, high=largest))
         self.freq_jitter = FrequencyJitter(check_real("freq_jitter", freq_jitter, low=0.0, high=largest))
         self.coherence = self._coherence(coherence_target, coherence_weight, coherence_mode, coherence_band)
+
+    def reset_parameters(self) -> None:
+        """Initialise the layer's parameters as the constructor does: the projections with
+        ``nn.Linear``'s default, ``ω ~ N(0, 0.1²)``, ``β = 1`` and ``K = coupling_strength`` (a buffer
+        when ``learnable_coupling=False``). For a layer built on the meta device and then given storage
+        with ``to_empty`` (FSDP and Fabric's ``init_module(empty_init=True)`` call it then). It draws in the
+        parameters' dtype, as ``nn.Linear`` does: in the default dtype and under the same seed, the
+        constructor's values. A ``coupling`` module you gave is yours: not reset.
+        """
+        for linear in (self.qkv, self.phase_proj, self.out):  # the constructor's order: the same draws
+            linear.reset_parameters()
+        with torch.no_grad():
+            # in the parameter's own dtype and device, as nn.Linear.reset_parameters draws
+            self.omega.copy_(0.1 * torch.randn(self.omega.shape, device=self.omega.device, dtype=self.omega.dtype))
+            self.beta.fill_(1.0)
+            self.strength.fill_(self._initial_strength)
 
     @staticmethod
     def _coherence(target, weight, mode, band) -> CoherenceRegularizer | None:

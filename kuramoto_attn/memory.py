@@ -432,16 +432,33 @@ class HolographicPhaseMemory(nn.Module):
         if state == "matrix":
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
         if kernel == "decay":
-            # γ_h = 1 − 2^{−a}, a from 4 to 8: memories of ~16 (the reference's learned 13–17) to ~256 tokens
-            a = torch.linspace(4.0, 8.0, h)
-            self.decay_logit = nn.Parameter(torch.log(2.0 ** a - 1.0))
+            self.decay_logit = nn.Parameter(self._initial_decay_logit(h))
         if expansion == 1:
             self.head = nn.Sequential(nn.Linear(2 * d, d), nn.Dropout(dropout))
         else:
             self.head = nn.Sequential(nn.Linear(2 * d, expansion * d), nn.GELU(), nn.Dropout(dropout),
                                       nn.Linear(expansion * d, d))
 
+    @staticmethod
+    def _initial_decay_logit(num_heads: int, device: torch.device | None = None) -> Tensor:
+        # γ_h = 1 − 2^{−a}, a from 4 to 8: memories of ~16 (the reference's learned 13–17) to ~256 tokens
+        a = torch.linspace(4.0, 8.0, num_heads, device=device)
+        return torch.log(2.0 ** a - 1.0)
+
     # ----- public API -----
+
+    def reset_parameters(self) -> None:
+        """Initialise the parameters as the constructor does: every projection with ``nn.Linear``'s
+        default and the decay kernel's ``θ_h`` so that ``γ_h = 1 − 2^{−a}``, ``a`` evenly from 4 to 8.
+        For a module built on the meta device and then given storage with ``to_empty`` (FSDP and
+        Fabric's ``init_module(empty_init=True)`` call it then). It draws in the parameters' dtype, as
+        ``nn.Linear`` does: in the default dtype and under the same seed, the constructor's values."""
+        for module in self.modules():  # in the order the constructor made them: the same draws
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        if self.kernel == "decay":
+            with torch.no_grad():
+                self.decay_logit.copy_(self._initial_decay_logit(self.num_heads, self.decay_logit.device))
 
     def decay_rate(self) -> Tensor:
         r"""``γ_h = \mathrm{clamp}(σ(θ_h), γ_{min}, 1)``, shape ``(h,)`` (``kernel="decay"`` only)."""

@@ -1,4 +1,4 @@
-"""Hypothesis strategies and phase generators shared by the tests."""
+"""Hypothesis strategies, phase generators and module-state helpers shared by the tests."""
 
 import math
 
@@ -14,3 +14,24 @@ def clustered_phases(gen, shape, spread, dtype=torch.float64):
     centre = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 2 * math.pi
     theta = centre + spread * torch.randn(shape, generator=gen, dtype=torch.float64)
     return theta.to(dtype)
+
+
+def materialize_like_fabric(module, device="cpu"):
+    """What Lightning Fabric does to a module built on the meta device (FSDP, ``init_module(empty_init=True)``):
+    every submodule that holds meta tensors of its own, parents first, gets storage (``to_empty(recurse=False)``)
+    and then its ``reset_parameters()``."""
+    for sub in module.modules():
+        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            sub.to_empty(device=device, recurse=False)
+            sub.reset_parameters()
+    return module
+
+
+def assert_same_state(a, b):
+    """Equal state dicts, exactly: the same keys, dtypes and values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
                            MeanFieldCoupling, PhaseGPTAttention)
 
-from helpers import generators
+from helpers import assert_same_state, generators, materialize_like_fabric
 
 INTEGRATORS = ("euler", "heun", "rk4")
 COUPLINGS = ("mean_field", "attention")
@@ -348,6 +348,56 @@ def test_R_is_taken_per_head_over_oscillators():
     per_token = torch.exp(1j * info.phases).mean(-1).abs()  # (b, h, t)
     w = valid[:, None, :].double()
     torch.testing.assert_close(info.R, (per_token * w).sum(-1) / w.sum(-1), rtol=0, atol=1e-12)
+
+
+RESET_OPTIONS = [dict(), dict(learnable_coupling=False, coupling_strength=-0.5, bias=False),
+                 dict(num_heads=4, num_oscillators=1, coupling="attention", integrator="rk4", coupling_strength=2.5)]
+
+
+@pytest.mark.parametrize("options", RESET_OPTIONS)
+def test_reset_parameters_gives_the_constructors_values(options):
+    """On a layer built on meta and given storage with to_empty, and on a trained one: under the same seed,
+    exactly what the constructor drew (projections, ω), β = 1 and K = coupling_strength (a buffer too)."""
+    options = {**dict(d_model=16, num_heads=2, num_oscillators=3), **options}
+    torch.manual_seed(3)
+    built = KuramotoAttention(**options)
+    with torch.device("meta"):
+        empty = KuramotoAttention(**options)
+    empty.to_empty(device="cpu")  # uninitialised memory
+    torch.manual_seed(3)
+    empty.reset_parameters()
+    assert_same_state(empty, built)
+
+    trained = KuramotoAttention(**options)
+    with torch.no_grad():  # every parameter and the strength moved, as training (or a load) would
+        for tensor in [*trained.parameters(), trained.strength]:
+            tensor.add_(0.25)
+    torch.manual_seed(3)
+    trained.reset_parameters()
+    assert_same_state(trained, built)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(trained(x), built(x), rtol=0, atol=0)
+
+    wide = KuramotoAttention(**options).double()  # drawn in the layer's dtype, as nn.Linear's reset does
+    wide.reset_parameters()
+    assert all(tensor.dtype == torch.float64 for tensor in wide.state_dict().values())
+    assert torch.equal(wide.strength, built.strength.double()) and torch.equal(wide.beta, built.beta.double())
+
+
+def test_a_meta_layer_materialized_as_fabric_does_is_initialised():
+    """Fabric (FSDP, init_module(empty_init=True)) gives each module storage and calls its reset_parameters,
+    parents first: without one, it refused the layer; every value is then the constructor's kind of value."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), KuramotoAttention(16, 2, num_oscillators=3,
+                                                                               coupling_strength=0.7))
+    materialize_like_fabric(model)
+    layer = model[1]
+    assert all(not t.is_meta and t.isfinite().all() for t in model.state_dict().values())
+    assert torch.equal(layer.beta, torch.ones(2)) and torch.equal(layer.strength, torch.full((2, 1, 1), 0.7))
+    assert 0.02 < layer.omega.std() < 0.3  # N(0, 0.1²): not the uninitialised memory
+    bound = 1 / math.sqrt(16)  # nn.Linear's default: U(-1/√fan_in, 1/√fan_in)
+    assert all(lin.weight.abs().max() <= bound for lin in (layer.qkv, layer.phase_proj))
+    assert layer.out.weight.abs().max() <= 1 / math.sqrt(layer.out.in_features)
 
 
 def test_info_with_padding_runs_on_the_meta_device_without_a_regularizer():

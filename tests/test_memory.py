@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import generators
+from helpers import assert_same_state, generators, materialize_like_fabric
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 from kuramoto_attn.memory import DECAY_MIN, KERNELS, MAGNITUDES, NORMALIZES, QUERIES, STATES, TPIState
 
@@ -1054,3 +1054,44 @@ def test_window_step_recovers_from_cancellation(state):
         parallel = memory(x)
     # from 2W on, the buffer has been rebuilt since token 0 left: no trace of the cancellation
     torch.testing.assert_close(steps[:, 6:], parallel[:, 6:], rtol=1e-4, atol=1e-4)
+
+
+RESET_OPTIONS = [dict(), dict(query="decoupled", magnitude="sigmoid", num_heads=2, expansion=2),
+                 dict(query="constrained", kernel="decay", state="matrix", num_heads=2),
+                 dict(query="offset", kernel="window", window=3, normalize="sqrt")]
+
+
+@pytest.mark.parametrize("options", RESET_OPTIONS)
+def test_reset_parameters_gives_the_constructors_values(options):
+    """On a memory built on meta and given storage with to_empty, and on a trained one: under the same seed,
+    exactly the constructor's values (every projection, and the decay kernel's rates)."""
+    torch.manual_seed(5)
+    built = HolographicPhaseMemory(8, **options)
+    with torch.device("meta"):
+        empty = HolographicPhaseMemory(8, **options)
+    empty.to_empty(device="cpu")  # uninitialised memory
+    torch.manual_seed(5)
+    empty.reset_parameters()
+    assert_same_state(empty, built)
+
+    trained = HolographicPhaseMemory(8, **options)
+    with torch.no_grad():  # as training (or a load) would
+        for parameter in trained.parameters():
+            parameter.add_(0.25)
+    torch.manual_seed(5)
+    trained.reset_parameters()
+    assert_same_state(trained, built)
+    x = torch.randn(2, 7, 8)
+    torch.testing.assert_close(trained(x), built(x), rtol=0, atol=0)
+
+
+def test_a_meta_tpi_block_materialized_as_fabric_does_is_initialised():
+    """Fabric (FSDP, init_module(empty_init=True)) calls each module's reset_parameters after giving it storage:
+    the memory had none, so a TPIBlock with the decay kernel was refused."""
+    with torch.device("meta"):
+        block = TPIBlock(8, HolographicPhaseMemory(8, kernel="decay", num_heads=2))
+    materialize_like_fabric(block)
+    assert all(not t.is_meta and t.isfinite().all() for t in block.state_dict().values())
+    gamma = block.memory.decay_rate()
+    torch.testing.assert_close(gamma, 1 - 2.0 ** -torch.tensor([4.0, 8.0]))  # the constructor's rates
+
