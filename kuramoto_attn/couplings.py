@@ -71,7 +71,26 @@ class Coupling(nn.Module):
         else:
             # a Python number stays float64; forward casts to the phases' dtype
             self.register_buffer("strength", strength_tensor)
+        # what reset_parameters restores: a copy (the buffer or parameter may share strength_tensor's memory), a
+        # number on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
+        self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)
+                                  else torch.tensor(float(strength), dtype=torch.float64, device="cpu"))
         self.phase_lag = check_real("phase_lag", phase_lag)
+
+    def reset_parameters(self) -> None:
+        """Set ``strength`` to the value it was built with, in its own dtype and on its device (also an
+        ``nn.Parameter`` you gave). For a coupling built on the meta device and then given storage with
+        ``to_empty`` (FSDP and Fabric's ``init_module(empty_init=True)`` call it then).
+
+        Raises:
+            RuntimeError: the coupling was built from a strength tensor on the meta device, which holds
+                no value to restore.
+        """
+        if self._initial_strength.is_meta:
+            raise RuntimeError(f"strength: {type(self).__name__} was built from a tensor on the meta device, so "
+                               "there is no value to reset it to; build it from a number, or load its state_dict")
+        with torch.no_grad():
+            self.strength.copy_(self._initial_strength)
 
     def interaction(self, theta: Tensor, *args, **kwargs) -> Tensor:
         """The un-scaled coupling term, shape of ``theta``. Subclasses implement this.
@@ -315,6 +334,16 @@ class GraphCoupling(Coupling):
         else:
             self.register_buffer("weights", tensor)
         self.dim = check_axis("dim", dim)
+
+    def reset_parameters(self) -> None:
+        """Not possible: the weights are the graph you gave, which the coupling does not keep a second copy
+        of. A GraphCoupling built on the meta device gets its values from a ``load_state_dict`` instead.
+
+        Raises:
+            RuntimeError: always (rather than leave the weights as ``to_empty`` left them).
+        """
+        raise RuntimeError("weights: GraphCoupling cannot reset its weights, the graph you gave it; build it off the "
+                           "meta device, or load its state_dict after to_empty")
 
     def interaction(self, theta: Tensor) -> Tensor:
         """``Σ_j A_ij sin(θ_j − θ_i − α)``: ``theta`` ``(*, n, *c)`` -> the same shape."""

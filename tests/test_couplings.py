@@ -444,3 +444,46 @@ def test_mean_field_of_many_half_precision_phases_does_not_overflow(causal, mask
     got = coupling(theta.half(), None if mask is None else mask)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     assert (got.double() - expected).abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_reset_parameters_restores_the_strength_it_was_built_with(learnable):
+    """After to_empty on a coupling built on meta (as FSDP and Fabric materialize modules), and after training:
+    the number it was built with, in the strength's own dtype."""
+    with torch.device("meta"):
+        empty = MeanFieldCoupling(strength=0.7, learnable=learnable)
+    empty.to_empty(device="cpu")
+    empty.reset_parameters()
+    built = MeanFieldCoupling(strength=0.7, learnable=learnable)
+    assert empty.strength.dtype == built.strength.dtype and torch.equal(empty.strength, built.strength)
+
+    per_head = torch.tensor([0.5, -1.25], dtype=torch.float64).view(2, 1, 1)
+    trained = AttentionCoupling(strength=per_head, learnable=learnable)
+    with torch.no_grad():
+        trained.strength.add_(0.25)  # as training (or a load into the buffer) would
+    assert torch.equal(trained._initial_strength, per_head)  # the copy kept apart from the live tensor
+    trained.reset_parameters()
+    assert trained.strength.dtype == torch.float64 and torch.equal(trained.strength, per_head)
+
+
+def test_reset_parameters_restores_a_shared_parameter_in_place():
+    shared = torch.nn.Parameter(torch.tensor(0.3))
+    couplings = [MeanFieldCoupling(strength=shared), MeanFieldCoupling(strength=shared, dim=-2)]
+    with torch.no_grad():
+        shared.mul_(4.0)
+    couplings[0].reset_parameters()
+    assert couplings[1].strength is shared and shared.item() == pytest.approx(0.3)
+
+
+def test_reset_parameters_refuses_what_it_cannot_restore():
+    with torch.device("meta"):
+        from_tensor = MeanFieldCoupling(strength=torch.full((2, 1, 1), 0.5))
+        graph = GraphCoupling(torch.eye(3))
+    with pytest.raises(RuntimeError, match="^strength: MeanFieldCoupling was built from a tensor on the meta device"):
+        from_tensor.to_empty(device="cpu").reset_parameters()
+    # the graph is the caller's: resetting only the strength would leave to_empty's memory in the weights
+    with pytest.raises(RuntimeError, match="^weights: GraphCoupling cannot reset its weights"):
+        graph.to_empty(device="cpu").reset_parameters()
+    with pytest.raises(RuntimeError, match="^weights: GraphCoupling cannot reset its weights"):
+        GraphCoupling(torch.eye(3)).reset_parameters()
+
