@@ -35,3 +35,29 @@ def assert_same_state(a, b):
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
         assert torch.equal(sa[key], sb[key]), key
+
+
+def assert_reset_gives_constructor_values(make, x, seed=0):
+    """``make()``'s module, built on the meta device and given storage with ``to_empty`` (as FSDP and Fabric do),
+    and one whose every parameter and buffer moved (as training or a load would): under ``seed``, their
+    ``reset_parameters()`` gives exactly what the constructor drew (the same state, the same output on ``x``).
+    Returns the module built directly."""
+    torch.manual_seed(seed)
+    built = make()
+    with torch.device("meta"):
+        empty = make()
+    empty.to_empty(device="cpu")  # uninitialised memory
+    torch.manual_seed(seed)
+    empty.reset_parameters()
+    assert_same_state(empty, built)
+
+    trained = make()
+    with torch.no_grad():
+        for tensor in [*trained.parameters(), *trained.buffers()]:
+            tensor.add_(0.25)
+    torch.manual_seed(seed)
+    trained.reset_parameters()
+    assert_same_state(trained, built)
+    torch.testing.assert_close(trained(x), built(x), rtol=0, atol=0)
+    return built
+

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
                            MeanFieldCoupling, PhaseGPTAttention)
 
-from helpers import assert_same_state, generators, materialize_like_fabric
+from helpers import assert_reset_gives_constructor_values, generators, materialize_like_fabric
 
 INTEGRATORS = ("euler", "heun", "rk4")
 COUPLINGS = ("mean_field", "attention")
@@ -359,24 +359,7 @@ def test_reset_parameters_gives_the_constructors_values(options):
     """On a layer built on meta and given storage with to_empty, and on a trained one: under the same seed,
     exactly what the constructor drew (projections, ω), β = 1 and K = coupling_strength (a buffer too)."""
     options = {**dict(d_model=16, num_heads=2, num_oscillators=3), **options}
-    torch.manual_seed(3)
-    built = KuramotoAttention(**options)
-    with torch.device("meta"):
-        empty = KuramotoAttention(**options)
-    empty.to_empty(device="cpu")  # uninitialised memory
-    torch.manual_seed(3)
-    empty.reset_parameters()
-    assert_same_state(empty, built)
-
-    trained = KuramotoAttention(**options)
-    with torch.no_grad():  # every parameter and the strength moved, as training (or a load) would
-        for tensor in [*trained.parameters(), trained.strength]:
-            tensor.add_(0.25)
-    torch.manual_seed(3)
-    trained.reset_parameters()
-    assert_same_state(trained, built)
-    x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(trained(x), built(x), rtol=0, atol=0)
+    built = assert_reset_gives_constructor_values(lambda: KuramotoAttention(**options), torch.randn(2, 5, 16), seed=3)
 
     wide = KuramotoAttention(**options).double()  # drawn in the layer's dtype, as nn.Linear's reset does
     wide.reset_parameters()

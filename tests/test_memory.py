@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_same_state, generators, materialize_like_fabric
+from helpers import assert_reset_gives_constructor_values, generators, materialize_like_fabric
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 from kuramoto_attn.memory import DECAY_MIN, KERNELS, MAGNITUDES, NORMALIZES, QUERIES, STATES, TPIState
 
@@ -1065,24 +1065,7 @@ RESET_OPTIONS = [dict(), dict(query="decoupled", magnitude="sigmoid", num_heads=
 def test_reset_parameters_gives_the_constructors_values(options):
     """On a memory built on meta and given storage with to_empty, and on a trained one: under the same seed,
     exactly the constructor's values (every projection, and the decay kernel's rates)."""
-    torch.manual_seed(5)
-    built = HolographicPhaseMemory(8, **options)
-    with torch.device("meta"):
-        empty = HolographicPhaseMemory(8, **options)
-    empty.to_empty(device="cpu")  # uninitialised memory
-    torch.manual_seed(5)
-    empty.reset_parameters()
-    assert_same_state(empty, built)
-
-    trained = HolographicPhaseMemory(8, **options)
-    with torch.no_grad():  # as training (or a load) would
-        for parameter in trained.parameters():
-            parameter.add_(0.25)
-    torch.manual_seed(5)
-    trained.reset_parameters()
-    assert_same_state(trained, built)
-    x = torch.randn(2, 7, 8)
-    torch.testing.assert_close(trained(x), built(x), rtol=0, atol=0)
+    assert_reset_gives_constructor_values(lambda: HolographicPhaseMemory(8, **options), torch.randn(2, 7, 8), seed=5)
 
 
 def test_a_meta_tpi_block_materialized_as_fabric_does_is_initialised():
