@@ -88,5 +88,12 @@ def _resolve_short_python_refs(app, env, node, contnode):
     return domain.resolve_xref(env, node["refdoc"], app.builder, "obj", matches[0], node, contnode)
 
 
+def _public_bases(app, name, obj, options, bases):
+    """Leave private bases (``kuramoto_attn._owner.OwnedCache`` of the caches) out of "Bases:"."""
+    public = [base for base in bases if not any(part.startswith("_") for part in base.__module__.split("."))]
+    bases[:] = public or [object]
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_short_python_refs)
+    app.connect("autodoc-process-bases", _public_bases)

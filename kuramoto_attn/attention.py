@@ -67,6 +67,7 @@ from torch.utils.checkpoint import checkpoint
 from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_like, check_int, check_real,
                       check_tensor, largest_value)
 from ._euler_mean_field import euler_mean_field
+from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
 from .order_params import _resultant_length
@@ -107,7 +108,7 @@ class KuramotoInfo:
 
 
 @dataclass
-class KuramotoCache:
+class KuramotoCache(OwnedCache):
     """State of the tokens seen so far, for incremental decoding; ``forward`` updates it in place.
 
     Start with an empty ``KuramotoCache()`` and pass the same object on every call.
@@ -121,7 +122,11 @@ class KuramotoCache:
             the attention coupling the past tokens' ``[cos θ, sin θ]`` at that evaluation
             ``(b, h, s, 2n)`` (so it grows by ``steps × stages × 2n`` numbers per token and head); for a
             coupling module the past tokens' phases ``(b, h, s, n)`` at that evaluation.
-        layer_id: ``id`` of the layer that filled it; another layer refuses it (give each layer its own).
+        owner: weak reference to the layer that filled it (None before). Any other layer refuses the
+            cache (give each layer its own), and so does every layer once that one is gone. A
+            ``copy.deepcopy`` of the cache belongs to the same layer (to branch), or to the layer's copy
+            when the layer is copied first in the same call (``copy.deepcopy((model, cache))``); a
+            cache pickled and loaded belongs to no layer.
 
     Example:
         >>> import torch
@@ -137,8 +142,6 @@ class KuramotoCache:
     values: Tensor | None = None
     valid: Tensor | None = None
     field_state: dict = field(default_factory=dict)
-    #: ``id`` of the layer that filled it: one cache shared by two layers would mix their tokens
-    layer_id: int | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -384,7 +387,7 @@ class KuramotoAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, h, d).unbind(2)
         if past:
             check_cache_dtype(cache.keys, q)
-        if past and cache.layer_id not in (None, id(self)):  # last: the checks above say more where they apply
+        if past and cache._filled_by_another(self):  # last: the checks above say more where they apply
             raise ValueError("cache: filled by another KuramotoAttention layer (of the same shape); give each "
                              "layer its own KuramotoCache")
         phase_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # phases never in half
@@ -412,7 +415,7 @@ class KuramotoAttention(nn.Module):
         y = self.out(out.transpose(1, 2).reshape(b, t, h * (d + 2 * n)))  # (b, h, t, e) -> (b, t, h * e)
 
         if cache is not None:
-            self._update_cache(cache, keys, values, valid, run.new_state, id(self))
+            self._update_cache(cache, keys, values, valid, run.new_state)
         if not return_info:
             return y
         return y, self._info(theta, valid, R_steps)
@@ -660,11 +663,10 @@ class KuramotoAttention(nn.Module):
             return cache.valid
         return torch.ones(b, cache.length, dtype=torch.bool, device=cache.keys.device)
 
-    @staticmethod
-    def _update_cache(cache: KuramotoCache, keys: Tensor, values: Tensor, valid: Tensor | None,
-                      state: dict, layer_id: int) -> None:
+    def _update_cache(self, cache: KuramotoCache, keys: Tensor, values: Tensor, valid: Tensor | None,
+                      state: dict) -> None:
         cache.keys, cache.values = keys.detach(), values.detach()
-        cache.layer_id = layer_id
+        cache._claim(self)  # one cache shared by two layers would mix their tokens
         cache.valid = None if valid is None else valid.detach()
         cache.field_state = {key: _detach(value) for key, value in state.items()}
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
 from kuramoto_attn.attention import COUPLINGS
 from kuramoto_attn._checks import check_bool, check_cache_dtype, check_device, check_int, largest_value
+from kuramoto_attn._owner import OwnedCache
 
 from . import sampling
 from ._tied import apply_tied, tie_after_load
@@ -214,14 +215,13 @@ class GPTInfo:
 
 
 @dataclass
-class KVCache:
-    """Keys and values ``(b, h, s, d)`` of the tokens seen by one plain attention layer."""
+class KVCache(OwnedCache):
+    """Keys and values ``(b, h, s, d)`` of the tokens seen by one plain attention layer. Its ``owner`` is the
+    layer that filled it (as :class:`~kuramoto_attn.KuramotoCache`'s): another model's layer refuses it, where
+    it would silently attend over the first model's keys and values."""
 
     keys: Tensor | None = None
     values: Tensor | None = None
-    #: ``id`` of the layer that filled it (as :class:`~kuramoto_attn.KuramotoCache`'s): another model's
-    #: layer refuses it, where it would silently attend over the first model's keys and values
-    layer_id: int | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -259,7 +259,8 @@ class CausalSelfAttention(nn.Module):
                     mask, is_causal = torch.arange(past + t, device=x.device) <= rows, False
                 else:
                     is_causal = False
-            cache.keys, cache.values, cache.layer_id = k.detach(), v.detach(), id(self)
+            cache.keys, cache.values = k.detach(), v.detach()
+            cache._claim(self)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, self.d_model))  # (b, h, t, d) -> (b, t, h·d)
@@ -441,7 +442,7 @@ class GPT(nn.Module):
         # a phase layer refuses another layer's cache itself, but only after the plain layers before it
         # have added this call's tokens to theirs: checked here, before any layer changes its cache
         # (and here only for the plain layers, which would otherwise take another model's keys and values)
-        if any(c.layer_id not in (None, id(block.attn)) for c, block in zip(cache.layers, self.blocks)):
+        if any(c._filled_by_another(block.attn) for c, block in zip(cache.layers, self.blocks)):
             raise ValueError("cache: filled by another model (of the same layers); give each model its own "
                              "(see new_cache)")
         kv = next((c for c in cache.layers if isinstance(c, KVCache)), None)

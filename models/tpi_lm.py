@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 from kuramoto_attn._checks import check_bool, check_device
+from kuramoto_attn._owner import OwnedCache
 from kuramoto_attn.memory import TPIState
 
 from . import sampling
@@ -104,25 +105,24 @@ class TPILMInfo:
 
 
 @dataclass
-class TPICache:
+class TPICache(OwnedCache):
     """Recurrent decoding state: one :class:`~kuramoto_attn.TPIState` per block (filled on first
     use) and the ``length`` of tokens consumed. ``forward`` replaces the states in place; with
     ``kernel="window"`` a new state shares its predecessor's ring buffer, which a one-token
     ``forward`` updates in place, so to branch (beam search, speculative decoding) continue each
     branch from its own :meth:`clone`, never from copies of ``states``. The states hold no autograd
-    graph (as a :class:`~models.gpt.GPTCache`'s keys and values): a backward stops at the cached tokens."""
+    graph (as a :class:`~models.gpt.GPTCache`'s keys and values): a backward stops at the cached tokens.
+    Its ``owner`` is the model that filled it (as :class:`~models.gpt.GPTCache`'s layers record theirs):
+    another model of the same shape refuses it, where it would silently continue the first model's states."""
 
     states: list[TPIState] = field(default_factory=list)
     length: int = 0
-    #: ``id`` of the model that filled it (as :class:`~models.gpt.GPTCache`'s layers record theirs): another
-    #: model of the same shape refuses it, where it would silently continue the first model's states
-    model_id: int | None = field(default=None, repr=False)
 
     def clone(self) -> TPICache:
         """A cache to branch from: the ring buffers copied (the other tensors are never written in
-        place, and stay shared)."""
+        place, and stay shared), the same ``owner``."""
         return TPICache([state._replace(buffer=tuple(b.clone() for b in state.buffer)) for state in self.states],
-                        self.length, self.model_id)
+                        self.length, owner=self.owner)
 
 
 class TPILM(nn.Module):
@@ -240,14 +240,15 @@ class TPILM(nn.Module):
         if not cache.states:
             # the layers' default state dtype: float32 at least (a bf16 model's sums would stop growing at 256)
             cache.states = [block.init_state(x.shape[0], device=x.device) for block in self.blocks]
-            cache.length, cache.model_id = 0, id(self)
+            cache.length = 0
+            cache._claim(self)
         elif len(cache.states) != len(self.blocks):
             raise ValueError(f"cache: holds {len(cache.states)} layer states but the model has "
                              f"{len(self.blocks)} layers (a cache of another model?)")
         # every state is checked before any layer replaces its own, each named as the user gave it
         for i, (block, state) in enumerate(zip(self.blocks, cache.states)):
             block.memory._check_state(state, x, name=f"cache: states[{i}]")
-        if cache.model_id not in (None, id(self)):  # last: a state of another configuration says more
+        if cache._filled_by_another(self):  # last: a state of another configuration says more
             raise ValueError("cache: filled by another model (of the same layers); give each model its own "
                              "(see new_cache)")
         return cache.states

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
                            MeanFieldCoupling, PhaseGPTAttention)
 
-from helpers import assert_reset_gives_constructor_values, generators, materialize_like_fabric
+from helpers import assert_reset_gives_constructor_values, built_where_freed, generators, materialize_like_fabric
 
 INTEGRATORS = ("euler", "heun", "rk4")
 COUPLINGS = ("mean_field", "attention")
@@ -774,7 +774,7 @@ def test_bad_forward_arguments():
         layer(x, cache=cache)
         with pytest.raises(ValueError, match="cache"):
             layer(torch.randn(3, 1, 16), cache=cache)  # another batch size
-        # keys as wide (4 + 2·5 = 8 + 2·3) from 2 heads in a layer of 4, in a cache with no layer_id (built by hand)
+        # keys as wide (4 + 2·5 = 8 + 2·3) from 2 heads in a layer of 4, in a cache with no owner (built by hand)
         by_hand = KuramotoCache(keys=cache.keys, values=cache.values, field_state=cache.field_state)
         with pytest.raises(ValueError, match=r"^cache: holds keys of shape \(2, 2, 5, 14\), which does not fit "
                                              r"batch 2, 4 heads and width 14"):
@@ -811,6 +811,28 @@ def test_bad_forward_arguments():
         with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="^cache: .*bfloat16"):
             layer(x[:, :1], cache=cache)
 
+
+
+def test_a_cache_belongs_to_its_layer_not_to_whichever_layer_is_later_given_its_id():
+    # the cache recorded its layer's id, which CPython gives to the next object of its size once the
+    # layer is freed: `layer = KuramotoAttention(...)` run again took the old layer's keys and phase sums
+    import copy
+
+    x = torch.randn(2, 5, 16)
+    layer = KuramotoAttention(16, 2, num_oscillators=4, steps=2)
+    cache = KuramotoCache()
+    with torch.no_grad():
+        layer(x[:, :4], cache=cache)
+        expected = layer(x)[:, 4:]
+        # a shallow copy shares the owner (and the tensors); a deep one of the cache alone too (branches)
+        for copied in (copy.copy(cache), copy.deepcopy(cache)):
+            torch.testing.assert_close(layer(x[:, 4:], cache=copied), expected)
+        freed = id(layer)
+        del layer  # (the cache keeps no reference to it)
+        layer = built_where_freed(KuramotoAttention, freed, 16, 2, num_oscillators=4, steps=2)
+        with pytest.raises(ValueError, match=r"^cache: filled by another KuramotoAttention layer"):
+            layer(x[:, 4:], cache=cache)
+    assert cache.owner() is None and cache.length == 4
 
 # ------------------------------------------------------------- fused Euler mean-field path
 def _fast_and_generic_grads(layer, x, valid, probe):

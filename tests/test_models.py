@@ -15,6 +15,8 @@ from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInf
 from models.config import ConfigError, to_dict
 from models.gpt import CausalSelfAttention
 
+from helpers import built_where_freed
+
 VOCAB = 13
 
 
@@ -979,6 +981,48 @@ def test_a_tpi_cache_of_another_model_of_the_same_layers_is_refused():
     assert cache.length == 4
     logits, _ = model(idx[:, 4:], cache=cache)
     torch.testing.assert_close(logits, model(idx)[0][:, 4:], rtol=1e-9, atol=1e-9)
+
+
+def test_a_tpi_cache_is_refused_by_a_model_built_again_where_its_model_was():
+    # the cache recorded its model's id, and CPython gives a freed object's id to the next one of its
+    # size: `model = TPILM(config)` run again took the previous model's cache and continued its states
+    config = TPILMConfig(vocab_size=VOCAB, d_model=8, n_layers=2, chunk_size=4)
+    idx = tokens(2, 5)
+    model = TPILM(config)
+    cache = model.new_cache()
+    model(idx[:, :4], cache=cache)
+    freed = id(model)
+    del model  # (the cache keeps no reference to it)
+    model = built_where_freed(TPILM, freed, config)
+    with pytest.raises(ValueError, match=r"^cache: filled by another model \(of the same layers\)"):
+        model(idx[:, 4:], cache=cache)
+    assert cache.owner() is None and cache.length == 4
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-mean_field", "tpi-window"])
+def test_copies_of_a_cache_belong_to_the_model_they_were_copied_with(name):
+    # deepcopy of a cache alone: the same model's (branches); of model and cache in one call: the copies
+    # go together, as a pair saved in one object would; pickled and loaded: no model's (its model is not
+    # pickled along), refused rather than attached to whichever model has that id
+    import pickle
+
+    model = MODEL_CASES[name]()
+    idx = tokens(2, 6)
+    cache = model.new_cache()
+    model(idx[:, :4], cache=cache)
+    expected = model(idx)[0][:, 4:5]
+    refused = r"^cache: filled by another model \(of the same layers\)"
+    torch.testing.assert_close(model(idx[:, 4:5], cache=copy.deepcopy(cache))[0], expected, rtol=1e-9, atol=1e-9)
+    model_copy, cache_copy = copy.deepcopy((model, cache))
+    torch.testing.assert_close(model_copy(idx[:, 4:5], cache=cache_copy)[0], expected, rtol=1e-9, atol=1e-9)
+    for other, foreign in ((model, copy.deepcopy(cache_copy)), (model_copy, copy.deepcopy(cache))):
+        with pytest.raises(ValueError, match=refused):
+            other(idx[:, 4:5], cache=foreign)
+    loaded = pickle.loads(pickle.dumps(cache))
+    with pytest.raises(ValueError, match=refused):
+        model(idx[:, 4:5], cache=loaded)
+    assert (cache.owner() if name.startswith("tpi") else cache.layers[0].owner()) is \
+        (model if name.startswith("tpi") else model.blocks[0].attn)  # unchanged by the copies
 
 
 @pytest.mark.parametrize("make", [lambda seed: phase_gpt(phase_layer_idx=(2,), seed=seed),
