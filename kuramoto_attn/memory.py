@@ -45,7 +45,9 @@ map ``2d → d`` followed by dropout; with ``expansion = e > 1`` the reference's
 
 **Numerics.** Phases grow without bound (``|φ_t| ∼ t·|ω|``); in float32 that loses precision as
 ``t`` grows. Here the rates ``ω_t`` are computed in float32 at least (outside autocast, which would
-round them to bf16: an error that the sum makes grow with ``t``), ``φ`` is accumulated in
+round them to bf16: an error that the sum makes grow with ``t``; TF32 matmuls, which
+``torch.set_float32_matmul_precision("high")`` allows on a GPU, round their inputs too, so keep PyTorch's
+default ``"highest"`` where long sequences matter), ``φ`` is accumulated in
 **float64** and wrapped to ``[0, 2π]`` (an exception to the library's no-wrapping rule: only
 ``e^{iφ}`` is ever used, which is 2π-periodic, and the gradient of the wrap is 1) before
 ``cos``/``sin`` are taken (in float32 at least, then cast to the dtype of the sums below); recurrent
