@@ -62,7 +62,6 @@ def assert_reset_gives_constructor_values(make, x, seed=0):
     return built
 
 
-
 def built_where_freed(cls, address, *args, **kwargs):
     """``cls(*args, **kwargs)`` in the memory of a freed object (whose ``id`` was ``address``), as CPython
     builds a new object wherever the next free block of its size is (so a model built again often gets

@@ -812,7 +812,6 @@ def test_bad_forward_arguments():
             layer(x[:, :1], cache=cache)
 
 
-
 def test_a_cache_belongs_to_its_layer_not_to_whichever_layer_is_later_given_its_id():
     # the cache recorded its layer's id, which CPython gives to the next object of its size once the
     # layer is freed: `layer = KuramotoAttention(...)` run again took the old layer's keys and phase sums
@@ -833,6 +832,7 @@ def test_a_cache_belongs_to_its_layer_not_to_whichever_layer_is_later_given_its_
         with pytest.raises(ValueError, match=r"^cache: filled by another KuramotoAttention layer"):
             layer(x[:, 4:], cache=cache)
     assert cache.owner() is None and cache.length == 4
+
 
 # ------------------------------------------------------------- fused Euler mean-field path
 def _fast_and_generic_grads(layer, x, valid, probe):
