@@ -37,7 +37,7 @@ class OwnedCache:
     def _filled_by_another(self, module: object) -> bool:
         return self.owner is not None and self.owner() is not module
 
-    def __copy__(self):
+    def __copy__(self):  # (else copy.copy would go through __getstate__ and lose the owner)
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         return new
@@ -52,7 +52,7 @@ class OwnedCache:
             new.owner = weakref.ref(memo[id(module)])
         return new
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict:  # pickle (a weak reference cannot be pickled)
         state = dict(self.__dict__)
         if state.get("owner") is not None:
             state["owner"] = _gone
