@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -67,8 +68,6 @@ def built_where_freed(cls, address, *args, **kwargs):
     builds a new object wherever the next free block of its size is (so a model built again often gets
     its predecessor's id): made certain here by taking new instances until one lands there. Skips the
     test when none does within 100,000."""
-    import pytest
-
     spares = []  # kept until the end, so that each try takes another free block
     for _ in range(100_000):
         instance = cls.__new__(cls)

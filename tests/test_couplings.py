@@ -486,4 +486,3 @@ def test_reset_parameters_refuses_what_it_cannot_restore():
         graph.to_empty(device="cpu").reset_parameters()
     with pytest.raises(RuntimeError, match="^weights: GraphCoupling cannot reset its weights"):
         GraphCoupling(torch.eye(3)).reset_parameters()
-

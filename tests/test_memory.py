@@ -1077,4 +1077,3 @@ def test_a_meta_tpi_block_materialized_as_fabric_does_is_initialised():
     assert all(not t.is_meta and t.isfinite().all() for t in block.state_dict().values())
     gamma = block.memory.decay_rate()
     torch.testing.assert_close(gamma, 1 - 2.0 ** -torch.tensor([4.0, 8.0]))  # the constructor's rates
-
