@@ -198,6 +198,14 @@ def _block_weights(kernel: _Kernel, lag: int, size: int, like: Tensor) -> Tensor
     return kernel.weights(lag * size + pos[:, None] - pos[None, :]).to(like.dtype)
 
 
+def _chunk_size(chunk: int, t: int) -> int:
+    """``min(chunk, t)`` in eager mode; under ``torch.compile`` ``chunk`` itself, and a shorter sequence is
+    padded to one chunk: with a dynamic length, a ``Min(C, t)`` in the later size expressions made
+    inductor's shape reasoning fail (``Exponent must be non-negative`` with the window kernel). Dynamo
+    shows a symbolic length as an ``int``, so the check is on compiling, not on the length's type."""
+    return chunk if torch.compiler.is_compiling() else min(chunk, t)
+
+
 def _chunks(x: Tensor, size: int) -> tuple[Tensor, int]:
     """Pad the token axis (1) with zeros to a multiple of ``size``; (b, t, *) -> (b, n, C, *)."""
     t = x.shape[1]
@@ -227,7 +235,7 @@ def _kernel_sum(u: Tensor, kernel: _Kernel, chunk: int, init: Tensor | None = No
         ``(b, t, h, c)``.
     """
     b, t, h, c = u.shape
-    size = min(chunk, t)
+    size = _chunk_size(chunk, t)
     uc, n = _chunks(u, size)  # (b, n, C, h, c)
     y = None
     for lag in kernel.block_lags(size):
@@ -274,7 +282,7 @@ def _kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel: _Kernel, chunk: i
     """
     b, t, h, r, e = q.shape
     f = v.shape[-1]
-    size = min(chunk, t)
+    size = _chunk_size(chunk, t)
     qc, n = _chunks(q, size)  # (b, n, C, h, r, e)
     kc, _ = _chunks(k, size)  # (b, n, C, h, e)
     vc, _ = _chunks(v, size)  # (b, n, C, h, f)
@@ -307,8 +315,9 @@ def _final_memory(key: Tensor, value: Tensor, kernel: _Kernel, chunk: int) -> Te
     t, h = key.shape[1], key.shape[2]
     lag = torch.arange(t - 1, -1, -1, device=key.device)
     weights = kernel.weights(lag).to(key.dtype).expand(h, t)  # (h, t)
-    keys, _ = _chunks(key * weights.T[None, :, :, None], min(chunk, t))  # (b, n, C, h, e)
-    values, _ = _chunks(value, min(chunk, t))  # (b, n, C, h, f)
+    size = _chunk_size(chunk, t)
+    keys, _ = _chunks(key * weights.T[None, :, :, None], size)  # (b, n, C, h, e)
+    values, _ = _chunks(value, size)  # (b, n, C, h, f)
     return torch.einsum("bnjhe,bnjhf->bnhef", keys, values).sum(1)
 
 
@@ -378,7 +387,8 @@ class HolographicPhaseMemory(nn.Module):
             ``Linear(2d, e·d) → GELU → Dropout → Linear(e·d, d)``.
         dropout: dropout probability in the output head, in ``[0, 1]``.
         chunk_size: tokens per chunk ``C`` of the parallel form (a speed/memory trade-off;
-            results agree to rounding for every ``C``).
+            results agree to rounding for every ``C``). Under ``torch.compile``, anything shorter than
+            ``C`` (a sequence, or the scan over chunk summaries) is padded to ``C``.
 
     Shapes:
         * ``forward``: ``x`` ``(b, t, d)`` -> ``y`` ``(b, t, d)``
