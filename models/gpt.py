@@ -323,6 +323,12 @@ class GPT(nn.Module):
           ``-1`` = ignored. Ids outside are an error naming the argument (checked on CPU tensors in eager mode).
         * returns ``(logits (b, t, vocab), loss)`` (loss: mean cross-entropy, ``None`` without
           targets), or ``(logits, loss, GPTInfo)`` with ``return_info=True``.
+
+    Deferred initialisation: a model built on the meta device and materialised module by module, each
+    with its own ``reset_parameters()`` (FSDP and Fabric's ``init_module(empty_init=True)`` do that),
+    gets ``nn.Embedding``'s N(0, 1) embeddings and ``nn.Linear``'s default weights, not this model's
+    N(0, 0.02); where the head gets its storage on its own (FSDP1), it is no longer tied to the token
+    embedding. Build the model directly (as the recipes do), or load a state dict once it is materialised.
     """
 
     def __init__(self, config: GPTConfig):

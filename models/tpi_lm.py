@@ -136,6 +136,10 @@ class TPILM(nn.Module):
           ``-1`` = ignored. Ids outside are an error naming the argument (checked on CPU tensors in eager mode).
         * returns ``(logits (b, t, vocab), loss)``, or ``(logits, loss, TPILMInfo)`` with
           ``return_info=True``.
+
+    Deferred initialisation: materialised from the meta device module by module (FSDP, Fabric's
+    ``init_module(empty_init=True)``), the token embedding gets ``nn.Embedding``'s N(0, 1), not N(0, 0.02),
+    and the head may come untied, as for :class:`~models.gpt.GPT`: build the model directly.
     """
 
     def __init__(self, config: TPILMConfig):
