@@ -192,7 +192,7 @@ def model_config(model: dict, vocab_size: int | None = None):
     """
     values = dict(model)
     kind = values.pop("type", "gpt")
-    if kind not in MODELS:
+    if not isinstance(kind, str) or kind not in MODELS:  # a list or mapping is unhashable: no raw TypeError
         raise ConfigError(f"model.type: expected one of {', '.join(map(repr, MODELS))}, got {kind!r}")
     if vocab_size is not None:
         given = values.setdefault("vocab_size", vocab_size)

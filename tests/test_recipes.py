@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
@@ -137,6 +139,33 @@ def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
     with pytest.raises(ConfigError, match=message):
         parse_config(apply_overrides(values, override.split()))
+
+
+def _keys(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from _keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+CPU_PRESETS = ("phase_a/cpu/layer7_32osc_K1.yaml", "phase_b/cpu/wt2_kpc_diverse.yaml", "tpi/char_cpu.yaml")
+PRESET_KEYS = [(preset, key) for preset in CPU_PRESETS
+               for key in _keys(load_config(ROOT / "recipes" / "configs" / preset).to_dict())]
+YAML_VALUES = ["0", "-1", "2", "0.5", "-0.5", "1e30", ".nan", ".inf", "true", "null", "abc", "''", "[]",
+               "[1, 2]", "[0.5, 0.5]", "[-1]", "[null]", "{}", "{a: 1}", "99999999999999999999"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(preset_key=st.sampled_from(PRESET_KEYS), value=st.sampled_from(YAML_VALUES))
+def test_any_value_for_any_key_is_taken_or_refused_by_name(preset_key, value):
+    """Every key of the CPU presets, set to values of every YAML kind: the config is built, or a
+    ConfigError names the key (``model.type=[]`` raised a bare TypeError: a list is unhashable)."""
+    preset, key = preset_key
+    try:
+        load_config(ROOT / "recipes" / "configs" / preset, [f"{key}={value}"])
+    except ConfigError as err:
+        assert key in str(err) or key.rpartition(".")[2] in str(err)
 
 
 @pytest.mark.parametrize("overrides", [
