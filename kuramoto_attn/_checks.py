@@ -164,6 +164,8 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
         raise ValueError(f"{name}: expected finite values but got a number too large for a float") from None
     except (TypeError, RuntimeError, ValueError):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}") from None
+    if tensor.numel() == 0:  # e.g. strength=[]: it would broadcast the coupling away
+        raise ValueError(f"{name}: expected at least one value but got the empty {value!r}")
     if tensor.is_complex():  # would be cast to real, silently dropping the imaginary part
         raise ValueError(f"{name}: expected real values but got the complex {value!r}")
     if not tensor.is_floating_point():

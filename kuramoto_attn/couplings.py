@@ -73,8 +73,8 @@ class Coupling(nn.Module):
             self.register_buffer("strength", strength_tensor)
         # what reset_parameters restores: a copy (the buffer or parameter may share strength_tensor's memory), a
         # number on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
-        self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)
-                                  else torch.tensor(float(strength), dtype=torch.float64, device="cpu"))
+        self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)  # a number or a list:
+                                  else torch.as_tensor(strength, dtype=torch.float64, device="cpu"))  # float64
         self.phase_lag = check_real("phase_lag", phase_lag)
 
     def reset_parameters(self) -> None:

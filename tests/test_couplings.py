@@ -273,6 +273,18 @@ def test_a_user_coupling_needs_one_method():
         Coupling()(theta)
 
 
+def test_a_list_of_strengths_acts_and_resets_as_the_same_tensor():
+    # a list went through the tensor checks, then float(list) raised a bare TypeError
+    theta = torch.randn(2, 5, 3, dtype=torch.float64)
+    from_list = MeanFieldCoupling(strength=[0.5, 2.0, -1.0], learnable=True)
+    from_tensor = MeanFieldCoupling(strength=torch.tensor([0.5, 2.0, -1.0]), learnable=True)
+    torch.testing.assert_close(from_list(theta), from_tensor(theta))
+    with torch.no_grad():
+        from_list.strength.zero_()
+    from_list.reset_parameters()
+    assert from_list.strength.tolist() == [0.5, 2.0, -1.0]
+
+
 # ---------- bad input ----------
 
 
@@ -283,6 +295,8 @@ def test_a_user_coupling_needs_one_method():
     (lambda: MeanFieldCoupling(strength=2j), "^strength: expected real values"),  # was cast to 0
     (lambda: MeanFieldCoupling(strength=10**400), "^strength: expected finite"),  # was a bare OverflowError
     (lambda: MeanFieldCoupling(strength=[1.0, 10**400]), "^strength: expected finite"),
+    (lambda: MeanFieldCoupling(strength=[]), "^strength: expected at least one value"),  # a bare TypeError
+    (lambda: GraphCoupling(torch.ones(0, 0)), "^weights: expected at least one value"),
     (lambda: MeanFieldCoupling(phase_lag=10**400), "^phase_lag: expected a finite"),
     (lambda: GraphCoupling(torch.ones(2, 2, dtype=torch.complex64)), "^weights: expected real values"),
     (lambda: MeanFieldCoupling(phase_lag=float("nan")), "phase_lag"),

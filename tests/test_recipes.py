@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -149,11 +150,17 @@ def _keys(values: dict, prefix: str = ""):
             yield prefix + key
 
 
+def _preset_keys(preset: str) -> list[str]:
+    """The preset's keys and every field of its model's config (most are not in the file)."""
+    values = load_config(ROOT / "recipes" / "configs" / preset).to_dict()
+    fields = [f"model.{field.name}" for field in dataclasses.fields(model_config(values["model"]))]
+    return sorted({*_keys(values), *fields})
+
+
 CPU_PRESETS = ("phase_a/cpu/layer7_32osc_K1.yaml", "phase_b/cpu/wt2_kpc_diverse.yaml", "tpi/char_cpu.yaml")
-PRESET_KEYS = [(preset, key) for preset in CPU_PRESETS
-               for key in _keys(load_config(ROOT / "recipes" / "configs" / preset).to_dict())]
+PRESET_KEYS = [(preset, key) for preset in CPU_PRESETS for key in _preset_keys(preset)]
 YAML_VALUES = ["0", "-1", "2", "0.5", "-0.5", "1e30", ".nan", ".inf", "true", "null", "abc", "''", "[]",
-               "[1, 2]", "[0.5, 0.5]", "[-1]", "[null]", "{}", "{a: 1}", "99999999999999999999"]
+               "[1, 2]", "[0.5, 0.5]", "[-1]", "[0]", "[null]", "[[1]]", "{}", "{a: 1}", "99999999999999999999"]
 
 
 @settings(max_examples=300, deadline=None)
