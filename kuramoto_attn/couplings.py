@@ -72,9 +72,9 @@ class Coupling(nn.Module):
             # a Python number stays float64; forward casts to the phases' dtype
             self.register_buffer("strength", strength_tensor)
         # what reset_parameters restores: a copy (the buffer or parameter may share strength_tensor's memory), a
-        # number on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
-        self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)  # a number or a list:
-                                  else torch.as_tensor(strength, dtype=torch.float64, device="cpu"))  # float64
+        # number or list in float64 on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
+        self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)
+                                  else torch.as_tensor(strength, dtype=torch.float64, device="cpu"))
         self.phase_lag = check_real("phase_lag", phase_lag)
 
     def reset_parameters(self) -> None:
