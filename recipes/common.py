@@ -70,6 +70,16 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         sys.exit(1)
 
 
+def resolved_precision(config: FabricConfig) -> str:
+    """The precision a run of ``config`` trains in on this machine, as Fabric names it: ``precision`` null is
+    bf16-mixed on a GPU and 32-true otherwise; Fabric's short names (``32``, ``bf16``, ...) spelled out."""
+    from lightning_fabric.connector import _PRECISION_INPUT_STR_ALIAS_CONVERSION as SHORT_NAMES
+
+    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
+    precision = str(config.precision or ("bf16-mixed" if gpu else "32-true"))
+    return SHORT_NAMES.get(precision, precision)
+
+
 def make_fabric(config: FabricConfig, loggers=None):
     """A ``Fabric`` from the config: bf16-mixed on GPU and fp32 on CPU unless ``precision`` is set.
 
@@ -79,8 +89,7 @@ def make_fabric(config: FabricConfig, loggers=None):
     from lightning_fabric import Fabric
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "cuda", "gpu")
-    precision = config.precision or ("bf16-mixed" if gpu else "32-true")
+    precision = config.precision or resolved_precision(config)
     strategy = config.strategy
     if strategy == "dp":  # DataParallel gathers the devices' losses into a vector, which backward cannot take
         raise ValueError("fabric.strategy: dp (torch's DataParallel, one process) is not supported by the recipes; "

@@ -11,8 +11,9 @@ time, so runs never compete for a GPU) into ``<out_dir>/<config name>/seed<seed>
 ``result.json`` is skipped (after checking it was trained with the same settings; those that only
 change what a run shows, such as the progress bar, or on how many devices, may differ, and so may
 where the corpus lives, ``data.path``, ``data.cache_dir`` and ``data.download``, when its text is
-the one the run's checkpoint records), one with a ``last.pt`` is resumed (``recipes.train --resume``
-checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
+the one the run's checkpoint records, and ``fabric.precision``, when the run trained in the precision
+it gives on this machine: null is 32-true on a CPU), one with a ``last.pt`` is resumed
+(``recipes.train --resume`` checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
 config: mean ± 95% CI of the best val loss over the finished or early-stopped seeds, and of each
 phase layer's val R at that evaluation; diverged runs are listed in the statuses, not averaged).
 A config of the sweep left without any finished or early-stopped seed (every one diverged) makes
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from models.config import ConfigError
-from recipes.common import Interrupted, mean_ci95, run_cli
+from recipes.common import Interrupted, mean_ci95, resolved_precision, run_cli
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.evaluate import load_corpus
@@ -108,7 +109,8 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     def trained_alike(name: str, run_dir: Path) -> bool:
         """Whether an earlier run of this sweep's config ``name`` has this sweep's settings."""
         try:
-            changed = _changed_settings(run_dir, settings[name], ignore=_PER_RUN_KEYS)
+            changed = _changed_settings(run_dir, settings[name], ignore=_PER_RUN_KEYS,
+                                        precision=resolved_precision(run_configs[name].fabric))
         except (OSError, ValueError) as err:  # ConfigError is a ValueError
             print(f"[sweep] {run_dir}: its config.yaml cannot be read ({err}), left out of the summary")
             return False
@@ -234,7 +236,8 @@ def _check_same_settings(run_dir: Path, config: Path, overrides: list[str], corp
     text is the one its checkpoint records; a resumed run is checked by ``recipes.train --resume``."""
     wanted = load_config(config, overrides)
     # out_dir is the folder looked at: spelled otherwise (relative, from elsewhere) or moved, it is this run
-    changed = _changed_settings(run_dir, wanted.to_dict(), ignore=("out_dir",))
+    changed = _changed_settings(run_dir, wanted.to_dict(), ignore=("out_dir",),
+                                precision=resolved_precision(wanted.fabric))
     if changed and not set(changed) - set(DATA_LOCATION):
         if corpora is not None:
             corpora.check(run_dir, wanted.data, changed)
@@ -278,16 +281,34 @@ class _Corpora:
         self._passed.add((run_dir.resolve(), data))
 
 
-def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = (),
+                      precision: str | None = None) -> list[str]:
     """The dotted keys whose values in ``run_dir``'s ``config.yaml`` differ from ``wanted``, save what
     only changes what a run shows (``DISPLAY_KEYS``: logs, plots) or on how many devices it trains
-    (``DEVICE_KEYS``: the same batches) and the keys in ``ignore``."""
+    (``DEVICE_KEYS``: the same batches) and the keys in ``ignore``. ``fabric.precision`` counts as the
+    same where the run's checkpoint records that it trained in ``precision`` (as ``--resume`` compares it:
+    null and 32-true are one precision on a CPU)."""
     values = load_yaml(run_dir / "config.yaml")  # its errors name the file
     try:
         done = parse_saved_config(values).to_dict()
     except ConfigError as err:  # e.g. torn by a kill mid-write (older versions wrote it in place)
         raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
-    return [key for key in changed_settings(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
+    changed = [key for key in changed_settings(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
+    if "fabric.precision" in changed and precision is not None and _trained_precision(run_dir) == precision:
+        changed.remove("fabric.precision")
+    return changed
+
+
+def _trained_precision(run_dir: Path) -> str | None:
+    """The precision ``run_dir``'s checkpoint says it trained in (``None``: no checkpoint, an unreadable one,
+    or one written before checkpoints recorded it)."""
+    checkpoint = next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
+    if checkpoint is None:
+        return None
+    try:  # mmap: the header only, not the weights
+        return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("trained_precision")
+    except Exception:  # a torn or foreign file: the settings are compared as written
+        return None
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int],
@@ -373,9 +394,9 @@ def _alike_seeds(out_dir: Path, name: str, seeds: list[int]) -> list[int]:
         try:
             if reference is None:
                 reference = parse_saved_config(load_yaml(run_dir / "config.yaml")).to_dict()
-                changed = []
+                reference_precision, changed = _trained_precision(run_dir), []
             else:
-                changed = _changed_settings(run_dir, reference, ignore=_PER_RUN_KEYS)
+                changed = _changed_settings(run_dir, reference, ignore=_PER_RUN_KEYS, precision=reference_precision)
         except (OSError, ValueError):  # ConfigError is a ValueError
             changed = []
         if changed:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 import yaml
 
@@ -536,6 +537,30 @@ def test_a_null_tokenizer_and_the_corpuss_own_level_are_the_same_settings(tmp_pa
     _finished_run(out / "a" / "seed2", configs / "a.yaml", 1.0, ["name=a", "seed=2", "data.tokenizer=byte"])
     with pytest.raises(ValueError, match=r"a/seed2 was trained with other settings \(data.tokenizer\)"):
         sweep.run_sweep([configs / "a.yaml"], [2], out)
+
+
+def test_precision_null_and_the_precision_it_trained_in_are_the_same_settings(tmp_path, configs, launched, capsys):
+    # as --resume compares them: a run of precision null on a CPU trained in 32-true, which the sweep refused
+    out = tmp_path / "out"
+    cpu = ["fabric.accelerator=cpu"]
+    for seed, trained in ((1, "32-true"), (2, "bf16-true"), (3, None)):
+        _finished_run(out / "a" / f"seed{seed}", configs / "a.yaml", 1.0, ["name=a", f"seed={seed}", *cpu])
+        torch.save({"trained_precision": trained} if trained else {}, out / "a" / f"seed{seed}" / "last.pt")
+    sweep.run_sweep([configs / "a.yaml"], [1], out, [*cpu, "fabric.precision=32-true"])
+    assert not launched and "a seed 1: done, skipped" in capsys.readouterr().out
+    sweep.run_sweep([configs / "a.yaml"], [1], out, [*cpu, "fabric.precision=32"])  # Fabric's short name
+    for seed in (2, 3):  # trained in another precision, or recorded none (an older checkpoint)
+        with pytest.raises(ValueError, match=rf"a/seed{seed} was trained with other settings \(fabric.precision\)"):
+            sweep.run_sweep([configs / "a.yaml"], [seed], out, [*cpu, "fabric.precision=32-true"])
+    assert not launched
+
+    # the summary counts the runs of another config trained alike with the first seed's trained precision
+    _finished_run(out / "b" / "seed1", configs / "b.yaml", 2.0, ["name=b", "seed=1", *cpu])
+    torch.save({"trained_precision": "32-true"}, out / "b" / "seed1" / "last.pt")
+    _finished_run(out / "b" / "seed2", configs / "b.yaml", 4.0, ["name=b", "seed=2", *cpu, "fabric.precision=32-true"])
+    torch.save({"trained_precision": "32-true"}, out / "b" / "seed2" / "last.pt")
+    rows = sweep.run_sweep([configs / "a.yaml"], [1], out, [*cpu, "fabric.precision=32-true"])
+    assert sorted(row["seed"] for row in rows if row["config"] == "b") == [1, 2]
 
 
 def test_names_beyond_the_basic_plane_reach_the_run_as_they_are():
