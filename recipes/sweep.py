@@ -13,9 +13,10 @@ change what a run shows, such as the progress bar, or on how many devices, may d
 where the corpus lives, ``data.path``, ``data.cache_dir`` and ``data.download``, when its text is
 the one the run's checkpoint records, and ``fabric.precision``, when the run trained in the precision
 it gives on this machine: null is 32-true on a CPU), one with a ``last.pt`` is resumed
-(``recipes.train --resume`` checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every run) and ``summary.md`` (per
-config: mean ± 95% CI of the best val loss over the finished or early-stopped seeds, and of each
-phase layer's val R at that evaluation; diverged runs are listed in the statuses, not averaged).
+(``recipes.train --resume`` checks the corpus). The summary goes to ``<out_dir>/summary.csv`` (every
+run) and ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or
+early-stopped seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in
+the statuses, not averaged).
 A config of the sweep left without any finished or early-stopped seed (every one diverged) makes
 the sweep exit with status 1 once the summary is written.
 
@@ -261,7 +262,7 @@ class _Corpora:
         if (run_dir.resolve(), data) in self._passed:
             return
         moved = f"[sweep] {run_dir} was trained with its corpus elsewhere ({', '.join(changed)})"
-        checkpoint = next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
+        checkpoint = _run_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"{moved} and has no checkpoint recording the corpus's sha256 to check its text "
                              "against; give the sweep the data settings it was trained with, or delete that run")
@@ -299,10 +300,15 @@ def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = (),
     return changed
 
 
+def _run_checkpoint(run_dir: Path) -> Path | None:
+    """``run_dir``'s ``last.pt``, else its ``best.pt``, else ``None``."""
+    return next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
+
+
 def _trained_precision(run_dir: Path) -> str | None:
     """The precision ``run_dir``'s checkpoint says it trained in (``None``: no checkpoint, an unreadable one,
     or one written before checkpoints recorded it)."""
-    checkpoint = next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
+    checkpoint = _run_checkpoint(run_dir)
     if checkpoint is None:
         return None
     try:  # mmap: the header only, not the weights
