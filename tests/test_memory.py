@@ -207,7 +207,7 @@ def test_compiled_with_a_dynamic_length_keeps_the_chunk_size_constant(kernel, st
     seen = []
     compiled = _compiled_with_shapes(memory, seen)
     gen = torch.Generator().manual_seed(5)
-    for t in (5, 9, 40, 100):  # shorter than a chunk, then one, three and seven chunks with padding
+    for t in (5, 9, 40, 100):  # shorter than a chunk (5 and 9: one length-generic graph), then 3 and 7 chunks
         x = randn(gen, 2, t, 4, dtype=torch.float32)
         torch.testing.assert_close(compiled(x), memory(x), atol=1e-5, rtol=1e-5)
     assert seen and not [shape for shape in seen if any("Min" in size for size in shape)]
