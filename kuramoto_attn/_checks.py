@@ -158,8 +158,11 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
     try:
         if isinstance(value, (int, float)):  # keep a Python number's full precision
             tensor = torch.tensor(float(value), dtype=torch.float64)
-        else:
-            tensor = torch.as_tensor(value).detach().clone()
+        elif torch.is_tensor(value):
+            tensor = value.detach().clone()
+        else:  # a list or array: real numbers in float64, as a Python number (complex ones are refused below)
+            tensor = torch.as_tensor(value)
+            tensor = (tensor if tensor.is_complex() else torch.as_tensor(value, dtype=torch.float64)).clone()
     except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
         raise ValueError(f"{name}: expected finite values but got a number too large for a float") from None
     except (TypeError, RuntimeError, ValueError):

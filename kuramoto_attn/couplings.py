@@ -36,11 +36,12 @@ class Coupling(nn.Module):
     term of θ's shape and may use ``self.phase_lag`` (a float, radians).
 
     Args:
-        strength: coupling strength ``K``: a finite number, or a tensor that broadcasts to the
-            phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
+        strength: coupling strength ``K``: a finite number, or a tensor (or list, or array) that broadcasts
+            to the phases' shape (e.g. ``(h, 1, 1)`` for per-head strengths on phases ``(b, h, t, n)``).
+            A number, list or array is kept in float64 as a buffer; forward casts ``K`` to the phases' dtype.
         phase_lag: the Sakaguchi lag ``α`` in radians (finite).
         learnable: make ``strength`` an ``nn.Parameter`` (otherwise a buffer): of the default
-            dtype for a number, of the tensor's dtype for a floating tensor. An
+            dtype for a number, list or array, of the tensor's dtype for a floating tensor. An
             ``nn.Parameter`` passed as ``strength`` is used as it is (e.g. shared between layers);
             any other tensor is copied into the buffer, detached (no gradient reaches it: pass
             a ``Parameter``, or compute ``K`` in your ``forward`` and scale ``interaction``).
@@ -69,12 +70,12 @@ class Coupling(nn.Module):
             floating = torch.is_tensor(strength) and strength.is_floating_point()
             self.strength = nn.Parameter(strength_tensor if floating else strength_tensor.to(torch.get_default_dtype()))
         else:
-            # a Python number stays float64; forward casts to the phases' dtype
+            # a Python number or list stays float64 (a tensor keeps its dtype); forward casts to the phases' dtype
             self.register_buffer("strength", strength_tensor)
         # what reset_parameters restores: a copy (the buffer or parameter may share strength_tensor's memory), a
         # number or list in float64 on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
         self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)
-                                  else torch.as_tensor(strength, dtype=torch.float64, device="cpu"))
+                                  else torch.tensor(strength, dtype=torch.float64, device="cpu"))  # a copy
         self.phase_lag = check_real("phase_lag", phase_lag)
 
     def reset_parameters(self) -> None:

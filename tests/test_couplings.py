@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -283,6 +284,14 @@ def test_a_list_of_strengths_acts_and_resets_as_the_same_tensor():
         from_list.strength.zero_()
     from_list.reset_parameters()
     assert from_list.strength.tolist() == [0.5, 2.0, -1.0]
+    # as a buffer, a list keeps its digits in float64 as a Python number does (it was float32)
+    assert MeanFieldCoupling(strength=[0.1, 0.2]).strength.dtype == MeanFieldCoupling(strength=0.1).strength.dtype
+    assert MeanFieldCoupling(strength=[0.1, 0.2]).strength.tolist() == [0.1, 0.2]
+    array = np.array([0.1, 0.2])  # copied: the caller's array changed later changes neither value nor reset
+    from_array = MeanFieldCoupling(strength=array)
+    array[0] = 9.0
+    from_array.reset_parameters()
+    assert from_array.strength.tolist() == [0.1, 0.2]
 
 
 # ---------- bad input ----------
@@ -389,8 +398,6 @@ def test_bad_harmonics_name_the_argument(harmonics):
 
 
 def test_numpy_bools_are_accepted_as_flags():
-    import numpy as np
-
     coupling = MeanFieldCoupling(causal=np.bool_(True), learnable=np.bool_(True))
     assert coupling.causal is True and isinstance(coupling.strength, torch.nn.Parameter)
 
