@@ -107,12 +107,19 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     return value
 
 
-def check_int(name: str, value: Any, *, low: int) -> int:
-    """An integer ``>= low`` (NumPy integers count), as a Python int."""
+#: the largest size torch takes (int64); a larger one fails inside torch without the argument's name
+LARGEST_SIZE = 2**63 - 1
+
+
+def check_int(name: str, value: Any, *, low: int, size: bool = True) -> int:
+    """An integer ``>= low`` (NumPy integers count), as a Python int; with ``size`` (a size, count or
+    position: torch takes them as int64) at most :data:`LARGEST_SIZE`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer but got {value!r}")
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low} but got {value}")
+    if size and value > LARGEST_SIZE:
+        raise ValueError(f"{name}: expected an integer < 2**63 (torch's sizes are int64) but got {value}")
     return int(value)
 
 
@@ -151,8 +158,9 @@ def check_choice(name: str, value: Any, choices) -> str:
     return value
 
 
-def as_finite_tensor(name: str, value: Any) -> Tensor:
-    """A scalar or tensor argument (e.g. a coupling strength) as a finite floating tensor."""
+def as_finite_tensor(name: str, value: Any, *, booleans: bool = False) -> Tensor:
+    """A scalar or tensor argument (e.g. a coupling strength) as a finite floating tensor; booleans (a bool,
+    or a list or tensor of them) are refused unless ``booleans`` (e.g. an adjacency matrix: 0 and 1)."""
     if isinstance(value, bool):
         raise ValueError(f"{name}: expected a number or tensor but got {value!r}")
     try:
@@ -160,9 +168,11 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
             tensor = torch.tensor(float(value), dtype=torch.float64)
         elif torch.is_tensor(value):
             tensor = value.detach().clone()
-        else:  # a list or array: real numbers in float64, as a Python number (complex ones are refused below)
+        else:  # a list or array: real numbers in float64, as a Python number (complex ones and booleans: below)
             tensor = torch.as_tensor(value)
-            tensor = (tensor if tensor.is_complex() else torch.as_tensor(value, dtype=torch.float64)).clone()
+            if not (tensor.is_complex() or tensor.dtype == torch.bool):
+                tensor = torch.as_tensor(value, dtype=torch.float64)
+            tensor = tensor.clone()
     except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
         raise ValueError(f"{name}: expected finite values but got a number too large for a float") from None
     except (TypeError, RuntimeError, ValueError):
@@ -171,6 +181,8 @@ def as_finite_tensor(name: str, value: Any) -> Tensor:
         raise ValueError(f"{name}: expected at least one value but got the empty {value!r}")
     if tensor.is_complex():  # would be cast to real, silently dropping the imaginary part
         raise ValueError(f"{name}: expected real values but got the complex {value!r}")
+    if tensor.dtype == torch.bool and not booleans:  # as a bare True is refused: [True] is not a strength of 1
+        raise ValueError(f"{name}: expected real values but got booleans {value!r}")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     if not is_finite(tensor):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import (as_finite_tensor, autocast_off, broadcasts_to, check_axis, check_bool, check_broadcasts,
-                      check_device, check_int, check_mask, check_real, check_tensor)
+                      check_device, check_int, check_mask, check_real, check_tensor, largest_value)
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -156,7 +156,9 @@ class MeanFieldCoupling(Coupling):
     Args:
         strength: ``K`` (see :class:`Coupling`).
         phase_lag: ``α`` in radians.
-        harmonics: positive integer harmonics ``m``, each with unit weight (``(1,)``: Kuramoto).
+        harmonics: positive integer harmonics ``m``, each with unit weight (``(1,)``: Kuramoto); ``m·θ`` is
+            computed in float32 at least (half-precision phases too), so ``m`` is at most the default dtype's
+            largest value.
         dim: the axis of coupled elements (``-1`` for oscillators, ``-2`` for tokens in
             ``(b, h, t, n)``).
         causal: couple element ``i`` only to elements ``j <= i`` along ``dim``.
@@ -180,7 +182,11 @@ class MeanFieldCoupling(Coupling):
         super().__init__(strength, phase_lag, learnable)
         if not isinstance(harmonics, Sequence) or isinstance(harmonics, str) or len(harmonics) == 0:
             raise ValueError(f"harmonics: expected a non-empty sequence of integers but got {harmonics!r}")
-        self.harmonics = tuple(check_int("harmonics", m, low=1) for m in harmonics)
+        self.harmonics = tuple(check_int("harmonics", m, low=1, size=False) for m in harmonics)
+        largest = largest_value()  # m·θ is computed in float32 at least: beyond its range, inf (NaN terms)
+        if max(self.harmonics) > largest:
+            raise ValueError(f"harmonics: expected integers at most {largest:.6g} (the largest value of the default "
+                             f"dtype) but got {max(self.harmonics)}")
         self.dim = check_axis("dim", dim)
         self.causal = check_bool("causal", causal)
 
@@ -202,9 +208,12 @@ class MeanFieldCoupling(Coupling):
             theta = torch.where(mask, theta, 0.0)  # whatever padding holds (even NaN) never reaches the sums
         count = _count(theta, weight, dim, self.causal)
         out = None
+        wide = torch.promote_types(theta.dtype, torch.float32)
         for m in self.harmonics:
-            mtheta = theta if m == 1 else m * theta
-            cos_t, sin_t = torch.cos(mtheta), torch.sin(mtheta)
+            # m·θ in at least float32, as daido_order_parameter: in half precision it rounds (bfloat16 θ ≈ 100,
+            # m = 3: to a step of 2 rad) or overflows to inf; float(m), as an int past 2**64 is an OverflowError
+            mtheta = theta if m == 1 else float(m) * theta.to(wide)
+            cos_t, sin_t = torch.cos(mtheta).to(theta.dtype), torch.sin(mtheta).to(theta.dtype)
             # means (in [-1, 1]) back in theta's dtype; their sums are float32 at least (see _sum)
             mean_cos = (_sum(cos_t if weight is None else cos_t * weight, dim, self.causal) / count).to(theta.dtype)
             mean_sin = (_sum(sin_t if weight is None else sin_t * weight, dim, self.causal) / count).to(theta.dtype)
@@ -327,7 +336,7 @@ class GraphCoupling(Coupling):
     def __init__(self, weights: Tensor, strength: float | Tensor = 1.0, phase_lag: float = 0.0,
                  dim: int = -1, learnable: bool = False) -> None:
         super().__init__(strength, phase_lag, learnable)
-        tensor = as_finite_tensor("weights", weights)
+        tensor = as_finite_tensor("weights", weights, booleans=True)  # an adjacency of booleans: 0 and 1
         if tensor.dim() < 2 or tensor.shape[-1] != tensor.shape[-2]:
             raise ValueError(f"weights: expected a square matrix (..., n, n) but got {tuple(tensor.shape)}")
         if isinstance(weights, nn.Parameter):  # the caller's parameter: trained as given

@@ -108,7 +108,7 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
         >>> round(float(R2), 6)
         1.0
     """
-    m = check_int("m", m, low=1)
+    m = check_int("m", m, low=1, size=False)
     check_tensor("theta", theta)
     # m·θ in at least float32: in half precision it rounds (bfloat16 θ ≈ 100, m = 3: to a step of
     # 2 rad) or overflows to inf (float16 θ > 65504 / m: R_m was NaN); the results in theta's dtype

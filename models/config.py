@@ -163,6 +163,8 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:  # torch's sizes and seeds are int64: beyond, a bare error from inside torch
+            raise ConfigError(f"{path}: expected an integer within int64 (-2**63 to 2**63 - 1), got {value}")
         return int(value)
     if hint in (bool, str):
         if not isinstance(value, hint):

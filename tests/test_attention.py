@@ -737,6 +737,9 @@ def test_numpy_scalars_are_accepted_as_constructor_arguments():
     torch.testing.assert_close(layer(x), twin(x))
     with pytest.raises(ValueError, match="num_oscillators: expected an integer"):
         KuramotoAttention(d_model=16, num_heads=2, num_oscillators=np.bool_(True))
+    # beyond int64, torch's own error named no argument
+    with pytest.raises(ValueError, match=r"^num_oscillators: expected an integer < 2\*\*63"):
+        KuramotoAttention(d_model=16, num_heads=2, num_oscillators=2**64)
     flags = KuramotoAttention(d_model=16, num_heads=2, causal=np.bool_(False), bias=np.bool_(False),
                               learnable_coupling=np.bool_(False))
     assert flags.causal is False and flags.qkv.bias is None and "strength" in dict(flags.named_buffers())

@@ -306,6 +306,10 @@ def test_a_list_of_strengths_acts_and_resets_as_the_same_tensor():
     (lambda: MeanFieldCoupling(strength=[1.0, 10**400]), "^strength: expected finite"),
     (lambda: MeanFieldCoupling(strength=[]), "^strength: expected at least one value"),  # a bare TypeError
     (lambda: GraphCoupling(torch.ones(0, 0)), "^weights: expected at least one value"),
+    # True is refused as a strength, so [True] is too (it read as 1.0)
+    (lambda: MeanFieldCoupling(strength=[True]), "^strength: expected real values but got booleans"),
+    (lambda: MeanFieldCoupling(strength=torch.tensor([True, False])), "^strength: expected real values"),
+    (lambda: MeanFieldCoupling(strength=np.array(True)), "^strength: expected real values"),
     (lambda: MeanFieldCoupling(phase_lag=10**400), "^phase_lag: expected a finite"),
     (lambda: GraphCoupling(torch.ones(2, 2, dtype=torch.complex64)), "^weights: expected real values"),
     (lambda: MeanFieldCoupling(phase_lag=float("nan")), "phase_lag"),
@@ -323,6 +327,14 @@ def test_a_list_of_strengths_acts_and_resets_as_the_same_tensor():
 def test_bad_construction_names_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_boolean_adjacency_is_the_graph_of_its_zeros_and_ones():
+    adjacency = [[False, True, True], [True, False, False], [True, False, False]]
+    theta = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    for weights in (adjacency, torch.tensor(adjacency), np.array(adjacency)):
+        expected = GraphCoupling(torch.tensor(adjacency, dtype=torch.float64))(theta)
+        torch.testing.assert_close(GraphCoupling(weights)(theta), expected, rtol=1e-6, atol=0)
 
 
 def test_interaction_of_another_shape_is_an_error_even_where_it_broadcasts():
@@ -395,6 +407,24 @@ def test_repr_prints_a_scalar_strength_and_the_shape_of_others():
 def test_bad_harmonics_name_the_argument(harmonics):
     with pytest.raises(ValueError, match="^harmonics: expected a non-empty sequence of integers"):
         MeanFieldCoupling(harmonics=harmonics)
+
+
+@pytest.mark.parametrize("dtype, m, scale", [(torch.float16, 1000, 100.0), (torch.bfloat16, 3, 100.0)])
+def test_a_harmonic_of_half_precision_phases_is_taken_in_float32(dtype, m, scale):
+    # m·θ was computed in θ's dtype: inf in float16 past 65504 (NaN terms), steps of 2 rad in bfloat16 at 300
+    theta = (scale * torch.rand(2, 6, generator=torch.Generator().manual_seed(0))).to(dtype)
+    got = MeanFieldCoupling(harmonics=(m,), causal=True)(theta)
+    expected = naive_mean_field(theta.double(), 1.0, 0.0, (m,), causal=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=0.03)
+
+
+def test_a_harmonic_past_int64_is_taken_and_one_past_float32_is_refused():
+    # m = 2**66 was an OverflowError at the first forward; equal phases feel no pull at any harmonic
+    pull = MeanFieldCoupling(harmonics=(1, 2 ** 66))(torch.full((2, 5), 0.7))
+    assert torch.isfinite(pull).all() and pull.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="^harmonics: expected integers at most"):
+        MeanFieldCoupling(harmonics=(1, 2 ** 128))  # m·θ would be inf in float32
 
 
 def test_numpy_bools_are_accepted_as_flags():

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
 from recipes import train as train_module
-from recipes.common import Interrupted, load_run, mean_ci95, param_groups
+from recipes.common import Interrupted, build_model, load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, load_yaml, model_config, parse_config, parse_saved_config
 from recipes.data import prepare_corpus
 from recipes.evaluate import evaluate_split
@@ -166,11 +166,14 @@ YAML_VALUES = ["0", "-1", "2", "0.5", "-0.5", "1e30", ".nan", ".inf", "true", "n
 @settings(max_examples=300, deadline=None)
 @given(preset_key=st.sampled_from(PRESET_KEYS), value=st.sampled_from(YAML_VALUES))
 def test_any_value_for_any_key_is_taken_or_refused_by_name(preset_key, value):
-    """Every key of the CPU presets, set to values of every YAML kind: the config is built, or a
-    ConfigError names the key (``model.type=[]`` raised a bare TypeError: a list is unhashable)."""
+    """Every key of the CPU presets, set to values of every YAML kind: the config is built, and so is its
+    model (on the meta device: shapes only), or a ConfigError names the key (``model.type=[]`` raised a bare
+    TypeError: a list is unhashable; ``model.d_ff=99999999999999999999``, beyond int64, failed in torch)."""
     preset, key = preset_key
     try:
-        load_config(ROOT / "recipes" / "configs" / preset, [f"{key}={value}"])
+        config = load_config(ROOT / "recipes" / "configs" / preset, [f"{key}={value}"])
+        with torch.device("meta"):
+            build_model(config.model, vocab_size=65)  # (a vocab_size below the data's: refused here)
     except ConfigError as err:
         assert key in str(err) or key.rpartition(".")[2] in str(err)
 
