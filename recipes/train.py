@@ -58,7 +58,7 @@ from recipes.common import (Interrupted, build_model, make_fabric, param_groups,
                             save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
                             model_config, parse_saved_config, split_overrides)
-from recipes.data import eval_batches, get_batch, prepare_corpus
+from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
@@ -163,10 +163,12 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     mconf = model_config(config.model, corpus.tokenizer.vocab_size)
     if tc.block_size > mconf.max_seq_len:
         raise ValueError(f"train.block_size: {tc.block_size} exceeds model.max_seq_len {mconf.max_seq_len}")
+    cut = not CORPORA[d.name].fixed_splits  # train and val cut from one text by data.val_fraction
     for split in ("train", "val"):  # fail now, not at the first evaluation
         if len(corpus.splits[split]) < tc.block_size + 1:
+            share = f", {'raise' if split == 'val' else 'lower'} data.val_fraction ({d.val_fraction})" if cut else ""
             raise ValueError(f"train.block_size: the {split} split has {len(corpus.splits[split]):,} tokens, "
-                             f"fewer than block_size + 1 = {tc.block_size + 1}; lower it or use more text")
+                             f"fewer than block_size + 1 = {tc.block_size + 1}; lower it{share} or use more text")
 
     fabric.seed_everything(config.seed)  # same initial weights on every rank
     model = build_model(config.model, corpus.tokenizer.vocab_size)
