@@ -29,10 +29,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, ok, rule in (("--oscillators", args.oscillators >= 1, "at least 1"),
+    for name, ok, rule in (("--oscillators", 1 <= args.oscillators < 2**63, "at least 1 (and below 2**63)"),
                            ("--strength", True, "a number"),
                            ("--gamma", args.gamma >= 0, ">= 0"), ("--dt", args.dt > 0, "> 0"),
-                           ("--time", args.time >= args.dt, "at least one step (>= --dt)"),
+                           # and fewer than 2**63 steps: --time 1e300 --dt 1e-300 was an OverflowError
+                           ("--time", args.dt <= args.time < 2**63 * args.dt, "at least one step (>= --dt), "
+                                                                             "fewer than 2**63"),
                            ("--seed", 0 <= args.seed < 2**63, "in [0, 2**63)")):
         if not ok or not math.isfinite(getattr(args, name[2:])):
             parser.error(f"{name}: must be {rule} and finite, got {getattr(args, name[2:])}")

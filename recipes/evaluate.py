@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
+    if args.batch_size >= 2**63:  # torch's sizes are int64 (evaluate_split would name batch_size)
+        parser.error(f"--batch-size: must be below 2**63, got {args.batch_size}")
     checkpoint = checkpoint_file(args.run, args.checkpoint)
     written = _written(checkpoint)  # which write of the file is read (a training run may replace it)
     model, tokenizer, config, state = load_run(checkpoint)

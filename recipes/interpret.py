@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         if value < 1:
             parser.error(f"{flag}: must be at least 1, got {value}")
+        if value >= 2**63:  # torch's sizes are int64 (the batch size was a bare TypeError from torch.randint)
+            parser.error(f"{flag}: must be below 2**63, got {value}")
     path = Path(args.run)
     checkpoint = checkpoint_file(path, args.checkpoint)
     model, tokenizer, config, state = load_run(checkpoint)

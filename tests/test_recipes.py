@@ -2156,6 +2156,10 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (generate, [str(trained), "--seed", str(2**70)], "error: --seed: must be in [0, 2**64)"),
         (generate, [str(trained), "--top-k", "0"], "error: --top-k: "),  # named as its flag, not top_k
         (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
+        # past int64 each was a bare error from torch (OverflowError, TypeError)
+        (generate, [str(trained), "--num-samples", str(2**64)], "--num-samples: must be below 2**63"),
+        (interpret, [str(trained), "--batch-size", str(2**64)], "--batch-size: must be below 2**63"),
+        (evaluate, [str(trained), "--batch-size", str(2**64)], "--batch-size: must be below 2**63"),
         (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
         (interpret, [str(trained), "--batches", "0"], "--batches: must be at least 1, got 0"),  # an empty report
         (interpret, [str(trained), "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
@@ -2473,6 +2477,9 @@ def test_demo_reaches_kuramotos_steady_state(capsys):
     assert times == ["0", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.07", "0.08", "0.09", "0.1"]
     for args, message in ((["--dt", "0"], "--dt: must be > 0"), (["--time", "0.01"], "--time: must be at least"),
                           (["--oscillators", "0"], "--oscillators: must be at least 1"),
+                          (["--oscillators", str(2**64)], "--oscillators: must be at least 1 (and below 2**63)"),
+                          # 1e600 steps: an OverflowError from round()
+                          (["--time", "1e300", "--dt", "1e-300"], "--time: must be at least one step (>= --dt), fewer"),
                           # named the library's argument ("strength:") or failed as an overflow before
                           (["--strength", "nan"], "--strength: must be a number and finite"),
                           (["--seed", "-1"], "--seed: must be in [0, 2**63)"),
