@@ -87,6 +87,9 @@ class OrderParameter(Metric):
           each of shape ``(num_groups,)``, or ``()`` without ``group_dim``. As for every
           torchmetrics metric, a one-element result is squeezed: ``num_groups=1`` gives ``()``.
 
+    A NaN or infinite phase (e.g. from a diverged run) makes its R NaN, and every statistic of its group
+    stays NaN until :meth:`reset`: a diverged batch shows, it is not skipped.
+
     In a :class:`torchmetrics.MetricCollection`, build it with ``compute_groups=False`` when it holds
     OrderParameters of different ``dim`` or ``group_dim``: the collection merges metrics of one class
     whose states are equal after the first update, and then updates only one of them.

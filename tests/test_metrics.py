@@ -618,3 +618,20 @@ def test_std_of_identical_values_is_zero():
         metric.update(theta)
     stats = metric.compute()
     assert float(stats["min"]) == float(stats["max"]) and float(stats["std"]) == 0.0
+
+
+def test_a_non_finite_phase_makes_its_group_nan_until_reset():
+    # as the docstring says: a diverged batch shows in its group's statistics (not skipped), the others keep theirs
+    metric = OrderParameter(dim=-1, group_dim=0, num_groups=2)
+    for bad in (float("nan"), float("inf")):
+        theta = torch.zeros(2, 3, 4)
+        theta[0, 1, 2] = bad
+        metric.update(theta)
+        metric.update(torch.zeros(2, 3, 4))  # a clean batch after it does not clear it
+        stats = metric.compute()
+        assert all(torch.isnan(value[0]) for value in stats.values())
+        assert [float(stats[key][1]) for key in ("mean", "std", "min", "max")] == [1.0, 0.0, 1.0, 1.0]
+        metric.reset()
+        metric.update(torch.zeros(2, 3, 4))
+        assert metric.compute()["mean"].tolist() == [1.0, 1.0]
+        metric.reset()
