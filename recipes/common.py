@@ -70,6 +70,15 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         sys.exit(1)
 
 
+def check_count_flag(parser, flag: str, value: int) -> None:
+    """A count given on the command line (``--batch-size``, ``--num-samples``): at least 1, and below 2**63,
+    since torch's sizes are int64 (past them its errors named no flag); else ``parser.error`` naming it."""
+    if value < 1:
+        parser.error(f"{flag}: must be at least 1, got {value}")
+    if value >= 2**63:
+        parser.error(f"{flag}: must be below 2**63, got {value}")
+
+
 def resolved_precision(config: FabricConfig) -> str:
     """The precision a run of ``config`` trains in on this machine, as Fabric names it: ``precision`` null is
     bf16-mixed on a GPU and 32-true otherwise; Fabric's short names (``32``, ``bf16``, ...) spelled out."""

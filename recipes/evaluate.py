@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kuramoto_attn._checks import check_int
-from recipes.common import checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--device", default="auto")
     add_data_location_flags(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size: must be at least 1, got {args.batch_size}")
-    if args.batch_size >= 2**63:  # torch's sizes are int64 (evaluate_split would name batch_size)
-        parser.error(f"--batch-size: must be below 2**63, got {args.batch_size}")
+    check_count_flag(parser, "--batch-size", args.batch_size)
     checkpoint = checkpoint_file(args.run, args.checkpoint)
     written = _written(checkpoint)  # which write of the file is read (a training run may replace it)
     model, tokenizer, config, state = load_run(checkpoint)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from models import GPT, TPILM
-from recipes.common import checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
 
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        parser.error(f"--num-samples: must be at least 1, got {args.num_samples}")
+    check_count_flag(parser, "--num-samples", args.num_samples)
     path = Path(args.run)
     model, tokenizer, config, _ = load_run(checkpoint_file(path, args.checkpoint))
     device = pick_device(args.device)

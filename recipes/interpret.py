@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
-from recipes.common import checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
@@ -75,11 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     add_data_location_flags(parser)
     args = parser.parse_args(argv)
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
-        if value < 1:
-            parser.error(f"{flag}: must be at least 1, got {value}")
-        if value >= 2**63:  # torch's sizes are int64 (the batch size was a bare TypeError from torch.randint)
-            parser.error(f"{flag}: must be below 2**63, got {value}")
+    check_count_flag(parser, "--batches", args.batches)
+    check_count_flag(parser, "--batch-size", args.batch_size)
     path = Path(args.run)
     checkpoint = checkpoint_file(path, args.checkpoint)
     model, tokenizer, config, state = load_run(checkpoint)
