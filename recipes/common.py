@@ -98,15 +98,14 @@ def make_fabric(config: FabricConfig, loggers=None):
     from lightning_fabric import Fabric
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    precision = config.precision or resolved_precision(config)
+    resolved = resolved_precision(config)  # Fabric's full names: its aliases 16 and bf16 are 16-mixed and bf16-mixed
+    precision = config.precision or resolved
     strategy = config.strategy
     if strategy == "dp":  # DataParallel gathers the devices' losses into a vector, which backward cannot take
         raise ValueError("fabric.strategy: dp (torch's DataParallel, one process) is not supported by the recipes; "
                          "use ddp (Fabric launches one process per device)")
     if strategy in ("fsdp", "fsdp_cpu_offload"):  # Fabric's FSDP names
-        # Fabric's aliases: 16 and bf16 are its 16-mixed and bf16-mixed
-        strategy = fsdp_strategy({"16": "16-mixed", "bf16": "bf16-mixed"}.get(str(precision), str(precision)),
-                                 cpu_offload=strategy == "fsdp_cpu_offload")
+        strategy = fsdp_strategy(resolved, cpu_offload=strategy == "fsdp_cpu_offload")
     try:
         fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                         strategy=strategy, precision=precision, loggers=loggers)
@@ -129,7 +128,7 @@ def make_fabric(config: FabricConfig, loggers=None):
                          "under SLURM (srun) or torchrun (or `fabric run --num-nodes N --node-rank R --main-address "
                          "HOST`), or with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
     # Fabric swaps fp16 AMP on a CPU for bf16 with a warning only: the run would not be what its config says
-    if str(precision) in ("16", "16-mixed") and fabric._precision.precision != "16-mixed":
+    if resolved == "16-mixed" and fabric._precision.precision != "16-mixed":
         raise ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on "
                          f"{fabric.device.type} use bf16-mixed or 32-true")
     return fabric
