@@ -54,7 +54,12 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
     if theta.shape[dim] == 0:  # R of no oscillators is undefined (the mean would give NaN)
         raise ValueError(f"theta: expected at least one oscillator along dim={dim} but got shape "
                          f"{tuple(theta.shape)}")
+    # in at least float32, the results in theta's dtype: the sums of half-precision phases overflow
+    # (float16's 65504 is reached by 100 weights of 1000), and ψ's gradient (C dS − S dC) / R² was NaN in
+    # float16 already at R ≈ 1e-3, where R² is below float16's smallest number
+    dtype, wide = theta.dtype, torch.promote_types(theta.dtype, torch.float32)
     if weights is None:
+        theta = theta.to(wide)
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         mean_cos, mean_sin = cos_t.mean(dim, keepdim=keepdim), sin_t.mean(dim, keepdim=keepdim)
     else:
@@ -63,15 +68,13 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
             raise ValueError(f"weights: expected real non-negative values but got dtype {weights.dtype}")
         check_device("weights", weights, theta, owner="theta")
         check_broadcasts("weights", weights.shape, theta.shape)
-        # weighted sums of half-precision phases in float32: float16's 65504 is reached by 100 weights of 1000;
-        # and never below the weights' own floating dtype (float64 weights of 1e-50 were 0 in float32: R = 0)
-        wide = torch.promote_types(theta.dtype, torch.float32)
+        # never below the weights' own floating dtype (float64 weights of 1e-50 were 0 in float32: R = 0)
         if weights.is_floating_point():
             wide = torch.promote_types(wide, weights.dtype)
         weights = weights.to(wide)
         if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
             raise ValueError("weights: expected finite non-negative values")
-        theta = torch.where(weights > 0, theta, 0.0)  # phases with zero weight (even NaN) never count
+        theta = torch.where(weights > 0, theta.to(wide), 0.0)  # phases with zero weight (even NaN) never count
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         # the mean is unchanged by scaling a group's weights: by their largest, the sums neither overflow
         # (float32 weights of 2e38 gave inf / inf: R = NaN) nor are tiny (weights of 1e-40 were divided
@@ -79,13 +82,13 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         scale = weights.expand_as(theta).amax(dim, keepdim=True)
         weights = weights / torch.where(scale > 0, scale, 1.0)
         total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(1.0)
-        # the means lie in [-1, 1]: back in theta's dtype
-        mean_cos = ((cos_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
-        mean_sin = ((sin_t * weights).sum(dim, keepdim=keepdim) / total).to(theta.dtype)
+        mean_cos = (cos_t * weights).sum(dim, keepdim=keepdim) / total
+        mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total
     R = _resultant_length(mean_cos, mean_sin)
-    psi = torch.atan2(mean_sin, mean_cos)
-    # atan2 gives -π for a mean sine of -0 (e.g. θ = -π); the documented range is (-π, π]
-    return R, torch.where(psi == -math.pi, math.pi, psi)
+    psi = torch.atan2(mean_sin, mean_cos).to(dtype)
+    # atan2 gives -π for a mean sine of -0 (e.g. θ = -π), and an angle near -π can round to it in theta's
+    # dtype; the documented range is (-π, π]
+    return R.to(dtype), torch.where(psi == -math.pi, math.pi, psi)
 
 
 def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor | None = None,

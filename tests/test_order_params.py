@@ -310,3 +310,23 @@ def test_weighted_R_of_half_precision_phases_does_not_overflow(dtype):
         R, psi = order_parameter(t, weights=w)
         assert R.dtype == psi.dtype == dtype
         assert float(R) == pytest.approx(1.0, abs=1e-2) and float(psi) == pytest.approx(float(t[0]), abs=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_psi_gradient_of_half_precision_phases_near_R_0_is_finite_and_that_of_their_values(dtype, weighted):
+    """ψ's gradient is (C dS − S dC) / R²: in float16 R² underflowed already at R ≈ 1e-3 and the gradient
+    was NaN. Computed in float32 it is finite, shifts ψ with the phases (the gradients sum to 1), and is
+    the float64 gradient of the same (rounded) phases while R is not tiny (at R ≈ 1e-4 ψ itself is
+    ill-conditioned: float32's rounding of the sums moves the gradient by about 0.1)."""
+    for gap, atol in ((2e-1, 1e-3), (2e-2, 1e-3), (2e-3, 2e-2), (2e-4, None)):  # R ≈ gap / 2
+        theta = torch.tensor([0.3, 0.3 + math.pi - gap], dtype=dtype).requires_grad_()
+        weights = torch.tensor([1.0, 1.0]) if weighted else None
+        R, psi = order_parameter(theta, weights=weights)
+        psi.backward()
+        assert theta.grad.dtype == dtype and torch.isfinite(theta.grad).all(), (gap, theta.grad)
+        assert theta.grad.sum().item() == pytest.approx(1.0, abs=1e-2)
+        if atol is not None:
+            exact = theta.detach().to(f64).requires_grad_()
+            order_parameter(exact, weights=weights)[1].backward()
+            torch.testing.assert_close(theta.grad.to(f64), exact.grad, rtol=0, atol=atol)
