@@ -123,12 +123,15 @@ class OrderParameter(Metric):
             if group_dim == dim:  # axes of opposite signs can only be compared in update
                 raise ValueError(f"group_dim: expected an axis other than dim={dim} but got {group_dim}")
         self.dim, self.group_dim, self.num_groups = dim, group_dim, num_groups
-        zeros = torch.zeros(num_groups, dtype=torch.float64)
-        self.add_state("total", zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("total_sq", zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("count", zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("low", torch.full_like(zeros, float("inf")), dist_reduce_fx="min")
-        self.add_state("high", torch.full_like(zeros, float("-inf")), dist_reduce_fx="max")
+        reduce = {"total": "sum", "total_sq": "sum", "count": "sum", "low": "min", "high": "max"}
+        for name, value in self._initial_states(torch.float64, None).items():
+            self.add_state(name, value, dist_reduce_fx=reduce[name])
+
+    def _initial_states(self, dtype: torch.dtype, device: torch.device | None) -> dict[str, Tensor]:
+        """The states of a metric that has seen nothing: zero sums and counts, minima +inf, maxima −inf."""
+        zeros = torch.zeros(self.num_groups, dtype=dtype, device=device)
+        return {"total": zeros, "total_sq": zeros.clone(), "count": zeros.clone(),
+                "low": torch.full_like(zeros, float("inf")), "high": torch.full_like(zeros, float("-inf"))}
 
     def update(self, theta: Tensor, mask: Tensor | None = None) -> None:
         """Add the R values of ``theta`` ``(*)`` (R over ``dim``) to the statistics.
@@ -190,10 +193,28 @@ class OrderParameter(Metric):
         super().merge_state(incoming_state)
         self._computed = None  # as update does: the states changed
 
-    def _apply(self, fn, exclude_state=()):
+    def reset(self) -> None:
+        """Forget every update: the states of a new metric, in the states' dtype and on their device. Built
+        anew, not copied from torchmetrics' saved defaults, which ``to_empty`` leaves uninitialised."""
+        for name, value in self._initial_states(self.total.dtype, self.total.device).items():
+            self._defaults[name] = value
+        super().reset()
+
+    def _apply(self, fn, exclude_state=(), recurse=True):
         """Moves the states with the module but keeps their dtype, unless :meth:`set_dtype` asks. torchmetrics
         keeps it for ``.half()``, ``.float()`` and ``.double()`` but not for ``.to(dtype)``, so e.g. a model's
-        ``.to(torch.bfloat16)`` made the float64 sums bfloat16 (a count that stopped at 256)."""
+        ``.to(torch.bfloat16)`` made the float64 sums bfloat16 (a count that stopped at 256).
+
+        A metric built on the meta device and given storage with ``to_empty`` (``recurse`` is accepted for
+        it: a metric has no submodules) starts reset: ``to_empty`` leaves memory uninitialised, and here
+        it was the statistics, silently (or a TypeError, called on the metric itself)."""
+        was_meta = self.total.is_meta
+        this = self._apply_same_dtype(fn, exclude_state)
+        if was_meta and not this.total.is_meta:  # given storage: only to_empty moves meta tensors anywhere
+            this.reset()
+        return this
+
+    def _apply_same_dtype(self, fn, exclude_state):
         if self._dtype_convert:
             return super()._apply(fn, exclude_state)
 

@@ -249,6 +249,27 @@ def test_reset_restores_initial_state():
     assert_stats_close(metric.compute(), per_group_stats(naive_R(second), group_dim=1))
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_metric_built_on_meta_starts_reset_after_to_empty(monkeypatch, nested):
+    """``to_empty`` on the metric raised a TypeError (torchmetrics' ``_apply`` takes no ``recurse``); inside a
+    module it gave the states (and the defaults ``reset`` copies) uninitialised memory: made NaN here."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    with torch.device("meta"):
+        metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+        holder = torch.nn.Sequential(torch.nn.Linear(2, 2), metric)
+    (holder if nested else metric).to_empty(device="cpu")
+    fresh = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    for name in ("total", "total_sq", "count", "low", "high"):
+        assert getattr(metric, name).device.type == "cpu", name
+        torch.testing.assert_close(getattr(metric, name), getattr(fresh, name), rtol=0, atol=0, msg=name)
+    theta = clustered_phases(torch.Generator().manual_seed(5), (3, 2, 4, 5), 0.5)
+    for _ in range(2):  # and reset gives a fresh metric again
+        metric.update(theta)
+        assert_stats_close(metric.compute(), per_group_stats(naive_R(theta), group_dim=1))
+        metric.reset()
+
+
 def test_empty_group_is_nan():
     theta = torch.zeros(2, 3, 4, 5)
     mask = torch.ones(1, 3, 1, 1, dtype=torch.bool)
