@@ -74,7 +74,10 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         weights = weights.to(wide)
         if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
             raise ValueError("weights: expected finite non-negative values")
-        theta = torch.where(weights > 0, theta.to(wide), 0.0)  # phases with zero weight (even NaN) never count
+        # a phase with zero weight never counts, even NaN or inf (0 · NaN is NaN); a finite one is kept, as the
+        # gradient of its weight needs it (e^{iθ} − Z, not 1 − Z, for a soft mask at exactly 0)
+        theta = theta.to(wide)
+        theta = torch.where((weights > 0) | torch.isfinite(theta), theta, 0.0)
         cos_t, sin_t = torch.cos(theta), torch.sin(theta)
         # the mean is unchanged by scaling a group's weights: by their largest, the sums neither overflow
         # (float32 weights of 2e38 gave inf / inf: R = NaN) nor are tiny (weights of 1e-40 were divided

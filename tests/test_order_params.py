@@ -330,3 +330,24 @@ def test_psi_gradient_of_half_precision_phases_near_R_0_is_finite_and_that_of_th
             exact = theta.detach().to(f64).requires_grad_()
             order_parameter(exact, weights=weights)[1].backward()
             torch.testing.assert_close(theta.grad.to(f64), exact.grad, rtol=0, atol=atol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 6), seed=st.integers(0, 2**16), zeros=st.integers(1, 5))
+def test_gradient_of_the_weights_is_that_of_the_complex_mean_also_at_zero_weights(n, seed, zeros):
+    """A weight of exactly 0 (a soft mask, a ReLU) had its phase replaced by 0 in the sums, so its gradient
+    was that of e^{i0}: ∂(R + ψ)/∂w_j is (e^{iθ_j} − Z)-shaped and needs the phase itself."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.rand(n, generator=gen, dtype=f64) * 2 * math.pi
+    weights = torch.rand(n, generator=gen, dtype=f64) + 0.1
+    weights[torch.randperm(n, generator=gen)[:min(zeros, n - 1)]] = 0.0  # at least one weight stays
+    weights.requires_grad_()
+    R, psi = order_parameter(theta, weights=weights)
+    (R + torch.cos(psi)).backward()
+
+    def reference(w):
+        z = (w * torch.exp(1j * theta)).sum() / w.sum()
+        return z.abs() + torch.cos(z.angle())
+
+    expected = torch.autograd.functional.jacobian(reference, weights.detach())
+    torch.testing.assert_close(weights.grad, expected, rtol=1e-9, atol=1e-9)
