@@ -113,6 +113,12 @@ class KuramotoCache(OwnedCache):
 
     Start with an empty ``KuramotoCache()`` and pass the same object on every call.
 
+    The cache holds no autograd graph: a backward through a call reaches that call's new tokens and the
+    layer's parameters, and stops at the cached tokens (their keys, values and phase sums are constants
+    there). It is for decoding; to train across chunks with gradients into earlier tokens, run the whole
+    sequence in one forward. (A cache that kept each call's graph would make the next call's backward run
+    into a graph already freed, and keep every earlier call's graph alive.)
+
     Attributes:
         keys: ``[k, cos θ, sin θ]`` of past tokens ``(b, h, s, e)`` (final phases).
         values: ``[v, cos θ, sin θ]`` of past tokens ``(b, h, s, e)``.

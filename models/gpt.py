@@ -227,7 +227,8 @@ class KVCache(OwnedCache):
 @dataclass
 class GPTCache:
     """Per-layer decoding state (a :class:`KVCache` or :class:`~kuramoto_attn.KuramotoCache` per
-    layer), filled on first use; ``length`` tokens so far. ``forward`` updates it in place."""
+    layer), filled on first use; ``length`` tokens so far. ``forward`` updates it in place. Like each layer's
+    cache it holds no autograd graph: a backward stops at the cached tokens."""
 
     layers: list = field(default_factory=list)
     length: int = 0

@@ -310,6 +310,30 @@ def test_incremental_decoding_without_a_mask_after_a_padded_prompt(coupling):
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("coupling", CACHED)
+def test_a_backward_through_a_cached_call_reaches_its_new_tokens_and_stops_at_the_cached_ones(coupling):
+    """As the KuramotoCache docstring says: the gradient into the new tokens is the full forward's (the
+    sequence is causal, so theirs depends on no later token), the cached tokens get none, and each call
+    can be backpropagated on its own (the cache holds no graph of an earlier call)."""
+    layer = cache_layer(coupling, integrator="heun")
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    past, new = x[:, :4].clone().requires_grad_(), x[:, 4:].clone().requires_grad_()
+    full = layer(torch.cat([past, new], dim=1))[:, 4:]
+    weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    expected = torch.autograd.grad((full * weights).sum(), new)[0]
+    cache = KuramotoCache()
+    first = layer(past, cache=cache)
+    (first * first).sum().backward()  # an earlier call's backward: the next one does not run into its graph
+    for value in [cache.keys, cache.values, *(v for state in cache.field_state.values()
+                                                for v in (state if isinstance(state, tuple) else (state,)))]:
+        assert not value.requires_grad
+    past.grad = None
+    y = layer(new, cache=cache)
+    (y * weights).sum().backward()
+    torch.testing.assert_close(new.grad, expected, rtol=0, atol=1e-10)
+    assert past.grad is None
+
+
 def test_cache_work_per_token_does_not_recompute_the_past():
     """Decoding token t feeds only the new token through the projections (O(t) attention only)."""
     layer = make_layer()
