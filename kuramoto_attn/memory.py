@@ -488,7 +488,9 @@ class HolographicPhaseMemory(nn.Module):
                 Default: the parameters' dtype promoted to float32 at least (a bfloat16 or
                 float16 module sums in float32: in bfloat16 a running sum of ones stops growing
                 at 256). A state is accepted in that dtype or in the parameters' or the input's
-                own dtype (a half one then sums in half precision).
+                own dtype (a half one then sums in half precision; the input is the parameters' dtype,
+                or half under ``torch.autocast``, which leaves float64 alone). Any other dtype is refused
+                here, e.g. float64 for a float32 module: no input of the module could use it.
 
         Returns:
             A :class:`TPIState` with ``position == 0``.
@@ -501,6 +503,13 @@ class HolographicPhaseMemory(nn.Module):
             device = ref.device if device is None else torch.device(device)
         except (TypeError, RuntimeError):
             raise ValueError(f"device: expected a torch.device or its name but got {device!r}") from None
+        usable = {ref.dtype, torch.promote_types(ref.dtype, torch.float32)}
+        if ref.dtype != torch.float64:  # under autocast the input may be half
+            usable |= {torch.float16, torch.bfloat16}
+        if dtype is not None and dtype not in usable:
+            names = ", ".join(sorted(str(dt) for dt in usable))
+            raise ValueError(f"dtype: a state of this {ref.dtype} module is one of {names} (the dtypes its inputs "
+                             f"can have, or float32 for a half one) but got {dtype}")
         dtype = torch.promote_types(ref.dtype, torch.float32) if dtype is None else dtype
         shapes = self._state_shapes(b)
         try:

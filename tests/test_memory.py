@@ -894,9 +894,20 @@ def test_a_half_precision_module_accepts_float32_and_its_own_dtype_states():
             y_t, stepped = memory.step(x[:, 0], memory.init_state(2, dtype=dtype))
         assert y.dtype == y_t.dtype == torch.bfloat16
         assert after.memory.dtype == stepped.norm.dtype == stepped.buffer[0].dtype == dtype
-    for dtype in (torch.float64, torch.float16):
-        with pytest.raises(ValueError, match="^state: expected memory .* torch.float32 for this module"):
-            memory.step(x[:, 0], memory.init_state(2, dtype=dtype))
+    # float16: the dtype of this module's input under float16 autocast, so init_state makes it; this input
+    # is bfloat16, so the step refuses it
+    with pytest.raises(ValueError, match="^state: expected memory .* torch.float32 for this module"):
+        memory.step(x[:, 0], memory.init_state(2, dtype=torch.float16))
+    # float64: no input of this module is float64 (autocast leaves float64 alone), so init_state refuses it,
+    # where it made a state that every use refused
+    with pytest.raises(ValueError, match=r"^dtype: a state of this torch.bfloat16 module is one of torch.bfloat16, "
+                                         r"torch.float16, torch.float32 \(.*\) but got torch.float64$"):
+        memory.init_state(2, dtype=torch.float64)
+    double = HolographicPhaseMemory(4).double()
+    assert double.init_state(2, dtype=torch.float64).memory.dtype == torch.float64
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"^dtype: a state of this torch.float64 module is one of torch.float64 "):
+            double.init_state(2, dtype=dtype)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -949,8 +960,8 @@ def test_bad_inputs_and_states_raise_value_error_naming_them():
         memory(torch.zeros(2, 5, 4), other.init_state(2))
     with pytest.raises(ValueError, match="^state:"):
         memory(torch.zeros(2, 5, 4), (torch.zeros(2, 4),))
-    with pytest.raises(ValueError, match="^state:"):
-        memory(torch.zeros(2, 5, 4), memory.init_state(2, dtype=torch.float64))  # float64 state
+    with pytest.raises(ValueError, match="^dtype: a state of this torch.float32 module"):
+        memory.init_state(2, dtype=torch.float64)  # a state no input of this module could use
     with pytest.raises(ValueError, match="^state: expected phase on cpu"):
         memory(torch.zeros(2, 5, 4), memory.init_state(2, device="meta"))
     for position in (-5, 1.5, None):  # a negative position was taken as is; a float failed as an IndexError
