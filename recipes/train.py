@@ -124,7 +124,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     ``best.pt``, ``result.json``, ``evaluation.json``, ``interpret*.json``): rerunning a command
     without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes what that run
     wrote (checkpoints, ``result.json``, plots, logs, evaluations: ``OLD_RUN_OUTPUTS``) once the new
-    run is set up, and starts over. While it trains, the run holds a lock on ``out_dir/.lock``: a
+    run is set up, and starts over. A run killed before its first checkpoint left no marker, only its
+    ``config.yaml`` and logs: the next run there removes those (saying so); a ``config.yaml`` that is not a
+    run's is refused, not replaced. While it trains, the run holds a lock on ``out_dir/.lock``: a
     second process training into the same directory is an error (exit 2), not two runs writing one
     set of files.
     """
@@ -272,6 +274,15 @@ def _refuse_a_run_in(run_dir: Path) -> None:
                               "with --overwrite, or give this run another name or out_dir")
 
 
+def _holds_a_run_config(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.yaml`` is one a run wrote (every section of a run's config), not a user's own."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and set(RunConfig().to_dict()) <= set(saved)
+
+
 def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool,
                    held: contextlib.ExitStack) -> None:
     """Create the run directory, lock it (``.lock``, holding this process's pid, held until ``held``
@@ -294,13 +305,22 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bo
         lock.flush()
     if not resume and not overwrite:  # a run that another process finished since the first check
         _refuse_a_run_in(run_dir)
+    if (run_dir / "config.yaml").exists() and not _holds_a_run_config(run_dir):  # not replaced: nothing is lost
+        raise FileExistsError(f"out_dir: {run_dir / 'config.yaml'} is not a run's config (a run writes its own "
+                              "there); give this run another out_dir, or move the file")
     # overwrite, where a run was (RUN_MARKERS; other directories keep their files):
     # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
     # plots, evaluations, log versions); always: no result.json of a shorter run while this one
     # trains (a sweep would take it for done), no .tmp of a write cut short
     old_run = overwrite and bool(_run_outputs_in(run_dir))
-    for pattern in (OLD_RUN_OUTPUTS if old_run else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
+    # a run killed (SIGKILL, out of memory) before its first checkpoint left its config.yaml and log versions,
+    # no marker: nothing to resume, and the new run's curves (logs/version_1) would sit beside its partial ones
+    killed = not resume and not _run_outputs_in(run_dir) and _holds_a_run_config(run_dir)
+    for pattern in (OLD_RUN_OUTPUTS if old_run or killed else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
         for path in run_dir.glob(pattern):
+            if killed:
+                print(f"out_dir: removing {path.relative_to(run_dir)}, left by a run there that stopped before "
+                      "its first checkpoint", flush=True)
             if path.is_dir():
                 shutil.rmtree(path)
             else:

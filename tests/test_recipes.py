@@ -2013,6 +2013,40 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
         train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(tmp_path / "mine" / "loss.png"))))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_new_run_removes_the_logs_of_one_killed_before_its_first_checkpoint(tmp_path, corpus_file, capsys,
+                                                                               overwrite):
+    """A run killed (SIGKILL) before its first checkpoint leaves config.yaml and its log versions, none of
+    RUN_MARKERS: nothing to resume. The next run there (a sweep's rerun, or --overwrite, which looked for the
+    markers) logged to version_1, beside the killed run's partial curves."""
+    config = parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2}))
+    train(config)
+    for name in ("last.pt", "best.pt", "result.json"):  # what a SIGKILL at step 3 leaves: the rest
+        (tmp_path / "run" / name).unlink()
+    capsys.readouterr()
+    short = parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2}))
+    train(short, overwrite=overwrite)
+    for logs in ("logs", "tensorboard"):
+        assert [p.name for p in (tmp_path / "run" / logs).iterdir()] == ["version_0"]
+    steps = [row["step"] for row in csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open())]
+    assert max(int(step) for step in steps) == 2  # the new run's log only
+    assert "out_dir: removing logs/version_0, left by a run there that stopped before its first checkpoint" \
+        in capsys.readouterr().out
+    # a directory whose config.yaml is the user's own (not a run's): refused, its files stay (the run wrote
+    # its config.yaml over the user's)
+    mine = tmp_path / "mine"
+    (mine / "logs" / "version_0").mkdir(parents=True)
+    for name in ("config.yaml", "loss.png", "logs/version_0/notes.txt"):
+        (mine / name).write_text("lr: 3\n")
+    with pytest.raises(FileExistsError, match=r"^out_dir: .*mine/config.yaml is not a run's config \(a run writes "
+                                              r"its own there\); give this run another out_dir, or move the file$"):
+        train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(mine), train={"max_iters": 2, "eval_interval": 2})),
+              overwrite=overwrite)
+    for name in ("config.yaml", "loss.png", "logs/version_0/notes.txt"):
+        assert (mine / name).read_text() == "lr: 3\n"
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "config.yaml", "logs", "loss.png"]
+
+
 def test_generate_reads_at_most_the_training_block(tmp_path, corpus_file, monkeypatch):
     # block_size 8 under max_seq_len 16: positions 8..15 were never trained, so sampling must not use them
     from models import GPT
