@@ -293,7 +293,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             given = node.get(leaf)
             if given is not None and not isinstance(given, dict):
                 raise ConfigError(f"{leaf}: expected a mapping of settings but the config file gives {given!r}")
-            node[leaf] = _merge(given or {}, value, sections=False)
+            node[leaf] = _merge({leaf: given or {}}, {leaf: value})[leaf]  # as a file's section merges
+        elif parents == ["model"]:
+            _merge_model(node, {leaf: value})
         else:
             node[leaf] = value
     return values
@@ -386,13 +388,30 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
     return parse_config(values)
 
 
+#: every model config's other names for a setting (``n_sync_steps`` for ``steps``), by name
+_ALIASES = {alias: name for _, config_cls in MODELS.values() for alias, name in getattr(config_cls, "ALIASES", {}).items()}
+
+
+def _merge_model(model: dict, top: dict) -> None:
+    """``top``'s model settings into ``model`` (in place), each replacing the base's under any of its names
+    (``steps`` given as ``n_sync_steps`` by a base file): a later layer wins, whichever name each layer uses.
+    Two names for one setting within ``top`` stay, for the model config to refuse."""
+    names = {_ALIASES.get(key, key) for key in top}
+    for key in [key for key in model if key not in top and _ALIASES.get(key, key) in names]:
+        del model[key]
+    model.update(copy.deepcopy(top))
+
+
 def _merge(base: dict, top: dict, sections: bool = True) -> dict:
     """``top`` over ``base``: sections (``sections=True``: the top level) merge key by key; a setting
     inside one is replaced whole, a mapping too (``model.coupling_options``, one class's keyword
-    arguments: merged, the base's options would reach the class a file switches to)."""
+    arguments: merged, the base's options would reach the class a file switches to). A model setting
+    replaces the base's under any of its names (``n_sync_steps`` over ``steps``)."""
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        if sections and isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if sections and key == "model" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            _merge_model(merged[key], value)
+        elif sections and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value, sections=False)
         elif sections and value is None and isinstance(merged.get(key), dict):
             # a section left empty ("train:", its keys commented out) keeps the base's, as overrides do;

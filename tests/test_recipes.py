@@ -254,6 +254,32 @@ def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, 
         parse_config(apply_overrides(values, overrides))
 
 
+def test_a_later_layer_sets_the_step_count_under_either_of_its_names(tmp_path):
+    """``n_sync_steps`` and ``phase_iterations`` (the reference's names for ``steps``) over a base file's
+    ``steps`` were refused as "given twice" once the layers were merged: no shipped phase config could take
+    them on the command line. A later layer (a child file, an override) wins, as for every other key;
+    two names in one mapping stay an error."""
+    winner = "recipes/configs/phase_a/cpu/layer7_32osc_K1.yaml"  # sets steps: 5
+
+    def steps(config):
+        return model_config(config.model, 65).steps
+
+    assert steps(load_config(winner)) == 5
+    assert steps(load_config(winner, ["model.n_sync_steps=10"])) == 10
+    assert steps(load_config(winner, ["model={phase_iterations: 3}"])) == 3
+    assert steps(load_config(winner, ["model.n_sync_steps=10", "model.steps=4"])) == 4
+    (tmp_path / "child.yaml").write_text(f"extends: {Path(winner).resolve()}\nmodel: {{n_sync_steps: 3}}\n")
+    assert steps(load_config(tmp_path / "child.yaml")) == 3
+    assert steps(load_config(tmp_path / "child.yaml", ["model.phase_iterations=7"])) == 7
+    assert steps(load_config(tmp_path / "child.yaml", ["model.steps=2"])) == 2
+    with pytest.raises(ConfigError, match="^model.n_sync_steps: given twice, also as model.steps$"):
+        load_config(winner, ["model={n_sync_steps: 7, steps: 3}"])
+    (tmp_path / "both.yaml").write_text("extends: child.yaml\nmodel: {steps: 1, phase_iterations: 2}\n")
+    with pytest.raises(ConfigError, match="^model.steps: given twice, also as model.phase_iterations$|"
+                                          "^model.phase_iterations: given twice, also as model.steps$"):
+        load_config(tmp_path / "both.yaml")
+
+
 def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(
         {"model": {"type": "gpt", "n_layers": 4, "d_model": 64, "n_heads": 4}, "train": {"max_iters": 7}}))
