@@ -433,12 +433,13 @@ DEVICE_KEYS = ("fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.g
 DATA_LOCATION = ("data.path", "data.cache_dir", "data.download")
 
 
-def changed_settings(saved: dict, wanted: dict) -> list[str]:
+def changed_settings(saved: dict, wanted: dict, vocab_size: int | None = None) -> list[str]:
     """:func:`changed_keys` between two whole run configs (``RunConfig.to_dict()``), with each
     ``model`` section compared as the model sees it: defaults filled in and aliases resolved (the
     other sections are dataclasses, filled in already), so ``bias: true`` spelled out, or
     ``n_sync_steps`` for ``steps``, is no change; nor is ``data.tokenizer`` null against the
-    corpus's own level (``char`` for a text corpus)."""
+    corpus's own level (``char`` for a text corpus). ``vocab_size``: the run's tokenizer's, which an
+    omitted ``model.vocab_size`` is (otherwise the model config's default: spelling it out was a change)."""
     from recipes.data import CORPORA
 
     given = set()  # model keys either config sets (by their canonical names)
@@ -451,7 +452,7 @@ def changed_settings(saved: dict, wanted: dict) -> list[str]:
         model = values.get("model")
         if not isinstance(model, dict):
             return values
-        config = model_config(model)
+        config = model_config(model, vocab_size)
         aliases = getattr(config, "ALIASES", {})
         given.update(f"model.{aliases.get(key, key)}" for key in model)
         return {**values, "model": {"type": model.get("type", "gpt"), **to_dict(config)}}

@@ -49,6 +49,7 @@ from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, resolved_precision, run_cli
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
+from recipes.data import tokenizer_from_dict
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
@@ -295,7 +296,15 @@ def _changed_settings(run_dir: Path, wanted: dict, ignore: tuple[str, ...] = (),
     except ConfigError as err:  # e.g. torn by a kill mid-write (older versions wrote it in place)
         raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from None
     changed = [key for key in changed_settings(done, wanted) if key not in (*DISPLAY_KEYS, *DEVICE_KEYS, *ignore)]
-    if "fabric.precision" in changed and precision is not None and _trained_precision(run_dir) == precision:
+    header = _checkpoint_header(run_dir) if {"fabric.precision", "model.vocab_size"} & set(changed) else {}
+    if "model.vocab_size" in changed and isinstance(header.get("tokenizer"), dict):
+        try:  # an omitted model.vocab_size is the run's tokenizer's: spelled out, the same model
+            vocab_size = tokenizer_from_dict(header["tokenizer"]).vocab_size
+        except Exception:  # a foreign or older record: the settings are compared as written
+            vocab_size = None
+        if vocab_size is not None and "model.vocab_size" not in changed_settings(done, wanted, vocab_size):
+            changed.remove("model.vocab_size")
+    if "fabric.precision" in changed and precision is not None and header.get("trained_precision") == precision:
         changed.remove("fabric.precision")
     return changed
 
@@ -305,16 +314,22 @@ def _run_checkpoint(run_dir: Path) -> Path | None:
     return next((run_dir / f for f in ("last.pt", "best.pt") if (run_dir / f).is_file()), None)
 
 
+def _checkpoint_header(run_dir: Path) -> dict:
+    """``run_dir``'s checkpoint, the weights memory-mapped, not read (``{}``: no checkpoint, or an unreadable one)."""
+    checkpoint = _run_checkpoint(run_dir)
+    if checkpoint is None:
+        return {}
+    try:
+        header = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # a torn or foreign file: the settings are compared as written
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def _trained_precision(run_dir: Path) -> str | None:
     """The precision ``run_dir``'s checkpoint says it trained in (``None``: no checkpoint, an unreadable one,
     or one written before checkpoints recorded it)."""
-    checkpoint = _run_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
-    try:  # mmap: the header only, not the weights
-        return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("trained_precision")
-    except Exception:  # a torn or foreign file: the settings are compared as written
-        return None
+    return _checkpoint_header(run_dir).get("trained_precision")
 
 
 def summarise(out_dir: Path, names: list[str], seeds: list[int],

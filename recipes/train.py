@@ -603,7 +603,7 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
                              "restore it, or start over with --overwrite", mmap=True)
     # defaults filled in: keys added since are no change; settings that had no effect are dropped
     saved_config = parse_saved_config(header["config"]).to_dict()
-    changed = changed_settings(saved_config, state["config"])
+    changed = changed_settings(saved_config, state["config"], vocab_size=corpus.tokenizer.vocab_size)
     trained, now = header.get("trained_precision"), fabric._precision.precision  # recorded since 2026-12-04
     if trained is not None:  # the precision trained in is compared, not the setting (null resolves per machine)
         if trained != now:  # e.g. precision null: bf16-mixed on a GPU, 32-true on a CPU

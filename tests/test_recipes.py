@@ -1139,6 +1139,20 @@ def test_resume_takes_a_null_tokenizer_as_the_corpuss_own_level(tmp_path, corpus
         train(parse_config(apply_overrides(values, ["data.tokenizer=byte", "train.max_iters=5"])), resume=True)
 
 
+def test_resume_takes_model_vocab_size_spelled_out_as_the_tokenizers_as_no_change(tmp_path, corpus_file):
+    # an omitted model.vocab_size is the tokenizer's, but the comparison filled in the config's default (50304):
+    # the same model, spelled out or not, was "a change of model.vocab_size"
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    size = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)[
+        "model"]["tok_emb.weight"].shape[0]
+    assert train(parse_config(apply_overrides(values, [f"model.vocab_size={size}", "train.max_iters=3"])),
+                 resume=True)["step"] == 3  # omitted, resumed spelled out
+    assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4  # and back
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in model.vocab_size;"):  # a padded embedding
+        train(parse_config(apply_overrides(values, [f"model.vocab_size={size + 1}", "train.max_iters=5"])), resume=True)
+
+
 def test_changed_settings_are_the_model_keys_set_by_their_canonical_names_not_what_follows_from_them():
     from recipes.config import RunConfig, changed_settings
     model = {"type": "gpt", "n_layers": 2, "n_heads": 4, "use_phase_attention": True, "phase_layer_idx": [0]}

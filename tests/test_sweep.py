@@ -539,6 +539,24 @@ def test_a_null_tokenizer_and_the_corpuss_own_level_are_the_same_settings(tmp_pa
         sweep.run_sweep([configs / "a.yaml"], [2], out)
 
 
+def test_model_vocab_size_spelled_out_as_the_runs_tokenizers_is_the_same_settings(tmp_path, configs, launched):
+    # an omitted vocab_size is the tokenizer's (as --resume compares it): spelled out it was "other settings"
+    from recipes.data import CharTokenizer
+
+    out = tmp_path / "out"
+    tokenizer = CharTokenizer.from_text("abcde")
+    for seed in (1, 2):
+        _finished_run(out / "a" / f"seed{seed}", configs / "a.yaml", 1.0, ["name=a", f"seed={seed}"])
+    torch.save({"tokenizer": tokenizer.to_dict()}, out / "a" / "seed1" / "last.pt")
+    sweep.run_sweep([configs / "a.yaml"], [1], out, ["model.vocab_size=5"])
+    assert not launched  # finished with the same settings: skipped
+    with pytest.raises(ValueError, match=r"a/seed1 was trained with other settings \(model.vocab_size\)"):
+        sweep.run_sweep([configs / "a.yaml"], [1], out, ["model.vocab_size=6"])
+    with pytest.raises(ValueError, match=r"a/seed2 was trained with other settings \(model.vocab_size\)"):
+        sweep.run_sweep([configs / "a.yaml"], [2], out, ["model.vocab_size=5"])  # no checkpoint: as written
+    assert not launched
+
+
 def test_precision_null_and_the_precision_it_trained_in_are_the_same_settings(tmp_path, configs, launched, capsys):
     # as --resume compares them: a run of precision null on a CPU trained in 32-true, which the sweep refused
     out = tmp_path / "out"
