@@ -340,8 +340,10 @@ _OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")  # section.key=value
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """``(other arguments, overrides)``: every ``section.key=value`` token is an override, wherever it
-    stands (after ``--seeds 1 2`` or a list of configs too, which argparse would take for theirs)."""
-    return [a for a in argv if not _OVERRIDE.match(a)], [a for a in argv if _OVERRIDE.match(a)]
+    stands (after ``--seeds 1 2`` or a list of configs too, which argparse would take for theirs), save
+    the name of a file that exists (``--config lr=1e-3.yaml``: argparse said ``--config`` had no value)."""
+    overrides = [a for a in argv if _OVERRIDE.match(a) and not Path(a).is_file()]
+    return [a for a in argv if a not in overrides], overrides
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

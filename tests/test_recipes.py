@@ -254,6 +254,16 @@ def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, 
         parse_config(apply_overrides(values, overrides))
 
 
+def test_a_config_file_named_like_an_override_is_a_file(tmp_path, monkeypatch):
+    # "--config lr=1e-3.yaml" was split off as an override, and argparse said --config had no value
+    from recipes.config import split_overrides
+    monkeypatch.chdir(tmp_path)
+    argv = ["--config", "lr=1e-3.yaml", "train.max_iters=2", "--seeds", "1"]
+    assert split_overrides(argv) == (["--config", "--seeds", "1"], ["lr=1e-3.yaml", "train.max_iters=2"])
+    (tmp_path / "lr=1e-3.yaml").write_text("name: lr\n")
+    assert split_overrides(argv) == (["--config", "lr=1e-3.yaml", "--seeds", "1"], ["train.max_iters=2"])
+
+
 def test_a_later_layer_sets_the_step_count_under_either_of_its_names(tmp_path):
     """``n_sync_steps`` and ``phase_iterations`` (the reference's names for ``steps``) over a base file's
     ``steps`` were refused as "given twice" once the layers were merged: no shipped phase config could take
