@@ -112,6 +112,19 @@ def to_dict(config) -> dict[str, Any]:
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
+def numbers_as_written(value: Any) -> Any:
+    """``value`` with every string that spells a number in exponent form (``"1e-3"``: PyYAML, YAML 1.1, reads
+    it as a string) made a float, inside lists, tuples and mappings too: for settings typed ``Any``, as a
+    float setting reads it."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and "." not in value and "e" in value.lower():
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(numbers_as_written(v) for v in value)
+    if isinstance(value, dict):
+        return {k: numbers_as_written(v) for k, v in value.items()}
+    return value
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 

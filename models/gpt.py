@@ -43,7 +43,7 @@ from kuramoto_attn._owner import OwnedCache
 
 from . import sampling
 from ._tied import apply_tied, tie_after_load
-from .config import ConfigError, check, check_types, from_dict
+from .config import ConfigError, check, check_types, from_dict, numbers_as_written
 
 __all__ = ["GPT", "GPTCache", "GPTConfig", "GPTInfo", "KVCache"]
 
@@ -70,7 +70,8 @@ class GPTConfig:
     :class:`~kuramoto_attn.Coupling` subclass (your own scheme), which each phase layer builds as
     ``Class(**coupling_options)`` and gives to :class:`~kuramoto_attn.KuramotoAttention` (the module
     is imported, so it must be importable wherever the config is read, e.g. a checkpoint loaded).
-    ``coupling_options`` is for such a class only:
+    ``coupling_options`` is for such a class only (a number written ``1e-3``, which YAML reads as a string, is a
+    number there too):
 
     >>> config = GPTConfig(n_layers=2, use_phase_attention=True, phase_layer_idx=1,
     ...                    coupling="kuramoto_attn:MeanFieldCoupling",
@@ -125,7 +126,7 @@ class GPTConfig:
         check(cls.interaction is not Coupling.interaction, "coupling",
               "must name a Coupling subclass that implements interaction(theta, ...)", self.coupling)
         try:
-            return cls(**(self.coupling_options or {}))
+            return cls(**numbers_as_written(self.coupling_options or {}))  # strength: 1e-3 as written
         except (TypeError, ValueError) as err:
             raise ConfigError(f"coupling_options: {cls.__name__}(**coupling_options) failed: {err}") from None
 
