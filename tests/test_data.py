@@ -352,6 +352,12 @@ def test_wikitext_from_local_folder(tmp_path, names):
     assert corpus.splits["val"].tolist() == tok.encode(WIKI["valid"])
     assert tok.words[corpus.splits["val"][1]] == "<unk>"  # "dog" is not in the train split
     assert tok.decode(corpus.splits["test"]) == "\nthe cat ran .\n"
+    # another file of that folder: its folder's corpus files were read instead, silently
+    (folder / "mine.txt").write_text("a corpus of my own\n")
+    with pytest.raises(FileNotFoundError, match=rf"^wikitext-2: data.path={re.escape(str(folder / 'mine.txt'))} is a "
+                                                r"file but none of the corpus's \(train.txt, wiki.train.tokens, .*\); "
+                                                r"give one of them or their folder, or data.name=text"):
+        prepare_corpus("wikitext-2", path=folder / "mine.txt", cache_dir=tmp_path / "cache", download=False)
 
 
 def _word_language_model_ids(text, tok):
