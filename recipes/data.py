@@ -411,7 +411,8 @@ class ChecksumError(ValueError):
 
 def default_cache_dir() -> Path:
     """``$KURAMOTO_ATTN_CACHE``, else ``~/.cache/kuramoto-attn``."""
-    return Path(os.environ.get("KURAMOTO_ATTN_CACHE") or Path.home() / ".cache" / "kuramoto-attn")
+    # expanded here: a value quoted in a shell, or set in a .env or unit file, reaches us with its ~
+    return Path(os.environ.get("KURAMOTO_ATTN_CACHE") or Path.home() / ".cache" / "kuramoto-attn").expanduser()
 
 
 def _sha256_file(path: Path) -> str:
@@ -703,6 +704,13 @@ def _load_cached(folder: Path, settings: dict, name: str, files: dict[str, str])
         return None
     if meta.get("settings") != settings:
         return None
+    for split, length in meta["lengths"].items():  # a file cut short or deleted: numpy's bare error, or a wrong hint
+        file, size = folder / f"{split}.bin", length * np.dtype(meta["dtype"]).itemsize
+        held = file.stat().st_size if file.is_file() else None
+        if (held is None and length) or (held is not None and held != size):
+            raise ValueError(f"cache_dir: the corpus cache entry {folder} is damaged ({file.name} "
+                             f"{'is missing' if held is None else f'holds {held:,} bytes, not {size:,}'}); "
+                             "delete the folder and run again")
     splits = {s: _memmap(folder / f"{s}.bin", meta["dtype"], n) for s, n in meta["lengths"].items()}
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name, dict(settings["sources"]), dict(files))
 

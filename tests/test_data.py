@@ -959,6 +959,8 @@ def test_default_cache_dir_is_the_environment_variable_else_the_home_cache(tmp_p
     assert len(list((tmp_path / "env-cache").glob("text-char-*/meta.json"))) == 1
     monkeypatch.setenv("KURAMOTO_ATTN_CACHE", "")  # set but empty: the default
     assert data.default_cache_dir() == tmp_path / "home" / ".cache" / "kuramoto-attn"
+    monkeypatch.setenv("KURAMOTO_ATTN_CACHE", "~/kc")  # as quoted in a shell or a .env file: not ./~/kc
+    assert data.default_cache_dir() == tmp_path / "home" / "kc"
 
 
 def test_a_single_file_corpus_takes_a_local_file_of_any_name(tmp_path):
@@ -991,6 +993,26 @@ def test_a_cache_entry_with_a_damaged_meta_json_is_an_error_not_none(tmp_path, t
     meta.unlink()  # an entry without one (cut short) is rebuilt
     rebuilt = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     assert rebuilt.tokenizer.chars == sorted(set(text_file.read_text()))
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_a_cache_entry_with_a_damaged_split_file_is_an_error_naming_it(tmp_path, text_file, damage):
+    # a train.bin cut short gave numpy's "mmap length is greater than file size"; a deleted one a
+    # FileNotFoundError, which evaluate explained as a corpus no longer where it was trained
+    prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    (train_bin,) = tmp_path.glob("text-char-*/train.bin")
+    size = train_bin.stat().st_size
+    if damage == "cut":
+        train_bin.write_bytes(train_bin.read_bytes()[:100])
+        what = rf"train.bin holds 100 bytes, not {size:,}"
+    else:
+        train_bin.unlink()
+        what = "train.bin is missing"
+    with pytest.raises(ValueError, match=rf"^cache_dir: the corpus cache entry .*text-char-\w+ is damaged \({what}\); "
+                                         "delete the folder and run again$"):
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    shutil.rmtree(train_bin.parent)  # as the message says: rebuilt
+    assert prepare_corpus("text", path=text_file, cache_dir=tmp_path).splits["train"].nbytes == size
 
 
 @given(st.text(alphabet="ab\n", max_size=300), st.integers(1, 40))
