@@ -404,6 +404,11 @@ CORPORA: dict[str, CorpusSource] = {
 _ENWIK8_SPLITS = (90_000_000, 95_000_000)  # train | val | test boundaries
 
 
+class CorpusWarning(UserWarning):
+    """What building a corpus's cache entry found (a smaller BPE vocabulary than asked, an enwik8 variant of
+    another size): recorded in the entry and said again by every :func:`prepare_corpus` that reads it."""
+
+
 class ChecksumError(ValueError):
     """A download or cached file of a known corpus is not the published one (a ValueError, so the
     recipes print it as one ``error:`` line)."""
@@ -497,7 +502,8 @@ def _read_enwik8(file: Path, local: bool) -> bytes:
             raise ChecksumError(f"enwik8: {file} is not the published enwik8 (md5 {md5}, expected "
                                f"{remote.content_md5}); delete it to download again")
     if len(data) != size:
-        warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", stacklevel=4)
+        warnings.warn(f"enwik8: {file} holds {len(data):,} bytes, not {size:,}; splitting it 90/5/5", CorpusWarning,
+                      stacklevel=4)
     return data
 
 
@@ -668,7 +674,8 @@ def _build_tokenizer(level: str, raw: dict, bpe_vocab_size: int, corpus_level: s
     tokenizer = BPETokenizer.train(raw["train"], bpe_vocab_size)
     if tokenizer.vocab_size < bpe_vocab_size:  # the text ran out of pairs to merge: say so
         warnings.warn(f"data.bpe_vocab_size: the train split gives only {tokenizer.vocab_size:,} BPE tokens of "
-                      f"the {bpe_vocab_size:,} asked for; the vocabulary is {tokenizer.vocab_size:,}", stacklevel=3)
+                      f"the {bpe_vocab_size:,} asked for; the vocabulary is {tokenizer.vocab_size:,}", CorpusWarning,
+                      stacklevel=3)
     return tokenizer
 
 
@@ -695,9 +702,10 @@ def _memmap(file: Path, dtype: str, length: int) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", shape=(length,))
 
 
-def _load_cached(folder: Path, settings: dict, name: str, files: dict[str, str]) -> Corpus | None:
+def _load_cached(folder: Path, settings: dict, name: str, files: dict[str, str], replay: bool = False) -> Corpus | None:
     """The cached corpus in ``folder`` when its meta.json records the same settings (the sources'
-    sha256 among them), else None; ``files``: where the sources were read."""
+    sha256 among them), else None; ``files``: where the sources were read. ``replay``: warn again of what
+    building the entry warned of."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
@@ -712,6 +720,8 @@ def _load_cached(folder: Path, settings: dict, name: str, files: dict[str, str])
                              f"{'is missing' if held is None else f'holds {held:,} bytes, not {size:,}'}); "
                              "delete the folder and run again")
     splits = {s: _memmap(folder / f"{s}.bin", meta["dtype"], n) for s, n in meta["lengths"].items()}
+    for note in meta.get("warnings", []) if replay else ():
+        warnings.warn(note, CorpusWarning, stacklevel=3)
     return Corpus(tokenizer_from_dict(meta["tokenizer"]), splits, name, dict(settings["sources"]), dict(files))
 
 
@@ -788,19 +798,27 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
                 "bpe_vocab_size": bpe_vocab_size if level == "bpe" else None}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache / f"{name}-{level}-{key}"
-    corpus = _load_cached(folder, settings, name, files)
+    corpus = _load_cached(folder, settings, name, files, replay=True)
     if corpus is not None:
         return corpus
-    raw = read_raw()
-    if level == "word":
-        raw = _close_last_lines(raw, cut="all" in shas)
-    if name != "shakespeare":  # the text read must be the text hashed into the key (not one still being written)
-        changed = [where for split, where in files.items() if _sha256_file(Path(where)) != shas[split]]
-        if changed:
-            raise ValueError(f"data: {', '.join(changed)} changed while it was read (still being written or "
-                             "replaced?); run again once it is complete")
-    _write_cache(folder, _build_tokenizer(level, raw, bpe_vocab_size, source.level), raw,
-                 {"settings": settings, "source_sha256": shas})
+    # what building the entry warns of (a smaller BPE vocabulary than asked, an enwik8 variant's split) is
+    # kept in its meta.json and said again whenever the entry is used: it holds for every run that reads it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = read_raw()
+        if level == "word":
+            raw = _close_last_lines(raw, cut="all" in shas)
+        if name != "shakespeare":  # the text read must be the text hashed into the key (not one still being written)
+            changed = [where for split, where in files.items() if _sha256_file(Path(where)) != shas[split]]
+            if changed:
+                raise ValueError(f"data: {', '.join(changed)} changed while it was read (still being written or "
+                                 "replaced?); run again once it is complete")
+        tokenizer = _build_tokenizer(level, raw, bpe_vocab_size, source.level)
+    for caught_warning in caught:  # as they were, to the filters in force
+        warnings.warn_explicit(caught_warning.message, caught_warning.category, caught_warning.filename,
+                               caught_warning.lineno, source=caught_warning.source)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CorpusWarning)]
+    _write_cache(folder, tokenizer, raw, {"settings": settings, "source_sha256": shas, "warnings": notes})
     corpus = _load_cached(folder, settings, name, files)
     if corpus is None:  # an entry there already, kept (others may read it), but not this corpus's
         raise ValueError(f"cache_dir: the corpus cache entry {folder} has a damaged meta.json or one that records "

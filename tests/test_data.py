@@ -12,6 +12,7 @@ import io
 import json
 import re
 import shutil
+import warnings
 import zipfile
 from dataclasses import replace
 
@@ -141,10 +142,18 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said(tmp_path):
     # 100,000 merges asked of a few hundred characters: the smaller vocabulary was used without a word
     text_file = tmp_path / "small.txt"
     text_file.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
-    with pytest.warns(UserWarning, match=r"^data.bpe_vocab_size: the train split gives only \d+ BPE tokens of "
-                                         r"the 100,000 asked for"):
+    said = r"^data.bpe_vocab_size: the train split gives only \d+ BPE tokens of the 100,000 asked for"
+    with pytest.warns(data.CorpusWarning, match=said) as built:
         corpus = prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=100_000, cache_dir=tmp_path)
     assert 256 < corpus.tokenizer.vocab_size < 100_000
+    # ... every time the cache entry is used, not only by the run that built it; once each time
+    with pytest.warns(data.CorpusWarning, match=said) as again:
+        prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=100_000, cache_dir=tmp_path)
+    assert [str(w.message) for w in again] == [str(w.message) for w in built] and len(built) == 1
+    assert again[0].filename == __file__  # pointing at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another entry, whose build said nothing: says nothing
+        prepare_corpus("text", path=text_file, tokenizer="char", cache_dir=tmp_path)
 
 
 def test_bpe_vocab_size_too_small_raises(tmp_path):
@@ -416,8 +425,9 @@ def test_enwik8_from_local_zip(tmp_path):
     archive = tmp_path / "enwik8.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("enwik8", payload)
-    with pytest.warns(UserWarning, match="100,000,000"):
-        corpus = prepare_corpus("enwik8", path=archive, cache_dir=tmp_path / "cache")
+    for _ in range(2):  # building the cache entry, then reading it: said both times
+        with pytest.warns(data.CorpusWarning, match="holds 10,240 bytes, not 100,000,000; splitting it 90/5/5"):
+            corpus = prepare_corpus("enwik8", path=archive, cache_dir=tmp_path / "cache")
     n = len(payload)
     assert [len(corpus.splits[s]) for s in ("train", "val", "test")] == [int(n * 0.9), int(n * 0.95) - int(n * 0.9),
                                                                         n - int(n * 0.95)]
@@ -766,9 +776,9 @@ def test_an_entry_another_process_built_meanwhile_is_kept_not_replaced(tmp_path,
     (entry / "reader-was-here").write_text("")  # stands for files another process has open
     real_load, calls = data._load_cached, []
 
-    def load(folder, *args):  # this process missed the cache before the other had finished the entry
+    def load(folder, *args, **kwargs):  # this process missed the cache before the other had finished the entry
         calls.append(folder)
-        return None if len(calls) == 1 else real_load(folder, *args)
+        return None if len(calls) == 1 else real_load(folder, *args, **kwargs)
 
     monkeypatch.setattr(data, "_load_cached", load)
     second = prepare_corpus("text", path=text_file, cache_dir=cache)
