@@ -44,7 +44,7 @@ class DataConfig:
     """Which corpus and tokenizer (see ``recipes/data.py``, ``prepare_corpus``)."""
 
     name: str = "shakespeare"         # shakespeare (embedded) | tiny-shakespeare | wikitext-2 | enwik8 | text
-    path: str | None = None           # local file or directory instead of downloading
+    path: str | None = None           # local file or directory instead of downloading (recorded absolute)
     tokenizer: Literal["char", "byte", "word", "bpe"] | None = None  # None: the corpus's own level
     bpe_vocab_size: int = 8192
     cache_dir: str | None = None      # None: $KURAMOTO_ATTN_CACHE or ~/.cache/kuramoto-attn
@@ -58,8 +58,9 @@ class DataConfig:
         for key in ("path", "cache_dir"):  # "" would be the working directory, silently
             value = getattr(self, key)
             check(value is None or value.strip() != "", key, "must not be empty (null: none given)", value)
-            if value is not None:  # no shell expands ~ inside a YAML file or after data.path=
-                object.__setattr__(self, key, os.path.expanduser(value))
+            if value is not None:  # no shell expands ~ inside a YAML file or after data.path=; and absolute, as
+                # the run's config records it: evaluate, generate and resume may run from another directory
+                object.__setattr__(self, key, os.path.abspath(os.path.expanduser(value)))
         source = CORPORA[self.name]
         check(self.name != "enwik8" or self.tokenizer in (None, "byte"), "tokenizer",
               "must be byte (or null) for enwik8", self.tokenizer)

@@ -254,6 +254,22 @@ def test_data_settings_for_their_own_corpus_or_tokenizer_are_accepted(tmp_path, 
         parse_config(apply_overrides(values, overrides))
 
 
+def test_a_relative_data_path_is_recorded_absolute_so_the_run_evaluates_from_anywhere(tmp_path, corpus_file,
+                                                                                       monkeypatch):
+    # config.yaml kept "corpus.txt" as given, which evaluate (run from another directory) read against its own
+    (tmp_path / "work").mkdir()
+    shutil.copy(corpus_file, tmp_path / "work" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "work")
+    values = tiny(tmp_path, corpus_file, data={"path": "corpus.txt", "cache_dir": "cache"},
+                  train={"max_iters": 2, "eval_interval": 2})
+    train(parse_config(values))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert (saved["path"], saved["cache_dir"]) == (str(tmp_path / "work" / "corpus.txt"), str(tmp_path / "work" / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert math.isfinite(evaluate_main([str(tmp_path / "run"), "--splits", "val"])["val"]["loss"])
+    assert not (tmp_path / "cache").exists()  # the run's own cache was read, not a new one here
+
+
 def test_a_config_file_named_like_an_override_is_a_file(tmp_path, monkeypatch):
     # "--config lr=1e-3.yaml" was split off as an override, and argparse said --config had no value
     from recipes.config import split_overrides
