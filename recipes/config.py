@@ -392,7 +392,8 @@ def parse_saved_config(values: dict[str, Any]) -> RunConfig:
 
 
 #: every model config's other names for a setting (``n_sync_steps`` for ``steps``), by name
-_ALIASES = {alias: name for _, config_cls in MODELS.values() for alias, name in getattr(config_cls, "ALIASES", {}).items()}
+_ALIASES = {alias: name for _, config_cls in MODELS.values()
+            for alias, name in getattr(config_cls, "ALIASES", {}).items()}
 
 
 def _merge_model(model: dict, top: dict) -> None:

@@ -605,8 +605,9 @@ def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, downlo
     if path is not None and len(source.files) > 1 and Path(path).is_file():
         names = [file for remote in source.files.values() for file in (remote.filename, *remote.aliases)]
         if Path(path).name not in names:  # its folder was read instead, silently: the corpus's own files there
-            raise FileNotFoundError(f"{name}: data.path={path} is a file but none of the corpus's ({', '.join(names)}); "
-                                    "give one of them or their folder, or data.name=text to read this file alone")
+            raise FileNotFoundError(f"{name}: data.path={path} is a file but none of the corpus's "
+                                    f"({', '.join(names)}); give one of them or their folder, or data.name=text to "
+                                    "read this file alone")
         path = Path(path).parent  # one of the corpus's files: take its folder
     return {split: _find_file(name, split, remote, path, cache_dir, download) for split, remote in source.files.items()}
 
