@@ -333,8 +333,13 @@ def main():
                              "(overrides the setting)")
     parser.add_argument("--d-models", type=positive_int, nargs="+", default=None, help="MQAR widths (overrides the setting)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the results as JSON to this path")
-    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=None, help="MQAR's seed (default 0)")
     args = parser.parse_args()
+    mqar_only = [flag for flag, value in (("--mixers", args.mixers), ("--steps", args.steps),
+                                          ("--d-models", args.d_models), ("--seed", args.seed)) if value is not None]
+    if mqar_only and args.part not in ("mqar", "all"):  # they were ignored, silently
+        parser.error(f"{', '.join(mqar_only)}: the mqar part's settings, not the {args.part} part's")
+    args.seed = 0 if args.seed is None else args.seed
     for flag, values in (("--mixers", args.mixers), ("--d-models", args.d_models)):
         if values is not None and len(set(values)) < len(values):  # the same model trained twice, two rows
             parser.error(f"{flag}: each value at most once, got {values}")
