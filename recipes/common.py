@@ -283,6 +283,15 @@ def step_seed(seed: int, step: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, step, shard]).generate_state(1)[0])
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``: inf where that overflows a float (loss > 709.78), NaN for a NaN loss; never capped (a cap
+    of e^50 reported a loss of 80 as perplexity 5e21)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kuramoto_attn._checks import check_int
-from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import check_count_flag, checkpoint_file, load_run, perplexity, pick_device, run_cli
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
@@ -126,7 +126,7 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
         count += targets.numel()
     chars = len(tokenizer.decode(np.asarray(tokens[1:], dtype=np.int64).tolist()))
     loss = total_nats / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bits_per_token": loss / math.log(2),
+    return {"loss": loss, "ppl": perplexity(loss), "bits_per_token": loss / math.log(2),
             "bits_per_char": total_nats / math.log(2) / max(chars, 1), "tokens": count}
 
 

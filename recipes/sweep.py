@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from models.config import ConfigError
-from recipes.common import Interrupted, mean_ci95, resolved_precision, run_cli
+from recipes.common import Interrupted, mean_ci95, perplexity, resolved_precision, run_cli
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.data import tokenizer_from_dict
@@ -379,7 +379,7 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
         # a diverged run's best loss is from before it failed: listed in its status, not averaged
         counted = [r for r in mine if _counted(r)]
         mean, half = mean_ci95([r["best_val_loss"] for r in counted])
-        ppl = (f"{math.exp(mean):.2f}" if mean < 700 else "inf") if counted else "–"  # exp overflows past 709
+        ppl = f"{perplexity(mean):.2f}" if counted else "–"
         R_cells = []
         for column in R_columns:
             values = [r[column] for r in counted if column in r]

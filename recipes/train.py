@@ -54,8 +54,8 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from models.sampling import next_token_loss
-from recipes.common import (Interrupted, build_model, make_fabric, param_groups, read_checkpoint, run_cli,
-                            save_checkpoint, step_seed)
+from recipes.common import (Interrupted, build_model, make_fabric, param_groups, perplexity, read_checkpoint,
+                            run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
                             model_config, parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
@@ -450,7 +450,7 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
                     metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
                 metrics[i].update(layer_info.phases.float())
     loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
-    out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    out = {"val/loss": loss, "val/ppl": perplexity(loss)}
     for i, metric in metrics.items():
         mean = metric.compute()["mean"].cpu().reshape(-1)  # (heads,); one head comes back 0-d
         out[f"val/R/layer{i}"] = mean.mean().item()

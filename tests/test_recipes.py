@@ -680,6 +680,14 @@ def test_every_optim_setting_reaches_adamw(tmp_path, corpus_file):
         assert tuple(group["betas"]) == (0.8, 0.95) and group["eps"] == 1e-6 and group["initial_lr"] == 2e-3
 
 
+def test_perplexity_is_exp_of_the_loss_uncapped():
+    # val/ppl and evaluate's ppl were exp(min(loss, 50)): a diverging loss of 80.76 read as 5.2e21
+    from recipes.common import perplexity
+    for loss in (0.0, 1.5, 50.0, 80.76, 709.0):
+        assert perplexity(loss) == math.exp(loss)
+    assert perplexity(709.8) == perplexity(1e300) == math.inf and math.isnan(perplexity(math.nan))
+
+
 def test_mean_ci95_matches_student_t():
     mean, half = mean_ci95([2.0, 4.0])
     assert mean == 3.0 and half == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
@@ -1731,8 +1739,9 @@ def test_interpret_refuses_a_split_of_exactly_the_training_block(tmp_path, capsy
         "error: --split: the test split has 16 tokens, fewer than the run's train.block_size + 1 = 17")
     assert not (tmp_path / "out").exists()
 
-def test_perplexity_of_a_hopeless_model_is_capped_not_an_overflow():
-    # a diverged model's loss in the thousands: exp(loss) overflows a float; the bits stay exact
+def test_perplexity_of_a_hopeless_model_is_inf_not_an_overflow():
+    # a diverged model's loss in the thousands: exp(loss) overflows a float (inf, not an error, nor a cap at
+    # e^50 that read as a number); the bits stay exact
     from recipes.data import CharTokenizer
     tokenizer = CharTokenizer.from_text("ab")
     tokens = np.array([0, 1] * 20)
@@ -1741,7 +1750,7 @@ def test_perplexity_of_a_hopeless_model_is_capped_not_an_overflow():
         return 1e4 * torch.nn.functional.one_hot(idx, 2).float(), None
 
     r = evaluate_split(sure_of_the_wrong_token, tokens, 8, tokenizer)
-    assert r["loss"] == pytest.approx(1e4) and r["ppl"] == pytest.approx(math.exp(50.0))
+    assert r["loss"] == pytest.approx(1e4) and r["ppl"] == math.inf
     assert r["bits_per_token"] == r["bits_per_char"] == pytest.approx(1e4 / math.log(2))
 
 
