@@ -305,17 +305,20 @@ def _claim_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bo
         lock.flush()
     if not resume and not overwrite:  # a run that another process finished since the first check
         _refuse_a_run_in(run_dir)
-    if (run_dir / "config.yaml").exists() and not _holds_a_run_config(run_dir):  # not replaced: nothing is lost
+    markers = _run_outputs_in(run_dir)
+    # without a marker, a config.yaml may be the user's own: not replaced (nothing is lost)
+    if not markers and (run_dir / "config.yaml").exists() and not _holds_a_run_config(run_dir):
         raise FileExistsError(f"out_dir: {run_dir / 'config.yaml'} is not a run's config (a run writes its own "
                               "there); give this run another out_dir, or move the file")
     # overwrite, where a run was (RUN_MARKERS; other directories keep their files):
     # nothing of it stays to be mistaken for the new run's (a best.pt if the new run stops early,
     # plots, evaluations, log versions); always: no result.json of a shorter run while this one
     # trains (a sweep would take it for done), no .tmp of a write cut short
-    old_run = overwrite and bool(_run_outputs_in(run_dir))
-    # a run killed (SIGKILL, out of memory) before its first checkpoint left its config.yaml and log versions,
-    # no marker: nothing to resume, and the new run's curves (logs/version_1) would sit beside its partial ones
-    killed = not resume and not _run_outputs_in(run_dir) and _holds_a_run_config(run_dir)
+    old_run = overwrite and bool(markers)
+    # a run killed (SIGKILL, out of memory) before its first checkpoint left its config.yaml (a run's, as just
+    # checked) and log versions, no marker: nothing to resume, and the new run's curves (logs/version_1) would
+    # sit beside its partial ones
+    killed = not resume and not markers and (run_dir / "config.yaml").exists()
     for pattern in (OLD_RUN_OUTPUTS if old_run or killed else ()) + ("result.json", "last.pt.tmp", "best.pt.tmp"):
         for path in run_dir.glob(pattern):
             if killed:
