@@ -113,10 +113,10 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def numbers_as_written(value: Any) -> Any:
-    """``value`` with every string that spells a number in exponent form (``"1e-3"``: PyYAML, YAML 1.1, reads
-    it as a string) made a float, inside lists, tuples and mappings too: for settings typed ``Any``, as a
-    float setting reads it."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and "." not in value and "e" in value.lower():
+    """``value`` with every string that spells a number in exponent form (``"1e-3"``, ``"2.5e2"``: PyYAML, YAML 1.1,
+    reads them as strings; it wants a point and a signed exponent) made a float, inside lists, tuples and mappings
+    too: for settings typed ``Any``, as a float setting reads it."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and "e" in value.lower():
         return float(value)
     if isinstance(value, (list, tuple)):
         return type(value)(numbers_as_written(v) for v in value)

@@ -81,11 +81,11 @@ def test_reference_yaml_keys_are_accepted():
 def test_coupling_options_read_numbers_written_in_exponent_form_as_numbers():
     # "strength: 1e-3" (PyYAML reads it as a string) was refused by the class; a float setting read it as 0.001
     config = GPTConfig.from_dict({**REFERENCE_YAML, "coupling": "kuramoto_attn:MeanFieldCoupling",
-                                  "coupling_options": yaml.safe_load("{strength: 1e-3, phase_lag: -2E-1, dim: -2, "
+                                  "coupling_options": yaml.safe_load("{strength: 1e-3, phase_lag: -2.0E1, dim: -2, "
                                                                      "harmonics: [1, 2], causal: true}")})
     assert config.coupling_options["strength"] == "1e-3"  # kept as written (a checkpoint's config reads back the same)
     coupling = config.build_coupling()
-    assert float(coupling.strength) == pytest.approx(1e-3) and float(coupling.phase_lag) == pytest.approx(-0.2)
+    assert float(coupling.strength) == pytest.approx(1e-3) and float(coupling.phase_lag) == pytest.approx(-20.0)
     assert coupling.harmonics == (1, 2) and coupling.dim == -2 and coupling.causal is True
 
 
