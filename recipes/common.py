@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kuramoto_attn._checks import LARGEST_SIZE
 from models import MODELS
 from models.config import ConfigError
 from recipes.config import FabricConfig, model_config, parse_saved_config
@@ -75,7 +76,7 @@ def check_count_flag(parser, flag: str, value: int) -> None:
     since torch's sizes are int64 (past them its errors named no flag); else ``parser.error`` naming it."""
     if value < 1:
         parser.error(f"{flag}: must be at least 1, got {value}")
-    if value >= 2**63:
+    if value > LARGEST_SIZE:
         parser.error(f"{flag}: must be below 2**63, got {value}")
 
 

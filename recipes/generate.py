@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kuramoto_attn._checks import LARGEST_SIZE
 from models import GPT, TPILM
 from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 
@@ -44,7 +45,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
                       stacklevel=2)
     if num_samples < 1:
         raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
-    if num_samples >= 2**63:  # a batch size: torch's sizes are int64 (it was a bare OverflowError)
+    if num_samples > LARGEST_SIZE:  # a batch size: torch's sizes are int64 (it was a bare OverflowError)
         raise ValueError(f"num_samples: must be below 2**63, got {num_samples}")
     if not 0 <= seed < 2**64:  # what torch.Generator takes
         raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
