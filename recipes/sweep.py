@@ -494,7 +494,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--configs", nargs="+", help="run configs, instead of a sweep file")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--out", help="sweep directory")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides for every run, applied in order (a key given twice takes the last)")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(rest)
     unknown = [a for a in extra if a.startswith("-")]

@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an out_dir that holds a run (what that run wrote there is deleted: "
                              "checkpoints, result, plots, logs, evaluations)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iters=100")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides, e.g. train.max_iters=100, applied in order (a key given twice "
+                             "takes the last)")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(rest)
     if args.resume and args.overwrite:

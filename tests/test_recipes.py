@@ -294,6 +294,9 @@ def test_a_later_layer_sets_the_step_count_under_either_of_its_names(tmp_path):
     assert steps(load_config(winner, ["model.n_sync_steps=10"])) == 10
     assert steps(load_config(winner, ["model={phase_iterations: 3}"])) == 3
     assert steps(load_config(winner, ["model.n_sync_steps=10", "model.steps=4"])) == 4
+    # a key given twice on the command line takes its last value (documented in README and --help)
+    assert load_config(winner, ["train.max_iters=5", "train.max_iters=7"]).train.max_iters == 7
+    assert steps(load_config(winner, ["model.steps=4", "model.steps=6"])) == 6
     (tmp_path / "child.yaml").write_text(f"extends: {Path(winner).resolve()}\nmodel: {{n_sync_steps: 3}}\n")
     assert steps(load_config(tmp_path / "child.yaml")) == 3
     assert steps(load_config(tmp_path / "child.yaml", ["model.phase_iterations=7"])) == 7
