@@ -72,7 +72,8 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         if weights.is_floating_point():
             wide = torch.promote_types(wide, weights.dtype)
         weights = weights.to(wide)
-        if not ((weights >= 0) & torch.isfinite(weights)).all():  # also catches NaN
+        # (no values on meta: shape and FLOP estimates run, as the unweighted path does)
+        if weights.device.type != "meta" and not ((weights >= 0) & torch.isfinite(weights)).all():  # NaN too
             raise ValueError("weights: expected finite non-negative values")
         # a phase with zero weight never counts, even NaN or inf (0 · NaN is NaN); a finite one is kept, as the
         # gradient of its weight needs it (e^{iθ} − Z, not 1 − Z, for a soft mask at exactly 0)

@@ -351,3 +351,13 @@ def test_gradient_of_the_weights_is_that_of_the_complex_mean_also_at_zero_weight
 
     expected = torch.autograd.functional.jacobian(reference, weights.detach())
     torch.testing.assert_close(weights.grad, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_weighted_order_parameters_run_on_the_meta_device():
+    """Shape (and FLOP) estimates: the weights' value check read values a meta tensor does not have
+    (``Tensor.item() cannot be called on meta tensors``); the unweighted path already ran there."""
+    theta, weights = torch.zeros(2, 3, 5, device="meta"), torch.ones(2, 1, 5, device="meta")
+    for R, psi in (order_parameter(theta, weights=weights), daido_order_parameter(theta, m=2, weights=weights)):
+        assert R.device.type == psi.device.type == "meta" and R.shape == psi.shape == (2, 3)
+    with pytest.raises(ValueError, match="^weights: expected finite non-negative"):  # still checked on values
+        order_parameter(torch.zeros(5), weights=torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]))
