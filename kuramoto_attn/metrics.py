@@ -142,6 +142,7 @@ class OrderParameter(Metric):
                 of length 1 (e.g. ``(b, 1, t, 1)`` for phases ``(b, h, t, n)``).
         """
         check_tensor("theta", theta)
+        check_device("theta", theta, self.total, owner="the metric")  # e.g. GPU phases, metric left on the CPU
         dim = check_axis("dim", self.dim, ndim=theta.dim())
         group_dim = check_axis("group_dim", self.group_dim, ndim=theta.dim(), optional=True)
         if group_dim == dim:

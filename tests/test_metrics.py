@@ -358,6 +358,7 @@ def test_forward_returns_batch_stats_and_accumulates():
     lambda metric: metric(torch.zeros(2, 3, 3, 6)),                                # 3 groups, not 2
     lambda metric: metric(torch.zeros(2, 2, 3, 6), mask=torch.ones(2, 1, 3, 1)),   # not boolean
     lambda metric: metric(torch.zeros(2, 2, 3, 6, dtype=torch.int64)),
+    lambda metric: metric(torch.zeros(2, 2, 3, 6, device="meta")),                 # not the metric's device
 ])
 def test_forward_of_refused_input_keeps_what_was_accumulated(bad_call, dist_sync_on_step):
     """torchmetrics' forward resets the states before its update: a refused batch wiped them (and
@@ -629,6 +630,13 @@ def test_bad_mask(mask):
 def test_bad_theta(theta):
     with pytest.raises(ValueError, match="^theta:"):
         OrderParameter(dim=-1).update(theta)
+
+
+def test_phases_on_another_device_than_the_metric_are_named():
+    """A metric left on the CPU while the phases are elsewhere (a GPU; meta here) got torch's bare device
+    error from the sums; the other device is named as merge_state names it."""
+    with pytest.raises(ValueError, match="^theta: expected a tensor on the metric's device cpu but got meta"):
+        OrderParameter(dim=-1).update(torch.zeros(2, 3, device="meta"))
 
 
 def test_std_of_identical_values_is_zero():
