@@ -104,8 +104,9 @@ class KuramotoField(nn.Module):
         if isinstance(omega, nn.Parameter):  # learnable frequencies stay trainable
             self.omega = omega
         else:
-            try:  # not detached: gradients still reach a tensor that requires them
-                self.register_buffer("omega", torch.as_tensor(omega))
+            try:  # a copy, as Coupling's strength: not the caller's tensor (changed later, or by load_state_dict);
+                # not detached: gradients still reach a tensor that requires them
+                self.register_buffer("omega", torch.as_tensor(omega).clone())
             except (TypeError, RuntimeError, ValueError):  # e.g. a string
                 raise ValueError(f"omega: expected finite floating-point natural frequencies "
                                  f"but got {omega!r}") from None
