@@ -75,7 +75,8 @@ class KuramotoField(nn.Module):
     Args:
         omega: natural frequencies; must broadcast to the phases' shape without enlarging it
             (e.g. shape ``(n,)`` for phases ``(*, n)``). An ``nn.Parameter`` is registered as
-            a parameter (learnable frequencies), anything else as a buffer. A buffer computed from
+            a parameter (learnable frequencies), anything else as a buffer (a copy, so the caller's tensor
+            and the field do not change each other). A buffer computed from
             parameters (``2 * p``) keeps its autograd graph, as any module's would: gradients reach
             ``p`` through one backward, and the field cannot be deep-copied; for frequencies
             recomputed per call, make the field inside your module's ``forward``.
