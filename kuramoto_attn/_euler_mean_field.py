@@ -35,12 +35,32 @@ in the same order as :class:`~kuramoto_attn.PhaseNoise` would, its gradient is t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+
+def first_order(backward: Callable) -> Callable:
+    """A hand-written ``backward`` that refuses ``create_graph=True`` (autograd runs a backward with gradients
+    enabled exactly then). ``once_differentiable`` alone raised only for ``.backward()``: a second
+    ``torch.autograd.grad(..., inputs=...)`` skipped its node, silently dropping those second-order terms."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "KuramotoAttention's hand-written backward is first order: create_graph=True (gradient penalties, "
+                "Hessian-vector products) is not supported through it. For second-order gradients, differentiate "
+                "with torch.func (e.g. torch.func.grad of torch.func.grad), under which the layer runs plain "
+                "autograd ops, with SDPA's math kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)): its "
+                "fused kernels have no second derivative")
+        return inner(ctx, *grads)
+    return wrapper
 
 
 class _EulerMeanField(torch.autograd.Function):
@@ -72,7 +92,7 @@ class _EulerMeanField(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out: Tensor):
         theta0, work, omega, strength, weight = ctx.saved_tensors
         dt, phase_lag, causal = ctx.config

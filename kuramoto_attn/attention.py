@@ -45,9 +45,11 @@ configuration (Euler, mean field, no cache) runs all steps in one autograd funct
 hand-written backward that keeps the same (``kuramoto_attn/_euler_mean_field.py``; nothing per step
 under ``torch.no_grad``, e.g. in evaluation and generation). These
 hand-written backward passes are first order: ``create_graph=True`` (gradient penalties,
-Hessian-vector products) is not supported. Under ``torch.func`` transforms (``grad``, ``vmap``,
+Hessian-vector products) through them is an error. Under ``torch.func`` transforms (``grad``, ``vmap``,
 ``jacrev``, e.g. per-sample gradients) the layer uses plain autograd ops instead, without
-checkpoints: the same values and gradients, with every intermediate of every step kept for backward.
+checkpoints: the same values and gradients, with every intermediate of every step kept for backward;
+nested (``grad`` of ``grad``) they give second-order gradients, with SDPA's math kernel
+(``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused kernels have no second derivative).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_like, check_int, check_real,
                       check_tensor, largest_value)
-from ._euler_mean_field import euler_mean_field
+from ._euler_mean_field import euler_mean_field, first_order
 from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
 from .integrators import SOLVERS
@@ -729,7 +731,7 @@ class _PhaseFeatures(torch.autograd.Function):
         return buf[0], buf[1], buf[2]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
         keys, phase_weight = ctx.saved_tensors
         d, n = ctx.dims

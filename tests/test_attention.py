@@ -658,6 +658,31 @@ def test_torch_func_transforms_match_autograd(coupling, integrator):
                                    rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("coupling,integrator", [("mean_field", "euler"), ("mean_field", "rk4"),
+                                                 ("attention", "heun")])
+def test_second_order_gradients_refused_through_autograd_and_exact_through_torch_func(coupling, integrator):
+    """The hand-written backward passes are first order. A gradient penalty's gradient taken with
+    ``torch.autograd.grad(..., create_graph=True)`` then ``grad(..., inputs=...)`` skipped their nodes and came
+    back about 100 % wrong, silently; now the first backward raises. Nested ``torch.func.grad`` with SDPA's
+    math kernel gives the naive reference's second-order gradient."""
+    from torch.func import functional_call, grad
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    layer = make_layer(coupling=coupling, integrator=integrator)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first order: create_graph=True"):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def penalty(forward, x):  # ‖∂(Σ y²)/∂x‖²
+        return grad(lambda x: forward(x).pow(2).sum())(x).pow(2).sum()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        got = grad(lambda x: penalty(lambda x: functional_call(layer, params, (x,)), x))(x.detach())
+    expected = grad(lambda x: penalty(lambda x: naive_forward(layer, x)[0], x))(x.detach())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["ceiling", "center", "band"])
 def test_per_sample_gradients_of_the_coherence_loss_with_padding(mode):
     """Per-sample gradients (``vmap`` of ``grad``) with a padding mask per sample and the coherence loss:
