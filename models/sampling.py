@@ -101,6 +101,11 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
     top_k, vocab_size, context = (None if value is None else check_int(name, value, low=1) for name, value in
                                   (("top_k", top_k), ("vocab_size", vocab_size), ("context", context)))
     use_cache = check_bool("use_cache", use_cache)
+    # checked here, not by torch.multinomial: greedy decoding never draws, so a wrong one went unnoticed there
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None but got {type(generator).__name__}")
+    if generator is not None and generator.device.type != idx.device.type:
+        raise ValueError(f"generator: expected one on idx's device {idx.device} but got {generator.device}")
     modes = [(module, module.training) for module in model.modules()]  # not only the top level's
     model.eval()
     try:

@@ -112,6 +112,8 @@ def test_models_on_gpu_equal_cpu_and_cache_equals_uncached(name):
     runs = [gpu.generate(idx_gpu[:, :5], 12, temperature=0.8, top_k=4, use_cache=use_cache,
                          generator=torch.Generator(CUDA).manual_seed(3)) for use_cache in (True, False)]
     assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="^generator: expected one on idx's device cuda"):
+        gpu.generate(idx_gpu[:, :5], 2, generator=torch.Generator().manual_seed(3))  # a CPU generator
 
 
 def test_training_on_gpu_defaults_to_bf16_mixed_learns_and_resumes(tmp_path, monkeypatch):

@@ -677,6 +677,8 @@ def test_greedy_generation_matches_argmax_of_forward():
     (dict(max_new_tokens=2, context=13), r"context: expected an integer in \[1, max_seq_len=12\]"),
     (dict(max_new_tokens=2, context=0), "context"),
     (dict(max_new_tokens=2.0), "max_new_tokens"),
+    # greedy decoding draws nothing: a wrong generator was never used, so never noticed
+    (dict(max_new_tokens=2, temperature=0, generator=42), "^generator: expected a torch.Generator or None but got int"),
 ])
 def test_generate_checks_arguments_and_restores_mode(kwargs, message):
     model = tiny_gpt().train()
