@@ -216,7 +216,8 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML file as a mapping, with ``extends:`` (a path relative to the file) merged underneath."""
+    """A YAML file as a mapping, with ``extends:`` (a path relative to the file, ``~`` expanded) merged
+    underneath."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config: no such file {str(path)!r}")
@@ -232,7 +233,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return values
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: expected a path, got {base!r}")
-    return _merge(load_yaml(path.parent / base, (*_seen, path.resolve())), values)
+    return _merge(load_yaml(path.parent / Path(base).expanduser(), (*_seen, path.resolve())), values)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

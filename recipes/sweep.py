@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base, configs, seeds = Path(), args.configs, args.seeds or [1337]
         out_dir = args.out if args.out is not None else "runs/sweep"
     _check_settings({"configs": configs, "seeds": seeds, "out_dir": out_dir, "overrides": overrides})
-    return run_sweep([base / c for c in configs], seeds, Path(out_dir), overrides)
+    # no shell expands ~ inside a sweep file (nor after --out=): expanded as run configs expand theirs, so the
+    # sweep looks for its runs (skip, resume, summary) where they train
+    return run_sweep([base / Path(c).expanduser() for c in configs], seeds, Path(out_dir).expanduser(), overrides)
 
 
 if __name__ == "__main__":

@@ -369,6 +369,15 @@ def test_yaml_extends_and_overrides(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_extends_expands_a_tilde_as_out_dir_does(tmp_path, monkeypatch):
+    """No shell expands ``~`` in a YAML file: ``extends: ~/base.yaml`` looked for ``<folder>/~/base.yaml``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "base.yaml").write_text("train: {max_iters: 7}\n")
+    (tmp_path / "top.yaml").write_text("extends: ~/base.yaml\nname: top\n")
+    assert load_config(tmp_path / "top.yaml").train.max_iters == 7
+
+
 def test_an_override_of_a_float_reads_back_that_float_whatever_its_sign_or_size():
     from recipes.config import override
     for value in (float("inf"), float("-inf"), 1e20, -1e-300, -0.0, 5e-324, -2.5):

@@ -186,6 +186,22 @@ def test_run_directories_and_names_reach_the_run_as_they_are(tmp_path, configs, 
     assert config.name == "1" and config.run_dir == out / "1" / "seed3"
 
 
+def test_a_tilde_in_the_sweep_file_is_the_home_folder_for_the_sweep_as_for_its_runs(tmp_path, configs, launched,
+                                                                                     monkeypatch):
+    """No shell expands ``~`` in a sweep file. The runs expanded it (out_dir) and the sweep did not: they trained in
+    $HOME/... while the sweep made ./~/..., looked for finished runs and wrote its summary there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    spec = configs / "sweep.yaml"
+    spec.write_text("configs: [~/a.yaml]\nseeds: [1]\nout_dir: ~/sweeps/x\n")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "a.yaml").write_text((configs / "a.yaml").read_text())
+    sweep.main([str(spec)])
+    config = load_config(launched[0][4], launched[0][5:])
+    assert launched[0][4] == str(tmp_path / "home" / "a.yaml")
+    assert config.run_dir == tmp_path / "home" / "sweeps" / "x" / "a" / "seed1"
+    assert (tmp_path / "home" / "sweeps" / "x" / "summary.md").is_file() and not Path("~").exists()
+
+
 def test_run_sweep_checks_every_run_before_creating_or_launching_any(tmp_path, configs, launched):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"b.yaml: model.n_layer: unknown key"):
