@@ -4,6 +4,8 @@ import ast
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 # "name: (4, 128, 256)" at the start of a comment or after "; " (a name, attribute or index, then a
 # shape); a bare "(2, 24)" or one after words ("parallel form: (4, 128, 256)"): the shape of what
@@ -29,3 +31,12 @@ def test_readme_python_blocks_run_and_give_the_shapes_they_state():
                 assert tuple(eval(name, namespace).shape) == expected, f"README: {name} is not {expected}"
                 checked += 1
     assert checked >= 3  # the stated shapes were found and checked
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    """``kuramoto_attn.__version__`` (the docs' release too) and the version pip installs are kept by hand in two
+    places: a release that bumps one must bump the other."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import kuramoto_attn
+    declared = tomllib.loads((README.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert kuramoto_attn.__version__ == declared
