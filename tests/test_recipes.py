@@ -549,6 +549,26 @@ def test_each_shipped_sweep_runs_every_config_of_its_folder_once_under_distinct_
     assert others.count(spec["out_dir"]) == 1
 
 
+def test_each_update_applies_the_rate_the_schedule_and_the_log_give_it(tmp_path, corpus_file, monkeypatch):
+    """Update s runs at learning_rate(s), the rate logged as ``train/lr`` with it: the scheduler steps after
+    the optimizer (before it, every update ran at the next step's rate while the log showed the right one)."""
+    applied, real_step = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        applied.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    config = parse_config(tiny(tmp_path, corpus_file, optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_iters": 4},
+                               train={"max_iters": 8, "eval_interval": 8}))
+    train(config)
+    expected = [learning_rate(s, config.optim, 8) for s in range(8)]
+    assert applied == pytest.approx(expected, rel=1e-12) and expected[0] < expected[3]  # warming up
+    with open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        rates = {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(f) if row.get("train/lr")}
+    assert [rates[s + 1] for s in range(8)] == pytest.approx(expected, rel=1e-12)  # logged at step s + 1
+
+
 def test_learning_rate_schedule():
     from recipes.config import OptimConfig
     o = OptimConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
@@ -1279,7 +1299,21 @@ def test_fused_adamw_unsupported_names_the_key(tmp_path, corpus_file, monkeypatc
     assert train(parse_config(tiny(tmp_path, corpus_file, optim={"fused": False})))["status"] == "finished"
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file, monkeypatch, scaled):
+    """A NaN loss stops the run before the update, with fp16 loss scaling too: there a non-finite gradient
+    norm with a finite loss is an overflow the scaler skips, but a NaN loss is a divergence (counted as a
+    skipped overflow, every later update was skipped and the run "finished" with NaN losses)."""
+    if scaled:  # 16-mixed on CPU, as in test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved
+        from lightning_fabric.plugins.precision import MixedPrecision
+        real_make_fabric = train_module.make_fabric
+
+        def make_fabric(config, loggers=None):
+            fabric = real_make_fabric(config, loggers=loggers)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+            fabric._precision = fabric._strategy._precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+            return fabric
+        monkeypatch.setattr(train_module, "make_fabric", make_fabric)
     real_build = train_module.build_model
     calls = {"n": 0}
 
@@ -1296,7 +1330,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
 
     monkeypatch.setattr(train_module, "build_model", build_model)
     with pytest.raises(TrainingDiverged, match="step 5: loss nan") as diverged:
-        train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True})))
+        train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True}, optim={"fused": not scaled})))
     run = tmp_path / "run"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
