@@ -389,21 +389,6 @@ def test_a_plain_strength_or_adjacency_is_copied_not_aliased():
     torch.testing.assert_close((mean_field(theta), graph(theta)), before, atol=0, rtol=0)
 
 
-def test_a_plain_omega_is_copied_not_aliased():
-    """KuramotoField copies its buffer's frequencies as Coupling copies its strength: the caller's tensor
-    changed later, or loading a state into one field, changed the field, the caller's tensor and every other
-    field built from it. A tensor that requires gradients keeps its graph (the copy is not detached)."""
-    omega = torch.tensor([1.0, 2.0, 3.0])
-    first, second = KuramotoField(omega), KuramotoField(omega)
-    omega.mul_(10.0)
-    first.load_state_dict({"omega": torch.zeros(3)})
-    assert omega.tolist() == [10.0, 20.0, 30.0] and second.omega.tolist() == [1.0, 2.0, 3.0]
-    assert first.omega.tolist() == [0.0, 0.0, 0.0]
-    p = torch.ones(3, requires_grad=True)
-    KuramotoField(2 * p)(torch.zeros(3)).sum().backward()
-    assert p.grad.tolist() == [2.0, 2.0, 2.0]
-
-
 def test_couplings_and_field_build_on_the_meta_device():
     """Deferred initialisation (``with torch.device("meta")``): the finiteness checks read no values there."""
     with torch.device("meta"):

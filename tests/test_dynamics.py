@@ -186,6 +186,34 @@ def test_field_returns_a_new_tensor_and_checks_theta():
         field(torch.zeros(2), mask=torch.ones(2, dtype=torch.bool))
 
 
+def test_a_plain_omega_is_copied_not_aliased():
+    """KuramotoField copies its buffer's frequencies as Coupling copies its strength: the caller's tensor
+    changed later, or loading a state into one field, changed the field, the caller's tensor and every other
+    field built from it. A tensor that requires gradients keeps its graph (the copy is not detached)."""
+    omega = torch.tensor([1.0, 2.0, 3.0])
+    first, second = KuramotoField(omega), KuramotoField(omega)
+    omega.mul_(10.0)
+    first.load_state_dict({"omega": torch.zeros(3)})
+    assert omega.tolist() == [10.0, 20.0, 30.0] and second.omega.tolist() == [1.0, 2.0, 3.0]
+    assert first.omega.tolist() == [0.0, 0.0, 0.0]
+    p = torch.ones(3, requires_grad=True)
+    KuramotoField(2 * p)(torch.zeros(3)).sum().backward()
+    assert p.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda theta: MeanFieldCoupling(torch.ones(2, 1))(theta), "strength"),
+    (lambda theta: MeanFieldCoupling()(theta, mask=torch.ones(2, 3, dtype=torch.bool)), "mask"),
+    (lambda theta: order_parameter(theta, weights=torch.ones(2, 3)), "weights"),
+])
+def test_arguments_with_more_axes_than_theta_are_refused_not_broadcast(call, name):
+    """Broadcasting "without enlarging": a strength, mask or weights with extra leading axes would make the
+    output larger than theta, silently."""
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        call(torch.zeros(3))
+
+
 @pytest.mark.parametrize("coupling", [None, MeanFieldCoupling(2.0)])
 def test_a_scalar_cpu_omega_follows_the_phases_device(coupling):
     # a 0-d CPU ω passes the device check (it combines with any device) but was expanded on the CPU:

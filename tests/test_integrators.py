@@ -41,6 +41,16 @@ def test_halving_dt_divides_the_error_by_two_to_the_order(method):
         assert 2 ** order * 0.8 < ratio < 2 ** order * 1.25, (method, errors)
 
 
+
+def test_the_default_method_is_rk4():
+    """The documented default (every other test names its method)."""
+    field = two_oscillator_field()
+    theta0 = torch.tensor([0.3, -1.1], dtype=torch.float64)
+    assert torch.equal(integrate(field, theta0, dt=0.5, steps=3),
+                       integrate(field, theta0, dt=0.5, steps=3, method="rk4"))
+    assert not torch.equal(integrate(field, theta0, dt=0.5, steps=3),
+                           integrate(field, theta0, dt=0.5, steps=3, method="heun"))
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_coupling_is_free_rotation(method, dtype):
