@@ -158,6 +158,15 @@ def check_choice(name: str, value: Any, choices) -> str:
     return value
 
 
+def as_tensor(value: Any, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+    """``torch.as_tensor``, also of a NumPy array with negative strides (a flipped view such as ``a[::-1]``),
+    which torch refuses; numpy is imported only for a value that is one of its objects."""
+    if type(value).__module__ == "numpy":
+        import numpy
+        value = numpy.ascontiguousarray(value)
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
 def as_finite_tensor(name: str, value: Any, *, booleans: bool = False) -> Tensor:
     """A scalar or tensor argument (e.g. a coupling strength) as a finite floating tensor; booleans (a bool,
     or a list or tensor of them) are refused unless ``booleans`` (e.g. an adjacency matrix: 0 and 1)."""
@@ -169,9 +178,9 @@ def as_finite_tensor(name: str, value: Any, *, booleans: bool = False) -> Tensor
         elif torch.is_tensor(value):
             tensor = value.detach().clone()
         else:  # a list or array: real numbers in float64, as a Python number (complex ones and booleans: below)
-            tensor = torch.as_tensor(value)
+            tensor = as_tensor(value)
             if not (tensor.is_complex() or tensor.dtype == torch.bool):
-                tensor = torch.as_tensor(value, dtype=torch.float64)
+                tensor = as_tensor(value, dtype=torch.float64)
             tensor = tensor.clone()
     except OverflowError:  # an integer beyond float's range (its repr may be too long to print)
         raise ValueError(f"{name}: expected finite values but got a number too large for a float") from None

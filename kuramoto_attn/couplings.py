@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import (as_finite_tensor, autocast_off, broadcasts_to, check_axis, check_bool, check_broadcasts,
-                      check_device, check_int, check_mask, check_real, check_tensor, largest_value)
+from ._checks import (as_finite_tensor, as_tensor, autocast_off, broadcasts_to, check_axis, check_bool,
+                      check_broadcasts, check_device, check_int, check_mask, check_real, check_tensor, largest_value)
 
 __all__ = ["AttentionCoupling", "Coupling", "GraphCoupling", "MeanFieldCoupling", "weighted_sine_coupling"]
 
@@ -75,7 +75,7 @@ class Coupling(nn.Module):
         # what reset_parameters restores: a copy (the buffer or parameter may share strength_tensor's memory), a
         # number or list in float64 on the CPU even under torch.device("meta"); a plain attribute, not in the state dict
         self._initial_strength = (strength_tensor.clone() if torch.is_tensor(strength)
-                                  else torch.tensor(strength, dtype=torch.float64, device="cpu"))  # a copy
+                                  else as_tensor(strength, dtype=torch.float64, device="cpu").clone())  # a copy
         self.phase_lag = check_real("phase_lag", phase_lag)
 
     def reset_parameters(self) -> None:

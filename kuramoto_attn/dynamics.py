@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_broadcasts, check_device, check_tensor, is_finite
+from ._checks import as_tensor, check_broadcasts, check_device, check_tensor, is_finite
 
 __all__ = ["KuramotoField", "wrap_phase"]
 
@@ -107,7 +107,7 @@ class KuramotoField(nn.Module):
         else:
             try:  # a copy, as Coupling's strength: not the caller's tensor (changed later, or by load_state_dict);
                 # not detached: gradients still reach a tensor that requires them
-                self.register_buffer("omega", torch.as_tensor(omega).clone())
+                self.register_buffer("omega", as_tensor(omega).clone())
             except (TypeError, RuntimeError, ValueError):  # e.g. a string
                 raise ValueError(f"omega: expected finite floating-point natural frequencies "
                                  f"but got {omega!r}") from None

@@ -537,3 +537,14 @@ def test_reset_parameters_refuses_what_it_cannot_restore():
         graph.to_empty(device="cpu").reset_parameters()
     with pytest.raises(RuntimeError, match="^weights: GraphCoupling cannot reset its weights"):
         GraphCoupling(torch.eye(3)).reset_parameters()
+
+
+def test_flipped_numpy_arrays_are_accepted_as_their_values():
+    """A NumPy view with negative strides (``a[::-1]``, ``np.flipud``) is an array like any other; torch.as_tensor
+    refuses it, and the refusal was reworded as "expected a number or tensor"."""
+    adjacency = np.arange(9.0).reshape(3, 3)
+    assert GraphCoupling(np.flipud(adjacency)).weights.tolist() == np.flipud(adjacency).tolist()
+    strength = np.array([1.0, 2.0])[::-1]
+    coupling = MeanFieldCoupling(strength)
+    assert coupling.strength.tolist() == [2.0, 1.0] and coupling._initial_strength.tolist() == [2.0, 1.0]
+    assert KuramotoField(np.array([1.0, 2.0, 3.0])[::-1]).omega.tolist() == [3.0, 2.0, 1.0]
