@@ -224,6 +224,7 @@ def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Te
             them to keep them.
     """
     # a backward will come: keep every step's input phases (not under no_grad / inference_mode)
-    keep = torch.is_grad_enabled() and any(x.requires_grad for x in (theta0, omega, strength))
+    keep = (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            and any(x.requires_grad for x in (theta0, omega, strength)))
     return _EulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal,
                                  noise, on_trig, keep)

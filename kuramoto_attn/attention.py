@@ -450,7 +450,9 @@ class KuramotoAttention(nn.Module):
             return theta, R_steps
         solver = SOLVERS[self.integrator]()
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
-        save_memory = torch.is_grad_enabled() and not run.record and not run.plain
+        # (not in inference mode, where autograd records nothing even with grad enabled: nothing to save)
+        save_memory = (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+                       and not run.record and not run.plain)
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
         step_run = run if self.coupling == "attention" else replace(run, q=None, k=None, v=None)
         # read here and passed in, not read inside the checkpoints: under torch.compile, a float that
@@ -675,7 +677,8 @@ class KuramotoAttention(nn.Module):
                       state: dict) -> None:
         cache.keys, cache.values = keys.detach(), values.detach()
         cache._claim(self)  # one cache shared by two layers would mix their tokens
-        cache.valid = None if valid is None else valid.detach()
+        # a copy: on the first call valid is the caller's key_padding_mask, which the caller may reuse or edit
+        cache.valid = None if valid is None else valid.detach().clone()
         cache.field_state = {key: _detach(value) for key, value in state.items()}
 
     @property
@@ -726,7 +729,8 @@ class _PhaseFeatures(torch.autograd.Function):
         feats[..., n:].copy_(torch.sin(phases))
         buf[2, ..., d:].copy_(feats)
         torch.mul(feats, phase_weight, out=buf[0, ..., d:])
-        ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
+        if not torch.is_inference_mode_enabled():  # (no backward there, even with grad enabled: saving would fail)
+            ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
         ctx.dims = (d, n)
         return buf[0], buf[1], buf[2]
 

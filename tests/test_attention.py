@@ -276,6 +276,36 @@ def test_incremental_decoding_with_padding(coupling):
     torch.testing.assert_close(torch.cat(y, dim=1)[valid], y_full[valid], rtol=0, atol=1e-10)
 
 
+def test_the_cache_keeps_a_copy_of_the_first_calls_padding_mask():
+    """On the first call the cache took the caller's key_padding_mask itself: reused or edited by the caller
+    afterwards, it changed what later tokens attend to and count in the mean field."""
+    layer = cache_layer(CACHED[0])
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    mask = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    with torch.no_grad():
+        expected = layer(x, mask)[:, 5:]
+        cache = KuramotoCache()
+        layer(x[:, :5], mask[:, :5], cache=cache)
+        mask.fill_(True)  # the caller reuses its mask tensor
+        got = layer(x[:, 5:], cache=cache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("coupling, integrator", [("mean_field", "euler"), ("mean_field", "rk4"),
+                                                  ("attention", "heun")])
+def test_inference_mode_with_grad_enabled_runs_as_no_grad(coupling, integrator):
+    """``torch.inference_mode()`` records no graph even under ``torch.enable_grad()`` (torch's own layers run
+    there); the layer tried to keep phases and features for a backward and failed ("Inference tensors cannot be
+    saved for backward")."""
+    layer = make_layer(coupling=coupling, integrator=integrator)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode(), torch.enable_grad():
+        got = layer(x)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("coupling", CACHED[:-1])
 def test_incremental_decoding_with_padding_after_an_unmasked_prompt(coupling):
     """A prompt given without a mask is all valid: calls after it with a padding mask still count it."""
