@@ -626,6 +626,12 @@ class HolographicPhaseMemory(nn.Module):
         self._check_input("x_t", x_t, 2)
         x = x_t[:, None]  # (b, d) -> (b, 1, d)
         self._check_state(state, x)
+        if any(stride == 0 and size > 1
+               for buffer in state.buffer for stride, size in zip(buffer.stride(), buffer.shape)):
+            # e.g. one state broadcast over a batch with .expand: the in-place write below would fail in torch
+            raise ValueError("state: its window buffer is an expanded tensor (entries share memory), which step "
+                             "writes in place: step from a copy, state._replace(buffer=tuple(b.clone() for b in "
+                             "state.buffer))")
         state = _outside_inference(state)
         phase, query_phase = self._phases(x, state)
         acc = state.memory.dtype  # the sums' dtype (float32 for a half-precision module's init_state)

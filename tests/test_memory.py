@@ -1114,6 +1114,24 @@ def test_window_step_recovers_from_cancellation(state):
     torch.testing.assert_close(steps[:, 6:], parallel[:, 6:], rtol=1e-4, atol=1e-4)
 
 
+def test_a_window_step_from_an_expanded_state_is_named_and_its_copy_steps_as_forward_does():
+    """One state broadcast over a batch (``.expand``): forward reads it, but step writes the ring buffer in place,
+    which torch refused with a bare error about memory locations."""
+    memory = build(dict(kernel="window", window=3), dtype=torch.float64, d=4)
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        _, one = memory(x[:1, :4], memory.init_state(1))
+        def broadcast(t):  # (1, ...) -> (2, ...), both rows one memory
+            return None if t is None else t.expand(2, *t.shape[1:])
+        shared = one._replace(**{f: broadcast(getattr(one, f)) for f in ("phase", "query_phase", "memory", "norm")},
+                              buffer=tuple(broadcast(b) for b in one.buffer))
+        with pytest.raises(ValueError, match="^state: its window buffer is an expanded tensor"):
+            memory.step(x[:, 4], shared)
+        y, _ = memory.step(x[:, 4], shared._replace(buffer=tuple(b.clone() for b in shared.buffer)))
+        expected, _ = memory(x[:, 4:5], shared)
+    torch.testing.assert_close(y, expected[:, 0], rtol=1e-12, atol=1e-12)
+
+
 RESET_OPTIONS = [dict(), dict(query="decoupled", magnitude="sigmoid", num_heads=2, expansion=2),
                  dict(query="constrained", kernel="decay", state="matrix", num_heads=2),
                  dict(query="offset", kernel="window", window=3, normalize="sqrt")]
