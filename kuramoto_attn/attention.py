@@ -377,7 +377,9 @@ class KuramotoAttention(nn.Module):
 
         Args:
             x: ``(b, t, d_model)``.
-            key_padding_mask: optional bool ``(b, t)``, True = valid.
+            key_padding_mask: optional bool ``(b, t)``, True = valid. Padded positions still pass through
+                the projections: their inputs must be finite, as for ``nn.MultiheadAttention`` (a NaN there
+                reaches every output, as 0 · NaN is NaN).
             cache: a :class:`KuramotoCache` (empty to start) for incremental decoding; ``x`` then
                 holds the new tokens only. Needs ``causal=True``.
             return_info: also return a :class:`KuramotoInfo` (for the tokens of ``x``).
