@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from recipes import data
@@ -229,6 +229,12 @@ def test_markdown_play_to_text_drops_asterisk_stage_directions():
     play = "**KING**  \nIn France.\n\n*Sound a\nhorn.*\n\nA messenger?\n\n*Exit.*\n\n**AUDLEY**  \n*Ay*, my lord.\n"
     assert markdown_play_to_text(play) == "KING:\nIn France.\nA messenger?\n\nAUDLEY:\nAy, my lord.\n\n"
 
+
+
+def test_a_stage_direction_over_a_blank_line_is_dropped_whole():
+    # a direction runs to its closing "_" even across a blank line: its second part leaked into the speech
+    play = "**A**  \nHello.\n\n_Enter B, C,\n\nand D_\n\nGoodbye.\n"
+    assert markdown_play_to_text(play) == "A:\nHello.\nGoodbye.\n\n"
 
 
 def test_markdown_play_to_text_keeps_lines_before_the_first_speaker_and_drops_gap_markers():
@@ -844,6 +850,7 @@ def test_split_is_the_floor_cut_of_a_contiguous_text(text, val_fraction):
 
 @settings(max_examples=50, deadline=None)
 @given(st.text(alphabet="ab \n", min_size=2, max_size=200), st.floats(0.01, 0.99))
+@example("ab ab ab ab ab\n", 0.25)  # the floor cut lands on a space: the cut stays there (the search starts at it)
 def test_word_level_split_cuts_at_a_line_or_else_a_space(text, val_fraction):
     # word and BPE tokenizers: the cut moves forward from nanoGPT's to the next line start (or, where no
     # line follows, the next whitespace), so that no word is split between train and val
@@ -888,6 +895,59 @@ def test_a_word_level_split_of_one_file_keeps_words_whole(tmp_path):
     val = corpus.tokenizer.decode(corpus.splits["val"])
     assert "pet" not in corpus.tokenizer.words and "petty" in corpus.tokenizer.words
     assert val.split() == ["and", "tomorrow", "and"]  # the next line, all known words
+
+
+@pytest.mark.parametrize("name", ["text", "shakespeare"])
+@pytest.mark.parametrize("tokenizer", ["word", "bpe"])
+def test_word_and_bpe_splits_start_val_at_a_line_whatever_the_corpus(tmp_path, name, tokenizer):
+    """The docstring's promise for word and BPE tokenizers, for a text file and for the plays alike: the 90/10
+    floor cut (here inside "petty") moves to the next line start."""
+    speech = "tomorrow and tomorrow and tomorrow\ncreeps in this petty pace\nand tomorrow and\n"
+    if name == "text":
+        path = tmp_path / "words.txt"
+        path.write_text(speech)
+    else:
+        path = _plays(tmp_path / "plays", {"a.md": "**MACBETH**  \n" + speech.replace("\n", "  \n")})
+        speech = markdown_play_to_text(path.joinpath("a.md").read_text())
+        assert speech == "MACBETH:\n" + "tomorrow and tomorrow and tomorrow\ncreeps in this petty pace\nand " \
+                                      "tomorrow and\n\n"
+    val_fraction = 1 - (speech.index("petty") + 3) / len(speech)  # the floor cut: "...this pet" | "ty pace..."
+    assert speech[:int(len(speech) * (1 - val_fraction))].endswith("this pet")
+    corpus = prepare_corpus(name, path=path, tokenizer=tokenizer, bpe_vocab_size=256, cache_dir=tmp_path / "cache",
+                            val_fraction=val_fraction)
+    train, val = (corpus.tokenizer.decode(corpus.splits[split]) for split in ("train", "val"))
+    line_end = speech.index("pace\n") + len("pace\n")
+    assert (train, val) == (speech[:line_end], speech[line_end:])
+
+
+def test_enwik8_variants_of_other_sizes_split_90_5_5():
+    """Only the real file (10^8 bytes) takes the fixed 90M/5M/5M cut; a variant of 95M bytes got all of it in
+    train and val and an empty test split."""
+    for n in (1000, 95_000_000, 99_999_999):
+        splits = data._enwik8_splits(bytes(n))
+        assert [len(splits[k]) for k in ("train", "val", "test")] == [int(n * 0.9), int(n * 0.95) - int(n * 0.9),
+                                                                      n - int(n * 0.95)]
+    assert [len(v) for v in data._enwik8_splits(bytes(100_000_000)).values()] == [90_000_000, 5_000_000, 5_000_000]
+
+
+def test_cached_token_arrays_are_read_only(tmp_path, text_file):
+    """The splits map the cache's files: writing into one changed the cache for every later run, silently."""
+    corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path / "cache")
+    for split in corpus.splits.values():
+        with pytest.raises(ValueError, match="read-only"):
+            split[:1] = 0
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe", "char"])
+def test_a_file_without_a_final_newline_decodes_to_its_text_exactly(tmp_path, tokenizer):
+    """Only the word level closes a last line without a newline (with <eos>, as every line); the byte, char and
+    BPE levels keep the file's text as it is."""
+    text = "first line\nsecond line\nno newline at the end"
+    path = tmp_path / "plain.txt"
+    path.write_text(text)
+    corpus = prepare_corpus("text", path=path, tokenizer=tokenizer, bpe_vocab_size=256, cache_dir=tmp_path / "cache")
+    tokens = np.concatenate([corpus.splits["train"], corpus.splits["val"]])
+    assert corpus.tokenizer.decode(tokens) == text
 
 
 def _plays(folder, plays):
