@@ -150,10 +150,29 @@ def test_a_bpe_vocabulary_smaller_than_asked_is_said(tmp_path):
     with pytest.warns(data.CorpusWarning, match=said) as again:
         prepare_corpus("text", path=text_file, tokenizer="bpe", bpe_vocab_size=100_000, cache_dir=tmp_path)
     assert [str(w.message) for w in again] == [str(w.message) for w in built] and len(built) == 1
-    assert again[0].filename == __file__  # pointing at the caller
+    assert built[0].filename == again[0].filename == __file__  # pointing at the caller, when built and replayed
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # another entry, whose build said nothing: says nothing
         prepare_corpus("text", path=text_file, tokenizer="char", cache_dir=tmp_path)
+
+
+def test_only_the_corpus_warnings_of_a_build_are_recorded_and_said_again(tmp_path, text_file, monkeypatch):
+    """Another library's warning while the entry is built (a deprecation) is said then, as it was, but not
+    stored: replayed on every later read, it would read as a CorpusWarning about the corpus."""
+    real = data._build_tokenizer
+
+    def build_tokenizer(*args, **kwargs):
+        warnings.warn("some library detail", DeprecationWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "_build_tokenizer", build_tokenizer)
+    with pytest.warns(DeprecationWarning, match="some library detail"):
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path)
+    (meta,) = tmp_path.glob("text-char-*/meta.json")
+    assert json.loads(meta.read_text())["warnings"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_corpus("text", path=text_file, cache_dir=tmp_path)  # read from the cache: nothing said
 
 
 def test_bpe_vocab_size_too_small_raises(tmp_path):
@@ -490,6 +509,27 @@ def test_file_placed_in_cache_is_used(tmp_path, monkeypatch):
     where.write_text(text)
     corpus = prepare_corpus("tiny-shakespeare", cache_dir=tmp_path, download=False)
     assert corpus.tokenizer.vocab_size == len(set(text))
+
+
+@pytest.mark.parametrize("corrupt", ["train.txt", "valid.txt", "test.txt"])
+def test_each_split_file_in_the_download_cache_must_be_the_published_one(tmp_path, monkeypatch, corrupt):
+    """WikiText-2's three files are checked one by one (a tampered valid.txt or test.txt in the cache was read
+    when only single-file corpora were compared with their sha256)."""
+    texts = {"train": " the cat sat \n", "val": " the cat \n", "test": " the sat \n"}
+    names = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
+    monkeypatch.setitem(CORPORA, "wikitext-2", data.CorpusSource("word", {
+        split: data.RemoteFile(f"https://example.invalid/{names[split]}", names[split],
+                               hashlib.sha256(texts[split].encode()).hexdigest()) for split in texts}))
+    folder = tmp_path / "downloads" / "wikitext-2"
+    folder.mkdir(parents=True)
+    for split, text in texts.items():
+        (folder / names[split]).write_text(text)
+    corpus = prepare_corpus("wikitext-2", cache_dir=tmp_path, download=False)  # the published files: read
+    assert corpus.tokenizer.decode(corpus.splits["val"]) == "the cat\n"
+    split = next(key for key, name in names.items() if name == corrupt)
+    (folder / corrupt).write_text(texts[split] + " dog \n")
+    with pytest.raises(data.ChecksumError, match=rf"^wikitext-2 \({split}\): .*{corrupt} is not the published file"):
+        prepare_corpus("wikitext-2", cache_dir=tmp_path, download=False)
 
 
 class FakeResponse(io.BytesIO):

@@ -1192,6 +1192,19 @@ def test_resume_refuses_a_change_of_any_setting_but_length_patience_display_plac
     assert train(parse_config(changed), resume=True)["step"] == 3
 
 
+def test_the_settings_a_resume_or_a_sweep_may_change_are_exactly_the_documented_ones():
+    """Any other setting changes what a run computes, and --resume (RESUMABLE_CHANGES) and a sweep's same-settings
+    check (DISPLAY_KEYS, DEVICE_KEYS, DATA_LOCATION after its corpus check) refuse it. A result-changing key added
+    to one of these lists (train.block_size to DEVICE_KEYS, data.bpe_vocab_size to DATA_LOCATION) passed the suite."""
+    from recipes.config import DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS
+    assert set(DISPLAY_KEYS) == {"train.log_interval", "train.progress_bar", "train.plots"}
+    assert set(DEVICE_KEYS) == {"fabric.devices", "fabric.num_nodes", "fabric.strategy", "train.grad_accum",
+                                "train.compile"}
+    assert set(DATA_LOCATION) == {"data.path", "data.cache_dir", "data.download"}
+    assert set(train_module.RESUMABLE_CHANGES) == {"train.max_iters", "train.patience", "out_dir", *DISPLAY_KEYS,
+                                                   *DEVICE_KEYS, *DATA_LOCATION}
+
+
 def test_resume_takes_a_null_tokenizer_as_the_corpuss_own_level(tmp_path, corpus_file):
     # data.tokenizer null reads a text corpus as characters, the same tokens as char: it was refused as a change
     values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})  # tokenizer: char
