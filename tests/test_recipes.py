@@ -113,8 +113,12 @@ def logged_losses(run_dir: Path) -> list[float]:
     ("out_dir=''", "out_dir: must not be empty"),  # was the working directory, which --overwrite cleared
     ("data.path=''", "data.path: must not be empty"),  # was the working directory: its Markdown, or any file
     ("data.cache_dir=''", "data.cache_dir: must not be empty"),  # the token cache went into the working directory
+    ('data.cache_dir="\\x20\\t"', "data.cache_dir: must not be empty"),  # blanks alone: a folder named so
+    ('data.path="\\x20"', "data.path: must not be empty"),
     ("name=../x", "name: must be a plain directory name"),
     ("name=''", "name: must be a plain directory name"),
+    ('name="\\x20"', "name: must be a plain directory name"),  # (YAML escapes: the overrides split at spaces)
+    ('name="\\x20..\\x20"', "name: must be a plain directory name"),
     ("name=..", "name: must be a plain directory name"),
     ("name=a\\b", "name: must be a plain directory name"),
     # every range the config promises, each refused by name (a mutation audit found them unchecked)
@@ -2326,6 +2330,7 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (generate, [str(trained), "--num-samples", "0"], "--num-samples: must be at least 1"),
         # past int64 each was a bare error from torch (OverflowError, TypeError)
         (generate, [str(trained), "--num-samples", str(2**64)], "--num-samples: must be below 2**63"),
+        (evaluate, [str(trained), "--batch-size", str(2**63)], "--batch-size: must be below 2**63, got"),  # the bound
         (interpret, [str(trained), "--batch-size", str(2**64)], "--batch-size: must be below 2**63"),
         (evaluate, [str(trained), "--batch-size", str(2**64)], "--batch-size: must be below 2**63"),
         (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
@@ -2376,6 +2381,10 @@ def test_a_run_without_best_pt_names_the_checkpoints_it_holds(trained, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and message in err[-1] and len(err) == 1, (args, err)
     generate.main([str(run), "--checkpoint", "last.pt", "--max-new-tokens", "2"])  # the fix it names works
+    (run / "aaa.pt").write_bytes(b"")  # another .pt file sorting first: the suggestion is still last.pt
+    with pytest.raises(SystemExit):
+        run_cli(lambda: generate.main([str(run)]))
+    assert "holds aaa.pt, last.pt: give the run directory with --checkpoint last.pt" in capsys.readouterr().err
 
 
 def test_sampling_at_a_tiny_temperature_is_greedy():
@@ -2988,7 +2997,7 @@ def test_checkpoint_flag_with_a_checkpoint_file_is_an_error(trained, capsys):
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --checkpoint: names a file inside")
 
 
-def test_a_second_process_cannot_train_into_a_run_directory_in_use(tmp_path, corpus_file):
+def test_a_second_process_cannot_train_into_a_run_directory_in_use(tmp_path, corpus_file, monkeypatch):
     """Nothing stopped two processes (two sweeps, a resume while the run still trained) from writing one
     run's checkpoints, logs and result at once."""
     import fcntl
@@ -3002,7 +3011,12 @@ def test_a_second_process_cannot_train_into_a_run_directory_in_use(tmp_path, cor
         with pytest.raises(FileExistsError, match=r"out_dir: another process \(pid 4242\) is training into"):
             train(parse_config(values))
         assert not (run_dir / "config.yaml").exists()  # nothing written
+    seen = []  # the lock holds this process's pid while it trains: what a refused process names
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: seen.append(
+        (run_dir / ".lock").read_text()) or real_evaluate(*args, **kwargs))
     assert train(parse_config(values))["status"] == "finished"  # once it is gone
+    assert seen and set(seen) == {f"{os.getpid()}\n"}
     assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4  # released
 
 
