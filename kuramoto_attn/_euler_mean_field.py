@@ -41,14 +41,13 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 
 def first_order(backward: Callable) -> Callable:
     """A hand-written ``backward`` that refuses ``create_graph=True`` (autograd runs a backward with gradients
-    enabled exactly then). ``once_differentiable`` alone raised only for ``.backward()``: a second
-    ``torch.autograd.grad(..., inputs=...)`` skipped its node, silently dropping those second-order terms."""
-    inner = once_differentiable(backward)
+    enabled exactly then; otherwise it runs without, so nothing is recorded). ``once_differentiable``, used
+    before, raised only for ``.backward()``: a second ``torch.autograd.grad(..., inputs=...)`` skipped its node,
+    silently dropping those second-order terms."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -59,7 +58,7 @@ def first_order(backward: Callable) -> Callable:
                 "with torch.func (e.g. torch.func.grad of torch.func.grad), under which the layer runs plain "
                 "autograd ops, with SDPA's math kernel (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)): its "
                 "fused kernels have no second derivative")
-        return inner(ctx, *grads)
+        return backward(ctx, *grads)
     return wrapper
 
 
