@@ -158,6 +158,12 @@ def check_choice(name: str, value: Any, choices) -> str:
     return value
 
 
+def autograd_records() -> bool:
+    """Whether autograd records the ops run now: gradients enabled and not in inference mode, which records
+    nothing even under ``torch.enable_grad()`` (and refuses its tensors in anything saved for a backward)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def as_tensor(value: Any, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
     """``torch.as_tensor``, also of a NumPy array with negative strides (a flipped view such as ``a[::-1]``),
     which torch refuses; numpy is imported only for a value that is one of its objects."""

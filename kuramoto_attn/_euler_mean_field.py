@@ -42,6 +42,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._checks import autograd_records
+
 
 def first_order(backward: Callable) -> Callable:
     """A hand-written ``backward`` that refuses ``create_graph=True`` (autograd runs a backward with gradients
@@ -223,7 +225,6 @@ def euler_mean_field(theta0: Tensor, omega: Tensor, strength: Tensor, weight: Te
             them to keep them.
     """
     # a backward will come: keep every step's input phases (not under no_grad / inference_mode)
-    keep = (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-            and any(x.requires_grad for x in (theta0, omega, strength)))
+    keep = autograd_records() and any(x.requires_grad for x in (theta0, omega, strength))
     return _EulerMeanField.apply(theta0, omega, strength, weight, steps, dt, phase_lag, causal,
                                  noise, on_trig, keep)

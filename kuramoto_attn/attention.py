@@ -66,8 +66,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import (check_bool, check_cache_dtype, check_choice, check_input_like, check_int, check_real,
-                      check_tensor, largest_value)
+from ._checks import (autograd_records, check_bool, check_cache_dtype, check_choice, check_input_like, check_int,
+                      check_real, check_tensor, largest_value)
 from ._euler_mean_field import euler_mean_field, first_order
 from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
@@ -452,9 +452,7 @@ class KuramotoAttention(nn.Module):
             return theta, R_steps
         solver = SOLVERS[self.integrator]()
         # per-step checkpoints keep one phase tensor per step for backward, not every intermediate
-        # (not in inference mode, where autograd records nothing even with grad enabled: nothing to save)
-        save_memory = (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-                       and not run.record and not run.plain)
+        save_memory = autograd_records() and not run.record and not run.plain
         # what the checkpoints hold until backward: the mean field needs no queries, keys or values
         step_run = run if self.coupling == "attention" else replace(run, q=None, k=None, v=None)
         # read here and passed in, not read inside the checkpoints: under torch.compile, a float that
