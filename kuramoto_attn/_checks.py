@@ -210,11 +210,20 @@ def is_finite(tensor: Tensor) -> bool:
     return tensor.device.type == "meta" or bool(torch.isfinite(tensor).all())
 
 
+def autocast_available(device: str) -> bool:
+    """Whether the device type has autocast (meta has none: ``is_autocast_enabled`` would raise there)."""
+    if torch.compiler.is_compiling():
+        # dynamo of torch 2.4 to 2.7 (at least) cannot trace is_autocast_available (a graph break, an error under
+        # fullgraph=True); graphs are compiled for devices with data, which all have autocast
+        return device != "meta"
+    return torch.amp.is_autocast_available(device)
+
+
 def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype autocast runs ``x``'s device's lower-precision ops in, or None when it is off there (or the
     device has none, e.g. meta: shape and FLOP estimates, where ``is_autocast_enabled`` would raise)."""
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return None
 
@@ -223,6 +232,6 @@ def autocast_off(x: Tensor):
     """A context disabling autocast on ``x``'s device (nothing to disable on one without it, e.g. meta):
     for sums that must not run in autocast's half precision, and ops it cannot take (``torch.stack`` of
     float16 under bfloat16 autocast raised "Unexpected floating ScalarType")."""
-    if torch.amp.is_autocast_available(x.device.type):
+    if autocast_available(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()

@@ -728,7 +728,10 @@ class _PhaseFeatures(torch.autograd.Function):
         feats[..., :n].copy_(torch.cos(phases))
         feats[..., n:].copy_(torch.sin(phases))
         buf[2, ..., d:].copy_(feats)
-        torch.mul(feats, phase_weight, out=buf[0, ..., d:])
+        if torch.compiler.is_compiling():  # dynamo before torch 2.6 refuses out= on inputs that require grad
+            buf[0, ..., d:].copy_(feats * phase_weight)
+        else:
+            torch.mul(feats, phase_weight, out=buf[0, ..., d:])
         if not torch.is_inference_mode_enabled():  # (no backward there, even with grad enabled: saving would fail)
             ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
         ctx.dims = (d, n)

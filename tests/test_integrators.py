@@ -14,6 +14,7 @@ from kuramoto_attn import (
     integrate,
     order_parameter,
 )
+from kuramoto_attn._checks import autocast_dtype
 
 METHODS = sorted(SOLVERS)
 
@@ -219,3 +220,19 @@ def test_integration_traces_into_one_graph_for_torch_compile():
     (compiled_grad,) = torch.autograd.grad(compiled, theta)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("dtype, code", [(None, 0.0), (torch.bfloat16, 1.0), (torch.float16, 2.0)])
+def test_autocast_state_is_read_in_one_graph_under_torch_compile(dtype, code):
+    # dynamo of torch 2.4 to 2.7 (at least) cannot trace torch.amp.is_autocast_available: a graph break in every
+    # integration (integrate's autocast_off), an error under fullgraph=True
+    def read(x):
+        found = autocast_dtype(x)
+        return x * (0.0 if found is None else 1.0 if found == torch.bfloat16 else 2.0)
+
+    x = torch.ones(3)
+    torch.compiler.reset()  # a new graph per case: dynamo before torch 2.7 did not guard on autocast's dtype
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        assert autocast_dtype(x) == dtype
+        torch.testing.assert_close(torch.compile(read, fullgraph=True, backend="eager")(x), torch.full((3,), code))
+    assert autocast_dtype(torch.ones(3, device="meta")) is None  # no autocast there (is_autocast_enabled raises)
