@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
 from recipes import train as train_module
-from recipes.common import Interrupted, build_model, load_run, mean_ci95, param_groups
+from recipes.common import Interrupted, _available, build_model, load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, load_yaml, model_config, parse_config, parse_saved_config
 from recipes.data import prepare_corpus
 from recipes.evaluate import evaluate_split
@@ -2341,7 +2341,7 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
     if not torch.cuda.is_available():
         cases.append((generate, [str(trained), "--device", "cuda"], "error: device: 'cuda' but no CUDA GPU"))
     for kind, module in (("mps", generate), ("xpu", evaluate), ("xpu", interpret)):  # were tracebacks deep in torch
-        if not getattr(torch, kind).is_available():
+        if not _available(torch.device(kind)):  # torch.mps.is_available: torch 2.5+
             cases.append((module, [str(trained), "--device", kind],
                           f"error: device: '{kind}' but no {kind} device is available here"))
     for module, args, message in cases:
