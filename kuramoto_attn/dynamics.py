@@ -60,9 +60,11 @@ def wrap_phase(theta: Tensor) -> Tensor:
     wrapped = torch.where(wrapped <= -math.pi, wrapped + 2 * math.pi, wrapped)
     if not low_precision:
         return wrapped
-    # a value near ±π may round beyond it: keep the nearest representable one inside (π rounds below π)
+    # a value near ±π may round beyond it: keep the nearest representable one inside (π rounds below π);
+    # torch.where, not clamp, whose gradient torch 2.14 makes 0 at the bounds themselves (θ = π)
     pi = torch.tensor(math.pi, dtype=theta.dtype).item()
-    return wrapped.to(theta.dtype).clamp(-pi, pi)
+    wrapped = wrapped.to(theta.dtype)
+    return torch.where(wrapped.abs() > pi, wrapped.clamp(-pi, pi), wrapped)
 
 
 class KuramotoField(nn.Module):

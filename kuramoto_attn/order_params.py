@@ -85,7 +85,10 @@ def order_parameter(theta: Tensor, dim: int = -1, weights: Tensor | None = None,
         # by a clamp, R ≈ 0.03 for equal phases); a group with any weight has total >= 1, one without 0
         scale = weights.expand_as(theta).amax(dim, keepdim=True)
         weights = weights / torch.where(scale > 0, scale, 1.0)
-        total = weights.expand_as(theta).sum(dim, keepdim=keepdim).clamp_min(1.0)
+        total = weights.expand_as(theta).sum(dim, keepdim=keepdim)
+        # not clamp_min(1): a total of exactly 1 (one weight left) needs its gradient, which torch 2.14's
+        # clamp gives as 0 at the bound
+        total = torch.where(total > 0, total, 1.0)
         mean_cos = (cos_t * weights).sum(dim, keepdim=keepdim) / total
         mean_sin = (sin_t * weights).sum(dim, keepdim=keepdim) / total
     R = _resultant_length(mean_cos, mean_sin)
@@ -131,10 +134,12 @@ def daido_order_parameter(theta: Tensor, m: int, dim: int = -1, weights: Tensor 
 
 def _resultant_length(mean_cos: Tensor, mean_sin: Tensor) -> Tensor:
     """``R = |(mean cos θ, mean sin θ)|`` in ``[0, 1]``, elementwise over the two means (same shape)."""
-    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); clamp: rounding can exceed 1. The pair
+    # vector_norm's gradient at Z = 0 is 0 (hypot's is NaN); rounding can exceed 1, so values above 1 are 1
+    # (torch.where, not clamp: torch 2.14's clamp has no gradient at the bound itself, R = 1.0). The pair
     # on the last axis: torch's CPU norm over a leading axis of 2 is about 10x slower. Written into one
     # tensor, not torch.stack: under autocast to the other half dtype (float16 means, bfloat16 autocast)
     # stack raised "Unexpected floating ScalarType in at::autocast::prioritize"
     pair = mean_cos.new_empty((*mean_cos.shape, 2))
     pair[..., 0], pair[..., 1] = mean_cos, mean_sin
-    return torch.linalg.vector_norm(pair, dim=-1).clamp(max=1.0)
+    R = torch.linalg.vector_norm(pair, dim=-1)
+    return torch.where(R > 1, 1.0, R)

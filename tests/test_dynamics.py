@@ -286,3 +286,13 @@ def test_wrap_phase_boundaries():
             assert -math.pi < wrapped <= math.pi and torch.cos(wrapped) == pytest.approx(torch.cos(near))
     with pytest.raises(ValueError, match="theta"):
         wrap_phase([1.0])
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.bfloat16, torch.float16])
+def test_wrap_phase_has_gradient_one_also_at_pi(dtype):
+    # wrapping subtracts a constant multiple of 2π; half precision's last clamp to ±π had gradient 0 at π
+    # itself under torch 2.14 (its clamp's gradient at the bounds)
+    pi = torch.tensor(math.pi, dtype=dtype).item()
+    theta = torch.tensor([pi, -pi, 3 * pi, 0.5, -3.0], dtype=dtype, requires_grad=True)
+    wrap_phase(theta).sum().backward()
+    assert theta.grad.tolist() == [1.0] * 5

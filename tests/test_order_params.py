@@ -274,6 +274,19 @@ def test_gradients_are_finite_even_at_zero_coherence():
     assert torch.autograd.gradcheck(lambda th: order_parameter(th)[0], (x,))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gradient_of_R_where_it_rounds_to_one(weighted):
+    # R = cos(δ/2) for two phases δ apart rounds to 1.0; its gradient ∓sin(δ/2)/2 must survive (a clamp of R
+    # to [0, 1] had gradient 0 at 1.0 itself under torch 2.14)
+    delta = 1e-9
+    theta = torch.tensor([0.0, delta], dtype=f64, requires_grad=True)
+    R, _ = order_parameter(theta, weights=torch.ones(2, dtype=f64) if weighted else None)
+    assert R.item() == 1.0
+    R.backward()
+    expected = torch.tensor([math.sin(delta / 2) / 2, -math.sin(delta / 2) / 2], dtype=f64)
+    torch.testing.assert_close(theta.grad, expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: order_parameter([0.0, 1.0]), "theta"),
     (lambda: order_parameter(torch.zeros(3), dim=1), "dim"),
