@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 from pathlib import Path
@@ -237,8 +239,16 @@ def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, *
     not a torch file, another object) is a ValueError starting ``name:`` and ending with ``advice``."""
     load_options.setdefault("map_location", "cpu")
     try:
-        state = torch.load(path, weights_only=False, **load_options)
+        # tensors and plain Python data only, all a checkpoint holds: loading a file never runs code from it
+        state = torch.load(path, weights_only=True, **load_options)
     except Exception as err:  # not a torch file, truncated, empty: pickle, zip and OS errors alike
+        if isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed"):
+            # torch's advice (weights_only=False if you trust the source) is not one to pass on
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            named = f" ({found.group(1)})" if found else ""
+            raise ValueError(f"{name}: {str(path)!r} holds objects other than tensors and plain Python data{named}, "
+                             "which recipes.train never writes and which are not loaded (they could run code); "
+                             f"{advice}") from err
         raise ValueError(f"{name}: {str(path)!r} cannot be read ({type(err).__name__}: {err}); {advice}") from err
     if not isinstance(state, dict) or not set(keys) <= state.keys():
         listed = ", ".join(keys[:-1]) + " and " + keys[-1]

@@ -268,7 +268,7 @@ class _Corpora:
             raise ValueError(f"{moved} and has no checkpoint recording the corpus's sha256 to check its text "
                              "against; give the sweep the data settings it was trained with, or delete that run")
         try:  # mmap: the header only, not the weights
-            identity = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("corpus")
+            identity = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("corpus")
         except Exception as err:  # a torn or foreign file: say which
             raise ValueError(f"{moved} and its {checkpoint.name} cannot be read ({err})") from None
         if identity is None:
@@ -320,7 +320,7 @@ def _checkpoint_header(run_dir: Path) -> dict:
     if checkpoint is None:
         return {}
     try:
-        header = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        header = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a torn or foreign file: the settings are compared as written
         return {}
     return header if isinstance(header, dict) else {}

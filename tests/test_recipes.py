@@ -1435,8 +1435,8 @@ def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
         torch.save(other, run / "last.pt")
         with pytest.raises(ValueError, match=r"--resume: '.*last.pt' is not a checkpoint written by recipes.train"):
             train(parse_config(values), resume=True)
-    # a torch file whose pickle names a class that no longer exists (a module renamed since): not a
-    # RuntimeError like the others, still the same error naming the file
+    # a torch file whose pickle names a class (one that no longer exists, from a module renamed since): it
+    # is not unpickled, and the error names the file and the class
     import sys
     import types
     gone = types.ModuleType("a_module_removed_since")
@@ -1446,7 +1446,8 @@ def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
         torch.save({"model": gone.Gone()}, run / "last.pt")
     finally:
         del sys.modules["a_module_removed_since"]
-    with pytest.raises(ValueError, match=r"--resume: '.*last.pt' cannot be read \(ModuleNotFoundError: "):
+    with pytest.raises(ValueError, match=r"^--resume: '.*last.pt' holds objects other than tensors and plain Python "
+                                         r"data \(a_module_removed_since.Gone\), which recipes.train never writes"):
         train(parse_config(values), resume=True)
     (run / "last.pt").write_bytes(whole)
     assert train(parse_config(apply_overrides(values, ["train.max_iters=3"])), resume=True)["step"] == 3
@@ -1678,6 +1679,33 @@ def trained(tmp_path_factory, corpus_file) -> Path:
     tmp_path = tmp_path_factory.mktemp("trained")
     train(parse_config(tiny(tmp_path, corpus_file, train={"max_iters": 30, "eval_interval": 15})))
     return tmp_path / "run"
+
+
+class _WritesAFile:
+    """A pickle that, when loaded, writes the file its path names: what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "code from the checkpoint ran"))
+
+
+def test_loading_a_checkpoint_runs_no_code_from_it(trained, tmp_path):
+    # evaluate, generate, interpret, --resume and the sweep read checkpoints; a shared .pt whose pickle calls
+    # a function ran it (torch.load with weights_only=False), before any check
+    state = torch.load(trained / "last.pt", weights_only=True)
+    marker = tmp_path / "ran.txt"
+    torch.save({**state, "extra": _WritesAFile(marker)}, tmp_path / "shared.pt")
+    with pytest.raises(ValueError, match=r"^checkpoint: '.*shared.pt' holds objects other than tensors and plain "
+                                         r"Python data \((builtins\.)?getattr\), which recipes.train never writes"):
+        load_run(tmp_path / "shared.pt")
+    assert not marker.exists()
+    from recipes.sweep import _checkpoint_header
+    (tmp_path / "run").mkdir()
+    (tmp_path / "shared.pt").rename(tmp_path / "run" / "last.pt")
+    assert _checkpoint_header(tmp_path / "run") == {} and not marker.exists()  # unreadable: compared as written
+    assert load_run(trained)[2].model == parse_saved_config(state["config"]).model  # a run's own loads
 
 
 def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
