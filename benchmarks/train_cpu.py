@@ -191,7 +191,7 @@ def full_val_loss(kind: str, path: Path, data_path: str) -> float:
     from recipes.evaluate import evaluate_split, load_corpus
     if kind == "nanogpt-loop":
         from recipes.data import CharTokenizer
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)  # its own file: chars and tensors
         tokenizer = CharTokenizer(saved["chars"])
         model = NanoGPT(len(saved["chars"]))
         model.load_state_dict(saved["model"])
