@@ -124,7 +124,7 @@ def test_training_on_gpu_defaults_to_bf16_mixed_learns_and_resumes(tmp_path, mon
                            "batch_size": 4, "block_size": 16, "progress_bar": False, "plots": False})
     straight = tiny(tmp_path / "a", corpus, **settings)
     result = train(parse_config(straight))
-    state = torch.load(tmp_path / "a" / "run" / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "a" / "run" / "last.pt", map_location="cpu", weights_only=True)
     first = next(h["train_loss"] for h in state["progress"]["history"] if "train_loss" in h)
     assert result["status"] == "finished" and result["final_val_loss"] < first - 0.5
     assert state["trained_precision"] == "bf16-mixed"  # what precision null resolves to on a GPU
@@ -135,7 +135,7 @@ def test_training_on_gpu_defaults_to_bf16_mixed_learns_and_resumes(tmp_path, mon
     interrupted = tiny(tmp_path / "b", corpus, **settings)
     saved, resumed_result = interrupt_then_resume(interrupted, 23, monkeypatch)
     assert saved["progress"]["step"] == 23 and resumed_result["step"] == 40
-    resumed = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    resumed = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=True)["model"]
     # GPU kernels may sum in a different order from run to run, so equal up to rounding, not bit for bit
     for key, value in state["model"].items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-3, atol=1e-4, msg=key)

@@ -70,12 +70,12 @@ def tiny(tmp_path: Path, corpus_file: Path, **sections) -> dict:
 
 
 def weights(run_dir: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / name, map_location="cpu", weights_only=False)["model"]
+    return torch.load(run_dir / name, map_location="cpu", weights_only=True)["model"]
 
 
 def logged(run_dir: Path, *prefixes: str) -> list[float]:
     """The values in ``last.pt``'s history whose keys start with one of ``prefixes``, in order."""
-    history = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    history = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["progress"]["history"]
     return [value for entry in history for key, value in entry.items() if key.startswith(prefixes)]
 
 
@@ -663,7 +663,7 @@ def test_runs_saved_with_settings_refused_since_still_load(tmp_path, corpus_file
     values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
     train(parse_config(values))
     checkpoint = tmp_path / "run" / "last.pt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["config"]["data"]["download"] = False
     state["config"]["optim"].update(schedule="constant", min_lr=0.0)
     with pytest.raises(ConfigError, match="data.download"):
@@ -706,7 +706,7 @@ def test_every_optim_setting_reaches_adamw(tmp_path, corpus_file):
     # optim.weight_decay, betas and eps were checked by the config but never compared with what AdamW got
     optim = {"lr": 2e-3, "min_lr": 1e-4, "weight_decay": 0.05, "betas": [0.8, 0.95], "eps": 1e-6, "warmup_iters": 0}
     train(parse_config(tiny(tmp_path, corpus_file, optim=optim, train={"max_iters": 2, "eval_interval": 2})))
-    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     decay, no_decay = state["optimizer"]["param_groups"]
     model, *_ = load_run(tmp_path / "run" / "last.pt")
     expected = param_groups(model, 0.05)
@@ -747,7 +747,7 @@ def test_train_writes_checkpoints_logs_plots_and_learns(tmp_path, corpus_file, c
         assert (run / name).is_file(), name
     assert not list(run.glob("*.tmp"))
     assert list((run / "logs").rglob("metrics.csv")) and list((run / "tensorboard").rglob("events.*"))
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 40 and state["tokenizer"]["kind"] == "char"
     assert "rng" in state and set(state["optimizer"]) == {"state", "param_groups"}
     history = state["progress"]["history"]
@@ -783,7 +783,7 @@ def test_logs_every_log_interval_and_evaluates_every_eval_interval_and_at_the_en
     # 7 steps, every 3rd: steps 3 and 6, and the last step (7) although it is no multiple of either
     values = tiny(tmp_path, corpus_file, train={"max_iters": 7, "eval_interval": 3, "log_interval": 3})
     result = train(parse_config(values))
-    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["history"]
     assert [h["step"] for h in history if "train_loss" in h] == [3, 6, 7]
     evals = [h for h in history if "val_loss" in h]
     assert [h["step"] for h in evals] == [3, 6, 7] and result["final_val_loss"] == evals[-1]["val_loss"]
@@ -849,7 +849,7 @@ def test_fp16_loss_scale_overflows_skip_updates_and_the_scale_is_saved(tmp_path,
     assert result["status"] == "finished" and result["step"] == 12
     assert 0 < saved["precision"]["scale"] <= 2.0 ** 20  # lowered by the skipped updates, then saved
     assert scalers[1].state_dict()["scale"] <= saved["precision"]["scale"]  # the resumed run went on from it
-    final = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    final = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(final[k], saved["model"][k]) for k in final)  # and its updates were applied
 
 
@@ -885,7 +885,7 @@ def interrupt_at(values: dict, at_step: int, monkeypatch, signum: int | None = N
         train(parse_config(values), resume=resume)
     assert getattr(stop.value, "signum", None) == signum  # run_cli's exit status: 128 + signum (143 for SIGTERM)
     monkeypatch.setattr(train_module, "get_batch", real_get_batch)
-    return torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(values["out_dir"]) / "last.pt", map_location="cpu", weights_only=True)
 
 
 def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int | None = None,
@@ -1009,7 +1009,7 @@ def test_a_resume_in_another_precision_than_the_run_trained_in_is_refused(tmp_pa
     values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "precision": None}, train={"max_iters": 4})
     train(parse_config(values))
     last = tmp_path / "run" / "last.pt"
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["trained_precision"] == "32-true"
     torch.save({**state, "trained_precision": "bf16-mixed"}, last)  # as if trained on a GPU
     with pytest.raises(ValueError, match=r"^fabric.precision: the run trained in bf16-mixed but would resume in "
@@ -1044,7 +1044,7 @@ def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file,
         train(parse_config(values), overwrite=True)
     assert "interrupted during update 6: not saved (last.pt keeps the last saved state; continue with --resume)" in (
         capsys.readouterr().out)
-    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 4
+    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 4
 
 
 @pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])
@@ -1072,11 +1072,11 @@ def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_
     values = tiny(tmp_path / "b", corpus_file)
     with pytest.raises(KeyboardInterrupt):
         train(parse_config(values))
-    saved = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert saved["progress"]["step"] == 8 and saved["progress"]["eval_due"]
     assert train(parse_config(values), resume=True) == expected
     for name in ("best.pt", "last.pt"):
-        a, b = (torch.load(tmp_path / run / "run" / name, map_location="cpu", weights_only=False) for run in "ab")
+        a, b = (torch.load(tmp_path / run / "run" / name, map_location="cpu", weights_only=True) for run in "ab")
         assert a["progress"] == b["progress"], name
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
@@ -1121,7 +1121,7 @@ def test_a_run_resumed_to_end_at_the_step_it_was_interrupted_at_ends_with_an_eva
     values = tiny(tmp_path, corpus_file)
     interrupt_at(values, 7, monkeypatch)
     result = train(parse_config(apply_overrides(values, ["train.max_iters=7"])), resume=True)
-    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["progress"]["history"]
+    history = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["history"]
     assert [h["step"] for h in history if "val_loss" in h] == [4, 7]
     assert result["status"] == "finished" and result["step"] == 7
     assert result["final_val_loss"] == [h for h in history if "val_loss" in h][-1]["val_loss"]
@@ -1162,7 +1162,7 @@ def test_resume_accepts_a_checkpoint_from_before_a_config_key_was_added(tmp_path
     values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
     train(parse_config(values))
     path = tmp_path / "run" / "last.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     del state["config"]["optim"]["fused"]  # as written before optim.fused existed: its default applies
     torch.save(state, path)
     assert train(parse_config(values), resume=True)["step"] == 4
@@ -1173,7 +1173,7 @@ def test_resume_accepts_a_checkpoint_from_before_a_progress_key_was_added(tmp_pa
     values = tiny(tmp_path, corpus_file, train={"max_iters": 4, "eval_interval": 2})
     train(parse_config(values))
     path = tmp_path / "run" / "last.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("shards", "eval_due", "stopped"):
         del state["progress"][key]
     torch.save(state, path)
@@ -1215,7 +1215,7 @@ def test_resume_takes_a_null_tokenizer_as_the_corpuss_own_level(tmp_path, corpus
     train(parse_config(values))
     assert train(parse_config(apply_overrides(values, ["data.tokenizer=null", "train.max_iters=3"])),
                  resume=True)["step"] == 3  # char, resumed with null
-    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)["config"]["data"]
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["config"]["data"]
     assert saved["tokenizer"] is None  # the resumed run's config was saved: null, resumed with char next
     assert train(parse_config(apply_overrides(values, ["train.max_iters=4"])), resume=True)["step"] == 4
     with pytest.raises(ValueError, match=r"differs from the checkpoint's in data.tokenizer;"):  # another level
@@ -1227,7 +1227,7 @@ def test_resume_takes_model_vocab_size_spelled_out_as_the_tokenizers_as_no_chang
     # the same model, spelled out or not, was "a change of model.vocab_size"
     values = tiny(tmp_path, corpus_file, train={"max_iters": 2, "eval_interval": 2})
     train(parse_config(values))
-    size = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)[
+    size = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)[
         "model"]["tok_emb.weight"].shape[0]
     assert train(parse_config(apply_overrides(values, [f"model.vocab_size={size}", "train.max_iters=3"])),
                  resume=True)["step"] == 3  # omitted, resumed spelled out
@@ -1266,7 +1266,7 @@ def test_fused_adamw_is_used_and_matches_foreach(tmp_path, corpus_file):
     for fused in (True, False):
         result = train(parse_config(tiny(tmp_path / str(fused), corpus_file,
                                          optim={"lr": 3e-3, "warmup_iters": 2, "fused": fused})))
-        state = torch.load(tmp_path / str(fused) / "run" / "last.pt", map_location="cpu", weights_only=False)
+        state = torch.load(tmp_path / str(fused) / "run" / "last.pt", map_location="cpu", weights_only=True)
         assert all(group["fused"] is fused for group in state["optimizer"]["param_groups"])
         losses[fused] = result["final_val_loss"]
     # the same algorithm; rounding differs, and Adam amplifies it where gradients are near zero
@@ -1350,7 +1350,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
         train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True}, optim={"fused": not scaled})))
     run = tmp_path / "run"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     result = json.loads((run / "result.json").read_text())
@@ -1412,7 +1412,7 @@ main(["--config", {str(config)!r}])
     done = _run_recipe(["-c", script])
     assert done.returncode == -9, done.stderr[-2000:]
     run = tmp_path / "run"
-    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 4
     # and the run resumes from it to the end
     done = _run_recipe(["-m", "recipes.train", "--config", str(config), "--resume"])
@@ -1533,7 +1533,7 @@ run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
     # rank 0's status (this one) is that of the signal rank 1 got: 130 for SIGINT, 143 for SIGTERM
     assert done.returncode == 128 + signum and "Traceback" not in done.stderr, done.stderr[-3000:]
     run = tmp_path / "run"
-    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 5
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 5
     done = _run_recipe(["-m", "recipes.train", "--config", str(config), "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     # the same run as one process on the same global batch (as in the DDP test above)
@@ -1592,7 +1592,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert result["best_val_loss"] == 2.5 and result["final_val_loss"] == 2.7
     # R at the evaluation best.pt holds (the first 2.5) and at the last; per layer, not per head
     assert result["best_val_R"] == {"layer1": 0.1} and result["final_val_R"] == {"layer1": pytest.approx(0.4)}
-    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=True)
     assert best["progress"]["step"] == 4  # the first 2.5
     assert train(parse_config(values), resume=True) == result  # stopped stays stopped: no more steps
     assert next(scripted) == 1.0  # and no further evaluation
@@ -1693,7 +1693,7 @@ class _WritesAFile:
 
 def test_loading_a_checkpoint_runs_no_code_from_it(trained, tmp_path):
     # evaluate, generate, interpret, --resume and the sweep read checkpoints; a shared .pt whose pickle calls
-    # a function ran it (torch.load with weights_only=False), before any check
+    # a function ran it (torch.load with weights_only=True), before any check
     state = torch.load(trained / "last.pt", weights_only=True)
     marker = tmp_path / "ran.txt"
     torch.save({**state, "extra": _WritesAFile(marker)}, tmp_path / "shared.pt")
@@ -1850,7 +1850,7 @@ def test_perplexity_of_a_hopeless_model_is_inf_not_an_overflow():
 def test_a_corpus_changed_since_training_is_an_error_not_a_wrong_score(trained, corpus_file, tmp_path, recipe,
                                                                        recorded):
     import importlib
-    saved = torch.load(trained / "last.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(trained / "last.pt", map_location="cpu", weights_only=True)
     changed = tmp_path / "text.txt"  # the same text with "q" gone: the ids of later characters shift
     changed.write_text(corpus_file.read_text().replace("q", "k"))
     saved["config"]["data"]["path"] = str(changed)
@@ -1894,7 +1894,7 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     run = tmp_path / "run"
     sha = hashlib.sha256(text.read_bytes()).hexdigest()
     for name in ("best.pt", "last.pt"):
-        state = torch.load(run / name, map_location="cpu", weights_only=False)
+        state = torch.load(run / name, map_location="cpu", weights_only=True)
         assert state["corpus"] == {"sources": {"all": sha}}, name
     # the same text: every recipe reads it, and a resume goes on
     interpret_main([str(run), "--batches", "1", "--batch-size", "2", "--device", "cpu"])
@@ -1919,7 +1919,7 @@ def test_a_replaced_corpus_file_is_refused_by_evaluate_interpret_and_resume(tmp_
     with pytest.raises(ValueError, match=f"^--resume: the corpus is not the text the run was trained on: "
                                          f"{stale}; restore the text .* or train on this one in a new run"):
         train(parse_config(_byte_run(tmp_path, corpus_file, 8)[0]), resume=True)
-    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["progress"]["step"] == 6
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 6
     assert json.loads((run / "result.json").read_text())["step"] == 6  # the refused resume changed nothing
     with pytest.raises(SystemExit) as stop:  # on the command line: one error line, exit status 2
         run_cli(lambda: evaluate_main([str(run), "--device", "cpu"]))
@@ -1951,7 +1951,7 @@ def test_a_checkpoint_without_a_corpus_record_still_evaluates_and_resumes(tmp_pa
     run = tmp_path / "run"
     evaluated = evaluate_main([str(run), "--device", "cpu"])
     for name in ("best.pt", "last.pt"):  # as written before checkpoints recorded the corpus
-        state = torch.load(run / name, map_location="cpu", weights_only=False)
+        state = torch.load(run / name, map_location="cpu", weights_only=True)
         del state["corpus"]
         torch.save(state, run / name)
     with pytest.warns(UserWarning, match="recorded the corpus's sha256; only its vocabulary is checked"):
@@ -1960,7 +1960,7 @@ def test_a_checkpoint_without_a_corpus_record_still_evaluates_and_resumes(tmp_pa
     assert train(parse_config(_byte_run(tmp_path, corpus_file, 6)[0]), resume=True)["step"] == 6
     assert "records no sha256 of the corpus (written by an older version)" in capsys.readouterr().out
     sha = hashlib.sha256(text.read_bytes()).hexdigest()  # recorded from now on
-    assert torch.load(run / "last.pt", map_location="cpu", weights_only=False)["corpus"] == {"sources": {"all": sha}}
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["corpus"] == {"sources": {"all": sha}}
 
 
 def test_a_checkpoint_without_a_corpus_record_refuses_a_corpus_with_another_vocabulary(tmp_path, corpus_file):
@@ -1970,7 +1970,7 @@ def test_a_checkpoint_without_a_corpus_record_refuses_a_corpus_with_another_voca
     values = tiny(tmp_path, text, train={"max_iters": 2, "eval_interval": 2})
     train(parse_config(values))
     path = tmp_path / "run" / "last.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     del state["corpus"]  # as written before checkpoints recorded the corpus
     torch.save(state, path)
     text.write_text(text.read_text() + "XYZ\n")
@@ -2263,7 +2263,7 @@ def test_interpret_reports_R_per_head(trained, tmp_path):
     report = main([str(trained), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
     assert (tmp_path / "R_tokens.png").is_file() and (tmp_path / "R_steps.png").is_file()
     assert report["layers"]["1"]["mean"] == pytest.approx(R.mean((0, 2)).tolist(), abs=1e-6)
-    best_step = torch.load(trained / "best.pt", map_location="cpu", weights_only=False)["progress"]["step"]
+    best_step = torch.load(trained / "best.pt", map_location="cpu", weights_only=True)["progress"]["step"]
     assert (report["checkpoint"], report["step"], report["split"], report["windows"]) == ("best.pt", best_step, "val", 8)
     # another checkpoint: its own files, named after it (it replaced best.pt's, which did not say whose they were)
     best_files = {name: (tmp_path / name).read_bytes() for name in ("interpret.json", "R_tokens.png", "R_steps.png")}
@@ -2538,7 +2538,7 @@ def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
     R = []
     for seed in (1, 2):
         run_dir = tmp_path / "sweep" / "tiny" / f"seed{seed}"
-        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)["progress"]["history"][-1]
+        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["progress"]["history"][-1]
         assert json.loads((run_dir / "result.json").read_text())["best_val_R"] == {"layer1": best["val_R/layer1"]}
         R.append(best["val_R/layer1"])
     assert [r["R_layer1"] for r in rows] == R and 0 < min(R) and max(R) < 1
@@ -2742,7 +2742,7 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_pat
     monkeypatch.setattr(train_module, "build_model", build_model)
     with pytest.raises(TrainingDiverged, match=r"step 5: loss \d[^,]*, gradient norm nan"):
         train(parse_config(tiny(tmp_path, corpus_file)))
-    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
 
@@ -2973,7 +2973,7 @@ def test_evaluate_keeps_every_result_under_its_checkpoint(trained, tmp_path, cap
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "evaluation.json").unlink(missing_ok=True)
-    step = torch.load(run / "best.pt", weights_only=False)["progress"]["step"]
+    step = torch.load(run / "best.pt", weights_only=True)["progress"]["step"]
     best_file, last_file = evaluate._written(run / "best.pt"), evaluate._written(run / "last.pt")
     earlier = {"loss": 1.0}
     (run / "evaluation.json").write_text(json.dumps({"best.pt": {"step": step, "written": best_file, "test": earlier},
@@ -2982,7 +2982,7 @@ def test_evaluate_keeps_every_result_under_its_checkpoint(trained, tmp_path, cap
     assert f"wrote {run / 'evaluation.json'}" in capsys.readouterr().out
     last = evaluate.main([str(run / "last.pt")])["val"]  # a file: its folder's evaluation.json
     recorded = json.loads((run / "evaluation.json").read_text())
-    last_step = torch.load(run / "last.pt", weights_only=False)["progress"]["step"]
+    last_step = torch.load(run / "last.pt", weights_only=True)["progress"]["step"]
     assert recorded == {"best.pt": {"step": step, "written": best_file, "test": earlier, "val": best},  # test kept
                         "old.pt": {"step": 3, "val": earlier},
                         "last.pt": {"step": last_step, "written": last_file, "val": last}}
