@@ -235,8 +235,8 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
 
 
 def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, **load_options) -> dict:
-    """The mapping saved at ``path`` by recipes.train, holding ``keys``; anything else (empty, cut short,
-    not a torch file, another object) is a ValueError starting ``name:`` and ending with ``advice``."""
+    """The mapping saved at ``path`` by recipes.train, holding ``keys`` (none: any mapping); anything else (empty,
+    cut short, not a torch file, another object) is a ValueError starting ``name:`` and ending with ``advice``."""
     load_options.setdefault("map_location", "cpu")
     try:
         # tensors and plain Python data only, all a checkpoint holds: loading a file never runs code from it
@@ -251,9 +251,8 @@ def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, *
                              f"{advice}") from err
         raise ValueError(f"{name}: {str(path)!r} cannot be read ({type(err).__name__}: {err}); {advice}") from err
     if not isinstance(state, dict) or not set(keys) <= state.keys():
-        listed = ", ".join(keys[:-1]) + " and " + keys[-1]
-        raise ValueError(f"{name}: {str(path)!r} is not a checkpoint written by recipes.train (no {listed} in it); "
-                         f"{advice}")
+        listed = f" (no {', '.join(keys[:-1])} and {keys[-1]} in it)" if keys else ""
+        raise ValueError(f"{name}: {str(path)!r} is not a checkpoint written by recipes.train{listed}; {advice}")
     return state
 
 

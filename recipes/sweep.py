@@ -43,10 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from models.config import ConfigError
-from recipes.common import Interrupted, mean_ci95, perplexity, resolved_precision, run_cli
+from recipes.common import Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision, run_cli
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.data import tokenizer_from_dict
@@ -267,10 +265,9 @@ class _Corpora:
         if checkpoint is None:
             raise ValueError(f"{moved} and has no checkpoint recording the corpus's sha256 to check its text "
                              "against; give the sweep the data settings it was trained with, or delete that run")
-        try:  # mmap: the header only, not the weights
-            identity = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("corpus")
-        except Exception as err:  # a torn or foreign file: say which
-            raise ValueError(f"{moved} and its {checkpoint.name} cannot be read ({err})") from None
+        # mmap: the header only, not the weights; a torn or foreign file is an error naming it
+        identity = read_checkpoint(checkpoint, moved, (), "give the sweep the data settings it was trained with, "
+                                   "or delete that run", mmap=True).get("corpus")
         if identity is None:
             raise ValueError(f"{moved} and its {checkpoint.name} records no sha256 of the corpus (written by an "
                              "older version); give the sweep the data settings it was trained with")
@@ -320,10 +317,9 @@ def _checkpoint_header(run_dir: Path) -> dict:
     if checkpoint is None:
         return {}
     try:
-        header = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a torn or foreign file: the settings are compared as written
+        return read_checkpoint(checkpoint, "checkpoint", (), "", mmap=True)
+    except ValueError:  # a torn or foreign file: the settings are compared as written
         return {}
-    return header if isinstance(header, dict) else {}
 
 
 def _trained_precision(run_dir: Path) -> str | None:

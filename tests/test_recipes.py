@@ -1705,6 +1705,13 @@ def test_loading_a_checkpoint_runs_no_code_from_it(trained, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "shared.pt").rename(tmp_path / "run" / "last.pt")
     assert _checkpoint_header(tmp_path / "run") == {} and not marker.exists()  # unreadable: compared as written
+    from recipes.sweep import _Corpora  # a sweep given the corpus elsewhere reads the run's record of it
+    with pytest.raises(ValueError, match=r"^\[sweep\] .*run was trained with its corpus elsewhere \(data.path\): "
+                                         r"'.*last.pt' holds objects other than tensors and plain Python data "
+                                         r"\((builtins\.)?getattr\), .*; give the sweep the data settings it was "
+                                         r"trained with, or delete that run$"):
+        _Corpora().check(tmp_path / "run", parse_saved_config(state["config"]).data, ["data.path"])
+    assert not marker.exists()
     assert load_run(trained)[2].model == parse_saved_config(state["config"]).model  # a run's own loads
 
 
