@@ -6,10 +6,19 @@ change a tensor in place give each module a new ``Parameter`` of its own, and ``
 assigns each key its own tensor: the head was then a second parameter, trained apart from the embedding (its own
 gradient, optimizer state and weight decay). A model calls :func:`tie_after_load` once and routes its ``_apply``
 through :func:`apply_tied`; a head untied or replaced on purpose is left as it is.
+
+A tied model's state dict names the one tensor twice. Loading one that holds it once (``safetensors``'
+``save_model`` keeps one name of a shared tensor) fills the other name with it, so the load is complete (also with
+``strict=True``) and ``assign=True`` keeps the model tied; one whose head and embedding differ (saved from a model
+untied on purpose) is an error, as the tied model cannot hold both: before, the head's values silently overwrote
+the embedding's.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 
 
@@ -24,13 +33,48 @@ def apply_tied(model: nn.Module, apply, fn, recurse: bool) -> nn.Module:
 
 
 def tie_after_load(model: nn.Module) -> None:
-    """Register :func:`_tie_loaded` to run after every ``load_state_dict`` of ``model``."""
+    """Register :func:`_load_tied` to run before and :func:`_tie_loaded` after every ``load_state_dict`` of
+    ``model``."""
+    # the public name of the pre-hook is torch 2.5+; the private one (with_module=True) is what it calls
+    register = getattr(model, "register_load_state_dict_pre_hook", None) or \
+        functools.partial(model._register_load_state_dict_pre_hook, with_module=True)
+    register(_load_tied)
     model.register_load_state_dict_post_hook(_tie_loaded)
 
 
 def _weights(model: nn.Module) -> tuple:
     """``(head.weight, tok_emb.weight)``, ``None`` for either that is missing (e.g. a head replaced by the user)."""
     return tuple(getattr(getattr(model, name, None), "weight", None) for name in ("head", "tok_emb"))
+
+
+def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+               unexpected_keys, error_msgs: list) -> None:
+    """Before a tied model loads ``state_dict`` (its own copy, which torch's children are loaded from): one tensor
+    under both names, or an error in ``error_msgs`` where the two differ."""
+    head, embedding = _weights(model)
+    if not (isinstance(head, nn.Parameter) and head is embedding):
+        return  # untied or replaced on purpose: each key is loaded where it belongs
+    names = (f"{prefix}head.weight", f"{prefix}tok_emb.weight")
+    loaded = [state_dict.get(name) for name in names]
+    if loaded[0] is None and loaded[1] is None:
+        return  # neither: missing as any other key
+    if loaded[0] is not None and loaded[1] is not None and _differ(*loaded):
+        error_msgs.append(f"{names[0]} and {names[1]} differ, but this model's head is tied to its embedding and "
+                          "holds one of them; untie it first to load both (model.head.weight = "
+                          "torch.nn.Parameter(model.tok_emb.weight.detach().clone()))")
+        return
+    state_dict[names[0]] = state_dict[names[1]] = loaded[1] if loaded[1] is not None else loaded[0]
+
+
+def _differ(a, b) -> bool:
+    """Whether two loaded tensors hold different values (not comparable, e.g. on the meta device, of other
+    shapes, which torch's own checks report, or tensor subclasses such as sharded ones: not counted)."""
+    if not {type(a), type(b)} <= {torch.Tensor, nn.Parameter} or a.shape != b.shape or a.device != b.device \
+            or a.is_meta or a.dtype != b.dtype:
+        return False
+    same_storage = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and \
+        a.storage_offset() == b.storage_offset() and a.stride() == b.stride()
+    return not same_storage and not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def _tie_loaded(model: nn.Module, incompatible_keys) -> None:

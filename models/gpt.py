@@ -331,6 +331,11 @@ class GPT(nn.Module):
     gets ``nn.Embedding``'s N(0, 1) embeddings and ``nn.Linear``'s default weights, not this model's
     N(0, 0.02); where the head gets its storage on its own (FSDP1), it is no longer tied to the token
     embedding. Build the model directly (as the recipes do), or load a state dict once it is materialised.
+
+    State dicts: the tied head and embedding are one tensor under two keys. A state dict that names it once (as
+    ``safetensors``' ``save_model`` writes it) loads complete and tied, also with ``assign=True``; one whose
+    ``head.weight`` and ``tok_emb.weight`` differ is an error (the tied model cannot hold both: untie its head
+    first). See ``models/_tied.py``.
     """
 
     def __init__(self, config: GPTConfig):

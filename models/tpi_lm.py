@@ -139,7 +139,8 @@ class TPILM(nn.Module):
 
     Deferred initialisation: materialised from the meta device module by module (FSDP, Fabric's
     ``init_module(empty_init=True)``), the token embedding gets ``nn.Embedding``'s N(0, 1), not N(0, 0.02),
-    and the head may come untied, as for :class:`~models.gpt.GPT`: build the model directly.
+    and the head may come untied, as for :class:`~models.gpt.GPT`: build the model directly. State dicts with the
+    tied tensor named once, or with a head that differs from the embedding, load as for GPT.
     """
 
     def __init__(self, config: TPILMConfig):

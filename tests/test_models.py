@@ -948,6 +948,48 @@ def test_the_head_stays_tied_to_the_embedding_when_built_on_the_meta_device(name
     replaced.head = torch.nn.Identity()  # a head of the user's, without a weight
     assert isinstance(replaced.to(torch.float32).head, torch.nn.Identity)
 
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_a_state_dict_naming_the_tied_tensor_once_loads_tied(name):
+    # safetensors' save_model keeps one name of a shared tensor; with assign=True the other attribute kept its
+    # random initial weights: an untied model with wrong logits, and only the expected missing key to show it
+    trained, idx = MODEL_CASES[name](), tokens(2, 5)
+    for kept in ("head.weight", "tok_emb.weight"):
+        dropped = {"head.weight": "tok_emb.weight", "tok_emb.weight": "head.weight"}[kept]
+        state = {key: value for key, value in trained.state_dict().items() if key != dropped}
+        for assign in (True, False):
+            torch.manual_seed(5)
+            model = MODEL_CASES[name]()
+            assert model.load_state_dict(state, assign=assign, strict=True).missing_keys == []
+            assert model.head.weight is model.tok_emb.weight
+            torch.testing.assert_close(model(idx)[0], trained(idx)[0], rtol=0, atol=0)
+        outer, wrapped = torch.nn.ModuleDict({"lm": MODEL_CASES[name]()}), {f"lm.{k}": v for k, v in state.items()}
+        outer.load_state_dict(wrapped, assign=True)  # inside another module: its keys carry a prefix
+        assert outer["lm"].head.weight is outer["lm"].tok_emb.weight
+        torch.testing.assert_close(outer["lm"](idx)[0], trained(idx)[0], rtol=0, atol=0)
+    copies = {key: value.clone() for key, value in trained.state_dict().items()}  # equal, not one storage
+    model = MODEL_CASES[name]()
+    model.load_state_dict(copies, assign=True)
+    assert model.head.weight is model.tok_emb.weight
+    torch.testing.assert_close(model(idx)[0], trained(idx)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_a_state_dict_whose_head_differs_from_its_embedding_is_refused_by_a_tied_model(name):
+    # saved from a model untied on purpose: the tied model loaded the head over the embedding, silently
+    untied = MODEL_CASES[name]()
+    untied.head.weight = torch.nn.Parameter(untied.tok_emb.weight.detach() * 2)
+    state = untied.state_dict()
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match=r"head.weight and tok_emb.weight differ, but this model's head is tied "
+                                               r"to its embedding .*; untie it first to load both"):
+            MODEL_CASES[name]().load_state_dict(state, assign=assign, strict=False)
+    model = MODEL_CASES[name]()
+    model.head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())  # untied: loads both
+    model.load_state_dict(state)
+    assert torch.equal(model.head.weight, untied.head.weight) and torch.equal(model.tok_emb.weight,
+                                                                               untied.tok_emb.weight)
+
+
 def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, max_seq_len=16, n_layers=4, n_heads=4, d_model=256,
