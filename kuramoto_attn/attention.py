@@ -50,15 +50,17 @@ Hessian-vector products) through them is an error. Under ``torch.func`` transfor
 checkpoints: the same values and gradients, with every intermediate of every step kept for backward;
 nested (``grad`` of ``grad``) they give second-order gradients, with SDPA's math kernel
 (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused kernels have no second derivative).
+``torch.func.functional_call`` under plain autograd (other weights for one call: fast weights, hypernetworks)
+gives the gradients of the weights it was given: the checkpoints rerun each step with them in backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field, replace
-from itertools import count
 
 import torch
 import torch.nn.functional as F
@@ -459,12 +461,18 @@ class KuramotoAttention(nn.Module):
         # dynamo first meets inside one checkpoint and reuses in the next crashes it (torch 2.13,
         # pytorch/pytorch#193194) once a layer with other dt / phase_lag was compiled in the process
         dt, phase_lag = float(self.dt), float(self.phase_lag)
+        contexts = {}
+        if save_memory and not torch.compiler.is_compiling():  # dynamo takes no context_fn of its own
+            # backward reruns each step with the tensors this forward read: torch.func.functional_call swaps
+            # the module's parameters for the forward only, and the rerun read the module's own (wrong gradients)
+            tensors = _tensors(self)
+            contexts["context_fn"] = lambda: (contextlib.nullcontext(), _tensors_put_back(self, tensors))
         for step in range(self.steps):
             if record_R:
                 R_steps.append(_order(theta.detach(), run.valid)[0])
             if save_memory:
                 theta = checkpoint(self._step, solver, theta, omega, step_run, step, dt, phase_lag,
-                                   use_reentrant=False)
+                                   use_reentrant=False, **contexts)
             else:
                 theta = self._step(solver, theta, omega, run, step, dt, phase_lag)
             theta = self.phase_noise(theta)
@@ -472,7 +480,7 @@ class KuramotoAttention(nn.Module):
 
     def _step(self, solver, theta: Tensor, omega: Tensor, run: _Pass, step: int, dt: float,
               phase_lag: float) -> Tensor:
-        stage = count()
+        stage = itertools.count()
         if self.coupling == "mean_field":
             coupling = self._mean_field
         elif self.coupling == "attention":
@@ -784,6 +792,32 @@ def _in_func_transform() -> bool:
     values, more memory for backward."""
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # no public test in torch 2.13
     return peek is not None and peek() is not None
+
+
+def _tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The parameters and buffers ``module`` holds now, by name (those of ``functional_call`` while it runs)."""
+    return dict(itertools.chain(module.named_parameters(remove_duplicate=False),
+                                module.named_buffers(remove_duplicate=False)))
+
+
+@contextlib.contextmanager
+def _tensors_put_back(module: nn.Module, tensors: dict[str, Tensor]):
+    """``module`` holding ``tensors`` (from :func:`_tensors`) again while the block runs; those it holds now
+    after it. Only tensors that differ are swapped: none, unless ``functional_call`` swapped them for the
+    forward."""
+    swapped = []
+    for name, tensor in tensors.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        slots = owner._parameters if attribute in owner._parameters else owner._buffers
+        if slots.get(attribute) is not tensor:
+            swapped.append((slots, attribute, slots.get(attribute)))
+            slots[attribute] = tensor
+    try:
+        yield
+    finally:
+        for slots, attribute, tensor in reversed(swapped):
+            slots[attribute] = tensor
 
 
 def _order(theta: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:

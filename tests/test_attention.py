@@ -1,5 +1,6 @@
 """KuramotoAttention against a naive O(t²·n) float64 reference, causality, cache and properties."""
 
+import copy
 import math
 
 import numpy as np
@@ -686,6 +687,38 @@ def test_torch_func_transforms_match_autograd(coupling, integrator):
     for i in range(x.shape[0]):
         torch.testing.assert_close({name: g[i] for name, g in per_sample.items()}, autograd_grads(x[i:i + 1]),
                                    rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("coupling,integrator", [("mean_field", "heun"), ("attention", "euler"), ("module", "rk4")])
+def test_functional_call_under_autograd_gives_the_gradients_of_the_weights_it_was_given(coupling, integrator):
+    """``functional_call`` with other weights ("fast weights", MAML, hypernetworks) and plain autograd: the
+    per-step checkpoints rerun in backward, after ``functional_call`` had put the layer's own parameters back,
+    and read K (and β, a module's own strength) from them: wrong gradients of K, β, qkv and phase_proj, silently;
+    with detached weights, a CheckpointError. The fused path passes its tensors explicitly and was right."""
+    from torch.func import functional_call
+
+    options = {}
+    if coupling == "module":  # a Coupling module with a learnable parameter of its own (and the lag)
+        coupling = MeanFieldCoupling(dim=-2, causal=True, strength=0.6, learnable=True, phase_lag=0.3)
+        options = {"phase_lag": 0.0}
+    layer = make_layer(coupling=coupling, integrator=integrator, **options)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen)
+    mask = left_padding(2, 5, gen)
+    fast = {name: (p.detach() + 0.3 * torch.randn(p.shape, dtype=p.dtype, generator=gen)).requires_grad_()
+            for name, p in layer.named_parameters()}
+    assert "coupling.strength" in fast or not isinstance(coupling, MeanFieldCoupling)
+    given = copy.deepcopy(layer)  # the same weights held as the module's own
+    with torch.no_grad():
+        for name, p in given.named_parameters():
+            p.copy_(fast[name])
+    got = torch.autograd.grad(functional_call(layer, fast, (x, mask)).pow(2).sum(), list(fast.values()))
+    expected = torch.autograd.grad(given(x, mask).pow(2).sum(), list(given.parameters()))
+    torch.testing.assert_close(dict(zip(fast, got)), dict(zip(fast, expected)), rtol=1e-12, atol=1e-12)
+    frozen, x = {name: p.detach() for name, p in fast.items()}, x.requires_grad_()  # the input's gradient only
+    got = torch.autograd.grad(functional_call(layer, frozen, (x, mask)).sum(), x)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(given(x, mask).sum(), x)[0], rtol=1e-12, atol=1e-12)
+    assert not any(p is fast[name] for name, p in layer.named_parameters())  # its own, put back
 
 
 @pytest.mark.parametrize("coupling,integrator", [("mean_field", "euler"), ("mean_field", "rk4"),
