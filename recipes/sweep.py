@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:  # an unknown flag, as argparse says it (not a malformed override)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = list(args.overrides) + extra + overrides
-    if args.sweep and args.sweep.endswith((".yaml", ".yml")):
+    # a sweep file whatever its name (s.YAML, mysweep): overrides were split off above
+    if args.sweep and ("=" not in args.sweep or Path(args.sweep).is_file()):
         if args.configs:
             parser.error("give a sweep YAML file or --configs, not both")
         spec = _read_sweep(args.sweep)
