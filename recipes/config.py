@@ -15,7 +15,9 @@ config class, chosen by ``model.type``), three top-level keys, and an optional `
 
 Every key is used or rejected with an error naming it (:class:`models.config.ConfigError`).
 Overrides are ``section.key=value`` strings whose value is parsed as YAML
-(``train.max_iters=100``, ``model.phase_layer_idx=[2]``, ``fabric.precision=bf16-mixed``).
+(``train.max_iters=100``, ``model.phase_layer_idx=[2]``, ``fabric.precision=bf16-mixed``). Files and overrides
+read integers as written: ``010`` is 10 (YAML 1.1 would read octal 8), ``1_000`` is 1000, and ``1:30`` is a string,
+not 90 (base 60).
 """
 
 from __future__ import annotations
@@ -258,6 +260,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         f"found the key {key!r} twice (first on line {first.start_mark.line + 1})",
                         key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 010 as octal 8 and 1:30 as 90 (base 60): a seed or a step count other than the one
+# written, silently. Here integers are decimal as written (YAML 1.2, Python), 0b and 0x as marked, and base-60
+# numbers are strings, which a number setting refuses. The patterns keep to YAML 1.1's numbers, so a string that
+# yaml.safe_dump writes unquoted (e.g. 08) never comes back as a number.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node) -> int:
+    digits = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if digits.startswith("-") else 1
+    digits = digits.lstrip("-+")
+    base = {"0b": 2, "0x": 16}.get(digits[:2], 10)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError:  # 0b_ or 0x_: no digits; a string, which a number setting refuses
+        return loader.construct_scalar(node)
+
+
+_UniqueKeyLoader.add_constructor(_INT_TAG, _construct_int)
 
 
 def _load_yaml_text(text: str) -> Any:

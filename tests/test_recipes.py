@@ -390,6 +390,41 @@ def test_an_override_of_a_float_reads_back_that_float_whatever_its_sign_or_size(
     assert math.isnan(apply_overrides({}, [override("optim.lr", float("nan"))])["optim"]["lr"])
 
 
+def test_integers_are_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path):
+    # PyYAML (YAML 1.1) read seed: 0123 as 83 and max_iters: 1:30 as 90, silently; 08 stayed a string
+    (tmp_path / "zeros.yaml").write_text("seed: 0123\ntrain: {max_iters: 1_000, eval_interval: 010, batch_size: 0x10}\n")
+    config = load_config(tmp_path / "zeros.yaml")
+    assert (config.seed, config.train.max_iters, config.train.eval_interval, config.train.batch_size) == (123, 1000,
+                                                                                                       10, 16)
+    config = load_config(tmp_path / "zeros.yaml", ["seed=010", "train.max_iters=+01_0"])
+    assert (config.seed, config.train.max_iters) == (10, 10)
+    assert apply_overrides({}, ["optim.betas=[0.9, -0.0]", "seed=-0b11"]) == {"optim": {"betas": [0.9, -0.0]},
+                                                                               "seed": -3}
+    for given in ("train.max_iters=1:30", "train.max_iters=08", "train.max_iters=0x_", "optim.lr=1:30.5"):
+        key, _, value = given.partition("=")
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected an? (integer|number).*{value}"):
+            load_config(None, [given])
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                    max_leaves=8))
+def test_a_run_config_written_by_yaml_safe_dump_reads_back_as_written(value):
+    """A run's config.yaml is written by yaml.safe_dump (YAML 1.1's rules for what to quote) and read by the
+    recipes' loader, whose numbers are fewer than YAML 1.1's: a string never comes back as a number."""
+    from recipes.config import _load_yaml_text
+    back = _load_yaml_text(yaml.safe_dump({"v": value}, sort_keys=False))["v"]  # as recipes.train writes it
+    def check(a, b):
+        assert type(a) is type(b), (a, b)
+        if isinstance(a, list):
+            assert len(a) == len(b) and all(check(x, y) is None for x, y in zip(a, b))
+        elif isinstance(a, dict):
+            assert list(a) == list(b) and all(check(a[k], b[k]) is None for k in a)
+        else:
+            assert a == b or (a != a and b != b), (a, b)
+    check(back, value)
+
+
 def test_a_key_given_twice_in_a_config_file_or_override_is_an_error_not_the_last_one_kept(tmp_path):
     # PyYAML keeps the last of two equal keys silently: a second train: section replaced the first
     # whole (its max_iters and batch_size fell back to the defaults), a repeated setting hid the other
