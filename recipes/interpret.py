@@ -28,7 +28,7 @@ from recipes.common import check_count_flag, checkpoint_file, load_run, pick_dev
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
-from recipes.plots import plot_R_curves
+from recipes.plots import check_plotting, plot_R_curves
 
 __all__ = ["main", "phase_statistics", "random_phase_R"]
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     check_count_flag(parser, "--batches", args.batches)
     check_count_flag(parser, "--batch-size", args.batch_size)
+    check_plotting("interpret")
     path = Path(args.run)
     checkpoint = checkpoint_file(path, args.checkpoint)
     model, tokenizer, config, state = load_run(checkpoint)

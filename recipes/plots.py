@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
 from recipes.files import staged
 
-__all__ = ["plot_history", "plot_R_curves"]
+__all__ = ["plot_history", "plot_R_curves", "check_plotting"]
+
+
+def check_plotting(what: str) -> None:
+    """Raise now (``what``: the setting that asks for plots) if matplotlib is missing: not after the work."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError(f"{what}: the plots need matplotlib (the `recipes` extra): "
+                                  'pip install -c constraints.txt -e ".[recipes]"', name="matplotlib")
 
 
 def _pyplot():

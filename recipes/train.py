@@ -60,6 +60,7 @@ from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig,
                             model_config, parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
+from recipes.plots import check_plotting, plot_history
 
 __all__ = ["main", "train", "TrainingDiverged", "learning_rate"]
 
@@ -147,6 +148,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         raise ValueError(f"out_dir: {str(run_dir)!r} is a file, not a directory")
     if not resume and not overwrite:
         _refuse_a_run_in(run_dir)  # now, before the data; again once the directory is locked
+    if config.train.plots:
+        check_plotting("train.plots (or set train.plots=false)")
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
@@ -254,7 +257,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
 
 def _plot(fabric, config: RunConfig, progress: dict) -> None:
     if fabric.is_global_zero and config.train.plots and progress["history"]:
-        from recipes.plots import plot_history
         plot_history(progress["history"], config.run_dir)
 
 

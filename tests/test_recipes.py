@@ -2424,6 +2424,39 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
     assert list(evaluate.main([str(trained)])) == ["val"]
 
 
+def test_a_missing_package_is_one_error_line_before_any_work(trained, tmp_path, corpus_file, capsys, monkeypatch):
+    # README: a missing package prints one error: line (status 2). Lightning's error for a missing tensorboard has
+    # no module name (a traceback, status 1); without pyyaml a recipe stopped on "No module named 'yaml'"; without
+    # matplotlib a run trained to the end, then failed on its plots (and interpret on its own, after its work)
+    import importlib.util
+    from recipes import interpret, plots
+    from recipes.common import run_cli
+
+    def no_tensorboard():
+        raise ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available. Try `pip install`ing either.")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(no_tensorboard)
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: Neither `tensorboard` nor `tensorboardX` is " \
+                                                              "available. Try `pip install`ing either.\n"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    run = tmp_path / "no_plots"
+    for work in (lambda: train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(run), train={"plots": True}))),
+                 lambda: interpret.main([str(trained), "--out", str(run)])):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(work)
+        assert stop.value.code == 2 and capsys.readouterr().err.endswith(
+            'the plots need matplotlib (the `recipes` extra): pip install -c constraints.txt -e ".[recipes]"\n')
+        assert not run.exists()  # refused before it trained or read anything
+    train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(run), train={"max_iters": 3, "plots": False})))
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['yaml'] = None; import recipes.train"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: the recipes need pyyaml (the `recipes` extra): "
+        'pip install -c constraints.txt -e ".[recipes]"')
+
+
 def test_a_run_without_best_pt_names_the_checkpoints_it_holds(trained, tmp_path, capsys):
     # a run interrupted before its first evaluation holds last.pt only: the error said "give a run directory"
     import shutil
