@@ -465,8 +465,8 @@ class KuramotoAttention(nn.Module):
         if save_memory and not torch.compiler.is_compiling():  # dynamo takes no context_fn of its own
             # backward reruns each step with the tensors this forward read: torch.func.functional_call swaps
             # the module's parameters for the forward only, and the rerun read the module's own (wrong gradients)
-            tensors = _tensors(self)
-            contexts["context_fn"] = lambda: (contextlib.nullcontext(), _tensors_put_back(self, tensors))
+            put_back = _TensorsPutBack(self, _tensors(self))
+            contexts["context_fn"] = lambda: (contextlib.nullcontext(), put_back)
         for step in range(self.steps):
             if record_R:
                 R_steps.append(_order(theta.detach(), run.valid)[0])
@@ -800,23 +800,26 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
                                 module.named_buffers(remove_duplicate=False)))
 
 
-@contextlib.contextmanager
-def _tensors_put_back(module: nn.Module, tensors: dict[str, Tensor]):
-    """``module`` holding ``tensors`` (from :func:`_tensors`) again while the block runs; those it holds now
-    after it. Only tensors that differ are swapped: none, unless ``functional_call`` swapped them for the
-    forward."""
-    swapped = []
-    for name, tensor in tensors.items():
-        owner_name, _, attribute = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        slots = owner._parameters if attribute in owner._parameters else owner._buffers
-        if slots.get(attribute) is not tensor:
-            swapped.append((slots, attribute, slots.get(attribute)))
-            slots[attribute] = tensor
-    try:
-        yield
-    finally:
-        for slots, attribute, tensor in reversed(swapped):
+class _TensorsPutBack:
+    """A context in which ``module`` holds ``tensors`` (from :func:`_tensors`) again; those it holds now after it.
+    Only tensors that differ are swapped: none, unless ``functional_call`` swapped them for the forward. It may be
+    entered again (each backward through a retained graph recomputes the checkpoints in it)."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, Tensor]):
+        self.module, self.tensors, self.swapped = module, tensors, []
+
+    def __enter__(self) -> None:
+        for name, tensor in self.tensors.items():
+            owner_name, _, attribute = name.rpartition(".")
+            owner = self.module.get_submodule(owner_name)
+            slots = owner._parameters if attribute in owner._parameters else owner._buffers
+            if slots.get(attribute) is not tensor:
+                self.swapped.append((slots, attribute, slots.get(attribute)))
+                slots[attribute] = tensor
+
+    def __exit__(self, *exc) -> None:
+        while self.swapped:
+            slots, attribute, tensor = self.swapped.pop()
             slots[attribute] = tensor
 
 

@@ -721,6 +721,19 @@ def test_functional_call_under_autograd_gives_the_gradients_of_the_weights_it_wa
     assert not any(p is fast[name] for name, p in layer.named_parameters())  # its own, put back
 
 
+@pytest.mark.parametrize("coupling,integrator", [("mean_field", "rk4"), ("attention", "euler")])
+def test_a_retained_graph_through_the_checkpoints_gives_the_same_gradients_again(coupling, integrator):
+    # each backward recomputes the checkpoints; the context that puts the forward's tensors back could be entered
+    # once only: the second backward (retain_graph, gradcheck, autograd.functional.jacobian) raised AttributeError
+    layer = make_layer(coupling=coupling, integrator=integrator)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    first = torch.autograd.grad(y.pow(2).sum(), [x, layer.strength], retain_graph=True)
+    again = torch.autograd.grad(y.pow(2).sum(), [x, layer.strength])
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x[:1, :3].detach().requires_grad_(),))
+
+
 @pytest.mark.parametrize("coupling,integrator", [("mean_field", "euler"), ("mean_field", "rk4"),
                                                  ("attention", "heun")])
 def test_second_order_gradients_refused_through_autograd_and_exact_through_torch_func(coupling, integrator):
