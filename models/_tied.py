@@ -7,11 +7,11 @@ assigns each key its own tensor: the head was then a second parameter, trained a
 gradient, optimizer state and weight decay). A model calls :func:`tie_after_load` once and routes its ``_apply``
 through :func:`apply_tied`; a head untied or replaced on purpose is left as it is.
 
-A tied model's state dict names the one tensor twice. Loading one that holds it once (``safetensors``'
-``save_model`` keeps one name of a shared tensor) fills the other name with it, so the load is complete (also with
-``strict=True``) and ``assign=True`` keeps the model tied; one whose head and embedding differ (saved from a model
-untied on purpose) is an error, as the tied model cannot hold both: before, the head's values silently overwrote
-the embedding's.
+A tied model's state dict names the one tensor twice. One that holds it once (``safetensors``' ``save_model`` keeps
+one name of a shared tensor) loads into both names, so that ``assign=True`` keeps the model tied (the other name kept
+its initial weights before); the name it lacks is still reported missing, as torch reports it and as
+``safetensors.torch.load_model`` expects. One whose head and embedding differ (saved from a model untied on purpose)
+is an error, as the tied model cannot hold both: before, the head's values silently overwrote the embedding's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _weights(model: nn.Module) -> tuple:
 def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
                unexpected_keys, error_msgs: list) -> None:
     """Before a tied model loads ``state_dict`` (its own copy, which torch's children are loaded from): one tensor
-    under both names, or an error in ``error_msgs`` where the two differ."""
+    under both names (a name it lacked added to ``missing_keys``), or an error in ``error_msgs`` where the two
+    differ."""
     head, embedding = _weights(model)
     if not (isinstance(head, nn.Parameter) and head is embedding):
         return  # untied or replaced on purpose: each key is loaded where it belongs
@@ -63,18 +64,21 @@ def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, 
                           "holds one of them; untie it first to load both (model.head.weight = "
                           "torch.nn.Parameter(model.tok_emb.weight.detach().clone()))")
         return
+    missing_keys.extend(name for name, tensor in zip(names, loaded) if tensor is None)
     state_dict[names[0]] = state_dict[names[1]] = loaded[1] if loaded[1] is not None else loaded[0]
 
 
 def _differ(a, b) -> bool:
-    """Whether two loaded tensors hold different values (not comparable, e.g. on the meta device, of other
-    shapes, which torch's own checks report, or tensor subclasses such as sharded ones: not counted)."""
-    if not {type(a), type(b)} <= {torch.Tensor, nn.Parameter} or a.shape != b.shape or a.device != b.device \
-            or a.is_meta or a.dtype != b.dtype:
+    """Whether two loaded tensors hold different values, also in other dtypes or on other devices (not comparable:
+    of other shapes, which torch's own checks report, on the meta device, or tensor subclasses such as sharded
+    ones: not counted)."""
+    if not {type(a), type(b)} <= {torch.Tensor, nn.Parameter} or a.shape != b.shape or a.is_meta or b.is_meta:
         return False
-    same_storage = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and \
-        a.storage_offset() == b.storage_offset() and a.stride() == b.stride()
-    return not same_storage and not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    if a.device == b.device and a.dtype == b.dtype and a.stride() == b.stride() and a.storage_offset() == \
+            b.storage_offset() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+        return False  # one tensor, as a tied model's state_dict() gives it
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return not torch.allclose(a.to(dtype), b.to(device=a.device, dtype=dtype), rtol=0, atol=0, equal_nan=True)
 
 
 def _tie_loaded(model: nn.Module, incompatible_keys) -> None:

@@ -333,7 +333,8 @@ class GPT(nn.Module):
     embedding. Build the model directly (as the recipes do), or load a state dict once it is materialised.
 
     State dicts: the tied head and embedding are one tensor under two keys. A state dict that names it once (as
-    ``safetensors``' ``save_model`` writes it) loads complete and tied, also with ``assign=True``; one whose
+    ``safetensors``' ``save_model`` writes it) loads tied, also with ``assign=True`` (the other key is reported
+    missing, as torch reports it: load with ``strict=False``, or ``safetensors.torch.load_model``); one whose
     ``head.weight`` and ``tok_emb.weight`` differ is an error (the tied model cannot hold both: untie its head
     first). See ``models/_tied.py``.
     """

@@ -68,7 +68,7 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
         named = err.name or next((p for p in OPTIONAL_PACKAGES if re.search(rf"`{p}`", str(err))), None)
         if named not in OPTIONAL_PACKAGES:  # any other import failing is a bug: keep its traceback
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)  # Lightning's goes on with requirement dumps
         sys.exit(2)
     except failures as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2432,8 +2432,9 @@ def test_a_missing_package_is_one_error_line_before_any_work(trained, tmp_path, 
     from recipes import interpret, plots
     from recipes.common import run_cli
 
-    def no_tensorboard():
-        raise ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available. Try `pip install`ing either.")
+    def no_tensorboard():  # Lightning's message: the first line, then its requirement checks' own
+        raise ModuleNotFoundError("Neither `tensorboard` nor `tensorboardX` is available. Try `pip install`ing either."
+                                  "\nRequirement 'tensorboardX' not met. HINT: ...\nRequirement 'tensorboard' not met.")
     with pytest.raises(SystemExit) as stop:
         run_cli(no_tensorboard)
     assert stop.value.code == 2 and capsys.readouterr().err == "error: Neither `tensorboard` nor `tensorboardX` is " \
