@@ -7,7 +7,8 @@ d_model 128, context 64, batch 12, vocab 65). Variants: the baseline; Kuramoto a
 same with attention coupling.
 Median (and min) ms per step over ``--iters`` interleaved rounds after ``--warmup`` untimed ones, and
 the ratio to the baseline. ``--profile NAME`` prints torch.profiler's top operators for one variant
-instead (eager, 10 steps after ``--warmup``; not with ``--compile`` or ``--compiled-kernels``).
+instead (eager, ``--iters`` steps, default 10, after ``--warmup``; not with ``--variants``, ``--compile`` or
+``--compiled-kernels``).
 
 ``--compile`` adds a copy of each variant under ``torch.compile`` (default inductor backend; the
 first step, which compiles, is part of ``--warmup``), compared with the eager baseline.
@@ -96,12 +97,12 @@ def check_integration(integration, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--iters", type=positive_int, default=50)
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed steps (default 50; --profile: 10)")
     parser.add_argument("--warmup", type=non_negative_int, default=10)
     parser.add_argument("--batch", type=positive_int, default=12)
     parser.add_argument("--steps", type=positive_int, default=PHASE["steps"], help="Euler steps of the phase layer")
     parser.add_argument("--device", type=device_arg, default="cpu")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all (not with --profile)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd copies")
     parser.add_argument("--profile", choices=list(VARIANTS))
     parser.add_argument("--compiled-kernels", action="store_true",
@@ -109,13 +110,17 @@ def main():
     args = parser.parse_args()
     if args.profile and (args.compile or args.compiled_kernels):  # it profiles the eager variant only
         parser.error("--profile: not with --compile or --compiled-kernels (it profiles the eager variant)")
+    if args.profile and args.variants:  # it was ignored, silently
+        parser.error("--variants: not with --profile (it profiles the one variant it names)")
+    args.variants = args.variants or list(VARIANTS)
+    args.iters = args.iters or (10 if args.profile else 50)
     if (args.compile or args.compiled_kernels) and args.warmup < 1:  # the compiling step would be timed
         parser.error("--warmup: at least 1 with --compile or --compiled-kernels (the first step compiles)")
     torch.set_num_threads(args.threads)
     for name in ("mean_field", "attention"):
         VARIANTS[name] = {**VARIANTS[name], "steps": args.steps}
     device = args.device  # a torch.device (device_arg)
-    timed = "profile of 10 steps" if args.profile else f"median of {args.iters} steps"
+    timed = f"profile of {args.iters} steps" if args.profile else f"median of {args.iters} steps"
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, phase layer {args.steps} Euler steps, {timed} after {args.warmup}")
 
@@ -124,7 +129,7 @@ def main():
         for _ in range(args.warmup):
             step()
         with torch.profiler.profile() as prof:  # CPU, and the GPU's kernels where there is one
-            for _ in range(10):
+            for _ in range(args.iters):
                 step()
             sync(device)
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
