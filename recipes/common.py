@@ -165,7 +165,8 @@ def build_model(model_section: dict, vocab_size: int) -> nn.Module:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on Linear weights only, never on biases, norms or embeddings.
+    """AdamW groups: decay on Linear weights only, never on biases, norms, embeddings or other parameters (the
+    phase layers' ω, β, K, a coupling module's own).
 
     A weight shared by an embedding and a Linear (tied output head) counts as an embedding.
     """

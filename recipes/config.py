@@ -80,7 +80,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW (no decay on biases, norms, embeddings) with linear warmup then cosine decay."""
+    """AdamW with linear warmup then cosine decay; ``weight_decay`` on Linear weights only (not on biases, norms,
+    embeddings, nor the phase layers' ω, β, K or a coupling module's parameters)."""
 
     lr: float = 1e-3
     min_lr: float = 1e-4              # where the cosine ends (read by schedule: cosine only)
