@@ -9,6 +9,26 @@ from hypothesis import strategies as st
 # a seeded torch.Generator per example: hypothesis controls (and shrinks) the seed
 generators = st.integers(min_value=0, max_value=2**31 - 1).map(lambda seed: torch.Generator().manual_seed(seed))
 
+# what a config can hold: nested lists and mappings of None, booleans, integers, floats and strings
+config_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+                             max_leaves=8)
+
+
+def assert_same_data(got, expected):
+    """``got`` is ``expected`` read back: the same types all the way down, keys in order, NaN equal to NaN."""
+    assert type(got) is type(expected), (got, expected)
+    if isinstance(expected, list):
+        assert len(got) == len(expected), (got, expected)
+        for a, b in zip(got, expected):
+            assert_same_data(a, b)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected), (got, expected)
+        for key in expected:
+            assert_same_data(got[key], expected[key])
+    else:
+        assert got == expected or (got != got and expected != expected), (got, expected)
+
 
 def clustered_phases(gen, shape, spread, dtype=torch.float64):
     """Rows with a random centre and Gaussian spread: R from 1 (spread 0) down to ~1/sqrt(n)."""

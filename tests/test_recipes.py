@@ -25,6 +25,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import assert_same_data, config_values
 from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
 from recipes import train as train_module
@@ -406,23 +407,13 @@ def test_integers_are_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path)
             load_config(None, [given])
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-                    max_leaves=8))
+@given(config_values)
 def test_a_run_config_written_by_yaml_safe_dump_reads_back_as_written(value):
     """A run's config.yaml is written by yaml.safe_dump (YAML 1.1's rules for what to quote) and read by the
     recipes' loader, whose numbers are fewer than YAML 1.1's: a string never comes back as a number."""
     from recipes.config import _load_yaml_text
     back = _load_yaml_text(yaml.safe_dump({"v": value}, sort_keys=False))["v"]  # as recipes.train writes it
-    def check(a, b):
-        assert type(a) is type(b), (a, b)
-        if isinstance(a, list):
-            assert len(a) == len(b) and all(check(x, y) is None for x, y in zip(a, b))
-        elif isinstance(a, dict):
-            assert list(a) == list(b) and all(check(a[k], b[k]) is None for k in a)
-        else:
-            assert a == b or (a != a and b != b), (a, b)
-    check(back, value)
+    assert_same_data(back, value)
 
 
 def test_a_key_given_twice_in_a_config_file_or_override_is_an_error_not_the_last_one_kept(tmp_path):

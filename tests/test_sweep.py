@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
 import yaml
+from helpers import assert_same_data, config_values
 
 from models.config import ConfigError
 from recipes import sweep
@@ -613,21 +614,10 @@ def test_names_beyond_the_basic_plane_reach_the_run_as_they_are():
         assert apply_overrides({}, [override("name", value)])["name"] == value
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-                    max_leaves=8))
+@given(config_values)
 def test_override_reads_back_as_the_value_it_was_given(value):
     """json.dumps wrote 1e+20, Infinity and NaN, which YAML reads as strings (they reached a user's coupling
     class through coupling_options as strings)."""
     from recipes.config import apply_overrides, override
-    back = apply_overrides({}, [override("model.coupling_options", value)])["model"]["coupling_options"]
-    same = (lambda a, b: a == b or (a != a and b != b))  # nan equals nan here
-    def check(a, b):
-        assert type(a) is type(b), (a, b)
-        if isinstance(a, list):
-            assert len(a) == len(b) and all(check(x, y) is None for x, y in zip(a, b))
-        elif isinstance(a, dict):
-            assert list(a) == list(b) and all(check(a[k], b[k]) is None for k in a)
-        else:
-            assert same(a, b), (a, b)
-    check(back, value)
+    assert_same_data(apply_overrides({}, [override("model.coupling_options", value)])["model"]["coupling_options"],
+                     value)
