@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,14 +431,24 @@ def _sha256_file(path: Path) -> str:
 
 
 def download(url: str, dest: Path, sha256: str | None) -> None:
-    """Download ``url`` to ``dest`` atomically (a staging file, then a rename), verifying ``sha256``."""
+    """Download ``url`` to ``dest`` atomically (a staging file, then a rename), verifying ``sha256`` and the
+    length the server announced (a transfer cut short is an OSError; nothing is kept)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with staged(dest) as tmp:  # also removes downloads cut short by a kill
-        digest = hashlib.sha256()
-        with open(tmp, "xb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                f.write(block)
+        digest, received = hashlib.sha256(), 0
+        try:
+            with open(tmp, "xb") as f, urllib.request.urlopen(url, timeout=60) as response:
+                announced = response.headers.get("Content-Length")
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(block)
+                    f.write(block)
+                    received += len(block)
+        except http.client.HTTPException as error:  # e.g. IncompleteRead of a chunked reply: not an OSError
+            raise OSError(f"{type(error).__name__}: {error}") from error
+        # read() returns what came before the connection closed, silently: a file without a sha256 (enwik8's
+        # zip) was kept cut short, and every later run failed on it
+        if announced is not None and announced.isdigit() and received != int(announced):
+            raise OSError(f"the transfer stopped after {received:,} of {int(announced):,} bytes")
         if sha256 is not None and digest.hexdigest() != sha256:
             raise ChecksumError(f"Checksum mismatch for {url}: expected sha256 {sha256} but got "
                                f"{digest.hexdigest()}; the file was not kept")
@@ -466,6 +478,12 @@ def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLik
         return where
     reason = "downloads are disabled (download=False)"
     if allow_download:
+        try:  # not a download error: the cache is not writable
+            where.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cache_dir: cannot create {where.parent} to download {remote.url} into ({err.strerror}); "
+                          f"set data.cache_dir (or $KURAMOTO_ATTN_CACHE) to a writable folder, or supply the file "
+                          f"with data.path=/path/to/{remote.filename}") from err
         try:
             download(remote.url, where, remote.sha256)
             return where
@@ -480,17 +498,25 @@ def _read_enwik8(file: Path, local: bool) -> bytes:
     """The bytes of enwik8 (from the zip or the extracted file). A download (or cached copy) must
     have the published size and md5 of the extracted file; a local variant of another size only
     warns."""
+    delete = "give the extracted file or a complete zip" if local else "delete it to download again"
     if zipfile.is_zipfile(file):
-        with zipfile.ZipFile(file) as archive:
-            names = archive.namelist()
-            if "enwik8" not in names:
-                raise ValueError(f"data.path: {file} is a zip without an 'enwik8' member (it holds "
-                                 f"{', '.join(map(repr, names[:5])) or 'nothing'}{', ...' if len(names) > 5 else ''}); "
-                                 "give the extracted file instead")
-            data = archive.read("enwik8")
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+                if "enwik8" not in names:
+                    raise ValueError(f"data.path: {file} is a zip without an 'enwik8' member (it holds "
+                                     f"{', '.join(map(repr, names[:5])) or 'nothing'}"
+                                     f"{', ...' if len(names) > 5 else ''}); give the extracted file instead")
+                data = archive.read("enwik8")
+        except (zipfile.BadZipFile, zlib.error) as error:  # a damaged zip: not a traceback
+            raise ChecksumError(f"enwik8: {file} is a damaged zip ({error}); {delete}") from None
         if not data:
             raise ValueError(f"data.path: {file}'s 'enwik8' member is empty")
     else:
+        with open(file, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip cut short (no end record): its bytes are not the text
+                raise ChecksumError(f"enwik8: {file} starts like a zip but is not a complete one (cut short?); "
+                                    f"{delete}")
         data = _read_bytes(file)
     remote = CORPORA["enwik8"].files["all"]
     size = remote.size
@@ -730,17 +756,23 @@ def _write_cache(folder: Path, tokenizer: Tokenizer, raw: dict, meta: dict) -> N
     """Encode into a staging folder beside ``folder``, then move it into place in one rename."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+        remove_abandoned(folder.parent)  # builds cut short by a kill
+        staging = staging_path(folder)
+        staging.mkdir()  # mode 0777 less the umask, like the rest of the cache (others may read it)
+    except OSError as err:  # e.g. a read-only cache
         raise OSError(f"cache_dir: cannot create the corpus cache {folder.parent} ({err.strerror}); set "
                       f"data.cache_dir (or $KURAMOTO_ATTN_CACHE) to a writable folder") from err
-    remove_abandoned(folder.parent)  # builds cut short by a kill
-    staging = staging_path(folder)
-    staging.mkdir()  # mode 0777 less the umask, like the rest of the cache (others may read it)
     try:
         _encode_into(staging, tokenizer, raw, meta)
         # an entry appears complete, in one rename: one that exists now was built by another process
-        # meanwhile, and others may be reading it (replacing it removed their files under them)
-        if not (folder / "meta.json").is_file():
+        # meanwhile, and others may be reading it (replacing it removed their files under them). The rename comes
+        # first and fails on a folder that is there: a check for meta.json, then an rmtree, removed another
+        # process's entry renamed in between
+        try:
+            replace_durably(staging, folder)
+        except OSError:
+            if (folder / "meta.json").is_file():
+                return  # another process's finished entry (the staging folder is removed below)
             shutil.rmtree(folder, ignore_errors=True)  # a partial entry (versions that wrote in place)
             replace_durably(staging, folder)
     except OSError:

@@ -15,6 +15,7 @@ import shutil
 import warnings
 import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -533,6 +534,12 @@ def test_each_split_file_in_the_download_cache_must_be_the_published_one(tmp_pat
 
 
 class FakeResponse(io.BytesIO):
+    """What urlopen gives: the body, and the length the server announced (none: a chunked reply)."""
+
+    def __init__(self, body: bytes, length: int | None = None):
+        super().__init__(body)
+        self.headers = {} if length is None else {"Content-Length": str(length)}
+
     def __enter__(self):
         return self
 
@@ -562,6 +569,46 @@ def test_download_verifies_checksum(tmp_path, monkeypatch):
         prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
 
 
+def test_a_download_cut_short_is_an_error_and_is_not_kept(tmp_path, monkeypatch):
+    # urlopen's read() ends quietly where the connection closed: enwik8's zip, which has no sha256 to check, was
+    # kept cut short (every later run failed on it); a chunked reply cut short raised http.client.IncompleteRead,
+    # not an OSError: a traceback, not the message that says how to supply the file
+    import http.client
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("enwik8", b"<page>wiki</page>\n" * 2000)
+    whole = buf.getvalue()
+
+    class Chunked(FakeResponse):
+        def read(self, n=-1):
+            raise http.client.IncompleteRead(whole[:100])
+
+    for response, reason in ((lambda: FakeResponse(whole[:len(whole) // 2], len(whole)),
+                              rf"the transfer stopped after {len(whole) // 2:,} of {len(whole):,} bytes"),
+                             (lambda: Chunked(b""), r"IncompleteRead: IncompleteRead\(100 bytes read")):
+        monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: response())
+        with pytest.raises(FileNotFoundError, match=rf"^enwik8 \(all\): downloading .* failed \({reason}.*data\.path="):
+            prepare_corpus("enwik8", cache_dir=tmp_path)
+        assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_a_damaged_or_cut_short_enwik8_zip_is_an_error_naming_it(tmp_path):
+    # cut short (no end record), a zip was read as the text itself, its compressed bytes split 90/5/5 and trained
+    # on; damaged, it raised zipfile.BadZipFile or zlib.error (a traceback, not naming the file)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("enwik8", b"<page>wiki</page>\n" * 2000)
+    whole = buf.getvalue()
+    cut, damaged = tmp_path / "cut.zip", tmp_path / "damaged.zip"
+    cut.write_bytes(whole[:len(whole) * 3 // 4])
+    flipped = bytearray(whole)
+    flipped[len(flipped) // 3] ^= 0xFF  # inside the compressed member
+    damaged.write_bytes(bytes(flipped))
+    for path, what in ((cut, "starts like a zip but is not a complete one"), (damaged, "is a damaged zip")):
+        with pytest.raises(data.ChecksumError, match=rf"^enwik8: .*{path.name} {what}.*give the extracted file"):
+            prepare_corpus("enwik8", path=path, cache_dir=tmp_path / "cache")
+
+
 def test_a_file_that_is_not_utf8_names_data_path_and_the_byte_tokenizer(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 20)
@@ -577,6 +624,12 @@ def test_network_failure_says_how_to_supply_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError, match=r"failed .*no network.*data\.path"):
         prepare_corpus("tiny-shakespeare", cache_dir=tmp_path)
+    # a cache that cannot be written is not a failed download (which advised placing the file in that cache)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError, match=r"^cache_dir: cannot create .*a_file/downloads/tiny-shakespeare to download "
+                                      r".* into \(Not a directory\); set data.cache_dir .* or supply the file with "
+                                      r"data.path=/path/to/input.txt$"):
+        prepare_corpus("tiny-shakespeare", cache_dir=tmp_path / "a_file")
 
 
 def test_bad_arguments(tmp_path, text_file):
@@ -853,6 +906,28 @@ def test_a_rename_that_loses_the_race_to_another_process_uses_its_entry_and_othe
     with pytest.raises(OSError, match="No space left"):
         prepare_corpus("text", path=text_file, cache_dir=tmp_path / "full")
     assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_an_entry_renamed_in_by_another_process_at_any_moment_is_never_removed(tmp_path, text_file, monkeypatch):
+    """The rename comes first: a check that no entry was there, then an rmtree of the entry's folder (meant for
+    partial entries of older versions), removed another process's entry renamed in between the two."""
+    reference = prepare_corpus("text", path=text_file, cache_dir=tmp_path / "reference")
+    (built,) = (tmp_path / "reference").glob("text-char-*")
+    real_rmtree, removed = shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):  # the other process renames its entry in at the worst moment
+        path = Path(path)
+        if path.name == built.name and not path.exists():
+            shutil.copytree(built, path)
+            (path / "reader-was-here").write_text("")
+        removed.append((path, (path / "meta.json").is_file()))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.shutil, "rmtree", rmtree)
+    corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path / "cache")
+    assert not [path for path, finished in removed if finished]  # only staging folders and partial entries
+    assert all(np.array_equal(corpus.splits[s], reference.splits[s]) for s in reference.splits)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.name]
 
 
 def test_a_source_that_changes_while_it_is_read_is_an_error(tmp_path, text_file, monkeypatch):
