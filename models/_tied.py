@@ -52,6 +52,7 @@ def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, 
     """Before a tied model loads ``state_dict`` (its own copy, which torch's children are loaded from): one tensor
     under both names (a name it lacked added to ``missing_keys``), or an error in ``error_msgs`` where the two
     differ."""
+    model.__dict__.pop("_tie_after_this_load", None)  # left by a load that raised midway
     head, embedding = _weights(model)
     if not (isinstance(head, nn.Parameter) and head is embedding):
         return  # untied or replaced on purpose: each key is loaded where it belongs
@@ -59,6 +60,9 @@ def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, 
     loaded = [state_dict.get(name) for name in names]
     if loaded[0] is None and loaded[1] is None:
         return  # neither: missing as any other key
+    if loaded[0] is not None and loaded[1] is not None and getattr(loaded[0], "shape", None) != \
+            getattr(loaded[1], "shape", None):
+        return  # torch's size check names the one that does not fit
     if loaded[0] is not None and loaded[1] is not None and _differ(*loaded):
         error_msgs.append(f"{names[0]} and {names[1]} differ, but this model's head is tied to its embedding and "
                           "holds one of them; untie it first to load both (model.head.weight = "
@@ -66,6 +70,7 @@ def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, 
         return
     missing_keys.extend(name for name, tensor in zip(names, loaded) if tensor is None)
     state_dict[names[0]] = state_dict[names[1]] = loaded[1] if loaded[1] is not None else loaded[0]
+    model._tie_after_this_load = True  # assign=True gives each name a Parameter of its own: _tie_loaded ties them
 
 
 def _differ(a, b) -> bool:
@@ -85,6 +90,10 @@ def _tie_loaded(model: nn.Module, incompatible_keys) -> None:
     """After ``load_state_dict(assign=True)`` of a tied model's state dict, whose two keys hold views of one
     storage: one ``Parameter`` again (a module-level function: a model with it can be pickled)."""
     head, embedding = _weights(model)
+    if model.__dict__.pop("_tie_after_this_load", False):  # _load_tied made both names one tensor (also meta ones)
+        if isinstance(head, nn.Parameter) and isinstance(embedding, nn.Parameter) and head is not embedding:
+            model.head.weight = embedding
+        return
     if isinstance(head, nn.Parameter) and isinstance(embedding, nn.Parameter) and head is not embedding \
             and head.device == embedding.device and head.device.type != "meta" \
             and (head.data_ptr(), head.dtype, head.shape, head.stride()) == \

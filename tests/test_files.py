@@ -186,7 +186,7 @@ def test_a_download_cut_short_by_a_kill_is_removed_by_the_next(tmp_path, monkeyp
 
 class _Response:
     def __init__(self, body):
-        self.body = body
+        self.body, self.headers = body, {"Content-Length": str(len(body))}
 
     def read(self, n):
         body, self.body = self.body, b""

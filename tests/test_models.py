@@ -989,11 +989,31 @@ def test_a_state_dict_whose_head_differs_from_its_embedding_is_refused_by_a_tied
     model = MODEL_CASES[name]()
     model.load_state_dict(exact)
     assert model.head.weight is model.tok_emb.weight and torch.equal(model.head.weight, state["tok_emb.weight"])
+    diverged = {key: value.clone() for key, value in MODEL_CASES[name]().state_dict().items()}
+    diverged["tok_emb.weight"][0, 0] = diverged["head.weight"][0, 0] = float("nan")  # equal copies, NaN and all
+    model.load_state_dict(diverged, assign=True)
+    assert model.head.weight is model.tok_emb.weight and model.head.weight[0, 0].isnan()
+    wrong = {**state, "head.weight": torch.zeros(state["head.weight"].shape[0] + 1, state["head.weight"].shape[1])}
+    with pytest.raises(RuntimeError, match=r"size mismatch for head.weight"):  # loaded silently over it
+        MODEL_CASES[name]().load_state_dict(wrong)
     model = MODEL_CASES[name]()
     model.head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())  # untied: loads both
     model.load_state_dict(state)
     assert torch.equal(model.head.weight, untied.head.weight) and torch.equal(model.tok_emb.weight,
                                                                                untied.tok_emb.weight)
+
+
+@pytest.mark.parametrize("name", ["gpt", "tpi-vector"])
+def test_a_meta_state_dict_assigned_keeps_a_tied_model_tied_and_an_untied_one_untied(name):
+    # meta tensors all have data_ptr 0, so ties cannot be read from storage: a tied model came back untied
+    model = MODEL_CASES[name]()
+    model.load_state_dict(MODEL_CASES[name]().to("meta").state_dict(), assign=True)
+    assert model.head.weight is model.tok_emb.weight and model.head.weight.is_meta
+    untied = MODEL_CASES[name]()
+    untied.head.weight = torch.nn.Parameter(untied.tok_emb.weight.detach().clone())
+    untied.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in untied.state_dict().items()},
+                           assign=True)
+    assert untied.head.weight is not untied.tok_emb.weight
 
 
 def test_gpt_init_is_nanogpts_and_keeps_the_phase_layers_own():
