@@ -599,12 +599,15 @@ def test_a_damaged_or_cut_short_enwik8_zip_is_an_error_naming_it(tmp_path):
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", b"<page>wiki</page>\n" * 2000)
     whole = buf.getvalue()
-    cut, damaged = tmp_path / "cut.zip", tmp_path / "damaged.zip"
+    cut, damaged, undeflatable = tmp_path / "cut.zip", tmp_path / "damaged.zip", tmp_path / "undeflatable.zip"
     cut.write_bytes(whole[:len(whole) * 3 // 4])
     flipped = bytearray(whole)
-    flipped[len(flipped) // 3] ^= 0xFF  # inside the compressed member
+    flipped[len(flipped) // 3] ^= 0xFF  # inside the compressed member: a CRC error (zipfile.BadZipFile)
     damaged.write_bytes(bytes(flipped))
-    for path, what in ((cut, "starts like a zip but is not a complete one"), (damaged, "is a damaged zip")):
+    start = 30 + len("enwik8")  # the member's data, after its local header: a broken deflate stream (zlib.error)
+    undeflatable.write_bytes(whole[:start] + bytes(b ^ 0xFF for b in whole[start:start + 50]) + whole[start + 50:])
+    for path, what in ((cut, "starts like a zip but is not a complete one"), (damaged, "is a damaged zip"),
+                       (undeflatable, "is a damaged zip")):
         with pytest.raises(data.ChecksumError, match=rf"^enwik8: .*{path.name} {what}.*give the extracted file"):
             prepare_corpus("enwik8", path=path, cache_dir=tmp_path / "cache")
 

@@ -603,6 +603,20 @@ def test_half_precision_logits_are_sampled_from_a_float32_softmax(dtype, monkeyp
     torch.testing.assert_close(seen[0].double(), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_temperature_zero_is_greedy_draws_nothing_and_the_loss_sums_float64_in_float64():
+    from models.sampling import next_token_loss, sample_next
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]]).expand(50, -1)  # a tie at the top: the first id, every time
+    assert sample_next(logits, 0, None, generator).flatten().tolist() == [1] * 50
+    assert sample_next(logits, 0, 1, generator, vocab_size=2).flatten().tolist() == [1] * 50
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    logits, targets = torch.randn(4, 7, 11, dtype=torch.float64), torch.randint(11, (4, 7))
+    targets[0, :3] = -1  # ignored
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert next_token_loss(logits, targets).dtype == torch.float64
+    torch.testing.assert_close(next_token_loss(logits, targets), expected, rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300])  # 1e-300 is 0 in float32
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_a_tiny_temperature_samples_the_argmax(temperature, top_k):

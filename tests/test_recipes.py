@@ -401,6 +401,8 @@ def test_integers_are_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path)
     assert (config.seed, config.train.max_iters) == (10, 10)
     assert apply_overrides({}, ["optim.betas=[0.9, -0.0]", "seed=-0b11"]) == {"optim": {"betas": [0.9, -0.0]},
                                                                                "seed": -3}
+    with pytest.raises(ConfigError, match=r"^override '=5': expected key=value"):  # not ": unknown key"
+        load_config(None, ["=5"])
     for given in ("train.max_iters=1:30", "train.max_iters=08", "train.max_iters=0x_", "optim.lr=1:30.5"):
         key, _, value = given.partition("=")
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected an? (integer|number).*{value}"):

@@ -169,13 +169,21 @@ def test_a_sweep_file_with_configs_flag_is_an_error_not_a_flag_ignored(configs, 
     assert not launched
 
 
-@pytest.mark.parametrize("name", ["sweep.YAML", "my_sweep"])
+@pytest.mark.parametrize("name", ["sweep.YAML", "my_sweep", "lr=1e-3.yaml"])
 def test_a_sweep_file_named_otherwise_is_read(tmp_path, configs, launched, name):
     # only names ending in lowercase .yaml/.yml were read: anything else was taken for an override, and the
     # sweep said "give a sweep YAML file or --configs" to the user who had given one
     (configs / name).write_text(f"configs: [a.yaml]\nseeds: [4]\nout_dir: {tmp_path / 'out'}\n")
     sweep.main([str(configs / name)])
     assert [load_config(run[4], run[5:]).run_dir for run in launched] == [tmp_path / "out" / "a" / "seed4"]
+
+
+def test_a_sweep_file_without_seeds_or_out_dir_runs_seed_1337_in_runs_named_after_it(configs, launched,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(configs)
+    (configs / "study.yaml").write_text("configs: [a.yaml]\n")
+    sweep.main(["study.yaml"])
+    assert [load_config(run[4], run[5:]).run_dir for run in launched] == [Path("runs/study/a/seed1337")]
 
 
 def test_an_unknown_flag_is_reported_as_one_not_as_a_bad_override(configs, launched, capsys):
