@@ -60,24 +60,23 @@ def _load_tied(model: nn.Module, state_dict: dict, prefix: str, local_metadata, 
     loaded = [state_dict.get(name) for name in names]
     if loaded[0] is None and loaded[1] is None:
         return  # neither: missing as any other key
-    if loaded[0] is not None and loaded[1] is not None and getattr(loaded[0], "shape", None) != \
-            getattr(loaded[1], "shape", None):
-        return  # torch's size check names the one that does not fit
-    if loaded[0] is not None and loaded[1] is not None and _differ(*loaded):
-        error_msgs.append(f"{names[0]} and {names[1]} differ, but this model's head is tied to its embedding and "
-                          "holds one of them; untie it first to load both (model.head.weight = "
-                          "torch.nn.Parameter(model.tok_emb.weight.detach().clone()))")
-        return
+    if loaded[0] is not None and loaded[1] is not None:
+        if getattr(loaded[0], "shape", None) != getattr(loaded[1], "shape", None):
+            return  # torch's size check names the one that does not fit
+        if _differ(*loaded):
+            error_msgs.append(f"{names[0]} and {names[1]} differ, but this model's head is tied to its embedding "
+                              "and holds one of them; untie it first to load both (model.head.weight = "
+                              "torch.nn.Parameter(model.tok_emb.weight.detach().clone()))")
+            return
     missing_keys.extend(name for name, tensor in zip(names, loaded) if tensor is None)
     state_dict[names[0]] = state_dict[names[1]] = loaded[1] if loaded[1] is not None else loaded[0]
     model._tie_after_this_load = True  # assign=True gives each name a Parameter of its own: _tie_loaded ties them
 
 
 def _differ(a, b) -> bool:
-    """Whether two loaded tensors hold different values, also in other dtypes or on other devices (not comparable:
-    of other shapes, which torch's own checks report, on the meta device, or tensor subclasses such as sharded
-    ones: not counted)."""
-    if not {type(a), type(b)} <= {torch.Tensor, nn.Parameter} or a.shape != b.shape or a.is_meta or b.is_meta:
+    """Whether two loaded tensors of one shape hold different values, also in other dtypes or on other devices (not
+    comparable: on the meta device, or tensor subclasses such as sharded ones: not counted)."""
+    if not {type(a), type(b)} <= {torch.Tensor, nn.Parameter} or a.is_meta or b.is_meta:
         return False
     if a.device == b.device and a.dtype == b.dtype and a.stride() == b.stride() and a.storage_offset() == \
             b.storage_offset() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
@@ -87,8 +86,9 @@ def _differ(a, b) -> bool:
 
 
 def _tie_loaded(model: nn.Module, incompatible_keys) -> None:
-    """After ``load_state_dict(assign=True)`` of a tied model's state dict, whose two keys hold views of one
-    storage: one ``Parameter`` again (a module-level function: a model with it can be pickled)."""
+    """After ``load_state_dict(assign=True)``: one ``Parameter`` again where :func:`_load_tied` gave both names of a
+    tied model one tensor, or where the two keys of the state dict a model untied at the time loaded hold views of
+    one storage (a module-level function: a model with it can be pickled)."""
     head, embedding = _weights(model)
     if model.__dict__.pop("_tie_after_this_load", False):  # _load_tied made both names one tensor (also meta ones)
         if isinstance(head, nn.Parameter) and isinstance(embedding, nn.Parameter) and head is not embedding:

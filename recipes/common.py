@@ -54,7 +54,7 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     exit with status 1; anything else is a bug and keeps its traceback.
     """
     try:
-        _run_and_end_distributed(main)
+        main()
     except BrokenPipeError:  # the output closed early (`| head`): nothing for the user to fix
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         sys.exit(128 + getattr(signal, "SIGPIPE", 13))
@@ -73,18 +73,12 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     except failures as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-
-
-def _run_and_end_distributed(main) -> None:
-    """``main()``, then the process group torn down if it made one (Fabric's DDP): left to the interpreter's
-    exit, gloo's threads once aborted a rank after its own clean error ("terminate called without an active
-    exception", status -6 instead of 2)."""
-    try:
-        main()
     finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        # the process group torn down if the recipe made one (Fabric's DDP): left to the interpreter's exit,
+        # gloo's threads once aborted a rank after its own clean error ("terminate called without an active
+        # exception", status -6 instead of 2)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def check_count_flag(parser, flag: str, value: int) -> None:
