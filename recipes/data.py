@@ -513,11 +513,9 @@ def _read_enwik8(file: Path, local: bool) -> bytes:
         if not data:
             raise ValueError(f"data.path: {file}'s 'enwik8' member is empty")
     else:
-        with open(file, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # a zip cut short (no end record): its bytes are not the text
-                raise ChecksumError(f"enwik8: {file} starts like a zip but is not a complete one (cut short?); "
-                                    f"{delete}")
         data = _read_bytes(file)
+        if data[:4] == b"PK\x03\x04":  # a zip cut short (no end record): its bytes are not the text
+            raise ChecksumError(f"enwik8: {file} starts like a zip but is not a complete one (cut short?); {delete}")
     remote = CORPORA["enwik8"].files["all"]
     size = remote.size
     if len(data) != size and not local:

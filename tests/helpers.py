@@ -1,5 +1,6 @@
-"""Hypothesis strategies, phase generators and module-state helpers shared by the tests."""
+"""Hypothesis strategies, phase generators, module-state helpers and fakes shared by the tests."""
 
+import io
 import math
 
 import pytest
@@ -96,3 +97,18 @@ def built_where_freed(cls, address, *args, **kwargs):
             return instance
         spares.append(instance)
     pytest.skip(f"no new {cls.__name__} was given the freed object's memory")
+
+
+class FakeResponse(io.BytesIO):
+    """What ``urllib.request.urlopen`` gives: the body, and the length the server announced (none: a chunked
+    reply)."""
+
+    def __init__(self, body: bytes, length: int | None = None):
+        super().__init__(body)
+        self.headers = {} if length is None else {"Content-Length": str(length)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -23,6 +23,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from helpers import FakeResponse
 from recipes import data
 from recipes.data import (
     CORPORA, BPETokenizer, ByteTokenizer, CharTokenizer, WordTokenizer, eval_batches, get_batch,
@@ -531,20 +532,6 @@ def test_each_split_file_in_the_download_cache_must_be_the_published_one(tmp_pat
     (folder / corrupt).write_text(texts[split] + " dog \n")
     with pytest.raises(data.ChecksumError, match=rf"^wikitext-2 \({split}\): .*{corrupt} is not the published file"):
         prepare_corpus("wikitext-2", cache_dir=tmp_path, download=False)
-
-
-class FakeResponse(io.BytesIO):
-    """What urlopen gives: the body, and the length the server announced (none: a chunked reply)."""
-
-    def __init__(self, body: bytes, length: int | None = None):
-        super().__init__(body)
-        self.headers = {} if length is None else {"Content-Length": str(length)}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_download_verifies_checksum(tmp_path, monkeypatch):

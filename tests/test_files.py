@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from helpers import FakeResponse
 from recipes import data, files
 from recipes.common import save_checkpoint
 from recipes.data import prepare_corpus
@@ -179,24 +180,9 @@ def test_a_download_cut_short_by_a_kill_is_removed_by_the_next(tmp_path, monkeyp
     dest = tmp_path / "input.txt"
     part = _staging_of(dest, _dead_pid())
     part.write_bytes(b"half a download")
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _Response(b"the text\n"))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"the text\n", 9))
     data.download("https://example.invalid/input.txt", dest, None)
     assert dest.read_bytes() == b"the text\n" and sorted(tmp_path.iterdir()) == [dest]
-
-
-class _Response:
-    def __init__(self, body):
-        self.body, self.headers = body, {"Content-Length": str(len(body))}
-
-    def read(self, n):
-        body, self.body = self.body, b""
-        return body
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_replace_durably_moves_a_folder_into_place(tmp_path, disk_log):
