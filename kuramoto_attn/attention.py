@@ -69,7 +69,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import (autograd_records, check_bool, check_cache_dtype, check_choice, check_input_like, check_int,
-                      check_real, check_tensor, largest_value)
+                      check_real, check_tensor, in_func_transform, largest_value)
 from ._euler_mean_field import euler_mean_field, first_order
 from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
@@ -171,7 +171,7 @@ class _Pass:
     is_causal: bool
     cache: KuramotoCache | None  # holding past tokens, else None
     record: bool  # keep each evaluation's phase state for the cache
-    plain: bool = False  # under a torch.func transform: plain autograd ops only (see _in_func_transform)
+    plain: bool = False  # under a torch.func transform: plain autograd ops only (see in_func_transform)
     new_state: dict = field(default_factory=dict)
 
 
@@ -201,14 +201,17 @@ class KuramotoAttention(nn.Module):
             own scheme, or e.g. ``MeanFieldCoupling(dim=-2, causal=True, harmonics=(1, 2))``): it is
             called on the phases ``(b, h, t, n)``, with ``mask=`` ``(b, 1, t, 1)`` (True = valid)
             when there is padding, and its term (its own strength and lag included) is scaled by the
-            layer's ``K`` per head; padded tokens get zero coupling (the layer zeroes their own term;
+            layer's ``K`` per head; padded tokens get zero coupling (the layer zeroes their own term,
+            even a NaN one, but for finite gradients it must be finite;
             a module along the tokens must itself use ``mask`` to keep them from pulling valid tokens:
             one that ignores it lets padding change the valid outputs). With ``causal=True`` it must not
             mix later tokens into earlier ones (along tokens: ``causal=True``; across the
             oscillators of one token, any); a :class:`~kuramoto_attn.MeanFieldCoupling` along the
             tokens that is not causal, or a :class:`~kuramoto_attn.GraphCoupling` along them whose
             weights are learnable or not lower-triangular, is an error, and so is either along the batch
-            axis (dim 0: it would couple the sequences of a batch); other modules are trusted.
+            axis (dim 0: it would couple the sequences of a batch); other modules are trusted. A
+            :class:`~kuramoto_attn.GraphCoupling` along the tokens couples sequences of exactly its
+            ``n`` tokens (another length, or decoding with a ``cache``, is an error).
             Runs on the generic solver path. With a
             ``cache``, the module sees the past tokens' phases (and mask) at each evaluation followed by the new
             tokens' (O(t) work per decoded token) and only the new tokens' terms are used: this
@@ -355,6 +358,9 @@ class KuramotoAttention(nn.Module):
         if needed:
             raise ValueError(f"coupling: {name}.interaction needs {', '.join(needed)}, which this layer cannot "
                              "give (for the layer's own attention weights use coupling='attention')")
+        if any(p.name == "mask" and p.kind == p.POSITIONAL_ONLY for p in parameters):  # given as mask=...
+            raise ValueError(f"coupling: {name}.interaction takes mask as a positional-only argument; this layer "
+                             "passes it as a keyword (mask=...), so make it an ordinary argument")
         if any(p.name == "mask" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                for p in parameters):  # the layer calls it without a mask when nothing is padded
             raise ValueError(f"coupling: {name}.interaction needs mask, which this layer gives only with padding; "
@@ -419,7 +425,7 @@ class KuramotoAttention(nn.Module):
         _check_graph_causal(self.coupling, self.causal)  # its weights may have been loaded or edited since
         mask, is_causal = self._attention_mask(t, past, valid, x.device)
         run = _Pass(q, k, v, valid, mask, is_causal, cache if past else None, record=cache is not None,
-                    plain=_in_func_transform())
+                    plain=in_func_transform())
 
         omega = self.freq_jitter(self.omega).view(h, n, 1)
         theta, R_steps = self._integrate(theta0, omega, run, return_info)
@@ -543,11 +549,19 @@ class KuramotoAttention(nn.Module):
             phases = torch.cat([run.cache.field_state[key].to(phases.dtype), phases], dim=-2)  # (b, h, s, n)
         if run.record:  # every token's phases at this evaluation, for later tokens
             run.new_state[key] = phases
+        coupling = self.coupling
+        if (isinstance(coupling, GraphCoupling) and coupling.dim in (-2, 2)
+                and coupling.weights.shape[-1] != phases.shape[-2]):
+            raise ValueError(f"coupling: {type(coupling).__name__} along the tokens has weights for "
+                             f"{coupling.weights.shape[-1]} tokens, but this pass has {phases.shape[-2]} (cached "
+                             "tokens included); it couples sequences of exactly that length, so it cannot decode "
+                             "with a cache or run other lengths")
         if run.valid is None:
-            term = self.coupling(phases)
+            term = coupling(phases)
         else:
             valid = run.valid[:, None, :, None]  # (b, 1, s, 1): the past tokens' too
-            term = self.coupling(phases, mask=valid) * valid.to(theta.dtype)  # padded tokens: none
+            # where, not a product: a padded row's term may be NaN (a masked mean over no valid token)
+            term = torch.where(valid, coupling(phases, mask=valid), 0.0)  # padded tokens: none
         return term[..., -t:, :].transpose(-1, -2) * self.strength.to(theta.dtype)
 
     # -------------------------------------------------------------- attention
@@ -617,7 +631,7 @@ class KuramotoAttention(nn.Module):
         R, R_tok = _order(theta, valid)
         loss = None
         if self.coherence is not None:  # masked_select only when needed: on a GPU it waits for the device
-            if valid is not None and _in_func_transform():
+            if valid is not None and in_func_transform():
                 # vmap has no rule for masked_select over a batched mask (per-sample gradients with padding):
                 # each token's own penalty, averaged over the valid ones (0 for none, as penalty gives)
                 weight = valid[:, None, -theta.shape[-1]:].expand_as(R_tok).to(R_tok.dtype)
@@ -783,15 +797,6 @@ def _check_graph_causal(coupling, causal: bool) -> None:
 def _takes_mask(coupling: Coupling) -> bool:
     parameters = inspect.signature(coupling.interaction).parameters.values()
     return any(p.name == "mask" or p.kind == p.VAR_KEYWORD for p in parameters)
-
-
-def _in_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running. Its tensors
-    cannot pass through this layer's autograd functions (no ``setup_context``, no vmap rule) or
-    activation checkpoints (saved-tensor hooks), so the layer then uses plain autograd ops: same
-    values, more memory for backward."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # no public test in torch 2.13
-    return peek is not None and peek() is not None
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoAttention, KuramotoCache,
-                           MeanFieldCoupling, PhaseGPTAttention)
+                           MeanFieldCoupling, PhaseGPTAttention, weighted_sine_coupling)
 
 from helpers import assert_reset_gives_constructor_values, built_where_freed, generators, materialize_like_fabric
 
@@ -1432,6 +1432,52 @@ def test_coupling_modules_the_layer_cannot_use_are_errors():
 class _NeedsMask(Coupling):
     def interaction(self, theta, mask):
         return torch.sin(theta) * mask
+
+
+class _PositionalMask(Coupling):
+    def interaction(self, theta, mask=None, /):
+        return torch.sin(theta)
+
+
+class _CausalMaskedMean(Coupling):
+    """The mean of sin(θ_j - θ_i) over the valid tokens j <= i: 0/0, NaN, on a padded token before
+    the first valid one (the padded rows' terms are the layer's to drop)."""
+
+    def interaction(self, theta, mask=None):
+        t = theta.shape[-2]
+        weights = torch.tril(torch.ones(t, t, dtype=theta.dtype))
+        if mask is not None:
+            weights = weights * mask.transpose(-1, -2).to(theta.dtype)  # no padded columns
+        return weighted_sine_coupling(theta, weights / weights.sum(-1, keepdim=True), self.phase_lag, dim=-2)
+
+
+def test_a_coupling_module_with_a_positional_only_mask_is_refused():
+    # the layer passes mask= by name: with padding it was a bare TypeError in forward
+    with pytest.raises(ValueError, match=r"^coupling: _PositionalMask.interaction takes mask as a positional-only"):
+        make_layer(coupling=_PositionalMask(), phase_lag=0.0)
+
+
+def test_a_nan_coupling_term_on_a_padded_token_does_not_reach_the_valid_outputs():
+    # the padded tokens' terms were zeroed by a product, and NaN * 0 is NaN: every valid output was NaN
+    layer = make_layer(num_oscillators=4, coupling=_CausalMaskedMean(), phase_lag=0.0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    valid = torch.tensor([[False, True, True, True, True], [True] * 5])
+    y = layer(x, valid)
+    assert torch.isfinite(y).all()
+    # the valid tokens as if the padding were not there (the scheme keeps it out of their means)
+    torch.testing.assert_close(y[0, 1:], layer(x[:1, 1:])[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[1], layer(x[1:])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_graph_coupling_along_the_tokens_names_its_length_on_another_one():
+    # it couples exactly n tokens: another length, or a cache, was a shape error about "weights"
+    layer = make_layer(coupling=GraphCoupling(torch.tril(torch.ones(5, 5)) / 5, dim=-2), phase_lag=0.0)
+    assert layer(torch.randn(1, 5, 16, dtype=torch.float64)).shape == (1, 5, 16)
+    for x, cache in ((torch.randn(1, 4, 16, dtype=torch.float64), None),
+                     (torch.randn(1, 2, 16, dtype=torch.float64), KuramotoCache())):
+        with pytest.raises(ValueError, match=r"^coupling: GraphCoupling along the tokens has weights for 5 tokens, "
+                                             rf"but this pass has {x.shape[1]} \(cached tokens included\)"):
+            layer(x, cache=cache)
 
 
 def test_a_coupling_module_whose_mask_has_no_default_is_refused():
