@@ -164,6 +164,15 @@ def autograd_records() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
+def in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running. Its tensors
+    cannot pass through custom autograd functions without ``setup_context`` or a vmap rule, nor
+    activation checkpoints (saved-tensor hooks), nor have their values read (``vmap``), so the
+    modules then use plain autograd ops (same values, more memory for backward) and skip value checks."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)  # no public test in torch 2.13
+    return peek is not None and peek() is not None
+
+
 def as_tensor(value: Any, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
     """``torch.as_tensor``, also of a NumPy array with negative strides (a flipped view such as ``a[::-1]``),
     which torch refuses; numpy is imported only for a value that is one of its objects."""

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
-from kuramoto_attn._checks import check_bool, check_int
+from kuramoto_attn._checks import check_bool, check_int, in_func_transform
 
 
 def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[int, int]:
     """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``.
 
     With ``vocab_size``, ids outside ``[0, vocab_size)`` are an error too, checked on CPU tensors in
-    eager mode only: on an accelerator reading the values back would synchronise every forward (the
+    eager mode outside ``torch.func`` transforms only: on an accelerator reading the values back would synchronise every forward (the
     embedding's own device-side assert applies there), and a compiled graph would break."""
     if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
         got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
@@ -38,8 +38,9 @@ def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[in
 
 def _check_ids(ids: Tensor, name: str, vocab_size: int, lowest: int) -> None:
     """Ids in ``[lowest, vocab_size)``, checked where reading them costs no synchronisation, no graph
-    break and no data-dependent trace: a real CPU tensor, in eager mode."""
-    if ids.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(ids):
+    break and no data-dependent trace: a real CPU tensor, in eager mode, outside ``torch.func``
+    transforms (``vmap`` cannot read a batched tensor's values)."""
+    if ids.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(ids) or in_func_transform():
         return
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < lowest or high >= vocab_size:

@@ -366,6 +366,25 @@ def test_every_parameter_gets_a_finite_gradient(name):
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's: no SDPA vmap rule
+@pytest.mark.parametrize("name", ["gpt-mean_field", "gpt-attention", "tpi-vector"])
+def test_per_sample_gradients_with_torch_func_equal_each_samples_own_backward(name):
+    # the token-id check read the ids' values, which vmap cannot: a bare ".item()" error, no gradients
+    model = MODEL_CASES[name]()
+    idx = tokens(3, 6)
+    params = {key: value.detach() for key, value in model.named_parameters()}
+
+    def loss(params, ids):
+        return torch.func.functional_call(model, params, (ids[None], ids[None]))[1]
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, idx)
+    for i in range(3):
+        model.zero_grad()
+        model(idx[i:i + 1], idx[i:i + 1])[1].backward()
+        for key, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[key][i], p.grad, rtol=1e-9, atol=1e-12, msg=key)
+
+
 # ---------------------------------------------------------------- caches and generation
 
 @pytest.mark.parametrize("name", list(MODEL_CASES))
