@@ -235,7 +235,7 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         if not state.get("_in_update"):
             _save(fabric, run_dir / "last.pt", state)
             fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
-        else:  # weights half updated: not a state to save
+        else:  # an exception inside the update, or a second signal: weights may be half updated
             kept = ("last.pt keeps the last saved state; continue with --resume" if (run_dir / "last.pt").is_file()
                     else "no checkpoint was saved yet; train again to start over")
             fabric.print(f"interrupted during update {progress['step'] + 1}: not saved ({kept})")
@@ -375,6 +375,9 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                                          error_if_nonfinite=False)
             _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", 0))
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
+            # a signal from here to the update's end waits for it (one process; several stop together at
+            # _check_finite): stopping inside saved nothing, and losing every update since the last checkpoint
+            state["_deferring"] = True
             # the update's log entry, logged before it and added to the history with it (logged after it,
             # an interrupt in between saved the step without its entry, in the history and the logs)
             logged = None
@@ -393,7 +396,9 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
             progress["eval_due"] = step % tc.eval_interval == 0 or step == tc.max_iters
             if logged is not None:
                 progress["history"].append(logged)
-            state["_in_update"] = False
+            state["_in_update"] = state["_deferring"] = False
+            if state.get("_deferred"):  # the update is whole: the interrupt's save has it, and its log entry
+                raise Interrupted(state.pop("_deferred"))
             if bar is not None:
                 bar.update(1)
                 if logged is not None:
@@ -471,7 +476,8 @@ def _interrupt_at_an_update(fabric, state: dict):
     """With several processes, Ctrl-C marks ``state["_interrupted"]``; the ranks agree on it before
     the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
     inside a collective, would leave the others waiting in theirs (for gloo's 30 minutes). A second
-    Ctrl-C interrupts at once. One process keeps Python's immediate KeyboardInterrupt. SIGTERM (a
+    Ctrl-C interrupts at once. One process stops at once, except from the update's log entry to the
+    update's end, which it finishes first (a second Ctrl-C aborts). SIGTERM (a
     scheduler's preemption, ``kill``) and SIGHUP (a closed terminal) are handled as Ctrl-C, so
     ``last.pt`` is saved before exiting;
     a signal the process was started to ignore stays ignored."""
@@ -487,12 +493,14 @@ def _interrupt_at_an_update(fabric, state: dict):
                      "(Ctrl-C again to abort)")
 
     def stop(signum, frame):
+        if state.get("_deferring") and not state.get("_deferred"):  # a second one aborts
+            state["_deferred"] = signum  # raised once the update is done (_loop)
+            return
         raise Interrupted(signum)
 
     # SIGHUP (a closed terminal; recipes.sweep passes it on) as SIGTERM: it would kill the run without its save
-    ends = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    handlers = ({s: stop for s in ends} if fabric.world_size == 1
-                else {signal.SIGINT: mark, **{s: mark for s in ends}})
+    ends = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    handlers = {s: stop if fabric.world_size == 1 else mark for s in ends}
     previous = {}
     for signum, handler in handlers.items():
         # not over an ignored signal, nor over a handler installed outside Python (None: not restorable)
@@ -525,8 +533,8 @@ def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int 
         hints = ["a lower optim.lr", "optim.grad_clip"]
         if fabric._precision.precision not in ("32-true", "64-true"):  # not to a run in float64 already
             hints.append("fabric.precision=32-true")
-        raise TrainingDiverged(f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is not "
-                               f"finite; stopped before the update, {kept}. Try {', '.join(hints[:-1])} "
+        raise TrainingDiverged(f"update {step + 1}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is "
+                               f"not finite; stopped before the update, {kept}. Try {', '.join(hints[:-1])} "
                                f"or {hints[-1]}.")
 
 

@@ -1075,6 +1075,50 @@ def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file,
     assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 4
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_file, monkeypatch, capsys, signum):
+    # it raised inside optimizer.step(): "not saved", and every update since the last checkpoint was lost
+    train(parse_config(tiny(tmp_path / "a", corpus_file)))
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # the 7th update; the last checkpoint is at step 4
+            os.kill(os.getpid(), signum)  # its handler runs at the next bytecode, inside the update
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    values = tiny(tmp_path / "b", corpus_file)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        train(parse_config(values))
+    assert stop.value.signum == signum and "interrupted at step 7: saved last.pt" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 7
+    with open(tmp_path / "b" / "run" / "logs" / "version_0" / "metrics.csv") as f:  # no entry past the save
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["train/loss"]] == list(range(1, 8))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train(parse_config(values), resume=True)
+    straight, resumed = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert logged(tmp_path / "a" / "run", "train_loss") == logged(tmp_path / "b" / "run", "train_loss")
+
+
+def test_a_second_signal_during_an_update_aborts_it_unsaved(tmp_path, corpus_file, monkeypatch, capsys):
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred to the update's end
+            os.kill(os.getpid(), signal.SIGTERM)  # asks again: stops at once
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_config(tiny(tmp_path, corpus_file)))
+    assert "interrupted during update 7: not saved (last.pt keeps the last saved state" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 4
+
+
 @pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])
 def test_interrupt_during_evaluation_or_its_checkpoints_is_redone_on_resume(tmp_path, corpus_file, monkeypatch, where):
     straight = tiny(tmp_path / "a", corpus_file)
@@ -1374,7 +1418,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    with pytest.raises(TrainingDiverged, match="step 5: loss nan") as diverged:
+    with pytest.raises(TrainingDiverged, match="update 6: loss nan") as diverged:
         train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True}, optim={"fused": not scaled})))
     run = tmp_path / "run"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
@@ -1599,7 +1643,7 @@ from recipes.common import run_cli
 run_cli(lambda: train_module.main(["--config", {str(config)!r}]), failures=(train_module.TrainingDiverged,))
 """)
     done = _run_recipe([str(script)])
-    assert done.returncode == 1 and "error: step 3: loss nan" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1 and "error: update 4: loss nan" in done.stderr, done.stderr[-3000:]
     run = tmp_path / "run"
     assert json.loads((run / "result.json").read_text())["status"] == "diverged"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()
@@ -2809,7 +2853,7 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_pat
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    with pytest.raises(TrainingDiverged, match=r"step 5: loss \d[^,]*, gradient norm nan"):
+    with pytest.raises(TrainingDiverged, match=r"update 6: loss \d[^,]*, gradient norm nan"):
         train(parse_config(tiny(tmp_path, corpus_file)))
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -2835,7 +2879,7 @@ def test_a_divergence_before_the_first_checkpoint_says_when_it_comes_and_what_to
     monkeypatch.setattr(train_module, "build_model", build_model)
     values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "precision": precision},
                   train={"max_iters": 3, "eval_interval": 4})
-    with pytest.raises(TrainingDiverged, match=rf"^step 0: loss nan, gradient norm nan is not finite; stopped before "
+    with pytest.raises(TrainingDiverged, match=rf"^update 1: loss nan, gradient norm nan is not finite; stopped before "
                                                rf"the update, no checkpoint yet \(the first is written at step 3\)\. "
                                                rf"Try {hints}\.$"):
         train(parse_config(values))
