@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -239,8 +240,24 @@ def load_run(checkpoint: str | Path, map_location="cpu"):
     model = build_model(config.model, tokenizer.vocab_size)
     if state.get("trained_precision") == "64-true":  # else load_state_dict rounds the weights into float32
         model = model.double()
-    model.load_state_dict(state["model"])
+    with damaged_checkpoint(checkpoint, "checkpoint", "give a .pt file written by recipes.train"):
+        model.load_state_dict(state["model"])
     return model.eval(), tokenizer, config, state
+
+
+@contextlib.contextmanager
+def damaged_checkpoint(path: Path, name: str, advice: str):
+    """torch's refusal of weights that do not fit the model (missing, unexpected or mis-shaped tensors:
+    a checkpoint edited or damaged, since its own config built the model) as a ValueError naming ``path``,
+    which the command line prints as one ``error:`` line."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not str(err).startswith("Error(s) in loading state_dict"):
+            raise
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise ValueError(f"{name}: {str(path)!r} holds weights that do not fit the model its config describes "
+                         f"({detail}); {advice}") from err
 
 
 def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, **load_options) -> dict:

@@ -55,8 +55,8 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from models.sampling import next_token_loss
-from recipes.common import (Interrupted, build_model, make_fabric, param_groups, perplexity, read_checkpoint,
-                            run_cli, save_checkpoint, step_seed)
+from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
+                            read_checkpoint, run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
                             model_config, parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
@@ -117,15 +117,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 # what --overwrite deletes of an earlier run in the same out_dir (glob patterns): everything that run
 # wrote there (train, evaluate and interpret) except config.yaml, which the new run writes again
+# (interpret's files are "NAME.EXT" or "NAME-CHECKPOINT[-SPLIT].EXT": a user's "interpret_notes.json" is not one)
 OLD_RUN_OUTPUTS = ("last.pt", "best.pt", "loss.png", "R.png", "logs/version_*", "tensorboard/version_*",
-                   "evaluation.json*", "interpret*.json", "R_tokens*.png", "R_steps*.png")
+                   "evaluation.json", "evaluation.json.lock", "interpret.json", "interpret-*.json", "R_tokens.png",
+                   "R_tokens-*.png", "R_steps.png", "R_steps-*.png")
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the contents of ``result.json``.
 
     A new run refuses an ``out_dir`` that already holds one (any of ``RUN_MARKERS``: ``last.pt``,
-    ``best.pt``, ``result.json``, ``evaluation.json``, ``interpret*.json``): rerunning a command
+    ``best.pt``, ``result.json``, ``evaluation.json``, ``interpret[-*].json``): rerunning a command
     without ``--resume`` would otherwise replace its checkpoints. ``overwrite`` deletes what that run
     wrote (checkpoints, ``result.json``, plots, logs, evaluations: ``OLD_RUN_OUTPUTS``) once the new
     run is set up, and starts over. A run killed before its first checkpoint left no marker, only its
@@ -267,7 +269,7 @@ def _plot(fabric, config: RunConfig, progress: dict) -> None:
 #: what marks a directory as holding a run (glob patterns): not only last.pt (a user may delete it to
 #: save space and keep best.pt; a run that diverged before its first checkpoint leaves only
 #: result.json), and any report of interpret, whichever checkpoint it read (interpret-last.json)
-RUN_MARKERS = ("last.pt", "best.pt", "result.json", "evaluation.json", "interpret*.json")
+RUN_MARKERS = ("last.pt", "best.pt", "result.json", "evaluation.json", "interpret.json", "interpret-*.json")
 
 
 def _run_outputs_in(run_dir: Path) -> list[str]:
@@ -517,6 +519,19 @@ def _interrupt_at_an_update(fabric, state: dict):
             signal.signal(signum, handler)
 
 
+def _check_optimizer_state(optimizer, model, path: Path) -> None:
+    """Each loaded state tensor (AdamW's moments) has its parameter's shape. torch's load checks only the
+    number of parameters per group, and the fused kernel reads the moments as flat buffers: a damaged or
+    edited checkpoint's wrong shape was used as it was, or read and written out of bounds (a crash)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"--resume: {str(path)!r} holds an optimizer state {key} of shape "
+                                 f"{tuple(value.shape)} for {names.get(id(p), 'a parameter')} of shape "
+                                 f"{tuple(p.shape)}; restore it, or start over with --overwrite")
+
+
 def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int = 0) -> None:
     # (any rank's loss not finite, gradient norm not finite, any rank interrupted), decided together
     # so that no rank waits alone; ``interrupted``: the signal this rank received, 0 if none (the
@@ -648,7 +663,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     if header["tokenizer"] != state["tokenizer"]:
         raise ValueError("--resume: the tokenizer differs from the checkpoint's (data settings changed?)")
     del header
-    saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
+    with damaged_checkpoint(path, "--resume", "restore it, or start over with --overwrite"):
+        saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
+    _check_optimizer_state(state["optimizer"], state["model"], path)
     if saved.get("precision"):
         fabric._precision.load_state_dict(saved["precision"])
     shards = state["progress"]["shards"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -1525,6 +1526,38 @@ def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
     assert train(parse_config(apply_overrides(values, ["train.max_iters=3"])), resume=True)["step"] == 3
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_checkpoint_whose_tensors_do_not_fit_its_model_is_an_error_naming_them(tmp_path, corpus_file, fused):
+    # an AdamW moment of another shape was used as it was, or (fused: read as a flat buffer) crashed the process;
+    # a weight of another shape was a RuntimeError with a traceback in resume, evaluate, generate and interpret
+    from recipes.common import load_run
+    values = tiny(tmp_path, corpus_file, optim={"fused": fused, "warmup_iters": 1}, train={"max_iters": 2,
+                                                                                    "eval_interval": 2})
+    train(parse_config(values))
+    run, whole = tmp_path / "run", torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    longer = parse_config(apply_overrides(values, ["train.max_iters=3"]))
+    for change in (lambda m: m.t(), lambda m: m[:3], lambda m: torch.cat([m, m])):
+        state = copy.deepcopy(whole)
+        moment = state["optimizer"]["state"][0]["exp_avg"]
+        state["optimizer"]["state"][0]["exp_avg"] = change(moment).contiguous()
+        torch.save(state, run / "last.pt")
+        with pytest.raises(ValueError, match=rf"^--resume: '.*last.pt' holds an optimizer state exp_avg of shape "
+                                             rf"\({', '.join(map(str, change(moment).shape))}\) for [\w.]+ of shape "
+                                             rf"\({', '.join(map(str, moment.shape))}\); restore it"):
+            train(longer, resume=True)
+    state = copy.deepcopy(whole)
+    state["model"]["tok_emb.weight"] = state["model"]["tok_emb.weight"][:3]
+    torch.save(state, run / "last.pt")
+    with pytest.raises(ValueError, match=r"^--resume: '.*last.pt' holds weights that do not fit the model its config "
+                                         r"describes \(size mismatch for tok_emb.weight: .*\); restore it"):
+        train(longer, resume=True)
+    with pytest.raises(ValueError, match=r"^checkpoint: '.*last.pt' holds weights that do not fit the model its "
+                                         r"config describes \(size mismatch for tok_emb.weight: .*\); give a .pt"):
+        load_run(run / "last.pt")
+    torch.save(whole, run / "last.pt")
+    assert train(longer, resume=True)["step"] == 3
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, corpus_file):
     """The same global batch: 2 processes, or 1 with 2 micro-batches; dropout and phase noise too,
     which are seeded per slice of the batch."""
@@ -2244,6 +2277,18 @@ def test_a_new_run_never_replaces_an_existing_one(tmp_path, corpus_file):
         assert [p.name for p in (tmp_path / "run" / logs).iterdir()] == ["version_0"]
     steps = [row["step"] for row in csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open())]
     assert max(int(s) for s in steps) == 4  # the new run's log only
+    # nor a user's files whose names begin as the run's do (its patterns were evaluation.json*, interpret*.json,
+    # R_tokens*.png), nor do they mark a directory as a run's
+    users = ("evaluation.json.bak", "interpret_notes.json", "R_tokens_paper_fig.png", "R_steps_old.png")
+    ours = ("interpret.json", "interpret-last-test.json", "R_tokens-last.png", "R_steps.png", "evaluation.json.lock")
+    for name in users + ours:
+        (tmp_path / "run" / name).write_text("the user's" if name in users else "the old run's")
+    train(config, overwrite=True)
+    assert all((tmp_path / "run" / name).read_text() == "the user's" for name in users)
+    assert not any((tmp_path / "run" / name).exists() for name in ours)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "interpret_notes.json").write_text("{}")
+    train(parse_config(tiny(tmp_path, corpus_file, out_dir=str(tmp_path / "theirs"), train={"max_iters": 2})))
     # --overwrite in a directory that holds no run deletes none of its files, and never a user's own
     # files next to the run's log versions
     (tmp_path / "mine" / "logs").mkdir(parents=True)
