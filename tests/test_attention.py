@@ -1514,3 +1514,17 @@ def test_a_coupling_along_the_batch_axis_is_refused(dim):
     for coupling in (MeanFieldCoupling(dim=dim), GraphCoupling(torch.eye(2), dim=dim)):
         with pytest.raises(ValueError, match=rf"^coupling: {type(coupling).__name__} along dim={dim}, the batch axis"):
             make_layer(coupling=coupling, phase_lag=0.0)
+
+
+def test_the_documented_defaults():
+    # the signature issue 3 fixed (num_oscillators=32, coupling_strength=1.0, steps=10, dt=0.1, ...): a default
+    # changed in the code alone gave every model built with defaults another layer, with no test noticing
+    layer = KuramotoAttention(16, 2)
+    assert (layer.num_oscillators, layer.steps, layer.dt, layer.integrator, layer.coupling, layer.phase_lag,
+            layer.causal, layer.dropout, layer.coherence) == (32, 10, 0.1, "euler", "mean_field", 0.0, True, 0.0, None)
+    assert isinstance(layer.strength, torch.nn.Parameter)
+    assert torch.equal(layer.strength, torch.ones_like(layer.strength))
+    assert layer.qkv.bias is not None and layer.phase_proj.bias is not None and layer.out.bias is not None
+    assert (layer.phase_noise.sigma, layer.freq_jitter.relative) == (0.0, 0.0)
+    regularized = KuramotoAttention(16, 2, coherence_target=0.45).coherence
+    assert (regularized.target, regularized.weight, regularized.mode) == (0.45, 0.1, "ceiling")

@@ -113,9 +113,12 @@ def test_padded_elements_neither_pull_nor_are_pulled():
 def test_graph_coupling_equals_pairwise_sum_and_mean_field():
     gen = torch.Generator().manual_seed(3)
     theta = random_phases(gen, 4, 6)
-    weights = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    weights = torch.randn(6, 6, generator=gen, dtype=torch.float64)  # signed: repulsive edges too
+    assert (weights < 0).any() and (weights > 0).any()
     got = GraphCoupling(weights, strength=1.5, phase_lag=-0.7)(theta)
     torch.testing.assert_close(got, 1.5 * naive_weighted(theta, weights, -0.7), atol=1e-10, rtol=0)
+    torch.testing.assert_close(AttentionCoupling(phase_lag=-0.7, dim=-1)(theta, weights),
+                               naive_weighted(theta, weights, -0.7), atol=1e-10, rtol=0)
     all_to_all = GraphCoupling(torch.ones(6, 6, dtype=torch.float64) / 6, phase_lag=0.3)(theta)
     torch.testing.assert_close(all_to_all, MeanFieldCoupling(phase_lag=0.3)(theta), atol=1e-12, rtol=0)
 
@@ -548,3 +551,14 @@ def test_flipped_numpy_arrays_are_accepted_as_their_values():
     coupling = MeanFieldCoupling(strength)
     assert coupling.strength.tolist() == [2.0, 1.0] and coupling._initial_strength.tolist() == [2.0, 1.0]
     assert KuramotoField(np.array([1.0, 2.0, 3.0])[::-1]).omega.tolist() == [3.0, 2.0, 1.0]
+
+
+def test_a_strength_or_omega_that_would_enlarge_the_phases_is_refused():
+    # a length-1 axis of θ does not take a longer one of the strength or ω: the term would have another shape than θ
+    theta = torch.zeros(1, 5, dtype=torch.float64)
+    for strength in (torch.ones(3, 1, dtype=torch.float64), torch.ones(2, 1, 5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"^strength: expected a shape that broadcasts to theta's \(1, 5\) "):
+            MeanFieldCoupling(strength=strength)(theta)
+    with pytest.raises(ValueError, match=r"^omega: expected a shape that broadcasts to theta's \(1, 5\) "):
+        KuramotoField(torch.zeros(3, 5, dtype=torch.float64), MeanFieldCoupling())(theta)
+    assert MeanFieldCoupling(strength=torch.ones(1, 1, dtype=torch.float64))(theta).shape == (1, 5)

@@ -43,6 +43,26 @@ def test_halving_dt_divides_the_error_by_two_to_the_order(method):
 
 
 
+def test_one_step_is_each_method_s_own_butcher_formula():
+    # the convergence order alone lets a method of the same order pass (the midpoint rule for Heun's,
+    # Kutta's 3/8 rule for the classical RK4): one step on a nonlinear field, against each formula by hand
+    def f(y):
+        return torch.sin(y) + 0.5 * torch.cos(2.0 * y) ** 2
+
+    y = torch.tensor([0.3, -1.1, 2.0], dtype=torch.float64)
+    h = 0.37
+    k1 = f(y)
+    expected = {"euler": y + h * k1, "heun": y + h / 2 * (k1 + f(y + h * k1))}
+    a = k1
+    b = f(y + h / 2 * a)
+    c = f(y + h / 2 * b)
+    d = f(y + h * c)
+    expected["rk4"] = y + h / 6 * (a + 2 * b + 2 * c + d)
+    assert sorted(expected) == METHODS
+    for method, want in expected.items():
+        torch.testing.assert_close(integrate(f, y, dt=h, steps=1, method=method), want, rtol=0, atol=1e-14)
+
+
 def test_the_default_method_is_rk4():
     """The documented default (every other test names its method)."""
     field = two_oscillator_field()

@@ -189,6 +189,22 @@ def test_weights_at_the_ends_of_their_range_weigh_as_their_ratios(values, data, 
         assert math.cos(float(psi) - psi_ref) == pytest.approx(1.0, abs=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_each_group_is_scaled_by_its_own_weights(dtype):
+    # one group's huge weights must not scale another's tiny ones away (to a group of no weight: R = 0)
+    gen = torch.Generator().manual_seed(5)
+    theta = (torch.rand(3, 5, generator=gen, dtype=f64) - 0.5) * 6
+    ratios = torch.rand(3, 5, generator=gen, dtype=f64) + 0.1
+    info = torch.finfo(dtype)
+    scales = torch.tensor([[info.max / 8], [info.tiny], [1.0]], dtype=f64)
+    R, psi = order_parameter(theta.to(dtype), weights=(ratios * scales).to(dtype))
+    for g in range(3):
+        R_ref, psi_ref = naive_order_parameter(theta[g].to(dtype).tolist(), ratios[g].tolist())
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert float(R[g]) == pytest.approx(R_ref, abs=tol)
+        assert math.cos(float(psi[g]) - psi_ref) == pytest.approx(1.0, abs=tol)
+
+
 def test_boolean_mask_as_weights_selects_elements():
     theta = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=f64)
     mask = torch.tensor([[True, False, True, False]])

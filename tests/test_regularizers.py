@@ -61,6 +61,10 @@ def test_phase_noise_identity_with_zero_sigma_in_training():
     noise = PhaseNoise(sigma=0.0).train()
     assert torch.equal(noise(theta), theta)
     assert torch.equal(PhaseNoise(sigma=0).train()(theta), theta)        # integer 0 as well
+    # and draws nothing: the layers call it after every step, where a draw would move dropout's masks
+    before = torch.get_rng_state()
+    noise(theta)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("sigma", [0.03, 0.5, 2.0])
@@ -110,6 +114,9 @@ def test_frequency_jitter_identity_in_eval(relative):
 def test_frequency_jitter_identity_with_zero_relative_in_training():
     omega = torch.randn(4, 5)
     assert torch.equal(FrequencyJitter(relative=0.0).train()(omega), omega)
+    before = torch.get_rng_state()  # and draws nothing (a seeded run's later draws stay where they were)
+    FrequencyJitter(relative=0.0).train()(omega)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("relative", [0.02, 0.3])
@@ -394,3 +401,12 @@ def test_coherence_without_oscillators_rejected_but_empty_batch_is_zero():
 def test_coherence_bad_dim_at_forward():
     with pytest.raises(ValueError, match="^dim:"):
         CoherenceRegularizer(dim=2)(torch.zeros(3, 4))
+
+
+def test_the_documented_defaults():
+    # PhaseNoise 0.03, FrequencyJitter 0.02 (the reference's anti-synchronisation settings), CoherenceRegularizer
+    # target 0.45 in ceiling mode, weight 0.1, band (0.35, 0.55): changed in the code alone, no test noticed
+    assert PhaseNoise().sigma == 0.03 and FrequencyJitter().relative == 0.02
+    regularizer = CoherenceRegularizer()
+    assert (regularizer.target, regularizer.weight, regularizer.mode, regularizer.band, regularizer.dim) == (
+        0.45, 0.1, "ceiling", (0.35, 0.55), -1)
