@@ -24,8 +24,9 @@ def check_idx(idx, name: str = "idx", vocab_size: int | None = None) -> tuple[in
     """``idx`` must be an integer tensor ``(b, t)`` with ``b, t >= 1``; returns ``(b, t)``.
 
     With ``vocab_size``, ids outside ``[0, vocab_size)`` are an error too, checked on CPU tensors in
-    eager mode outside ``torch.func`` transforms only: on an accelerator reading the values back would synchronise every forward (the
-    embedding's own device-side assert applies there), and a compiled graph would break."""
+    eager mode outside ``torch.func`` transforms only: on an accelerator reading the values back would
+    synchronise every forward (the embedding's own device-side assert applies there), a compiled graph
+    would break, and ``vmap`` cannot read them."""
     if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
         got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
         raise ValueError(f"{name}: expected an int64 or int32 tensor of token ids but got {got}")
