@@ -89,7 +89,11 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
         cmd = [python, "-m", "recipes.train", "--config", str(config), *run_overrides] + (
             ["--resume"] if resume else [])
         print(f"[sweep] {name} seed {seed}: {'resuming' if resume else 'training'}", flush=True)
-        code = _train(cmd)
+        try:
+            code = _train(cmd)
+        except Interrupted:  # the run's own message says --resume, which is the sweep's to give
+            print(f"[sweep] {name} seed {seed}: stopped; rerun the same sweep command to resume it", flush=True)
+            raise
         if code != 0 and (run_dir / "result.json").is_file():  # diverged, or trained and failed after (its plots)
             status = _status(run_dir)
             what = "diverged" if status == "diverged" else f"{status}, then exited with {code}"
@@ -145,6 +149,17 @@ def _status(run_dir: Path) -> str:
         return "unknown"
 
 
+def _a_result(r: dict) -> bool:
+    """Whether ``r`` has what the summary reads of a ``result.json`` of recipes.train."""
+    def number(value) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    return (isinstance(r.get("step"), int) and all(key in r and number(r[key]) for key in ("best_val_loss",
+                                                                                             "final_val_loss"))
+            and isinstance(r.get("best_val_R", {}), dict)
+            and all(number(R) for R in r.get("best_val_R", {}).values()))
+
+
 def _train(cmd: list[str]) -> int:
     """Run one ``recipes.train`` process to its end; return its exit status.
 
@@ -162,7 +177,7 @@ def _train(cmd: list[str]) -> int:
     def forward(signum, frame):
         received.append(signum)
         if child is not None:
-            child.send_signal(signum)  # a second one aborts the run's save, as for recipes.train itself
+            child.send_signal(signum)  # recipes.train takes a repeated SIGTERM or SIGHUP as the same stop
 
     def suspend(signum, frame):  # Ctrl-Z: the run stops with the sweep, and goes on when it does
         if child is not None:
@@ -216,11 +231,13 @@ def _as_sweep_child(stops: list[int]) -> None:
 
 def _checked_config(config: Path, overrides: list[str]) -> dict:
     """The config file as read (for its ``name``), once it has passed ``recipes.train``'s checks
-    with ``overrides``; a config error names the file."""
+    with ``overrides`` and its ``data.path``, if any, exists; a config error names the file."""
     try:
-        load_config(config, overrides)
+        data = load_config(config, overrides).data
     except ConfigError as err:
         raise ConfigError(f"{config}: {err}") from None
+    if data.path is not None and not os.path.exists(data.path):  # else found when its turn came, hours in
+        raise FileNotFoundError(f"{config}: data.path={data.path} does not exist")
     return load_yaml(config)
 
 
@@ -356,6 +373,9 @@ def summarise(out_dir: Path, names: list[str], seeds: list[int],
             path = out_dir / name / f"seed{seed}" / "result.json"
             if _status(path.parent) != "unknown":
                 r = json.loads(path.read_text())
+                if not _a_result(r):  # e.g. another tool's result.json in the folder: not a run of recipes.train
+                    print(f"[sweep] {path} is not a result of recipes.train, left out of the summary")
+                    continue
                 rows.append({"config": name, "seed": seed, "status": r["status"], "step": r["step"],
                              "best_val_loss": r["best_val_loss"], "final_val_loss": r["final_val_loss"],
                              **{f"R_{layer}": R for layer, R in r.get("best_val_R", {}).items()}})

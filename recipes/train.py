@@ -235,18 +235,21 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     try:
         # asked of the model, whichever settings (a target, or a band in band mode) gave it one
         regularized = any(isinstance(module, CoherenceRegularizer) for module in model.modules())
-        with _interrupt_at_an_update(fabric, state):
-            status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
-    except KeyboardInterrupt:
-        if not state.get("_in_update"):
-            _save(fabric, run_dir / "last.pt", state)
-            fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
-        else:  # an exception inside the update, or a second signal: weights may be half updated
-            kept = ("last.pt keeps the last saved state; continue with --resume" if (run_dir / "last.pt").is_file()
-                    else "no checkpoint was saved yet; train again to start over")
-            fabric.print(f"interrupted during update {progress['step'] + 1}: not saved ({kept})")
-        _flush_logs(fabric)
-        raise
+        with _interrupt_at_an_update(fabric, state):  # also while an interrupt's save runs
+            try:
+                status = _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularized)
+            except KeyboardInterrupt:
+                state["_stopping"] = True  # more SIGTERMs now are this stop (a second Ctrl-C aborts it)
+                if not state.get("_in_update"):
+                    _save(fabric, run_dir / "last.pt", state)
+                    fabric.print(f"interrupted at step {progress['step']}: saved last.pt; continue with --resume")
+                else:  # an exception inside the update, or a second Ctrl-C: weights may be half updated
+                    kept = ("last.pt keeps the last saved state; continue with --resume"
+                            if (run_dir / "last.pt").is_file() else "no checkpoint was saved yet; train again to "
+                                                                    "start over")
+                    fabric.print(f"interrupted during update {progress['step'] + 1}: not saved ({kept})")
+                _flush_logs(fabric)
+                raise
     except TrainingDiverged as err:
         _write_result(fabric, config, progress, "diverged", str(err))
         _flush_logs(fabric)
@@ -425,6 +428,7 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
         kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
                 else "no checkpoint has been written yet")
         raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; {kept}")
+    state["_deferring"] = True  # as for an update: a stop waits for the checkpoints that go with this log entry
     fabric.log_dict(val, step=step)
     layer_R = "".join(f", R {layer} {R:.3f}" for layer, R in _layer_R(val).items())
     fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
@@ -439,6 +443,9 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
     _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
     progress.update(new)  # one call: an interrupt finds the old or the new progress, never a mix
     _flush_logs(fabric)
+    state["_deferring"] = False
+    if state.get("_deferred"):
+        raise Interrupted(state.pop("_deferred"))
     if new["stopped"] and step < tc.max_iters:
         fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
 
@@ -483,7 +490,9 @@ def _interrupt_at_an_update(fabric, state: dict):
     the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
     inside a collective, would leave the others waiting in theirs (for gloo's 30 minutes). A second
     Ctrl-C interrupts at once. One process stops at once, except from the update's log entry to the
-    update's end, which it finishes first (a second Ctrl-C aborts). SIGTERM (a
+    update's end, and from an evaluation's log entry to its checkpoints, which it finishes first. Once
+    a stop is under way, a repeated SIGTERM or SIGHUP is the same stop and a second Ctrl-C aborts (the
+    save too: the previous ``last.pt`` stays whole). SIGTERM (a
     scheduler's preemption, ``kill``) and SIGHUP (a closed terminal) are handled as Ctrl-C, so
     ``last.pt`` is saved before exiting;
     a signal the process was started to ignore stays ignored."""
@@ -491,17 +500,26 @@ def _interrupt_at_an_update(fabric, state: dict):
         yield
         return
 
-    def mark(signum, frame):
-        if state.get("_interrupted"):
+    def again(signum) -> None:
+        # a stop is under way: a repeated SIGTERM or SIGHUP is the same stop (a scheduler signals every
+        # process of a job, and recipes.sweep passes its own copy on: it killed the save); Ctrl-C aborts
+        if signum == signal.SIGINT:
             raise Interrupted(signum)
+
+    def mark(signum, frame):
+        if state.get("_interrupted") or state.get("_stopping"):
+            return again(signum)
         state["_interrupted"] = signum
         fabric.print(f"{signal.Signals(signum).name}: every process stops before the next update "
                      "(Ctrl-C again to abort)")
 
     def stop(signum, frame):
-        if state.get("_deferring") and not state.get("_deferred"):  # a second one aborts
-            state["_deferred"] = signum  # raised once the update is done (_loop)
+        if state.get("_stopping") or state.get("_deferred"):
+            return again(signum)
+        if state.get("_deferring"):
+            state["_deferred"] = signum  # raised once the update, or the evaluation's saves, are done
             return
+        state["_stopping"] = True
         raise Interrupted(signum)
 
     # SIGHUP (a closed terminal; recipes.sweep passes it on) as SIGTERM: it would kill the run without its save

@@ -1103,21 +1103,57 @@ def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_
     assert logged(tmp_path / "a" / "run", "train_loss") == logged(tmp_path / "b" / "run", "train_loss")
 
 
-def test_a_second_signal_during_an_update_aborts_it_unsaved(tmp_path, corpus_file, monkeypatch, capsys):
-    real_step, calls = torch.optim.AdamW.step, []
+def test_a_second_ctrl_c_during_an_update_aborts_it_unsaved_and_a_second_sigterm_is_the_same_stop(
+        tmp_path, corpus_file, monkeypatch, capsys):
+    # a scheduler signals every process of a job and recipes.sweep passes its copy on: the second SIGTERM
+    # killed the save (handlers were restored before it); a second Ctrl-C is the user's "stop now"
+    real_step, real_save, calls = torch.optim.AdamW.step, train_module._save, []
 
     def step(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)  # deferred to the update's end
-            os.kill(os.getpid(), signal.SIGTERM)  # asks again: stops at once
+            os.kill(os.getpid(), signum)  # deferred to the update's end
+            os.kill(os.getpid(), signum)  # asks again
         return real_step(self, *args, **kwargs)
 
+    def save(fabric, path, state):
+        if state["progress"]["step"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # during the interrupt's save: the same stop
+        return real_save(fabric, path, state)
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(train_module, "_save", save)
+    for signum, message, saved in ((signal.SIGINT, "interrupted during update 7: not saved (last.pt keeps", 4),
+                                   (signal.SIGTERM, "interrupted at step 7: saved last.pt", 7)):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt) as stop:
+            train(parse_config(tiny(tmp_path, corpus_file)), overwrite=True)
+        assert stop.value.signum == signum and message in capsys.readouterr().out
+        assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] \
+            == saved
+
+
+def test_a_signal_while_an_evaluation_is_saved_waits_for_its_checkpoints(tmp_path, corpus_file, monkeypatch):
+    # the evaluation was logged, then the stop came before its checkpoints: the resume evaluated and logged again
+    real_save, sent = train_module._save, []
+
+    def save(fabric, path, state):
+        if path.name == "best.pt" and state["progress"]["step"] == 8 and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # between the evaluation's log entry and its checkpoints
+        return real_save(fabric, path, state)
+
+    monkeypatch.setattr(train_module, "_save", save)
+    values = tiny(tmp_path, corpus_file)
     with pytest.raises(KeyboardInterrupt):
-        train(parse_config(tiny(tmp_path, corpus_file)))
-    assert "interrupted during update 7: not saved (last.pt keeps the last saved state" in capsys.readouterr().out
-    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]["step"] == 4
+        train(parse_config(values))
+    saved = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["progress"]
+    assert sent and saved["step"] == 8 and not saved["eval_due"]
+    monkeypatch.setattr(train_module, "_save", real_save)
+    train(parse_config(values), resume=True)
+    rows = [int(row["step"]) for version in sorted((tmp_path / "run" / "logs").iterdir())
+            for row in csv.DictReader((version / "metrics.csv").open()) if row.get("val/loss")]
+    assert rows == [4, 8, 12]  # each evaluation logged once
 
 
 @pytest.mark.parametrize("where", ["evaluate", "best.pt", "last.pt"])

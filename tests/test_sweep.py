@@ -324,6 +324,45 @@ def test_folders_other_than_seed_numbers_are_not_runs_of_the_summary(tmp_path):
     assert [(r["config"], r["seed"]) for r in rows] == [("a", 1)]
 
 
+def test_a_result_json_of_another_tool_is_left_out_of_the_summary(tmp_path, capsys):
+    # another experiment's result.json under out_dir (a status, none of a run's numbers): a KeyError, no summary
+    for folder, result in (("a", {"status": "finished", "step": 5, "best_val_loss": 1.0, "final_val_loss": 1.5}),
+                           ("other", {"status": "finished", "accuracy": 0.9}),
+                           ("odd", {"status": "finished", "step": 5, "best_val_loss": "low", "final_val_loss": 1.0})):
+        (tmp_path / folder / "seed1").mkdir(parents=True)
+        (tmp_path / folder / "seed1" / "result.json").write_text(json.dumps(result))
+    rows = sweep.summarise(tmp_path, ["a"], [1])
+    assert [(r["config"], r["best_val_loss"]) for r in rows] == [("a", 1.0)]
+    out = capsys.readouterr().out
+    assert all(f"[sweep] {tmp_path / name / 'seed1' / 'result.json'} is not a result of recipes.train, left out "
+               "of the summary" in out for name in ("other", "odd"))
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.md").is_file()
+
+
+def test_a_config_whose_data_path_is_missing_is_refused_before_any_run(tmp_path, configs, launched):
+    # it was found when that config's turn came, after every earlier config's runs had trained
+    (configs / "b.yaml").write_text(yaml.safe_dump({"name": "b", "data": {"name": "tiny-shakespeare",
+                                                                           "path": str(tmp_path / "typo.txt")}}))
+    with pytest.raises(FileNotFoundError, match=rf"^{configs / 'b.yaml'}: data.path={tmp_path / 'typo.txt'} does "
+                                                "not exist$"):
+        sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], tmp_path / "out")
+    assert not launched and not (tmp_path / "out").exists()
+
+
+def test_a_stopped_sweep_says_how_to_go_on(tmp_path, configs, monkeypatch, capsys):
+    # the run's own message says "continue with --resume", which the sweep does not take
+    import signal
+    from recipes.common import Interrupted
+
+    def stopped(cmd):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr("recipes.sweep._train", stopped)
+    with pytest.raises(Interrupted):
+        sweep.run_sweep([configs / "a.yaml"], [1], tmp_path / "out")
+    assert capsys.readouterr().out.endswith("[sweep] a seed 1: stopped; rerun the same sweep command to resume it\n")
+
+
 def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, launched):
     out = tmp_path / "out"
     interrupted = out / "a" / "seed1"
