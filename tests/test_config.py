@@ -1,5 +1,6 @@
 """models.config.from_dict: every key used or rejected by name; types and ranges checked."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,10 +74,17 @@ def test_mappings_unions_and_fields_outside_init_are_checked_by_the_hint():
     ({"inner": {"mode": "c"}}, "cfg.inner.mode: expected one of 'a', 'b'"),
     ({"inner": {"steps": 0}}, "cfg.inner.steps: must be at least 1"),
     ({"inner": 5}, "cfg.inner: expected a mapping"),
+    ({"layers": [2**63]}, "cfg.layers[0]: expected an integer within int64 (-2**63 to 2**63 - 1), got "
+                          "9223372036854775808"),
+    ({"layers": [-2**63 - 1]}, "cfg.layers[0]: expected an integer within int64"),
 ])
 def test_rejects_with_the_key_named(values, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(Outer, values, where="cfg")
+
+
+def test_the_int64_bounds_themselves_are_integers_it_takes():
+    assert from_dict(Outer, {"layers": [2**63 - 1, -2**63]}).layers == (2**63 - 1, -2**63)
 
 
 def test_aliases_map_onto_fields_and_conflicts_are_errors():

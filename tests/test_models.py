@@ -908,6 +908,32 @@ DROPOUT_CASES = {
 }
 
 
+def test_tpilm_config_defaults_are_the_memorys_and_the_blocks():
+    # its docstring: the memory's arguments "with its names and defaults"; a default changed in one place only
+    # gave TPILM another model than HolographicPhaseMemory / TPIBlock built alone
+    import inspect
+    from kuramoto_attn import TPIBlock
+    memory = inspect.signature(HolographicPhaseMemory).parameters
+    config = TPILMConfig()
+    shared = ("query", "constrained_scale", "kernel", "window", "magnitude", "normalize", "state", "num_heads",
+              "expansion", "chunk_size")
+    assert {name: getattr(config, name) for name in shared} == {name: memory[name].default for name in shared}
+    assert config.ffn_expansion == inspect.signature(TPIBlock).parameters["ffn_expansion"].default
+
+
+def test_the_plain_layers_drop_attention_weights_in_training():
+    # GPTConfig: dropout on "the attention weights (plain and phase layers)"; the plain layers' is SDPA's dropout_p,
+    # not an nn.Dropout module, which the dropout tests look for
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=8, n_layers=1, n_heads=2, d_model=8, dropout=0.5))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # only the attention weights' dropout is left
+    idx = tokens(2, 8)
+    assert not torch.allclose(model.train()(idx)[0], model(idx)[0])
+    assert torch.equal(model.eval()(idx)[0], model(idx)[0])
+
+
 @pytest.mark.parametrize("name", list(DROPOUT_CASES))
 def test_dropout_acts_in_training_only_and_generation_runs_in_eval(name):
     """With dropout, eval mode is the dropout-free model exactly (the same weights), training mode
