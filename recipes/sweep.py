@@ -151,13 +151,13 @@ def _status(run_dir: Path) -> str:
 
 def _a_result(r: dict) -> bool:
     """Whether ``r`` has what the summary reads of a ``result.json`` of recipes.train."""
-    def number(value) -> bool:
+    def number(value) -> bool:  # null: no evaluation yet
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
-    return (isinstance(r.get("step"), int) and all(key in r and number(r[key]) for key in ("best_val_loss",
-                                                                                             "final_val_loss"))
-            and isinstance(r.get("best_val_R", {}), dict)
-            and all(number(R) for R in r.get("best_val_R", {}).values()))
+    R = r.get("best_val_R", {})
+    return (isinstance(r.get("step"), int) and "best_val_loss" in r and "final_val_loss" in r
+            and number(r["best_val_loss"]) and number(r["final_val_loss"])
+            and isinstance(R, dict) and all(number(value) for value in R.values()))
 
 
 def _train(cmd: list[str]) -> int:

@@ -384,30 +384,28 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                                          error_if_nonfinite=False)
             _check_finite(fabric, total_loss, norm, step, config, state.get("_interrupted", 0))
             lr = optimizer.param_groups[0]["lr"]  # the rate of this update
-            # a signal from here to the update's end waits for it (one process; several stop together at
-            # _check_finite): stopping inside saved nothing, and losing every update since the last checkpoint
-            state["_deferring"] = True
-            # the update's log entry, logged before it and added to the history with it (logged after it,
-            # an interrupt in between saved the step without its entry, in the history and the logs)
-            logged = None
-            if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
-                loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
-                metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
-                if torch.is_tensor(total_aux):
-                    metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
-                fabric.log_dict(metrics, step=step + 1)
-                logged = {"step": step + 1, "train_loss": loss_value}
-            state["_in_update"] = True
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["step"] = step = step + 1
-            progress["eval_due"] = step % tc.eval_interval == 0 or step == tc.max_iters
-            if logged is not None:
-                progress["history"].append(logged)
-            state["_in_update"] = state["_deferring"] = False
-            if state.get("_deferred"):  # the update is whole: the interrupt's save has it, and its log entry
-                raise Interrupted(state.pop("_deferred"))
+            # a stop waits for the update: stopping inside saved nothing, and lost every update since the
+            # last checkpoint
+            with _stop_waits(state):
+                # the update's log entry, logged before it and added to the history with it (logged after it,
+                # an interrupt in between saved the step without its entry, in the history and the logs)
+                logged = None
+                if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
+                    loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
+                    metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
+                    if torch.is_tensor(total_aux):
+                        metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
+                    fabric.log_dict(metrics, step=step + 1)
+                    logged = {"step": step + 1, "train_loss": loss_value}
+                state["_in_update"] = True
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress["step"] = step = step + 1
+                progress["eval_due"] = step % tc.eval_interval == 0 or step == tc.max_iters
+                if logged is not None:
+                    progress["history"].append(logged)
+                state["_in_update"] = False
             if bar is not None:
                 bar.update(1)
                 if logged is not None:
@@ -428,24 +426,21 @@ def _evaluate_and_save(fabric, model, state, val_data, config: RunConfig) -> Non
         kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
                 else "no checkpoint has been written yet")
         raise TrainingDiverged(f"step {step}: validation loss {val['val/loss']} is not finite; {kept}")
-    state["_deferring"] = True  # as for an update: a stop waits for the checkpoints that go with this log entry
-    fabric.log_dict(val, step=step)
-    layer_R = "".join(f", R {layer} {R:.3f}" for layer, R in _layer_R(val).items())
-    fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
-    new = dict(progress, eval_due=False,
-               history=progress["history"] + [{"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}}])
-    improved = val["val/loss"] < progress["best_val"]
-    new["best_val"], new["bad_evals"] = (val["val/loss"], 0) if improved else (progress["best_val"],
-                                                                               progress["bad_evals"] + 1)
-    new["stopped"] = _out_of_patience(new["bad_evals"], tc.patience)
-    if improved:
-        _save(fabric, config.run_dir / "best.pt", dict(state, progress=new))
-    _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
-    progress.update(new)  # one call: an interrupt finds the old or the new progress, never a mix
-    _flush_logs(fabric)
-    state["_deferring"] = False
-    if state.get("_deferred"):
-        raise Interrupted(state.pop("_deferred"))
+    with _stop_waits(state):  # for the checkpoints that go with this log entry
+        fabric.log_dict(val, step=step)
+        layer_R = "".join(f", R {layer} {R:.3f}" for layer, R in _layer_R(val).items())
+        fabric.print(f"step {step}: val loss {val['val/loss']:.4f}{layer_R}")
+        new = dict(progress, eval_due=False, history=progress["history"] + [
+            {"step": step, **{k.replace("/", "_", 1): v for k, v in val.items()}}])
+        improved = val["val/loss"] < progress["best_val"]
+        new["best_val"], new["bad_evals"] = (val["val/loss"], 0) if improved else (progress["best_val"],
+                                                                                   progress["bad_evals"] + 1)
+        new["stopped"] = _out_of_patience(new["bad_evals"], tc.patience)
+        if improved:
+            _save(fabric, config.run_dir / "best.pt", dict(state, progress=new))
+        _save(fabric, config.run_dir / "last.pt", dict(state, progress=new))
+        progress.update(new)  # one call: an interrupt finds the old or the new progress, never a mix
+        _flush_logs(fabric)
     if new["stopped"] and step < tc.max_iters:
         fabric.print(f"early stopping at step {step}: no better val loss in {tc.patience} evaluations")
 
@@ -485,6 +480,18 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def _stop_waits(state: dict):
+    """A signal to one process (:func:`_interrupt_at_an_update`'s ``stop``) waits for the end of this
+    block, then stops the run: work whose log entry and checkpoint belong together is not cut in two.
+    (Several processes stop together before the next update anyway.)"""
+    state["_deferring"] = True
+    yield
+    state["_deferring"] = False
+    if state.get("_deferred"):
+        raise Interrupted(state.pop("_deferred"))
+
+
+@contextlib.contextmanager
 def _interrupt_at_an_update(fabric, state: dict):
     """With several processes, Ctrl-C marks ``state["_interrupted"]``; the ranks agree on it before
     the next update (:func:`_check_finite`) and stop there together. A rank interrupted at once,
@@ -517,7 +524,7 @@ def _interrupt_at_an_update(fabric, state: dict):
         if state.get("_stopping") or state.get("_deferred"):
             return again(signum)
         if state.get("_deferring"):
-            state["_deferred"] = signum  # raised once the update, or the evaluation's saves, are done
+            state["_deferred"] = signum  # raised at the end of _stop_waits' block
             return
         state["_stopping"] = True
         raise Interrupted(signum)
