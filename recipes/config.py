@@ -236,7 +236,10 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return values
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends: expected a path, got {base!r}")
-    return _merge(load_yaml(path.parent / Path(base).expanduser(), (*_seen, path.resolve())), values)
+    base = path.parent / Path(base).expanduser()
+    if not base.is_file():  # named with the file that asks for it (which of a sweep's configs, ...)
+        raise FileNotFoundError(f"{path}: extends: no such file {str(base)!r}")
+    return _merge(load_yaml(base, (*_seen, path.resolve())), values)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -234,8 +234,8 @@ def _checked_config(config: Path, overrides: list[str]) -> dict:
     with ``overrides`` and its local corpus files, if any, are there; an error names the file."""
     try:
         data = load_config(config, overrides).data
-    except ConfigError as err:
-        raise ConfigError(f"{config}: {err}") from None
+    except ConfigError as err:  # a YAML error names the file already
+        raise ConfigError(str(err) if str(err).startswith(f"{config}: ") else f"{config}: {err}") from None
     try:  # else found when its turn came, hours in
         check_local_files(data.name, data.path)
     except FileNotFoundError as err:

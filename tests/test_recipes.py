@@ -373,6 +373,10 @@ def test_yaml_extends_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {max_iters: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: gone.yaml\n")  # said which file asks for it
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path / 'orphan.yaml'))}: extends: no such file "
+                                                rf"'{re.escape(str(tmp_path / 'gone.yaml'))}'$"):
+        load_config(tmp_path / "orphan.yaml")
 
 
 def test_extends_expands_a_tilde_as_out_dir_does(tmp_path, monkeypatch):

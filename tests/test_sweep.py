@@ -113,6 +113,8 @@ BAD_SWEEP_FILES = [
     ("seeds: [1, 1]", "seeds: must be distinct (each is one run), got [1, 1]"),
     ("overrides: [train.max_iter=3]", "a.yaml: train.max_iter: unknown key"),
     ("configs: [a.yaml, missing.yaml]", "config: no such file"),
+    ("configs: [a.yaml, orphan.yaml]", "orphan.yaml: extends: no such file"),
+    ("configs: [a.yaml, broken.yaml]", "broken.yaml: not valid YAML: "),  # said once, not 'broken.yaml: broken.yaml:'
 ]
 
 
@@ -122,6 +124,8 @@ def test_sweep_file_mistakes_are_one_error_line_before_anything_is_created(tmp_p
     values = yaml.safe_load(text) if text not in ("configs: [a.yaml", "configs: [caf\xe9.yaml]") else None
     if isinstance(values, dict):  # a valid sweep but for the key under test
         text = yaml.safe_dump({"configs": ["a.yaml"], "out_dir": str(tmp_path / "out"), **values})
+    (configs / "orphan.yaml").write_text("extends: gone.yaml\n")
+    (configs / "broken.yaml").write_text("train: {max_iters: 3\n")
     # latin-1: a file saved in another encoding (it was read in the locale's, or a UnicodeDecodeError traceback)
     (configs / "sweep.yaml").write_bytes(text.encode("latin-1"))
     error = cli_error([str(configs / "sweep.yaml")], capsys)
