@@ -161,7 +161,14 @@ def check_choice(name: str, value: Any, choices) -> str:
 def autograd_records() -> bool:
     """Whether autograd records the ops run now: gradients enabled and not in inference mode, which records
     nothing even under ``torch.enable_grad()`` (and refuses its tensors in anything saved for a backward)."""
-    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    return torch.is_grad_enabled() and not in_inference_mode()
+
+
+def in_inference_mode() -> bool:
+    """``torch.is_inference_mode_enabled()``, False while dynamo traces: it cannot trace that call (a graph
+    break, an error under ``fullgraph=True`` and in ``torch.export``), and a compiled graph is made for
+    the grad mode it runs under, which inference mode turns off."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
 def in_func_transform() -> bool:

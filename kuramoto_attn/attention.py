@@ -69,7 +69,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import (autograd_records, check_bool, check_cache_dtype, check_choice, check_input_like, check_int,
-                      check_real, check_tensor, in_func_transform, largest_value)
+                      check_real, check_tensor, in_func_transform, in_inference_mode, largest_value)
 from ._euler_mean_field import euler_mean_field, first_order
 from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
@@ -109,6 +109,9 @@ class KuramotoInfo:
     R: Tensor
     R_steps: Tensor
     coherence_loss: Tensor | None = None
+
+
+torch.export.register_dataclass(KuramotoInfo)  # a pytree: torch.export can return it (return_info=True)
 
 
 @dataclass
@@ -754,7 +757,7 @@ class _PhaseFeatures(torch.autograd.Function):
             buf[0, ..., d:].copy_(feats * phase_weight)
         else:
             torch.mul(feats, phase_weight, out=buf[0, ..., d:])
-        if not torch.is_inference_mode_enabled():  # (no backward there, even with grad enabled: saving would fail)
+        if not in_inference_mode():  # (no backward there, even with grad enabled: saving would fail)
             ctx.save_for_backward(buf[1], phase_weight)  # the keys, which SDPA keeps anyway
         ctx.dims = (d, n)
         return buf[0], buf[1], buf[2]

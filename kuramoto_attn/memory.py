@@ -341,7 +341,7 @@ def _outside_inference(state: TPIState) -> TPIState:
     """``state``, its tensors made under ``torch.inference_mode`` copied when it is used outside it (e.g. a prompt
     read under inference mode, then decoded under ``no_grad`` or with gradients): torch refuses to write them in
     place there (the window's ring buffer) or to save them for backward (the decay's ``γ · M``)."""
-    if torch.is_inference_mode_enabled():
+    if torch.is_inference_mode_enabled():  # dynamo traces neither call: a graph break, kept for the copy below
         return state
     tensors = (state.phase, state.query_phase, state.memory, state.norm, *state.buffer)
     if not any(tensor is not None and tensor.is_inference() for tensor in tensors):

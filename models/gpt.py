@@ -215,6 +215,9 @@ class GPTInfo:
     coherence_loss: Tensor
 
 
+torch.export.register_dataclass(GPTInfo)  # a pytree: torch.export can return it (return_info=True)
+
+
 @dataclass
 class KVCache(OwnedCache):
     """Keys and values ``(b, h, s, d)`` of the tokens seen by one plain attention layer. Its ``owner`` is the

@@ -104,6 +104,9 @@ class TPILMInfo:
     coherence_loss: Tensor
 
 
+torch.export.register_dataclass(TPILMInfo)  # a pytree: torch.export can return it (return_info=True)
+
+
 @dataclass
 class TPICache(OwnedCache):
     """Recurrent decoding state: one :class:`~kuramoto_attn.TPIState` per block (filled on first

@@ -938,7 +938,8 @@ def _windows(data: np.ndarray, offsets: torch.Tensor, block_size: int, device) -
 
 
 def _rank_batch(data, batch_size, block_size, generator, rank, world_size, device):
-    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # global batch
+    # global batch; on the generator's device (the CPU) whatever torch's default device is
+    offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator, device="cpu")
     per_rank = batch_size // world_size
     return _windows(data, offsets[rank * per_rank:(rank + 1) * per_rank], block_size, device)
 

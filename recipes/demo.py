@@ -41,12 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     gen = torch.Generator().manual_seed(args.seed)
     n = args.oscillators
-    omega = args.gamma * torch.tan(math.pi * (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5))
-    theta0 = 2 * math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
-    field = KuramotoField(omega, MeanFieldCoupling(args.strength))
-    steps = round(args.time / args.dt)
-    trajectory = integrate(field, theta0, dt=args.dt, steps=steps, method=args.method, return_trajectory=True)
-    R = order_parameter(trajectory)[0]  # (steps + 1,)
+    with torch.device("cpu"):  # the generator's device, also where a notebook set a default one (cuda)
+        omega = args.gamma * torch.tan(math.pi * (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5))
+        theta0 = 2 * math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
+        field = KuramotoField(omega, MeanFieldCoupling(args.strength))
+        steps = round(args.time / args.dt)
+        trajectory = integrate(field, theta0, dt=args.dt, steps=steps, method=args.method, return_trajectory=True)
+        R = order_parameter(trajectory)[0]  # (steps + 1,)
 
     print(f"{n} oscillators, K = {args.strength}, Lorentzian γ = {args.gamma}, {args.method}, dt = {args.dt}")
     print(f"{'t':>6}  {'R':>6}")

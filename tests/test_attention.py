@@ -634,10 +634,23 @@ def test_backward_memory_grows_by_one_phase_tensor_per_step():
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_torch_compile_matches_eager(coupling):
     """Output and the gradients of the input and every parameter (torch 2.11 traced the fused
-    mean-field backward into zero gradients for the input, ω and K)."""
+    mean-field backward into zero gradients for the input, ω and K), in one graph (reading whether
+    inference mode was on broke the graph twice per layer, and failed ``fullgraph=True`` and a strict
+    ``torch.export``), also run under ``no_grad`` and inference mode."""
     layer = make_layer(dtype=torch.float32, coupling=coupling)
     x = torch.randn(2, 6, 16, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    exported = torch.export.export(layer, (x.detach(),), strict=True).module()
+    torch.testing.assert_close(exported(x.detach()), layer(x.detach()), rtol=1e-5, atol=1e-6)
+    regularized = make_layer(dtype=torch.float32, coupling=coupling, coherence_target=0.5)  # and its info: a pytree
+    exported = torch.export.export(regularized, (x.detach(),), {"return_info": True}, strict=True).module()
+    (y, info), (y_eager, info_eager) = (exported(x.detach(), return_info=True),
+                                        regularized(x.detach(), return_info=True))
+    assert info_eager.coherence_loss is not None  # (the dataclass was "not a known type")
+    torch.testing.assert_close((y, vars(info)), (y_eager, vars(info_eager)), rtol=1e-5, atol=1e-6)
     y_eager, y_compiled = layer(x), compiled(x)
     torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-6)
     inputs = [x, *layer.parameters()]

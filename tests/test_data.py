@@ -792,6 +792,16 @@ def test_eval_batches_fixed():
         eval_batches(data_, 3, 16, 5, seed=1, world_size=2)
 
 
+def test_batches_do_not_follow_torchs_default_device():
+    # offsets drawn on the default device with the CPU generator: an error under torch.device("cuda")
+    data_ = np.arange(1000, dtype=np.uint16)
+    expected = get_batch(data_, 4, 16, seed=5, step=7), list(eval_batches(data_, 4, 16, 2, seed=5))
+    with torch.device("meta"):  # stands in for cuda: a draw or window there has no data
+        found = get_batch(data_, 4, 16, seed=5, step=7), list(eval_batches(data_, 4, 16, 2, seed=5))
+    for a, b in zip([expected[0][0], expected[0][1], *[t for pair in expected[1] for t in pair]], [found[0][0], found[0][1], *[t for pair in found[1] for t in pair]]):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+
 def test_get_batch_on_a_memmap(tmp_path, text_file):
     corpus = prepare_corpus("text", path=text_file, cache_dir=tmp_path)
     x, y = get_batch(corpus.splits["val"], 4, 32, seed=0, step=0)

@@ -321,14 +321,32 @@ def test_causal(name):
     assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
-def test_the_plain_attention_traces_into_one_graph_with_a_symbolic_length():
+@pytest.mark.parametrize("phase", [False, True])
+def test_the_model_traces_into_one_graph_with_a_symbolic_length(phase):
     """``is_causal`` must be a bool: ``t > 1`` on a dynamic length is a SymBool, which SDPA rejects, so
-    torch.compile broke the graph there and ran the whole model's forward uncompiled once the length changed."""
-    model = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=16, n_layers=1, n_heads=2, d_model=8, dropout=0.0))
+    torch.compile broke the graph there and ran the whole model's forward uncompiled once the length changed.
+    A phase layer broke it twice where it asked whether inference mode was on."""
+    phase_layer = dict(use_phase_attention=True, phase_layer_idx=(1,), num_oscillators=4) if phase else {}
+    model = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=16, n_layers=2, n_heads=2, d_model=8, dropout=0.0,
+                          **phase_layer))
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
     for t in (5, 1, 7):
         idx = tokens(2, t)
         torch.testing.assert_close(compiled(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-mean_field", "gpt-attention", "tpi-vector"])
+def test_an_exported_model_returns_the_same_info(name):
+    """``torch.export`` (strict, as ``torch.compile(fullgraph=True)`` traces) of ``return_info=True``: the
+    info dataclasses are pytrees (they were an error, "not a known type")."""
+    model = MODEL_CASES[name]().float().eval()
+    idx = tokens(2, 6)
+    exported = torch.export.export(model, (idx,), {"targets": idx, "return_info": True}, strict=True).module()
+    (logits, loss, info), expected = exported(idx, targets=idx, return_info=True), model(idx, idx, return_info=True)
+    assert type(info) is type(expected[2])
+    torch.testing.assert_close((logits, loss, info.coherence_loss), (expected[0], expected[1], expected[2].coherence_loss))
+    for i, layer_info in getattr(expected[2], "phase", {}).items():
+        torch.testing.assert_close(vars(info.phase[i]), vars(layer_info))
 
 
 def test_info_per_phase_layer_and_coherence_loss():

@@ -2919,9 +2919,11 @@ def test_demo_reaches_kuramotos_steady_state(capsys):
     below = main(["--strength", "0.5", "--gamma", "0.5", "--time", "30"])
     assert below["theory"] == 0.0 and below["steady"] < 0.1  # incoherent: R of order 1/√N
     assert "theory for N → ∞: 0.707" in capsys.readouterr().out
-    main(["--dt", "0.01", "--time", "0.1", "--oscillators", "10"])  # the times printed 0.0 0.0 ... 0.1
+    small = main(["--dt", "0.01", "--time", "0.1", "--oscillators", "10"])  # the times printed 0.0 0.0 ... 0.1
     times = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:-1]]
     assert times == ["0", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.07", "0.08", "0.09", "0.1"]
+    with torch.device("meta"):  # stands in for a notebook's default cuda: the CPU generator's draws stay on the CPU
+        assert torch.equal(main(["--dt", "0.01", "--time", "0.1", "--oscillators", "10"])["R"], small["R"])
     for args, message in ((["--dt", "0"], "--dt: must be > 0"), (["--time", "0.01"], "--time: must be at least"),
                           (["--oscillators", "0"], "--oscillators: must be at least 1"),
                           (["--oscillators", str(2**64)], "--oscillators: must be at least 1 (and below 2**63)"),
