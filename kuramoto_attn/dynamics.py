@@ -17,8 +17,10 @@ Convention (used by every module in the library):
   integrator would make trajectories discontinuous and break autograd). Call :func:`wrap_phase`
   only when presenting or storing angles; feed phases to layers as ``[cos θ, sin θ]`` features.
   Unwrapped phases lose resolution as they grow (``ω t``): near 1000 rad the step between representable
-  values is 0.5 rad in float16, 4 rad in bfloat16 and 6e-5 rad in float32. Integrate long runs in float32
-  or float64, or wrap the phases between :func:`~kuramoto_attn.integrate` calls.
+  values is 0.5 rad in float16, 4 rad in bfloat16 and 6e-5 rad in float32, and each integration step
+  rounds to it, in the same direction step after step: 20,000 Euler steps of ``dt = 0.05`` (θ near 1300)
+  end 0.2 rad off in float32. Integrate long runs in float64, or wrap the phases between
+  :func:`~kuramoto_attn.integrate` calls (every 100 steps: 7e-4 rad there).
 
 Einstein legend for shapes: ``*`` any leading batch dimensions, ``n`` oscillators.
 """

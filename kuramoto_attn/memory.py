@@ -588,13 +588,25 @@ class HolographicPhaseMemory(nn.Module):
         y = self._output(r, None if norm is None else norm[:, prefix:], x.dtype if acc != x.dtype else None)
         if state is None:
             return y
+        final_norm = norm[:, -1].clone()  # copies: views would keep every token's sums alive
         if self.state_type == "vector":
-            final_memory = memory[:, -1].clone()  # a copy: a view would keep every token's sums alive
+            final_memory = memory[:, -1].clone()
         else:
             with autocast_off(x):
                 final_memory = _final_memory(write[0], write[1], kernel, chunk)
-            if init_memory is not None:
-                final_memory = final_memory + init_memory * self._decay_power(t)[:, None, None]
+            if self.kernel == "unbounded":  # (the window's earlier tokens are in its buffer)
+                final_memory = final_memory + init_memory
+        if self.kernel == "decay":
+            # the carried state times γ^t from float64: the scan's float32 γ^t, off by up to 3e-8 for γ near 1,
+            # drifted in proportion to the number of calls (one a token in generation: 2e-4 at 16k tokens)
+            power = self._decay_power(t)  # (h,)
+            with autocast_off(x):
+                decay = kernel.weights(torch.arange(t - 1, -1, -1, device=x.device)).to(acc)  # γ^{t−1−s}, (h, t)
+                final_norm = torch.einsum("ht,bth->bh", decay, m) + power * init_norm
+                if self.state_type == "vector":
+                    final_memory = torch.einsum("ht,bthc->bhc", decay, write[0]) + power[:, None] * init_memory
+                else:
+                    final_memory = final_memory + power[:, None, None] * init_memory
         position = state.position + t
         buffer: tuple[Tensor, ...] = ()
         if self.kernel == "window":  # the last W writes, placed at their ring slots
@@ -605,7 +617,7 @@ class HolographicPhaseMemory(nn.Module):
         query_end = query_phase[:, -1].clone() if state.query_phase is not None else None
         # the state keeps its dtype
         return y, TPIState(phase[:, -1].clone(), query_end, final_memory.to(state.memory.dtype),
-                           norm[:, -1].clone().to(state.norm.dtype), buffer, position)
+                           final_norm.to(state.norm.dtype), buffer, position)
 
     def step(self, x_t: Tensor, state: TPIState) -> tuple[Tensor, TPIState]:
         """The recurrent form: one token, O(1) work (independent of the position).
@@ -677,10 +689,11 @@ class HolographicPhaseMemory(nn.Module):
         return F.logsigmoid(self.decay_logit).clamp_min(math.log(DECAY_MIN))
 
     def _decay_power(self, n: int) -> Tensor:
-        """``γ^n`` per head, ``(h,)`` (float32 at least, as the parallel form's); ones for the unbounded
-        and window kernels."""
+        """``γ^n`` per head, ``(h,)``, in float64 from the parallel form's float32 log γ: it scales a carried
+        state at every call (every token when stepping), where a float32 γ's rounding would add up; ones
+        for the unbounded and window kernels."""
         if self.kernel == "decay":
-            return (self._kernel_spec().log_gamma * n).exp()
+            return (self._kernel_spec().log_gamma.double() * n).exp()
         return self.omega.weight.new_ones(self.num_heads)
 
     def _kernel_spec(self) -> _Kernel:
