@@ -112,3 +112,16 @@ class FakeResponse(io.BytesIO):
 
     def __exit__(self, *exc):
         return False
+
+
+def dynamo_traces_func_transform_check() -> bool:
+    """Whether dynamo traces the library's ``torch.func`` check (``peek_interpreter_stack``) into a graph:
+    torch 2.4's dynamo cannot (a graph break of its own, an error under ``fullgraph=True`` and a strict
+    ``torch.export``); the phase layers ask it in every forward."""
+    from kuramoto_attn._checks import in_func_transform
+
+    try:
+        torch.compile(in_func_transform, backend="eager", fullgraph=True)()
+    except torch._dynamo.exc.Unsupported:
+        return False
+    return True

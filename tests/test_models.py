@@ -16,7 +16,7 @@ from models import GPT, MODELS, TPILM, GPTConfig, GPTInfo, TPILMConfig, TPILMInf
 from models.config import ConfigError, to_dict
 from models.gpt import CausalSelfAttention
 
-from helpers import built_where_freed
+from helpers import built_where_freed, dynamo_traces_func_transform_check
 
 VOCAB = 13
 
@@ -326,6 +326,8 @@ def test_the_model_traces_into_one_graph_with_a_symbolic_length(phase):
     """``is_causal`` must be a bool: ``t > 1`` on a dynamic length is a SymBool, which SDPA rejects, so
     torch.compile broke the graph there and ran the whole model's forward uncompiled once the length changed.
     A phase layer broke it twice where it asked whether inference mode was on."""
+    if phase and not dynamo_traces_func_transform_check():
+        pytest.skip("this torch's dynamo breaks the graph at torch.func's interpreter stack")
     phase_layer = dict(use_phase_attention=True, phase_layer_idx=(1,), num_oscillators=4) if phase else {}
     model = GPT(GPTConfig(vocab_size=VOCAB, max_seq_len=16, n_layers=2, n_heads=2, d_model=8, dropout=0.0,
                           **phase_layer))
@@ -341,7 +343,8 @@ def test_an_exported_model_returns_the_same_info(name):
     info dataclasses are pytrees (they were an error, "not a known type")."""
     model = MODEL_CASES[name]().float().eval()
     idx = tokens(2, 6)
-    exported = torch.export.export(model, (idx,), {"targets": idx, "return_info": True}, strict=True).module()
+    strict = not name.startswith("gpt-") or dynamo_traces_func_transform_check()  # (phase layers: not on torch 2.4)
+    exported = torch.export.export(model, (idx,), {"targets": idx, "return_info": True}, strict=strict).module()
     (logits, loss, info), expected = exported(idx, targets=idx, return_info=True), model(idx, idx, return_info=True)
     assert type(info) is type(expected[2])
     torch.testing.assert_close((logits, loss, info.coherence_loss), (expected[0], expected[1], expected[2].coherence_loss))
