@@ -6,6 +6,7 @@ import contextlib
 import math
 import numbers
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -169,6 +170,15 @@ def in_inference_mode() -> bool:
     break, an error under ``fullgraph=True`` and in ``torch.export``), and a compiled graph is made for
     the grad mode it runs under, which inference mode turns off."""
     return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+
+
+def pytree_dataclass(cls: type) -> type:
+    """Register a dataclass of tensors as a pytree (a class decorator), so that ``torch.export`` can return
+    it. torch 2.4's registration warns of a deprecated helper of its own (a FutureWarning at every import)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.export.register_dataclass(cls)
+    return cls
 
 
 def in_func_transform() -> bool:

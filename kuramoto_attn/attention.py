@@ -69,7 +69,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import (autograd_records, check_bool, check_cache_dtype, check_choice, check_input_like, check_int,
-                      check_real, check_tensor, in_func_transform, in_inference_mode, largest_value)
+                      check_real, check_tensor, in_func_transform, in_inference_mode, largest_value,
+                      pytree_dataclass)
 from ._euler_mean_field import euler_mean_field, first_order
 from ._owner import OwnedCache
 from .couplings import Coupling, GraphCoupling, MeanFieldCoupling, _pull
@@ -82,6 +83,7 @@ __all__ = ["KuramotoAttention", "KuramotoCache", "KuramotoInfo", "PhaseGPTAttent
 COUPLINGS = ("mean_field", "attention")
 
 
+@pytree_dataclass  # torch.export can return it (return_info=True)
 @dataclass
 class KuramotoInfo:
     """Diagnostics returned by ``KuramotoAttention(..., return_info=True)``.
@@ -109,9 +111,6 @@ class KuramotoInfo:
     R: Tensor
     R_steps: Tensor
     coherence_loss: Tensor | None = None
-
-
-torch.export.register_dataclass(KuramotoInfo)  # a pytree: torch.export can return it (return_info=True)
 
 
 @dataclass

@@ -588,14 +588,6 @@ class HolographicPhaseMemory(nn.Module):
         y = self._output(r, None if norm is None else norm[:, prefix:], x.dtype if acc != x.dtype else None)
         if state is None:
             return y
-        final_norm = norm[:, -1].clone()  # copies: views would keep every token's sums alive
-        if self.state_type == "vector":
-            final_memory = memory[:, -1].clone()
-        else:
-            with autocast_off(x):
-                final_memory = _final_memory(write[0], write[1], kernel, chunk)
-            if self.kernel == "unbounded":  # (the window's earlier tokens are in its buffer)
-                final_memory = final_memory + init_memory
         if self.kernel == "decay":
             # the carried state times γ^t from float64: the scan's float32 γ^t, off by up to 3e-8 for γ near 1,
             # drifted in proportion to the number of calls (one a token in generation: 2e-4 at 16k tokens)
@@ -606,7 +598,16 @@ class HolographicPhaseMemory(nn.Module):
                 if self.state_type == "vector":
                     final_memory = torch.einsum("ht,bthc->bhc", decay, write[0]) + power[:, None] * init_memory
                 else:
-                    final_memory = final_memory + power[:, None, None] * init_memory
+                    final_memory = _final_memory(write[0], write[1], kernel, chunk) + power[:, None, None] * init_memory
+        else:
+            final_norm = norm[:, -1].clone()  # copies: views would keep every token's sums alive
+            if self.state_type == "vector":
+                final_memory = memory[:, -1].clone()
+            else:
+                with autocast_off(x):
+                    final_memory = _final_memory(write[0], write[1], kernel, chunk)
+                if init_memory is not None:  # the unbounded kernel's (the window's earlier tokens are in its buffer)
+                    final_memory = final_memory + init_memory
         position = state.position + t
         buffer: tuple[Tensor, ...] = ()
         if self.kernel == "window":  # the last W writes, placed at their ring slots

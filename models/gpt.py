@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from kuramoto_attn import SOLVERS, Coupling, KuramotoAttention, KuramotoCache, KuramotoInfo
 from kuramoto_attn.attention import COUPLINGS
-from kuramoto_attn._checks import check_bool, check_cache_dtype, check_device, check_int, largest_value
+from kuramoto_attn._checks import (check_bool, check_cache_dtype, check_device, check_int, largest_value,
+                                   pytree_dataclass)
 from kuramoto_attn._owner import OwnedCache
 
 from . import sampling
@@ -199,6 +200,7 @@ PHASE_OPTIONS = ("num_oscillators", "coupling_strength", "steps", "dt", "integra
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
 
 
+@pytree_dataclass  # torch.export can return it (return_info=True)
 @dataclass
 class GPTInfo:
     """Diagnostics of ``GPT(..., return_info=True)``.
@@ -213,9 +215,6 @@ class GPTInfo:
 
     phase: dict[int, KuramotoInfo]
     coherence_loss: Tensor
-
-
-torch.export.register_dataclass(GPTInfo)  # a pytree: torch.export can return it (return_info=True)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
-from kuramoto_attn._checks import check_bool, check_device
+from kuramoto_attn._checks import check_bool, check_device, pytree_dataclass
 from kuramoto_attn._owner import OwnedCache
 from kuramoto_attn.memory import TPIState
 
@@ -92,6 +92,7 @@ class TPILMConfig:
               "num_heads", "is only read with state: matrix, kernel: decay or magnitude: sigmoid", self.num_heads)
 
 
+@pytree_dataclass  # torch.export can return it (return_info=True)
 @dataclass
 class TPILMInfo:
     """Diagnostics of ``TPILM(..., return_info=True)``.
@@ -102,9 +103,6 @@ class TPILMInfo:
     """
 
     coherence_loss: Tensor
-
-
-torch.export.register_dataclass(TPILMInfo)  # a pytree: torch.export can return it (return_info=True)
 
 
 @dataclass
