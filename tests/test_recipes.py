@@ -1594,6 +1594,7 @@ def test_an_unreadable_last_pt_is_an_error_naming_it(tmp_path, corpus_file):
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_checkpoint_whose_tensors_do_not_fit_its_model_is_an_error_naming_them(tmp_path, corpus_file, fused):
     # an AdamW moment of another shape was used as it was, or (fused: read as a flat buffer) crashed the process;
+    # no moments at all were taken as a run's first step;
     # a weight of another shape was a RuntimeError with a traceback in resume, evaluate, generate and interpret
     from recipes.common import load_run
     values = tiny(tmp_path, corpus_file, optim={"fused": fused, "warmup_iters": 1}, train={"max_iters": 2,
@@ -1610,6 +1611,13 @@ def test_a_checkpoint_whose_tensors_do_not_fit_its_model_is_an_error_naming_them
                                              rf"\({', '.join(map(str, change(moment).shape))}\) for [\w.]+ of shape "
                                              rf"\({', '.join(map(str, moment.shape))}\); restore it"):
             train(longer, resume=True)
+    # moments stripped (to save space): they restarted from zero, and the resumed run was silently another run
+    state = copy.deepcopy(whole)
+    state["optimizer"]["state"] = {}
+    torch.save(state, run / "last.pt")
+    with pytest.raises(ValueError, match=r"^--resume: '.*last.pt' holds no optimizer state \(AdamW's moments\), but "
+                                         r"the run is at step 2: resuming would restart them from zero"):
+        train(longer, resume=True)
     state = copy.deepcopy(whole)
     state["model"]["tok_emb.weight"] = state["model"]["tok_emb.weight"][:3]
     torch.save(state, run / "last.pt")
@@ -2969,6 +2977,27 @@ def test_each_step_draws_its_own_batch_and_dropout_from_the_runs_seed(tmp_path, 
     drawn.clear()  # two micro-batches: each slice its own seed, as on two devices
     train(parse_config(tiny(tmp_path / "accum", corpus_file, seed=3, train={"max_iters": 2, "grad_accum": 2})))
     assert [(step, rng) for step, rng, _ in drawn] == [(s, step_seed(3, s, m)) for s in range(2) for m in range(2)]
+
+
+@pytest.mark.parametrize("device, call", [("cuda:1", "cuda.manual_seed_all"), ("xpu", "xpu.manual_seed_all"),
+                                          ("mps", "mps.manual_seed")])
+def test_a_steps_seed_reaches_the_cpu_and_the_devices_of_its_type(monkeypatch, device, call):
+    # as torch.manual_seed, for the CPU and the device type the run trains on (not every type torch knows:
+    # seeding the uninitialised ones formatted the stack three times a step)
+    from recipes.train import _seed_draws
+    torch.manual_seed(11)
+    expected = torch.rand(5)
+    calls = []
+    module, name = call.split(".")
+    monkeypatch.setattr(getattr(torch, module), name, calls.append)
+    for other in ("cuda", "xpu", "mps"):  # no other type is seeded
+        if other != module:
+            monkeypatch.setattr(getattr(torch, other), "manual_seed_all" if other != "mps" else "manual_seed",
+                                lambda seed: pytest.fail(f"{other} seeded"))
+    _seed_draws(11, torch.device(device))
+    assert calls == [11] and torch.equal(torch.rand(5), expected)
+    _seed_draws(12, torch.device("cpu"))
+    assert calls == [11] and torch.initial_seed() == 12
 
 
 def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_file, monkeypatch):
