@@ -555,18 +555,18 @@ def _seed_draws(seed: int, device: torch.device) -> None:
         getattr(backend, "manual_seed_all", backend.manual_seed)(seed)  # all of them, as torch.manual_seed (mps: one)
 
 
-def _check_optimizer_state(optimizer, model, path: Path, step: int) -> None:
+def _check_optimizer_state(optimizer, model, path: Path, updated_at: int) -> None:
     """Each loaded state tensor (AdamW's moments) has its parameter's shape. torch's load checks only the
     number of parameters per group, and the fused kernel reads the moments as flat buffers: a damaged or
-    edited checkpoint's wrong shape was used as it was, or read and written out of bounds (a crash). A run past
-    its first update has moments: an empty state (stripped to save space) restarted them from zero, silently
-    not the run it continues."""
+    edited checkpoint's wrong shape was used as it was, or read and written out of bounds (a crash). A run that
+    has updated its weights (``updated_at``: its step; 0 when it may not have) has moments: an empty state
+    (stripped to save space) restarted them from zero, silently not the run it continues."""
     names = {id(p): name for name, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # (a rank can hold no elements at all: FSDP's shards of a tiny model over many ranks)
-    if step > 0 and any(p.numel() for p in params) and not any(optimizer.state.get(p) for p in params):
+    if updated_at > 0 and any(p.numel() for p in params) and not any(optimizer.state.get(p) for p in params):
         raise ValueError(f"--resume: {str(path)!r} holds no optimizer state (AdamW's moments), but the run is at "
-                         f"step {step}: resuming would restart them from zero, not continue the run; restore it, "
+                         f"step {updated_at}: resuming would restart them from zero, not continue the run; restore it, "
                          "or start over with --overwrite")
     for p in params:
         for key, value in optimizer.state.get(p, {}).items():
@@ -709,7 +709,9 @@ def _resume(fabric, path: Path, state: dict[str, Any], config: RunConfig, corpus
     del header
     with damaged_checkpoint(path, "--resume", "restore it, or start over with --overwrite"):
         saved = fabric.load(path, {k: state[k] for k in ("model", "optimizer", "scheduler")}, strict=True)
-    _check_optimizer_state(state["optimizer"], state["model"], path, saved["progress"]["step"])
+    # a run past step 0 has updated its weights, unless a loss scaler (fp16, state saved) skipped every update so far
+    _check_optimizer_state(state["optimizer"], state["model"], path,
+                           0 if saved.get("precision") else saved["progress"]["step"])
     if saved.get("precision"):
         fabric._precision.load_state_dict(saved["precision"])
     shards = state["progress"]["shards"]
