@@ -3000,6 +3000,15 @@ def test_a_steps_seed_reaches_the_cpu_and_the_devices_of_its_type(monkeypatch, d
     assert calls == [11] and torch.initial_seed() == 12
 
 
+def test_a_steps_seed_on_a_device_type_torch_has_no_module_for_is_torch_manual_seed(monkeypatch):
+    # (xla: Fabric's TPU accelerator) looking for torch.xla raised AttributeError
+    from recipes.train import _seed_draws
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", seeds.append)
+    _seed_draws(13, torch.device("xla"))
+    assert seeds == [13]
+
+
 def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, corpus_file, monkeypatch):
     real_build, calls = train_module.build_model, {"n": 0}
 
