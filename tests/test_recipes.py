@@ -2993,7 +2993,7 @@ def test_a_steps_seed_reaches_the_cpu_and_the_devices_of_its_type(monkeypatch, d
     for other in ("cuda", "xpu", "mps"):  # no other type is seeded
         if other != module:
             monkeypatch.setattr(getattr(torch, other), "manual_seed_all" if other != "mps" else "manual_seed",
-                                lambda seed: pytest.fail(f"{other} seeded"))
+                                lambda seed, other=other: pytest.fail(f"{other} seeded"))
     _seed_draws(11, torch.device(device))
     assert calls == [11] and torch.equal(torch.rand(5), expected)
     _seed_draws(12, torch.device("cpu"))
