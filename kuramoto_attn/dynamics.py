@@ -117,10 +117,30 @@ class KuramotoField(nn.Module):
                                  f"but got {omega!r}") from None
         if not self.omega.is_floating_point() or not is_finite(self.omega):
             raise ValueError("omega: expected finite floating-point natural frequencies")
+        # what reset_parameters restores, as Coupling keeps its strength: a copy without the autograd graph,
+        # on the CPU for a list even under torch.device("meta"); a plain attribute, not in the state dict
+        self._initial_omega = (omega.detach().clone() if torch.is_tensor(omega)
+                               else as_tensor(omega, device="cpu").clone())
         if coupling is not None and not callable(coupling):
             raise ValueError(f"coupling: expected a callable θ -> coupling term (e.g. a Coupling) or None "
                              f"but got {type(coupling).__name__}")
         self.coupling = coupling
+
+    def reset_parameters(self) -> None:
+        """Set ``omega`` to the frequencies the field was built with, in place (also an ``nn.Parameter``
+        you gave), in its own dtype and on its device. For a field built on the meta device and then given
+        storage with ``to_empty`` (FSDP and Fabric's ``init_module(empty_init=True)`` call it then). The
+        coupling is a submodule with its own ``reset_parameters``.
+
+        Raises:
+            RuntimeError: the field was built from a tensor on the meta device, which holds no value to
+                restore.
+        """
+        if self._initial_omega.is_meta:
+            raise RuntimeError("omega: KuramotoField was built from a tensor on the meta device, so there is no "
+                               "value to reset it to; build it from a list or CPU tensor, or load its state_dict")
+        with torch.no_grad():
+            self.omega.copy_(self._initial_omega)
 
     def forward(self, theta: Tensor, *args, **kwargs) -> Tensor:
         """``dθ/dt`` at ``theta`` ``(*, n)``; returns the same shape (a new tensor). ``args`` and

@@ -201,6 +201,33 @@ def test_a_plain_omega_is_copied_not_aliased():
     assert p.grad.tolist() == [2.0, 2.0, 2.0]
 
 
+def test_reset_parameters_restores_the_frequencies_it_was_built_with():
+    """As the couplings' strength: after to_empty on a field built on meta (FSDP and Fabric materialize modules
+    so; the frequencies were to_empty's uninitialised memory) and after training, in omega's own dtype."""
+    with torch.device("meta"):
+        empty = KuramotoField([0.25, -1.5, 3.0], MeanFieldCoupling(strength=0.7))
+        from_meta_tensor = KuramotoField(torch.ones(3))
+    empty.to_empty(device="cpu")
+    empty.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    built = KuramotoField([0.25, -1.5, 3.0], MeanFieldCoupling(strength=0.7))
+    torch.testing.assert_close(dict(empty.state_dict()), dict(built.state_dict()), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="^omega: KuramotoField was built from a tensor on the meta device"):
+        from_meta_tensor.to_empty(device="cpu").reset_parameters()
+
+    omega = torch.nn.Parameter(torch.tensor([0.5, 2.0], dtype=f64))  # the caller's parameter, reset in place
+    trained = KuramotoField(omega)
+    with torch.no_grad():
+        omega.add_(0.125)  # as an optimizer step would
+    trained.reset_parameters()
+    assert trained.omega is omega and omega.dtype == f64 and omega.tolist() == [0.5, 2.0]
+    p = torch.ones(2, requires_grad=True)  # a buffer computed from parameters: its reset value, graph untouched
+    computed = KuramotoField(2 * p)
+    with torch.no_grad():
+        computed.omega.zero_()
+    computed.reset_parameters()
+    assert computed.omega.tolist() == [2.0, 2.0] and not computed._initial_omega.requires_grad
+
+
 
 @pytest.mark.parametrize("call, name", [
     (lambda theta: MeanFieldCoupling(torch.ones(2, 1))(theta), "strength"),
