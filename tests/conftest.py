@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-# No per-example deadline (hypothesis's default is 200 ms) for the property tests that set none: on a loaded
-# 2-core CI machine a first call, or two processes' torch threads contending, can take longer, and the test
-# then fails on timing ("Unreliable test timings"), which none of them checks.
+# No per-example deadline (hypothesis's default is 200 ms) for every property test: on a loaded 2-core CI machine
+# a first call, or two processes' torch threads contending, can take longer, and the test then fails on timing
+# ("Unreliable test timings"), which none of them checks.
 settings.register_profile("kuramoto-attn", deadline=None)
 settings.load_profile("kuramoto-attn")
 

@@ -158,7 +158,7 @@ def test_grad_mode_path_matches_no_grad_path():
 @pytest.mark.parametrize("coupling", COUPLINGS + ("module",))
 @pytest.mark.parametrize("integrator", INTEGRATORS)
 @pytest.mark.parametrize("padded", [False, True])
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=3)
 @given(gen=generators, cut=st.integers(1, 7))
 def test_future_tokens_never_change_the_past(coupling, integrator, padded, gen, cut):
     if coupling == "module":  # a causal mean field with a second harmonic, as a Coupling module
@@ -245,7 +245,7 @@ def test_incremental_decoding_equals_full_forward(coupling, integrator):
 
 
 @pytest.mark.parametrize("coupling", CACHED)
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=4)
 @given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6))
 @example(sizes=[1, 2, 3])  # a chunk after a single cached token; a chunk of 2 after the cache (no padding:
 @example(sizes=[3, 2, 1])  # each needs the dense causal mask, which SDPA's is_causal cannot express there)
@@ -380,7 +380,7 @@ def test_cache_work_per_token_does_not_recompute_the_past():
 
 
 # ------------------------------------------------------------------------------ properties
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(gen=generators, coupling=st.sampled_from(COUPLINGS), strength=st.floats(-5, 5), padded=st.booleans())
 def test_R_per_head_in_unit_interval(gen, coupling, strength, padded):
     layer = make_layer(coupling=coupling, coupling_strength=strength, learnable_coupling=False, steps=2)

@@ -46,7 +46,7 @@ def random_phases(generator, *shape):
 # ---------- mean-field identity ----------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(gen=generators, n=st.integers(1, 9), phase_lag=st.floats(-math.pi, math.pi),
        harmonics=st.sampled_from([(1,), (2,), (1, 2), (1, 3, 4)]), causal=st.booleans(),
        strength=st.floats(-3, 3), masked=st.booleans())
@@ -146,7 +146,7 @@ def test_a_strength_of_another_dtype_acts_in_the_phases_dtype():
     torch.testing.assert_close(got, (strength * MeanFieldCoupling()(theta.double())).float())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, t=st.integers(1, 8), n=st.integers(1, 5), phase_lag=st.floats(-3, 3))
 def test_attention_coupling_equals_pairwise_sum_per_channel(gen, t, n, phase_lag):
     """(b, h, t, n) phases coupled along t with per-(b, h) weights (b, h, t, t)."""
@@ -185,7 +185,7 @@ def test_couplings_of_an_empty_batch_or_no_channels_are_empty(shape):
 # ---------- properties of the coupling term ----------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, shift=st.floats(-10, 10), k=st.integers(-3, 3), causal=st.booleans())
 def test_gauge_and_periodicity(gen, shift, k, causal):
     """Coupling depends on differences only (θ + c), and is 2π-periodic in every phase."""

@@ -134,7 +134,7 @@ def test_bpe_trains_and_round_trips(bpe):
     assert bpe.decode(bpe.encode(text)) == text
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(st.text())
 def test_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
@@ -196,7 +196,7 @@ def test_a_word_missing_from_a_local_word_level_train_split_names_the_split(tmp_
         prepare_corpus("wikitext-2", path=folder, cache_dir=tmp_path / "cache", download=False)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(st.text(min_size=1))
 def test_tokenizer_dict_round_trip(text):
     for tok in (CharTokenizer.from_text(text), ByteTokenizer(), WordTokenizer.from_text(text, add_unk=True)):
@@ -710,7 +710,7 @@ def _data(n=500):
     return (np.arange(n) * 7 % 251).astype(np.uint16)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.integers(1, 8), st.integers(1, 32), st.integers(0, 2**32 - 1), st.integers(0, 10**6))
 def test_get_batch_windows_and_targets(batch_size, block_size, seed, step):
     data_ = _data()
@@ -991,7 +991,7 @@ def test_val_fraction_outside_the_open_unit_interval_is_refused(tmp_path, text_f
         prepare_corpus("text", path=text_file, val_fraction=val_fraction, cache_dir=tmp_path)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(st.text(alphabet="abcdefgh\n", min_size=2, max_size=200), st.floats(0.01, 0.99))
 def test_split_is_the_floor_cut_of_a_contiguous_text(text, val_fraction):
     # nanoGPT: train = data[:int(n * 0.9)], val = the rest; no overlap, nothing dropped
@@ -1000,7 +1000,7 @@ def test_split_is_the_floor_cut_of_a_contiguous_text(text, val_fraction):
     assert splits == {"train": text[:cut], "val": text[cut:]}
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(st.text(alphabet="ab \n", min_size=2, max_size=200), st.floats(0.01, 0.99))
 @example("ab ab ab ab ab\n", 0.25)  # the floor cut lands on a space: the cut stays there (the search starts at it)
 def test_word_level_split_cuts_at_a_line_or_else_a_space(text, val_fraction):

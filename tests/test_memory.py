@@ -137,7 +137,7 @@ def randn(gen, *shape, dtype=torch.float64):
 # ---------- parallel form against the naive reference ----------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(gen=generators, opts=options, t=st.integers(1, 17))
 def test_parallel_equals_naive_reference(gen, opts, t):
     memory = build(opts)
@@ -233,7 +233,7 @@ def test_inductor_with_a_dynamic_length_matches_eager(opts):
 # ---------- recurrent form ----------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(gen=generators, opts=options, t=st.integers(1, 14), data=st.data())
 def test_recurrent_equals_parallel_float32(gen, opts, t, data):
     """forward(x) == forward(prefix, state) then step per token == two forward segments (float32)."""
@@ -257,7 +257,7 @@ def test_recurrent_equals_parallel_float32(gen, opts, t, data):
             torch.testing.assert_close(s2.memory, state.memory, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(gen=generators, opts=options, t=st.integers(2, 14), data=st.data())
 def test_a_state_from_a_continued_forward_continues_right(gen, opts, t, data):
     """forward(x) == three forward segments, each continuing the previous one's state, then a step: the
@@ -370,7 +370,7 @@ def _read(memory, x, state=None):
     return captured["f"]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, opts=options, t=st.integers(1, 12))
 def test_zero_frequency_is_a_weighted_cumulative_sum(gen, opts, t):
     """ω = 0 with shared queries: r_t = Σ_s w(t−s) m_s v_s / Z_t, real (no rotation)."""
@@ -401,7 +401,7 @@ def test_zero_frequency_is_a_weighted_cumulative_sum(gen, opts, t):
                                    atol=1e-12, rtol=0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, opts=options, t=st.integers(1, 10))
 def test_global_phase_offset_cancels(gen, opts, t):
     """Starting every key and query phase at α (per channel) instead of 0 changes nothing."""
@@ -417,7 +417,7 @@ def test_global_phase_offset_cancels(gen, opts, t):
     torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, opts=options, t=st.integers(1, 12), extra=st.integers(0, 5))
 def test_window_at_least_t_equals_unbounded(gen, opts, t, extra):
     window = build(dict(opts, kernel="window", window=t + extra))
@@ -428,7 +428,7 @@ def test_window_at_least_t_equals_unbounded(gen, opts, t, extra):
         torch.testing.assert_close(window(x), unbounded(x), atol=1e-12, rtol=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, opts=options, t=st.integers(1, 12))
 def test_decay_to_one_equals_unbounded(gen, opts, t):
     decay = build(dict(opts, kernel="decay"))
@@ -471,7 +471,7 @@ def test_output_head_is_the_documented_one_with_its_dropout_in_place(expansion):
                           (torch.nn.Dropout, None, None, 0.25), (torch.nn.Linear, 12, 4, None)]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, opts=options, t=st.integers(2, 14), data=st.data())
 def test_causality(gen, opts, t, data):
     """Changing inputs at positions ≥ p leaves outputs at positions < p unchanged."""

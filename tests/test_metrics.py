@@ -64,7 +64,7 @@ spreads = st.sampled_from([0.0, 0.05, 0.5, 2.0, 10.0])
 # ---------- accumulation over batches equals the functional ----------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=4),
        h=st.integers(1, 4), t=st.integers(1, 4), n=st.integers(1, 8), spread=spreads,
        dtype=st.sampled_from([torch.float32, torch.float64]))
@@ -87,7 +87,7 @@ def test_batched_accumulation_equals_functional(gen, batch_sizes, h, t, n, sprea
     assert_stats_close(got, per_group_stats(naive_R(everything), group_dim=1), atol=tol)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        h=st.integers(1, 3), n=st.integers(1, 6), spread=spreads)
 def test_oscillators_and_groups_on_other_axes(gen, batch_sizes, h, n, spread):
@@ -100,7 +100,7 @@ def test_oscillators_and_groups_on_other_axes(gen, batch_sizes, h, n, spread):
     assert_stats_close(metric.compute(), per_group_stats(R, group_dim=1))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        h=st.integers(1, 3), t=st.integers(1, 3), n=st.integers(1, 6), spread=spreads)
 def test_no_grouping_gives_matching_scalars(gen, batch_sizes, h, t, n, spread):
@@ -113,7 +113,7 @@ def test_no_grouping_gives_matching_scalars(gen, batch_sizes, h, t, n, spread):
     assert_stats_close(got, naive_stats(naive_R(torch.cat(batches)).reshape(-1)))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(gen=generators, batch_sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        h=st.integers(1, 3), t=st.integers(1, 4), n=st.integers(1, 6), spread=spreads,
        mask_kind=st.sampled_from(["full", "per_batch_token", "per_token", "per_head"]),
@@ -156,7 +156,7 @@ def test_mask_changes_the_result():
 # ---------- bounds, identical phases, invariances ----------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, h=st.integers(1, 3), n=st.integers(1, 8), spread=spreads,
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_values_within_unit_interval(gen, h, n, spread, dtype):
@@ -183,7 +183,7 @@ def test_identical_phases_give_mean_one_std_zero(dtype):
     torch.testing.assert_close(stats["min"], torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, n=st.integers(2, 8), spread=spreads, shift=st.floats(-20, 20),
        turns=st.integers(-3, 3))
 def test_invariant_to_global_rotation_and_full_turns(gen, n, spread, shift, turns):

@@ -21,7 +21,7 @@ def naive_order_parameter(values, weights=None):
     return mean.abs().item(), mean.angle().item()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(values=finite_phases)
 def test_matches_the_complex_mean_and_lies_in_the_unit_interval(values):
     R, psi = order_parameter(torch.tensor(values, dtype=f64))
@@ -33,7 +33,7 @@ def test_matches_the_complex_mean_and_lies_in_the_unit_interval(values):
         assert math.cos(psi.item() - psi_ref) == pytest.approx(1.0, abs=1e-9)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(values=finite_phases, shift=st.floats(-20, 20), k=st.integers(-5, 5))
 def test_gauge_invariance_and_periodicity(values, shift, k):
     theta = torch.tensor(values, dtype=f64)
@@ -83,7 +83,7 @@ def test_R_under_cpu_autocast_is_that_of_the_phases_in_their_dtype(dtype, autoca
         assert R[row].item() == pytest.approx(R_ref, abs=1e-2)
         assert math.cos(psi[row].item() - psi_ref) == pytest.approx(1.0, abs=1e-3)
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(b=st.integers(1, 4), n=st.integers(1, 7), seed=st.integers(0, 2**16), per_row=st.booleans())
 def test_weighted_R_matches_the_complex_mean_for_broadcast_weights(b, n, seed, per_row):
     # weights of shape (b, 1), one per row, broadcast along the population: the total must count n of them
@@ -146,7 +146,7 @@ def test_dim_keepdim_and_batching():
             assert R[b, c].item() == pytest.approx(naive_order_parameter(theta[b, :, c].tolist())[0], abs=1e-12)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(data=st.data(), n=st.integers(1, 12))
 def test_weights_match_the_weighted_complex_mean(data, n):
     values = data.draw(st.lists(st.floats(-10, 10), min_size=n, max_size=n))
@@ -167,7 +167,7 @@ def test_float64_weights_of_float32_phases_keep_their_range():
         assert math.cos(float(psi) - psi_ref) == pytest.approx(1.0, abs=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(values=st.lists(st.floats(-10, 10), min_size=1, max_size=8), data=st.data(),
        dtype=st.sampled_from([torch.float32, f64]))
 def test_weights_at_the_ends_of_their_range_weigh_as_their_ratios(values, data, dtype):
@@ -234,7 +234,7 @@ def test_daido_detects_two_clusters():
     assert math.cos(psi2.item() - 0.4) == pytest.approx(1.0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(values=finite_phases, m=st.integers(1, 5))
 def test_daido_matches_complex_mean_of_harmonic(values, m):
     R_m, _ = daido_order_parameter(torch.tensor(values, dtype=f64), m=m)
@@ -265,7 +265,7 @@ def test_daido_of_an_integer_harmonic_past_int64_is_computed():
         assert R_m.dtype == theta.dtype and float(R_m) == pytest.approx(1.0, abs=1e-3)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(data=st.data(), n=st.integers(1, 6), m=st.integers(1, 4), keepdim=st.booleans())
 def test_daido_takes_dim_weights_and_keepdim_as_order_parameter_does(data, n, m, keepdim):
     """Harmonic m along dim 0 of (n, 3) phases with weights (n, 1): per column the weighted complex
@@ -361,7 +361,7 @@ def test_psi_gradient_of_half_precision_phases_near_R_0_is_finite_and_that_of_th
             torch.testing.assert_close(theta.grad.to(f64), exact.grad, rtol=0, atol=atol)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(n=st.integers(2, 6), seed=st.integers(0, 2**16), zeros=st.integers(1, 5))
 def test_gradient_of_the_weights_is_that_of_the_complex_mean_also_at_zero_weights(n, seed, zeros):
     """A weight of exactly 0 (a soft mask, a ReLU) had its phase replaced by 0 in the sums, so its gradient

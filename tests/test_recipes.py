@@ -169,7 +169,7 @@ YAML_VALUES = ["0", "-1", "2", "0.5", "-0.5", "1e30", ".nan", ".inf", "true", "n
                "[1, 2]", "[0.5, 0.5]", "[-1]", "[0]", "[null]", "[[1]]", "{}", "{a: 1}", "99999999999999999999"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(preset_key=st.sampled_from(PRESET_KEYS), value=st.sampled_from(YAML_VALUES))
 def test_any_value_for_any_key_is_taken_or_refused_by_name(preset_key, value):
     """Every key of the CPU presets, set to values of every YAML kind: the config is built, and so is its

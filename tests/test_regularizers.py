@@ -167,7 +167,7 @@ def test_frequency_jitter_zero_frequency_stays_zero_and_gradient():
 # ---------- CoherenceRegularizer: value against the formula ----------
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(gen=generators, rows=st.integers(1, 6), n=st.integers(1, 10), spread=spreads,
        mode=st.sampled_from(CoherenceRegularizer.MODES), target=unit,
        weight=st.floats(0.0, 10.0, allow_nan=False), band=st.tuples(unit, unit).map(sorted),
@@ -182,7 +182,7 @@ def test_coherence_penalty_equals_formula(gen, rows, n, spread, mode, target, we
     assert got.item() == pytest.approx(expected, abs=tol * max(weight, 1.0))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, n=st.integers(2, 8), spread=spreads,
        mode=st.sampled_from(CoherenceRegularizer.MODES), target=unit)
 def test_coherence_penalty_on_other_axis_and_batch_dims(gen, n, spread, mode, target):
@@ -208,7 +208,7 @@ def test_coherence_penalty_doc_values():
         == pytest.approx(2.0 * 0.3**2)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, rows=st.integers(1, 6), n=st.integers(1, 10), spread=spreads,
        slack=st.floats(0.0, 0.2), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_ceiling_is_zero_when_all_R_below_target(gen, rows, n, spread, slack, dtype):
@@ -221,7 +221,7 @@ def test_ceiling_is_zero_when_all_R_below_target(gen, rows, n, spread, slack, dt
     assert torch.equal(theta.grad, torch.zeros_like(theta))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(gen=generators, rows=st.integers(1, 6), n=st.integers(1, 10), spread=spreads,
        below=st.floats(0.0, 0.2), above=st.floats(0.0, 0.2))
 def test_band_is_zero_inside_the_band(gen, rows, n, spread, below, above):
@@ -234,7 +234,7 @@ def test_band_is_zero_inside_the_band(gen, rows, n, spread, below, above):
     assert torch.equal(theta.grad, torch.zeros_like(theta))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, rows=st.integers(1, 4), n=st.integers(2, 8), spread=spreads, target=unit)
 def test_center_scales_with_weight_and_is_bounded_below(gen, rows, n, spread, target):
     theta = clustered_phases(gen, (rows, n), spread)
@@ -277,7 +277,7 @@ def test_gradient_finite_at_exactly_zero_R(mode):
     assert torch.isfinite(loss) and torch.isfinite(theta.grad).all()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(gen=generators, rows=st.integers(1, 4), n=st.integers(2, 12),
        spread=st.sampled_from([0.05, 0.2, 0.5]), target=st.floats(0.0, 0.4))
 def test_gradient_step_reduces_R_above_ceiling(gen, rows, n, spread, target):
