@@ -53,7 +53,29 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143). The
     recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line and
     exit with status 1; anything else is a bug and keeps its traceback.
+
+    A process that ``main`` made a process group in (a rank of Fabric's DDP) leaves it and then ends
+    at once, with the same output and exit status, instead of returning: the interpreter's own exit
+    frees the model last, and torch's gloo process group, destroyed from there, can deadlock a rank
+    (its destructor joins its worker threads holding the GIL while a worker waits for the GIL to free a
+    finished collective's tensors) or abort it ("terminate called without an active exception").
     """
+    distributed_before = _distributed()
+    try:
+        _run_cli(main, failures)
+    except BaseException as end:
+        if distributed_before or not _distributed():
+            raise
+        _end_distributed_process(_exit_status(end))
+    if not distributed_before and _distributed():
+        _end_distributed_process(0)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _run_cli(main, failures: tuple[type[Exception], ...]) -> None:
     try:
         main()
     except BrokenPipeError:  # the output closed early (`| head`): nothing for the user to fix
@@ -74,12 +96,34 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     except failures as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    finally:
-        # the process group torn down if the recipe made one (Fabric's DDP): left to the interpreter's exit,
-        # gloo's threads once aborted a rank after its own clean error ("terminate called without an active
-        # exception", status -6 instead of 2)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def _exit_status(end: BaseException) -> int:
+    """The status the interpreter would exit with for ``end`` propagating out of the script, and what it
+    would print for it (a traceback for an exception, the message of ``sys.exit("message")``)."""
+    if not isinstance(end, SystemExit):
+        sys.excepthook(type(end), end, end.__traceback__)
+        return 1
+    if end.code is None:
+        return 0
+    if isinstance(end.code, int):
+        return end.code & 0xFF  # what the shell sees of any int
+    print(end.code, file=sys.stderr)
+    return 1
+
+
+def _end_distributed_process(status: int) -> None:
+    """Leave the process group, flush the output and end the process without the interpreter's exit
+    (see :func:`run_cli`): nothing the recipes write is left open by then (checkpoints are replaced
+    durably, loggers finalized)."""
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception as err:  # said, but the status to report stays the run's own
+        print(f"warning: leaving the process group failed: {err}", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe (`| head`): nothing left to say there
+            stream.flush()
+    os._exit(status)
 
 
 def check_count_flag(parser, flag: str, value: int) -> None:

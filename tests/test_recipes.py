@@ -1520,10 +1520,10 @@ def test_a_nan_validation_loss_says_whether_a_checkpoint_was_kept(tmp_path, corp
             None, None, {}, {})
 
 
-def _run_recipe(args: list[str], **env) -> subprocess.CompletedProcess:
+def _run_recipe(args: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, corpus_file):
@@ -2765,6 +2765,55 @@ def test_run_cli_exit_statuses(capsys):
         run_cli(bug, failures=(TrainingDiverged,))
     with pytest.raises(ImportError, match="NoSuchName"):
         run_cli(broken_import)
+
+
+@pytest.mark.parametrize("ending, status, err", [
+    ("return", 0, r"^$"),
+    ("raise ConfigError('train.max_iter: unknown key')", 2, r"^error: train.max_iter: unknown key\n$"),
+    ("raise RuntimeError('a bug')", 1, r"^(\[rank0\]: )?Traceback .*RuntimeError: a bug\n$"),  # torch's hook: [rank0]
+    ("raise KeyboardInterrupt", 130, r"^$"),
+    ("sys.exit('stopped')", 1, r"^stopped\n$"),
+])
+def test_a_process_that_made_a_process_group_ends_without_the_interpreters_exit(tmp_path, ending, status, err):
+    # A rank of a DDP run hung after its last line: the interpreter's exit freed the model, and with it
+    # torch's gloo process group, whose destructor joins its worker threads holding the GIL (a worker
+    # freeing a finished collective's tensors waits for it). An object that hangs when freed stands in
+    # for that destructor: run_cli must end the process with the same output and status, not reach it.
+    script = tmp_path / "rank.py"
+    script.write_text(f"""
+import sys, threading, torch, torch.distributed as dist
+from models.config import ConfigError
+from recipes.common import run_cli
+class HangsWhenFreed:
+    def __del__(self):
+        threading.Event().wait()
+kept = []
+def main():
+    dist.init_process_group("gloo", init_method={(tmp_path / "store").as_uri()!r}, rank=0, world_size=1)
+    dist.all_reduce(torch.ones(3))
+    kept.append((dist.group.WORLD, HangsWhenFreed()))
+    print("trained", end="")  # no newline: left in the buffer for the end to flush
+    {ending}
+run_cli(main)
+""")
+    done = _run_recipe([str(script)], timeout=120)
+    assert (done.returncode, done.stdout) == (status, "trained")
+    assert re.match(err, done.stderr, re.DOTALL), done.stderr
+
+
+def test_run_cli_leaves_a_process_group_it_did_not_make(tmp_path):
+    script = tmp_path / "user.py"
+    script.write_text(f"""
+import os, torch.distributed as dist
+from recipes.common import run_cli
+dist.init_process_group("gloo", init_method={(tmp_path / "store").as_uri()!r}, rank=0, world_size=1)
+run_cli(lambda: print("ran"))
+print("still in the group:", dist.is_initialized(), flush=True)
+dist.destroy_process_group()
+os._exit(0)  # see run_cli: the interpreter's exit may abort in gloo's destructor
+""")
+    done = _run_recipe([str(script)], timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ran\nstill in the group: True\n", "")
 
 
 def test_sweep_runs_skips_and_summarises(tmp_path, corpus_file, monkeypatch):
