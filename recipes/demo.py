@@ -21,13 +21,14 @@ from recipes.common import run_cli
 def main(argv: list[str] | None = None) -> dict:
     """Prints the table and the steady state; returns ``R`` (per step), ``steady`` and ``theory``."""
     parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--oscillators", type=int, default=2000)
-    parser.add_argument("--strength", type=float, default=2.0, help="coupling strength K")
-    parser.add_argument("--gamma", type=float, default=0.5, help="Lorentzian half-width of ω")
-    parser.add_argument("--dt", type=float, default=0.05)
-    parser.add_argument("--time", type=float, default=40.0)
-    parser.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--oscillators", type=int, default=2000, help="population size N (default: 2000)")
+    parser.add_argument("--strength", type=float, default=2.0, help="coupling strength K (default: 2.0)")
+    parser.add_argument("--gamma", type=float, default=0.5, help="Lorentzian half-width of ω (default: 0.5)")
+    parser.add_argument("--dt", type=float, default=0.05, help="step size (default: 0.05)")
+    parser.add_argument("--time", type=float, default=40.0,
+                        help="time to integrate, round(time / dt) steps (default: 40.0)")
+    parser.add_argument("--method", default="rk4", choices=["euler", "heun", "rk4"], help="solver (default: rk4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the frequencies and initial phases (default: 0)")
     args = parser.parse_args(argv)
     for name, ok, rule in (("--oscillators", 1 <= args.oscillators < 2**63, "at least 1 (and below 2**63)"),
                            ("--strength", True, "a number"),

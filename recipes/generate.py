@@ -14,7 +14,7 @@ import torch
 
 from kuramoto_attn._checks import LARGEST_SIZE
 from models import GPT, TPILM
-from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import DEVICE_HELP, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
 
@@ -64,14 +64,16 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m recipes.generate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
-    parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=300,
+                        help="tokens sampled after the prompt (default: 300)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="divides the logits before sampling; 0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (default: 1)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling (default: 1337)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     check_count_flag(parser, "--num-samples", args.num_samples)
     path = Path(args.run)

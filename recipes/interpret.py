@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
-from recipes.common import check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import DEVICE_HELP, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
@@ -68,11 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m recipes.interpret", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--split", default="val", help="the corpus split to read (default: val)")
+    parser.add_argument("--batches", type=int, default=8,
+                        help="batches of windows of train.block_size tokens, drawn from the run's seed: the same "
+                             "windows on every call (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_data_location_flags(parser)
     args = parser.parse_args(argv)
     check_count_flag(parser, "--batches", args.batches)

@@ -510,8 +510,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m recipes.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", nargs="?", help="sweep YAML (configs, seeds, out_dir, overrides)")
     parser.add_argument("--configs", nargs="+", help="run configs, instead of a sweep file")
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--out", help="sweep directory")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="seeds of every config (default: the sweep file's seeds, else 1337)")
+    parser.add_argument("--out", help="sweep directory (default: the sweep file's out_dir, else runs/<its name>; "
+                                       "with --configs, runs/sweep)")
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides for every run, applied in order (a key given twice takes the last)")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))

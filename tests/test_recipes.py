@@ -7,6 +7,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -2725,6 +2726,29 @@ def test_strategies_that_launch_a_function_are_a_config_error(strategy):
     # DataParallel: on GPUs its gathered losses were a vector that backward refused (on a CPU Fabric swapped it)
     with pytest.raises(ValueError, match=r"^fabric.strategy: dp \(torch's DataParallel, one process\) is not supported"):
         make_fabric(FabricConfig(accelerator="cpu", devices=2, strategy="dp"))
+
+
+class _Parsed(Exception):
+    """Raised in place of parsing: carries the recipe's parser."""
+
+
+@pytest.mark.parametrize("recipe", ["train", "evaluate", "generate", "interpret", "sweep", "demo"])
+def test_every_command_line_option_says_what_it_does_and_its_default(recipe, monkeypatch):
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)  # parse_args calls it too
+    with pytest.raises(_Parsed) as caught:
+        importlib.import_module(f"recipes.{recipe}").main(["run"])
+    parser = caught.value.args[0]
+    arguments = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert arguments, "no arguments captured"
+    for action in arguments:
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help is not argparse.SUPPRESS, f"{recipe} {name}: no help text"
+        if action.option_strings and action.default not in (None, False):  # a flag's value when not given
+            shown = "a newline" if action.default == "\n" else str(action.default)
+            assert f"(default: {shown})" in action.help, f"{recipe} {name}: the help does not say its default"
 
 
 def test_run_cli_exit_statuses(capsys):
