@@ -422,12 +422,12 @@ class GPT(nn.Module):
                  context: int | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx`` ``(b, t)`` -> ``(b, t + max_new_tokens)``.
 
-        ``temperature=0`` is greedy; otherwise ``torch.multinomial`` with ``generator`` over the
-        ``top_k`` most likely tokens (all if ``None``). The model reads at most the last
-        ``context`` tokens (default and largest: ``max_seq_len``; pass the training length when it
-        was shorter, since learned positions beyond it were never trained); ``use_cache`` (prefill,
-        then one token at a time, refilled from the cropped window once full) gives the same tokens
-        as recomputing every step. ``vocab_size`` (e.g. the tokenizer's, when ``config.vocab_size``
+        ``temperature=0`` is greedy; otherwise ``torch.multinomial`` with ``generator`` over the ``top_k``
+        most likely tokens and any tied with the ``top_k``-th, as nanoGPT (all if ``None``). The model
+        reads at most the last ``context`` tokens (default and largest: ``max_seq_len``; pass the training
+        length when it was shorter, since learned positions beyond it were never trained); ``use_cache``
+        (prefill, then one token at a time, refilled from the cropped window once full) gives the same
+        tokens as recomputing every step. ``vocab_size`` (e.g. the tokenizer's, when ``config.vocab_size``
         pads the embedding) limits the sampled ids to those below it. Runs under
         ``torch.no_grad()`` in eval mode, then restores the mode.
         """

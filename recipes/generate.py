@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="tokens sampled after the prompt (default: 300)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="divides the logits before sampling; 0 = greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k likeliest tokens and any tied with the k-th (default: all)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (default: 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling (default: 1337)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")

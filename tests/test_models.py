@@ -643,6 +643,15 @@ def test_sampling_follows_the_tempered_top_k_softmax(temperature, top_k):
     torch.testing.assert_close(frequency, expected, rtol=0, atol=0.01)  # standard error <= 0.0025
 
 
+def test_top_k_keeps_the_tokens_tied_with_the_kth_as_documented():
+    from models.sampling import sample_next
+    logits = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.0])  # k = 2: the 2nd largest, 2.0, is tied by id 3
+    ids = sample_next(logits.expand(20_000, -1), 1.0, 2, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(ids.flatten(), minlength=5).double() / ids.numel()
+    expected = torch.tensor([3.0, -math.inf, 2.0, 2.0, -math.inf], dtype=torch.float64).softmax(-1)
+    assert (frequency[expected == 0] == 0).all()
+    torch.testing.assert_close(frequency, expected, rtol=0, atol=0.015)  # standard error <= 0.0036
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_logits_are_sampled_from_a_float32_softmax(dtype, monkeypatch):
