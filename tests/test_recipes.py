@@ -53,6 +53,17 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process (and its children), as in a terminal: a shell's
+    background job (`pytest &`, a CI script's `... &`) starts with SIGINT ignored, which recipes.train
+    keeps ignored, as it should, so a test's Ctrl-C would do nothing."""
+    started = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if started is not None:  # None: a handler not set from Python, which cannot be put back
+        signal.signal(signal.SIGINT, started)
+
+
 def tiny(tmp_path: Path, corpus_file: Path, **sections) -> dict:
     """A run config mapping: 2-layer GPT with a phase layer, 12 steps, on the small corpus."""
     values = {
@@ -1106,7 +1117,8 @@ def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file,
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_file, monkeypatch, capsys, signum):
+def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_file, monkeypatch, capsys, signum,
+                                                              ctrl_c_raises):
     # it raised inside optimizer.step(): "not saved", and every update since the last checkpoint was lost
     train(parse_config(tiny(tmp_path / "a", corpus_file)))
     real_step, calls = torch.optim.AdamW.step, []
@@ -1133,7 +1145,7 @@ def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_
 
 
 def test_a_second_ctrl_c_during_an_update_aborts_it_unsaved_and_a_second_sigterm_is_the_same_stop(
-        tmp_path, corpus_file, monkeypatch, capsys):
+        tmp_path, corpus_file, monkeypatch, capsys, ctrl_c_raises):
     # a scheduler signals every process of a job and recipes.sweep passes its copy on: the second SIGTERM
     # killed the save (handlers were restored before it); a second Ctrl-C is the user's "stop now"
     real_step, real_save, calls = torch.optim.AdamW.step, train_module._save, []
@@ -1684,7 +1696,7 @@ def test_a_run_resumed_on_two_processes_goes_on_exactly_as_on_one(tmp_path, corp
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file, signum):
+def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file, signum, ctrl_c_raises):
     # SIGINT (or SIGTERM) reaches rank 1 alone, before its forward/backward (whose gradient all-reduce rank 0 is
     # waiting in): stopping rank 1 at once left both ranks waiting in different collectives
     values = tiny(tmp_path, corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
