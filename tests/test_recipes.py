@@ -54,14 +54,19 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ctrl_c_raises():
-    """SIGINT raises KeyboardInterrupt in this process (and its children), as in a terminal: a shell's
-    background job (`pytest &`, a CI script's `... &`) starts with SIGINT ignored, which recipes.train
-    keeps ignored, as it should, so a test's Ctrl-C would do nothing."""
-    started = signal.signal(signal.SIGINT, signal.default_int_handler)
+def usual_signal_handlers():
+    """SIGINT raises KeyboardInterrupt and SIGTERM, SIGHUP have their default action in this process (and
+    its children), as in a terminal: a shell's background job (`pytest &`, a CI script's `... &`) starts
+    with SIGINT ignored, `nohup` with SIGHUP ignored, and recipes.train keeps an ignored signal ignored, as
+    it should, so a test's signal would do nothing."""
+    usual = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    if hasattr(signal, "SIGHUP"):
+        usual[signal.SIGHUP] = signal.SIG_DFL
+    started = {signum: signal.signal(signum, handler) for signum, handler in usual.items()}
     yield
-    if started is not None:  # None: a handler not set from Python, which cannot be put back
-        signal.signal(signal.SIGINT, started)
+    for signum, handler in started.items():
+        if handler is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signum, handler)
 
 
 def tiny(tmp_path: Path, corpus_file: Path, **sections) -> dict:
@@ -967,7 +972,8 @@ def interrupt_then_resume(values: dict, at_step: int, monkeypatch, signum: int |
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP killed the run without its save
-def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus_file, monkeypatch, signum):
+def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus_file, monkeypatch, signum,
+                                                               usual_signal_handlers):
     before = signal.getsignal(signum)
     saved, result = interrupt_then_resume(tiny(tmp_path / "b", corpus_file), 7, monkeypatch, signum)
     assert saved["progress"]["step"] == 7 and result["status"] == "finished" and result["step"] == 12
@@ -1118,7 +1124,7 @@ def test_an_interrupt_inside_an_update_says_what_was_kept(tmp_path, corpus_file,
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_file, monkeypatch, capsys, signum,
-                                                              ctrl_c_raises):
+                                                              usual_signal_handlers):
     # it raised inside optimizer.step(): "not saved", and every update since the last checkpoint was lost
     train(parse_config(tiny(tmp_path / "a", corpus_file)))
     real_step, calls = torch.optim.AdamW.step, []
@@ -1145,7 +1151,7 @@ def test_a_signal_during_an_update_stops_after_it_and_saves_it(tmp_path, corpus_
 
 
 def test_a_second_ctrl_c_during_an_update_aborts_it_unsaved_and_a_second_sigterm_is_the_same_stop(
-        tmp_path, corpus_file, monkeypatch, capsys, ctrl_c_raises):
+        tmp_path, corpus_file, monkeypatch, capsys, usual_signal_handlers):
     # a scheduler signals every process of a job and recipes.sweep passes its copy on: the second SIGTERM
     # killed the save (handlers were restored before it); a second Ctrl-C is the user's "stop now"
     real_step, real_save, calls = torch.optim.AdamW.step, train_module._save, []
@@ -1174,7 +1180,8 @@ def test_a_second_ctrl_c_during_an_update_aborts_it_unsaved_and_a_second_sigterm
             == saved
 
 
-def test_a_signal_while_an_evaluation_is_saved_waits_for_its_checkpoints(tmp_path, corpus_file, monkeypatch):
+def test_a_signal_while_an_evaluation_is_saved_waits_for_its_checkpoints(tmp_path, corpus_file, monkeypatch,
+                                                                         usual_signal_handlers):
     # the evaluation was logged, then the stop came before its checkpoints: the resume evaluated and logged again
     real_save, sent = train_module._save, []
 
@@ -1696,7 +1703,8 @@ def test_a_run_resumed_on_two_processes_goes_on_exactly_as_on_one(tmp_path, corp
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file, signum, ctrl_c_raises):
+def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_update(tmp_path, corpus_file, signum,
+                                                                    usual_signal_handlers):
     # SIGINT (or SIGTERM) reaches rank 1 alone, before its forward/backward (whose gradient all-reduce rank 0 is
     # waiting in): stopping rank 1 at once left both ranks waiting in different collectives
     values = tiny(tmp_path, corpus_file, model={"dropout": 0.0, "phase_noise": 0.0},
