@@ -983,6 +983,28 @@ def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_a_run_trains_in_a_thread_other_than_the_main_one(tmp_path, corpus_file):
+    # a notebook's or a GUI's worker thread: Python installs signal handlers in the main thread only (elsewhere
+    # signal.signal raises), so such a run trains without them and leaves the process's handlers as they were
+    import threading
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(train(parse_config(tiny(tmp_path, corpus_file))))
+        except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(outcome) == 1
+    assert not isinstance(outcome[0], BaseException), repr(outcome[0])
+    assert outcome[0]["status"] == "finished" and outcome[0]["step"] == 12
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+
+
 def test_an_ignored_sigterm_stays_ignored(tmp_path, corpus_file, monkeypatch):
     installed = []
     monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN)  # a launcher started it ignored

@@ -99,6 +99,7 @@ BAD_SWEEP_FILES = [
     ("[a.yaml]", "sweep.yaml: expected a mapping at the top level (configs, out_dir, overrides, seeds), got"),
     ("hello", "sweep.yaml: expected a mapping at the top level (configs, out_dir, overrides, seeds), got 'hello'"),
     ("", "sweep.yaml: configs: missing"),
+    ("seed: [1, 2]", "sweep.yaml: unknown key(s) seed (known: configs, out_dir, overrides, seeds)"),  # for seeds
     # silently accepted before
     ("seeds: []", "seeds: expected a non-empty list of integers in [0, 2**32), got []"),
     ("configs: []", "configs: expected a non-empty list of config paths, got []"),
