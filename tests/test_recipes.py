@@ -53,22 +53,6 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def usual_signal_handlers():
-    """SIGINT raises KeyboardInterrupt and SIGTERM, SIGHUP have their default action in this process (and
-    its children), as in a terminal: a shell's background job (`pytest &`, a CI script's `... &`) starts
-    with SIGINT ignored, `nohup` with SIGHUP ignored, and recipes.train keeps an ignored signal ignored, as
-    it should, so a test's signal would do nothing."""
-    usual = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    if hasattr(signal, "SIGHUP"):
-        usual[signal.SIGHUP] = signal.SIG_DFL
-    started = {signum: signal.signal(signum, handler) for signum, handler in usual.items()}
-    yield
-    for signum, handler in started.items():
-        if handler is not None:  # None: a handler not set from Python, which cannot be put back
-            signal.signal(signum, handler)
-
-
 def tiny(tmp_path: Path, corpus_file: Path, **sections) -> dict:
     """A run config mapping: 2-layer GPT with a phase layer, 12 steps, on the small corpus."""
     values = {

@@ -390,7 +390,8 @@ def test_an_interrupted_run_is_resumed_and_a_new_one_trained(tmp_path, configs, 
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
-def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_save(tmp_path, signum):
+def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_save(tmp_path, signum,
+                                                                                  usual_signal_handlers):
     """SIGTERM to the sweep killed the sweep alone (its run trained on, unwatched), and Ctrl-C killed the
     run 0.25 s into saving last.pt. Now the run, in a process group of its own, gets the signal from the
     sweep, which waits for it and then stops with the signal's status."""
@@ -421,18 +422,12 @@ def test_a_stop_is_passed_to_the_training_process_and_the_sweep_waits_for_its_sa
         time.sleep(0.2)
         os.kill(os.getpid(), signum)  # to the sweep only, as `kill PID` does
 
-    # a shell's background job (`pytest &`) starts with SIGINT ignored, and the sweep leaves an ignored
-    # signal ignored (as recipes.train does): here the signal has its usual handler, as in a terminal
-    started = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     threading.Thread(target=send, daemon=True).start()
     start = time.monotonic()
-    try:
-        with pytest.raises(Interrupted) as stop:
-            sweep._train([sys.executable, "-c", child])
-    finally:
-        after = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-        signal.signal(signum, started)
+    with pytest.raises(Interrupted) as stop:
+        sweep._train([sys.executable, "-c", child])
+    after = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     assert stop.value.signum == signum
     assert saved.read_text() == str(int(signum))  # the run got the signal and finished its save first
     assert int(ready.read_text()) != os.getpgrp()  # its own process group: a terminal's Ctrl-C reaches the sweep only
