@@ -326,8 +326,10 @@ def read_checkpoint(path: Path, name: str, keys: tuple[str, ...], advice: str, *
     return state
 
 
-# the --device flag of evaluate, generate and interpret (read by pick_device)
-DEVICE_HELP = "auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ... (default: auto)"
+def add_device_flag(parser) -> None:
+    """``--device``, the flag of evaluate, generate and interpret that :func:`pick_device` reads."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1, ... (default: auto)")
 
 
 def pick_device(name: str = "auto") -> torch.device:

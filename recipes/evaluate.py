@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from kuramoto_attn._checks import check_int
-from recipes.common import DEVICE_HELP, check_count_flag, checkpoint_file, load_run, perplexity, pick_device, run_cli
+from recipes.common import (add_device_flag, check_count_flag, checkpoint_file, load_run, perplexity, pick_device,
+                            run_cli)
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--splits", nargs="+", help="default: val, and test where the corpus has one")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="windows per forward pass: memory, not the results (default: 16)")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(parser)
     add_data_location_flags(parser)
     args = parser.parse_args(argv)
     check_count_flag(parser, "--batch-size", args.batch_size)

@@ -14,7 +14,7 @@ import torch
 
 from kuramoto_attn._checks import LARGEST_SIZE
 from models import GPT, TPILM
-from recipes.common import DEVICE_HELP, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--num-samples", type=int, default=1, help="samples to draw (default: 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling (default: 1337)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(parser)
     args = parser.parse_args(argv)
     check_count_flag(parser, "--num-samples", args.num_samples)
     path = Path(args.run)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
-from recipes.common import DEVICE_HELP, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "windows on every call (default: 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_device_flag(parser)
     add_data_location_flags(parser)
     args = parser.parse_args(argv)
     check_count_flag(parser, "--batches", args.batches)

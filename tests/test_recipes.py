@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -970,7 +971,6 @@ def test_sigterm_saves_last_pt_like_ctrl_c_and_is_then_restored(tmp_path, corpus
 def test_a_run_trains_in_a_thread_other_than_the_main_one(tmp_path, corpus_file):
     # a notebook's or a GUI's worker thread: Python installs signal handlers in the main thread only (elsewhere
     # signal.signal raises), so such a run trains without them and leaves the process's handlers as they were
-    import threading
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     outcome = []
 
@@ -1028,7 +1028,6 @@ def test_a_run_that_raises_closes_its_logs(tmp_path, corpus_file, monkeypatch, s
     """TensorBoard's event file and its writer thread were closed only by a run that finished: each run that
     raised left one more thread running (and the file open) in the process, and an error other than a stop or
     a divergence lost the CSV log's steps since the last checkpoint."""
-    import threading
 
     def writers():
         return {t for t in threading.enumerate() if "tensorboard" in type(t).__module__.lower()}
@@ -3518,7 +3517,6 @@ def test_two_evaluations_recording_at_once_keep_both(tmp_path):
     """An unlocked read-modify-write with one shared temporary name lost one entry (or crashed) when two
     evaluations finished together."""
     import fcntl
-    import threading
     from recipes.evaluate import _record
     (tmp_path / "evaluation.json").write_text(json.dumps({"last.pt": {"step": 3, "val": {"loss": 2.0}}}))
     with open(tmp_path / "evaluation.json.lock", "a") as other:  # another evaluation is recording
