@@ -331,13 +331,9 @@ class KuramotoAttention(nn.Module):
         if mode != "band":
             if band is not None:
                 raise ValueError(f"coherence_band: only read in coherence_mode='band', not {mode!r}")
-            if target is None:
-                return None
             return CoherenceRegularizer(check_real("coherence_target", target, low=0.0, high=1.0), weight, mode)
         if target is not None:
             raise ValueError("coherence_target: not read in coherence_mode='band'; give coherence_band=(lo, hi)")
-        if band is None:
-            return None
         try:
             return CoherenceRegularizer(weight=weight, mode=mode, band=band)
         except ValueError as err:  # "band: ..."

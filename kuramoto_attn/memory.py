@@ -672,10 +672,12 @@ class HolographicPhaseMemory(nn.Module):
         return y, TPIState(phase[:, -1], query_end, memory, norm, state.buffer, state.position + 1)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, query={self.query!r}, kernel={self.kernel!r}, "
-                f"window={self.window}, magnitude={self.magnitude!r}, normalize={self.normalize!r}, "
-                f"state={self.state_type!r}, num_heads={self.num_heads}, expansion={self.expansion}, "
-                f"chunk_size={self.chunk_size}")
+        # the arguments this variant reads, none that it ignores (the dropout shows as a submodule)
+        scale = f", constrained_scale={self.constrained_scale}" if self.query == "constrained" else ""
+        window = f", window={self.window}" if self.kernel == "window" else ""
+        return (f"d_model={self.d_model}, query={self.query!r}{scale}, kernel={self.kernel!r}{window}, "
+                f"magnitude={self.magnitude!r}, normalize={self.normalize!r}, state={self.state_type!r}, "
+                f"num_heads={self.num_heads}, expansion={self.expansion}, chunk_size={self.chunk_size}")
 
     # ----- internals -----
 

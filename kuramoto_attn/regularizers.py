@@ -166,4 +166,6 @@ class CoherenceRegularizer(nn.Module):
         return self.penalty(R)
 
     def extra_repr(self) -> str:
-        return f"target={self.target}, weight={self.weight}, mode={self.mode!r}, band={self.band}"
+        # the arguments this mode reads, none that it ignores
+        read = f"band={self.band}" if self.mode == "band" else f"target={self.target}"
+        return f"{read}, weight={self.weight}, mode={self.mode!r}, dim={self.dim}"

@@ -1205,3 +1205,22 @@ def test_a_meta_tpi_block_materialized_as_fabric_does_is_initialised():
     assert all(not t.is_meta and t.isfinite().all() for t in block.state_dict().values())
     gamma = block.memory.decay_rate()
     torch.testing.assert_close(gamma, 1 - 2.0 ** -torch.tensor([4.0, 8.0]))  # the constructor's rates
+
+
+@pytest.mark.parametrize("query", QUERIES)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_repr_shows_the_arguments_the_variant_reads_and_rebuilds_it(query, kernel):
+    read = {}
+    if query == "constrained":
+        read["constrained_scale"] = 0.25
+    if kernel == "window":
+        read["window"] = 5
+    for state, magnitude, normalize in [("vector", "none", "none"), ("matrix", "sigmoid", "sqrt")]:
+        heads = 2 if state == "matrix" else 1
+        memory = HolographicPhaseMemory(8, query=query, kernel=kernel, magnitude=magnitude, normalize=normalize,
+                                        state=state, num_heads=heads, expansion=2, chunk_size=16, **read)
+        shown = eval(f"dict({memory.extra_repr()})")  # noqa: S307 (our own repr)
+        # window and constrained_scale only where read: their defaults printed elsewhere would read as used
+        assert shown == dict(d_model=8, query=query, kernel=kernel, magnitude=magnitude, normalize=normalize,
+                             state=state, num_heads=heads, expansion=2, chunk_size=16, **read)
+        assert HolographicPhaseMemory(**shown).extra_repr() == memory.extra_repr()

@@ -410,3 +410,17 @@ def test_the_documented_defaults():
     regularizer = CoherenceRegularizer()
     assert (regularizer.target, regularizer.weight, regularizer.mode, regularizer.band, regularizer.dim) == (
         0.45, 0.1, "ceiling", (0.35, 0.55), -1)
+
+
+@settings(max_examples=30)
+@given(mode=st.sampled_from(CoherenceRegularizer.MODES), target=st.floats(0.0, 1.0), weight=st.floats(0.0, 10.0),
+       lo=st.floats(0.0, 0.5), width=st.floats(0.0, 0.5), dim=st.integers(-3, 2))
+def test_coherence_repr_shows_the_arguments_its_mode_reads_and_rebuilds_it(mode, target, weight, lo, width, dim):
+    read = {"band": (lo, lo + width)} if mode == "band" else {"target": target}
+    regularizer = CoherenceRegularizer(weight=weight, mode=mode, dim=dim, **read)
+    shown = eval(f"dict({regularizer.extra_repr()})")  # noqa: S307 (our own repr)
+    # the argument its mode ignores is not shown (a default value printed there would read as being used)
+    assert ("target" in shown, "band" in shown) == (mode != "band", mode == "band")
+    rebuilt = CoherenceRegularizer(**shown)
+    assert (rebuilt.target, rebuilt.weight, rebuilt.mode, rebuilt.band, rebuilt.dim) == (
+        regularizer.target, regularizer.weight, regularizer.mode, regularizer.band, regularizer.dim)
