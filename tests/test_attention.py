@@ -1543,3 +1543,22 @@ def test_the_documented_defaults():
     assert (layer.phase_noise.sigma, layer.freq_jitter.relative) == (0.0, 0.0)
     regularized = KuramotoAttention(16, 2, coherence_target=0.45).coherence
     assert (regularized.target, regularized.weight, regularized.mode) == (0.45, 0.1, "ceiling")
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_repr_rebuilds_the_layer(coupling):
+    layer = KuramotoAttention(24, 2, num_oscillators=3, coupling_strength=-0.5, steps=4, dt=0.05, integrator="heun",
+                              coupling=coupling, phase_lag=0.25, learnable_coupling=False, dropout=0.1,
+                              causal=False, bias=False)
+    shown = eval(f"dict({layer.extra_repr()})")  # noqa: S307 (our own repr)
+    rebuilt = KuramotoAttention(**shown)
+    assert rebuilt.extra_repr() == layer.extra_repr()
+    assert [(n, p.shape) for n, p in rebuilt.state_dict().items()] == [
+        (n, p.shape) for n, p in layer.state_dict().items()]  # the same buffers (no learnable K, no biases)
+
+
+def test_repr_with_a_coupling_module_leaves_the_lag_to_it():
+    # the layer's phase_lag is not read with a module (its own lag is, shown in its repr below the layer's)
+    layer = KuramotoAttention(24, 2, num_oscillators=3, coupling=MeanFieldCoupling(2.0, phase_lag=0.2))
+    assert "phase_lag" not in layer.extra_repr() and "coupling=MeanFieldCoupling," in layer.extra_repr()
+    assert "phase_lag=0.2" in repr(layer.coupling)
