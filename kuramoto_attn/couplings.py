@@ -359,6 +359,9 @@ class GraphCoupling(Coupling):
         """``Σ_j A_ij sin(θ_j − θ_i − α)``: ``theta`` ``(*, n, *c)`` -> the same shape."""
         return weighted_sine_coupling(theta, self.weights, self.phase_lag, self.dim)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weights={tuple(self.weights.shape)}, dim={self.dim}"
+
 
 class AttentionCoupling(Coupling):
     r"""Coupling with weights given at call time (e.g. softmax attention weights) along ``dim``:
@@ -405,3 +408,6 @@ class AttentionCoupling(Coupling):
         """
         check_tensor("weights", weights)
         return weighted_sine_coupling(theta, weights, self.phase_lag, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dim={self.dim}"

@@ -404,6 +404,10 @@ def test_couplings_and_field_build_on_the_meta_device():
 def test_repr_prints_a_scalar_strength_and_the_shape_of_others():
     assert "MeanFieldCoupling(strength=2.5, phase_lag=0.3," in repr(MeanFieldCoupling(2.5, phase_lag=0.3))
     assert "strength=(3, 1, 1)," in repr(MeanFieldCoupling(torch.ones(3, 1, 1)))
+    # and the axis each couples along (the graph: its shape)
+    assert repr(GraphCoupling(torch.ones(4, 4), dim=-2)) == (
+        "GraphCoupling(strength=1.0, phase_lag=0, weights=(4, 4), dim=-2)")
+    assert repr(AttentionCoupling(phase_lag=0.5, dim=-3)) == "AttentionCoupling(strength=1.0, phase_lag=0.5, dim=-3)"
 
 
 @pytest.mark.parametrize("harmonics", [1, 1.0, None, "12", (), {1: 1}])
