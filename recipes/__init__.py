@@ -13,3 +13,9 @@ _missing = [module for module in _NEEDED if importlib.util.find_spec(module) is 
 if _missing:
     raise ModuleNotFoundError(f"the recipes need {', '.join(_NEEDED[m] for m in _missing)} (the `recipes` extra): "
                               f"{INSTALL_RECIPES}", name=_missing[0])
+
+
+class RecipeWarning(UserWarning):
+    """A recipe's warning about the user's settings, data or checkpoint: on the command line it prints as
+    one ``warning: ...`` line, as errors print ``error: ...`` (not Python's file, line number and source
+    line, which point into the recipes rather than at what to change)."""

@@ -9,6 +9,7 @@ import pickle
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from kuramoto_attn._checks import LARGEST_SIZE
 from models import MODELS
 from models.config import ConfigError
+from recipes import RecipeWarning
 from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 from recipes.files import replace_durably
@@ -52,7 +54,8 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     status 130 after the recipe's own message (``recipes.train`` saves ``last.pt`` first), and a
     stop by another signal (:class:`Interrupted`, e.g. SIGTERM) with 128 + its number (143). The
     recipe's own expected ``failures`` (e.g. a diverged training run) print one ``error:`` line and
-    exit with status 1; anything else is a bug and keeps its traceback.
+    exit with status 1; anything else is a bug and keeps its traceback. A
+    :class:`~recipes.RecipeWarning` prints as one ``warning:`` line.
 
     A process that ``main`` made a process group in (a rank of Fabric's DDP) leaves it and then ends
     at once, with the same output and exit status, instead of returning: the interpreter's own exit
@@ -62,13 +65,33 @@ def run_cli(main, failures: tuple[type[Exception], ...] = ()) -> None:
     """
     distributed_before = _distributed()
     try:
-        _run_cli(main, failures)
+        with _recipe_warnings_as_lines():
+            _run_cli(main, failures)
     except BaseException as end:
         if distributed_before or not _distributed():
             raise
         _end_distributed_process(_exit_status(end))
     if not distributed_before and _distributed():
         _end_distributed_process(0)
+
+
+@contextlib.contextmanager
+def _recipe_warnings_as_lines():
+    """A :class:`~recipes.RecipeWarning` prints as ``warning: <message>``; other warnings (torch's, Lightning's)
+    as Python prints them, with the file and line that say where they come from. Formatting only: which
+    warnings show, and a test's record of them, are unchanged."""
+    python_format = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, RecipeWarning):
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 def _distributed() -> bool:

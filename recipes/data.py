@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipes import INSTALL_RECIPES
+from recipes import INSTALL_RECIPES, RecipeWarning
 from recipes.files import remove_abandoned, replace_durably, staged, staging_path
 
 __all__ = [
@@ -420,7 +420,7 @@ CORPORA: dict[str, CorpusSource] = {
 _ENWIK8_SPLITS = (90_000_000, 95_000_000)  # train | val | test boundaries
 
 
-class CorpusWarning(UserWarning):
+class CorpusWarning(RecipeWarning):
     """What building a corpus's cache entry found (a smaller BPE vocabulary than asked, an enwik8 variant of
     another size): recorded in the entry and said again by every :func:`prepare_corpus` that reads it."""
 

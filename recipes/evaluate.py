@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kuramoto_attn._checks import check_int
+from recipes import RecipeWarning
 from recipes.common import (add_device_flag, check_count_flag, checkpoint_file, load_run, perplexity, pick_device,
                             run_cli)
 from recipes.config import DataConfig
@@ -89,7 +90,7 @@ def load_corpus(data: DataConfig, tokenizer=None, identity: dict | None = None):
                              "restore the text it was trained on to evaluate it (or train a new run on this one)")
     elif tokenizer is not None:
         warnings.warn("checkpoint: written before checkpoints recorded the corpus's sha256; only its vocabulary "
-                      "is checked, not that its text is the one the run was trained on", stacklevel=2)
+                      "is checked, not that its text is the one the run was trained on", RecipeWarning, stacklevel=2)
     if tokenizer is not None and corpus.tokenizer.to_dict() != tokenizer.to_dict():
         now, then = corpus.tokenizer.vocab_size, tokenizer.vocab_size
         sizes = f"now {now} tokens, then {then}" if now != then else f"{now} tokens, but other ones"

@@ -14,6 +14,7 @@ import torch
 
 from kuramoto_attn._checks import LARGEST_SIZE
 from models import GPT, TPILM
+from recipes import RecipeWarning
 from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 
 __all__ = ["main", "generate_text"]
@@ -42,7 +43,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
     if unknown:  # the model sees <unk> for them: say so, as a character vocabulary's error does
         shown = ", ".join(map(repr, dict.fromkeys(unknown[:10])))
         warnings.warn(f"prompt: {len(unknown)} word(s) not in the vocabulary read as {tokenizer.unk}: {shown}",
-                      stacklevel=2)
+                      RecipeWarning, stacklevel=2)
     if num_samples < 1:
         raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
     if num_samples > LARGEST_SIZE:  # a batch size: torch's sizes are int64 (it was a bare OverflowError)

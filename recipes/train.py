@@ -55,7 +55,7 @@ import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from models.sampling import next_token_loss
-from recipes import INSTALL_RECIPES
+from recipes import INSTALL_RECIPES, RecipeWarning
 from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
                             read_checkpoint, run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
@@ -95,7 +95,7 @@ def _warn_warmup_outlasts_training(optim, max_iters: int) -> None:
     after = "the cosine decay to optim.min_lr" if optim.schedule == "cosine" else "the constant rate"
     warnings.warn(f"optim.warmup_iters={optim.warmup_iters} is not below train.max_iters={max_iters}: training "
                   f"ends during the warmup, at a learning rate of {end:.3g} (optim.lr={optim.lr:g}); "
-                  f"{after} never starts", stacklevel=3)
+                  f"{after} never starts", RecipeWarning, stacklevel=3)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from helpers import assert_same_data, config_values
 from models import GPT, TPILM, GPTConfig, TPILMConfig
 from models.config import ConfigError
+from recipes import RecipeWarning
 from recipes import train as train_module
 from recipes.common import Interrupted, _available, build_model, load_run, mean_ci95, param_groups
 from recipes.config import apply_overrides, load_config, load_yaml, model_config, parse_config, parse_saved_config
@@ -630,14 +631,40 @@ def test_a_warmup_as_long_as_training_ends_at_lr_without_a_zero_length_decay():
 def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, corpus_file):
     values = tiny(tmp_path, corpus_file, optim={"lr": 3e-3, "warmup_iters": 4},
                   train={"max_iters": 3, "eval_interval": 3})
-    with pytest.warns(UserWarning, match=r"^optim.warmup_iters=4 is not below train.max_iters=3: training ends "
-                                         r"during the warmup, at a learning rate of 0.0018 \(optim.lr=0.003\); "
-                                         r"the cosine decay to optim.min_lr never starts$"):
+    with pytest.warns(RecipeWarning, match=r"^optim.warmup_iters=4 is not below train.max_iters=3: training ends "
+                                           r"during the warmup, at a learning rate of 0.0018 \(optim.lr=0.003\); "
+                                           r"the cosine decay to optim.min_lr never starts$"):
         train(parse_config(values))
     values = tiny(tmp_path / "longer", corpus_file, optim={"warmup_iters": 2}, train={"max_iters": 3})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="optim.warmup_iters")
         train(parse_config(values))
+
+
+def test_on_the_command_line_a_recipe_warning_is_one_line_and_other_warnings_as_python_prints_them(
+        tmp_path, corpus_file):
+    # it printed as "/.../recipes/train.py:144: UserWarning: optim.warmup_iters=..." and the source line
+    # "return _train(config, resume, overwrite, held)": a place in the recipes, not what to change
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path, corpus_file, optim={"warmup_iters": 4},
+                                          train={"max_iters": 3, "eval_interval": 3})))
+    done = _run_recipe(["-m", "recipes.train", "--config", str(config)])
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "optim.warmup_iters" in line]
+    assert said == ["warning: optim.warmup_iters=4 is not below train.max_iters=3: training ends during the warmup, "
+                    "at a learning rate of 0.0018 (optim.lr=0.003); the cosine decay to optim.min_lr never starts"]
+    assert "_train(config" not in done.stderr
+    # a warning from elsewhere keeps the file and line it comes from, and the format is restored after run_cli
+    script = ("import warnings; from recipes.common import run_cli; from recipes import RecipeWarning\n"
+              "run_cli(lambda: (warnings.warn('a library detail', DeprecationWarning),"
+              " warnings.warn('data: check this', RecipeWarning)))\n"
+              "warnings.warn('after', RecipeWarning)\n")
+    done = _run_recipe(["-W", "always", "-c", script])
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("<string>:2: DeprecationWarning: a library detail")
+    assert "warning: data: check this" in lines
+    assert any(line.startswith("<string>:3: RecipeWarning: after") for line in lines), lines
 
 
 def test_warmup_gives_every_update_a_positive_rate_and_the_examples_hold():
