@@ -126,6 +126,13 @@ class KuramotoField(nn.Module):
                              f"but got {type(coupling).__name__}")
         self.coupling = coupling
 
+    def extra_repr(self) -> str:
+        # a coupling module shows below as a submodule; a plain callable (e.g. a function) by its name here
+        coupling = self.coupling
+        named = "" if coupling is None or isinstance(coupling, nn.Module) else \
+            f", coupling={getattr(coupling, '__name__', type(coupling).__name__)}"
+        return f"omega={tuple(self.omega.shape)}{named}"
+
     def reset_parameters(self) -> None:
         """Set ``omega`` to the frequencies the field was built with, in place (also an ``nn.Parameter``
         you gave), in its own dtype and on its device. For a field built on the meta device and then given

@@ -41,6 +41,9 @@ class FixedStepSolver:
 
     order: int = 0
 
+    def __repr__(self) -> str:  # stateless: the name says it all (not "<...Euler object at 0x...>")
+        return f"{type(self).__name__}()"
+
     def step(self, field: VectorField, theta: Tensor, dt: float) -> Tensor:
         """Advance ``theta`` by one step of size ``dt``; must not modify ``theta`` in place.
 

@@ -127,6 +127,10 @@ class OrderParameter(Metric):
         for name, value in self._initial_states(torch.float64, None).items():
             self.add_state(name, value, dist_reduce_fx=reduce[name])
 
+    def extra_repr(self) -> str:
+        groups = "" if self.group_dim is None else f", group_dim={self.group_dim}, num_groups={self.num_groups}"
+        return f"dim={self.dim}{groups}"
+
     def _initial_states(self, dtype: torch.dtype, device: torch.device | None) -> dict[str, Tensor]:
         """The states of a metric that has seen nothing: zero sums and counts, minima +inf, maxima −inf."""
         zeros = torch.zeros(self.num_groups, dtype=dtype, device=device)

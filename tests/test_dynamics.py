@@ -325,3 +325,14 @@ def test_wrap_phase_has_gradient_one_also_at_pi(dtype):
     theta = torch.tensor([pi, -pi, 3 * pi, 0.5, -3.0], dtype=dtype, requires_grad=True)
     wrap_phase(theta).sum().backward()
     assert theta.grad.tolist() == [1.0] * 5
+
+
+def test_repr_shows_the_frequencies_shape_and_a_plain_coupling_by_name():
+    def ring(theta):
+        return torch.sin(theta.roll(1, -1) - theta)
+
+    assert repr(KuramotoField(torch.zeros(3, 5), ring)) == "KuramotoField(omega=(3, 5), coupling=ring)"
+    assert repr(KuramotoField(torch.zeros(4))) == "KuramotoField(omega=(4,))"
+    assert repr(KuramotoField(torch.zeros(4), MeanFieldCoupling(2.0))).splitlines()[:3] == [
+        "KuramotoField(", "  omega=(4,)", "  (coupling): MeanFieldCoupling(strength=2.0, phase_lag=0, harmonics=(1,), "
+        "dim=-1, causal=False)"]  # a module shows as a submodule

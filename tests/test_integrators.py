@@ -256,3 +256,13 @@ def test_autocast_state_is_read_in_one_graph_under_torch_compile(dtype, code):
         assert autocast_dtype(x) == dtype
         torch.testing.assert_close(torch.compile(read, fullgraph=True, backend="eager")(x), torch.full((3,), code))
     assert autocast_dtype(torch.ones(3, device="meta")) is None  # no autocast there (is_autocast_enabled raises)
+
+
+def test_solvers_print_their_names():
+    # a solver printed as "<kuramoto_attn.integrators.Euler object at 0x...>"
+    assert [repr(solver()) for solver in SOLVERS.values()] == [f"{name}()" for name in ("Euler", "Heun", "RK4")]
+
+    class Midpoint(FixedStepSolver):
+        order = 2
+
+    assert repr(Midpoint()) == "Midpoint()"

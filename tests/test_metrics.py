@@ -678,3 +678,8 @@ def test_the_layers_import_without_torchmetrics_and_the_metric_comes_on_first_us
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "module 'kuramoto_attn' has no attribute 'NoSuchThing'"
+
+
+def test_repr_shows_the_axes():
+    assert repr(OrderParameter()) == "OrderParameter(dim=-1)"
+    assert repr(OrderParameter(dim=-2, group_dim=1, num_groups=4)) == "OrderParameter(dim=-2, group_dim=1, num_groups=4)"
