@@ -707,9 +707,8 @@ class KuramotoAttention(nn.Module):
         return repr(self.coupling) if isinstance(self.coupling, str) else type(self.coupling).__name__
 
     def extra_repr(self) -> str:
-        # the constructor's arguments but those shown as submodules (noise, jitter, regularizer, a coupling
-        # module with its own lag: the layer's lag is not read then); K as initialised, its current value per head
-        # is a tensor
+        # the constructor's arguments, but those shown as submodules (noise, jitter, regularizer; a coupling
+        # module, with its own lag: the layer's is not read then); K as initialised (training changes the tensor)
         lag = "" if isinstance(self.coupling, Coupling) else f", phase_lag={self.phase_lag}"
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, num_oscillators={self.num_oscillators}, "
                 f"coupling_strength={self._initial_strength}, steps={self.steps}, dt={self.dt}, "
