@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kuramoto_attn._checks import LARGEST_SIZE
+from kuramoto_attn._checks import check_int
 from models import GPT, TPILM
 from recipes import RecipeWarning
 from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
@@ -44,11 +44,10 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
         shown = ", ".join(map(repr, dict.fromkeys(unknown[:10])))
         warnings.warn(f"prompt: {len(unknown)} word(s) not in the vocabulary read as {tokenizer.unk}: {shown}",
                       RecipeWarning, stacklevel=2)
-    if num_samples < 1:
-        raise ValueError(f"num_samples: must be at least 1, got {num_samples}")
-    if num_samples > LARGEST_SIZE:  # a batch size: torch's sizes are int64 (it was a bare OverflowError)
-        raise ValueError(f"num_samples: must be below 2**63, got {num_samples}")
-    if not 0 <= seed < 2**64:  # what torch.Generator takes
+    # a batch size (torch's sizes are int64: past them a bare OverflowError); 2.5 or True were a TypeError from
+    # list repetition or one sample
+    num_samples = check_int("num_samples", num_samples, low=1)
+    if not 0 <= check_int("seed", seed, low=0, size=False) < 2**64:  # what torch.Generator takes
         raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
     if context is not None and isinstance(model, TPILM):
         raise ValueError(f"context: a {type(model).__name__} reads the whole sequence (it is recurrent: no "

@@ -2243,8 +2243,13 @@ def test_generate_is_deterministic_and_cache_free_of_drift(trained):
         with pytest.raises(ValueError, match=message):
             generate_text(model, tokenizer, prompt)
     for count in (0, -1):  # an error naming the argument (0 rows of prompt were an error naming idx)
-        with pytest.raises(ValueError, match=rf"^num_samples: must be at least 1, got {count}$"):
+        with pytest.raises(ValueError, match=rf"^num_samples: expected an integer >= 1 but got {count}$"):
             generate_text(model, tokenizer, "the ", num_samples=count)
+    # 2.5 was a TypeError from list repetition, True one sample; a seed of 1.5 a TypeError from torch
+    for name, value in (("num_samples", 2.5), ("num_samples", True), ("num_samples", 2**63), ("seed", 1.5),
+                        ("seed", -1), ("seed", 2**64)):
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            generate_text(model, tokenizer, "the ", **{name: value})
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "word", "bpe"])
