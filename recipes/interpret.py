@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
+from kuramoto_attn._checks import check_int
 from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
@@ -36,7 +37,7 @@ __all__ = ["main", "phase_statistics", "random_phase_R"]
 def random_phase_R(num_oscillators: int) -> float:
     """Expected R of ``N`` independent uniform phases, ≈ √π / (2√N) for large N (e.g. 0.157 for
     N = 32): the incoherent baseline to compare with."""
-    return math.sqrt(math.pi) / (2 * math.sqrt(num_oscillators))
+    return math.sqrt(math.pi) / (2 * math.sqrt(check_int("num_oscillators", num_oscillators, low=1)))
 
 
 @torch.no_grad()

@@ -2575,6 +2575,9 @@ def test_interpret_reads_the_split_asked_for_and_compares_with_the_runs_oscillat
     assert report["random_phase_R"] == random_phase_R(4)
     phases = torch.rand(4000, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 * math.pi
     assert random_phase_R(256) == pytest.approx(torch.exp(1j * phases).mean(-1).abs().mean().item(), rel=0.03)
+    for count in (0, -4, 2.0):  # were a ZeroDivisionError, a math domain error and a value
+        with pytest.raises(ValueError, match="^num_oscillators: expected an integer"):
+            random_phase_R(count)
     assert random_phase_R(32) == pytest.approx(math.sqrt(math.pi / 128), rel=1e-12)  # √π / (2√N): 0.157 for N = 32
 
 
