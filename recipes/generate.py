@@ -47,7 +47,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
     # a batch size (torch's sizes are int64: past them a bare OverflowError); 2.5 or True were a TypeError from
     # list repetition or one sample
     num_samples = check_int("num_samples", num_samples, low=1)
-    if not 0 <= check_int("seed", seed, low=0, size=False) < 2**64:  # what torch.Generator takes
+    if check_int("seed", seed, low=0, size=False) >= 2**64:  # what torch.Generator takes
         raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
     if context is not None and isinstance(model, TPILM):
         raise ValueError(f"context: a {type(model).__name__} reads the whole sequence (it is recurrent: no "

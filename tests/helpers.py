@@ -31,6 +31,11 @@ def assert_same_data(got, expected):
         assert got == expected or (got != got and expected != expected), (got, expected)
 
 
+def repr_arguments(module) -> dict:
+    """The keyword arguments a module's ``extra_repr`` shows (``name=value, ...``), read back as a dict."""
+    return eval(f"dict({module.extra_repr()})")  # noqa: S307 (the library's own repr, in tests)
+
+
 def clustered_phases(gen, shape, spread, dtype=torch.float64):
     """Rows with a random centre and Gaussian spread: R from 1 (spread 0) down to ~1/sqrt(n)."""
     centre = torch.rand(shape[:-1] + (1,), generator=gen, dtype=torch.float64) * 2 * math.pi

@@ -13,7 +13,7 @@ from kuramoto_attn import (AttentionCoupling, Coupling, GraphCoupling, KuramotoA
                            MeanFieldCoupling, PhaseGPTAttention, weighted_sine_coupling)
 
 from helpers import (assert_reset_gives_constructor_values, built_where_freed, dynamo_traces_func_transform_check,
-                     generators, materialize_like_fabric)
+                     generators, materialize_like_fabric, repr_arguments)
 
 INTEGRATORS = ("euler", "heun", "rk4")
 COUPLINGS = ("mean_field", "attention")
@@ -1550,7 +1550,7 @@ def test_repr_rebuilds_the_layer(coupling):
     layer = KuramotoAttention(24, 2, num_oscillators=3, coupling_strength=-0.5, steps=4, dt=0.05, integrator="heun",
                               coupling=coupling, phase_lag=0.25, learnable_coupling=False, dropout=0.1,
                               causal=False, bias=False)
-    shown = eval(f"dict({layer.extra_repr()})")  # noqa: S307 (our own repr)
+    shown = repr_arguments(layer)
     rebuilt = KuramotoAttention(**shown)
     assert rebuilt.extra_repr() == layer.extra_repr()
     assert [(n, p.shape) for n, p in rebuilt.state_dict().items()] == [

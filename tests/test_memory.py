@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_reset_gives_constructor_values, generators, materialize_like_fabric
+from helpers import assert_reset_gives_constructor_values, generators, materialize_like_fabric, repr_arguments
 from kuramoto_attn import HolographicPhaseMemory, TPIBlock
 from kuramoto_attn.memory import DECAY_MIN, KERNELS, MAGNITUDES, NORMALIZES, QUERIES, STATES, TPIState
 
@@ -1219,7 +1219,7 @@ def test_repr_shows_the_arguments_the_variant_reads_and_rebuilds_it(query, kerne
         heads = 2 if state == "matrix" else 1
         memory = HolographicPhaseMemory(8, query=query, kernel=kernel, magnitude=magnitude, normalize=normalize,
                                         state=state, num_heads=heads, expansion=2, chunk_size=16, **read)
-        shown = eval(f"dict({memory.extra_repr()})")  # noqa: S307 (our own repr)
+        shown = repr_arguments(memory)
         # window and constrained_scale only where read: their defaults printed elsewhere would read as used
         assert shown == dict(d_model=8, query=query, kernel=kernel, magnitude=magnitude, normalize=normalize,
                              state=state, num_heads=heads, expansion=2, chunk_size=16, **read)

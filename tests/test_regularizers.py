@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import clustered_phases, generators
+from helpers import clustered_phases, generators, repr_arguments
 from kuramoto_attn import CoherenceRegularizer, FrequencyJitter, PhaseNoise, order_parameter
 
 # ---------- naive references (float64) ----------
@@ -418,7 +418,7 @@ def test_the_documented_defaults():
 def test_coherence_repr_shows_the_arguments_its_mode_reads_and_rebuilds_it(mode, target, weight, lo, width, dim):
     read = {"band": (lo, lo + width)} if mode == "band" else {"target": target}
     regularizer = CoherenceRegularizer(weight=weight, mode=mode, dim=dim, **read)
-    shown = eval(f"dict({regularizer.extra_repr()})")  # noqa: S307 (our own repr)
+    shown = repr_arguments(regularizer)
     # the argument its mode ignores is not shown (a default value printed there would read as being used)
     assert ("target" in shown, "band" in shown) == (mode != "band", mode == "band")
     rebuilt = CoherenceRegularizer(**shown)
