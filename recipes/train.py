@@ -161,8 +161,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
                                                  TensorBoardLogger(run_dir, name="tensorboard")])
     fabric.launch()
     tc = config.train
-    if config.optim.warmup_iters >= tc.max_iters and fabric.is_global_zero:
-        _warn_warmup_outlasts_training(config.optim, tc.max_iters)
     world = fabric.world_size
     shards = world * tc.grad_accum  # every global batch is cut into this many equal micro-batches
     if tc.batch_size % shards:
@@ -229,6 +227,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
             fabric.barrier()
     if failure is not None:
         raise failure
+    if config.optim.warmup_iters >= tc.max_iters and fabric.is_global_zero:  # once the run is set to start: not
+        _warn_warmup_outlasts_training(config.optim, tc.max_iters)  # above the error of a setting it never ran with
     fabric.print(f"{config.name}: {parameters:,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 

@@ -639,6 +639,11 @@ def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="optim.warmup_iters")
         train(parse_config(values))
+    # a run that stops on an error in its set-up does not warn first (the warning printed above the error)
+    values = tiny(tmp_path / "refused", corpus_file, optim={"warmup_iters": 4}, train={"max_iters": 3, "block_size": 32})
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="^train.block_size: 32 exceeds model.max_seq_len"):
+        warnings.filterwarnings("error", message="optim.warmup_iters")
+        train(parse_config(values))
 
 
 def test_on_the_command_line_a_recipe_warning_is_one_line_and_other_warnings_as_python_prints_them(
