@@ -392,8 +392,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunConfig:
     """Validate a run config mapping (as read from YAML or stored in a checkpoint)."""
     config = from_dict(RunConfig, values)
-    # fail now, not after loading the data; the real vocabulary size is filled in (and compared) later
-    model_config(config.model, vocab_size)
+    # fail now, not after loading the data (or hours into a sweep); the real vocabulary size is filled in
+    # (and compared) later
+    context = model_config(config.model, vocab_size).max_seq_len
+    check(config.train.block_size <= context, "train.block_size", f"exceeds model.max_seq_len {context}",
+          config.train.block_size)
     return config
 
 

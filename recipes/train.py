@@ -59,7 +59,7 @@ from recipes import INSTALL_RECIPES, RecipeWarning
 from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
                             read_checkpoint, run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
-                            model_config, parse_saved_config, split_overrides)
+                            parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
 from recipes.plots import check_plotting, plot_history
@@ -172,9 +172,6 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
         corpus = prepare_corpus(d.name, path=d.path, tokenizer=d.tokenizer,
                                 bpe_vocab_size=d.bpe_vocab_size, cache_dir=d.cache_dir,
                                 val_fraction=d.val_fraction, download=d.download)
-    mconf = model_config(config.model, corpus.tokenizer.vocab_size)
-    if tc.block_size > mconf.max_seq_len:
-        raise ValueError(f"train.block_size: {tc.block_size} exceeds model.max_seq_len {mconf.max_seq_len}")
     cut = not CORPORA[d.name].fixed_splits  # train and val cut from one text by data.val_fraction
     for split in ("train", "val"):  # fail now, not at the first evaluation
         if len(corpus.splits[split]) < tc.block_size + 1:

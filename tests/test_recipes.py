@@ -144,6 +144,8 @@ def logged_losses(run_dir: Path) -> list[float]:
     # least the tokenizer's vocabulary (1)"), for a value of the wrong type too
     ("model.vocab_size=0", r"^model.vocab_size: must be at least 1 \(got 0\)$"),
     ("model.vocab_size=x", r"^model.vocab_size: expected an integer, got 'x'$"),
+    # before the data is read, so that a sweep finds it before its first run (it was found at the config's turn)
+    ("train.block_size=17", r"^train.block_size: exceeds model.max_seq_len 16 \(got 17\)$"),
 ])
 def test_config_errors_name_the_key(tmp_path, corpus_file, override, message):
     values = tiny(tmp_path, corpus_file)
@@ -640,8 +642,10 @@ def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, 
         warnings.filterwarnings("error", message="optim.warmup_iters")
         train(parse_config(values))
     # a run that stops on an error in its set-up does not warn first (the warning printed above the error)
-    values = tiny(tmp_path / "refused", corpus_file, optim={"warmup_iters": 4}, train={"max_iters": 3, "block_size": 32})
-    with warnings.catch_warnings(), pytest.raises(ValueError, match="^train.block_size: 32 exceeds model.max_seq_len"):
+    values = tiny(tmp_path / "refused", corpus_file, optim={"warmup_iters": 4}, train={"max_iters": 3})
+    corpus_file.with_name("short.txt").write_text("x" * 10)  # too short for a block: refused once it is read
+    values["data"]["path"] = str(corpus_file.with_name("short.txt"))
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="^train.block_size: the train split has 9 "):
         warnings.filterwarnings("error", message="optim.warmup_iters")
         train(parse_config(values))
 
