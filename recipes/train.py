@@ -224,8 +224,9 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
             fabric.barrier()
     if failure is not None:
         raise failure
-    if config.optim.warmup_iters >= tc.max_iters and fabric.is_global_zero:  # once the run is set to start: not
-        _warn_warmup_outlasts_training(config.optim, tc.max_iters)  # above the error of a setting it never ran with
+    # warned once the run is set to start, not above the error of a setting that stops it
+    if config.optim.warmup_iters >= tc.max_iters and fabric.is_global_zero:
+        _warn_warmup_outlasts_training(config.optim, tc.max_iters)
     fabric.print(f"{config.name}: {parameters:,} parameters, {len(corpus.splits['train']):,} "
                  f"training tokens, world size {world}, precision {fabric._precision.precision}")
 

@@ -643,8 +643,8 @@ def test_a_run_shorter_than_its_warmup_warns_that_it_never_reaches_lr(tmp_path, 
         train(parse_config(values))
     # a run that stops on an error in its set-up does not warn first (the warning printed above the error)
     values = tiny(tmp_path / "refused", corpus_file, optim={"warmup_iters": 4}, train={"max_iters": 3})
-    corpus_file.with_name("short.txt").write_text("x" * 10)  # too short for a block: refused once it is read
-    values["data"]["path"] = str(corpus_file.with_name("short.txt"))
+    (tmp_path / "short.txt").write_text("x" * 10)  # too short for a block: refused once it is read
+    values["data"]["path"] = str(tmp_path / "short.txt")
     with warnings.catch_warnings(), pytest.raises(ValueError, match="^train.block_size: the train split has 9 "):
         warnings.filterwarnings("error", message="optim.warmup_iters")
         train(parse_config(values))
