@@ -397,7 +397,18 @@ def parse_config(values: dict[str, Any], vocab_size: int | None = None) -> RunCo
     context = model_config(config.model, vocab_size).max_seq_len
     check(config.train.block_size <= context, "train.block_size", f"exceeds model.max_seq_len {context}",
           config.train.block_size)
+    devices = config.fabric.devices
+    if isinstance(devices, int) and devices >= 1:  # else the process count is known once Fabric starts
+        check_batch_split(config.train, processes=devices * config.fabric.num_nodes)
     return config
+
+
+def check_batch_split(train: TrainConfig, processes: int) -> None:
+    """Every global batch is cut into ``processes × train.grad_accum`` equal micro-batches."""
+    if train.batch_size % (processes * train.grad_accum):
+        raise ConfigError(f"train.batch_size: {train.batch_size} is not divisible by processes × "
+                          f"train.grad_accum = {processes} × {train.grad_accum} (processes: fabric.devices × "
+                          "fabric.num_nodes)")
 
 
 def _reads_download(name: str, path: str | None) -> bool:

@@ -58,8 +58,8 @@ from models.sampling import next_token_loss
 from recipes import INSTALL_RECIPES, RecipeWarning
 from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
                             read_checkpoint, run_cli, save_checkpoint, step_seed)
-from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings, load_config,
-                            parse_saved_config, split_overrides)
+from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings,
+                            check_batch_split, load_config, parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
 from recipes.files import locked, write_atomic
 from recipes.plots import check_plotting, plot_history
@@ -162,10 +162,8 @@ def _train(config: RunConfig, resume: bool, overwrite: bool, held: contextlib.Ex
     fabric.launch()
     tc = config.train
     world = fabric.world_size
+    check_batch_split(tc, processes=world)  # parse_config could not, with fabric.devices "auto" or -1
     shards = world * tc.grad_accum  # every global batch is cut into this many equal micro-batches
-    if tc.batch_size % shards:
-        raise ValueError(f"train.batch_size: {tc.batch_size} is not divisible by processes × train.grad_accum "
-                         f"= {world} × {tc.grad_accum} (processes: fabric.devices × fabric.num_nodes)")
 
     with fabric.rank_zero_first():
         d = config.data
