@@ -35,9 +35,32 @@ __all__ = ["main", "phase_statistics", "random_phase_R"]
 
 
 def random_phase_R(num_oscillators: int) -> float:
-    """Expected R of ``N`` independent uniform phases, ≈ √π / (2√N) for large N (e.g. 0.157 for
-    N = 32): the incoherent baseline to compare with."""
-    return math.sqrt(math.pi) / (2 * math.sqrt(check_int("num_oscillators", num_oscillators, low=1)))
+    r"""Expected R of ``N`` independent uniform phases: the incoherent baseline to compare with (1 for
+    N = 1, 2/π for N = 2, 0.1570 for N = 32).
+
+    Exact for every N, through the mean length of a planar walk of N unit steps:
+
+    .. math:: E[R] = \frac{1}{N}\int_0^\infty \frac{1 - J_0(t)^N}{t^2}\,dt
+              \;\approx\; \frac{\sqrt\pi}{2\sqrt N}\Bigl(1 + \frac{1}{16N}\Bigr)\ \text{for large } N,
+
+    integrated numerically for N ≤ 1024 (Simpson's rule in float64; the tail beyond t = 2000 taken as
+    1/2000, J₀ⁿ's share of it being below 1e-8) and from the expansion above (relative error below
+    2e-8) beyond.
+    The large-N value √π / (2√N) alone is 1.5 % low at N = 4 and 0.2 % at N = 32."""
+    n = check_int("num_oscillators", num_oscillators, low=1)
+    if n > 1024:
+        return math.sqrt(math.pi / n) / 2 * (1 + 1 / (16 * n))
+    total, end = 0.0, 2000.0
+    # the integrand falls from N/4 at 0 to 1/t² over t ≈ 1/√N: a finer grid there
+    for lo, hi, h in ((0.0, 10.0, min(0.01, 0.05 / math.sqrt(n))), (10.0, end, 0.01)):
+        intervals = 2 * math.ceil((hi - lo) / h / 2)  # even, for Simpson's rule
+        t = torch.linspace(lo, hi, intervals + 1, dtype=torch.float64)
+        f = (1 - torch.special.bessel_j0(t) ** n) / t**2
+        f[t == 0] = n / 4  # the limit at 0 (1 - J₀(t)ⁿ ≈ N t² / 4)
+        weights = torch.ones_like(t)
+        weights[1:-1:2], weights[2:-1:2] = 4, 2
+        total += float((f * weights).sum()) * (hi - lo) / intervals / 3
+    return (total + 1 / end) / n
 
 
 @torch.no_grad()
