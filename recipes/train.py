@@ -589,15 +589,19 @@ def _check_finite(fabric, loss, norm, step, config: RunConfig, interrupted: int 
     if not bad_loss and bad_norm and getattr(fabric._precision, "scaler", None) is not None:
         return  # fp16 loss scaling: an overflow is normal, the scaler skips this update and lowers its scale
     if bad_loss or bad_norm:
+        if fabric.world_size > 1:  # the mean over ranks, which train/loss logs: every rank's error line alike
+            loss = fabric.all_reduce(loss.detach().clone(), reduce_op="mean")
         first = min(config.train.eval_interval, config.train.max_iters)
         kept = ("last.pt / best.pt keep the last good state" if (config.run_dir / "last.pt").is_file()
                 else f"no checkpoint yet (the first is written at step {first})")
         hints = ["a lower optim.lr", "optim.grad_clip"]
         if fabric._precision.precision not in ("32-true", "64-true"):  # not to a run in float64 already
             hints.append("fabric.precision=32-true")
-        raise TrainingDiverged(f"update {step + 1}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} is "
-                               f"not finite; stopped before the update, {kept}. Try {', '.join(hints[:-1])} "
-                               f"or {hints[-1]}.")
+        what = {(True, False): "the loss is", (False, True): "the gradient norm is",
+                (True, True): "the loss and the gradient norm are"}[bad_loss, bad_norm]
+        raise TrainingDiverged(f"update {step + 1}: {what} not finite (loss {float(loss):.4g}, gradient norm "
+                               f"{float(norm):.4g}); stopped before the update, {kept}. Try "
+                               f"{', '.join(hints[:-1])} or {hints[-1]}.")
 
 
 def _write_result(fabric, config: RunConfig, progress: dict, status: str, message: str = "") -> dict:

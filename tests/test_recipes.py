@@ -1554,7 +1554,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    with pytest.raises(TrainingDiverged, match="update 6: loss nan") as diverged:
+    with pytest.raises(TrainingDiverged, match=r"update 6: the loss and the gradient norm are not finite \(loss nan, "
+                                               r"gradient norm nan\)") as diverged:
         train(parse_config(tiny(tmp_path, corpus_file, train={"plots": True}, optim={"fused": not scaled})))
     run = tmp_path / "run"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()  # the curves up to the divergence
@@ -1791,7 +1792,7 @@ run_cli(lambda: train_module.main(["--config", {str(config)!r}]))
     assert logged_losses(run) == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
 
 
-def test_a_ddp_run_that_diverges_keeps_rank_0s_plots_and_exit_status(tmp_path, corpus_file):
+def test_a_ddp_run_that_diverges_keeps_rank_0s_plots_and_exit_status_and_one_message(tmp_path, corpus_file):
     # Fabric's launcher SIGKILLs rank 0 once a child exits with an error: rank 1 left at once, and rank 0 was
     # killed while it plotted (no loss.png, exit status 137). Its check (every 5 s) made quick here, the plots slow.
     values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "devices": 2, "precision": "32-true",
@@ -1808,8 +1809,9 @@ observer = subprocess_script._ChildProcessObserver.__init__
 subprocess_script._ChildProcessObserver.__init__ = (
     lambda self, main_pid, child_processes, sleep_period=5: observer(self, main_pid, child_processes, 0.05))
 real_check = train_module._check_finite
-def check(fabric, loss, norm, step, *args):
-    return real_check(fabric, torch.tensor(float("nan")) if step == 3 else loss, norm, step, *args)
+def check(fabric, loss, norm, step, *args):  # rank 1's loss alone
+    return real_check(fabric, torch.tensor(float("nan")) if step == 3 and fabric.global_rank == 1 else loss,
+                      norm, step, *args)
 train_module._check_finite = check
 real_plot = recipes.plots.plot_history
 def plot(*args, **kwargs):
@@ -1820,7 +1822,10 @@ from recipes.common import run_cli
 run_cli(lambda: train_module.main(["--config", {str(config)!r}]), failures=(train_module.TrainingDiverged,))
 """)
     done = _run_recipe([str(script)])
-    assert done.returncode == 1 and "error: update 4: loss nan" in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1 and "error: update 4: the loss is not finite (loss nan, " in done.stderr, \
+        done.stderr[-3000:]
+    # the mean loss over the ranks: each rank printed its own (rank 0 "loss 3.9", rank 1 "loss nan")
+    assert len({line for line in done.stderr.splitlines() if line.startswith("error:")}) == 1, done.stderr[-3000:]
     run = tmp_path / "run"
     assert json.loads((run / "result.json").read_text())["status"] == "diverged"
     assert (run / "loss.png").is_file() and (run / "R.png").is_file()
@@ -3192,7 +3197,8 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_before_the_update(tmp_pat
         return model
 
     monkeypatch.setattr(train_module, "build_model", build_model)
-    with pytest.raises(TrainingDiverged, match=r"update 6: loss \d[^,]*, gradient norm nan"):
+    with pytest.raises(TrainingDiverged, match=r"update 6: the gradient norm is not finite \(loss \d[^,]*, "
+                                               r"gradient norm nan\)"):
         train(parse_config(tiny(tmp_path, corpus_file)))
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert state["progress"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -3218,7 +3224,8 @@ def test_a_divergence_before_the_first_checkpoint_says_when_it_comes_and_what_to
     monkeypatch.setattr(train_module, "build_model", build_model)
     values = tiny(tmp_path, corpus_file, fabric={"accelerator": "cpu", "precision": precision},
                   train={"max_iters": 3, "eval_interval": 4})
-    with pytest.raises(TrainingDiverged, match=rf"^update 1: loss nan, gradient norm nan is not finite; stopped before "
+    with pytest.raises(TrainingDiverged, match=rf"^update 1: the loss and the gradient norm are not finite \(loss nan, "
+                                               rf"gradient norm nan\); stopped before "
                                                rf"the update, no checkpoint yet \(the first is written at step 3\)\. "
                                                rf"Try {hints}\.$"):
         train(parse_config(values))
