@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
                            seed=config.seed, device=device)
     results = phase_statistics(model, batches)
 
-    n = int(config.model.get("num_oscillators", 32))
+    incoherent = random_phase_R(int(config.model.get("num_oscillators", 32)))
     print(f"R per head on {args.batches}×{args.batch_size} {args.split} windows of "
-          f"{config.train.block_size} tokens (random phases: {random_phase_R(n):.3f})\n")
+          f"{config.train.block_size} tokens (random phases: {incoherent:.3f})\n")
     print("| layer | head | mean | std | min | max |\n|---:|---:|---:|---:|---:|---:|")
     report = {"checkpoint": checkpoint.name, "step": state.get("progress", {}).get("step"), "split": args.split,
               "windows": args.batches * args.batch_size, "block_size": config.train.block_size,
-              "random_phase_R": random_phase_R(n), "layers": {}}
+              "random_phase_R": incoherent, "layers": {}}
     for i, r in results.items():
         s = {k: v.cpu().tolist() for k, v in r["stats"].items()}
         for h in range(len(s["mean"])):
