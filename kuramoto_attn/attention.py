@@ -281,7 +281,7 @@ class KuramotoAttention(nn.Module):
         self.causal = check_bool("causal", causal)
         self.coupling = self._check_coupling(coupling, self.phase_lag, self.causal)
         self.dropout = check_real("dropout", dropout, low=0.0, high=1.0)
-        bias = check_bool("bias", bias)
+        self._bias = bias = check_bool("bias", bias)
         h, n = num_heads, num_oscillators
 
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -646,7 +646,8 @@ class KuramotoAttention(nn.Module):
         check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"x: expected shape (batch, tokens >= 1, {self.d_model}) but got {tuple(x.shape)}")
-        check_input_like("x", x, self.qkv.weight)
+        # omega, not a projection's weight: a projection may be replaced by a module without one (a wrapper)
+        check_input_like("x", x, self.omega)
         return x.shape[0], x.shape[1]
 
     @staticmethod
@@ -714,7 +715,7 @@ class KuramotoAttention(nn.Module):
                 f"coupling_strength={self._initial_strength}, steps={self.steps}, dt={self.dt}, "
                 f"integrator={self.integrator!r}, coupling={self._coupling_name}{lag}, "
                 f"learnable_coupling={isinstance(self.strength, nn.Parameter)}, dropout={self.dropout}, "
-                f"causal={self.causal}, bias={self.qkv.bias is not None}")
+                f"causal={self.causal}, bias={self._bias}")
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -1557,6 +1557,34 @@ def test_repr_rebuilds_the_layer(coupling):
         (n, p.shape) for n, p in layer.state_dict().items()]  # the same buffers (no learnable K, no biases)
 
 
+class _Wrapped(torch.nn.Module):
+    """A projection behind a wrapper with no ``weight`` or ``bias`` of its own (as adapters and
+    quantised stand-ins are): the layer must only call it."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_projections_replaced_by_wrappers_give_the_same_layer(coupling):
+    layer = make_layer(coupling=coupling, bias=False)
+    wrapped = copy.deepcopy(layer)
+    for name in ("qkv", "phase_proj", "out"):
+        setattr(wrapped, name, _Wrapped(getattr(layer, name)))
+    x = torch.randn(2, 5, layer.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y, info = layer(x, return_info=True)
+    y_wrapped, info_wrapped = wrapped(x, return_info=True)
+    torch.testing.assert_close(y_wrapped, y, rtol=0, atol=0)
+    torch.testing.assert_close(info_wrapped.R, info.R, rtol=0, atol=0)
+    assert wrapped.extra_repr() == layer.extra_repr()  # bias=False: the constructor's, not read off a projection
+    with pytest.raises(ValueError, match=r"^x: expected the module's dtype torch.float64"):
+        wrapped(x.float())  # the input checks still hold
+
+
 def test_repr_with_a_coupling_module_leaves_the_lag_to_it():
     # the layer's phase_lag is not read with a module (its own lag is, shown in its repr below the layer's)
     layer = KuramotoAttention(24, 2, num_oscillators=3, coupling=MeanFieldCoupling(2.0, phase_lag=0.2))
