@@ -23,7 +23,9 @@ the learning rate follows the new schedule from the next update), ``patience``, 
 into ``fsdp`` from another strategy), ``train.grad_accum`` and ``train.compile``;
 any other change is refused, naming the key, and so is a corpus whose text changed since (a file with
 another sha256 than the checkpoint records).
-``train/lr`` is logged at step ``s`` as the rate of update ``s``. fp16
+``train/lr`` is logged at step ``s`` as the rate of update ``s``; ``train/ms_per_step`` and
+``train/tokens_per_s`` (tokens of the global batch, every process's) time the steps since the previous
+entry, evaluations and checkpoints left out. fp16
 (``fabric.precision=16-mixed``, GPU) needs ``optim.fused=false``; its loss scale is checkpointed,
 and the updates its scaler skips on overflow are not divergence. float16 weights
 (``fabric.precision=16-true``) need an ``optim.eps`` that float16 holds (e.g. ``1e-4``; the default
@@ -46,6 +48,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -350,10 +353,14 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
         from tqdm import tqdm
         bar = tqdm(total=tc.max_iters, initial=progress["step"], dynamic_ncols=True, file=sys.stderr)
     model.train()
+    # throughput is timed between the log entries' loss reductions (each .item() waits for the steps before
+    # it), without evaluations: (start, step) of the stretch the next entry reports
+    timed = (time.perf_counter(), progress["step"])
     try:
         while True:
             if progress.get("eval_due"):
                 _evaluate_and_save(fabric, model, state, corpus.splits["val"], config)
+                timed = (time.perf_counter(), progress["step"])
             if progress["step"] >= tc.max_iters:  # every step trained, even if patience ran out at the last
                 return "finished"
             if progress.get("stopped"):
@@ -390,6 +397,10 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                 if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
                     loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
                     metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
+                    seconds, steps = time.perf_counter() - timed[0], step + 1 - timed[1]
+                    metrics["train/ms_per_step"] = 1e3 * seconds / steps
+                    metrics["train/tokens_per_s"] = steps * tc.batch_size * tc.block_size / seconds
+                    timed = (time.perf_counter(), step + 1)
                     if torch.is_tensor(total_aux):
                         metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
                     fabric.log_dict(metrics, step=step + 1)

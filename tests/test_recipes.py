@@ -898,6 +898,37 @@ def test_logs_every_log_interval_and_evaluates_every_eval_interval_and_at_the_en
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [3, 6, 7]
 
 
+def test_throughput_entries_time_the_steps_since_the_last_entry_without_evaluations(tmp_path, corpus_file,
+                                                                                   monkeypatch):
+    # every micro-batch takes at least 50 ms, and the first evaluation 1 s: an entry that counted the
+    # evaluation in its stretch (steps 4 to 6) would show at least 50 + 1000 / 3 ms per step
+    import time
+
+    real_batch, real_evaluate, evaluations = train_module.get_batch, train_module.evaluate, []
+
+    def slow_batch(*args, **kwargs):
+        time.sleep(0.05)
+        return real_batch(*args, **kwargs)
+
+    def slow_evaluate(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == 1:
+            time.sleep(1.0)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", slow_batch)
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    values = tiny(tmp_path, corpus_file, train={"max_iters": 6, "eval_interval": 3, "log_interval": 3})
+    train(parse_config(values))
+    with open(next((tmp_path / "run" / "logs").rglob("metrics.csv"))) as f:
+        rows = [row for row in csv.DictReader(f) if row["train/loss"]]
+    assert [int(r["step"]) for r in rows] == [3, 6] and evaluations == [1, 1]
+    ms = [float(r["train/ms_per_step"]) for r in rows]
+    assert all(m >= 50 for m in ms) and ms[1] < 1000 / 3
+    for r in rows:  # tokens of the global batch (4 windows of 16) per second of those steps
+        assert float(r["train/tokens_per_s"]) * float(r["train/ms_per_step"]) / 1e3 == pytest.approx(4 * 16)
+
+
 def _bar_frames(err: str) -> list[tuple[int, int, str | None]]:
     """(count, total, loss shown) of each frame tqdm wrote to stderr."""
     frames = re.findall(r"\| *(\d+)/(\d+) \[[^\]]*?(?:loss=(\d+\.\d{4}))?\]", err)
