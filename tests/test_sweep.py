@@ -454,6 +454,27 @@ def test_a_diverged_run_is_called_diverged_and_has_no_mean(tmp_path, configs, mo
     assert "| a | 0 of 1 | – | – | – | diverged |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_a_run_killed_without_a_result_stops_the_sweep_with_its_command(tmp_path, configs, monkeypatch, capsys):
+    # e.g. the kernel's OOM killer: no result.json; the runs after it are not launched, and the sweep says how
+    # to go on (rerun it: the killed run resumes from its last.pt, if it wrote one)
+    launched = []
+
+    def killed_second(cmd):
+        launched.append(cmd)
+        return -9 if len(launched) == 2 else 0
+
+    monkeypatch.setattr("recipes.sweep._train", killed_second)
+    argv = ["--configs", str(configs / "a.yaml"), str(configs / "b.yaml"), "--seeds", "1", "2",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: sweep.main(argv), failures=(sweep.SweepRunFailed,))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(launched) == 2 and "Traceback" not in "".join(err)
+    assert err[-1].startswith("error: [sweep] a seed 2 failed (exit -9); rerun the sweep to resume it. Command: ")
+    assert err[-1].endswith(" ".join(launched[1])) and "seed=2" in err[-1]
+    assert not (tmp_path / "out" / "summary.md").exists()
+
+
 def test_a_sweep_with_a_finished_seed_in_every_config_succeeds_beside_a_diverged_one(tmp_path, configs,
                                                                                      monkeypatch):
     def one_diverges(cmd):
