@@ -2058,6 +2058,18 @@ def test_bits_per_char_counts_the_decoded_text_once_whatever_the_windows():
         assert r["bits_per_char"] == pytest.approx((len(tokens) - 1) * math.log2(tokenizer.vocab_size) / chars)
 
 
+def test_evaluate_replaces_an_evaluation_json_it_cannot_read(trained, tmp_path):
+    # a file cut short (older versions wrote it in place) or not JSON: this evaluation's results replace it,
+    # instead of a traceback on every later call
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for garbage in ('{"best.pt": {"val": {"loss": 1.', "[1, 2]", "not json"):
+        (run / "evaluation.json").write_text(garbage)
+        results = evaluate_main([str(run), "--splits", "val", "--device", "cpu"])
+        recorded = json.loads((run / "evaluation.json").read_text())
+        assert list(recorded) == ["best.pt"] and recorded["best.pt"]["val"] == results["val"]
+
+
 def test_evaluate_scores_val_and_test_by_default_where_the_corpus_has_both_and_each_split_once(tmp_path, capsys):
     # a word-level corpus with its own test split (a small WikiText-2 stand-in): the default is val, then test
     folder = tmp_path / "wt2"
@@ -2705,6 +2717,7 @@ def test_bad_arguments_of_evaluate_generate_interpret_are_one_line_errors(traine
         (interpret, [str(trained), "--out", str(tmp_path / "text.pt")], "--out: "),  # was "[Errno 17] File exists"
         (interpret, [str(trained), "--batches", "0"], "--batches: must be at least 1, got 0"),  # an empty report
         (interpret, [str(trained), "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (interpret, [str(trained), "--split", "test"], "--split: the corpus has no 'test' split (has train, val)"),
     ] + [(module, [str(tmp_path / name)], f"error: checkpoint: '{tmp_path / name}'")
          for module in (evaluate, interpret) for name in ("text.pt", "empty.pt", "dict.pt")]
     if not torch.cuda.is_available():
