@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -902,8 +903,6 @@ def test_throughput_entries_time_the_steps_since_the_last_entry_without_evaluati
                                                                                    monkeypatch):
     # every micro-batch takes at least 50 ms, and the first evaluation 1 s: an entry that counted the
     # evaluation in its stretch (steps 4 to 6) would show at least 50 + 1000 / 3 ms per step
-    import time
-
     real_batch, real_evaluate, evaluations = train_module.get_batch, train_module.evaluate, []
 
     def slow_batch(*args, **kwargs):
