@@ -397,10 +397,11 @@ def _loop(fabric, model, optimizer, scheduler, state, corpus, config, regularize
                 if (step + 1) % tc.log_interval == 0 or step + 1 == tc.max_iters:
                     loss_value = fabric.all_reduce(total_loss, reduce_op="mean").item()
                     metrics = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(norm)}
-                    seconds, steps = time.perf_counter() - timed[0], step + 1 - timed[1]
+                    now = time.perf_counter()  # one reading ends this stretch and starts the next
+                    seconds, steps = now - timed[0], step + 1 - timed[1]
                     metrics["train/ms_per_step"] = 1e3 * seconds / steps
                     metrics["train/tokens_per_s"] = steps * tc.batch_size * tc.block_size / seconds
-                    timed = (time.perf_counter(), step + 1)
+                    timed = (now, step + 1)
                     if torch.is_tensor(total_aux):
                         metrics["train/coherence_loss"] = fabric.all_reduce(total_aux, reduce_op="mean").item()
                     fabric.log_dict(metrics, step=step + 1)
