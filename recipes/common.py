@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -25,8 +26,38 @@ from recipes.config import FabricConfig, model_config, parse_saved_config
 from recipes.data import tokenizer_from_dict
 from recipes.files import replace_durably
 
-__all__ = ["Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint", "load_run",
-           "pick_device", "step_seed", "mean_ci95", "checkpoint_file"]
+__all__ = ["ArgumentParser", "Interrupted", "run_cli", "make_fabric", "build_model", "param_groups", "save_checkpoint",
+           "load_run", "pick_device", "step_seed", "mean_ci95", "checkpoint_file"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The recipes' command-line parser: argparse's, except that an option given twice is an error
+    (argparse kept the last: ``--config a.yaml --config b.yaml`` trained ``b`` alone, ``--seeds 1 2
+    --seeds 3`` ran seed 3 alone) and that options are never abbreviated (``--o`` was ``--overwrite``,
+    which deletes a run's checkpoints)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+        self._given: set[str] = set()
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = set()  # what this parse has seen
+        return super().parse_known_args(args, namespace)
+
+
+class _StoreOnce(argparse.Action):
+    """argparse's ``store`` (the value, as parsed), refusing an option's second appearance."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string is not None:
+            if self.dest in parser._given:
+                several = " (all its values after one)" if self.nargs in ("+", "*") else ""
+                parser.error(f"argument {'/'.join(self.option_strings)}: given more than once; give it once{several}")
+            parser._given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -183,6 +214,10 @@ def make_fabric(config: FabricConfig, loggers=None):
     if strategy == "dp":  # DataParallel gathers the devices' losses into a vector, which backward cannot take
         raise ValueError("fabric.strategy: dp (torch's DataParallel, one process) is not supported by the recipes; "
                          "use ddp (Fabric launches one process per device)")
+    if resolved == "16-mixed" and (config.accelerator == "cpu" or config.accelerator == "auto" and not (
+            torch.cuda.is_available() or torch.backends.mps.is_available())):
+        # refused before Fabric prints that it swapped fp16 for bf16 (the check after it covers other devices)
+        raise _fp16_refused(precision, "cpu")
     if strategy in ("fsdp", "fsdp_cpu_offload"):  # Fabric's FSDP names
         strategy = fsdp_strategy(resolved, cpu_offload=strategy == "fsdp_cpu_offload")
     try:
@@ -208,9 +243,13 @@ def make_fabric(config: FabricConfig, loggers=None):
                          "HOST`), or with MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node")
     # Fabric swaps fp16 AMP on a CPU for bf16 with a warning only: the run would not be what its config says
     if resolved == "16-mixed" and fabric._precision.precision != "16-mixed":
-        raise ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on "
-                         f"{fabric.device.type} use bf16-mixed or 32-true")
+        raise _fp16_refused(precision, fabric.device.type)
     return fabric
+
+
+def _fp16_refused(precision, device_type: str) -> ValueError:
+    return ValueError(f"fabric.precision: {precision} (fp16 with loss scaling) needs a GPU; on {device_type} use "
+                      "bf16-mixed or 32-true")
 
 
 def fsdp_strategy(precision: str, cpu_offload: bool = False):

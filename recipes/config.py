@@ -311,6 +311,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_iters=100")
         *parents, leaf = key.split(".")
+        if "" in (*parents, leaf):  # ".x", "train.", "train..max_iters": else "train.: unknown key"
+            raise ConfigError(f"override {item!r}: expected a key of names joined by single dots, e.g. "
+                              "train.max_iters=100")
         node = values
         for part in parents:
             if node.get(part) is None:  # missing, or left empty in the file ("train:")

@@ -9,18 +9,17 @@ R ≈ √(1 − 2γ/K) (Kuramoto 1975), printed beside the measured value.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 from kuramoto_attn import KuramotoField, MeanFieldCoupling, integrate, order_parameter
-from recipes.common import run_cli
+from recipes.common import ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Prints the table and the steady state; returns ``R`` (per step), ``steady`` and ``theory``."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m recipes.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--oscillators", type=int, default=2000, help="population size N (default: 2000)")
     parser.add_argument("--strength", type=float, default=2.0, help="coupling strength K (default: 2.0)")
     parser.add_argument("--gamma", type=float, default=0.5, help="Lorentzian half-width of ω (default: 0.5)")

@@ -32,8 +32,8 @@ import torch
 
 from kuramoto_attn._checks import check_int
 from recipes import RecipeWarning
-from recipes.common import (add_device_flag, check_count_flag, checkpoint_file, load_run, perplexity, pick_device,
-                            run_cli)
+from recipes.common import (ArgumentParser, add_device_flag, check_count_flag, checkpoint_file, load_run, perplexity,
+                            pick_device, run_cli)
 from recipes.config import DataConfig
 from recipes.data import prepare_corpus
 from recipes.files import locked, write_atomic
@@ -133,7 +133,7 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m recipes.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--splits", nargs="+", help="default: val, and test where the corpus has one")

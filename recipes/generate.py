@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 from kuramoto_attn._checks import check_int
 from models import GPT, TPILM
 from recipes import RecipeWarning
-from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import (ArgumentParser, add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device,
+                            run_cli)
 
 __all__ = ["main", "generate_text"]
 
@@ -61,7 +61,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 300, t
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m recipes.generate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m recipes.generate", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline)")

@@ -16,7 +16,6 @@ replaces another's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
 from kuramoto_attn._checks import check_int
-from recipes.common import add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device, run_cli
+from recipes.common import (ArgumentParser, add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device,
+                            run_cli)
 from recipes.data import eval_batches
 from recipes.evaluate import add_data_location_flags, run_corpus
 from recipes.files import write_atomic
@@ -89,7 +89,7 @@ def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m recipes.interpret", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m recipes.interpret", description=__doc__.split("\n")[0])
     parser.add_argument("run", help="run directory (uses best.pt) or a checkpoint file")
     parser.add_argument("--checkpoint", help="file name inside the run directory (default: best.pt)")
     parser.add_argument("--split", default="val", help="the corpus split to read (default: val)")

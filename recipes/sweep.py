@@ -28,7 +28,6 @@ created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -44,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ConfigError
-from recipes.common import Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision, run_cli
+from recipes.common import (ArgumentParser, Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision,
+                            run_cli)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
                             load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.data import check_local_files, tokenizer_from_dict
@@ -507,7 +507,7 @@ def _check_settings(settings: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m recipes.sweep", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m recipes.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", nargs="?", help="sweep YAML (configs, seeds, out_dir, overrides)")
     parser.add_argument("--configs", nargs="+", help="run configs, instead of a sweep file")
     parser.add_argument("--seeds", nargs="+", type=int,

@@ -37,7 +37,6 @@ several nodes: ``fabric.num_nodes=N`` under a cluster launcher (SLURM, torchrun)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -59,8 +58,8 @@ import yaml
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
 from models.sampling import next_token_loss
 from recipes import INSTALL_RECIPES, RecipeWarning
-from recipes.common import (Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups, perplexity,
-                            read_checkpoint, run_cli, save_checkpoint, step_seed)
+from recipes.common import (ArgumentParser, Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups,
+                            perplexity, read_checkpoint, run_cli, save_checkpoint, step_seed)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, RunConfig, changed_settings,
                             check_batch_split, load_config, parse_saved_config, split_overrides)
 from recipes.data import CORPORA, eval_batches, get_batch, prepare_corpus
@@ -102,7 +101,7 @@ def _warn_warmup_outlasts_training(optim, max_iters: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m recipes.train", description=__doc__.split("\n")[0])
     # required: without one, the defaults are the reference-size model (85 M parameters, hours on a CPU)
     parser.add_argument("--config", required=True, help="YAML run config (see recipes/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.pt")

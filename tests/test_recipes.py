@@ -254,13 +254,18 @@ def test_fabric_precision_takes_lightnings_integers_too():
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", 16, "16"])
-def test_fp16_on_a_cpu_is_refused_not_swapped_for_bf16(precision):
+def test_fp16_on_a_cpu_is_refused_not_swapped_for_bf16(precision, capfd):
     # Fabric trained such a run in bf16-mixed after a warning, while config.yaml said 16-mixed
     from recipes.common import make_fabric
     from recipes.config import FabricConfig
-    with pytest.raises(ValueError, match=rf"^fabric.precision: {precision} \(fp16 with loss scaling\) needs a GPU; "
-                                         "on cpu use bf16-mixed or 32-true"):
-        make_fabric(FabricConfig(accelerator="cpu", precision=precision))
+    for accelerator in ("cpu", "auto"):  # (no GPU here)
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(
+                ValueError, match=rf"^fabric.precision: {precision} \(fp16 with loss scaling\) needs a GPU; "
+                                  "on cpu use bf16-mixed or 32-true"):
+            warnings.simplefilter("always")
+            make_fabric(FabricConfig(accelerator=accelerator, precision=precision))
+        # refused before Fabric is made: it printed that it would train in bf16 instead, above the error
+        assert not caught and "bfloat16" not in "".join(capfd.readouterr())
     assert make_fabric(FabricConfig(accelerator="cpu", precision="bf16-mixed"))._precision.precision == "bf16-mixed"
 
 
@@ -420,6 +425,10 @@ def test_integers_are_read_as_written_not_as_yaml_1_1_octal_or_base_60(tmp_path)
                                                                                "seed": -3}
     with pytest.raises(ConfigError, match=r"^override '=5': expected key=value"):  # not ": unknown key"
         load_config(None, ["=5"])
+    for given in (".seed=5", "train.=5", "train..max_iters=5", "train.max_iters.=5"):  # not "train.: unknown key"
+        with pytest.raises(ConfigError, match=rf"^override '{re.escape(given)}': expected a key of names joined by "
+                                              r"single dots, e\.g\. train\.max_iters=100$"):
+            load_config(None, [given])
     for given in ("train.max_iters=1:30", "train.max_iters=08", "train.max_iters=0x_", "optim.lr=1:30.5"):
         key, _, value = given.partition("=")
         with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected an? (integer|number).*{value}"):
@@ -3115,6 +3124,38 @@ def test_overrides_may_stand_anywhere_on_the_command_line(tmp_path, monkeypatch)
         train_module.main(["oops", *config])
     with pytest.raises(SystemExit):  # without a config: the reference-size model, hours on a CPU
         train_module.main(["train.max_iters=3"])
+
+
+@pytest.mark.parametrize("recipe, argv, repeated", [
+    ("train", ["--config", "a.yaml", "--config", "b.yaml"], "--config"),
+    ("sweep", ["--configs", "a.yaml", "--seeds", "1", "2", "--seeds", "3"], "--seeds"),
+    ("sweep", ["--configs", "a.yaml", "--configs", "b.yaml"], "--configs"),
+    ("evaluate", ["run", "--splits", "val", "--splits", "test"], "--splits"),
+    ("generate", ["run", "--top-k", "3", "--top-k", "4"], "--top-k"),
+    ("interpret", ["run", "--batches", "2", "--batches", "3"], "--batches"),
+    ("demo", ["--seed", "1", "--seed", "2"], "--seed"),
+])
+def test_an_option_given_twice_is_an_error_not_the_last_one_kept(recipe, argv, repeated, capsys):
+    # argparse kept the last: --config a.yaml --config b.yaml trained b alone, --seeds 1 2 --seeds 3 seed 3 alone
+    main = importlib.import_module(f"recipes.{recipe}").main
+    with pytest.raises(SystemExit) as stop:  # before any file is read: a.yaml and b.yaml do not exist
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"python -m recipes.{recipe}: error: argument {repeated}: given more than once; give it once")
+
+
+@pytest.mark.parametrize("recipe, argv, abbreviated", [
+    ("train", ["--config", "a.yaml", "--o"], "--o"),  # --overwrite, which deletes a run's checkpoints
+    ("train", ["--conf", "a.yaml"], "--conf"),
+    ("sweep", ["--config", "a.yaml"], "--config"),  # --configs
+    ("generate", ["run", "--top", "3"], "--top"),
+])
+def test_options_are_not_abbreviated(recipe, argv, abbreviated, capsys):
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"recipes.{recipe}").main(argv)
+    assert stop.value.code == 2
+    assert abbreviated in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("regularizer", [{"coherence_target": 0.0},  # ceiling mode

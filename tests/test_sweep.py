@@ -162,7 +162,9 @@ def test_command_line_flags_are_checked_like_the_sweep_file(tmp_path, configs, l
                                                             given, flags, message):
     monkeypatch.chdir(configs)  # --configs paths are relative to the working directory
     (configs / "sweep.yaml").write_text(f"configs: [a.yaml]\nout_dir: {tmp_path / 'out'}\n")
-    argv = ["sweep.yaml"] if given == "file" else ["--configs", "a.yaml", "--out", str(tmp_path / "out")]
+    argv = ["sweep.yaml"] if given == "file" else ["--configs", "a.yaml"]
+    if given == "--configs" and "--out" not in flags:  # given twice, --out would be that error
+        argv += ["--out", str(tmp_path / "out")]
     assert cli_error(argv + flags, capsys).startswith(message.replace("a.yaml", str(Path("a.yaml"))))
     assert not launched and not (tmp_path / "out").exists() and not (configs / "runs").exists()
     assert sorted(p.name for p in configs.iterdir()) == ["a.yaml", "b.yaml", "sweep.yaml"]
