@@ -5,8 +5,9 @@ Einstein legend: ``b`` batch, ``t`` tokens, ``v`` vocabulary.
 Token embedding → ``n_layers`` :class:`~kuramoto_attn.TPIBlock` (pre-norm
 :class:`~kuramoto_attn.HolographicPhaseMemory`, optional FFN) → final LayerNorm → output head tied
 to the embedding. No position embedding: the memory's accumulated phases carry order, and the
-model is recurrent, so ``max_seq_len`` is only the training context (the recipe's block size);
-neither ``forward`` nor ``generate`` is limited by it. Same call signatures as
+model is recurrent, so ``max_seq_len`` limits neither ``forward`` nor ``generate``: it only bounds the
+recipe's ``train.block_size``, which sets the training context (raising ``max_seq_len`` alone trains on
+windows as long as before). Same call signatures as
 :class:`~models.gpt.GPT`: ``(logits, loss)``, a :class:`TPICache` for incremental decoding, and
 ``return_info=True`` adding a :class:`TPILMInfo` (no phase regulariser here: its coherence loss
 is a zero scalar, so a trainer can treat both models alike).
@@ -47,7 +48,8 @@ class TPILMConfig:
     ``ffn_expansion`` is the blocks' FFN width factor (0: no FFN). ``query`` … ``chunk_size`` are
     :class:`~kuramoto_attn.HolographicPhaseMemory`'s arguments with its names and defaults.
     ``dropout`` is used everywhere: after the embedding, in the memory's output head and after
-    the FFN. ``max_seq_len`` is the training context, not a limit of the model.
+    the FFN. ``max_seq_len`` is not a limit of the model: the recipes read it only as the bound of
+    ``train.block_size``, the training context.
     """
 
     vocab_size: int = 256
