@@ -27,7 +27,9 @@ __all__ = ["OrderParameter"]
 
 def _order_parameter_update(theta: Tensor, dim: int, group_dim: int | None, num_groups: int,
                             mask: Tensor | None = None) -> tuple[Tensor, ...]:
-    """R over ``dim``, then per-group (sum, sum of squares, count, min, max) in float64."""
+    """R over ``dim`` (in at least float32), then per-group (sum, sum of squares, count, min, max) in float64."""
+    # order_parameter returns R in theta's dtype: bf16 rounded R near 1 to 1 (std 0 near synchrony)
+    theta = theta.to(torch.promote_types(theta.dtype, torch.float32))
     R, _ = order_parameter(theta, dim=dim, keepdim=True)  # theta's shape, dim -> 1
     R = R.detach().to(torch.float64)
     valid = torch.ones_like(R, dtype=torch.bool)
@@ -141,7 +143,8 @@ class OrderParameter(Metric):
         """Add the R values of ``theta`` ``(*)`` (R over ``dim``) to the statistics.
 
         Args:
-            theta: phases with oscillators at ``dim`` (and groups at ``group_dim``).
+            theta: phases with oscillators at ``dim`` (and groups at ``group_dim``); half-precision
+                phases are read in float32, so that R near 1 keeps its spread.
             mask: optional bool, True = counted, broadcasting to ``theta``'s shape with ``dim``
                 of length 1 (e.g. ``(b, 1, t, 1)`` for phases ``(b, h, t, n)``).
         """
@@ -197,6 +200,35 @@ class OrderParameter(Metric):
                                      f"({self.num_groups} groups) but got {tuple(value.shape)}")
         super().merge_state(incoming_state)
         self._computed = None  # as update does: the states changed
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Load states saved with ``persistent(True)``: only states of this metric's shape (torchmetrics took any
+        tensor, so states of another ``num_groups`` loaded without a word and then broadcast onto every group,
+        or failed at the next update), copied onto the metric's device and into its dtype, as a module's
+        parameters are (later updates do not write into the given tensors); with ``strict``, a persistent
+        state missing from ``state_dict`` is a missing key. Nothing is loaded unless every state given fits."""
+        loaded, errors = {}, []
+        for name in self._defaults:
+            key = prefix + name
+            if key not in state_dict:
+                if strict and self._persistent[name]:
+                    missing_keys.append(key)
+                continue
+            value, own = state_dict.pop(key), getattr(self, name)
+            if torch.is_tensor(value) and value.shape == own.shape:
+                loaded[name] = value.detach().to(device=own.device, dtype=own.dtype, copy=True)
+            else:
+                got = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+                errors.append(f"{key}: expected a tensor of shape {tuple(own.shape)} (one value per group) "
+                              f"but got {got}")
+        if not errors:
+            for name, value in loaded.items():
+                setattr(self, name, value)
+            self._computed = None  # as update does: the states changed
+        error_msgs.extend(errors)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset(self) -> None:
         """Forget every update: the states of a new metric, in the states' dtype and on their device. Built

@@ -326,6 +326,60 @@ def test_a_modules_to_dtype_keeps_the_float64_states():
     assert all(getattr(metric, name).dtype == torch.float32 for name in metric._defaults)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(spread=st.floats(1e-3, 0.1), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=20, deadline=None)
+def test_half_precision_phases_near_synchrony_keep_the_spread_of_R(dtype, spread, seed):
+    """R was computed in the phases' dtype before the float64 sums: bf16 rounded every R near 1 to exactly 1
+    (mean 1, std 0, min = max = 1 for phases 0.03 apart). The statistics are now those of R computed from the
+    same (half-precision) phases in float64, to float32's rounding."""
+    theta = (spread * torch.randn(8, 2, 16, 32, generator=torch.Generator().manual_seed(seed))).to(dtype)
+    metric = OrderParameter(dim=-1, group_dim=1, num_groups=2)
+    metric.update(theta)
+    expected = per_group_stats(naive_R(theta, dim=-1), group_dim=1)
+    got = metric.compute()
+    for key in ("mean", "min", "max"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    # std of values near 1 from E[R²] − mean²: float32 R leaves ~1e-7 per value, so compare loosely but
+    # far tighter than bf16's spacing of 0.004 near 1, which left std 0
+    torch.testing.assert_close(got["std"], expected["std"], rtol=0.05, atol=2e-6)
+
+
+def test_persistent_states_load_only_into_a_metric_of_their_shape():
+    """torchmetrics loads any tensor as a state: 3 groups' states went into a metric without groups (compute
+    then gave shape (3,), later updates broadcast onto all three), one group's into a 3-group metric (the
+    next update failed with a bare broadcast error). Loading is now checked, copies onto the metric's
+    device and into its dtype, and drops a cached result."""
+    theta = torch.rand(4, 3, 5, 8, dtype=torch.float64) * 6
+    source = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    source.persistent(True)
+    source.update(theta)
+    saved = source.state_dict()
+    for target in (OrderParameter(dim=-1), OrderParameter(dim=-1, group_dim=1, num_groups=2)):
+        target.persistent(True)
+        target.update(torch.rand(2, 2, 5, 8))
+        before = {name: getattr(target, name).clone() for name in target._defaults}
+        with pytest.raises(RuntimeError, match=r"total: expected a tensor of shape \(\d,\) \(one value per group\) "
+                                               r"but got shape \(3,\)"):
+            target.load_state_dict(saved)
+        for name, value in before.items():  # nothing loaded
+            assert torch.equal(getattr(target, name), value), name
+
+    target = OrderParameter(dim=-1, group_dim=1, num_groups=3)
+    target.persistent(True)
+    target.set_dtype(torch.float32)
+    target.update(torch.rand(2, 3, 5, 8))
+    target.compute()  # cached: the load must drop it
+    target.load_state_dict(saved)
+    assert all(getattr(target, name).dtype == torch.float32 for name in target._defaults)  # its own dtype
+    torch.testing.assert_close(target.compute()["mean"], source.compute()["mean"].float(), rtol=0, atol=0)
+    target.update(theta)  # into copies: the given tensors are left alone
+    assert all(torch.equal(saved[name], getattr(source, name)) for name in source._defaults)
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: a persistent state left out is missing
+        target.load_state_dict({})
+    target.load_state_dict({}, strict=False)
+
+
 def test_no_oscillators_rejected():
     metric = OrderParameter(dim=-1)
     for theta in (torch.empty(3, 0), torch.empty(0, 0)):  # R over zero oscillators is undefined
