@@ -9,6 +9,7 @@ has no limit (a recurrent model).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -108,26 +109,33 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
         raise ValueError(f"generator: expected a torch.Generator or None but got {type(generator).__name__}")
     if generator is not None and generator.device.type != idx.device.type:
         raise ValueError(f"generator: expected one on idx's device {idx.device} but got {generator.device}")
-    modes = [(module, module.training) for module in model.modules()]  # not only the top level's
+    with eval_mode(model), torch.no_grad():
+        cache = None
+        for _ in range(max_new_tokens):
+            window = idx if context is None else idx[:, -context:]
+            if not use_cache:
+                logits, _ = model(window)
+            elif cache is None or (context is not None and cache.length >= context):
+                cache = model.new_cache()  # prefill (the prompt, or the cropped window)
+                logits, _ = model(window, cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)  # the newest token only
+            next_token = sample_next(logits[:, -1], temperature, top_k, generator, vocab_size)  # (b, 1)
+            idx = torch.cat([idx, next_token.to(idx.dtype)], dim=1)  # an int32 prompt stays int32
+    return idx
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block (no dropout, phase noise or frequency jitter), and every
+    submodule back in its own mode after it (``model.train()`` would put a frozen submodule in training)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            cache = None
-            for _ in range(max_new_tokens):
-                window = idx if context is None else idx[:, -context:]
-                if not use_cache:
-                    logits, _ = model(window)
-                elif cache is None or (context is not None and cache.length >= context):
-                    cache = model.new_cache()  # prefill (the prompt, or the cropped window)
-                    logits, _ = model(window, cache=cache)
-                else:
-                    logits, _ = model(idx[:, -1:], cache=cache)  # the newest token only
-                next_token = sample_next(logits[:, -1], temperature, top_k, generator, vocab_size)  # (b, 1)
-                idx = torch.cat([idx, next_token.to(idx.dtype)], dim=1)  # an int32 prompt stays int32
+        yield model
     finally:
         for module, training in modes:
             module.training = training
-    return idx
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:

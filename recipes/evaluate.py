@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kuramoto_attn._checks import check_int
+from models.sampling import eval_mode
 from recipes import RecipeWarning
 from recipes.common import (ArgumentParser, add_device_flag, check_count_flag, checkpoint_file, load_run, perplexity,
                             pick_device, run_cli)
@@ -107,7 +108,8 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
     Every token after the first is predicted once, in windows of ``block_size``. Bits per character
     divide the total by the characters of the predicted tokens decoded in one piece (independent of
     the windows): for word tokenizers that is the whitespace-normalised text (``<unk>`` counts as
-    its 5 characters); for bytes, Unicode characters (bits per byte is ``bits_per_token``).
+    its 5 characters); for bytes, Unicode characters (bits per byte is ``bits_per_token``). The model
+    runs in eval mode, and each of its modules is back in its own mode after.
     """
     if len(tokens) < 2:
         raise ValueError(f"tokens: need at least 2 tokens, got {len(tokens)}")
@@ -117,15 +119,16 @@ def evaluate_split(model, tokens: np.ndarray, block_size: int, tokenizer, *, bat
     full = [s for s in starts if s + block_size <= len(tokens) - 1]
     last = [[s] for s in starts if s + block_size > len(tokens) - 1]  # at most one, shorter window
     total_nats, count = 0.0, 0
-    for batch in [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + last:
-        width = min(block_size, len(tokens) - 1 - batch[0])
-        chunk = np.stack([np.asarray(tokens[s:s + width + 1], dtype=np.int64) for s in batch])
-        chunk = torch.from_numpy(chunk).to(device)  # (b, width + 1)
-        logits, _ = model(chunk[:, :-1])
-        targets = chunk[:, 1:]
-        total_nats += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
+    with eval_mode(model):  # a model in training mode: its dropout and phase noise would enter the loss
+        for batch in [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + last:
+            width = min(block_size, len(tokens) - 1 - batch[0])
+            chunk = np.stack([np.asarray(tokens[s:s + width + 1], dtype=np.int64) for s in batch])
+            chunk = torch.from_numpy(chunk).to(device)  # (b, width + 1)
+            logits, _ = model(chunk[:, :-1])
+            targets = chunk[:, 1:]
+            total_nats += torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
     chars = len(tokenizer.decode(np.asarray(tokens[1:], dtype=np.int64).tolist()))
     loss = total_nats / count
     return {"loss": loss, "ppl": perplexity(loss), "bits_per_token": loss / math.log(2),

@@ -24,6 +24,7 @@ import torch
 
 from kuramoto_attn import OrderParameter, order_parameter
 from kuramoto_attn._checks import check_int
+from models.sampling import eval_mode
 from recipes.common import (ArgumentParser, add_device_flag, check_count_flag, checkpoint_file, load_run, pick_device,
                             run_cli)
 from recipes.data import eval_batches
@@ -66,23 +67,25 @@ def random_phase_R(num_oscillators: int) -> float:
 @torch.no_grad()
 def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
     """Per phase layer: ``stats`` (mean/std/min/max per head, each ``(h,)``), ``R_tokens`` (h, t) and
-    ``R_steps`` (steps + 1, h), accumulated over ``batches`` of ``(x, y)``."""
+    ``R_steps`` (steps + 1, h), accumulated over ``batches`` of ``(x, y)``. The model runs in eval mode,
+    and each of its modules is back in its own mode after."""
     layers = tuple(getattr(model, "phase_layers", ()))
     if not layers:
         raise ValueError("model: has no phase layers (a baseline or TPI run); nothing to interpret")
     metrics, tokens, steps, count = {}, {}, {}, 0
-    for x, _ in batches:
-        _, _, info = model(x, return_info=True)
-        for i, layer in info.phase.items():
-            b, h = layer.R.shape
-            if i not in metrics:
-                metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=h).to(x.device)
-                tokens[i], steps[i] = 0.0, 0.0
-            metrics[i].update(layer.phases.float())
-            R, _ = order_parameter(layer.phases.float(), dim=-1)  # (b, h, t)
-            tokens[i] = tokens[i] + R.sum(0)
-            steps[i] = steps[i] + layer.R_steps.float().sum(1)   # (steps + 1, h)
-        count += x.shape[0]
+    with eval_mode(model):  # a model in training mode: its phase noise and jitter would enter the statistics
+        for x, _ in batches:
+            _, _, info = model(x, return_info=True)
+            for i, layer in info.phase.items():
+                b, h = layer.R.shape
+                if i not in metrics:
+                    metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=h).to(x.device)
+                    tokens[i], steps[i] = 0.0, 0.0
+                metrics[i].update(layer.phases.float())
+                R, _ = order_parameter(layer.phases.float(), dim=-1)  # (b, h, t)
+                tokens[i] = tokens[i] + R.sum(0)
+                steps[i] = steps[i] + layer.R_steps.float().sum(1)   # (steps + 1, h)
+            count += x.shape[0]
     # (h,) statistics: the metric gives 0-d ones for a single head
     return {i: {"stats": {k: v.reshape(-1) for k, v in metrics[i].compute().items()},
                 "R_tokens": tokens[i] / count, "R_steps": steps[i] / count} for i in metrics}

@@ -2034,6 +2034,31 @@ def test_evaluate_split_equals_the_windowed_cross_entropy(trained):
                                                         batch_size=2)["loss"], rel=1e-3)
 
 
+def test_evaluation_and_phase_statistics_run_a_model_in_eval_mode_and_restore_its_modes():
+    """evaluate_split and phase_statistics ran a model in whatever mode it was in: one in training mode
+    scored with its dropout, phase noise and frequency jitter (a different loss and R on every call)."""
+    from recipes.data import CharTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=6, n_layers=2, n_heads=2, d_model=8, d_ff=16, max_seq_len=8, dropout=0.3,
+                          use_phase_attention=True, phase_layer_idx=(1,), num_oscillators=4, phase_noise=0.5,
+                          freq_jitter=0.5))
+    tokenizer = CharTokenizer("abcdef")
+    tokens = torch.randint(0, 6, (40,)).numpy()
+    batches = [(torch.randint(0, 6, (3, 8)), None) for _ in range(2)]
+    expected_loss = evaluate_split(model.eval(), tokens, 8, tokenizer)["loss"]
+    expected = phase_statistics(model, batches)[1]
+    model.train()
+    model.blocks[0].eval()  # a frozen block stays in eval mode after, the rest in training mode
+    modes = [m.training for m in model.modules()]
+    for _ in range(2):
+        assert evaluate_split(model, tokens, 8, tokenizer)["loss"] == expected_loss
+        got = phase_statistics(model, batches)[1]
+        for key in ("mean", "std", "min", "max"):
+            assert torch.equal(got["stats"][key], expected["stats"][key]), key
+        assert torch.equal(got["R_tokens"], expected["R_tokens"]) and torch.equal(got["R_steps"], expected["R_steps"])
+        assert [m.training for m in model.modules()] == modes
+
+
 def test_evaluate_scores_each_split_asked_for_in_windows_of_the_training_block(tmp_path, corpus_file):
     # block_size 8 under max_seq_len 16: the model is scored on the context it was trained on, and on the
     # splits it was trained with (val_fraction 0.25: the last quarter of the text, not the default tenth)
