@@ -128,7 +128,11 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, *, temperature:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """``model`` in eval mode inside the block (no dropout, phase noise or frequency jitter), and every
-    submodule back in its own mode after it (``model.train()`` would put a frozen submodule in training)."""
+    submodule back in its own mode after it (``model.train()`` would put a frozen submodule in training).
+    Anything else callable (a function standing in for a model) has no modes to set."""
+    if not isinstance(model, nn.Module):
+        yield model
+        return
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
