@@ -195,7 +195,8 @@ def as_tensor(value: Any, dtype: torch.dtype | None = None, device: torch.device
     which torch refuses; numpy is imported only for a value that is one of its objects."""
     if type(value).__module__ == "numpy":
         import numpy
-        value = numpy.ascontiguousarray(value)
+        # a copy in C order; not ascontiguousarray, which makes a 0-d array or a scalar (np.float32(0.5)) 1-d
+        value = numpy.array(value, order="C")
     return torch.as_tensor(value, dtype=dtype, device=device)
 
 

@@ -10,7 +10,8 @@ Convention (used by every module in the library):
   (attractive, synchronising). A negative strength gives the repulsive coupling.
 * **Normalisation.** All-to-all (mean-field) coupling uses ``K_ij = K / N``, where ``N`` counts the
   oscillators taking part (for causal or masked coupling: the elements actually counted).
-  Two oscillators then phase-lock iff ``|Δω| ≤ K``, at ``sin φ* = Δω / K`` (Adler).
+  Two oscillators then phase-lock iff ``|Δω| ≤ K``, at ``sin φ* = Δω / K`` (Adler); with a phase lag
+  ``α`` iff ``|Δω| ≤ K cos α`` (all-to-all: each oscillator's own term ``sin(−α)`` is the same for both).
 * **Phase lag** ``α`` (Sakaguchi) is subtracted inside the sine.
 * **Wrapping policy.** Phases are *unwrapped* real numbers everywhere inside the library: integrators,
   couplings and order parameters never wrap (every formula is 2π-periodic, and wrapping inside an

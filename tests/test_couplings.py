@@ -557,6 +557,21 @@ def test_flipped_numpy_arrays_are_accepted_as_their_values():
     assert KuramotoField(np.array([1.0, 2.0, 3.0])[::-1]).omega.tolist() == [3.0, 2.0, 1.0]
 
 
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), np.int64(2), np.array(0.5)])
+def test_numpy_scalars_and_0d_arrays_stay_0d(value):
+    """Made contiguous for the flipped-view case above, a NumPy scalar or 0-d array became shape (1,): its
+    state_dict did not load into a coupling made from a Python number, and 0-d phases were refused."""
+    coupling = MeanFieldCoupling(strength=value)
+    assert coupling.strength.shape == () and coupling.strength.item() == float(value)
+    coupling.load_state_dict(MeanFieldCoupling(strength=float(value)).state_dict())
+    if not np.issubdtype(np.asarray(value).dtype, np.floating):  # ω is refused unless floating-point
+        return
+    field = KuramotoField(value)
+    assert field.omega.shape == () and field.omega.item() == float(value)
+    theta = integrate(KuramotoField(value), torch.tensor(0.0, dtype=torch.float64), dt=0.1, steps=2)
+    assert theta.shape == () and theta.item() == pytest.approx(0.2 * float(value))
+
+
 def test_a_strength_or_omega_that_would_enlarge_the_phases_is_refused():
     # a length-1 axis of θ does not take a longer one of the strength or ω: the term would have another shape than θ
     theta = torch.zeros(1, 5, dtype=torch.float64)

@@ -145,6 +145,24 @@ def test_adler_two_oscillators_lock_iff_detuning_below_strength():
     assert ((tail[-1] - tail[0]).abs()[~locks] > 1.0).all()  # the phase difference keeps slipping
 
 
+@pytest.mark.parametrize("lag", [0.5, 1.0])
+def test_with_a_phase_lag_two_oscillators_lock_iff_detuning_below_strength_times_cos_lag(lag):
+    """With a lag α each oscillator also feels its own term sin(−α), equal for both, so φ obeys
+    dφ/dt = Δω − K cos α · sin φ: the locking threshold is K cos α (0.878 and 0.540 at K = 1), not K."""
+    threshold = math.cos(lag)
+    delta_omega = torch.tensor([0.9 * threshold, -0.97 * threshold, 1.03 * threshold, 1.2 * threshold], dtype=f64)
+    locks = torch.tensor([True, True, False, False])
+    omega = torch.stack([torch.zeros_like(delta_omega), delta_omega], -1)
+    field = KuramotoField(omega, MeanFieldCoupling(1.0, phase_lag=lag))
+    trajectory = integrate(field, torch.zeros_like(omega), dt=0.02, steps=10000, method="rk4",
+                           return_trajectory=True)
+    tail = (trajectory[:, :, 1] - trajectory[:, :, 0])[-1000:]
+    drift = tail.max(0).values - tail.min(0).values
+    assert (drift[locks] < 1e-6).all()
+    torch.testing.assert_close(tail[-1, locks], torch.asin(delta_omega / threshold)[locks], atol=1e-6, rtol=0)
+    assert ((tail[-1] - tail[0]).abs()[~locks] > 1.0).all()
+
+
 # ---------- the Kuramoto transition with Lorentzian frequencies ----------
 
 
