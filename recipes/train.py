@@ -56,7 +56,7 @@ import torch
 import yaml
 
 from kuramoto_attn import CoherenceRegularizer, OrderParameter
-from models.sampling import next_token_loss
+from models.sampling import eval_mode, next_token_loss
 from recipes import INSTALL_RECIPES, RecipeWarning
 from recipes.common import (ArgumentParser, Interrupted, build_model, damaged_checkpoint, make_fabric, param_groups,
                             perplexity, read_checkpoint, run_cli, save_checkpoint, step_seed)
@@ -458,32 +458,30 @@ def evaluate(fabric, model, data, config: RunConfig) -> dict[str, float]:
     """Mean loss over a fixed set of validation windows, plus R statistics of every phase layer
     (per head, pooled over tokens and batch) as ``val/R/layer{i}/head{j}`` and ``val/R/layer{i}``."""
     tc = config.train
-    was_training = model.training
-    model.eval()
     metrics = {}  # phase layer -> OrderParameter over its heads, made when its phases first arrive
     losses = []
     # the same windows whatever the device count and grad_accum (comparable val losses), in
     # micro-batches of the training micro-batch's size (the memory a step is known to fit)
     batches = eval_batches(data, tc.batch_size, tc.block_size, tc.eval_iters, seed=config.seed,
                            rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
-    for x_rank, y_rank in batches:
-        for x, y in zip(x_rank.chunk(tc.grad_accum), y_rank.chunk(tc.grad_accum)):  # equal sizes
-            logits, _, info = model(x, return_info=True)  # no targets: the model's loss would go unused
-            # from the logits, in float32: the model's loss is in its own dtype (bf16-true: a bfloat16 number,
-            # 1/32 apart from 4 to 8, which best.pt and patience compared)
-            losses.append(next_token_loss(logits.float(), y))
-            for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
-                if i not in metrics:
-                    heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
-                    metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
-                metrics[i].update(layer_info.phases.float())
+    with eval_mode(model):  # each module back in its own mode after, also when evaluation fails
+        for x_rank, y_rank in batches:
+            for x, y in zip(x_rank.chunk(tc.grad_accum), y_rank.chunk(tc.grad_accum)):  # equal sizes
+                logits, _, info = model(x, return_info=True)  # no targets: the model's loss would go unused
+                # from the logits, in float32: the model's loss is in its own dtype (bf16-true: a bfloat16 number,
+                # 1/32 apart from 4 to 8, which best.pt and patience compared)
+                losses.append(next_token_loss(logits.float(), y))
+                for i, layer_info in getattr(info, "phase", {}).items():  # GPTInfo only: TPI has no oscillators
+                    if i not in metrics:
+                        heads = layer_info.phases.shape[1]  # phases (b, h, t, n)
+                        metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=heads).to(fabric.device)
+                    metrics[i].update(layer_info.phases.float())
     loss = fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item()
     out = {"val/loss": loss, "val/ppl": perplexity(loss)}
     for i, metric in metrics.items():
         mean = metric.compute()["mean"].cpu().reshape(-1)  # (heads,); one head comes back 0-d
         out[f"val/R/layer{i}"] = mean.mean().item()
         out.update({f"val/R/layer{i}/head{h}": r.item() for h, r in enumerate(mean)})
-    model.train(was_training)
     return out
 
 
