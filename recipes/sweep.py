@@ -17,8 +17,9 @@ it gives on this machine: null is 32-true on a CPU), one with a ``last.pt`` is r
 run) and ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or
 early-stopped seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in
 the statuses, not averaged).
-A config of the sweep left without any finished or early-stopped seed (every one diverged) makes
-the sweep exit with status 1 once the summary is written.
+A config that trains the same runs as an earlier one of the sweep, under another name only, is warned
+of (each seed's run would be trained twice). A config of the sweep left without any finished or
+early-stopped seed (every one diverged) makes the sweep exit with status 1 once the summary is written.
 
 The settings (from the file or the flags) and every run's config are checked before anything is
 created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
@@ -29,6 +30,7 @@ created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -38,11 +40,13 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from models.config import ConfigError
+from recipes import RecipeWarning
 from recipes.common import (ArgumentParser, Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision,
                             run_cli)
 from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
@@ -66,6 +70,7 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     names = [_checked_config(c, overrides).get("name", c.stem) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configs: run names must be distinct, got {names}")
+    _warn_of_repeated_runs(configs, overrides)
     runs = []
     for config, name in zip(configs, names):
         for seed in seeds:
@@ -241,6 +246,19 @@ def _checked_config(config: Path, overrides: list[str]) -> dict:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{config}: {err}") from None
     return load_yaml(config)
+
+
+def _warn_of_repeated_runs(configs: list[Path], overrides: list[str]) -> None:
+    """Warn of a config that trains the same runs as an earlier one of the sweep under another name (at the Phase A
+    CPU presets' 4 layers, the reference's layers 6 and 7 are one layer): each seed's run would be trained twice."""
+    unnamed = []  # RunConfigs hold dicts: not hashable
+    for config in configs:
+        run = dataclasses.replace(load_config(config, overrides), name="run")
+        same = next((earlier for earlier, other in unnamed if other == run), None)
+        if same is not None:
+            warnings.warn(f"configs: {config} trains the same runs as {same} (the two differ only in their name); "
+                          "each seed's run is trained twice", RecipeWarning, stacklevel=3)
+        unnamed.append((config, run))
 
 
 class SweepRunFailed(RuntimeError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 from helpers import assert_same_data, config_values
 
 from models.config import ConfigError
-from recipes import sweep
+from recipes import RecipeWarning, sweep
 from recipes.common import run_cli
 from recipes.config import load_config
 from recipes.data import prepare_corpus
@@ -39,11 +40,13 @@ def launched(tmp_path, monkeypatch) -> list[list[str]]:
 
 @pytest.fixture
 def configs(tmp_path) -> Path:
-    """A folder with two valid run configs, ``a.yaml`` and ``b.yaml`` (never trained here)."""
+    """A folder with two valid run configs, ``a.yaml`` and ``b.yaml`` (never trained here; b's learning rate is
+    half a's, so that they are two runs, not one under two names)."""
     folder = tmp_path / "configs"
     folder.mkdir()
-    for name in "ab":
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "train": {"max_iters": 2}}))
+    for name, lr in (("a", 1e-3), ("b", 5e-4)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "train": {"max_iters": 2},
+                                                             "optim": {"lr": lr, "min_lr": 1e-4}}))
     return folder
 
 
@@ -68,6 +71,24 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
         for name in "ab" for seed in (1, 0)]
     assert all("train.max_iters=3" in c for c in launched)
     assert "| a | 0 | – | – | – | not run |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_config_that_trains_the_same_runs_as_another_under_its_own_name_is_warned_of(tmp_path, configs, launched):
+    (configs / "c.yaml").write_text(yaml.safe_dump(yaml.safe_load((configs / "a.yaml").read_text()) | {"name": "c"}))
+    abc = ["--configs", *(str(configs / f"{n}.yaml") for n in "abc"), "--seeds", "1", "--out", str(tmp_path / "o")]
+    with pytest.warns(RecipeWarning) as caught:
+        sweep.main(abc)
+    assert [str(w.message) for w in caught] == [
+        f"configs: {configs / 'c.yaml'} trains the same runs as {configs / 'a.yaml'} (the two differ only in their "
+        "name); each seed's run is trained twice"]
+    assert len(launched) == 3  # warned of, not refused
+    # with the overrides applied: the same learning rate makes a and b one run
+    with pytest.warns(RecipeWarning, match=f"^configs: {configs / 'b.yaml'} trains the same runs as "):
+        sweep.main(["--configs", str(configs / "a.yaml"), str(configs / "b.yaml"), "--out", str(tmp_path / "p"),
+                    "optim.lr=0.002"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        sweep.main(["--configs", str(configs / "a.yaml"), str(configs / "b.yaml"), "--out", str(tmp_path / "q")])
 
 
 def test_the_command_lines_seeds_out_and_overrides_win_over_the_sweep_files(tmp_path, configs, launched):
