@@ -17,8 +17,8 @@ it gives on this machine: null is 32-true on a CPU), one with a ``last.pt`` is r
 run) and ``summary.md`` (per config: mean ± 95% CI of the best val loss over the finished or
 early-stopped seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in
 the statuses, not averaged).
-A config that trains the same runs as an earlier one of the sweep, under another name only, is warned
-of (each seed's run would be trained twice). A config of the sweep left without any finished or
+A config that trains the same runs as an earlier one of the sweep (it differs only in name, seed or
+out_dir, which the sweep sets for each run) is warned of: each seed's run would be trained twice. A config of the sweep left without any finished or
 early-stopped seed (every one diverged) makes the sweep exit with status 1 once the summary is written.
 
 The settings (from the file or the flags) and every run's config are checked before anything is
@@ -251,13 +251,14 @@ def _checked_config(config: Path, overrides: list[str]) -> dict:
 def _warn_of_repeated_runs(configs: list[Path], overrides: list[str]) -> None:
     """Warn of a config that trains the same runs as an earlier one of the sweep under another name (at the Phase A
     CPU presets' 4 layers, the reference's layers 6 and 7 are one layer): each seed's run would be trained twice."""
-    unnamed = []  # RunConfigs hold dicts: not hashable
+    unnamed = []  # (config, its RunConfig without the per-run keys); RunConfigs hold dicts: not hashable
     for config in configs:
-        run = dataclasses.replace(load_config(config, overrides), name="run")
+        run = dataclasses.replace(load_config(config, overrides), name="run", seed=0, out_dir=None)  # _PER_RUN_KEYS
         same = next((earlier for earlier, other in unnamed if other == run), None)
         if same is not None:
-            warnings.warn(f"configs: {config} trains the same runs as {same} (the two differ only in their name); "
-                          "each seed's run is trained twice", RecipeWarning, stacklevel=3)
+            warnings.warn(f"configs: {config} trains the same runs as {same} (the two differ only in what the sweep "
+                          "sets for each run: name, seed, out_dir); each seed's run is trained twice", RecipeWarning,
+                          stacklevel=3)
         unnamed.append((config, run))
 
 

@@ -74,13 +74,14 @@ def test_a_valid_sweep_file_launches_every_config_and_seed(tmp_path, configs, la
 
 
 def test_a_config_that_trains_the_same_runs_as_another_under_its_own_name_is_warned_of(tmp_path, configs, launched):
-    (configs / "c.yaml").write_text(yaml.safe_dump(yaml.safe_load((configs / "a.yaml").read_text()) | {"name": "c"}))
+    (configs / "c.yaml").write_text(yaml.safe_dump(yaml.safe_load((configs / "a.yaml").read_text())
+                                                   | {"name": "c", "seed": 5, "out_dir": str(tmp_path / "c")}))
     abc = ["--configs", *(str(configs / f"{n}.yaml") for n in "abc"), "--seeds", "1", "--out", str(tmp_path / "o")]
     with pytest.warns(RecipeWarning) as caught:
         sweep.main(abc)
     assert [str(w.message) for w in caught] == [
-        f"configs: {configs / 'c.yaml'} trains the same runs as {configs / 'a.yaml'} (the two differ only in their "
-        "name); each seed's run is trained twice"]
+        f"configs: {configs / 'c.yaml'} trains the same runs as {configs / 'a.yaml'} (the two differ only in what "
+        "the sweep sets for each run: name, seed, out_dir); each seed's run is trained twice"]
     assert len(launched) == 3  # warned of, not refused
     # with the overrides applied: the same learning rate makes a and b one run
     with pytest.warns(RecipeWarning, match=f"^configs: {configs / 'b.yaml'} trains the same runs as "):
