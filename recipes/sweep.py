@@ -49,8 +49,8 @@ from models.config import ConfigError
 from recipes import RecipeWarning
 from recipes.common import (ArgumentParser, Interrupted, mean_ci95, perplexity, read_checkpoint, resolved_precision,
                             run_cli)
-from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, changed_settings, load_config,
-                            load_yaml, override, parse_saved_config, read_yaml, split_overrides)
+from recipes.config import (DATA_LOCATION, DEVICE_KEYS, DISPLAY_KEYS, DataConfig, RunConfig, changed_settings,
+                            load_config, load_yaml, override, parse_saved_config, read_yaml, split_overrides)
 from recipes.data import check_local_files, tokenizer_from_dict
 from recipes.evaluate import load_corpus
 from recipes.files import write_atomic
@@ -67,10 +67,11 @@ def run_sweep(configs: list[Path], seeds: list[int], out_dir: Path, overrides: l
     """Train every (config, seed) not finished yet; return one row per run (see :func:`summarise`)."""
     _check_settings({"seeds": list(seeds), "overrides": list(overrides)})
     # every run's config is checked before anything is created or launched
-    names = [_checked_config(c, overrides).get("name", c.stem) for c in configs]
+    checked = [_checked_config(c, overrides) for c in configs]
+    names = [as_read.get("name", c.stem) for c, (as_read, _) in zip(configs, checked)]
     if len(set(names)) != len(names):
         raise ValueError(f"configs: run names must be distinct, got {names}")
-    _warn_of_repeated_runs(configs, overrides)
+    _warn_of_repeated_runs(configs, [run_config for _, run_config in checked])
     runs = []
     for config, name in zip(configs, names):
         for seed in seeds:
@@ -234,26 +235,27 @@ def _as_sweep_child(stops: list[int]) -> None:
             pass  # no prctl: the run outlives a SIGKILLed sweep, as any child would
 
 
-def _checked_config(config: Path, overrides: list[str]) -> dict:
-    """The config file as read (for its ``name``), once it has passed ``recipes.train``'s checks
-    with ``overrides`` and its local corpus files, if any, are there; an error names the file."""
+def _checked_config(config: Path, overrides: list[str]) -> tuple[dict, RunConfig]:
+    """The config file as read (for its ``name``) and the run's config with ``overrides``, once it has passed
+    ``recipes.train``'s checks and its local corpus files, if any, are there; an error names the file."""
     try:
-        data = load_config(config, overrides).data
+        run_config = load_config(config, overrides)
     except ConfigError as err:  # a YAML error names the file already
         raise ConfigError(str(err) if str(err).startswith(f"{config}: ") else f"{config}: {err}") from None
     try:  # else found when its turn came, hours in
-        check_local_files(data.name, data.path)
+        check_local_files(run_config.data.name, run_config.data.path)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{config}: {err}") from None
-    return load_yaml(config)
+    return load_yaml(config), run_config
 
 
-def _warn_of_repeated_runs(configs: list[Path], overrides: list[str]) -> None:
-    """Warn of a config that trains the same runs as an earlier one of the sweep under another name (at the Phase A
-    CPU presets' 4 layers, the reference's layers 6 and 7 are one layer): each seed's run would be trained twice."""
+def _warn_of_repeated_runs(configs: list[Path], run_configs: list[RunConfig]) -> None:
+    """Warn of a config that trains the same runs as an earlier one of the sweep, differing only in what the sweep
+    sets for each run (at the Phase A CPU presets' 4 layers, the reference's layers 6 and 7 are one layer): each
+    seed's run would be trained twice."""
     unnamed = []  # (config, its RunConfig without the per-run keys); RunConfigs hold dicts: not hashable
-    for config in configs:
-        run = dataclasses.replace(load_config(config, overrides), name="run", seed=0, out_dir=None)  # _PER_RUN_KEYS
+    for config, run_config in zip(configs, run_configs):
+        run = dataclasses.replace(run_config, name="run", seed=0, out_dir=None)  # _PER_RUN_KEYS
         same = next((earlier for earlier, other in unnamed if other == run), None)
         if same is not None:
             warnings.warn(f"configs: {config} trains the same runs as {same} (the two differ only in what the sweep "
