@@ -77,12 +77,12 @@ def phase_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
         for x, _ in batches:
             _, _, info = model(x, return_info=True)
             for i, layer in info.phase.items():
-                b, h = layer.R.shape
+                phases = layer.phases.float()  # (b, h, t, n)
                 if i not in metrics:
-                    metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=h).to(x.device)
+                    metrics[i] = OrderParameter(dim=-1, group_dim=1, num_groups=phases.shape[1]).to(x.device)
                     tokens[i], steps[i] = 0.0, 0.0
-                metrics[i].update(layer.phases.float())
-                R, _ = order_parameter(layer.phases.float(), dim=-1)  # (b, h, t)
+                metrics[i].update(phases)
+                R, _ = order_parameter(phases, dim=-1)  # (b, h, t)
                 tokens[i] = tokens[i] + R.sum(0)
                 steps[i] = steps[i] + layer.R_steps.float().sum(1)   # (steps + 1, h)
             count += x.shape[0]

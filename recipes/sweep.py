@@ -18,8 +18,9 @@ run) and ``summary.md`` (per config: mean ± 95% CI of the best val loss over th
 early-stopped seeds, and of each phase layer's val R at that evaluation; diverged runs are listed in
 the statuses, not averaged).
 A config that trains the same runs as an earlier one of the sweep (it differs only in name, seed or
-out_dir, which the sweep sets for each run) is warned of: each seed's run would be trained twice. A config of the sweep left without any finished or
-early-stopped seed (every one diverged) makes the sweep exit with status 1 once the summary is written.
+out_dir, which the sweep sets for each run) is warned of: each seed's run would be trained twice. A
+config of the sweep left without any finished or early-stopped seed (every one diverged) makes the
+sweep exit with status 1 once the summary is written.
 
 The settings (from the file or the flags) and every run's config are checked before anything is
 created or launched: ``configs`` a non-empty list of paths, ``seeds`` distinct integers in
